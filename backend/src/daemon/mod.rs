@@ -1,0 +1,169 @@
+//! The daemon around a device: where connections come from (a socket path, or an inherited
+//! fd that is listening or already connected), serving them one at a time, and stopping
+//! cleanly on SIGINT/SIGTERM.
+
+mod endpoint;
+mod signals;
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use thiserror::Error;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::vhost_user::{serve_connection, ConnectionEnd, VirtioDevice};
+
+pub use endpoint::{Endpoint, Listener};
+use signals::Signals;
+
+#[derive(Debug, Error)]
+pub enum DaemonError {
+    #[error("{path} is in use by another process")]
+    SocketInUse { path: PathBuf },
+    #[error("cannot listen on {path}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("--fd {fd} is not usable")]
+    BadFd {
+        fd: i32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("--fd {fd} is not a unix stream socket")]
+    NotUnixStream { fd: i32 },
+    #[error("cannot set up the event loop")]
+    EventLoop(#[source] io::Error),
+}
+
+/// The connection being served, and how to end it early.
+struct Active {
+    stream: Arc<Mutex<Option<UnixStream>>>,
+    thread: JoinHandle<()>,
+}
+
+const EV_SIGNAL: u64 = 0;
+const EV_LISTENER: u64 = 1;
+const EV_DONE: u64 = 2;
+
+/// Serves `device` on `endpoint` until a signal arrives (or, for a connected fd, until that
+/// connection ends).
+pub fn run<D: VirtioDevice>(endpoint: Endpoint, device: Arc<D>) -> Result<(), DaemonError> {
+    // Block the signals before any thread exists, so every thread inherits the mask and they
+    // arrive only through the signalfd.
+    let signals = Signals::block_and_watch().map_err(DaemonError::EventLoop)?;
+    let listener = endpoint.open()?;
+    let done = EventFd::new(EFD_NONBLOCK).map_err(DaemonError::EventLoop)?;
+    let epoll = epoll::create(true).map_err(DaemonError::EventLoop)?;
+    let watch = |fd: i32, data: u64| {
+        epoll::ctl(epoll, epoll::ControlOptions::EPOLL_CTL_ADD, fd, epoll::Event::new(epoll::Events::EPOLLIN, data))
+    };
+    watch(signals.as_raw_fd(), EV_SIGNAL).map_err(DaemonError::EventLoop)?;
+    watch(done.as_raw_fd(), EV_DONE).map_err(DaemonError::EventLoop)?;
+
+    let mut active = None;
+    let mut connections = 0u64;
+    match &listener {
+        Listener::Listening { listener, .. } => {
+            watch(listener.as_raw_fd(), EV_LISTENER).map_err(DaemonError::EventLoop)?;
+        }
+        Listener::Connected(stream) => {
+            let stream = stream.try_clone().map_err(DaemonError::EventLoop)?;
+            active = Some(spawn_connection(stream, device.clone(), &done, 1));
+        }
+    }
+
+    let mut events = [epoll::Event::new(epoll::Events::empty(), 0); 4];
+    loop {
+        let n = match epoll::wait(epoll, -1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(DaemonError::EventLoop(e)),
+        };
+        for event in &events[..n] {
+            match event.data {
+                EV_SIGNAL => {
+                    let signal = signals.read();
+                    tracing::info!("{signal} received, stopping");
+                    if let Some(active) = active.take() {
+                        end_connection(active);
+                    }
+                    listener.cleanup();
+                    return Ok(());
+                }
+                EV_DONE => {
+                    let _ = done.read();
+                    if let Some(active) = active.take() {
+                        let _ = active.thread.join();
+                    }
+                    match &listener {
+                        Listener::Connected(_) => {
+                            listener.cleanup();
+                            return Ok(());
+                        }
+                        Listener::Listening { listener: l, .. } => {
+                            // Take the next frontend (a VM reboot or a VMM restart).
+                            watch(l.as_raw_fd(), EV_LISTENER).map_err(DaemonError::EventLoop)?;
+                        }
+                    }
+                }
+                EV_LISTENER => {
+                    let Listener::Listening { listener: l, .. } = &listener else { continue };
+                    match l.accept() {
+                        Ok((stream, _)) => {
+                            // One frontend at a time: stop watching until this one is gone.
+                            let _ = epoll::ctl(epoll, epoll::ControlOptions::EPOLL_CTL_DEL, l.as_raw_fd(), epoll::Event::new(epoll::Events::empty(), 0));
+                            connections += 1;
+                            active = Some(spawn_connection(stream, device.clone(), &done, connections));
+                        }
+                        Err(e) => {
+                            tracing::warn!("accept failed: {e}");
+                            if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOBUFS)) {
+                                std::thread::sleep(std::time::Duration::from_millis(100));
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+fn spawn_connection<D: VirtioDevice>(stream: UnixStream, device: Arc<D>, done: &EventFd, id: u64) -> Active {
+    let peer = rustix::net::sockopt::socket_peercred(&stream)
+        .map(|c| format!("pid {} uid {}", c.pid.as_raw_nonzero(), c.uid.as_raw()))
+        .unwrap_or_else(|_| "unknown peer".to_string());
+    let shared = Arc::new(Mutex::new(None));
+    let slot = shared.clone();
+    let done = done.try_clone().expect("eventfd clone");
+    let thread = std::thread::Builder::new()
+        .name(format!("vublk-conn{id}"))
+        .spawn(move || {
+            let _span = tracing::info_span!("conn", id).entered();
+            tracing::info!("frontend connected ({peer})");
+            let end = serve_connection(stream, device, |clone| {
+                *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(clone);
+            });
+            match end {
+                ConnectionEnd::Disconnected => tracing::info!("frontend disconnected; device stopped"),
+                ConnectionEnd::Failed(e) => tracing::warn!("connection ended: {e}; device stopped"),
+            }
+            let _ = done.write(1);
+        })
+        .expect("spawn connection thread");
+    Active { stream: shared, thread }
+}
+
+fn end_connection(active: Active) {
+    if let Some(stream) = active.stream.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+    }
+    let _ = active.thread.join();
+}

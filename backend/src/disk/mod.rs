@@ -1,0 +1,261 @@
+//! The backing store behind a virtio-blk device: a raw image file, a block device, or nothing at
+//! all (`null`, for measuring the device overhead alone).
+//!
+//! Opening a disk also decides what it can do — discard, write-zeroes, the alignment O_DIRECT
+//! needs — so the device offers only features the backing really has.
+
+mod probe;
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+pub use probe::DirectIoAlignment;
+
+/// Where the data lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskSpec {
+    /// A raw image file or a block device.
+    Path(PathBuf),
+    /// Reads return zeroes, writes are dropped; `size` bytes of capacity.
+    Null { size: u64 },
+}
+
+/// How the backing is opened.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OpenOptions {
+    pub read_only: bool,
+    pub direct: bool,
+}
+
+/// How a write-zeroes request is carried out on this backing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ZeroesMethod {
+    /// `fallocate(FALLOC_FL_ZERO_RANGE)`: zeroed and still allocated.
+    ZeroRange,
+    /// The filesystem has no ZERO_RANGE (tmpfs): punch a hole, then allocate it again, so a
+    /// request without the UNMAP flag still leaves the range allocated.
+    PunchThenAllocate,
+    /// Nothing to do (null backing).
+    Nothing,
+}
+
+/// What the backing is and what it can do.
+#[derive(Debug)]
+pub struct Disk {
+    pub backing: Backing,
+    /// Bytes visible to the guest: the backing's size rounded down to whole 512-byte sectors.
+    pub capacity: u64,
+    pub read_only: bool,
+    pub direct: bool,
+    /// Set when `direct`: what O_DIRECT requires of buffers and offsets.
+    pub dio_align: DirectIoAlignment,
+    /// `fallocate(PUNCH_HOLE)` works: discard is offered, and write-zeroes may unmap.
+    pub punch_hole: bool,
+    /// How write-zeroes is done; `None`: the feature is not offered.
+    pub write_zeroes: Option<ZeroesMethod>,
+    /// A human name for logs and the default serial.
+    pub name: String,
+}
+
+#[derive(Debug)]
+pub enum Backing {
+    /// A regular file or a block device.
+    File { file: File, block_device: bool },
+    Null,
+}
+
+#[derive(Debug, Error)]
+pub enum DiskError {
+    #[error("cannot open {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot get the size of {path}")]
+    Size {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} is neither a regular file nor a block device")]
+    NotAFileOrBlockDevice { path: PathBuf },
+    #[error("the null backing needs a size of at least 512 bytes")]
+    NullTooSmall,
+}
+
+impl Disk {
+    /// Opens the backing described by `spec`.
+    pub fn open(spec: &DiskSpec, options: OpenOptions) -> Result<Disk, DiskError> {
+        match spec {
+            DiskSpec::Null { size } => Self::null(*size, options),
+            DiskSpec::Path(path) => Self::open_path(path, options),
+        }
+    }
+
+    fn null(size: u64, options: OpenOptions) -> Result<Disk, DiskError> {
+        if size < 512 {
+            return Err(DiskError::NullTooSmall);
+        }
+        Ok(Disk {
+            backing: Backing::Null,
+            capacity: size & !511,
+            read_only: options.read_only,
+            direct: false,
+            dio_align: DirectIoAlignment::NONE,
+            punch_hole: !options.read_only,
+            write_zeroes: (!options.read_only).then_some(ZeroesMethod::Nothing),
+            name: format!("null:{size}"),
+        })
+    }
+
+    fn open_path(path: &Path, options: OpenOptions) -> Result<Disk, DiskError> {
+        let open_err = |source| DiskError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let mut flags = libc::O_CLOEXEC;
+        if options.direct {
+            flags |= libc::O_DIRECT;
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!options.read_only)
+            .custom_flags(flags)
+            .open(path)
+            .map_err(open_err)?;
+        let meta = file.metadata().map_err(open_err)?;
+        let block_device = meta.file_type().is_block_device();
+        if !block_device && !meta.is_file() {
+            return Err(DiskError::NotAFileOrBlockDevice {
+                path: path.to_owned(),
+            });
+        }
+        let size = if block_device {
+            probe::block_device_size(&file)
+        } else {
+            Ok(meta.len())
+        }
+        .map_err(|source| DiskError::Size {
+            path: path.to_owned(),
+            source,
+        })?;
+
+        let dio_align = if options.direct {
+            probe::direct_io_alignment(&file, block_device)
+        } else {
+            DirectIoAlignment::NONE
+        };
+        let (punch_hole, write_zeroes) = if options.read_only {
+            (false, None)
+        } else if block_device {
+            probe::block_device_zeroing(&file)
+        } else {
+            probe::file_zeroing(&file, size)
+        };
+
+        Ok(Disk {
+            backing: Backing::File { file, block_device },
+            capacity: size & !511,
+            read_only: options.read_only,
+            direct: options.direct,
+            dio_align,
+            punch_hole,
+            write_zeroes,
+            name: path.display().to_string(),
+        })
+    }
+
+    /// Discard is offered when holes can be punched.
+    pub fn supports_discard(&self) -> bool {
+        self.punch_hole && !self.read_only
+    }
+
+    /// The default serial: the image's file name, shortened, plus a hash of its full path so
+    /// two images called `disk.img` in different directories still differ. At most 20 bytes.
+    pub fn default_serial(&self) -> String {
+        let base: String = Path::new(&self.name)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            .take(11)
+            .collect();
+        let hash = fnv1a32(self.name.as_bytes());
+        if base.is_empty() {
+            format!("vublk-{hash:08x}")
+        } else {
+            format!("{base}-{hash:08x}")
+        }
+    }
+}
+
+fn fnv1a32(data: &[u8]) -> u32 {
+    data.iter().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_serial_fits_and_differs_by_directory() {
+        let open = |p: &str| Disk {
+            backing: Backing::Null,
+            capacity: 0,
+            read_only: true,
+            direct: false,
+            dio_align: DirectIoAlignment::NONE,
+            punch_hole: false,
+            write_zeroes: None,
+            name: p.to_string(),
+        };
+        let a = open("/srv/a/a-very-long-image-name.img").default_serial();
+        let b = open("/srv/b/a-very-long-image-name.img").default_serial();
+        assert!(a.len() <= 20, "{a}");
+        assert!(a.starts_with("a-very-long-"), "{a}");
+        assert_ne!(a, b);
+        assert_eq!(a, open("/srv/a/a-very-long-image-name.img").default_serial());
+    }
+
+    #[test]
+    fn null_capacity_rounds_down_to_sectors() {
+        let disk = Disk::open(&DiskSpec::Null { size: 4097 }, OpenOptions::default()).unwrap();
+        assert_eq!(disk.capacity, 4096);
+        assert!(Disk::open(&DiskSpec::Null { size: 100 }, OpenOptions::default()).is_err());
+    }
+
+    #[test]
+    fn regular_file_probes_and_read_only_offers_no_zeroing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        std::fs::write(&path, vec![7u8; 8192 + 100]).unwrap();
+        let spec = DiskSpec::Path(path.clone());
+        let rw = Disk::open(&spec, OpenOptions::default()).unwrap();
+        assert_eq!(rw.capacity, 8192);
+        assert!(rw.write_zeroes.is_some(), "ext4 and tmpfs both can zero");
+        // Probing must not change the image.
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 8292);
+        assert_eq!(std::fs::read(&path).unwrap(), vec![7u8; 8292]);
+        let ro = Disk::open(&spec, OpenOptions { read_only: true, direct: false }).unwrap();
+        assert!(!ro.supports_discard());
+        assert!(ro.write_zeroes.is_none());
+    }
+
+    #[test]
+    fn missing_file_names_the_path() {
+        let err = Disk::open(
+            &DiskSpec::Path("/nonexistent/vublk.img".into()),
+            OpenOptions::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/vublk.img"), "{err}");
+    }
+}

@@ -1,0 +1,119 @@
+//! A queue thread's io_uring: the backing file registered as fixed file 0, helpers that build
+//! the operations virtio-blk needs, and submission that never loses an entry when the
+//! submission queue is full.
+//!
+//! Callers pass raw pointers (iovec arrays, guest buffers, eventfd read buffers); every `push`
+//! is `unsafe` because the kernel uses them until the matching completion is reaped.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+
+use io_uring::{opcode, squeue, types, IoUring};
+
+pub use io_uring::cqueue::Entry as Completion;
+
+/// fallocate modes (linux/falloc.h).
+pub const PUNCH_HOLE: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+pub const ZERO_RANGE: i32 = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+pub const ALLOCATE: i32 = libc::FALLOC_FL_KEEP_SIZE;
+
+/// The fixed-file slot of the backing.
+const BACKING: types::Fixed = types::Fixed(0);
+
+pub struct Ring {
+    ring: IoUring,
+    has_backing: bool,
+}
+
+impl Ring {
+    /// A ring with room for `entries` submissions, with `backing` registered when given.
+    pub fn new(entries: u32, backing: Option<RawFd>) -> io::Result<Ring> {
+        // Only this thread submits; let the kernel skip the locking and run task work when we
+        // enter the ring rather than interrupting us. Older kernels lack the flags: retry plain.
+        let ring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_coop_taskrun()
+            .build(entries)
+            .or_else(|_| IoUring::new(entries))?;
+        if let Some(fd) = backing {
+            ring.submitter().register_files(&[fd])?;
+        }
+        Ok(Ring { ring, has_backing: backing.is_some() })
+    }
+
+    /// Queues one entry, submitting what is queued first if the submission queue is full.
+    ///
+    /// # Safety
+    /// Every buffer the entry points to must stay valid until its completion is reaped.
+    pub unsafe fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
+        loop {
+            // SAFETY: forwarded to the caller.
+            if unsafe { self.ring.submission().push(entry) }.is_ok() {
+                return Ok(());
+            }
+            self.submit(0)?;
+        }
+    }
+
+    /// Submits what is queued and waits for at least `want` completions.
+    pub fn submit(&mut self, want: usize) -> io::Result<usize> {
+        loop {
+            match self.ring.submitter().submit_and_wait(want) {
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                // The completion queue is full: the caller must reap before submitting more.
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Ok(0),
+                other => return other,
+            }
+        }
+    }
+
+    /// Takes the completions that are ready.
+    pub fn completions(&mut self, out: &mut Vec<Completion>) {
+        out.clear();
+        out.extend(self.ring.completion());
+    }
+
+    fn backing(&self) -> types::Fixed {
+        debug_assert!(self.has_backing, "I/O on a ring without a backing file");
+        BACKING
+    }
+
+    pub fn readv(&self, iov: *const libc::iovec, count: u32, offset: u64, user_data: u64) -> squeue::Entry {
+        opcode::Readv::new(self.backing(), iov, count).offset(offset).build().user_data(user_data)
+    }
+
+    pub fn writev(&self, iov: *const libc::iovec, count: u32, offset: u64, dsync: bool, user_data: u64) -> squeue::Entry {
+        let flags = if dsync { libc::RWF_DSYNC } else { 0 };
+        opcode::Writev::new(self.backing(), iov, count)
+            .offset(offset)
+            .rw_flags(flags)
+            .build()
+            .user_data(user_data)
+    }
+
+    pub fn fdatasync(&self, user_data: u64) -> squeue::Entry {
+        opcode::Fsync::new(self.backing())
+            .flags(types::FsyncFlags::DATASYNC)
+            .build()
+            .user_data(user_data)
+    }
+
+    pub fn fallocate(&self, mode: i32, offset: u64, len: u64, user_data: u64) -> squeue::Entry {
+        opcode::Fallocate::new(self.backing(), len).offset(offset).mode(mode).build().user_data(user_data)
+    }
+
+    /// Reads an eventfd's 8-byte counter into `buf`.
+    pub fn read_eventfd(fd: &impl AsRawFd, buf: *mut u64, user_data: u64) -> squeue::Entry {
+        opcode::Read::new(types::Fd(fd.as_raw_fd()), buf.cast(), 8).build().user_data(user_data)
+    }
+
+    /// Cancels the pending operation tagged `target`.
+    pub fn cancel(target: u64, user_data: u64) -> squeue::Entry {
+        opcode::AsyncCancel::new(target).build().user_data(user_data)
+    }
+}
+
+/// Links `entry` to the next one: the next starts only if this one succeeds.
+pub fn linked(entry: squeue::Entry) -> squeue::Entry {
+    entry.flags(squeue::Flags::IO_LINK)
+}

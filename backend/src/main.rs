@@ -1,0 +1,38 @@
+//! The `vublk` binary: parse the command line, set up logging, run.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+use vublk::cli::{Cli, CAPABILITIES};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // clap prints help and version to stdout with exit 0, usage errors with exit 2.
+        Err(e) => e.exit(),
+    };
+    if cli.print_capabilities {
+        println!("{CAPABILITIES}");
+        return ExitCode::SUCCESS;
+    }
+    let export = match cli.export() {
+        Ok(export) => export,
+        Err(message) => {
+            eprintln!("vublk: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match vublk::run(export) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vublk: {}", vublk::error_line(e.as_ref()));
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! The vhost-user plumbing: one frontend connection, its memory table, its vrings and their
+//! threads. It knows virtqueues, not sectors: the device behind it implements [`VirtioDevice`].
+//!
+//! Why not `vhost_user_backend::VhostUserDaemon`: it only serves a path or a listening socket,
+//! and its request handler is private, so it cannot serve an already-connected stream (a
+//! connected `--fd`, a launcher's socketpair, a per-VM worker's handed-over connection). The
+//! `vhost` crate's `BackendReqHandler::from_stream` can, given a handler: [`session::Session`]
+//! is that handler, and owning it is also what lets us control when memory is retired and when
+//! a stopped ring's in-flight requests have finished.
+
+mod connection;
+mod device;
+mod memory;
+mod session;
+mod vring;
+
+pub use connection::{serve_connection, ConnectionEnd};
+pub use device::{QueueLoop, VirtioDevice};
+pub use memory::{Generation, GuestMemoryHandle};
+pub use session::Session;
+pub use vring::{CallFd, QueueControl, RunningQueue};

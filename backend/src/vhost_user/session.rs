@@ -1,0 +1,442 @@
+//! The vhost-user request handler for one frontend connection.
+//!
+//! `vhost::vhost_user::BackendReqHandler` decodes messages and calls into [`Session`]; the
+//! session keeps the negotiated features, the memory table and the vrings, and starts and
+//! stops queue threads running the device's queue loop.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags,
+    VhostUserInflight, VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures,
+    VhostUserShMemConfig, VhostUserSharedMsg, VhostUserSingleMemoryRegion,
+    VhostUserVirtioFeatures, VhostUserVringAddrFlags, VhostUserVringState,
+};
+use vhost::vhost_user::{
+    Error as VhostUserError, GpuBackend, Result as VhostUserResult, VhostUserBackendReqHandlerMut,
+};
+use vhost::VhostUserMemoryRegionBase;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::device::VirtioDevice;
+use super::memory::{GuestMemoryHandle, MemoryError};
+use super::vring::Vring;
+
+/// The memory slots we accept with CONFIGURE_MEM_SLOTS (the kernel's vhost limit, which QEMU
+/// and cloud-hypervisor are used to).
+const MAX_MEM_SLOTS: u64 = 509;
+/// The largest config space read or write a frontend may ask for (VHOST_USER_CONFIG_SIZE).
+const MAX_CONFIG_SIZE: u32 = 256;
+
+fn handler_error(e: impl std::error::Error + Send + Sync + 'static) -> VhostUserError {
+    VhostUserError::ReqHandlerError(io::Error::other(e))
+}
+
+fn frontend_error(what: &'static str) -> VhostUserError {
+    tracing::warn!("frontend error: {what}");
+    VhostUserError::InvalidOperation(what)
+}
+
+/// One frontend's device state.
+pub struct Session<D: VirtioDevice> {
+    device: Arc<D>,
+    owned: bool,
+    acked_features: u64,
+    acked_protocol_features: u64,
+    memory: GuestMemoryHandle,
+    vrings: Vec<Vring>,
+}
+
+impl<D: VirtioDevice> Session<D> {
+    pub fn new(device: Arc<D>) -> Session<D> {
+        let vrings = (0..device.num_queues())
+            .map(|_| Vring::new(device.max_queue_size()))
+            .collect();
+        Session {
+            device,
+            owned: false,
+            acked_features: 0,
+            acked_protocol_features: 0,
+            memory: GuestMemoryHandle::default(),
+            vrings,
+        }
+    }
+
+    /// The guest memory shared with this session's queue threads.
+    pub fn memory(&self) -> &GuestMemoryHandle {
+        &self.memory
+    }
+
+    /// Stops every ring (each completes its in-flight requests first) and drops the memory
+    /// table. Used on disconnect and on RESET_OWNER.
+    pub fn stop_all(&mut self) {
+        for vring in &mut self.vrings {
+            vring.stop();
+            vring.enabled = false;
+        }
+        self.memory.clear();
+    }
+
+    fn vring(&mut self, index: u32) -> VhostUserResult<&mut Vring> {
+        self.vrings
+            .get_mut(index as usize)
+            .ok_or_else(|| frontend_error("vring index out of range"))
+    }
+
+    fn protocol_features_negotiated(&self) -> bool {
+        self.acked_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0
+    }
+
+    /// Starts ring `index` if it has everything a queue thread needs; called when its kick fd
+    /// arrives, which is when the spec says a ring starts.
+    fn start_ring(&mut self, index: usize) -> VhostUserResult<()> {
+        let generation = self.memory.current();
+        let event_idx = self.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        let device = self.device.clone();
+        let memory = self.memory.clone();
+        let max_size = self.device.max_queue_size();
+        let vring = &mut self.vrings[index];
+        if vring.is_started() {
+            return Ok(());
+        }
+        let (Some(desc), Some(avail), Some(used)) = (vring.desc, vring.avail, vring.used) else {
+            return Err(frontend_error("ring kicked before its addresses were set"));
+        };
+        if generation.is_empty() {
+            return Err(frontend_error("ring kicked before any memory table was set"));
+        }
+        let mut queue = Queue::new(max_size).map_err(handler_error)?;
+        queue.try_set_size(vring.size).map_err(handler_error)?;
+        queue.try_set_desc_table_address(desc).map_err(handler_error)?;
+        queue.try_set_avail_ring_address(avail).map_err(handler_error)?;
+        queue.try_set_used_ring_address(used).map_err(handler_error)?;
+        queue.set_event_idx(event_idx);
+        queue.set_next_avail(vring.base);
+        queue.set_ready(true);
+        if !queue.is_valid(generation.memory()) {
+            return Err(frontend_error("ring addresses are not inside guest memory"));
+        }
+        // After a guest reset or a backend restart, the used index lives in guest memory.
+        let used_idx = queue
+            .used_idx(generation.memory(), Ordering::Acquire)
+            .map_err(handler_error)?;
+        queue.set_next_used(used_idx.0);
+
+        let Some(kick) = vring.kick.as_ref().map(|k| k.try_clone()).transpose().map_err(VhostUserError::ReqHandlerError)? else {
+            return Ok(());
+        };
+        let span = tracing::Span::current();
+        vring
+            .start(queue, kick, index, memory, move |running| {
+                let queue_loop = device.prepare_queue(running)?;
+                std::thread::Builder::new()
+                    .name(format!("vublk-q{index}"))
+                    .spawn(move || {
+                        let _span = tracing::info_span!(parent: &span, "queue", q = index).entered();
+                        queue_loop()
+                    })
+            })
+            .map_err(|e| {
+                if e.raw_os_error() == Some(libc::EAGAIN) {
+                    tracing::error!(
+                        "cannot create the thread for queue {index}: the thread limit \
+                         (RLIMIT_NPROC or pids.max) is reached"
+                    );
+                } else {
+                    tracing::error!("cannot start queue {index}: {e}");
+                }
+                VhostUserError::ReqHandlerError(e)
+            })?;
+        tracing::debug!(
+            "queue {index} started: size {}, base {}, event_idx {event_idx}",
+            vring.size,
+            vring.base
+        );
+        Ok(())
+    }
+}
+
+impl<D: VirtioDevice> Drop for Session<D> {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
+
+fn eventfd_from_file(file: File) -> EventFd {
+    // SAFETY: the frontend's fd was received with SCM_RIGHTS and is owned solely by `file`;
+    // into_raw_fd hands that ownership to the EventFd.
+    unsafe { EventFd::from_raw_fd(file.into_raw_fd()) }
+}
+
+impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Session<D> {
+    fn set_owner(&mut self) -> VhostUserResult<()> {
+        if self.owned {
+            return Err(frontend_error("SET_OWNER sent twice"));
+        }
+        self.owned = true;
+        Ok(())
+    }
+
+    fn reset_owner(&mut self) -> VhostUserResult<()> {
+        self.stop_all();
+        self.owned = false;
+        self.acked_features = 0;
+        self.acked_protocol_features = 0;
+        Ok(())
+    }
+
+    fn reset_device(&mut self) -> VhostUserResult<()> {
+        self.stop_all();
+        self.acked_features = 0;
+        Ok(())
+    }
+
+    fn get_features(&mut self) -> VhostUserResult<u64> {
+        Ok(self.device.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits())
+    }
+
+    fn set_features(&mut self, features: u64) -> VhostUserResult<()> {
+        let offered = self.device.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if features & !offered != 0 {
+            tracing::warn!("frontend acked features we did not offer: {:#x}", features & !offered);
+            return Err(VhostUserError::InvalidParam);
+        }
+        self.acked_features = features;
+        self.device.set_acked_features(features);
+        // Without VHOST_USER_F_PROTOCOL_FEATURES, rings are enabled as soon as they start.
+        if !self.protocol_features_negotiated() {
+            for vring in &mut self.vrings {
+                vring.set_enabled(true);
+            }
+        }
+        Ok(())
+    }
+
+    fn set_mem_table(
+        &mut self,
+        ctx: &[VhostUserMemoryRegion],
+        files: Vec<File>,
+        postcopy_listening: Option<bool>,
+    ) -> VhostUserResult<Option<Vec<VhostUserMemoryRegionBase>>> {
+        if postcopy_listening.is_some() {
+            return Err(frontend_error("postcopy is not supported"));
+        }
+        if ctx.len() != files.len() {
+            return Err(frontend_error("SET_MEM_TABLE: region and fd counts differ"));
+        }
+        let generation = self.memory.set_table(ctx, files).map_err(|e| {
+            tracing::warn!("SET_MEM_TABLE refused: {e}");
+            handler_error(e)
+        })?;
+        tracing::debug!("memory table generation {} installed ({} regions)", generation.id(), ctx.len());
+        Ok(None)
+    }
+
+    fn set_vring_num(&mut self, index: u32, num: u32) -> VhostUserResult<()> {
+        let max = self.device.max_queue_size();
+        let vring = self.vring(index)?;
+        if num == 0 || num > u32::from(max) || !num.is_power_of_two() {
+            tracing::warn!("queue {index}: size {num} refused (a power of two up to {max})");
+            return Err(VhostUserError::InvalidParam);
+        }
+        vring.size = num as u16;
+        Ok(())
+    }
+
+    fn set_vring_addr(
+        &mut self,
+        index: u32,
+        _flags: VhostUserVringAddrFlags,
+        descriptor: u64,
+        used: u64,
+        available: u64,
+        _log: u64,
+    ) -> VhostUserResult<()> {
+        let generation = self.memory.current();
+        let translate = |addr| {
+            generation.vmm_to_guest(addr).map_err(|e: MemoryError| {
+                tracing::warn!("queue {index}: {e}");
+                handler_error(e)
+            })
+        };
+        let (desc, avail, used) = (translate(descriptor)?, translate(available)?, translate(used)?);
+        let vring = self.vring(index)?;
+        vring.desc = Some(desc);
+        vring.avail = Some(avail);
+        vring.used = Some(used);
+        Ok(())
+    }
+
+    fn set_vring_base(&mut self, index: u32, base: u32) -> VhostUserResult<()> {
+        let vring = self.vring(index)?;
+        if vring.is_started() {
+            return Err(frontend_error("SET_VRING_BASE on a running ring"));
+        }
+        vring.base = base as u16;
+        Ok(())
+    }
+
+    fn get_vring_base(&mut self, index: u32) -> VhostUserResult<VhostUserVringState> {
+        let base = self.vring(index)?.stop();
+        tracing::debug!("queue {index} stopped at avail index {base}");
+        Ok(VhostUserVringState::new(index, u32::from(base)))
+    }
+
+    fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VhostUserResult<()> {
+        let Some(fd) = fd else {
+            return Err(frontend_error("polling mode (no kick fd) is not supported"));
+        };
+        let vring = self.vring(u32::from(index))?;
+        if vring.is_started() {
+            // A new kick fd for a running ring: restart it with the new one.
+            vring.stop();
+        }
+        vring.kick = Some(eventfd_from_file(fd));
+        self.start_ring(usize::from(index))
+    }
+
+    fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VhostUserResult<()> {
+        let vring = self.vring(u32::from(index))?;
+        vring.set_call(fd.map(eventfd_from_file));
+        Ok(())
+    }
+
+    fn set_vring_err(&mut self, index: u8, _fd: Option<File>) -> VhostUserResult<()> {
+        self.vring(u32::from(index))?;
+        Ok(())
+    }
+
+    fn get_protocol_features(&mut self) -> VhostUserResult<VhostUserProtocolFeatures> {
+        Ok(VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)
+    }
+
+    fn set_protocol_features(&mut self, features: u64) -> VhostUserResult<()> {
+        self.acked_protocol_features = features;
+        Ok(())
+    }
+
+    fn get_queue_num(&mut self) -> VhostUserResult<u64> {
+        Ok(self.device.num_queues() as u64)
+    }
+
+    fn set_vring_enable(&mut self, index: u32, enable: bool) -> VhostUserResult<()> {
+        if !self.protocol_features_negotiated() {
+            return Err(frontend_error("SET_VRING_ENABLE without protocol features"));
+        }
+        self.vring(index)?.set_enabled(enable);
+        Ok(())
+    }
+
+    fn get_config(
+        &mut self,
+        offset: u32,
+        size: u32,
+        _flags: VhostUserConfigFlags,
+    ) -> VhostUserResult<Vec<u8>> {
+        if offset.checked_add(size).is_none_or(|end| end > MAX_CONFIG_SIZE) {
+            return Err(frontend_error("GET_CONFIG beyond the config space"));
+        }
+        let mut data = vec![0u8; size as usize];
+        self.device.read_config(offset, &mut data);
+        Ok(data)
+    }
+
+    fn set_config(
+        &mut self,
+        offset: u32,
+        buf: &[u8],
+        _flags: VhostUserConfigFlags,
+    ) -> VhostUserResult<()> {
+        self.device
+            .write_config(offset, buf)
+            .map_err(VhostUserError::ReqHandlerError)
+    }
+
+    fn set_gpu_socket(&mut self, _gpu_backend: GpuBackend) -> VhostUserResult<()> {
+        Err(frontend_error("GPU socket is not supported"))
+    }
+
+    fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> VhostUserResult<File> {
+        Err(frontend_error("shared objects are not supported"))
+    }
+
+    fn get_inflight_fd(
+        &mut self,
+        _inflight: &VhostUserInflight,
+    ) -> VhostUserResult<(VhostUserInflight, File)> {
+        Err(frontend_error("inflight tracking is not supported"))
+    }
+
+    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> VhostUserResult<()> {
+        Err(frontend_error("inflight tracking is not supported"))
+    }
+
+    fn get_max_mem_slots(&mut self) -> VhostUserResult<u64> {
+        Ok(MAX_MEM_SLOTS)
+    }
+
+    fn add_mem_region(
+        &mut self,
+        region: &VhostUserSingleMemoryRegion,
+        fd: File,
+        postcopy_listening: Option<bool>,
+    ) -> VhostUserResult<Option<VhostUserMemoryRegionBase>> {
+        if postcopy_listening.is_some() {
+            return Err(frontend_error("postcopy is not supported"));
+        }
+        let generation = self.memory.add_region(region, fd).map_err(|e| {
+            tracing::warn!("ADD_MEM_REG refused: {e}");
+            handler_error(e)
+        })?;
+        tracing::debug!(
+            "memory generation {}: added region at {:#x} ({:#x} bytes)",
+            generation.id(),
+            { region.guest_phys_addr },
+            { region.memory_size }
+        );
+        Ok(None)
+    }
+
+    fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> VhostUserResult<()> {
+        let generation = self.memory.remove_region(region).map_err(|e| {
+            tracing::warn!("REM_MEM_REG refused: {e}");
+            handler_error(e)
+        })?;
+        tracing::debug!(
+            "memory generation {}: removed region at {:#x}",
+            generation.id(),
+            { region.guest_phys_addr }
+        );
+        Ok(())
+    }
+
+    fn set_device_state_fd(
+        &mut self,
+        _direction: VhostTransferStateDirection,
+        _phase: VhostTransferStatePhase,
+        _fd: File,
+    ) -> VhostUserResult<Option<File>> {
+        Err(frontend_error("device state transfer is not supported"))
+    }
+
+    fn check_device_state(&mut self) -> VhostUserResult<()> {
+        Err(frontend_error("device state transfer is not supported"))
+    }
+
+    fn get_shmem_config(&mut self) -> VhostUserResult<VhostUserShMemConfig> {
+        Err(frontend_error("shared memory regions are not supported"))
+    }
+
+    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VhostUserResult<()> {
+        Err(frontend_error("dirty logging is not supported"))
+    }
+}

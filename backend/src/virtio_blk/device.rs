@@ -1,0 +1,74 @@
+//! [`BlockDevice`]: a disk and its virtio-blk configuration, served over vhost-user.
+
+use std::io;
+use std::sync::Arc;
+
+use crate::disk::Disk;
+use crate::vhost_user::{QueueLoop, RunningQueue, VirtioDevice};
+
+use super::config::{self, BlockConfig, DeviceOptions};
+use super::request::Limits;
+use super::worker::QueueWorker;
+
+pub struct BlockDevice {
+    pub(super) config: BlockConfig,
+    pub(super) disk: Disk,
+    pub(super) limits: Limits,
+}
+
+impl BlockDevice {
+    pub fn new(disk: Disk, options: &DeviceOptions) -> BlockDevice {
+        let config = BlockConfig::new(&disk, options);
+        let limits = Limits {
+            capacity: disk.capacity,
+            read_only: disk.read_only,
+            seg_max: config.seg_max as usize,
+            max_iovecs: config::MAX_IOVECS,
+            discard: config.discard,
+            write_zeroes: config.write_zeroes,
+            max_zeroing_sectors: u64::from(config::MAX_ZEROING_SECTORS),
+            max_zeroing_segments: config::MAX_ZEROING_SEGMENTS as usize,
+            offset_align: u64::from(disk.dio_align.offset),
+        };
+        BlockDevice { config, disk, limits }
+    }
+
+    pub fn config(&self) -> &BlockConfig {
+        &self.config
+    }
+
+    pub fn disk(&self) -> &Disk {
+        &self.disk
+    }
+}
+
+impl VirtioDevice for BlockDevice {
+    fn features(&self) -> u64 {
+        self.config.features()
+    }
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.config.num_queues)
+    }
+
+    fn max_queue_size(&self) -> u16 {
+        self.config.max_queue_size
+    }
+
+    fn set_acked_features(&self, features: u64) {
+        self.config.set_acked_features(features);
+    }
+
+    fn read_config(&self, offset: u32, data: &mut [u8]) {
+        self.config.read_config(offset, data);
+    }
+
+    fn write_config(&self, offset: u32, data: &[u8]) -> io::Result<()> {
+        self.config.write_config(offset, data)
+    }
+
+    fn prepare_queue(self: Arc<Self>, queue: RunningQueue) -> io::Result<QueueLoop> {
+        let worker = QueueWorker::new(self, queue)?;
+        Ok(Box::new(move || worker.run()))
+    }
+}

@@ -1,0 +1,586 @@
+//! The queue loop: one thread and one io_uring per virtqueue.
+//!
+//! ```text
+//!  kick ─▶ pop chains ─▶ parse (request.rs) ─▶ SQEs ─┐
+//!                         └▶ rejected: status now     │ one io_uring_enter submits the whole
+//!  CQEs ◀─────────────────────────────────────────────┘ batch and waits for the next event
+//!   └▶ status byte ─▶ used ring ─▶ one call (if EVENT_IDX says the driver wants it)
+//! ```
+//!
+//! The kick and control eventfds are read through the ring too, so a single
+//! `io_uring_enter` both submits a batch and sleeps until the next kick or completion.
+//! Every in-flight request holds a pin on the memory generation it was parsed against; its
+//! host pointers stay valid until its completion has been written back.
+
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+
+use crate::disk::{Backing, ZeroesMethod};
+use crate::io::uring::{self, Completion, Ring};
+use crate::ratelimit::RateLimit;
+use crate::vhost_user::{Generation, RunningQueue};
+
+use super::bounce::AlignedBuf;
+use super::device::BlockDevice;
+use super::request::{self, Buffers, Request, RequestKind, Scratch, Segment};
+use super::spec;
+
+/// user_data tags that are not request slots.
+const KICK: u64 = 1 << 62;
+const WAKE: u64 = KICK + 1;
+const CANCEL: u64 = KICK + 2;
+
+/// Chains taken from the ring per wakeup before completions get a turn (vhost's weight).
+const BUDGET: usize = 256;
+
+const STATUS_OK: u8 = spec::VIRTIO_BLK_S_OK as u8;
+const STATUS_IOERR: u8 = spec::VIRTIO_BLK_S_IOERR as u8;
+
+/// One request in flight.
+struct Slot {
+    head: u16,
+    request: Option<Request>,
+    /// Keeps the guest memory this request points into mapped.
+    pin: Option<Arc<Generation>>,
+    iovecs: Vec<libc::iovec>,
+    segments: Vec<Segment>,
+    /// For a read or write: the first iovec not yet fully done, where, and how much is left.
+    next_iov: usize,
+    offset: u64,
+    remaining: u64,
+    /// SQEs whose completions are outstanding.
+    pending: u32,
+    errno: Option<i32>,
+    bounce: Option<AlignedBuf>,
+    bounce_iov: libc::iovec,
+    bounced: bool,
+}
+
+// SAFETY: the raw pointers in a slot point into guest memory pinned by `pin` (or into `bounce`);
+// a slot is only ever used by the queue thread that owns the worker.
+unsafe impl Send for Slot {}
+
+impl Slot {
+    fn new() -> Slot {
+        Slot {
+            head: 0,
+            request: None,
+            pin: None,
+            iovecs: Vec::new(),
+            segments: Vec::new(),
+            next_iov: 0,
+            offset: 0,
+            remaining: 0,
+            pending: 0,
+            errno: None,
+            bounce: None,
+            bounce_iov: libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 },
+            bounced: false,
+        }
+    }
+
+    /// The iovecs the next SQE should use.
+    fn io_vectors(&self) -> (*const libc::iovec, u32) {
+        if self.bounced {
+            (&self.bounce_iov, 1)
+        } else {
+            let rest = &self.iovecs[self.next_iov..];
+            (rest.as_ptr(), rest.len() as u32)
+        }
+    }
+
+    /// Moves past `done` bytes after a short read or write.
+    fn advance(&mut self, done: u64) {
+        self.offset += done;
+        self.remaining -= done;
+        if self.bounced {
+            // SAFETY: stays inside the bounce buffer: done <= remaining <= its length.
+            self.bounce_iov.iov_base = unsafe { self.bounce_iov.iov_base.cast::<u8>().add(done as usize) }.cast();
+            self.bounce_iov.iov_len -= done as usize;
+            return;
+        }
+        let mut left = done as usize;
+        while left > 0 {
+            let v = &mut self.iovecs[self.next_iov];
+            if left >= v.iov_len {
+                left -= v.iov_len;
+                self.next_iov += 1;
+            } else {
+                // SAFETY: stays inside this iovec's buffer: left < iov_len.
+                v.iov_base = unsafe { v.iov_base.cast::<u8>().add(left) }.cast();
+                v.iov_len -= left;
+                left = 0;
+            }
+        }
+    }
+}
+
+pub struct QueueWorker {
+    device: Arc<BlockDevice>,
+    q: RunningQueue,
+    ring: Ring,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    in_flight: usize,
+    scratch: Scratch,
+    completions: Vec<Completion>,
+    /// Where the ring reads the kick and control eventfds' counters.
+    eventfd_bufs: Box<[u64; 2]>,
+    /// The generation the ring itself (descriptor table, avail, used) is accessed through.
+    generation: Arc<Generation>,
+    kicked: bool,
+    /// Chains were left in the ring (budget spent or no free slot): look again without a kick.
+    backlog: bool,
+    used_added: bool,
+    /// The driver corrupted the ring (avail index jump): stop touching it until reset.
+    broken: bool,
+    guest_errors: RateLimit,
+    io_errors: RateLimit,
+}
+
+impl QueueWorker {
+    pub fn new(device: Arc<BlockDevice>, q: RunningQueue) -> io::Result<QueueWorker> {
+        let size = usize::from(q.queue.size());
+        let backing = match &device.disk.backing {
+            Backing::File { file, .. } => Some(std::os::fd::AsRawFd::as_raw_fd(file)),
+            Backing::Null => None,
+        };
+        // Room for a full ring of requests plus the two eventfd reads; requests with several
+        // SQEs (discard segments) submit early when it fills.
+        let ring = Ring::new((size as u32 + 2).next_power_of_two().max(8), backing)?;
+        let generation = q.memory.current();
+        Ok(QueueWorker {
+            device,
+            ring,
+            slots: (0..size).map(|_| Slot::new()).collect(),
+            free: (0..size as u32).rev().collect(),
+            in_flight: 0,
+            scratch: Scratch::default(),
+            completions: Vec::with_capacity(size + 2),
+            eventfd_bufs: Box::new([0; 2]),
+            generation,
+            q,
+            kicked: true,
+            backlog: false,
+            used_added: false,
+            broken: false,
+            guest_errors: RateLimit::new(10, Duration::from_secs(5)),
+            io_errors: RateLimit::new(10, Duration::from_secs(5)),
+        })
+    }
+
+    fn arm_kick(&mut self) -> io::Result<()> {
+        let entry = Ring::read_eventfd(&self.q.kick, &mut self.eventfd_bufs[0], KICK);
+        // SAFETY: eventfd_bufs is boxed and lives as long as the worker, which cancels both
+        // eventfd reads and reaps them before it is dropped (see `shutdown`).
+        unsafe { self.ring.push(&entry) }
+    }
+
+    fn arm_wake(&mut self) -> io::Result<()> {
+        let entry = Ring::read_eventfd(self.q.control.wake_fd(), &mut self.eventfd_bufs[1], WAKE);
+        // SAFETY: as in arm_kick.
+        unsafe { self.ring.push(&entry) }
+    }
+
+    /// Serves the queue until told to stop; returns it with every taken request completed.
+    pub fn run(mut self) -> Queue {
+        if let Err(e) = self.serve() {
+            tracing::error!("queue {} stopped: io_uring failed: {e}", self.q.index);
+        }
+        self.shutdown();
+        self.q.queue
+    }
+
+    fn serve(&mut self) -> io::Result<()> {
+        self.arm_kick()?;
+        self.arm_wake()?;
+        loop {
+            // Submit what the last round queued and sleep until something happens, unless
+            // chains are already waiting.
+            let want = usize::from(!self.backlog && !self.kicked);
+            self.ring.submit(want)?;
+            self.generation = self.q.memory.current();
+            self.reap()?;
+            if self.q.control.stop_requested() {
+                return Ok(());
+            }
+            if (self.kicked || self.backlog) && self.q.control.enabled() && !self.broken {
+                self.kicked = false;
+                self.process_avail();
+            }
+            self.notify();
+        }
+    }
+
+    /// Handles every ready completion: request I/O, kicks, control wakeups.
+    fn reap(&mut self) -> io::Result<()> {
+        let mut completions = std::mem::take(&mut self.completions);
+        self.ring.completions(&mut completions);
+        for c in &completions {
+            match c.user_data() {
+                KICK => {
+                    self.kicked = true;
+                    self.arm_kick()?;
+                }
+                WAKE => {
+                    // Enabled or stopping: look at the ring again either way.
+                    self.kicked = true;
+                    self.arm_wake()?;
+                }
+                CANCEL => {}
+                slot => self.complete_io(slot as usize, c.result())?,
+            }
+        }
+        self.completions = completions;
+        Ok(())
+    }
+
+    /// Takes chains from the avail ring, parses them and starts their I/O.
+    fn process_avail(&mut self) {
+        self.backlog = false;
+        let generation = self.generation.clone();
+        let mem = generation.memory();
+        let mut budget = BUDGET;
+        loop {
+            if let Err(e) = self.q.queue.disable_notification(mem) {
+                return self.mark_broken(e);
+            }
+            loop {
+                if budget == 0 || self.free.is_empty() {
+                    // Come back after this round's completions.
+                    self.backlog = true;
+                    return;
+                }
+                let chain = match self.q.queue.iter(mem) {
+                    Ok(mut iter) => iter.next(),
+                    Err(e) => return self.mark_broken(e),
+                };
+                let Some(chain) = chain else { break };
+                budget -= 1;
+                let head = chain.head_index();
+                self.start_request(head, chain, &generation);
+            }
+            match self.q.queue.enable_notification(mem) {
+                Ok(true) => continue,
+                Ok(false) => return,
+                Err(e) => return self.mark_broken(e),
+            }
+        }
+    }
+
+    fn mark_broken(&mut self, e: virtio_queue::Error) {
+        tracing::error!("queue {}: the driver corrupted the ring ({e}); queue stopped until reset", self.q.index);
+        self.broken = true;
+    }
+
+    fn start_request(
+        &mut self,
+        head: u16,
+        chain: virtio_queue::DescriptorChain<&vm_memory::GuestMemoryMmap>,
+        generation: &Arc<Generation>,
+    ) {
+        let Some(index) = self.free.pop() else { return };
+        let index = index as usize;
+        let slot = &mut self.slots[index];
+        let parsed = request::parse(
+            chain,
+            generation.memory(),
+            &self.device.limits,
+            &mut self.scratch,
+            Buffers { iovecs: &mut slot.iovecs, segments: &mut slot.segments },
+        );
+        slot.head = head;
+        slot.pin = Some(generation.clone());
+        slot.errno = None;
+        slot.pending = 0;
+        slot.bounced = false;
+        self.in_flight += 1;
+        match parsed {
+            Ok(req) => {
+                slot.request = Some(req);
+                if let Err(e) = self.submit_request(index, req) {
+                    self.log_io_error(index, &e);
+                    self.finish(index, STATUS_IOERR);
+                }
+            }
+            Err(rejection) => {
+                if let Some(suppressed) = self.guest_errors.check(Instant::now()) {
+                    tracing::warn!(
+                        "queue {}: request {head} refused: {}{}",
+                        self.q.index,
+                        rejection.error,
+                        suppressed_note(suppressed)
+                    );
+                }
+                let used_len = match rejection.status {
+                    Some(status) => {
+                        // SAFETY: `generation` is pinned by this function's caller and by the slot.
+                        unsafe { status.write(rejection.code) };
+                        1
+                    }
+                    None => 0,
+                };
+                self.release(index, used_len);
+            }
+        }
+    }
+
+    /// Starts the I/O of a parsed request, or completes it at once when there is none to do.
+    fn submit_request(&mut self, index: usize, req: Request) -> io::Result<()> {
+        let device = self.device.clone();
+        let null = matches!(device.disk.backing, Backing::Null);
+        let slot = &mut self.slots[index];
+        match req.kind {
+            RequestKind::GetId => {
+                let mut at = 0;
+                for v in &slot.iovecs {
+                    // SAFETY: the iovecs point into guest memory pinned by the slot; they total
+                    // at most 20 bytes (the parser capped them), the size of `serial`.
+                    unsafe { std::ptr::copy_nonoverlapping(device.config.serial[at..].as_ptr(), v.iov_base.cast::<u8>(), v.iov_len) };
+                    at += v.iov_len;
+                }
+                self.finish(index, STATUS_OK);
+            }
+            RequestKind::Read if null => {
+                for v in &slot.iovecs {
+                    // SAFETY: guest memory pinned by the slot, inside the descriptor's range.
+                    unsafe { std::ptr::write_bytes(v.iov_base.cast::<u8>(), 0, v.iov_len) };
+                }
+                self.finish(index, STATUS_OK);
+            }
+            _ if null => self.finish(index, STATUS_OK),
+            RequestKind::Read | RequestKind::Write => {
+                slot.next_iov = 0;
+                slot.offset = req.offset;
+                slot.remaining = req.len;
+                if req.len == 0 {
+                    self.finish(index, STATUS_OK);
+                    return Ok(());
+                }
+                if device.disk.direct && misaligned(&slot.iovecs, device.disk.dio_align.memory as usize) {
+                    self.prepare_bounce(index, req)?;
+                }
+                self.push_rw(index)?;
+            }
+            RequestKind::Flush => {
+                let entry = self.ring.fdatasync(index as u64);
+                self.push_for(index, &entry)?;
+            }
+            RequestKind::Discard => {
+                for i in 0..slot.segments.len() {
+                    let s = self.slots[index].segments[i];
+                    let entry = self.ring.fallocate(uring::PUNCH_HOLE, s.offset, s.len, index as u64);
+                    self.push_for(index, &entry)?;
+                }
+            }
+            RequestKind::WriteZeroes => {
+                let method = device.disk.write_zeroes.unwrap_or(ZeroesMethod::ZeroRange);
+                for i in 0..slot.segments.len() {
+                    let s = self.slots[index].segments[i];
+                    let user_data = index as u64;
+                    if s.unmap && device.disk.punch_hole {
+                        let entry = self.ring.fallocate(uring::PUNCH_HOLE, s.offset, s.len, user_data);
+                        self.push_for(index, &entry)?;
+                    } else if method == ZeroesMethod::PunchThenAllocate {
+                        let punch = uring::linked(self.ring.fallocate(uring::PUNCH_HOLE, s.offset, s.len, user_data));
+                        self.push_for(index, &punch)?;
+                        let allocate = self.ring.fallocate(uring::ALLOCATE, s.offset, s.len, user_data);
+                        self.push_for(index, &allocate)?;
+                    } else {
+                        let entry = self.ring.fallocate(uring::ZERO_RANGE, s.offset, s.len, user_data);
+                        self.push_for(index, &entry)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// O_DIRECT with guest buffers that are not aligned: go through an aligned copy.
+    fn prepare_bounce(&mut self, index: usize, req: Request) -> io::Result<()> {
+        let align = self.device.disk.dio_align.memory as usize;
+        let slot = &mut self.slots[index];
+        let len = req.len as usize;
+        if slot.bounce.as_ref().is_none_or(|b| b.len() < len) {
+            slot.bounce = Some(AlignedBuf::new(len, align).ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?);
+        }
+        let Some(bounce) = slot.bounce.as_mut() else { unreachable!("allocated above") };
+        if req.kind == RequestKind::Write {
+            // SAFETY: the iovecs point into pinned guest memory and total `len` bytes.
+            unsafe { bounce.gather(&slot.iovecs) };
+        }
+        slot.bounce_iov = libc::iovec { iov_base: bounce.as_ptr().cast(), iov_len: len };
+        slot.bounced = true;
+        Ok(())
+    }
+
+    fn push_rw(&mut self, index: usize) -> io::Result<()> {
+        let slot = &self.slots[index];
+        let Some(req) = slot.request else { return Ok(()) };
+        let (iov, count) = slot.io_vectors();
+        let entry = if req.kind == RequestKind::Read {
+            self.ring.readv(iov, count, slot.offset, index as u64)
+        } else {
+            self.ring.writev(iov, count, slot.offset, !self.device.config.writeback(), index as u64)
+        };
+        self.push_for(index, &entry)
+    }
+
+    fn push_for(&mut self, index: usize, entry: &io_uring::squeue::Entry) -> io::Result<()> {
+        // SAFETY: the entry points at the slot's iovec array (or bounce buffer) and, through
+        // it, at guest memory pinned by the slot; the slot is neither reused nor unpinned
+        // until `pending` drops to zero, i.e. until this entry's completion is reaped.
+        unsafe { self.ring.push(entry) }?;
+        self.slots[index].pending += 1;
+        Ok(())
+    }
+
+    fn complete_io(&mut self, index: usize, result: i32) -> io::Result<()> {
+        let Some(slot) = self.slots.get_mut(index) else {
+            tracing::error!("queue {}: completion for unknown slot {index}", self.q.index);
+            return Ok(());
+        };
+        slot.pending = slot.pending.saturating_sub(1);
+        let kind = slot.request.map(|r| r.kind);
+        if result < 0 {
+            // A linked SQE cancelled because its predecessor failed keeps the first error.
+            slot.errno.get_or_insert(-result);
+        } else if matches!(kind, Some(RequestKind::Read | RequestKind::Write)) && slot.errno.is_none() {
+            let done = result as u64;
+            if done == 0 && slot.remaining > 0 {
+                // End of file inside the capacity: the image shrank under us.
+                slot.errno = Some(libc::EIO);
+            } else if done < slot.remaining {
+                slot.advance(done);
+                return self.push_rw(index);
+            }
+        }
+        if slot.pending > 0 {
+            return Ok(());
+        }
+        let status = match slot.errno {
+            None => {
+                if kind == Some(RequestKind::Read) && slot.bounced {
+                    if let Some(bounce) = &slot.bounce {
+                        // SAFETY: the iovecs point into guest memory pinned by the slot.
+                        unsafe { bounce.scatter(&slot.iovecs) };
+                    }
+                }
+                STATUS_OK
+            }
+            Some(errno) => {
+                let e = io::Error::from_raw_os_error(errno);
+                self.log_io_error(index, &e);
+                STATUS_IOERR
+            }
+        };
+        self.finish(index, status);
+        Ok(())
+    }
+
+    fn log_io_error(&mut self, index: usize, e: &io::Error) {
+        let slot = &self.slots[index];
+        if let Some(suppressed) = self.io_errors.check(Instant::now()) {
+            tracing::warn!(
+                "queue {}: {:?} at byte {} failed on {}: {e}{}",
+                self.q.index,
+                slot.request.map(|r| r.kind),
+                slot.offset,
+                self.device.disk.name,
+                suppressed_note(suppressed)
+            );
+        }
+    }
+
+    /// Writes the status of a request and returns its chain to the driver.
+    fn finish(&mut self, index: usize, status: u8) {
+        let slot = &self.slots[index];
+        let Some(req) = slot.request else { return };
+        // SAFETY: the slot still holds the pin of the generation `req.status` points into.
+        unsafe { req.status.write(status) };
+        // Bytes the device wrote into the driver's writable buffers, status included.
+        let written = match req.kind {
+            RequestKind::Read | RequestKind::GetId => req.len as u32 + 1,
+            _ => 1,
+        };
+        self.release(index, written);
+    }
+
+    fn release(&mut self, index: usize, used_len: u32) {
+        let slot = &mut self.slots[index];
+        let head = slot.head;
+        slot.request = None;
+        slot.pin = None;
+        slot.iovecs.clear();
+        self.free.push(index as u32);
+        self.in_flight -= 1;
+        if let Err(e) = self.q.queue.add_used(self.generation.memory(), head, used_len) {
+            tracing::error!("queue {}: cannot return request {head} to the driver: {e}", self.q.index);
+        }
+        self.used_added = true;
+    }
+
+    /// One interrupt for everything completed this round, if the driver wants one.
+    fn notify(&mut self) {
+        if !std::mem::take(&mut self.used_added) {
+            return;
+        }
+        match self.q.queue.needs_notification(self.generation.memory()) {
+            Ok(false) => {}
+            // When in doubt, interrupt: a spurious interrupt costs less than a hung guest.
+            Ok(true) | Err(_) => self.q.call.signal(),
+        }
+    }
+
+    /// Completes everything in flight, then cancels the eventfd reads so nothing the kernel
+    /// holds points into this worker when it is dropped.
+    fn shutdown(&mut self) {
+        let mut outstanding_reads = 2;
+        let cancels = [Ring::cancel(KICK, CANCEL), Ring::cancel(WAKE, CANCEL)];
+        for entry in &cancels {
+            // SAFETY: a cancel request points at no memory.
+            if unsafe { self.ring.push(entry) }.is_err() {
+                break;
+            }
+        }
+        while self.in_flight > 0 || outstanding_reads > 0 {
+            if let Err(e) = self.ring.submit(1) {
+                tracing::error!("queue {}: cannot drain the ring: {e}", self.q.index);
+                // Leaking the ring keeps every buffer it may still write valid.
+                std::mem::forget(std::mem::replace(&mut self.ring, match Ring::new(8, None) { Ok(r) => r, Err(_) => return }));
+                return;
+            }
+            self.generation = self.q.memory.current();
+            let mut completions = std::mem::take(&mut self.completions);
+            self.ring.completions(&mut completions);
+            for c in &completions {
+                match c.user_data() {
+                    KICK | WAKE => outstanding_reads -= 1,
+                    CANCEL => {}
+                    slot => {
+                        if let Err(e) = self.complete_io(slot as usize, c.result()) {
+                            tracing::error!("queue {}: {e}", self.q.index);
+                        }
+                    }
+                }
+            }
+            self.completions = completions;
+        }
+        self.notify();
+    }
+}
+
+fn misaligned(iovecs: &[libc::iovec], align: usize) -> bool {
+    iovecs.iter().any(|v| (v.iov_base as usize) % align != 0 || v.iov_len % align != 0)
+}
+
+fn suppressed_note(suppressed: u64) -> String {
+    if suppressed == 0 {
+        String::new()
+    } else {
+        format!(" ({suppressed} similar messages suppressed)")
+    }
+}

@@ -1,0 +1,187 @@
+//! The command-line contract, checked against the built binary: capabilities JSON, exit codes
+//! and one-line errors, and clean shutdown on signals.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn print_capabilities_prints_the_vhost_user_json() {
+    let out = run_vublk(&["--print-capabilities"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).expect("UTF-8 stdout");
+    assert_eq!(
+        stdout.trim_end(),
+        r#"{"type":"block","features":["read-only","blk-file"]}"#
+    );
+    assert!(stdout.ends_with('\n'), "no trailing newline: {stdout:?}");
+}
+
+/// What is wrong with how vublk failed, if anything: exit code, panic, or not one line.
+fn error_problems(out: &std::process::Output, code: i32) -> Vec<String> {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let mut problems = Vec::new();
+    if out.status.code() != Some(code) {
+        problems.push(format!("exited with {} instead of code {code}", out.status));
+    }
+    if stderr.contains("panicked") {
+        problems.push("panicked".into());
+    }
+    let text = stderr.trim_end();
+    if text.is_empty() {
+        problems.push("printed no error message".into());
+    } else if text.contains('\n') {
+        problems.push(format!("printed {} lines, not one", text.lines().count()));
+    }
+    problems
+}
+
+#[track_caller]
+fn assert_one_line_error(out: &std::process::Output, code: i32, what: &str) -> String {
+    let problems = error_problems(out, code);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        problems.is_empty(),
+        "{what}: {}; stderr:\n{stderr}",
+        problems.join(", ")
+    );
+    stderr.trim_end().to_string()
+}
+
+#[test]
+fn bad_arguments_exit_2_with_one_line() {
+    let dir = test_dir();
+    let img = dir.path().join("disk.img");
+    create_image(&img, MIB, 30);
+    let img = img.to_str().unwrap();
+    let sock_path = dir.path().join("never.sock");
+    let sock = sock_path.to_str().unwrap();
+    let cases: &[&[&str]] = &[
+        &["--bogus"],
+        &["--socket-path", sock, "--blk-file", img, "--bogus"],
+        &["--socket-path", sock, "--fd", "3", "--blk-file", img],
+        &["--blk-file", img],
+        &["--socket-path", sock],
+        &[
+            "--socket-path",
+            sock,
+            "--blk-file",
+            img,
+            "--blk-size",
+            "1000",
+        ],
+        &["--socket-path", sock, "--blk-file", img, "--blk-size", "0"],
+        &["--socket-path", sock, "--null", "1Q"],
+        &["--socket-path", sock, "--null", "-1"],
+        &[
+            "--socket-path",
+            sock,
+            "--blk-file",
+            img,
+            "--num-queues",
+            "zero",
+        ],
+        &[
+            "--socket-path",
+            sock,
+            "--blk-file",
+            img,
+            "--num-queues",
+            "0",
+        ],
+        &[
+            "--socket-path",
+            sock,
+            "--blk-file",
+            img,
+            "--write-cache",
+            "maybe",
+        ],
+        &[
+            "--socket-path",
+            sock,
+            "--blk-file",
+            img,
+            "--queue-size",
+            "0",
+        ],
+    ];
+    let mut failures = Vec::new();
+    for args in cases {
+        let out = run_vublk(args);
+        let mut problems = error_problems(&out, 2);
+        if sock_path.exists() {
+            problems.push("left a socket behind".into());
+            let _ = std::fs::remove_file(&sock_path);
+        }
+        if !problems.is_empty() {
+            failures.push(format!(
+                "{args:?}: {}; stderr:\n{}",
+                problems.join(", "),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "usage errors:\n{}",
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn missing_image_exits_1_naming_the_path() {
+    let dir = test_dir();
+    let missing = dir.path().join("no-such-disk.img");
+    let sock_path = dir.path().join("vublk.sock");
+    let out = run_vublk(&[
+        "--socket-path",
+        sock_path.to_str().unwrap(),
+        "--blk-file",
+        missing.to_str().unwrap(),
+    ]);
+    let msg = assert_one_line_error(&out, 1, "missing image");
+    assert!(
+        msg.contains(missing.to_str().unwrap()),
+        "error does not name the image: {msg}"
+    );
+    assert!(!sock_path.exists(), "a failed start left its socket behind");
+}
+
+#[test]
+fn sigint_when_idle_exits_0_and_removes_the_socket() {
+    let dir = test_dir();
+    let img = dir.path().join("disk.img");
+    create_image(&img, MIB, 31);
+    let mut daemon = Daemon::start(dir.path(), &["--blk-file", img.to_str().unwrap()]);
+    let status = daemon.signal_and_wait(libc::SIGINT);
+    daemon.check_clean_exit(status, "after SIGINT");
+}
+
+#[test]
+fn sigterm_with_a_client_connected_exits_0() {
+    let dir = test_dir();
+    let img = dir.path().join("disk.img");
+    create_image(&img, 4 * MIB, 32);
+    let mut daemon = Daemon::start(
+        dir.path(),
+        &["--blk-file", img.to_str().unwrap(), "--num-queues", "2"],
+    );
+    let mut client = Client::connect(&daemon.socket, 2);
+    let data = pattern(900, 0, 64 * KIB as usize);
+    assert_eq!(client.q(1).write_at(0, &data), 0);
+    assert_eq!(client.q(1).flush(), 0);
+    let status = daemon.signal_and_wait(libc::SIGTERM);
+    daemon.check_clean_exit(status, "after SIGTERM with a client connected");
+    drop(client);
+    assert_eq!(
+        &std::fs::read(&img).unwrap()[..data.len()],
+        &data[..],
+        "flushed data on disk"
+    );
+}

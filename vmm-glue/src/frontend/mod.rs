@@ -1,0 +1,27 @@
+//! A scripted vhost-user-blk frontend for protocol tests.
+//!
+//! It plays the VMM: guest RAM in memfds ([`memory`]), split virtqueues it drives by hand and can
+//! corrupt on purpose ([`virtqueue`]), the vhost-user handshake as replayable steps
+//! ([`session`]), virtio-blk requests ([`blk`]), and the backend under test as a child process
+//! ([`daemon`]) with a ready-made test bed around it ([`fixture`]).
+//!
+//! ```text
+//!   test ──▶ BlkQueue ──▶ Session ──(vhost-user over UnixStream)──▶ backend
+//!                │           │ kick/call eventfds                     │
+//!                ▼           ▼                                        ▼
+//!            SplitQueue ─▶ GuestMemory (memfd, MAP_SHARED) ◀── mmap'd by the backend
+//! ```
+
+pub mod blk;
+pub mod daemon;
+pub mod fixture;
+pub mod memory;
+pub mod session;
+pub mod virtqueue;
+
+pub use blk::{BlkConfig, BlkQueue, Completion, Range, Readback};
+pub use daemon::Daemon;
+pub use fixture::Fixture;
+pub use memory::{Arena, GuestMemory, RegionSpec};
+pub use session::{MemAnnounce, Session, SessionConfig, SessionError, Step, Vring};
+pub use virtqueue::{Seg, SplitQueue, UsedElem};

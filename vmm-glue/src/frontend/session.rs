@@ -1,0 +1,742 @@
+//! A vhost-user frontend session: one connection, its guest memory and its vrings.
+//!
+//! The handshake is a list of [`Step`]s, one per vhost-user message (plus the `NeedReply`
+//! switch), so a test can replay a VMM's exact sequence ([`Step::qemu`],
+//! [`Step::cloud_hypervisor`]), reorder it, or stop half-way. Each step goes through the
+//! `vhost` crate's [`Frontend`]; anything the steps do not cover is reachable through
+//! [`Session::frontend`].
+
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use rustix::event::{PollFd, PollFlags, Timespec};
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VHOST_USER_CONFIG_OFFSET,
+};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::VhostBackend;
+use virtio_bindings::virtio_config::{VIRTIO_F_ANY_LAYOUT, VIRTIO_F_VERSION_1};
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::memory::{Arena, GuestMemory, MemoryError, RegionSpec};
+use super::virtqueue::{QueueError, Seg, SplitQueue, UsedElem};
+
+/// Size of `struct virtio_blk_config` up to `write_zeroes_may_unmap` and its padding: what QEMU
+/// and cloud-hypervisor ask for.
+pub const BLK_CONFIG_LEN: u32 = 60;
+
+/// Virtio features this frontend's driver can honour: every device-specific bit (0..=23),
+/// indirect descriptors, event index, VERSION_1, ANY_LAYOUT and vhost-user's PROTOCOL_FEATURES.
+/// Not PACKED, IN_ORDER, ACCESS_PLATFORM and friends, which the driver does not implement.
+pub const DRIVER_FEATURES: u64 = 0x00ff_ffff
+    | (1 << VIRTIO_F_ANY_LAYOUT)
+    | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+    | (1 << VIRTIO_RING_F_EVENT_IDX)
+    | (1 << VIRTIO_F_VERSION_1)
+    | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+
+/// Session failures.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("vhost-user {step} failed")]
+    Vhost {
+        step: String,
+        #[source]
+        source: vhost::Error,
+    },
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error("cannot create or use an eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error("queue {0} does not exist in this session")]
+    NoQueue(usize),
+    #[error("queue {queue}: nothing in the used ring after {waited:?}")]
+    Timeout { queue: usize, waited: Duration },
+    #[error("queue {queue}: head {head} was not returned within {waited:?}")]
+    HeadTimeout {
+        queue: usize,
+        head: u16,
+        waited: Duration,
+    },
+}
+
+/// How guest memory is announced to the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemAnnounce {
+    /// One SET_MEM_TABLE with every region.
+    SetMemTable,
+    /// One ADD_MEM_REG per region (needs CONFIGURE_MEM_SLOTS).
+    AddMemReg,
+}
+
+/// What the frontend offers and builds.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Vrings set up by the vring steps (and created in guest memory).
+    pub num_queues: usize,
+    /// Entries per vring.
+    pub queue_size: u16,
+    /// Guest RAM layout.
+    pub memory: Vec<RegionSpec>,
+    /// Back all regions with one memfd at consecutive offsets (exercises `mmap_offset`).
+    pub shared_memfd: bool,
+    /// Virtio features the frontend acks if offered.
+    pub features: u64,
+    /// Protocol features the frontend acks if offered.
+    pub protocol_features: VhostUserProtocolFeatures,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            num_queues: 1,
+            queue_size: 128,
+            memory: vec![RegionSpec::new(0, 16 << 20)],
+            shared_memfd: false,
+            features: DRIVER_FEATURES,
+            protocol_features: VhostUserProtocolFeatures::MQ
+                | VhostUserProtocolFeatures::CONFIG
+                | VhostUserProtocolFeatures::REPLY_ACK
+                | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS,
+        }
+    }
+}
+
+/// One frontend action; almost all are exactly one vhost-user message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    SetOwner,
+    ResetOwner,
+    GetFeatures,
+    /// SET_FEATURES with `offered & config.features`.
+    SetFeatures,
+    /// SET_FEATURES with exactly these bits.
+    SetFeaturesRaw(u64),
+    GetProtocolFeatures,
+    /// SET_PROTOCOL_FEATURES with `offered & config.protocol_features`.
+    SetProtocolFeatures,
+    /// No message: from now on every request carries NEED_REPLY if REPLY_ACK was acked
+    /// (cloud-hypervisor does this right after negotiation).
+    NeedReply,
+    GetQueueNum,
+    GetMaxMemSlots,
+    GetConfig {
+        offset: u32,
+        size: u32,
+        flags: VhostUserConfigFlags,
+    },
+    /// Announce all current regions the given way.
+    Memory(MemAnnounce),
+    /// Announce memory as ADD_MEM_REG if CONFIGURE_MEM_SLOTS was acked, else SET_MEM_TABLE.
+    MemoryPreferSlots,
+    SetVringNum(usize),
+    /// SET_VRING_BASE with the driver's current avail index.
+    SetVringBase(usize),
+    SetVringAddr(usize),
+    SetVringKick(usize),
+    SetVringCall(usize),
+    SetVringErr(usize),
+    SetVringEnable(usize, bool),
+    GetVringBase(usize),
+}
+
+impl Step {
+    /// Roughly QEMU 8-10's vhost-user-blk: realize (vhost_dev_init, config read at offset 0),
+    /// then vhost_dev_start.
+    pub fn qemu(num_queues: usize) -> Vec<Step> {
+        let mut v = vec![
+            Step::GetFeatures,
+            Step::GetProtocolFeatures,
+            Step::SetProtocolFeatures,
+            Step::GetQueueNum,
+            Step::GetMaxMemSlots,
+            Step::SetOwner,
+            Step::GetFeatures,
+            Step::GetConfig {
+                offset: 0,
+                size: BLK_CONFIG_LEN,
+                flags: VhostUserConfigFlags::empty(),
+            },
+            Step::SetFeatures,
+            Step::Memory(MemAnnounce::SetMemTable),
+        ];
+        for q in 0..num_queues {
+            v.extend([
+                Step::SetVringNum(q),
+                Step::SetVringBase(q),
+                Step::SetVringAddr(q),
+                Step::SetVringKick(q),
+                Step::SetVringCall(q),
+            ]);
+        }
+        v.extend((0..num_queues).map(|q| Step::SetVringEnable(q, true)));
+        v
+    }
+
+    /// cloud-hypervisor's vhost-user-blk: `Blk::new` (negotiate_features_vhost_user, queue
+    /// number, GET_CONFIG at VHOST_USER_CONFIG_OFFSET with WRITABLE), then activate
+    /// (setup_vhost_user: SET_FEATURES, memory, all SET_VRING_NUMs, then per queue ADDR, BASE,
+    /// CALL, KICK, then all SET_VRING_ENABLEs). Every message after negotiation asks for a reply.
+    pub fn cloud_hypervisor(num_queues: usize) -> Vec<Step> {
+        let mut v = vec![
+            Step::SetOwner,
+            Step::GetFeatures,
+            Step::GetProtocolFeatures,
+            Step::SetProtocolFeatures,
+            Step::NeedReply,
+            Step::GetQueueNum,
+            Step::GetConfig {
+                offset: VHOST_USER_CONFIG_OFFSET,
+                size: BLK_CONFIG_LEN,
+                flags: VhostUserConfigFlags::WRITABLE,
+            },
+            Step::SetFeatures,
+            Step::Memory(MemAnnounce::SetMemTable),
+        ];
+        v.extend((0..num_queues).map(Step::SetVringNum));
+        for q in 0..num_queues {
+            v.extend([
+                Step::SetVringAddr(q),
+                Step::SetVringBase(q),
+                Step::SetVringCall(q),
+                Step::SetVringKick(q),
+            ]);
+        }
+        v.extend((0..num_queues).map(|q| Step::SetVringEnable(q, true)));
+        v
+    }
+
+    /// Negotiation only: features, protocol features, queue number, NEED_REPLY.
+    pub fn negotiate() -> Vec<Step> {
+        vec![
+            Step::SetOwner,
+            Step::GetFeatures,
+            Step::GetProtocolFeatures,
+            Step::SetProtocolFeatures,
+            Step::NeedReply,
+            Step::GetQueueNum,
+        ]
+    }
+
+    /// Everything after negotiation needed to start all queues, announcing memory `how`.
+    pub fn start(num_queues: usize, how: MemAnnounce) -> Vec<Step> {
+        let mut v = vec![Step::SetFeatures, Step::Memory(how)];
+        for q in 0..num_queues {
+            v.extend([
+                Step::SetVringNum(q),
+                Step::SetVringBase(q),
+                Step::SetVringAddr(q),
+                Step::SetVringKick(q),
+                Step::SetVringCall(q),
+            ]);
+        }
+        v.extend((0..num_queues).map(|q| Step::SetVringEnable(q, true)));
+        v
+    }
+}
+
+/// A vring as the frontend sees it: the driver-side queue and its three eventfds.
+pub struct Vring {
+    pub queue: SplitQueue,
+    /// Frontend writes to tell the backend there is work.
+    pub kick: EventFd,
+    /// Backend writes when it has put entries in the used ring.
+    pub call: EventFd,
+    /// Backend writes on a vring error.
+    pub err: EventFd,
+    /// Used elements popped while waiting for a different head.
+    stash: VecDeque<UsedElem>,
+}
+
+impl Vring {
+    fn new(queue: SplitQueue) -> Result<Self, SessionError> {
+        let efd = || EventFd::new(EFD_NONBLOCK).map_err(SessionError::EventFd);
+        Ok(Self {
+            queue,
+            kick: efd()?,
+            call: efd()?,
+            err: efd()?,
+            stash: VecDeque::new(),
+        })
+    }
+}
+
+/// One frontend connection.
+pub struct Session {
+    frontend: Frontend,
+    config: SessionConfig,
+    mem: GuestMemory,
+    arena: Arena,
+    vrings: Vec<Vring>,
+    backend_features: u64,
+    acked_features: u64,
+    backend_protocol_features: VhostUserProtocolFeatures,
+    acked_protocol_features: VhostUserProtocolFeatures,
+    queue_num: Option<u64>,
+    max_mem_slots: Option<u64>,
+    last_config: Option<Vec<u8>>,
+    last_vring_base: Option<u32>,
+    sent: Vec<Step>,
+}
+
+impl Session {
+    /// Wraps a connected stream; creates guest memory and the vrings; sends nothing.
+    pub fn new(stream: UnixStream, config: SessionConfig) -> Result<Self, SessionError> {
+        let mem = if config.shared_memfd {
+            GuestMemory::with_shared_file(&config.memory)?
+        } else {
+            GuestMemory::new(&config.memory)?
+        };
+        let first = *config
+            .memory
+            .iter()
+            .min_by_key(|r| r.guest_addr)
+            .ok_or(MemoryError::NoRegion(0))?;
+        let mut arena = Arena::over(first);
+        let mut vrings = Vec::with_capacity(config.num_queues);
+        for _ in 0..config.num_queues {
+            vrings.push(Vring::new(SplitQueue::new(
+                &mem,
+                &mut arena,
+                config.queue_size,
+            )?)?);
+        }
+        let frontend = Frontend::from_stream(stream, config.num_queues.max(1) as u64);
+        Ok(Self {
+            frontend,
+            config,
+            mem,
+            arena,
+            vrings,
+            backend_features: 0,
+            acked_features: 0,
+            backend_protocol_features: VhostUserProtocolFeatures::empty(),
+            acked_protocol_features: VhostUserProtocolFeatures::empty(),
+            queue_num: None,
+            max_mem_slots: None,
+            last_config: None,
+            last_vring_base: None,
+            sent: Vec::new(),
+        })
+    }
+
+    /// `new` followed by `steps`.
+    pub fn connect(
+        stream: UnixStream,
+        config: SessionConfig,
+        steps: &[Step],
+    ) -> Result<Self, SessionError> {
+        let mut s = Self::new(stream, config)?;
+        s.run(steps)?;
+        Ok(s)
+    }
+
+    /// Runs `steps` in order, stopping at the first failure.
+    pub fn run(&mut self, steps: &[Step]) -> Result<(), SessionError> {
+        steps.iter().try_for_each(|s| self.step(s))
+    }
+
+    /// Runs one step.
+    pub fn step(&mut self, step: &Step) -> Result<(), SessionError> {
+        let fail = |source: vhost::Error| SessionError::Vhost {
+            step: format!("{step:?}"),
+            source,
+        };
+        match *step {
+            Step::SetOwner => self.frontend.set_owner().map_err(fail)?,
+            Step::ResetOwner => self.frontend.reset_owner().map_err(fail)?,
+            Step::GetFeatures => {
+                self.backend_features = self.frontend.get_features().map_err(fail)?
+            }
+            Step::SetFeatures => {
+                let acked = self.backend_features & self.config.features;
+                self.frontend.set_features(acked).map_err(fail)?;
+                self.acked_features = acked;
+            }
+            Step::SetFeaturesRaw(bits) => {
+                self.frontend.set_features(bits).map_err(fail)?;
+                self.acked_features = bits;
+            }
+            Step::GetProtocolFeatures => {
+                self.backend_protocol_features =
+                    self.frontend.get_protocol_features().map_err(fail)?;
+            }
+            Step::SetProtocolFeatures => {
+                let acked = self.backend_protocol_features & self.config.protocol_features;
+                self.frontend.set_protocol_features(acked).map_err(fail)?;
+                self.acked_protocol_features = acked;
+            }
+            Step::NeedReply => {
+                if self
+                    .acked_protocol_features
+                    .contains(VhostUserProtocolFeatures::REPLY_ACK)
+                {
+                    self.frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+                }
+            }
+            Step::GetQueueNum => {
+                self.queue_num = Some(self.frontend.get_queue_num().map_err(fail)?)
+            }
+            Step::GetMaxMemSlots => {
+                self.max_mem_slots = Some(self.frontend.get_max_mem_slots().map_err(fail)?)
+            }
+            Step::GetConfig {
+                offset,
+                size,
+                flags,
+            } => {
+                let buf = vec![0u8; size as usize];
+                let (_, payload) = self
+                    .frontend
+                    .get_config(offset, size, flags, &buf)
+                    .map_err(fail)?;
+                self.last_config = Some(payload);
+            }
+            Step::Memory(how) => self.announce_memory(how).map_err(|e| match e {
+                SessionError::Vhost { source, .. } => fail(source),
+                other => other,
+            })?,
+            Step::MemoryPreferSlots => {
+                let how = if self
+                    .acked_protocol_features
+                    .contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)
+                {
+                    MemAnnounce::AddMemReg
+                } else {
+                    MemAnnounce::SetMemTable
+                };
+                self.step(&Step::Memory(how))?;
+                return Ok(());
+            }
+            Step::SetVringNum(q) => {
+                let size = self.vring(q)?.queue.size();
+                self.frontend.set_vring_num(q, size).map_err(fail)?;
+            }
+            Step::SetVringBase(q) => {
+                let base = self.vring(q)?.queue.avail_idx();
+                self.frontend.set_vring_base(q, base).map_err(fail)?;
+            }
+            Step::SetVringAddr(q) => {
+                let data = self.vring(q)?.queue.config_data(&self.mem)?;
+                self.frontend.set_vring_addr(q, &data).map_err(fail)?;
+            }
+            Step::SetVringKick(q) => {
+                let vr = self.vrings.get(q).ok_or(SessionError::NoQueue(q))?;
+                self.frontend.set_vring_kick(q, &vr.kick).map_err(fail)?;
+            }
+            Step::SetVringCall(q) => {
+                let vr = self.vrings.get(q).ok_or(SessionError::NoQueue(q))?;
+                self.frontend.set_vring_call(q, &vr.call).map_err(fail)?;
+            }
+            Step::SetVringErr(q) => {
+                let vr = self.vrings.get(q).ok_or(SessionError::NoQueue(q))?;
+                self.frontend.set_vring_err(q, &vr.err).map_err(fail)?;
+            }
+            Step::SetVringEnable(q, on) => self.frontend.set_vring_enable(q, on).map_err(fail)?,
+            Step::GetVringBase(q) => {
+                self.last_vring_base = Some(self.frontend.get_vring_base(q).map_err(fail)?)
+            }
+        }
+        self.sent.push(step.clone());
+        Ok(())
+    }
+
+    fn announce_memory(&mut self, how: MemAnnounce) -> Result<(), SessionError> {
+        let regions = self.mem.region_infos()?;
+        let fail = |source| SessionError::Vhost {
+            step: format!("{how:?}"),
+            source,
+        };
+        match how {
+            MemAnnounce::SetMemTable => {
+                self.frontend.set_mem_table(&regions).map_err(fail)?;
+            }
+            MemAnnounce::AddMemReg => {
+                for r in &regions {
+                    self.frontend.add_mem_region(r).map_err(fail)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Hot-plugs a region: maps a new memfd and tells the backend with ADD_MEM_REG or a full
+    /// SET_MEM_TABLE. Returns an arena over the new region.
+    pub fn plug_region(
+        &mut self,
+        spec: RegionSpec,
+        how: MemAnnounce,
+    ) -> Result<Arena, SessionError> {
+        let info = self.mem.add_region(spec)?;
+        let fail = |source| SessionError::Vhost {
+            step: format!("plug {how:?} {:#x}", spec.guest_addr),
+            source,
+        };
+        match how {
+            MemAnnounce::SetMemTable => {
+                let all = self.mem.region_infos()?;
+                self.frontend.set_mem_table(&all).map_err(fail)?;
+            }
+            MemAnnounce::AddMemReg => {
+                self.frontend.add_mem_region(&info).map_err(fail)?;
+            }
+        }
+        Ok(Arena::over(spec))
+    }
+
+    /// Unplugs the region at `guest_addr` with REM_MEM_REG or a full SET_MEM_TABLE.
+    pub fn unplug_region(&mut self, guest_addr: u64, how: MemAnnounce) -> Result<(), SessionError> {
+        let removed = self.mem.remove_region(guest_addr)?;
+        let fail = |source| SessionError::Vhost {
+            step: format!("unplug {how:?} {guest_addr:#x}"),
+            source,
+        };
+        match how {
+            MemAnnounce::SetMemTable => {
+                let all = self.mem.region_infos()?;
+                self.frontend.set_mem_table(&all).map_err(fail)?;
+            }
+            MemAnnounce::AddMemReg => {
+                let info = removed.info()?;
+                self.frontend.remove_mem_region(&info).map_err(fail)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// GET_CONFIG, returning the payload.
+    pub fn get_config(
+        &mut self,
+        offset: u32,
+        size: u32,
+        flags: VhostUserConfigFlags,
+    ) -> Result<Vec<u8>, SessionError> {
+        self.step(&Step::GetConfig {
+            offset,
+            size,
+            flags,
+        })?;
+        Ok(self.last_config.clone().unwrap_or_default())
+    }
+
+    /// The `vhost` crate frontend, for messages the steps do not cover.
+    pub fn frontend(&mut self) -> &mut Frontend {
+        &mut self.frontend
+    }
+
+    /// Guest memory.
+    pub fn mem(&self) -> &GuestMemory {
+        &self.mem
+    }
+
+    /// The allocator over the first region, after the vrings.
+    pub fn arena(&mut self) -> &mut Arena {
+        &mut self.arena
+    }
+
+    /// Guest memory and the arena at once (to allocate and write in one go).
+    pub fn mem_and_arena(&mut self) -> (&GuestMemory, &mut Arena) {
+        (&self.mem, &mut self.arena)
+    }
+
+    /// Vring `q`.
+    pub fn vring(&self, q: usize) -> Result<&Vring, SessionError> {
+        self.vrings.get(q).ok_or(SessionError::NoQueue(q))
+    }
+
+    /// Vring `q`, mutable, with guest memory alongside (to build chains).
+    pub fn vring_mut(&mut self, q: usize) -> Result<(&mut Vring, &GuestMemory), SessionError> {
+        let vr = self.vrings.get_mut(q).ok_or(SessionError::NoQueue(q))?;
+        Ok((vr, &self.mem))
+    }
+
+    pub fn config(&self) -> &SessionConfig {
+        &self.config
+    }
+
+    /// Features from the last GET_FEATURES.
+    pub fn backend_features(&self) -> u64 {
+        self.backend_features
+    }
+
+    /// Features sent in the last SET_FEATURES.
+    pub fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    /// Protocol features from the last GET_PROTOCOL_FEATURES.
+    pub fn backend_protocol_features(&self) -> VhostUserProtocolFeatures {
+        self.backend_protocol_features
+    }
+
+    /// Protocol features sent in the last SET_PROTOCOL_FEATURES.
+    pub fn acked_protocol_features(&self) -> VhostUserProtocolFeatures {
+        self.acked_protocol_features
+    }
+
+    /// Reply to the last GET_QUEUE_NUM.
+    pub fn queue_num(&self) -> Option<u64> {
+        self.queue_num
+    }
+
+    /// Reply to the last GET_MAX_MEM_SLOTS.
+    pub fn max_mem_slots(&self) -> Option<u64> {
+        self.max_mem_slots
+    }
+
+    /// Payload of the last GET_CONFIG.
+    pub fn last_config(&self) -> Option<&[u8]> {
+        self.last_config.as_deref()
+    }
+
+    /// Reply to the last GET_VRING_BASE.
+    pub fn last_vring_base(&self) -> Option<u32> {
+        self.last_vring_base
+    }
+
+    /// Steps completed so far, in order.
+    pub fn sent(&self) -> &[Step] {
+        &self.sent
+    }
+
+    /// Signals the kick eventfd of queue `q`.
+    pub fn kick(&self, q: usize) -> Result<(), SessionError> {
+        self.vring(q)?.kick.write(1).map_err(SessionError::EventFd)
+    }
+
+    /// Writes `segs` as a chain on queue `q`, publishes it and kicks. Returns the head.
+    pub fn submit(&mut self, q: usize, segs: &[Seg]) -> Result<u16, SessionError> {
+        let (vr, mem) = self.vring_mut(q)?;
+        let head = vr.queue.add_chain(mem, segs)?;
+        vr.queue.publish(mem, head)?;
+        self.kick(q)?;
+        Ok(head)
+    }
+
+    /// Publishes an already written head on queue `q` and kicks.
+    pub fn publish(&mut self, q: usize, head: u16) -> Result<(), SessionError> {
+        let (vr, mem) = self.vring_mut(q)?;
+        vr.queue.publish(mem, head)?;
+        self.kick(q)
+    }
+
+    /// Waits for the next used element on queue `q`.
+    pub fn wait_used(&mut self, q: usize, timeout: Duration) -> Result<UsedElem, SessionError> {
+        let start = Instant::now();
+        loop {
+            let (vr, mem) = self.vring_mut(q)?;
+            if let Some(e) = vr.stash.pop_front() {
+                return Ok(e);
+            }
+            if let Some(e) = vr.queue.pop_used(mem)? {
+                return Ok(e);
+            }
+            let waited = start.elapsed();
+            if waited >= timeout {
+                return Err(SessionError::Timeout { queue: q, waited });
+            }
+            wait_readable(&vr.call, (timeout - waited).min(Duration::from_millis(50)))?;
+        }
+    }
+
+    /// Waits until head `head` comes back on queue `q`; other completions are kept for later.
+    pub fn wait_head(
+        &mut self,
+        q: usize,
+        head: u16,
+        timeout: Duration,
+    ) -> Result<UsedElem, SessionError> {
+        let start = Instant::now();
+        let (vr, _) = self.vring_mut(q)?;
+        if let Some(pos) = vr.stash.iter().position(|e| e.id == u32::from(head)) {
+            return Ok(vr.stash.remove(pos).unwrap_or(UsedElem { id: 0, len: 0 }));
+        }
+        loop {
+            let (vr, mem) = self.vring_mut(q)?;
+            while let Some(e) = vr.queue.pop_used(mem)? {
+                if e.id == u32::from(head) {
+                    return Ok(e);
+                }
+                vr.stash.push_back(e);
+            }
+            let waited = start.elapsed();
+            if waited >= timeout {
+                return Err(SessionError::HeadTimeout {
+                    queue: q,
+                    head,
+                    waited,
+                });
+            }
+            wait_readable(&vr.call, (timeout - waited).min(Duration::from_millis(50)))?;
+        }
+    }
+
+    /// Returns whatever completes on queue `q` within `wait` (possibly nothing).
+    pub fn drain_used(&mut self, q: usize, wait: Duration) -> Result<Vec<UsedElem>, SessionError> {
+        let start = Instant::now();
+        let mut out = Vec::new();
+        loop {
+            let (vr, mem) = self.vring_mut(q)?;
+            out.extend(vr.stash.drain(..));
+            while let Some(e) = vr.queue.pop_used(mem)? {
+                out.push(e);
+            }
+            let waited = start.elapsed();
+            if waited >= wait {
+                return Ok(out);
+            }
+            wait_readable(&vr.call, (wait - waited).min(Duration::from_millis(20)))?;
+        }
+    }
+
+    /// Whether the call eventfd of queue `q` was signalled since the last check (and clears it).
+    pub fn take_call(&self, q: usize) -> Result<bool, SessionError> {
+        match self.vring(q)?.call.read() {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+            Err(e) => Err(SessionError::EventFd(e)),
+        }
+    }
+
+    /// Waits up to `timeout` for the backend to signal queue `q`'s call eventfd; clears it.
+    /// Use before popping the used ring to check that a completion was notified.
+    pub fn wait_call(&self, q: usize, timeout: Duration) -> Result<bool, SessionError> {
+        let vr = self.vring(q)?;
+        poll_readable(&vr.call, timeout)?;
+        self.take_call(q)
+    }
+
+    /// Closes the connection (the backend sees EOF).
+    pub fn close(self) {
+        drop(self);
+    }
+}
+
+/// Waits until `efd` is readable or `timeout` passes, then empties it.
+fn wait_readable(efd: &EventFd, timeout: Duration) -> Result<(), SessionError> {
+    poll_readable(efd, timeout)?;
+    let _ = efd.read();
+    Ok(())
+}
+
+/// Waits until `efd` is readable or `timeout` passes.
+fn poll_readable(efd: &EventFd, timeout: Duration) -> Result<(), SessionError> {
+    let ts = Timespec {
+        tv_sec: timeout.as_secs() as i64,
+        tv_nsec: i64::from(timeout.subsec_nanos()),
+    };
+    // SAFETY: `efd` is borrowed for the whole call, so its descriptor stays open while polled.
+    let fd = unsafe { BorrowedFd::borrow_raw(efd.as_raw_fd()) };
+    let mut fds = [PollFd::from_borrowed_fd(fd, PollFlags::IN)];
+    match rustix::event::poll(&mut fds, Some(&ts)) {
+        Ok(_) | Err(rustix::io::Errno::INTR) => {}
+        Err(e) => return Err(SessionError::EventFd(e.into())),
+    }
+    Ok(())
+}
