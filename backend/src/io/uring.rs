@@ -23,22 +23,38 @@ const BACKING: types::Fixed = types::Fixed(0);
 pub struct Ring {
     ring: IoUring,
     has_backing: bool,
+    disabled: bool,
 }
 
 impl Ring {
     /// A ring with room for `entries` submissions, with `backing` registered when given.
+    /// It is created disabled, so it can be set up on one thread (where a failure can still be
+    /// reported to the frontend) and used on another: the thread that calls [`Ring::enable`]
+    /// becomes its only submitter.
     pub fn new(entries: u32, backing: Option<RawFd>) -> io::Result<Ring> {
-        // Only this thread submits; let the kernel skip the locking and run task work when we
-        // enter the ring rather than interrupting us. Older kernels lack the flags: retry plain.
-        let ring = IoUring::builder()
+        // Only the queue thread submits: let the kernel skip the locking, and run task work when
+        // we enter the ring rather than interrupting us. Older kernels lack the flags.
+        let (ring, disabled) = match IoUring::builder()
             .setup_single_issuer()
             .setup_coop_taskrun()
+            .setup_r_disabled()
             .build(entries)
-            .or_else(|_| IoUring::new(entries))?;
+        {
+            Ok(ring) => (ring, true),
+            Err(_) => (IoUring::new(entries)?, false),
+        };
         if let Some(fd) = backing {
             ring.submitter().register_files(&[fd])?;
         }
-        Ok(Ring { ring, has_backing: backing.is_some() })
+        Ok(Ring { ring, has_backing: backing.is_some(), disabled })
+    }
+
+    /// Makes the calling thread the ring's submitter.
+    pub fn enable(&mut self) -> io::Result<()> {
+        if std::mem::take(&mut self.disabled) {
+            self.ring.submitter().register_enable_rings()?;
+        }
+        Ok(())
     }
 
     /// Queues one entry, submitting what is queued first if the submission queue is full.

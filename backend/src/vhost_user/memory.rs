@@ -53,7 +53,8 @@ pub struct Generation {
 }
 
 impl Generation {
-    fn build(id: u64, regions: Vec<RegionInfo>) -> Result<Generation, MemoryError> {
+    fn build(id: u64, mut regions: Vec<RegionInfo>) -> Result<Generation, MemoryError> {
+        regions.sort_by_key(|r| r.guest_phys_addr);
         // Removing the last region leaves an empty table, which vm-memory cannot build.
         let mem = if regions.is_empty() {
             GuestMemoryMmap::new()

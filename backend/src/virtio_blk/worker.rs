@@ -195,6 +195,7 @@ impl QueueWorker {
     }
 
     fn serve(&mut self) -> io::Result<()> {
+        self.ring.enable()?;
         self.arm_kick()?;
         self.arm_wake()?;
         loop {
