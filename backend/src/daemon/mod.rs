@@ -75,7 +75,7 @@ pub fn run<D: VirtioDevice>(endpoint: Endpoint, device: Arc<D>) -> Result<(), Da
         }
         Listener::Connected(stream) => {
             let stream = stream.try_clone().map_err(DaemonError::EventLoop)?;
-            active = Some(spawn_connection(stream, device.clone(), &done, 1));
+            active = Some(spawn_connection(stream, device.clone(), &done, 1).map_err(DaemonError::EventLoop)?);
         }
     }
 
@@ -120,7 +120,14 @@ pub fn run<D: VirtioDevice>(endpoint: Endpoint, device: Arc<D>) -> Result<(), Da
                             // One frontend at a time: stop watching until this one is gone.
                             let _ = epoll::ctl(epoll, epoll::ControlOptions::EPOLL_CTL_DEL, l.as_raw_fd(), epoll::Event::new(epoll::Events::empty(), 0));
                             connections += 1;
-                            active = Some(spawn_connection(stream, device.clone(), &done, connections));
+                            match spawn_connection(stream, device.clone(), &done, connections) {
+                                Ok(a) => active = Some(a),
+                                Err(e) => {
+                                    // The stream is dropped: the frontend sees the connection close.
+                                    tracing::error!("cannot serve a new frontend: {e}");
+                                    watch(l.as_raw_fd(), EV_LISTENER).map_err(DaemonError::EventLoop)?;
+                                }
+                            }
                         }
                         Err(e) => {
                             tracing::warn!("accept failed: {e}");
@@ -136,13 +143,13 @@ pub fn run<D: VirtioDevice>(endpoint: Endpoint, device: Arc<D>) -> Result<(), Da
     }
 }
 
-fn spawn_connection<D: VirtioDevice>(stream: UnixStream, device: Arc<D>, done: &EventFd, id: u64) -> Active {
+fn spawn_connection<D: VirtioDevice>(stream: UnixStream, device: Arc<D>, done: &EventFd, id: u64) -> io::Result<Active> {
     let peer = rustix::net::sockopt::socket_peercred(&stream)
         .map(|c| format!("pid {} uid {}", c.pid.as_raw_nonzero(), c.uid.as_raw()))
         .unwrap_or_else(|_| "unknown peer".to_string());
     let shared = Arc::new(Mutex::new(None));
     let slot = shared.clone();
-    let done = done.try_clone().expect("eventfd clone");
+    let done = done.try_clone()?;
     let thread = std::thread::Builder::new()
         .name(format!("vublk-conn{id}"))
         .spawn(move || {
@@ -156,9 +163,8 @@ fn spawn_connection<D: VirtioDevice>(stream: UnixStream, device: Arc<D>, done: &
                 ConnectionEnd::Failed(e) => tracing::warn!("connection ended: {e}; device stopped"),
             }
             let _ = done.write(1);
-        })
-        .expect("spawn connection thread");
-    Active { stream: shared, thread }
+        })?;
+    Ok(Active { stream: shared, thread })
 }
 
 fn end_connection(active: Active) {

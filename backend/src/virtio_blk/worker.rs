@@ -132,6 +132,8 @@ pub struct QueueWorker {
     /// The generation the ring itself (descriptor table, avail, used) is accessed through.
     generation: Arc<Generation>,
     kicked: bool,
+    /// Every slot is in flight: take more chains once a completion frees one.
+    starved: bool,
     /// Chains were left in the ring (budget spent or no free slot): look again without a kick.
     backlog: bool,
     used_added: bool,
@@ -164,6 +166,7 @@ impl QueueWorker {
             generation,
             q,
             kicked: true,
+            starved: false,
             backlog: false,
             used_added: false,
             broken: false,
@@ -199,16 +202,18 @@ impl QueueWorker {
         self.arm_kick()?;
         self.arm_wake()?;
         loop {
-            // Submit what the last round queued and sleep until something happens, unless
-            // chains are already waiting.
-            let want = usize::from(!self.backlog && !self.kicked);
-            self.ring.submit(want)?;
+            // Submit what the last round queued, and sleep until something happens unless
+            // there is work to do already.
+            let runnable = self.q.control.enabled() && !self.broken;
+            let ready = self.backlog || self.kicked || (self.starved && !self.free.is_empty());
+            self.ring.submit(usize::from(!(runnable && ready)))?;
             self.generation = self.q.memory.current();
             self.reap()?;
             if self.q.control.stop_requested() {
                 return Ok(());
             }
-            if (self.kicked || self.backlog) && self.q.control.enabled() && !self.broken {
+            let ready = self.backlog || self.kicked || (self.starved && !self.free.is_empty());
+            if ready && self.q.control.enabled() && !self.broken {
                 self.kicked = false;
                 self.process_avail();
             }
@@ -242,37 +247,55 @@ impl QueueWorker {
     /// Takes chains from the avail ring, parses them and starts their I/O.
     fn process_avail(&mut self) {
         self.backlog = false;
+        self.starved = false;
         let generation = self.generation.clone();
         let mem = generation.memory();
+        let size = self.q.queue.size();
         let mut budget = BUDGET;
         loop {
             if let Err(e) = self.q.queue.disable_notification(mem) {
-                return self.mark_broken(e);
+                return self.mark_broken(&e);
             }
+            let mut taken = 0;
             loop {
-                if budget == 0 || self.free.is_empty() {
-                    // Come back after this round's completions.
+                if budget == 0 {
+                    // Let completions and other queues have a turn; come back without a kick.
                     self.backlog = true;
+                    return;
+                }
+                if self.free.is_empty() {
+                    // Only a driver that reuses heads still in flight gets here: wait for
+                    // completions to free a slot.
+                    self.starved = true;
                     return;
                 }
                 let chain = match self.q.queue.iter(mem) {
                     Ok(mut iter) => iter.next(),
-                    Err(e) => return self.mark_broken(e),
+                    Err(e) => return self.mark_broken(&e),
                 };
                 let Some(chain) = chain else { break };
-                budget -= 1;
                 let head = chain.head_index();
+                if head >= size {
+                    return self.mark_broken(&format!("the driver made head {head} available in a ring of {size}"));
+                }
+                budget -= 1;
+                taken += 1;
                 self.start_request(head, chain, &generation);
             }
             match self.q.queue.enable_notification(mem) {
-                Ok(true) => continue,
+                // More arrived while notifications were off: take them too.
+                Ok(true) if taken > 0 => continue,
+                // The ring says there is more, yet nothing could be taken from it.
+                Ok(true) => return self.mark_broken(&"the avail ring cannot be read"),
                 Ok(false) => return,
-                Err(e) => return self.mark_broken(e),
+                Err(e) => return self.mark_broken(&e),
             }
         }
     }
 
-    fn mark_broken(&mut self, e: virtio_queue::Error) {
+    /// Like the kernel's vq_err: a driver that corrupts its ring loses the queue until it
+    /// resets it; the daemon and every other queue carry on.
+    fn mark_broken(&mut self, e: &dyn std::fmt::Display) {
         tracing::error!("queue {}: the driver corrupted the ring ({e}); queue stopped until reset", self.q.index);
         self.broken = true;
     }
