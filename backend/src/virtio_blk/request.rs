@@ -298,9 +298,7 @@ pub fn parse<M: GuestMemoryBackend>(
                 return Err(fail(RequestError::WrongDirection("read")));
             }
             let offset = check_data(sector, writable_len, limits).map_err(fail)?;
-            if writable.len() > limits.seg_max {
-                return Err(fail(RequestError::TooManySegments(writable.len())));
-            }
+            check_segments(writable, 0, writable_len, limits).map_err(fail)?;
             for_range(writable, 0, writable_len, |a, n| push_iovecs(mem, a, n, bufs.iovecs, limits.max_iovecs))
                 .map_err(fail)?;
             request(RequestKind::Read, offset, writable_len)
@@ -313,9 +311,7 @@ pub fn parse<M: GuestMemoryBackend>(
                 return Err(fail(RequestError::WrongDirection("write")));
             }
             let offset = check_data(sector, payload_len, limits).map_err(fail)?;
-            if readable.len() > limits.seg_max + 1 {
-                return Err(fail(RequestError::TooManySegments(readable.len())));
-            }
+            check_segments(readable, HEADER_SIZE as u64, payload_len, limits).map_err(fail)?;
             for_range(readable, HEADER_SIZE as u64, payload_len, |a, n| {
                 push_iovecs(mem, a, n, bufs.iovecs, limits.max_iovecs)
             })
@@ -380,6 +376,19 @@ pub fn parse<M: GuestMemoryBackend>(
     }
 }
 
+/// seg_max counts the descriptors that carry data, not those holding only header or status.
+fn check_segments(descs: &[Desc], skip: u64, take: u64, limits: &Limits) -> Result<(), RequestError> {
+    let mut count = 0;
+    for_range(descs, skip, take, |_, _| {
+        count += 1;
+        Ok(())
+    })?;
+    if count > limits.seg_max {
+        return Err(RequestError::TooManySegments(count));
+    }
+    Ok(())
+}
+
 /// Checks a read or write: whole sectors, inside the disk, aligned for O_DIRECT.
 fn check_data(sector: u64, len: u64, limits: &Limits) -> Result<u64, RequestError> {
     if len % SECTOR_SIZE != 0 {
@@ -391,3 +400,6 @@ fn check_data(sector: u64, len: u64, limits: &Limits) -> Result<u64, RequestErro
     }
     Ok(offset)
 }
+#[cfg(test)]
+#[path = "request_tests.rs"]
+mod tests;
