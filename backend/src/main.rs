@@ -9,8 +9,11 @@ use vublk::cli::{Cli, CAPABILITIES};
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        // clap prints help and version to stdout with exit 0, usage errors with exit 2.
-        Err(e) => e.exit(),
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version: stdout, exit 0
+        Err(e) => {
+            eprintln!("vublk: {} (see --help)", one_line(&e.to_string()));
+            return ExitCode::from(2);
+        }
     };
     if cli.print_capabilities {
         println!("{CAPABILITIES}");
@@ -35,4 +38,17 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// clap's message up to its usage block, on one line.
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+        .trim_start_matches("error: ")
+        .to_string()
 }

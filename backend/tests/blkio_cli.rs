@@ -185,3 +185,30 @@ fn sigterm_with_a_client_connected_exits_0() {
         "flushed data on disk"
     );
 }
+
+/// SIGTERM while a frontend has many large writes in flight: vublk must still stop cleanly
+/// (finishing or abandoning the I/O without crashing) within the timeout.
+#[test]
+fn sigterm_with_io_in_flight_exits_0() {
+    let dir = test_dir();
+    let img = dir.path().join("disk.img");
+    let size = 64 * MIB;
+    create_image(&img, size, 33);
+    let mut daemon = Daemon::start(dir.path(), &["--blk-file", img.to_str().unwrap()]);
+    let mut client = Client::connect_with(
+        &daemon.socket,
+        ClientOpts {
+            buf_per_queue: 64 * MIB as usize,
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("connect: {e}"));
+    let q = client.q(0);
+    let reqs: Vec<Req> = (0..64u64)
+        .map(|i| Req::write(i * MIB, (i * MIB) as usize, MIB as usize))
+        .collect();
+    q.submit_and_abandon(&reqs);
+    let status = daemon.signal_and_wait(libc::SIGTERM);
+    daemon.check_clean_exit(status, "after SIGTERM with I/O in flight");
+    drop(client);
+}

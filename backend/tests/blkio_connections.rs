@@ -349,3 +349,202 @@ fn idle_and_failed_connections_do_not_disturb_the_daemon() {
     drop(client);
     daemon.stop();
 }
+
+/// What a process holds that a connection could leak: open fds, threads, and mappings of the
+/// frontend's memfds (libblkio names them "libblkio-buf" and "virtio-ring").
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+struct Footprint {
+    fds: usize,
+    threads: usize,
+    guest_mappings: usize,
+}
+
+fn footprint(pid: u32) -> Footprint {
+    let count = |dir: String| std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    Footprint {
+        fds: count(format!("/proc/{pid}/fd")),
+        threads: count(format!("/proc/{pid}/task")),
+        guest_mappings: maps
+            .lines()
+            .filter(|l| l.contains("libblkio-buf") || l.contains("virtio-ring"))
+            .count(),
+    }
+}
+
+/// Waits (up to 5 s) for the daemon to get back to `baseline` after a disconnect.
+fn wait_for_footprint(daemon: &mut Daemon, baseline: Footprint, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        daemon.assert_running();
+        let now = footprint(daemon.pid());
+        if now.fds <= baseline.fds
+            && now.threads <= baseline.threads
+            && now.guest_mappings <= baseline.guest_mappings
+        {
+            return;
+        }
+        if std::time::Instant::now() >= deadline {
+            panic!("{what}: daemon still holds {now:?}, baseline {baseline:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Connections come and go (with different queue counts, including a busy-polled queue) without
+/// leaving fds, threads or mappings of the frontend's memory behind in the daemon.
+#[test]
+fn connections_release_fds_threads_and_guest_memory() {
+    let dir = test_dir();
+    let img = dir.path().join("disk.img");
+    let size = 4 * MIB;
+    let mut model = create_image(&img, size, 15);
+    let mut daemon = Daemon::start(
+        dir.path(),
+        &["--blk-file", img.to_str().unwrap(), "--num-queues", "4"],
+    );
+
+    // Warm up once (lazily created resources are not leaks), then take the baseline.
+    drop(Client::connect(&daemon.socket, 1));
+    let start = footprint(daemon.pid());
+    wait_for_footprint(
+        &mut daemon,
+        Footprint {
+            guest_mappings: 0,
+            ..start
+        },
+        "after the first connection",
+    );
+    let baseline = footprint(daemon.pid());
+    assert_eq!(baseline.guest_mappings, 0);
+
+    for cycle in 0..8u64 {
+        let nq = 1 + (cycle % 4) as i32;
+        let poll = if nq < 4 && cycle % 2 == 1 { 1 } else { 0 };
+        let mut client = Client::connect_with(
+            &daemon.socket,
+            ClientOpts {
+                num_queues: nq,
+                num_poll_queues: poll,
+                buf_per_queue: MIB as usize,
+                ..Default::default()
+            },
+        )
+        .unwrap_or_else(|e| panic!("connection {cycle}: {e}"));
+        let during = footprint(daemon.pid());
+        assert!(
+            during.guest_mappings > 0,
+            "connection {cycle}: the daemon does not map the frontend's memory? {during:?}"
+        );
+        for (i, q) in client.queues.iter_mut().enumerate() {
+            let offset = (i as u64) * MIB + cycle * 64 * KIB;
+            let data = pattern(1600 + cycle * 8 + i as u64, offset, 64 * KIB as usize);
+            assert_eq!(
+                q.write_at(offset, &data),
+                0,
+                "connection {cycle} queue {i} write"
+            );
+            assert_eq!(q.read_at(offset, data.len()).unwrap(), data);
+            model[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+        }
+        drop(client);
+        wait_for_footprint(&mut daemon, baseline, &format!("after connection {cycle}"));
+    }
+    let mut client = Client::connect(&daemon.socket, 1);
+    assert_same(&client.q(0).read_range(0, size), &model, "disk");
+    drop(client);
+    daemon.stop();
+}
+
+/// The client's view of a region it allocated. Only used between requests, never while the
+/// device may be writing it.
+fn region_mem(region: &mut blkio::MemoryRegion) -> &mut [u8] {
+    // SAFETY: libblkio mapped `region.len` bytes at `region.addr` for this client and keeps them
+    // until the `Blkio` is dropped (the test holds it); the caller touches them only while no
+    // request using them is in flight.
+    unsafe { std::slice::from_raw_parts_mut(region.addr as *mut u8, region.len) }
+}
+
+/// Memory regions added and removed while the device runs (ADD_MEM_REG / REM_MEM_REG): I/O into
+/// a new region works, I/O naming a removed region fails without touching the disk, and the
+/// daemon drops its mapping of it.
+#[test]
+fn memory_regions_come_and_go_while_running() {
+    let dir = test_dir();
+    let img = dir.path().join("disk.img");
+    let size = 4 * MIB;
+    let mut model = create_image(&img, size, 16);
+    let mut daemon = Daemon::start(dir.path(), &["--blk-file", img.to_str().unwrap()]);
+    let mut client = Client::connect(&daemon.socket, 1);
+    let mapped_before = footprint(daemon.pid()).guest_mappings;
+
+    let len = MIB as usize;
+    let mut region = client.add_region(len);
+    let data = pattern(1700, MIB, len);
+    region_mem(&mut region).copy_from_slice(&data);
+    let q = client.q(0);
+    let ret = q.run(&[Req::WriteRaw {
+        offset: MIB,
+        addr: region.addr,
+        len,
+    }]);
+    assert_eq!(ret, [0], "write from an added region");
+    model[MIB as usize..MIB as usize + len].copy_from_slice(&data);
+    region_mem(&mut region).fill(0);
+    let ret = q.run(&[Req::ReadRaw {
+        offset: MIB,
+        addr: region.addr,
+        len,
+    }]);
+    assert_eq!(ret, [0], "read into an added region");
+    assert_same(region_mem(&mut region), &data, "read into an added region");
+
+    client.unmap_region(&region);
+    // The client still has the memory, but the device must no longer accept it.
+    region_mem(&mut region).copy_from_slice(&pattern(1701, 2 * MIB, len));
+    let q = client.q(0);
+    let ret = q.run(&[
+        Req::WriteRaw {
+            offset: 2 * MIB,
+            addr: region.addr,
+            len,
+        },
+        Req::ReadRaw {
+            offset: 0,
+            addr: region.addr,
+            len: 4096,
+        },
+    ]);
+    daemon.assert_running();
+    assert!(ret[0] < 0, "write from a removed region succeeded");
+    assert!(ret[1] < 0, "read into a removed region succeeded");
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while footprint(daemon.pid()).guest_mappings > mapped_before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon still maps a removed region: {:?} (before adding: {mapped_before})",
+            footprint(daemon.pid())
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // A fresh region works, and so does the original buffer.
+    let mut region2 = client.add_region(len);
+    let q = client.q(0);
+    let ret = q.run(&[Req::ReadRaw {
+        offset: MIB,
+        addr: region2.addr,
+        len,
+    }]);
+    assert_eq!(ret, [0], "read into a second added region");
+    assert_same(
+        region_mem(&mut region2),
+        &data,
+        "read into a second added region",
+    );
+    assert_same(&q.read_range(0, size), &model, "disk");
+    drop(client);
+    daemon.stop();
+    assert_same(&std::fs::read(&img).unwrap(), &model, "image file");
+}

@@ -122,6 +122,10 @@ impl Rng {
 
 /// Describes where the first difference between two buffers is, for assertion messages.
 pub fn first_difference(got: &[u8], want: &[u8]) -> Option<String> {
+    if got == want {
+        // memcmp: the common case stays fast in unoptimised test builds.
+        return None;
+    }
     if got.len() != want.len() {
         return Some(format!("length {} != expected {}", got.len(), want.len()));
     }
@@ -191,6 +195,7 @@ impl Daemon {
         }
         cmd.env("NO_COLOR", "1");
         cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        die_with_parent(&mut cmd);
         let child = cmd.spawn().expect("spawn vublk");
         let reaped = Arc::new(Mutex::new(false));
         spawn_watchdog(child.id(), Arc::clone(&reaped));
@@ -401,6 +406,21 @@ fn spawn_watchdog(pid: u32, reaped: Arc<Mutex<bool>>) {
     });
 }
 
+/// Has the kernel SIGKILL the child when the thread that spawned it exits, so a test process
+/// that dies without unwinding (abort, SIGKILL) leaves no daemons behind. Daemons never outlive
+/// the test function (its thread) that starts them.
+pub fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: the closure only calls prctl(2), which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Makes `fd` (open in the parent) appear as `target` in the child, without FD_CLOEXEC.
 pub fn pass_fd(cmd: &mut Command, fd: RawFd, target: RawFd) {
     // SAFETY: the closure only calls dup2(2) and fcntl(2), which are async-signal-safe, and
@@ -422,7 +442,9 @@ pub fn pass_fd(cmd: &mut Command, fd: RawFd, target: RawFd) {
 
 /// Runs vublk to completion (for command-line tests) with a timeout.
 pub fn run_vublk(args: &[&str]) -> std::process::Output {
-    let mut child = Command::new(vublk_bin())
+    let mut cmd = Command::new(vublk_bin());
+    die_with_parent(&mut cmd);
+    let mut child = cmd
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -456,6 +478,9 @@ pub struct ClientOpts {
     pub num_queues: i32,
     pub read_only: bool,
     pub queue_size: Option<i32>,
+    /// Queues libblkio busy-polls, with device notifications suppressed; they come after the
+    /// `num_queues` ordinary ones in [`Client::queues`].
+    pub num_poll_queues: i32,
     /// Bytes of mapped buffer memory per queue.
     pub buf_per_queue: usize,
 }
@@ -466,6 +491,7 @@ impl Default for ClientOpts {
             num_queues: 1,
             read_only: false,
             queue_size: None,
+            num_poll_queues: 0,
             buf_per_queue: 8 * MIB as usize,
         }
     }
@@ -543,13 +569,18 @@ impl Client {
             "set num-queues",
             blkio.set_i32("num-queues", opts.num_queues),
         )?;
+        stage(
+            "set num-poll-queues",
+            blkio.set_i32("num-poll-queues", opts.num_poll_queues),
+        )?;
         if let Some(qs) = opts.queue_size {
             stage("set queue-size", blkio.set_i32("queue-size", qs))?;
         }
         let started = stage("start", blkio.start())?;
-        let nq = started.queues.len();
+        let nq = started.queues.len() + started.poll_queues.len();
         assert_eq!(
-            nq, opts.num_queues as usize,
+            nq,
+            (opts.num_queues + opts.num_poll_queues) as usize,
             "libblkio started a different number of queues"
         );
 
@@ -560,6 +591,7 @@ impl Client {
         let queues = started
             .queues
             .into_iter()
+            .chain(started.poll_queues)
             .enumerate()
             .map(|(i, q)| Queue {
                 q,
@@ -570,6 +602,18 @@ impl Client {
             })
             .collect();
         Ok(Client { blkio, queues })
+    }
+
+    /// Allocates and maps another memory region (ADD_MEM_REG).
+    pub fn add_region(&mut self, len: usize) -> blkio::MemoryRegion {
+        let region = self.blkio.alloc_mem_region(len).expect("alloc_mem_region");
+        self.blkio.map_mem_region(&region).expect("map_mem_region");
+        region
+    }
+
+    /// Unmaps a region from the device (REM_MEM_REG); the client's own mapping stays.
+    pub fn unmap_region(&mut self, region: &blkio::MemoryRegion) {
+        self.blkio.unmap_mem_region(region);
     }
 
     /// Disk size in bytes as the device reports it.
@@ -636,6 +680,18 @@ pub enum Req {
         offset: u64,
         segs: Vec<Seg>,
         fua: bool,
+    },
+    /// Reads into memory outside the queue's buffer (e.g. a region since unmapped).
+    ReadRaw {
+        offset: u64,
+        addr: usize,
+        len: usize,
+    },
+    /// Writes from memory outside the queue's buffer.
+    WriteRaw {
+        offset: u64,
+        addr: usize,
+        len: usize,
     },
     Flush,
     Discard {
@@ -721,12 +777,25 @@ impl Queue {
             .iter()
             .map(|r| match r {
                 Req::Read { segs, .. } | Req::Write { segs, .. } => self.iovecs(segs),
+                Req::ReadRaw { addr, len, .. } | Req::WriteRaw { addr, len, .. } => {
+                    vec![blkio::iovec {
+                        iov_base: *addr as *mut libc::c_void,
+                        iov_len: *len,
+                    }]
+                }
                 _ => Vec::new(),
             })
             .collect();
         for (i, (r, iov)) in reqs.iter().zip(&iovecs).enumerate() {
             match r {
-                Req::Read { offset, .. } => self.q.readv(
+                Req::Read { offset, .. } | Req::ReadRaw { offset, .. } => self.q.readv(
+                    *offset,
+                    iov.as_ptr(),
+                    iov.len() as u32,
+                    i,
+                    ReqFlags::empty(),
+                ),
+                Req::WriteRaw { offset, .. } => self.q.writev(
                     *offset,
                     iov.as_ptr(),
                     iov.len() as u32,
