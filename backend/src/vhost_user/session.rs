@@ -15,6 +15,7 @@ use vhost::vhost_user::message::{
     VhostUserInflight, VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures,
     VhostUserShMemConfig, VhostUserSharedMsg, VhostUserSingleMemoryRegion,
     VhostUserVirtioFeatures, VhostUserVringAddrFlags, VhostUserVringState,
+    VHOST_USER_CONFIG_OFFSET, VHOST_USER_CONFIG_SIZE,
 };
 use vhost::vhost_user::{
     Error as VhostUserError, GpuBackend, Result as VhostUserResult, VhostUserBackendReqHandlerMut,
@@ -31,8 +32,18 @@ use super::vring::Vring;
 /// The memory slots we accept with CONFIGURE_MEM_SLOTS (the kernel's vhost limit, which QEMU
 /// and cloud-hypervisor are used to).
 const MAX_MEM_SLOTS: u64 = 509;
-/// The largest config space read or write a frontend may ask for (VHOST_USER_CONFIG_SIZE).
-const MAX_CONFIG_SIZE: u32 = 256;
+/// Where frontends address the device config space. QEMU counts from 0; rust-vmm frontends
+/// (cloud-hypervisor, crosvm) count from VHOST_USER_CONFIG_OFFSET (0x100, where virtio-mmio
+/// puts it), up to VHOST_USER_CONFIG_SIZE. A config space is smaller than 0x100 bytes, so the
+/// two forms never overlap.
+fn config_range(offset: u32, size: u32) -> Option<u32> {
+    let end = offset.checked_add(size)?;
+    if offset >= VHOST_USER_CONFIG_OFFSET {
+        (end <= VHOST_USER_CONFIG_SIZE).then_some(offset - VHOST_USER_CONFIG_OFFSET)
+    } else {
+        (end <= VHOST_USER_CONFIG_OFFSET).then_some(offset)
+    }
+}
 
 fn handler_error(e: impl std::error::Error + Send + Sync + 'static) -> VhostUserError {
     VhostUserError::ReqHandlerError(io::Error::other(e))
@@ -342,9 +353,9 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Session<D> {
         size: u32,
         _flags: VhostUserConfigFlags,
     ) -> VhostUserResult<Vec<u8>> {
-        if offset.checked_add(size).is_none_or(|end| end > MAX_CONFIG_SIZE) {
+        let Some(offset) = config_range(offset, size) else {
             return Err(frontend_error("GET_CONFIG beyond the config space"));
-        }
+        };
         let mut data = vec![0u8; size as usize];
         self.device.read_config(offset, &mut data);
         Ok(data)
@@ -356,9 +367,13 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Session<D> {
         buf: &[u8],
         _flags: VhostUserConfigFlags,
     ) -> VhostUserResult<()> {
-        self.device
-            .write_config(offset, buf)
-            .map_err(VhostUserError::ReqHandlerError)
+        let Some(offset) = config_range(offset, buf.len() as u32) else {
+            return Err(frontend_error("SET_CONFIG beyond the config space"));
+        };
+        self.device.write_config(offset, buf).map_err(|e| {
+            tracing::warn!("SET_CONFIG refused: {e}");
+            VhostUserError::ReqHandlerError(e)
+        })
     }
 
     fn set_gpu_socket(&mut self, _gpu_backend: GpuBackend) -> VhostUserResult<()> {
@@ -438,5 +453,21 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Session<D> {
 
     fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VhostUserResult<()> {
         Err(frontend_error("dirty logging is not supported"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::config_range;
+
+    #[test]
+    fn config_offsets_in_both_forms() {
+        assert_eq!(config_range(0, 60), Some(0));
+        assert_eq!(config_range(34, 2), Some(34));
+        assert_eq!(config_range(0x100, 60), Some(0));
+        assert_eq!(config_range(0x100 + 32, 1), Some(32));
+        assert_eq!(config_range(0xf0, 0x20), None, "straddles the two forms");
+        assert_eq!(config_range(0x100, 0x1000), None);
+        assert_eq!(config_range(u32::MAX, 2), None);
     }
 }
