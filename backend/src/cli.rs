@@ -5,6 +5,7 @@ use std::os::fd::RawFd;
 use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
+use serde::{Deserialize, Serialize};
 
 use crate::daemon::Endpoint;
 use crate::disk::{DiskSpec, OpenOptions};
@@ -15,7 +16,7 @@ use crate::virtio_blk::DeviceOptions;
 #[command(name = "vublk", version, about, long_about = None)]
 pub struct Cli {
     /// Listen on this unix socket path (created; removed on exit).
-    #[arg(long, value_name = "PATH", conflicts_with = "fd", required_unless_present_any = ["fd", "print_capabilities"])]
+    #[arg(long, value_name = "PATH", conflicts_with = "fd", required_unless_present_any = ["fd", "print_capabilities", "export", "worker_control_fd"])]
     pub socket_path: Option<PathBuf>,
 
     /// Serve the inherited socket fd N: a listening socket is accepted on, a connected one is
@@ -24,7 +25,7 @@ pub struct Cli {
     pub fd: Option<RawFd>,
 
     /// The raw image or block device to serve; `null:SIZE` for the null backing.
-    #[arg(long, value_name = "IMAGE", conflicts_with = "null", required_unless_present_any = ["null", "print_capabilities"])]
+    #[arg(long, value_name = "IMAGE", conflicts_with = "null", required_unless_present_any = ["null", "print_capabilities", "export", "worker_control_fd"])]
     pub blk_file: Option<String>,
 
     /// Serve a null disk of SIZE bytes (suffixes K, M, G, T): reads return zeroes, writes are
@@ -61,9 +62,37 @@ pub struct Cli {
     #[arg(long, value_name = "on|off", default_value = "on")]
     pub write_cache: OnOff,
 
+    /// Who opens the image: `vmm` (the per-VM worker, as the VMM's user: a VM can only use
+    /// images its owner could open) or `daemon` (the supervisor, which passes the open file to
+    /// the worker, for deployments where the VMM's user must not hold a path to the image).
+    #[arg(long, value_name = "vmm|daemon", default_value = "vmm")]
+    pub open_as: OpenAs,
+
+    /// More exports served by the same daemon, each
+    /// `socket-path=PATH,blk-file=IMAGE[,read-only][,num-queues=N][,queue-size=N][,direct]
+    /// [,serial=S][,blk-size=512|4096][,write-cache=on|off][,open-as=vmm|daemon]`
+    /// (`fd=N` instead of socket-path, `null=SIZE` instead of blk-file).
+    #[arg(long, value_name = "SPEC", value_parser = parse_export)]
+    pub export: Vec<(Endpoint, ExportSpec)>,
+
+    /// Serve every VM from this process, as the daemon's own user, instead of from per-VM
+    /// worker processes carrying each VMM's identity.
+    #[arg(long)]
+    pub single_process: bool,
+
     /// Print the capabilities JSON (vhost-user backend conventions) and exit.
     #[arg(long)]
     pub print_capabilities: bool,
+
+    /// Internal: run as a per-VM worker on this control socket (set by the supervisor).
+    #[arg(long, value_name = "FD", hide = true)]
+    pub worker_control_fd: Option<RawFd>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+pub enum OpenAs {
+    Vmm,
+    Daemon,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -117,18 +146,53 @@ fn parse_blk_size(s: &str) -> Result<u32, String> {
     }
 }
 
-/// The validated configuration of one export.
-#[derive(Debug, Clone)]
-pub struct Export {
-    pub endpoint: Endpoint,
+/// One export: what a worker needs to serve it (the endpoint stays with the supervisor).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExportSpec {
+    /// For logs and status: the socket path or `fd:N`.
+    pub name: String,
     pub disk: DiskSpec,
     pub open: OpenOptions,
     pub device: DeviceOptions,
+    pub open_as: OpenAs,
+}
+
+/// `--export` values, parsed like the single-export options.
+fn parse_export(spec: &str) -> Result<(Endpoint, ExportSpec), String> {
+    let mut args = vec!["vublk".to_string()];
+    for item in spec.split(',').filter(|i| !i.is_empty()) {
+        let (key, value) = item.split_once('=').unwrap_or((item, ""));
+        let flag = matches!(key, "read-only" | "direct");
+        if flag && !matches!(value, "" | "on") {
+            if value == "off" {
+                continue;
+            }
+            return Err(format!("{key} takes no value (or on/off)"));
+        }
+        if !matches!(
+            key,
+            "socket-path" | "fd" | "blk-file" | "null" | "read-only" | "num-queues" | "queue-size" | "direct"
+                | "serial" | "blk-size" | "write-cache" | "open-as"
+        ) {
+            return Err(format!("unknown export option '{key}'"));
+        }
+        args.push(format!("--{key}"));
+        if !flag {
+            args.push(value.to_string());
+        }
+    }
+    let cli = Cli::try_parse_from(&args).map_err(|e| {
+        e.to_string().lines().next().unwrap_or_default().trim_start_matches("error: ").to_string()
+    })?;
+    if !cli.export.is_empty() {
+        return Err("exports do not nest".into());
+    }
+    cli.single_export()
 }
 
 impl Cli {
-    /// Turns the parsed arguments into an export; `Err` is a usage error.
-    pub fn export(&self) -> Result<Export, String> {
+    /// The export the single-export options describe.
+    fn single_export(&self) -> Result<(Endpoint, ExportSpec), String> {
         let endpoint = match (&self.socket_path, self.fd) {
             (Some(path), None) => Endpoint::Path(path.clone()),
             (None, Some(fd)) => Endpoint::Fd(fd),
@@ -142,18 +206,44 @@ impl Cli {
             (None, Some(size)) => DiskSpec::Null { size },
             _ => return Err("exactly one of --blk-file and --null is required".into()),
         };
-        Ok(Export {
+        let name = match &endpoint {
+            Endpoint::Path(path) => path.display().to_string(),
+            Endpoint::Fd(fd) => format!("fd:{fd}"),
+        };
+        Ok((
             endpoint,
-            disk,
-            open: OpenOptions { read_only: self.read_only, direct: self.direct },
-            device: DeviceOptions {
-                num_queues: self.num_queues,
-                max_queue_size: self.queue_size,
-                blk_size: self.blk_size,
-                serial: self.serial.clone(),
-                write_cache: self.write_cache == OnOff::On,
+            ExportSpec {
+                name,
+                disk,
+                open: OpenOptions { read_only: self.read_only, direct: self.direct },
+                device: DeviceOptions {
+                    num_queues: self.num_queues,
+                    max_queue_size: self.queue_size,
+                    blk_size: self.blk_size,
+                    serial: self.serial.clone(),
+                    write_cache: self.write_cache == OnOff::On,
+                },
+                open_as: self.open_as,
             },
-        })
+        ))
+    }
+
+    /// Every export on the command line; `Err` is a usage error.
+    pub fn exports(&self) -> Result<Vec<(Endpoint, ExportSpec)>, String> {
+        let mut exports = Vec::new();
+        if self.socket_path.is_some() || self.fd.is_some() || self.blk_file.is_some() || self.null.is_some() {
+            exports.push(self.single_export()?);
+        }
+        exports.extend(self.export.iter().cloned());
+        if exports.is_empty() {
+            return Err("no export: give --socket-path and --blk-file, or --export".into());
+        }
+        let mut paths: Vec<_> = exports.iter().map(|(e, _)| format!("{e:?}")).collect();
+        paths.sort();
+        if paths.windows(2).any(|w| w[0] == w[1]) {
+            return Err("two exports use the same socket".into());
+        }
+        Ok(exports)
     }
 }
 
@@ -174,9 +264,31 @@ mod tests {
     #[test]
     fn null_file_and_fd() {
         let cli = Cli::try_parse_from(["vublk", "--fd", "3", "--blk-file", "null:1M"]).unwrap();
-        let export = cli.export().unwrap();
-        assert_eq!(export.disk, DiskSpec::Null { size: 1 << 20 });
-        assert!(matches!(export.endpoint, Endpoint::Fd(3)));
+        let exports = cli.exports().unwrap();
+        assert_eq!(exports[0].1.disk, DiskSpec::Null { size: 1 << 20 });
+        assert!(matches!(exports[0].0, Endpoint::Fd(3)));
+    }
+
+    #[test]
+    fn several_exports() {
+        let cli = Cli::try_parse_from([
+            "vublk", "--socket-path", "/a.sock", "--blk-file", "/a.img",
+            "--export", "socket-path=/b.sock,blk-file=/b.img,read-only,num-queues=4,open-as=daemon",
+            "--export", "fd=5,null=1G,direct=off",
+        ])
+        .unwrap();
+        let exports = cli.exports().unwrap();
+        assert_eq!(exports.len(), 3);
+        let b = &exports[1].1;
+        assert!(b.open.read_only && b.device.num_queues == 4 && b.open_as == OpenAs::Daemon);
+        assert_eq!(b.name, "/b.sock");
+        assert_eq!(exports[2].1.disk, DiskSpec::Null { size: 1 << 30 });
+        assert!(!exports[2].1.open.direct);
+        for bad in ["socket-path=/b.sock", "socket-path=/c,blk-file=/c,bogus=1", "socket-path=/c,blk-file=/c,num-queues=0", "socket-path=/c,blk-file=/c,read-only=yes"] {
+            assert!(Cli::try_parse_from(["vublk", "--export", bad]).is_err(), "{bad}");
+        }
+        let twice = Cli::try_parse_from(["vublk", "--socket-path", "/a", "--null", "1M", "--export", "socket-path=/a,null=1M"]).unwrap();
+        assert!(twice.exports().is_err());
     }
 
     #[test]

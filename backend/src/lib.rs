@@ -7,20 +7,58 @@
 pub mod cli;
 pub mod daemon;
 pub mod disk;
+mod handoff;
+pub mod identity;
 pub mod io;
 mod ratelimit;
+pub mod supervisor;
 pub mod vhost_user;
 pub mod virtio_blk;
+pub mod worker;
 
 use std::error::Error;
 use std::sync::Arc;
 
-use cli::Export;
+use cli::ExportSpec;
+use daemon::Endpoint;
 use disk::Disk;
 use virtio_blk::BlockDevice;
 
-/// Opens the disk and serves it until stopped.
-pub fn run(export: Export) -> Result<(), Box<dyn Error + Send + Sync>> {
+/// How the process runs.
+pub enum Mode {
+    /// The default: a supervisor handing each VM to a worker carrying its VMM's identity.
+    Supervisor(Vec<(Endpoint, ExportSpec)>),
+    /// One export served in this process.
+    SingleProcess(Endpoint, ExportSpec),
+    /// A per-VM worker, started by the supervisor.
+    Worker(std::os::fd::RawFd),
+}
+
+pub fn run(mode: Mode) -> Result<(), Box<dyn Error + Send + Sync>> {
+    match mode {
+        Mode::Supervisor(exports) => {
+            // Check every image before taking connections, so a typo fails at start-up rather
+            // than at the first VM. Workers open the images again, as their VMM's user.
+            for (_, export) in &exports {
+                if let disk::DiskSpec::Path(path) = &export.disk {
+                    Disk::open_file(path, export.open)?;
+                }
+            }
+            supervisor::run(exports)?;
+            Ok(())
+        }
+        Mode::SingleProcess(endpoint, export) => run_single(endpoint, export),
+        Mode::Worker(fd) => {
+            // SAFETY: the supervisor put the control socket at this fd for us alone.
+            let control = unsafe { supervisor::adopt_control(fd) };
+            worker::run(control)?;
+            Ok(())
+        }
+    }
+}
+
+/// Opens the disk and serves it in this process until stopped.
+fn run_single(endpoint: Endpoint, export: ExportSpec) -> Result<(), Box<dyn Error + Send + Sync>> {
     let disk = Disk::open(&export.disk, export.open)?;
     let device = Arc::new(BlockDevice::new(disk, &export.device));
     let config = device.config();
@@ -33,7 +71,7 @@ pub fn run(export: Export) -> Result<(), Box<dyn Error + Send + Sync>> {
         if device.disk().direct { ", O_DIRECT" } else { "" },
         if config.writeback() { ", write-back" } else { ", write-through" },
     );
-    daemon::run(export.endpoint, device)?;
+    daemon::run(endpoint, device)?;
     Ok(())
 }
 

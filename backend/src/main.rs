@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use vublk::cli::{Cli, CAPABILITIES};
+use vublk::Mode;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -19,11 +20,23 @@ fn main() -> ExitCode {
         println!("{CAPABILITIES}");
         return ExitCode::SUCCESS;
     }
-    let export = match cli.export() {
-        Ok(export) => export,
-        Err(message) => {
-            eprintln!("vublk: {message}");
-            return ExitCode::from(2);
+    let mode = if let Some(fd) = cli.worker_control_fd {
+        Mode::Worker(fd)
+    } else {
+        match cli.exports() {
+            Ok(mut exports) if cli.single_process => {
+                if exports.len() != 1 {
+                    eprintln!("vublk: --single-process serves exactly one export");
+                    return ExitCode::from(2);
+                }
+                let (endpoint, export) = exports.remove(0);
+                Mode::SingleProcess(endpoint, export)
+            }
+            Ok(exports) => Mode::Supervisor(exports),
+            Err(message) => {
+                eprintln!("vublk: {message}");
+                return ExitCode::from(2);
+            }
         }
     };
     tracing_subscriber::fmt()
@@ -31,7 +44,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match vublk::run(export) {
+    match vublk::run(mode) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vublk: {}", vublk::error_line(e.as_ref()));

@@ -97,7 +97,7 @@ fn read_only_serves_reads_and_refuses_writes() {
     );
 
     assert_eq!(
-        open_mode_of(daemon.pid(), &img),
+        open_mode_of(daemon.serving_pid(), &img),
         Some(libc::O_RDONLY),
         "vublk --read-only should hold the image open O_RDONLY"
     );

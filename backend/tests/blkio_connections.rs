@@ -373,11 +373,11 @@ fn footprint(pid: u32) -> Footprint {
 }
 
 /// Waits (up to 5 s) for the daemon to get back to `baseline` after a disconnect.
-fn wait_for_footprint(daemon: &mut Daemon, baseline: Footprint, what: &str) {
+fn wait_for_footprint(daemon: &mut Daemon, pid: u32, baseline: Footprint, what: &str) {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
         daemon.assert_running();
-        let now = footprint(daemon.pid());
+        let now = footprint(pid);
         if now.fds <= baseline.fds
             && now.threads <= baseline.threads
             && now.guest_mappings <= baseline.guest_mappings
@@ -392,7 +392,9 @@ fn wait_for_footprint(daemon: &mut Daemon, baseline: Footprint, what: &str) {
 }
 
 /// Connections come and go (with different queue counts, including a busy-polled queue) without
-/// leaving fds, threads or mappings of the frontend's memory behind in the daemon.
+/// leaving fds, threads or mappings of the frontend's memory behind, in the supervisor or in the
+/// VM's worker, which serves every connection of this VMM (the test process) and stays while
+/// the VMM lives.
 #[test]
 fn connections_release_fds_threads_and_guest_memory() {
     let dir = test_dir();
@@ -404,18 +406,16 @@ fn connections_release_fds_threads_and_guest_memory() {
         &["--blk-file", img.to_str().unwrap(), "--num-queues", "4"],
     );
 
-    // Warm up once (lazily created resources are not leaks), then take the baseline.
-    drop(Client::connect(&daemon.socket, 1));
-    let start = footprint(daemon.pid());
-    wait_for_footprint(
-        &mut daemon,
-        Footprint {
-            guest_mappings: 0,
-            ..start
-        },
-        "after the first connection",
-    );
-    let baseline = footprint(daemon.pid());
+    // Warm up once (lazily created resources are not leaks), then take the baselines.
+    let first = Client::connect(&daemon.socket, 1);
+    let worker = daemon.serving_pid();
+    drop(first);
+    let supervisor = daemon.pid();
+    let supervisor_baseline = footprint(supervisor);
+    assert_eq!(supervisor_baseline.guest_mappings, 0, "the supervisor never maps guest memory");
+    let start = footprint(worker);
+    wait_for_footprint(&mut daemon, worker, Footprint { guest_mappings: 0, ..start }, "after the first connection");
+    let baseline = footprint(worker);
     assert_eq!(baseline.guest_mappings, 0);
 
     for cycle in 0..8u64 {
@@ -431,10 +431,11 @@ fn connections_release_fds_threads_and_guest_memory() {
             },
         )
         .unwrap_or_else(|e| panic!("connection {cycle}: {e}"));
-        let during = footprint(daemon.pid());
+        assert_eq!(daemon.serving_pid(), worker, "one worker serves every connection of a VMM");
+        let during = footprint(worker);
         assert!(
             during.guest_mappings > 0,
-            "connection {cycle}: the daemon does not map the frontend's memory? {during:?}"
+            "connection {cycle}: the worker does not map the frontend's memory? {during:?}"
         );
         for (i, q) in client.queues.iter_mut().enumerate() {
             let offset = (i as u64) * MIB + cycle * 64 * KIB;
@@ -448,7 +449,8 @@ fn connections_release_fds_threads_and_guest_memory() {
             model[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
         }
         drop(client);
-        wait_for_footprint(&mut daemon, baseline, &format!("after connection {cycle}"));
+        wait_for_footprint(&mut daemon, worker, baseline, &format!("worker after connection {cycle}"));
+        wait_for_footprint(&mut daemon, supervisor, supervisor_baseline, &format!("supervisor after connection {cycle}"));
     }
     let mut client = Client::connect(&daemon.socket, 1);
     assert_same(&client.q(0).read_range(0, size), &model, "disk");
@@ -476,7 +478,8 @@ fn memory_regions_come_and_go_while_running() {
     let mut model = create_image(&img, size, 16);
     let mut daemon = Daemon::start(dir.path(), &["--blk-file", img.to_str().unwrap()]);
     let mut client = Client::connect(&daemon.socket, 1);
-    let mapped_before = footprint(daemon.pid()).guest_mappings;
+    let worker = daemon.serving_pid();
+    let mapped_before = footprint(worker).guest_mappings;
 
     let len = MIB as usize;
     let mut region = client.add_region(len);
@@ -520,11 +523,11 @@ fn memory_regions_come_and_go_while_running() {
     assert!(ret[1] < 0, "read into a removed region succeeded");
 
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while footprint(daemon.pid()).guest_mappings > mapped_before {
+    while footprint(worker).guest_mappings > mapped_before {
         assert!(
             std::time::Instant::now() < deadline,
-            "the daemon still maps a removed region: {:?} (before adding: {mapped_before})",
-            footprint(daemon.pid())
+            "the worker still maps a removed region: {:?} (before adding: {mapped_before})",
+            footprint(worker)
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -548,3 +551,4 @@ fn memory_regions_come_and_go_while_running() {
     daemon.stop();
     assert_same(&std::fs::read(&img).unwrap(), &model, "image file");
 }
+

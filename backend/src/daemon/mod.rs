@@ -18,7 +18,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::vhost_user::{serve_connection, ConnectionEnd, VirtioDevice};
 
 pub use endpoint::{Endpoint, Listener};
-use signals::Signals;
+pub use signals::Signals;
 
 #[derive(Debug, Error)]
 pub enum DaemonError {

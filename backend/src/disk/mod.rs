@@ -11,12 +11,13 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub use probe::DirectIoAlignment;
 
 /// Where the data lives.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DiskSpec {
     /// A raw image file or a block device.
     Path(PathBuf),
@@ -25,7 +26,7 @@ pub enum DiskSpec {
 }
 
 /// How the backing is opened.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct OpenOptions {
     pub read_only: bool,
     pub direct: bool,
@@ -113,38 +114,35 @@ impl Disk {
         })
     }
 
-    fn open_path(path: &Path, options: OpenOptions) -> Result<Disk, DiskError> {
-        let open_err = |source| DiskError::Open {
-            path: path.to_owned(),
-            source,
-        };
+    /// Opens the image or block device at `path` with the flags `options` ask for.
+    pub fn open_file(path: &Path, options: OpenOptions) -> Result<File, DiskError> {
         let mut flags = libc::O_CLOEXEC;
         if options.direct {
             flags |= libc::O_DIRECT;
         }
-        let file = std::fs::OpenOptions::new()
+        std::fs::OpenOptions::new()
             .read(true)
             .write(!options.read_only)
             .custom_flags(flags)
             .open(path)
-            .map_err(open_err)?;
+            .map_err(|source| DiskError::Open { path: path.to_owned(), source })
+    }
+
+    fn open_path(path: &Path, options: OpenOptions) -> Result<Disk, DiskError> {
+        Self::from_file(Self::open_file(path, options)?, path, options)
+    }
+
+    /// A disk on a file opened by someone else (the supervisor, for `open-as=daemon`); `path`
+    /// names it in logs.
+    pub fn from_file(file: File, path: &Path, options: OpenOptions) -> Result<Disk, DiskError> {
+        let open_err = |source| DiskError::Open { path: path.to_owned(), source };
         let meta = file.metadata().map_err(open_err)?;
         let block_device = meta.file_type().is_block_device();
         if !block_device && !meta.is_file() {
-            return Err(DiskError::NotAFileOrBlockDevice {
-                path: path.to_owned(),
-            });
+            return Err(DiskError::NotAFileOrBlockDevice { path: path.to_owned() });
         }
-        let size = if block_device {
-            probe::block_device_size(&file)
-        } else {
-            Ok(meta.len())
-        }
-        .map_err(|source| DiskError::Size {
-            path: path.to_owned(),
-            source,
-        })?;
-
+        let size = if block_device { probe::block_device_size(&file) } else { Ok(meta.len()) }
+            .map_err(|source| DiskError::Size { path: path.to_owned(), source })?;
         let dio_align = if options.direct {
             probe::direct_io_alignment(&file, block_device)
         } else {
@@ -157,7 +155,6 @@ impl Disk {
         } else {
             probe::file_zeroing(&file, size)
         };
-
         Ok(Disk {
             backing: Backing::File { file, block_device },
             capacity: size & !511,

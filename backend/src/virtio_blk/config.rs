@@ -8,7 +8,7 @@ use crate::disk::Disk;
 use super::spec::{self, config_offset as off};
 
 /// What the command line asks of the device (as opposed to what the disk can do).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct DeviceOptions {
     pub num_queues: u16,
     pub max_queue_size: u16,

@@ -213,6 +213,25 @@ impl Daemon {
         self.child.as_ref().expect("daemon already reaped").id()
     }
 
+    /// The per-VM worker the supervisor started for the current client (a child of the daemon
+    /// running `--worker-control-fd`); the daemon itself when it runs `--single-process`.
+    /// Waits up to 5 s for it to appear.
+    pub fn serving_pid(&self) -> u32 {
+        let daemon = self.pid();
+        let cmdline = std::fs::read(format!("/proc/{daemon}/cmdline")).unwrap_or_default();
+        if cmdline.split(|b| *b == 0).any(|a| a == b"--single-process") {
+            return daemon;
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(pid) = workers_of(daemon).into_iter().next() {
+                return pid;
+            }
+            assert!(std::time::Instant::now() < deadline, "no worker process under daemon {daemon}\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Everything vublk wrote to stdout and stderr so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_else(|e| format!("<cannot read log: {e}>"))
@@ -1005,4 +1024,19 @@ pub fn split_segments(
 /// Errno helper for comparing request results.
 pub fn neg(e: Errno) -> i32 {
     -e.raw_os_error()
+}
+
+/// The worker processes (children running `--worker-control-fd`) of `daemon`.
+pub fn workers_of(daemon: u32) -> Vec<u32> {
+    let mut workers = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if ppid == Some(daemon) && cmdline.split(|b| *b == 0).any(|a| a == b"--worker-control-fd") {
+            workers.push(pid);
+        }
+    }
+    workers
 }

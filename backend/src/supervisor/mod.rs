@@ -1,0 +1,331 @@
+//! The supervisor: owns the sockets, identifies the VMM behind each connection, and hands the
+//! connection to that VM's worker, spawning the worker on the VM's first connection. It never
+//! maps guest memory. It is single-threaded (one epoll loop), which is what lets it fork
+//! workers safely.
+//!
+//! A VM is keyed by its VMM's pid and start time, held by a pidfd: a recycled pid is a new VM.
+
+mod spawn;
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use crate::cli::{ExportSpec, OpenAs};
+use crate::daemon::{DaemonError, Endpoint, Listener};
+use crate::disk::{Disk, DiskSpec};
+use crate::handoff::{self, ToSupervisor, ToWorker};
+use crate::identity::{Peer, VmmIdentity};
+
+pub use spawn::{adopt_control, WORKER_CONTROL_FD};
+use spawn::{spawn_worker, Executable};
+
+/// epoll tokens: the signalfd, listeners (by export index), workers (by worker id).
+const EV_SIGNAL: u64 = 0;
+const EV_LISTENER: u64 = 1 << 32;
+const EV_WORKER_CONTROL: u64 = 2 << 32;
+const EV_WORKER_EXIT: u64 = 3 << 32;
+const TOKEN_MASK: u64 = (1 << 32) - 1;
+
+/// How long workers get to stop their devices when the supervisor is told to stop.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+struct Export {
+    spec: ExportSpec,
+    listener: Listener,
+}
+
+/// One VM: its VMM and the worker serving it.
+struct Vm {
+    vmm_pid: i32,
+    vmm_key: (i32, u64),
+    worker_pid: i32,
+    worker_pidfd: OwnedFd,
+    control: OwnedFd,
+    /// Connections handed over and not yet ended.
+    connections: usize,
+}
+
+pub fn run(exports: Vec<(Endpoint, ExportSpec)>) -> Result<(), DaemonError> {
+    let signals = crate::daemon::Signals::block_and_watch().map_err(DaemonError::EventLoop)?;
+    let exe = Executable::current().map_err(DaemonError::EventLoop)?;
+    let mut open = Vec::new();
+    for (endpoint, spec) in exports {
+        let listener = endpoint.open()?;
+        open.push(Export { spec, listener });
+    }
+    let mut supervisor = Supervisor::new(open, exe)?;
+    let watch_result = supervisor.watch(signals.as_raw_fd(), EV_SIGNAL);
+    watch_result.map_err(DaemonError::EventLoop)?;
+    let result = supervisor.serve(&signals);
+    supervisor.stop();
+    result
+}
+
+struct Supervisor {
+    epoll: i32,
+    exports: Vec<Export>,
+    exe: Executable,
+    vms: HashMap<u64, Vm>,
+    next_vm: u64,
+    next_connection: u64,
+    /// Exports whose endpoint was one connected socket, still being served.
+    connected_left: usize,
+}
+
+impl Supervisor {
+    fn new(exports: Vec<Export>, exe: Executable) -> Result<Supervisor, DaemonError> {
+        let epoll = epoll::create(true).map_err(DaemonError::EventLoop)?;
+        let mut supervisor = Supervisor { epoll, exports, exe, vms: HashMap::new(), next_vm: 1, next_connection: 1, connected_left: 0 };
+        for index in 0..supervisor.exports.len() {
+            let fd = match &supervisor.exports[index].listener {
+                Listener::Listening { listener, .. } => Some(listener.as_raw_fd()),
+                Listener::Connected(_) => None,
+            };
+            match fd {
+                Some(fd) => supervisor.watch(fd, EV_LISTENER | index as u64).map_err(DaemonError::EventLoop)?,
+                None => {
+                    supervisor.connected_left += 1;
+                    let stream = match &supervisor.exports[index].listener {
+                        Listener::Connected(s) => s.try_clone().map_err(DaemonError::EventLoop)?,
+                        Listener::Listening { .. } => unreachable!("matched above"),
+                    };
+                    supervisor.hand_over(index, stream);
+                }
+            }
+        }
+        Ok(supervisor)
+    }
+
+    fn watch(&self, fd: i32, token: u64) -> io::Result<()> {
+        epoll::ctl(self.epoll, epoll::ControlOptions::EPOLL_CTL_ADD, fd, epoll::Event::new(epoll::Events::EPOLLIN, token))
+    }
+
+    fn unwatch(&self, fd: i32) {
+        let _ = epoll::ctl(self.epoll, epoll::ControlOptions::EPOLL_CTL_DEL, fd, epoll::Event::new(epoll::Events::empty(), 0));
+    }
+
+    fn only_connected(&self) -> bool {
+        self.exports.iter().all(|e| matches!(e.listener, Listener::Connected(_)))
+    }
+
+    fn serve(&mut self, signals: &crate::daemon::Signals) -> Result<(), DaemonError> {
+        let mut events = [epoll::Event::new(epoll::Events::empty(), 0); 16];
+        loop {
+            if self.only_connected() && self.connected_left == 0 {
+                return Ok(());
+            }
+            let n = match epoll::wait(self.epoll, -1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(DaemonError::EventLoop(e)),
+            };
+            for event in events[..n].iter().copied() {
+                let token = event.data;
+                match token & !TOKEN_MASK {
+                    EV_SIGNAL if token == EV_SIGNAL => {
+                        tracing::info!("{} received, stopping", signals.read());
+                        return Ok(());
+                    }
+                    EV_LISTENER => self.accept((token & TOKEN_MASK) as usize),
+                    EV_WORKER_CONTROL => self.on_worker_message(token & TOKEN_MASK),
+                    EV_WORKER_EXIT => self.reap(token & TOKEN_MASK),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    fn accept(&mut self, index: usize) {
+        let Listener::Listening { listener, .. } = &self.exports[index].listener else { return };
+        match listener.accept() {
+            Ok((stream, _)) => self.hand_over(index, stream),
+            Err(e) => {
+                tracing::warn!("accept on {} failed: {e}", self.exports[index].spec.name);
+                if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOBUFS)) {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+
+    /// Identifies the VMM behind `stream` and passes the connection to its worker.
+    fn hand_over(&mut self, index: usize, stream: UnixStream) {
+        let name = self.exports[index].spec.name.clone();
+        let connected = matches!(self.exports[index].listener, Listener::Connected(_));
+        let peer = match Peer::of(&stream) {
+            Ok(peer) => peer,
+            Err(e) => {
+                tracing::warn!("{name}: cannot identify the frontend: {e}; connection closed");
+                self.connected_done(connected);
+                return;
+            }
+        };
+        let key = (peer.pid, peer.start_time);
+        let vm_id = match self.vms.iter().find(|(_, vm)| vm.vmm_key == key).map(|(id, _)| *id) {
+            Some(id) => id,
+            None => match self.spawn(&peer) {
+                Ok(id) => id,
+                Err(e) => {
+                    tracing::error!("{name}: cannot start a worker for VMM pid {} (uid {}): {e}; connection closed", peer.pid, peer.uid);
+                    self.connected_done(connected);
+                    return;
+                }
+            },
+        };
+        let connection = self.next_connection;
+        self.next_connection += 1;
+        let spec = self.exports[index].spec.clone();
+        let disk = match (spec.open_as, &spec.disk) {
+            (OpenAs::Daemon, DiskSpec::Path(path)) => match Disk::open_file(path, spec.open) {
+                Ok(file) => Some(OwnedFd::from(file)),
+                Err(e) => {
+                    tracing::error!("{name}: {}; connection closed", crate::error_line(&e));
+                    self.connected_done(connected);
+                    return;
+                }
+            },
+            _ => None,
+        };
+        let stream_fd = OwnedFd::from(stream);
+        let Some(vm) = self.vms.get_mut(&vm_id) else { return };
+        let mut fds = vec![&stream_fd, &peer.pidfd];
+        if let Some(disk) = &disk {
+            fds.push(disk);
+        }
+        let message = ToWorker::Serve { connection, export: spec, disk_fd_attached: disk.is_some() };
+        match handoff::send(&vm.control, &message, &fds) {
+            Ok(()) => {
+                vm.connections += 1;
+                tracing::info!(
+                    "{name}: connection {connection} from VMM pid {} (uid {}) handed to worker pid {}",
+                    vm.vmm_pid,
+                    peer.uid,
+                    vm.worker_pid
+                );
+            }
+            Err(e) => {
+                tracing::error!("{name}: cannot hand connection {connection} to worker pid {}: {e}", vm.worker_pid);
+                self.connected_done(connected);
+            }
+        }
+    }
+
+    fn connected_done(&mut self, connected: bool) {
+        if connected {
+            self.connected_left = self.connected_left.saturating_sub(1);
+        }
+    }
+
+    fn spawn(&mut self, peer: &Peer) -> io::Result<u64> {
+        let identity = VmmIdentity::read(peer.pid).map_err(|e| io::Error::other(crate::error_line(&e)))?;
+        if peer.exited() {
+            return Err(io::Error::other("the VMM exited"));
+        }
+        let worker = spawn_worker(&identity, &self.exe)?;
+        let id = self.next_vm;
+        self.next_vm += 1;
+        self.watch(worker.control.as_raw_fd(), EV_WORKER_CONTROL | id)?;
+        self.watch(worker.pidfd.as_raw_fd(), EV_WORKER_EXIT | id)?;
+        tracing::info!(
+            "VMM pid {} (uid {} gid {}): worker pid {} started in {} cgroup(s)",
+            peer.pid,
+            identity.ids.uid[1],
+            identity.ids.gid[1],
+            worker.pid,
+            identity.cgroup_procs.len()
+        );
+        self.vms.insert(
+            id,
+            Vm {
+                vmm_pid: peer.pid,
+                vmm_key: (peer.pid, peer.start_time),
+                worker_pid: worker.pid,
+                worker_pidfd: worker.pidfd,
+                control: worker.control,
+                connections: 0,
+            },
+        );
+        Ok(id)
+    }
+
+    fn on_worker_message(&mut self, id: u64) {
+        let only_connected = self.only_connected();
+        let Some(vm) = self.vms.get_mut(&id) else { return };
+        let message = handoff::recv::<ToSupervisor>(&vm.control);
+        match message {
+            Ok(Some((ToSupervisor::Ended { connection }, _))) => {
+                tracing::debug!("connection {connection} ended (worker pid {})", vm.worker_pid);
+            }
+            Ok(Some((ToSupervisor::Refused { connection, export, reason }, _))) => {
+                tracing::error!("{export}: worker pid {} refused connection {connection}: {reason}", vm.worker_pid);
+            }
+            Ok(None) | Err(_) => {
+                // The worker is exiting; its pidfd reports when it is gone.
+                let fd = vm.control.as_raw_fd();
+                self.unwatch(fd);
+                return;
+            }
+        }
+        vm.connections = vm.connections.saturating_sub(1);
+        if only_connected {
+            self.connected_left = self.connected_left.saturating_sub(1);
+        }
+    }
+
+    fn reap(&mut self, id: u64) {
+        let Some(vm) = self.vms.remove(&id) else { return };
+        self.unwatch(vm.worker_pidfd.as_raw_fd());
+        self.unwatch(vm.control.as_raw_fd());
+        let status = wait_pidfd(&vm.worker_pidfd);
+        tracing::info!("worker pid {} for VMM pid {} exited ({status})", vm.worker_pid, vm.vmm_pid);
+        if self.only_connected() {
+            self.connected_left = self.connected_left.saturating_sub(vm.connections);
+        }
+    }
+
+    /// Closes every worker's control socket (workers stop their devices and exit), waits for
+    /// them a while, kills stragglers, and removes the sockets we created.
+    fn stop(&mut self) {
+        let deadline = Instant::now() + STOP_GRACE;
+        let vms: Vec<Vm> = self.vms.drain().map(|(_, vm)| vm).collect();
+        for vm in &vms {
+            let _ = rustix::net::shutdown(&vm.control, rustix::net::Shutdown::Both);
+        }
+        for vm in vms {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut pfd = libc::pollfd { fd: vm.worker_pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: polls one valid pollfd.
+            let ready = unsafe { libc::poll(&mut pfd, 1, left.as_millis() as i32) };
+            if ready == 0 {
+                tracing::warn!("worker pid {} did not stop in time; killing it", vm.worker_pid);
+                // SAFETY: pidfd_send_signal with a valid pidfd and no siginfo.
+                unsafe { libc::syscall(libc::SYS_pidfd_send_signal, vm.worker_pidfd.as_raw_fd(), libc::SIGKILL, std::ptr::null::<libc::siginfo_t>(), 0) };
+            }
+            let status = wait_pidfd(&vm.worker_pidfd);
+            tracing::info!("worker pid {} exited ({status})", vm.worker_pid);
+        }
+        for export in &self.exports {
+            export.listener.cleanup();
+        }
+    }
+}
+
+/// Reaps the child behind `pidfd`; describes how it ended.
+fn wait_pidfd(pidfd: &OwnedFd) -> String {
+    // SAFETY: an all-zero siginfo_t is valid for waitid to fill.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid on our own child's pidfd, filling the local.
+    let ret = unsafe { libc::waitid(libc::P_PIDFD, pidfd.as_raw_fd() as libc::id_t, &mut info, libc::WEXITED) };
+    if ret != 0 {
+        return format!("status unknown: {}", io::Error::last_os_error());
+    }
+    // SAFETY: waitid filled a SIGCHLD siginfo.
+    let (code, status) = unsafe { (info.si_code, info.si_status()) };
+    match code {
+        libc::CLD_EXITED => format!("exit {status}"),
+        _ => format!("killed by signal {status}"),
+    }
+}

@@ -1,0 +1,160 @@
+//! A per-VM worker process. It runs as its VMM (uid, gids, rlimits, cgroups: see
+//! identity/apply.rs), receives that VM's connections from the supervisor over the control
+//! socket, and serves each with its own session and queue threads — created here, after the
+//! identity switch, so they count against the VMM's limits.
+//!
+//! It exits when the supervisor goes away (the control socket closes; the parent-death signal
+//! covers a supervisor that was killed) or when its VMM has exited and its last connection
+//! has ended.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::cli::{ExportSpec, OpenAs};
+use crate::disk::{Disk, DiskSpec};
+use crate::handoff::{self, ToSupervisor, ToWorker};
+use crate::vhost_user::{serve_connection, ConnectionEnd};
+use crate::virtio_blk::BlockDevice;
+
+const EV_CONTROL: u64 = 0;
+const EV_DONE: u64 = 1;
+const EV_VMM: u64 = 2;
+
+struct Connection {
+    stream: Arc<Mutex<Option<UnixStream>>>,
+    thread: JoinHandle<()>,
+}
+
+/// Serves connections from the control socket until there is nothing left to serve.
+pub fn run(control: OwnedFd) -> io::Result<()> {
+    let epoll = epoll::create(true)?;
+    let watch = |fd: i32, data: u64| epoll::ctl(epoll, epoll::ControlOptions::EPOLL_CTL_ADD, fd, epoll::Event::new(epoll::Events::EPOLLIN, data));
+    let done = EventFd::new(EFD_NONBLOCK)?;
+    watch(control.as_raw_fd(), EV_CONTROL)?;
+    watch(done.as_raw_fd(), EV_DONE)?;
+    let (ended_tx, ended_rx) = mpsc::channel::<u64>();
+    let mut connections: HashMap<u64, Connection> = HashMap::new();
+    let mut vmm_pidfd: Option<OwnedFd> = None;
+    let mut vmm_exited = false;
+    let mut supervisor_gone = false;
+
+    let mut events = [epoll::Event::new(epoll::Events::empty(), 0); 4];
+    loop {
+        if (vmm_exited || supervisor_gone) && connections.is_empty() {
+            tracing::info!("no connections left; worker exits");
+            return Ok(());
+        }
+        let n = match epoll::wait(epoll, -1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        for event in &events[..n] {
+            match event.data {
+                EV_CONTROL => match handoff::recv::<ToWorker>(&control) {
+                    Ok(Some((ToWorker::Serve { connection, export, disk_fd_attached }, fds))) => {
+                        let mut fds = fds.into_iter();
+                        let (Some(stream), Some(pidfd)) = (fds.next(), fds.next()) else {
+                            tracing::error!("supervisor sent a connection without its fds");
+                            continue;
+                        };
+                        if vmm_pidfd.is_none() {
+                            watch(pidfd.as_raw_fd(), EV_VMM)?;
+                            vmm_pidfd = Some(pidfd);
+                        }
+                        let disk_fd = if disk_fd_attached { fds.next() } else { None };
+                        match start(connection, &export, UnixStream::from(stream), disk_fd, &done, &ended_tx) {
+                            Ok(c) => {
+                                connections.insert(connection, c);
+                            }
+                            Err(reason) => {
+                                tracing::error!("refusing {} (connection {connection}): {reason}", export.name);
+                                let refused = ToSupervisor::Refused { connection, export: export.name.clone(), reason };
+                                let _ = handoff::send(&control, &refused, &[]);
+                            }
+                        }
+                    }
+                    Ok(None) => {
+                        tracing::info!("supervisor went away; stopping");
+                        supervisor_gone = true;
+                        let _ = epoll::ctl(epoll, epoll::ControlOptions::EPOLL_CTL_DEL, control.as_raw_fd(), epoll::Event::new(epoll::Events::empty(), 0));
+                        for c in connections.values() {
+                            if let Some(stream) = c.stream.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                                let _ = stream.shutdown(std::net::Shutdown::Both);
+                            }
+                        }
+                    }
+                    Err(e) => tracing::error!("bad message from the supervisor: {e}"),
+                },
+                EV_DONE => {
+                    let _ = done.read();
+                    while let Ok(id) = ended_rx.try_recv() {
+                        if let Some(c) = connections.remove(&id) {
+                            let _ = c.thread.join();
+                        }
+                        if !supervisor_gone {
+                            let _ = handoff::send(&control, &ToSupervisor::Ended { connection: id }, &[]);
+                        }
+                    }
+                }
+                EV_VMM => {
+                    vmm_exited = true;
+                    if let Some(fd) = &vmm_pidfd {
+                        let _ = epoll::ctl(epoll, epoll::ControlOptions::EPOLL_CTL_DEL, fd.as_raw_fd(), epoll::Event::new(epoll::Events::empty(), 0));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Opens the export's disk (as the VMM, or from the supervisor's fd) and starts serving.
+fn start(
+    connection: u64,
+    export: &ExportSpec,
+    stream: UnixStream,
+    disk_fd: Option<OwnedFd>,
+    done: &EventFd,
+    ended: &mpsc::Sender<u64>,
+) -> Result<Connection, String> {
+    let disk = match (export.open_as, disk_fd, &export.disk) {
+        (OpenAs::Daemon, Some(fd), DiskSpec::Path(path)) => Disk::from_file(std::fs::File::from(fd), path, export.open),
+        (OpenAs::Daemon, None, DiskSpec::Path(_)) => return Err("open-as=daemon but no file from the supervisor".into()),
+        _ => Disk::open(&export.disk, export.open),
+    }
+    .map_err(|e| crate::error_line(&e))?;
+    let device = Arc::new(BlockDevice::new(disk, &export.device));
+    let shared = Arc::new(Mutex::new(None));
+    let slot = shared.clone();
+    let done = done.try_clone().map_err(|e| e.to_string())?;
+    let ended = ended.clone();
+    let name = export.name.clone();
+    let thread = std::thread::Builder::new()
+        .name(format!("vublk-conn{connection}"))
+        .spawn(move || {
+            let _span = tracing::info_span!("conn", id = connection, export = %name).entered();
+            tracing::info!("serving");
+            match serve_connection(stream, device, |clone| *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(clone)) {
+                ConnectionEnd::Disconnected => tracing::info!("frontend disconnected; device stopped"),
+                ConnectionEnd::Failed(e) => tracing::warn!("connection ended: {e}; device stopped"),
+            }
+            let _ = ended.send(connection);
+            let _ = done.write(1);
+        })
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::EAGAIN) {
+                format!("cannot create a thread: the VMM's thread limit (RLIMIT_NPROC or pids.max) is reached ({e})")
+            } else {
+                format!("cannot create a thread: {e}")
+            }
+        })?;
+    Ok(Connection { stream: shared, thread })
+}
