@@ -4,7 +4,7 @@
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 use serde::{Deserialize, Serialize};
 
 use crate::daemon::Endpoint;
@@ -13,7 +13,7 @@ use crate::virtio_blk::DeviceOptions;
 
 /// vublk: a vhost-user virtio-blk backend serving raw images and block devices via io_uring.
 #[derive(Debug, Parser)]
-#[command(name = "vublk", version, about, long_about = None)]
+#[command(name = "vublk", version, about, long_about = None, args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct Cli {
     /// Listen on this unix socket path (created; removed on exit).
     #[arg(long, value_name = "PATH", conflicts_with = "fd", required_unless_present_any = ["fd", "print_capabilities", "export", "worker_control_fd"])]
@@ -80,13 +80,34 @@ pub struct Cli {
     #[arg(long)]
     pub single_process: bool,
 
+    /// Answer `vublk status` on this unix socket (created; removed on exit).
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+
     /// Print the capabilities JSON (vhost-user backend conventions) and exit.
     #[arg(long)]
     pub print_capabilities: bool,
 
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Internal: run as a per-VM worker on this control socket (set by the supervisor).
     #[arg(long, value_name = "FD", hide = true)]
     pub worker_control_fd: Option<RawFd>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show each VM a running daemon serves: VMM and worker pids, identity, cgroups, limits,
+    /// devices and what they served.
+    Status {
+        /// The daemon's --control-socket.
+        #[arg(long, value_name = "PATH")]
+        control_socket: PathBuf,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]

@@ -12,6 +12,7 @@ use rustix::net::{
 use serde::{Deserialize, Serialize};
 
 use crate::cli::ExportSpec;
+use crate::virtio_blk::stats::DeviceTotals;
 
 /// Largest message; exports are small.
 const MAX_MESSAGE: usize = 64 * 1024;
@@ -33,6 +34,18 @@ pub enum ToSupervisor {
     Refused { connection: u64, export: String, reason: String },
     /// The connection ended.
     Ended { connection: u64 },
+    /// What each device of this worker has served so far (sent about once a second).
+    Stats { devices: Vec<DeviceStatus> },
+}
+
+/// One device of a worker, for `vublk status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceStatus {
+    pub connection: u64,
+    pub export: String,
+    pub queues: u16,
+    #[serde(flatten)]
+    pub totals: DeviceTotals,
 }
 
 pub fn send<T: Serialize>(socket: impl AsFd, message: &T, fds: &[&OwnedFd]) -> io::Result<()> {

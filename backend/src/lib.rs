@@ -26,8 +26,9 @@ use virtio_blk::BlockDevice;
 
 /// How the process runs.
 pub enum Mode {
-    /// The default: a supervisor handing each VM to a worker carrying its VMM's identity.
-    Supervisor(Vec<(Endpoint, ExportSpec)>),
+    /// The default: a supervisor handing each VM to a worker carrying its VMM's identity,
+    /// answering `vublk status` on the control socket if there is one.
+    Supervisor(Vec<(Endpoint, ExportSpec)>, Option<std::path::PathBuf>),
     /// One export served in this process.
     SingleProcess(Endpoint, ExportSpec),
     /// A per-VM worker, started by the supervisor.
@@ -36,7 +37,7 @@ pub enum Mode {
 
 pub fn run(mode: Mode) -> Result<(), Box<dyn Error + Send + Sync>> {
     match mode {
-        Mode::Supervisor(exports) => {
+        Mode::Supervisor(exports, control_socket) => {
             // Check every image before taking connections, so a typo fails at start-up rather
             // than at the first VM. Workers open the images again, as their VMM's user.
             for (_, export) in &exports {
@@ -44,7 +45,7 @@ pub fn run(mode: Mode) -> Result<(), Box<dyn Error + Send + Sync>> {
                     Disk::open_file(path, export.open)?;
                 }
             }
-            supervisor::run(exports)?;
+            supervisor::run(exports, control_socket)?;
             Ok(())
         }
         Mode::SingleProcess(endpoint, export) => run_single(endpoint, export),

@@ -20,6 +20,15 @@ fn main() -> ExitCode {
         println!("{CAPABILITIES}");
         return ExitCode::SUCCESS;
     }
+    if let Some(vublk::cli::Command::Status { control_socket, json }) = &cli.command {
+        return match vublk::supervisor::print_status(control_socket, *json) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vublk: cannot read the status from {}: {e}", control_socket.display());
+                ExitCode::from(1)
+            }
+        };
+    }
     let mode = if let Some(fd) = cli.worker_control_fd {
         Mode::Worker(fd)
     } else {
@@ -32,7 +41,7 @@ fn main() -> ExitCode {
                 let (endpoint, export) = exports.remove(0);
                 Mode::SingleProcess(endpoint, export)
             }
-            Ok(exports) => Mode::Supervisor(exports),
+            Ok(exports) => Mode::Supervisor(exports, cli.control_socket.clone()),
             Err(message) => {
                 eprintln!("vublk: {message}");
                 return ExitCode::from(2);

@@ -34,10 +34,10 @@ pub fn parse_stat_start_time(stat: &str) -> Option<u64> {
 }
 
 /// One resource limit; `None` is unlimited.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Limit {
     pub resource: i32,
-    pub name: &'static str,
+    pub name: std::borrow::Cow<'static, str>,
     pub soft: Option<u64>,
     pub hard: Option<u64>,
 }
@@ -70,7 +70,7 @@ pub fn parse_limits(text: &str) -> Option<Vec<Limit>> {
         .map(|&(name, resource)| {
             let line = text.lines().find(|l| l.starts_with(name))?;
             let mut fields = line[name.len()..].split_whitespace();
-            Some(Limit { resource, name, soft: value(fields.next()?)?, hard: value(fields.next()?)? })
+            Some(Limit { resource, name: name.into(), soft: value(fields.next()?)?, hard: value(fields.next()?)? })
         })
         .collect()
 }

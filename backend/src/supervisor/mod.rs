@@ -11,12 +11,15 @@ use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
 
 use crate::cli::{ExportSpec, OpenAs};
 use crate::daemon::{DaemonError, Endpoint, Listener};
 use crate::disk::{Disk, DiskSpec};
-use crate::handoff::{self, ToSupervisor, ToWorker};
+use crate::handoff::{self, DeviceStatus, ToSupervisor, ToWorker};
 use crate::identity::{Peer, VmmIdentity};
 
 pub use spawn::{adopt_control, WORKER_CONTROL_FD};
@@ -27,6 +30,7 @@ const EV_SIGNAL: u64 = 0;
 const EV_LISTENER: u64 = 1 << 32;
 const EV_WORKER_CONTROL: u64 = 2 << 32;
 const EV_WORKER_EXIT: u64 = 3 << 32;
+const EV_CONTROL: u64 = 4 << 32;
 const TOKEN_MASK: u64 = (1 << 32) - 1;
 
 /// How long workers get to stop their devices when the supervisor is told to stop.
@@ -46,9 +50,12 @@ struct Vm {
     control: OwnedFd,
     /// Connections handed over and not yet ended.
     connections: usize,
+    identity: VmmIdentity,
+    /// The worker's last report.
+    devices: Vec<DeviceStatus>,
 }
 
-pub fn run(exports: Vec<(Endpoint, ExportSpec)>) -> Result<(), DaemonError> {
+pub fn run(exports: Vec<(Endpoint, ExportSpec)>, control_socket: Option<PathBuf>) -> Result<(), DaemonError> {
     let signals = crate::daemon::Signals::block_and_watch().map_err(DaemonError::EventLoop)?;
     let exe = Executable::current().map_err(DaemonError::EventLoop)?;
     let mut open = Vec::new();
@@ -56,9 +63,13 @@ pub fn run(exports: Vec<(Endpoint, ExportSpec)>) -> Result<(), DaemonError> {
         let listener = endpoint.open()?;
         open.push(Export { spec, listener });
     }
+    let control = control_socket.map(|path| Endpoint::Path(path).open()).transpose()?;
     let mut supervisor = Supervisor::new(open, exe)?;
-    let watch_result = supervisor.watch(signals.as_raw_fd(), EV_SIGNAL);
-    watch_result.map_err(DaemonError::EventLoop)?;
+    supervisor.watch(signals.as_raw_fd(), EV_SIGNAL).map_err(DaemonError::EventLoop)?;
+    if let Some(Listener::Listening { listener, .. }) = &control {
+        supervisor.watch(listener.as_raw_fd(), EV_CONTROL).map_err(DaemonError::EventLoop)?;
+    }
+    supervisor.control = control;
     let result = supervisor.serve(&signals);
     supervisor.stop();
     result
@@ -73,12 +84,23 @@ struct Supervisor {
     next_connection: u64,
     /// Exports whose endpoint was one connected socket, still being served.
     connected_left: usize,
+    /// Where `vublk status` asks.
+    control: Option<Listener>,
 }
 
 impl Supervisor {
     fn new(exports: Vec<Export>, exe: Executable) -> Result<Supervisor, DaemonError> {
         let epoll = epoll::create(true).map_err(DaemonError::EventLoop)?;
-        let mut supervisor = Supervisor { epoll, exports, exe, vms: HashMap::new(), next_vm: 1, next_connection: 1, connected_left: 0 };
+        let mut supervisor = Supervisor {
+            epoll,
+            exports,
+            exe,
+            vms: HashMap::new(),
+            next_vm: 1,
+            next_connection: 1,
+            connected_left: 0,
+            control: None,
+        };
         for index in 0..supervisor.exports.len() {
             let fd = match &supervisor.exports[index].listener {
                 Listener::Listening { listener, .. } => Some(listener.as_raw_fd()),
@@ -132,6 +154,7 @@ impl Supervisor {
                     EV_LISTENER => self.accept((token & TOKEN_MASK) as usize),
                     EV_WORKER_CONTROL => self.on_worker_message(token & TOKEN_MASK),
                     EV_WORKER_EXIT => self.reap(token & TOKEN_MASK),
+                    EV_CONTROL => self.answer_status(),
                     _ => {}
                 }
             }
@@ -246,6 +269,8 @@ impl Supervisor {
                 worker_pidfd: worker.pidfd,
                 control: worker.control,
                 connections: 0,
+                identity,
+                devices: Vec::new(),
             },
         );
         Ok(id)
@@ -256,6 +281,10 @@ impl Supervisor {
         let Some(vm) = self.vms.get_mut(&id) else { return };
         let message = handoff::recv::<ToSupervisor>(&vm.control);
         match message {
+            Ok(Some((ToSupervisor::Stats { devices }, _))) => {
+                vm.devices = devices;
+                return;
+            }
             Ok(Some((ToSupervisor::Ended { connection }, _))) => {
                 tracing::debug!("connection {connection} ended (worker pid {})", vm.worker_pid);
             }
@@ -310,7 +339,91 @@ impl Supervisor {
         for export in &self.exports {
             export.listener.cleanup();
         }
+        if let Some(control) = &self.control {
+            control.cleanup();
+        }
     }
+
+    fn status(&self) -> Status {
+        let mut vms: Vec<VmStatus> = self
+            .vms
+            .values()
+            .map(|vm| VmStatus {
+                vmm_pid: vm.vmm_pid,
+                worker_pid: vm.worker_pid,
+                uid: vm.identity.ids.uid[1],
+                gid: vm.identity.ids.gid[1],
+                groups: vm.identity.ids.groups.clone(),
+                cgroups: vm.identity.cgroups.iter().map(|c| format!("{}:{}", c.controllers.join(","), c.path)).collect(),
+                limits: vm.identity.limits.clone(),
+                devices: vm.devices.clone(),
+            })
+            .collect();
+        vms.sort_by_key(|vm| vm.vmm_pid);
+        Status { exports: self.exports.iter().map(|e| e.spec.name.clone()).collect(), vms }
+    }
+
+    fn answer_status(&mut self) {
+        let Some(Listener::Listening { listener, .. }) = &self.control else { return };
+        let Ok((mut stream, _)) = listener.accept() else { return };
+        // A client that does not read must not stall the supervisor for long.
+        let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+        let body = serde_json::to_vec(&self.status()).unwrap_or_default();
+        let _ = std::io::Write::write_all(&mut stream, &body);
+    }
+}
+
+/// What `vublk status` shows.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub exports: Vec<String>,
+    pub vms: Vec<VmStatus>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VmStatus {
+    pub vmm_pid: i32,
+    pub worker_pid: i32,
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+    pub cgroups: Vec<String>,
+    /// The VMM's limits; the worker keeps ours where the VMM's hard limit is above them.
+    pub limits: Vec<crate::identity::proc::Limit>,
+    pub devices: Vec<DeviceStatus>,
+}
+
+/// `vublk status`: asks the supervisor behind `control` and prints the answer.
+pub fn print_status(control: &std::path::Path, json: bool) -> io::Result<()> {
+    let mut stream = UnixStream::connect(control)?;
+    let mut body = Vec::new();
+    std::io::Read::read_to_end(&mut stream, &mut body)?;
+    if json {
+        println!("{}", String::from_utf8_lossy(&body));
+        return Ok(());
+    }
+    let status: Status = serde_json::from_slice(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    println!("exports: {}", status.exports.join(", "));
+    if status.vms.is_empty() {
+        println!("no VMs connected");
+    }
+    for vm in &status.vms {
+        println!(
+            "VMM pid {}  worker pid {}  uid {} gid {} groups {:?}",
+            vm.vmm_pid, vm.worker_pid, vm.uid, vm.gid, vm.groups
+        );
+        println!("  cgroups: {}", vm.cgroups.join("  "));
+        let show = |v: Option<u64>| v.map_or("unlimited".to_string(), |n| n.to_string());
+        let limits: Vec<String> = vm.limits.iter().map(|l| format!("{}={}/{}", l.name.trim_start_matches("Max "), show(l.soft), show(l.hard))).collect();
+        println!("  limits: {}", limits.join(", "));
+        for d in &vm.devices {
+            println!(
+                "  device {} (connection {}): {} queue(s), {} requests, {} errors, {} bytes read, {} bytes written",
+                d.export, d.connection, d.queues, d.totals.requests, d.totals.errors, d.totals.bytes_read, d.totals.bytes_written
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Reaps the child behind `pidfd`; describes how it ended.

@@ -8,12 +8,14 @@ use crate::vhost_user::{QueueLoop, RunningQueue, VirtioDevice};
 
 use super::config::{self, BlockConfig, DeviceOptions};
 use super::request::Limits;
+use super::stats::{self, DeviceTotals, QueueStats};
 use super::worker::QueueWorker;
 
 pub struct BlockDevice {
     pub(super) config: BlockConfig,
     pub(super) disk: Disk,
     pub(super) limits: Limits,
+    pub(super) stats: Vec<QueueStats>,
 }
 
 impl BlockDevice {
@@ -30,7 +32,8 @@ impl BlockDevice {
             max_zeroing_segments: config::MAX_ZEROING_SEGMENTS as usize,
             offset_align: u64::from(disk.dio_align.offset),
         };
-        BlockDevice { config, disk, limits }
+        let stats = (0..options.num_queues).map(|_| QueueStats::default()).collect();
+        BlockDevice { config, disk, limits, stats }
     }
 
     pub fn config(&self) -> &BlockConfig {
@@ -39,6 +42,11 @@ impl BlockDevice {
 
     pub fn disk(&self) -> &Disk {
         &self.disk
+    }
+
+    /// What the device has served so far.
+    pub fn totals(&self) -> DeviceTotals {
+        stats::totals(&self.stats)
     }
 }
 

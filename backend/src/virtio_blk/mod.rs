@@ -6,6 +6,7 @@ pub mod config;
 mod device;
 pub mod request;
 pub mod spec;
+pub mod stats;
 mod worker;
 
 pub use config::{BlockConfig, DeviceOptions};

@@ -339,6 +339,9 @@ impl QueueWorker {
                         suppressed_note(suppressed)
                     );
                 }
+                if let Some(stats) = self.device.stats.get(self.q.index) {
+                    stats.record_refused();
+                }
                 let used_len = match rejection.status {
                     Some(status) => {
                         // SAFETY: `generation` is pinned by this function's caller and by the slot.
@@ -523,6 +526,9 @@ impl QueueWorker {
     fn finish(&mut self, index: usize, status: u8) {
         let slot = &self.slots[index];
         let Some(req) = slot.request else { return };
+        if let Some(stats) = self.device.stats.get(self.q.index) {
+            stats.record(req.kind, req.len, status == STATUS_OK);
+        }
         // SAFETY: the slot still holds the pin of the generation `req.status` points into.
         unsafe { req.status.write(status) };
         // Bytes the device wrote into the driver's writable buffers, status included.

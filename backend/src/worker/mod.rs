@@ -14,12 +14,13 @@ use std::os::unix::net::UnixStream;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::cli::{ExportSpec, OpenAs};
 use crate::disk::{Disk, DiskSpec};
-use crate::handoff::{self, ToSupervisor, ToWorker};
+use crate::handoff::{self, DeviceStatus, ToSupervisor, ToWorker};
 use crate::vhost_user::{serve_connection, ConnectionEnd};
 use crate::virtio_blk::BlockDevice;
 
@@ -28,8 +29,26 @@ const EV_DONE: u64 = 1;
 const EV_VMM: u64 = 2;
 
 struct Connection {
+    export: String,
+    device: Arc<BlockDevice>,
     stream: Arc<Mutex<Option<UnixStream>>>,
     thread: JoinHandle<()>,
+}
+
+/// How often the worker tells the supervisor what its devices served.
+const STATS_INTERVAL: Duration = Duration::from_secs(1);
+
+fn send_stats(control: &OwnedFd, connections: &HashMap<u64, Connection>) {
+    let devices = connections
+        .iter()
+        .map(|(id, c)| DeviceStatus {
+            connection: *id,
+            export: c.export.clone(),
+            queues: c.device.config().num_queues,
+            totals: c.device.totals(),
+        })
+        .collect();
+    let _ = handoff::send(control, &ToSupervisor::Stats { devices }, &[]);
 }
 
 /// Serves connections from the control socket until there is nothing left to serve.
@@ -46,12 +65,17 @@ pub fn run(control: OwnedFd) -> io::Result<()> {
     let mut supervisor_gone = false;
 
     let mut events = [epoll::Event::new(epoll::Events::empty(), 0); 4];
+    let mut last_stats = Instant::now();
     loop {
         if (vmm_exited || supervisor_gone) && connections.is_empty() {
             tracing::info!("no connections left; worker exits");
             return Ok(());
         }
-        let n = match epoll::wait(epoll, -1, &mut events) {
+        if !supervisor_gone && last_stats.elapsed() >= STATS_INTERVAL {
+            send_stats(&control, &connections);
+            last_stats = Instant::now();
+        }
+        let n = match epoll::wait(epoll, STATS_INTERVAL.as_millis() as i32, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
@@ -132,6 +156,7 @@ fn start(
     }
     .map_err(|e| crate::error_line(&e))?;
     let device = Arc::new(BlockDevice::new(disk, &export.device));
+    let serving = device.clone();
     let shared = Arc::new(Mutex::new(None));
     let slot = shared.clone();
     let done = done.try_clone().map_err(|e| e.to_string())?;
@@ -142,7 +167,7 @@ fn start(
         .spawn(move || {
             let _span = tracing::info_span!("conn", id = connection, export = %name).entered();
             tracing::info!("serving");
-            match serve_connection(stream, device, |clone| *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(clone)) {
+            match serve_connection(stream, serving, |clone| *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(clone)) {
                 ConnectionEnd::Disconnected => tracing::info!("frontend disconnected; device stopped"),
                 ConnectionEnd::Failed(e) => tracing::warn!("connection ended: {e}; device stopped"),
             }
@@ -156,5 +181,5 @@ fn start(
                 format!("cannot create a thread: {e}")
             }
         })?;
-    Ok(Connection { stream: shared, thread })
+    Ok(Connection { export: export.name.clone(), device, stream: shared, thread })
 }

@@ -1,0 +1,62 @@
+//! What a device has served, counted per queue so queues never write a shared cache line.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+use super::request::RequestKind;
+
+/// One queue's counters, on a cache line of its own.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+pub struct QueueStats {
+    requests: AtomicU64,
+    errors: AtomicU64,
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+}
+
+impl QueueStats {
+    /// Counts a completed request (only its own queue thread calls this, so a load and a
+    /// store suffice: no read-modify-write on the I/O path).
+    pub fn record(&self, kind: RequestKind, len: u64, ok: bool) {
+        add(&self.requests, 1);
+        if !ok {
+            add(&self.errors, 1);
+            return;
+        }
+        match kind {
+            RequestKind::Read => add(&self.bytes_read, len),
+            RequestKind::Write => add(&self.bytes_written, len),
+            _ => {}
+        }
+    }
+
+    /// Counts a chain refused before any I/O.
+    pub fn record_refused(&self) {
+        add(&self.requests, 1);
+        add(&self.errors, 1);
+    }
+}
+
+fn add(counter: &AtomicU64, n: u64) {
+    counter.store(counter.load(Ordering::Relaxed) + n, Ordering::Relaxed);
+}
+
+/// Totals over a device's queues.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceTotals {
+    pub requests: u64,
+    pub errors: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+}
+
+pub fn totals(queues: &[QueueStats]) -> DeviceTotals {
+    queues.iter().fold(DeviceTotals::default(), |t, q| DeviceTotals {
+        requests: t.requests + q.requests.load(Ordering::Relaxed),
+        errors: t.errors + q.errors.load(Ordering::Relaxed),
+        bytes_read: t.bytes_read + q.bytes_read.load(Ordering::Relaxed),
+        bytes_written: t.bytes_written + q.bytes_written.load(Ordering::Relaxed),
+    })
+}
