@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use vmm_glue::frontend::blk::{self, header, Readback, S_OK};
-use vmm_glue::frontend::fixture::{pattern, write_image};
+use vmm_glue::frontend::fixture::{assert_bytes, pattern, write_image};
 use vmm_glue::frontend::memory::Arena;
 use vmm_glue::frontend::{
     Daemon, Fixture, MemAnnounce, RegionSpec, Seg, Session, SessionConfig, Step,
@@ -37,9 +37,19 @@ fn read_via(s: &mut Session, arena: &mut Arena, sector: u64, len: u32) -> Vec<u8
     ];
     let c = s
         .blk(0)
-        .submit_raw(&segs, &Readback { data: vec![(data, len)], status: Some(status) })
+        .submit_raw(
+            &segs,
+            &Readback {
+                data: vec![(data, len)],
+                status: Some(status),
+            },
+        )
         .unwrap();
-    assert_eq!(c.status(), S_OK, "read at sector {sector} via buffers at {data:#x}");
+    assert_eq!(
+        c.status(),
+        S_OK,
+        "read at sector {sector} via buffers at {data:#x}"
+    );
     c.data
 }
 
@@ -59,7 +69,13 @@ fn write_via(s: &mut Session, arena: &mut Arena, sector: u64, data: &[u8]) {
     ];
     let c = s
         .blk(0)
-        .submit_raw(&segs, &Readback { data: vec![], status: Some(status) })
+        .submit_raw(
+            &segs,
+            &Readback {
+                data: vec![],
+                status: Some(status),
+            },
+        )
         .unwrap();
     assert_eq!(c.status(), S_OK, "write at sector {sector} from {buf:#x}");
 }
@@ -77,7 +93,11 @@ fn second_connection_after_the_first_disconnects() {
         let mut s = fx.session();
         let c = s.blk(0).read(5, 4096).unwrap();
         assert_eq!(c.status(), S_OK, "connection {}", round + 2);
-        assert_eq!(c.data, data, "connection {} sees the first one's write", round + 2);
+        assert_bytes(
+            &c.data,
+            &data,
+            &format!("connection {} sees the first one's write", round + 2),
+        );
     }
     assert!(matches!(fx.daemon.try_wait(), Ok(None)), "vublk exited");
 }
@@ -101,7 +121,7 @@ fn disconnect_mid_handshake_then_reconnect() {
     let mut s = fx.session();
     let c = s.blk(0).read(1, 512).unwrap();
     assert_eq!(c.status(), S_OK);
-    assert_eq!(c.data, pattern(512, 512));
+    assert_bytes(&c.data, &pattern(512, 512), "read data");
 }
 
 #[test]
@@ -117,7 +137,11 @@ fn disconnect_with_requests_in_flight_then_reconnect() {
             let st = b.alloc_status().unwrap();
             s.submit(
                 0,
-                &[Seg::readable(hdr, 16), Seg::writable(data, 128 * 1024), Seg::writable(st, 1)],
+                &[
+                    Seg::readable(hdr, 16),
+                    Seg::writable(data, 128 * 1024),
+                    Seg::writable(st, 1),
+                ],
             )
             .unwrap();
         }
@@ -126,21 +150,29 @@ fn disconnect_with_requests_in_flight_then_reconnect() {
     let mut s = fx.session();
     let c = s.blk(0).read(300, 4096).unwrap();
     assert_eq!(c.status(), S_OK);
-    assert_eq!(c.data, pattern(300 * 512, 4096));
+    assert_bytes(&c.data, &pattern(300 * 512, 4096), "read data");
 }
 
 #[test]
 fn set_mem_table_adds_and_removes_regions_mid_session() {
     let mut fx = Fixture::start(VUBLK, 8 * MIB, &[]);
     let mut s = fx.session();
-    assert_eq!(s.blk(0).read(0, 512).unwrap().data, pattern(0, 512));
+    assert_bytes(
+        &s.blk(0).read(0, 512).unwrap().data,
+        &pattern(0, 512),
+        "read data",
+    );
     // Hot-plug 2 MiB at 4 GiB with a full SET_MEM_TABLE; use only the new region for buffers.
     let spec = RegionSpec::new(4 * GIB, 2 << 20);
     let mut hot = s.plug_region(spec, MemAnnounce::SetMemTable).unwrap();
-    assert_eq!(read_via(&mut s, &mut hot, 17, 2048), pattern(17 * 512, 2048));
+    assert_bytes(
+        &read_via(&mut s, &mut hot, 17, 2048),
+        &pattern(17 * 512, 2048),
+        "read into the hot-plugged region",
+    );
     let data = vec![0x9d; 1024];
     write_via(&mut s, &mut hot, 19, &data);
-    assert_eq!(fx.image_bytes(19 * 512, 1024), data);
+    assert_bytes(&fx.image_bytes(19 * 512, 1024), &data, "image contents");
     // Unplug it again with another SET_MEM_TABLE; buffers there are now outside guest memory.
     s.unplug_region(4 * GIB, MemAnnounce::SetMemTable).unwrap();
     let st = s.blk(0).alloc_status().unwrap();
@@ -148,13 +180,24 @@ fn set_mem_table_adds_and_removes_regions_mid_session() {
     let c = s
         .blk(0)
         .submit_raw(
-            &[Seg::readable(hdr, 16), Seg::writable(4 * GIB, 512), Seg::writable(st, 1)],
-            &Readback { data: vec![], status: Some(st) },
+            &[
+                Seg::readable(hdr, 16),
+                Seg::writable(4 * GIB, 512),
+                Seg::writable(st, 1),
+            ],
+            &Readback {
+                data: vec![],
+                status: Some(st),
+            },
         )
         .unwrap();
     assert_eq!(c.status(), blk::S_IOERR, "buffer in an unplugged region");
     // The original region (rings included) still works.
-    assert_eq!(s.blk(0).read(21, 512).unwrap().data, pattern(21 * 512, 512));
+    assert_bytes(
+        &s.blk(0).read(21, 512).unwrap().data,
+        &pattern(21 * 512, 512),
+        "read data",
+    );
 }
 
 #[test]
@@ -166,15 +209,31 @@ fn add_and_remove_mem_reg_mid_session() {
     let mut hot = s
         .plug_region(RegionSpec::new(8 * GIB, 1 << 20), MemAnnounce::AddMemReg)
         .unwrap();
-    assert_eq!(read_via(&mut s, &mut hot, 23, 4096), pattern(23 * 512, 4096));
+    assert_bytes(
+        &read_via(&mut s, &mut hot, 23, 4096),
+        &pattern(23 * 512, 4096),
+        "read into the hot-plugged region",
+    );
     let mut hot2 = s
         .plug_region(RegionSpec::new(2 * GIB, 1 << 20), MemAnnounce::AddMemReg)
         .unwrap();
-    assert_eq!(read_via(&mut s, &mut hot2, 29, 512), pattern(29 * 512, 512));
+    assert_bytes(
+        &read_via(&mut s, &mut hot2, 29, 512),
+        &pattern(29 * 512, 512),
+        "read into the hot-plugged region",
+    );
     s.unplug_region(8 * GIB, MemAnnounce::AddMemReg).unwrap();
     // The other hot-plugged region and the boot region still work.
-    assert_eq!(read_via(&mut s, &mut hot2, 31, 512), pattern(31 * 512, 512));
-    assert_eq!(s.blk(0).read(33, 512).unwrap().data, pattern(33 * 512, 512));
+    assert_bytes(
+        &read_via(&mut s, &mut hot2, 31, 512),
+        &pattern(31 * 512, 512),
+        "read into the hot-plugged region",
+    );
+    assert_bytes(
+        &s.blk(0).read(33, 512).unwrap().data,
+        &pattern(33 * 512, 512),
+        "read data",
+    );
 }
 
 #[test]
@@ -183,25 +242,40 @@ fn regions_sharing_one_memfd_at_different_offsets() {
     // QEMU's x86 layout: one RAM block split into [0, 16 MiB) and [4 GiB, 4 GiB + 16 MiB),
     // the second at mmap_offset 16 MiB of the same fd.
     let config = SessionConfig {
-        memory: vec![RegionSpec::new(0, 16 << 20), RegionSpec::new(4 * GIB, 16 << 20)],
+        memory: vec![
+            RegionSpec::new(0, 16 << 20),
+            RegionSpec::new(4 * GIB, 16 << 20),
+        ],
         shared_memfd: true,
         ..SessionConfig::default()
     };
-    for how in [MemAnnounce::SetMemTable, MemAnnounce::AddMemReg] {
+    for (i, how) in [MemAnnounce::SetMemTable, MemAnnounce::AddMemReg]
+        .into_iter()
+        .enumerate()
+    {
+        let base = 1000 * (i as u64 + 1);
         let mut steps = Step::negotiate();
         steps.extend(Step::start(1, how));
         let mut s = fx.session_with(config.clone(), &steps);
         let mut high = Arena::over(RegionSpec::new(4 * GIB, 16 << 20));
-        assert_eq!(
-            read_via(&mut s, &mut high, 37, 8192),
-            pattern(37 * 512, 8192),
-            "{how:?}: read into the second region"
+        assert_bytes(
+            &read_via(&mut s, &mut high, base, 8192),
+            &pattern(base * 512, 8192),
+            &format!("{how:?}: read into the second region"),
         );
         let data: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
-        write_via(&mut s, &mut high, 45, &data);
-        assert_eq!(fx.image_bytes(45 * 512, 4096), data, "{how:?}: write from the second region");
+        write_via(&mut s, &mut high, base + 100, &data);
+        assert_bytes(
+            &fx.image_bytes((base + 100) * 512, 4096),
+            &data,
+            &format!("{how:?}: write from the second region"),
+        );
         // And the low region, where the rings live, alongside.
-        assert_eq!(s.blk(0).read(53, 512).unwrap().data, pattern(53 * 512, 512));
+        assert_bytes(
+            &s.blk(0).read(base + 200, 512).unwrap().data,
+            &pattern((base + 200) * 512, 512),
+            &format!("{how:?}: read into the first region"),
+        );
     }
 }
 
@@ -216,16 +290,23 @@ fn connected_fd_is_served_and_exit_is_zero_on_close() {
         .unwrap_or_else(|e| panic!("handshake over --fd: {e}\nstderr:\n{}", daemon.stderr()));
     let c = s.blk(0).read(3, 1024).unwrap();
     assert_eq!(c.status(), S_OK);
-    assert_eq!(c.data, pattern(3 * 512, 1024));
+    assert_bytes(&c.data, &pattern(3 * 512, 1024), "read data");
     assert_eq!(s.blk(0).write(4, &[0x71; 512]).unwrap().status(), S_OK);
     assert_eq!(s.blk(0).flush().unwrap().status(), S_OK);
-    assert!(matches!(daemon.try_wait(), Ok(None)), "exited while connected");
+    assert!(
+        matches!(daemon.try_wait(), Ok(None)),
+        "exited while connected"
+    );
     s.close();
     let status = daemon
         .wait_timeout(Duration::from_secs(10))
         .unwrap()
         .unwrap_or_else(|| panic!("still running 10 s after the frontend closed"));
-    assert!(status.success(), "exit {status}\nstderr:\n{}", daemon.stderr());
+    assert!(
+        status.success(),
+        "exit {status}\nstderr:\n{}",
+        daemon.stderr()
+    );
     let written = std::fs::read(&image).unwrap();
     assert_eq!(written[4 * 512..5 * 512], [0x71; 512]);
 }
@@ -242,5 +323,9 @@ fn connected_fd_closed_before_any_message_exits_zero() {
         .wait_timeout(Duration::from_secs(10))
         .unwrap()
         .unwrap_or_else(|| panic!("still running 10 s after the frontend closed"));
-    assert!(status.success(), "exit {status}\nstderr:\n{}", daemon.stderr());
+    assert!(
+        status.success(),
+        "exit {status}\nstderr:\n{}",
+        daemon.stderr()
+    );
 }

@@ -16,7 +16,7 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vmm_glue::frontend::blk::{self, BLK_CONFIG_LEN_FULL};
-use vmm_glue::frontend::fixture::pattern;
+use vmm_glue::frontend::fixture::{assert_bytes, pattern};
 use vmm_glue::frontend::session::BLK_CONFIG_LEN;
 use vmm_glue::frontend::{BlkConfig, Fixture, MemAnnounce, Session, SessionConfig, Step};
 
@@ -67,8 +67,16 @@ fn offers_the_contract_features_and_not_ro() {
     let mut fx = Fixture::start(VUBLK, 8 * MIB, &[]);
     let s = negotiated(&mut fx);
     let f = s.backend_features();
-    assert!(missing(f).is_empty(), "features {f:#x} lack {:?}", missing(f));
-    assert_eq!(f & bit(VIRTIO_BLK_F_RO), 0, "RO offered without --read-only");
+    assert!(
+        missing(f).is_empty(),
+        "features {f:#x} lack {:?}",
+        missing(f)
+    );
+    assert_eq!(
+        f & bit(VIRTIO_BLK_F_RO),
+        0,
+        "RO offered without --read-only"
+    );
 }
 
 #[test]
@@ -87,7 +95,11 @@ fn offers_the_contract_protocol_features() {
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
     let got = s.backend_protocol_features();
-    assert!(got.contains(want), "protocol features {got:?} lack {:?}", want - got);
+    assert!(
+        got.contains(want),
+        "protocol features {got:?} lack {:?}",
+        want - got
+    );
 }
 
 #[test]
@@ -96,7 +108,11 @@ fn queue_num_matches_num_queues() {
         let arg = n.to_string();
         let mut fx = Fixture::start(VUBLK, 8 * MIB, &["--num-queues", &arg]);
         let s = negotiated(&mut fx);
-        assert_eq!(s.queue_num(), Some(n), "GET_QUEUE_NUM with --num-queues {n}");
+        assert_eq!(
+            s.queue_num(),
+            Some(n),
+            "GET_QUEUE_NUM with --num-queues {n}"
+        );
     }
 }
 
@@ -105,13 +121,19 @@ fn get_config_returns_exactly_the_bytes_asked_for() {
     let mut fx = Fixture::start(VUBLK, 8 * MIB, &[]);
     let mut s = negotiated(&mut fx);
     let flags = VhostUserConfigFlags::empty();
-    let full = s.get_config(0, BLK_CONFIG_LEN, flags).expect("GET_CONFIG 60");
+    let full = s
+        .get_config(0, BLK_CONFIG_LEN, flags)
+        .expect("GET_CONFIG 60");
     assert_eq!(full.len(), BLK_CONFIG_LEN as usize);
     for size in [8u32, 60, 96, 1] {
         let got = s.get_config(0, size, flags).expect("GET_CONFIG");
         assert_eq!(got.len(), size as usize, "GET_CONFIG size {size}");
         let common = got.len().min(full.len());
-        assert_eq!(got[..common], full[..common], "GET_CONFIG size {size} disagrees");
+        assert_eq!(
+            got[..common],
+            full[..common],
+            "GET_CONFIG size {size} disagrees"
+        );
     }
     let big = s.get_config(0, BLK_CONFIG_LEN_FULL, flags).unwrap();
     assert!(
@@ -121,9 +143,15 @@ fn get_config_returns_exactly_the_bytes_asked_for() {
     );
     // Partial reads at an offset see the same bytes as a full read.
     for (offset, size) in [(20u32, 4u32), (34, 2), (8, 16), (32, 1), (36, 24)] {
-        let got = s.get_config(offset, size, flags).expect("GET_CONFIG at offset");
+        let got = s
+            .get_config(offset, size, flags)
+            .expect("GET_CONFIG at offset");
         let (o, n) = (offset as usize, size as usize);
-        assert_eq!(got, full[o..o + n], "GET_CONFIG offset {offset} size {size}");
+        assert_eq!(
+            got,
+            full[o..o + n],
+            "GET_CONFIG offset {offset} size {size}"
+        );
     }
 }
 
@@ -134,7 +162,19 @@ fn config_describes_the_image_and_options() {
         (&[], 512, 1, 1),
         (&["--blk-size", "4096"], 4096, 1, 1),
         (&["--write-cache", "off", "--num-queues", "2"], 512, 0, 2),
-        (&["--write-cache", "on", "--num-queues", "4", "--blk-size", "512"], 512, 1, 4),
+        (
+            &[
+                "--write-cache",
+                "on",
+                "--num-queues",
+                "4",
+                "--blk-size",
+                "512",
+            ],
+            512,
+            1,
+            4,
+        ),
     ];
     for (args, blk_size, writeback, queues) in cases {
         let mut fx = Fixture::start(VUBLK, size, args);
@@ -149,7 +189,10 @@ fn config_describes_the_image_and_options() {
         assert_eq!(c.num_queues, queues, "{args:?}: num_queues");
         assert!(c.seg_max >= 1, "{args:?}: seg_max {}", c.seg_max);
         assert!(c.max_discard_sectors > 0, "{args:?}: max_discard_sectors 0");
-        assert!(c.max_write_zeroes_sectors > 0, "{args:?}: max_write_zeroes 0");
+        assert!(
+            c.max_write_zeroes_sectors > 0,
+            "{args:?}: max_write_zeroes 0"
+        );
     }
 }
 
@@ -162,7 +205,7 @@ fn get_id_returns_the_serial_nul_padded() {
         assert_eq!(c.status(), blk::S_OK);
         let mut want = serial.as_bytes().to_vec();
         want.resize(blk::ID_BYTES, 0);
-        assert_eq!(c.data, want, "GET_ID with --serial {serial:?}");
+        assert_bytes(&c.data, &want, &format!("GET_ID with --serial {serial:?}"));
     }
 }
 
@@ -173,12 +216,19 @@ fn get_id_default_is_a_stable_nul_padded_string() {
     let first = s.blk(0).get_id().unwrap();
     let again = s.blk(0).get_id().unwrap();
     assert_eq!(first.status(), blk::S_OK);
-    assert_eq!(first.data, again.data, "GET_ID changed within one session");
+    assert_bytes(
+        &first.data,
+        &again.data,
+        "GET_ID changed within one session",
+    );
     let id = first.data;
     assert_eq!(id.len(), blk::ID_BYTES);
     assert!(id.iter().any(|&b| b != 0), "default serial is empty");
     let end = id.iter().position(|&b| b == 0).unwrap_or(id.len());
-    assert!(id[end..].iter().all(|&b| b == 0), "serial not NUL padded: {id:?}");
+    assert!(
+        id[end..].iter().all(|&b| b == 0),
+        "serial not NUL padded: {id:?}"
+    );
 }
 
 #[test]
@@ -194,7 +244,10 @@ fn get_id_default_depends_only_on_the_image_path() {
     let stream = d2.connect(std::time::Duration::from_secs(10)).unwrap();
     let mut s2 = Session::connect(stream, SessionConfig::default(), &Step::qemu(1)).unwrap();
     let second = s2.blk(0).get_id().unwrap().data;
-    assert_eq!(first, second, "default serial changed between runs on the same path");
+    assert_eq!(
+        first, second,
+        "default serial changed between runs on the same path"
+    );
 }
 
 /// Reads at three places and writes once, checking data both ways.
@@ -202,13 +255,25 @@ fn exercise_io(fx: &Fixture, s: &mut Session, q: usize) {
     for sector in [0u64, 7, 16383] {
         let c = s.blk(q).read(sector, 512).unwrap();
         assert_eq!(c.status(), blk::S_OK, "read sector {sector} on queue {q}");
-        assert_eq!(c.data, pattern(sector * 512, 512), "data of sector {sector}");
+        assert_bytes(
+            &c.data,
+            &pattern(sector * 512, 512),
+            &format!("data of sector {sector}"),
+        );
     }
     let data: Vec<u8> = (0..4096u32).map(|i| (i * 7 + q as u32) as u8).collect();
     let sector = 100 + 8 * q as u64;
     assert_eq!(s.blk(q).write(sector, &data).unwrap().status(), blk::S_OK);
-    assert_eq!(s.blk(q).read(sector, 4096).unwrap().data, data);
-    assert_eq!(fx.image_bytes(sector * 512, 4096), data, "write did not reach the image");
+    assert_bytes(
+        &s.blk(q).read(sector, 4096).unwrap().data,
+        &data,
+        "read data",
+    );
+    assert_bytes(
+        &fx.image_bytes(sector * 512, 4096),
+        &data,
+        "write did not reach the image",
+    );
 }
 
 #[test]

@@ -35,6 +35,27 @@ pub fn pattern(offset: u64, len: usize) -> Vec<u8> {
     out
 }
 
+/// Panics unless `got == want`, naming the first differing byte instead of dumping both buffers.
+#[track_caller]
+pub fn assert_bytes(got: &[u8], want: &[u8], what: &str) {
+    if got == want {
+        return;
+    }
+    let at = got
+        .iter()
+        .zip(want)
+        .position(|(a, b)| a != b)
+        .unwrap_or(got.len().min(want.len()));
+    let show = |b: &[u8]| format!("{:02x?}", &b[at.min(b.len())..(at + 16).min(b.len())]);
+    panic!(
+        "{what}: {} bytes vs {} expected, first difference at byte {at}: got {} want {}",
+        got.len(),
+        want.len(),
+        show(got),
+        show(want)
+    );
+}
+
 /// Writes an image of `size` bytes filled with [`pattern`].
 pub fn write_image(path: &Path, size: u64) {
     let mut f = File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));

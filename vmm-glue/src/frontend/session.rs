@@ -7,8 +7,12 @@
 //! [`Session::frontend`].
 
 use std::collections::VecDeque;
+use std::net::Shutdown;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::{mpsc, Arc};
+use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags, Timespec};
@@ -52,6 +56,10 @@ pub enum SessionError {
     Queue(#[from] QueueError),
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    #[error("vhost-user {step}: no reply within {waited:?}; the connection was shut down")]
+    NoReply { step: String, waited: Duration },
+    #[error("cannot configure the vhost-user socket")]
+    Socket(#[source] std::io::Error),
     #[error("cannot create or use an eventfd")]
     EventFd(#[source] std::io::Error),
     #[error("queue {0} does not exist in this session")]
@@ -90,6 +98,10 @@ pub struct SessionConfig {
     pub features: u64,
     /// Protocol features the frontend acks if offered.
     pub protocol_features: VhostUserProtocolFeatures,
+    /// How long one step may take before the frontend gives up: the socket is shut down so the
+    /// step fails instead of hanging (a backend that never answers must fail a test, not hang
+    /// it). `None` waits forever.
+    pub reply_timeout: Option<Duration>,
 }
 
 impl Default for SessionConfig {
@@ -104,6 +116,7 @@ impl Default for SessionConfig {
                 | VhostUserProtocolFeatures::CONFIG
                 | VhostUserProtocolFeatures::REPLY_ACK
                 | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS,
+            reply_timeout: Some(Duration::from_secs(10)),
         }
     }
 }
@@ -144,11 +157,14 @@ pub enum Step {
     SetVringErr(usize),
     SetVringEnable(usize, bool),
     GetVringBase(usize),
+    /// The inner step with NEED_REPLY set on its message if REPLY_ACK was acked, the way QEMU
+    /// flags SET_MEM_TABLE: the frontend waits until the backend has applied it.
+    WithReply(Box<Step>),
 }
 
 impl Step {
     /// Roughly QEMU 8-10's vhost-user-blk: realize (vhost_dev_init, config read at offset 0),
-    /// then vhost_dev_start.
+    /// then vhost_dev_start. Only SET_MEM_TABLE asks for a reply, as in QEMU.
     pub fn qemu(num_queues: usize) -> Vec<Step> {
         let mut v = vec![
             Step::GetFeatures,
@@ -164,7 +180,7 @@ impl Step {
                 flags: VhostUserConfigFlags::empty(),
             },
             Step::SetFeatures,
-            Step::Memory(MemAnnounce::SetMemTable),
+            Step::WithReply(Box::new(Step::Memory(MemAnnounce::SetMemTable))),
         ];
         for q in 0..num_queues {
             v.extend([
@@ -283,6 +299,9 @@ pub struct Session {
     last_config: Option<Vec<u8>>,
     last_vring_base: Option<u32>,
     sent: Vec<Step>,
+    watchdog: Option<Watchdog>,
+    /// NEED_REPLY is set on every message (after [`Step::NeedReply`]).
+    need_reply_always: bool,
 }
 
 impl Session {
@@ -307,6 +326,13 @@ impl Session {
                 config.queue_size,
             )?)?);
         }
+        let watchdog = match config.reply_timeout {
+            Some(t) => Some(Watchdog::new(
+                stream.try_clone().map_err(SessionError::Socket)?,
+                t,
+            )),
+            None => None,
+        };
         let frontend = Frontend::from_stream(stream, config.num_queues.max(1) as u64);
         Ok(Self {
             frontend,
@@ -323,6 +349,8 @@ impl Session {
             last_config: None,
             last_vring_base: None,
             sent: Vec::new(),
+            watchdog,
+            need_reply_always: false,
         })
     }
 
@@ -344,6 +372,22 @@ impl Session {
 
     /// Runs one step.
     pub fn step(&mut self, step: &Step) -> Result<(), SessionError> {
+        if let Some(w) = &self.watchdog {
+            w.arm();
+        }
+        let r = self.step_inner(step);
+        if let Some(w) = &self.watchdog {
+            if w.disarm() {
+                return Err(SessionError::NoReply {
+                    step: format!("{step:?}"),
+                    waited: w.timeout,
+                });
+            }
+        }
+        r
+    }
+
+    fn step_inner(&mut self, step: &Step) -> Result<(), SessionError> {
         let fail = |source: vhost::Error| SessionError::Vhost {
             step: format!("{step:?}"),
             source,
@@ -373,11 +417,9 @@ impl Session {
                 self.acked_protocol_features = acked;
             }
             Step::NeedReply => {
-                if self
-                    .acked_protocol_features
-                    .contains(VhostUserProtocolFeatures::REPLY_ACK)
-                {
+                if self.reply_ack() {
                     self.frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+                    self.need_reply_always = true;
                 }
             }
             Step::GetQueueNum => {
@@ -411,7 +453,7 @@ impl Session {
                 } else {
                     MemAnnounce::SetMemTable
                 };
-                self.step(&Step::Memory(how))?;
+                self.step_inner(&Step::Memory(how))?;
                 return Ok(());
             }
             Step::SetVringNum(q) => {
@@ -442,9 +484,33 @@ impl Session {
             Step::GetVringBase(q) => {
                 self.last_vring_base = Some(self.frontend.get_vring_base(q).map_err(fail)?)
             }
+            Step::WithReply(ref inner) => {
+                self.with_reply(|s| s.step_inner(inner))?;
+                return Ok(());
+            }
         }
         self.sent.push(step.clone());
         Ok(())
+    }
+
+    fn reply_ack(&self) -> bool {
+        self.acked_protocol_features
+            .contains(VhostUserProtocolFeatures::REPLY_ACK)
+    }
+
+    /// Runs `f` with NEED_REPLY on every message it sends (if REPLY_ACK was acked).
+    fn with_reply<T>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<T, SessionError>,
+    ) -> Result<T, SessionError> {
+        if self.reply_ack() {
+            self.frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        }
+        let r = f(self);
+        if !self.need_reply_always {
+            self.frontend.set_hdr_flags(VhostUserHeaderFlag::empty());
+        }
+        r
     }
 
     fn announce_memory(&mut self, how: MemAnnounce) -> Result<(), SessionError> {
@@ -467,8 +533,17 @@ impl Session {
     }
 
     /// Hot-plugs a region: maps a new memfd and tells the backend with ADD_MEM_REG or a full
-    /// SET_MEM_TABLE. Returns an arena over the new region.
+    /// SET_MEM_TABLE, asking for a reply (if REPLY_ACK was acked) so the backend has applied it
+    /// before the next request. Returns an arena over the new region.
     pub fn plug_region(
+        &mut self,
+        spec: RegionSpec,
+        how: MemAnnounce,
+    ) -> Result<Arena, SessionError> {
+        self.with_reply(|s| s.plug_region_inner(spec, how))
+    }
+
+    fn plug_region_inner(
         &mut self,
         spec: RegionSpec,
         how: MemAnnounce,
@@ -490,8 +565,17 @@ impl Session {
         Ok(Arena::over(spec))
     }
 
-    /// Unplugs the region at `guest_addr` with REM_MEM_REG or a full SET_MEM_TABLE.
+    /// Unplugs the region at `guest_addr` with REM_MEM_REG or a full SET_MEM_TABLE (with a reply,
+    /// as for [`Session::plug_region`]).
     pub fn unplug_region(&mut self, guest_addr: u64, how: MemAnnounce) -> Result<(), SessionError> {
+        self.with_reply(|s| s.unplug_region_inner(guest_addr, how))
+    }
+
+    fn unplug_region_inner(
+        &mut self,
+        guest_addr: u64,
+        how: MemAnnounce,
+    ) -> Result<(), SessionError> {
         let removed = self.mem.remove_region(guest_addr)?;
         let fail = |source| SessionError::Vhost {
             step: format!("unplug {how:?} {guest_addr:#x}"),
@@ -715,6 +799,71 @@ impl Session {
     /// Closes the connection (the backend sees EOF).
     pub fn close(self) {
         drop(self);
+    }
+}
+
+/// Shuts the socket down when a step takes longer than `timeout`, so a backend that never
+/// replies fails the step (the `vhost` crate retries reads that time out, so SO_RCVTIMEO alone
+/// would spin forever).
+struct Watchdog {
+    timeout: Duration,
+    tx: Option<mpsc::Sender<Option<Instant>>>,
+    fired: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Watchdog {
+    fn new(stream: UnixStream, timeout: Duration) -> Self {
+        let (tx, rx) = mpsc::channel::<Option<Instant>>();
+        let fired = Arc::new(AtomicBool::new(false));
+        let flag = fired.clone();
+        let thread = thread::spawn(move || {
+            let mut deadline: Option<Instant> = None;
+            loop {
+                let msg = match deadline {
+                    Some(d) => rx.recv_timeout(d.saturating_duration_since(Instant::now())),
+                    None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+                };
+                match msg {
+                    Ok(d) => deadline = d,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        flag.store(true, AtomicOrdering::SeqCst);
+                        let _ = stream.shutdown(Shutdown::Both);
+                        deadline = None;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            }
+        });
+        Self {
+            timeout,
+            tx: Some(tx),
+            fired,
+            thread: Some(thread),
+        }
+    }
+
+    fn arm(&self) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Some(Instant::now() + self.timeout));
+        }
+    }
+
+    /// Returns whether the watchdog fired since it was armed.
+    fn disarm(&self) -> bool {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(None);
+        }
+        self.fired.load(AtomicOrdering::SeqCst)
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 

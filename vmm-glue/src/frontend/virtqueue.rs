@@ -320,7 +320,7 @@ impl SplitQueue {
         Ok(())
     }
 
-    /// Writes `used_event` (avail.ring[size]): with EVENT_IDX the device signals once it moves
+    /// Writes `used_event` (`avail.ring[size]`): with EVENT_IDX the device signals once it moves
     /// the used index past this value.
     pub fn set_used_event(&self, mem: &GuestMemory, idx: u16) -> Result<(), QueueError> {
         let at = self.avail_ring + 4 + 2 * u64::from(self.size);
@@ -328,7 +328,7 @@ impl SplitQueue {
         Ok(())
     }
 
-    /// Reads `avail_event` (used.ring[size]), where an EVENT_IDX device says when to kick.
+    /// Reads `avail_event` (`used.ring[size]`), where an EVENT_IDX device says when to kick.
     pub fn avail_event(&self, mem: &GuestMemory) -> Result<u16, QueueError> {
         let at = self.used_ring + 4 + USED_ELEM_SIZE * u64::from(self.size);
         Ok(mem.load(at, Ordering::Acquire)?)
