@@ -9,13 +9,12 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 
 use thiserror::Error;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::vhost_user::{serve_connection, ConnectionEnd, VirtioDevice};
+use crate::vhost_user::{ConnectionThread, VirtioDevice};
 
 pub use endpoint::{Endpoint, Listener};
 pub use signals::Signals;
@@ -40,12 +39,6 @@ pub enum DaemonError {
     NotUnixStream { fd: i32 },
     #[error("cannot set up the event loop")]
     EventLoop(#[source] io::Error),
-}
-
-/// The connection being served, and how to end it early.
-struct Active {
-    stream: Arc<Mutex<Option<UnixStream>>>,
-    thread: JoinHandle<()>,
 }
 
 const EV_SIGNAL: u64 = 0;
@@ -92,7 +85,8 @@ pub fn run<D: VirtioDevice>(endpoint: Endpoint, device: Arc<D>) -> Result<(), Da
                     let signal = signals.read();
                     tracing::info!("{signal} received, stopping");
                     if let Some(active) = active.take() {
-                        end_connection(active);
+                        active.shutdown();
+                        active.join();
                     }
                     listener.cleanup();
                     return Ok(());
@@ -100,7 +94,7 @@ pub fn run<D: VirtioDevice>(endpoint: Endpoint, device: Arc<D>) -> Result<(), Da
                 EV_DONE => {
                     let _ = done.read();
                     if let Some(active) = active.take() {
-                        let _ = active.thread.join();
+                        active.join();
                     }
                     match &listener {
                         Listener::Connected(_) => {
@@ -143,33 +137,18 @@ pub fn run<D: VirtioDevice>(endpoint: Endpoint, device: Arc<D>) -> Result<(), Da
     }
 }
 
-fn spawn_connection<D: VirtioDevice>(stream: UnixStream, device: Arc<D>, done: &EventFd, id: u64) -> io::Result<Active> {
+fn spawn_connection<D: VirtioDevice>(
+    stream: UnixStream,
+    device: Arc<D>,
+    done: &EventFd,
+    id: u64,
+) -> io::Result<ConnectionThread> {
     let peer = rustix::net::sockopt::socket_peercred(&stream)
         .map(|c| format!("pid {} uid {}", c.pid.as_raw_nonzero(), c.uid.as_raw()))
         .unwrap_or_else(|_| "unknown peer".to_string());
-    let shared = Arc::new(Mutex::new(None));
-    let slot = shared.clone();
+    tracing::info!("frontend connected ({peer}), connection {id}");
     let done = done.try_clone()?;
-    let thread = std::thread::Builder::new()
-        .name(format!("vublk-conn{id}"))
-        .spawn(move || {
-            let _span = tracing::info_span!("conn", id).entered();
-            tracing::info!("frontend connected ({peer})");
-            let end = serve_connection(stream, device, |clone| {
-                *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(clone);
-            });
-            match end {
-                ConnectionEnd::Disconnected => tracing::info!("frontend disconnected; device stopped"),
-                ConnectionEnd::Failed(e) => tracing::warn!("connection ended: {e}; device stopped"),
-            }
-            let _ = done.write(1);
-        })?;
-    Ok(Active { stream: shared, thread })
-}
-
-fn end_connection(active: Active) {
-    if let Some(stream) = active.stream.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-        let _ = stream.shutdown(std::net::Shutdown::Both);
-    }
-    let _ = active.thread.join();
+    ConnectionThread::spawn(id, "", stream, device, move || {
+        let _ = done.write(1);
+    })
 }

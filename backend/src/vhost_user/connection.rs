@@ -1,7 +1,9 @@
 //! Serving one connected frontend until it goes away.
 
+use std::io;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 
 use vhost::vhost_user::{BackendReqHandler, Error as VhostUserError};
 
@@ -63,4 +65,50 @@ pub fn serve_connection<D: VirtioDevice>(
         .unwrap_or_else(|e| e.into_inner())
         .stop_all();
     end
+}
+
+/// A connection served on a thread of its own (`vublk-conn<id>`), which another thread can end.
+pub struct ConnectionThread {
+    stream: Arc<Mutex<Option<UnixStream>>>,
+    thread: JoinHandle<()>,
+}
+
+impl ConnectionThread {
+    /// Serves `stream` with `device` on a new thread; `on_end` runs on that thread once every
+    /// ring has stopped.
+    pub fn spawn<D: VirtioDevice>(
+        id: u64,
+        export: &str,
+        stream: UnixStream,
+        device: Arc<D>,
+        on_end: impl FnOnce() + Send + 'static,
+    ) -> io::Result<ConnectionThread> {
+        let shared = Arc::new(Mutex::new(None));
+        let slot = shared.clone();
+        let export = export.to_string();
+        let thread = std::thread::Builder::new().name(format!("vublk-conn{id}")).spawn(move || {
+            let _span = tracing::info_span!("conn", id, export = %export).entered();
+            let end = serve_connection(stream, device, |clone| {
+                *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(clone);
+            });
+            match end {
+                ConnectionEnd::Disconnected => tracing::info!("frontend disconnected; device stopped"),
+                ConnectionEnd::Failed(e) => tracing::warn!("connection ended: {e}; device stopped"),
+            }
+            on_end();
+        })?;
+        Ok(ConnectionThread { stream: shared, thread })
+    }
+
+    /// Ends the connection as if the frontend had closed it.
+    pub fn shutdown(&self) {
+        if let Some(stream) = self.stream.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Waits for the thread (after it ended, or after `shutdown`).
+    pub fn join(self) {
+        let _ = self.thread.join();
+    }
 }

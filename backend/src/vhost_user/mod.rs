@@ -14,7 +14,7 @@ mod memory;
 mod session;
 mod vring;
 
-pub use connection::{serve_connection, ConnectionEnd};
+pub use connection::{serve_connection, ConnectionEnd, ConnectionThread};
 pub use device::{QueueLoop, VirtioDevice};
 pub use memory::{Generation, GuestMemoryHandle};
 pub use session::Session;

@@ -12,8 +12,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -21,7 +20,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::cli::{ExportSpec, OpenAs};
 use crate::disk::{Disk, DiskSpec};
 use crate::handoff::{self, DeviceStatus, ToSupervisor, ToWorker};
-use crate::vhost_user::{serve_connection, ConnectionEnd};
+use crate::vhost_user::ConnectionThread;
 use crate::virtio_blk::BlockDevice;
 
 const EV_CONTROL: u64 = 0;
@@ -31,8 +30,7 @@ const EV_VMM: u64 = 2;
 struct Connection {
     export: String,
     device: Arc<BlockDevice>,
-    stream: Arc<Mutex<Option<UnixStream>>>,
-    thread: JoinHandle<()>,
+    thread: ConnectionThread,
 }
 
 /// How often the worker tells the supervisor what its devices served.
@@ -110,9 +108,7 @@ pub fn run(control: OwnedFd) -> io::Result<()> {
                         supervisor_gone = true;
                         let _ = epoll::ctl(epoll, epoll::ControlOptions::EPOLL_CTL_DEL, control.as_raw_fd(), epoll::Event::new(epoll::Events::empty(), 0));
                         for c in connections.values() {
-                            if let Some(stream) = c.stream.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-                                let _ = stream.shutdown(std::net::Shutdown::Both);
-                            }
+                            c.thread.shutdown();
                         }
                     }
                     Err(e) => tracing::error!("bad message from the supervisor: {e}"),
@@ -121,7 +117,7 @@ pub fn run(control: OwnedFd) -> io::Result<()> {
                     let _ = done.read();
                     while let Ok(id) = ended_rx.try_recv() {
                         if let Some(c) = connections.remove(&id) {
-                            let _ = c.thread.join();
+                            c.thread.join();
                         }
                         if !supervisor_gone {
                             let _ = handoff::send(&control, &ToSupervisor::Ended { connection: id }, &[]);
@@ -156,30 +152,19 @@ fn start(
     }
     .map_err(|e| crate::error_line(&e))?;
     let device = Arc::new(BlockDevice::new(disk, &export.device));
-    let serving = device.clone();
-    let shared = Arc::new(Mutex::new(None));
-    let slot = shared.clone();
     let done = done.try_clone().map_err(|e| e.to_string())?;
     let ended = ended.clone();
-    let name = export.name.clone();
-    let thread = std::thread::Builder::new()
-        .name(format!("vublk-conn{connection}"))
-        .spawn(move || {
-            let _span = tracing::info_span!("conn", id = connection, export = %name).entered();
-            tracing::info!("serving");
-            match serve_connection(stream, serving, |clone| *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(clone)) {
-                ConnectionEnd::Disconnected => tracing::info!("frontend disconnected; device stopped"),
-                ConnectionEnd::Failed(e) => tracing::warn!("connection ended: {e}; device stopped"),
-            }
-            let _ = ended.send(connection);
-            let _ = done.write(1);
-        })
-        .map_err(|e| {
-            if e.raw_os_error() == Some(libc::EAGAIN) {
-                format!("cannot create a thread: the VMM's thread limit (RLIMIT_NPROC or pids.max) is reached ({e})")
-            } else {
-                format!("cannot create a thread: {e}")
-            }
-        })?;
-    Ok(Connection { export: export.name.clone(), device, stream: shared, thread })
+    let thread = ConnectionThread::spawn(connection, &export.name, stream, device.clone(), move || {
+        let _ = ended.send(connection);
+        let _ = done.write(1);
+    })
+    .map_err(|e| {
+        if e.raw_os_error() == Some(libc::EAGAIN) {
+            format!("cannot create a thread: the VMM's thread limit (RLIMIT_NPROC or pids.max) is reached ({e})")
+        } else {
+            format!("cannot create a thread: {e}")
+        }
+    })?;
+    tracing::info!("serving {} (connection {connection})", export.name);
+    Ok(Connection { export: export.name.clone(), device, thread })
 }
