@@ -552,3 +552,24 @@ fn memory_regions_come_and_go_while_running() {
     assert_same(&std::fs::read(&img).unwrap(), &model, "image file");
 }
 
+
+/// `--single-process` serves from the daemon itself (no worker process), and still takes the
+/// next frontend after one disconnects.
+#[test]
+fn single_process_mode_serves_without_workers() {
+    let dir = test_dir();
+    let img = dir.path().join("disk.img");
+    create_image(&img, 4 * MIB, 17);
+    let mut daemon = Daemon::start(dir.path(), &["--blk-file", img.to_str().unwrap(), "--single-process"]);
+    let data = pattern(1800, MIB, 64 * KIB as usize);
+    {
+        let mut client = Client::connect(&daemon.socket, 1);
+        assert_eq!(client.q(0).write_at(MIB, &data), 0);
+        assert_eq!(daemon.serving_pid(), daemon.pid());
+        assert!(workers_of(daemon.pid()).is_empty(), "--single-process started a worker");
+    }
+    let mut client = Client::connect(&daemon.socket, 1);
+    assert_eq!(client.q(0).read_at(MIB, data.len()).unwrap(), data);
+    drop(client);
+    daemon.stop();
+}
