@@ -35,6 +35,8 @@ const CANCEL: u64 = KICK + 2;
 
 /// Chains taken from the ring per wakeup before completions get a turn (vhost's weight).
 const BUDGET: usize = 256;
+/// Rounds in a row that found the ring non-empty yet took nothing, before yielding.
+const MAX_EMPTY_ROUNDS: usize = 16;
 
 const STATUS_OK: u8 = spec::VIRTIO_BLK_S_OK as u8;
 const STATUS_IOERR: u8 = spec::VIRTIO_BLK_S_IOERR as u8;
@@ -252,6 +254,7 @@ impl QueueWorker {
         let mem = generation.memory();
         let size = self.q.queue.size();
         let mut budget = BUDGET;
+        let mut empty_rounds = 0;
         loop {
             if let Err(e) = self.q.queue.disable_notification(mem) {
                 return self.mark_broken(&e);
@@ -283,10 +286,17 @@ impl QueueWorker {
                 self.start_request(head, chain, &generation);
             }
             match self.q.queue.enable_notification(mem) {
-                // More arrived while notifications were off: take them too.
-                Ok(true) if taken > 0 => continue,
-                // The ring says there is more, yet nothing could be taken from it.
-                Ok(true) => return self.mark_broken(&"the avail ring cannot be read"),
+                // More arrived while notifications were off (or between reading the avail
+                // index and re-enabling them): take them too. A ring that keeps saying so while
+                // yielding nothing gets another turn next round rather than a busy loop here.
+                Ok(true) if taken > 0 || empty_rounds < MAX_EMPTY_ROUNDS => {
+                    empty_rounds += usize::from(taken == 0);
+                    continue;
+                }
+                Ok(true) => {
+                    self.backlog = true;
+                    return;
+                }
                 Ok(false) => return,
                 Err(e) => return self.mark_broken(&e),
             }
