@@ -8,10 +8,14 @@
 # apt-get runs only when a package is missing, so a prepared machine (CI) pays nothing. When not
 # root and something is missing, it says what to install and fails.
 
-# Debian packages the test suite needs beyond a Rust toolchain. Empty today: the end-to-end
-# tests run vublk as a process and drive it with libblkio, which is a crate linked into them.
-# The guest tests will add fio and qemu-system-x86 here.
-VUBLK_TEST_PACKAGES=()
+# Debian packages the test suite needs beyond a Rust toolchain (the end-to-end tests drive vublk
+# with libblkio, a crate linked into them). For the guest tests (guest-tests/, docs/testing.md):
+#   qemu-system-x86  runs the guests
+#   fio              copied into the guest with the libraries it links (the guest's fio)
+#   xz-utils         unpacks Debian's kernel so QEMU boots it without its slow decompressor
+# The guest's kernel and busybox are not installed: the tests fetch their .debs with
+# `apt-get download` at run time and cache them under target/guest-cache.
+VUBLK_TEST_PACKAGES=(qemu-system-x86 fio xz-utils)
 VUBLK_BUILD_PACKAGES=(gcc libc6-dev)
 
 # The oldest toolchain the workspace builds with (rust-version in Cargo.toml); Debian 12's own

@@ -1,0 +1,440 @@
+//! Booting the guest under QEMU with vhost-user-blk disks and a job, and reading the result.
+//!
+//! One boot is one QEMU process: `-kernel`/`-initrd` (the cached base initramfs with the job
+//! appended as a second cpio archive), guest RAM in a shared memfd (the backend maps it), one
+//! `vhost-user-blk-pci` per disk, the serial console in a file, `-no-reboot` so the guest's
+//! power-off (or a panic, with `panic=-1`) ends QEMU, and a hard timeout after which QEMU is
+//! killed. The console is parsed into the job's steps (console.rs).
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::console::{self, Parsed, Step};
+use crate::image::{self, GuestImage};
+use crate::process::die_with_parent;
+use crate::{fio, paths};
+
+/// The accelerator QEMU uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    fn args(self) -> [&'static str; 4] {
+        match self {
+            Accel::Kvm => ["-accel", "kvm", "-cpu", "host"],
+            Accel::Tcg => ["-accel", "tcg", "-cpu", "max"],
+        }
+    }
+}
+
+/// A vhost-user-blk disk of the guest.
+#[derive(Clone, Debug)]
+pub struct Disk {
+    pub socket: PathBuf,
+    pub num_queues: u16,
+}
+
+/// What the guest runs: files under `/job/` and the steps of `/job/run.sh`.
+#[derive(Clone, Debug, Default)]
+pub struct Job {
+    files: Vec<(String, Vec<u8>)>,
+    run: String,
+}
+
+impl Job {
+    pub fn new() -> Job {
+        Job::default()
+    }
+
+    /// Adds `/job/<name>`.
+    pub fn file(&mut self, name: &str, contents: impl Into<Vec<u8>>) -> &mut Job {
+        self.files.push((name.to_string(), contents.into()));
+        self
+    }
+
+    /// A step running the busybox shell script `script` in `/job`. busybox runs its own applets
+    /// before anything on the PATH: util-linux's blkdiscard is `/usr/bin/blkdiscard`.
+    pub fn sh(&mut self, step: &str, script: &str) -> &mut Job {
+        self.file(&format!("{step}.sh"), script);
+        let _ = writeln!(self.run, "step {step} sh /job/{step}.sh");
+        self
+    }
+
+    /// A step running fio on the job file `jobfile` with JSON output (see [`Boot::fio`]).
+    pub fn fio(&mut self, step: &str, jobfile: &str) -> &mut Job {
+        self.file(&format!("{step}.fio"), jobfile);
+        let _ = writeln!(
+            self.run,
+            "step {step} fio --output-format=json /job/{step}.fio"
+        );
+        self
+    }
+
+    /// A step running fio with its normal, human-readable output.
+    pub fn fio_text(&mut self, step: &str, jobfile: &str) -> &mut Job {
+        self.file(&format!("{step}.fio"), jobfile);
+        let _ = writeln!(self.run, "step {step} fio /job/{step}.fio");
+        self
+    }
+}
+
+/// A virtual machine to boot.
+#[derive(Clone, Debug)]
+pub struct Vm {
+    pub cpus: u32,
+    pub mem_mib: u32,
+    pub disks: Vec<Disk>,
+    /// Killed after this long.
+    pub timeout: Duration,
+    /// None: the best accelerator that works here (see [`accel`]).
+    pub accel: Option<Accel>,
+}
+
+impl Default for Vm {
+    fn default() -> Vm {
+        Vm {
+            cpus: 1,
+            mem_mib: 512,
+            disks: Vec::new(),
+            timeout: Duration::from_secs(180),
+            accel: None,
+        }
+    }
+}
+
+impl Vm {
+    pub fn disk(mut self, socket: &Path, num_queues: u16) -> Vm {
+        self.disks.push(Disk {
+            socket: socket.to_path_buf(),
+            num_queues,
+        });
+        self
+    }
+
+    pub fn cpus(mut self, cpus: u32) -> Vm {
+        self.cpus = cpus;
+        self
+    }
+
+    /// Boots the guest in `dir` (which gets `<name>.console`, `<name>.initrd`) and runs `job`.
+    /// Fails if QEMU fails or times out, or init did not get through the module loading, the
+    /// disk wait and to its end; the job's own steps are checked by the caller.
+    pub fn boot(&self, dir: &Path, name: &str, job: &Job) -> Result<Boot> {
+        let image = image::guest_image()?;
+        let accel = match self.accel {
+            Some(a) => a,
+            None => accel(&image)?,
+        };
+        let boot = self.boot_with(&image, accel, dir, name, job)?;
+        eprintln!(
+            "guest-tests: boot {name}: {:.1} s under {accel:?}, init started at {} s guest time",
+            boot.elapsed.as_secs_f64(),
+            boot.parsed
+                .booted_at
+                .map_or("?".into(), |t| format!("{t:.1}"))
+        );
+        let mut problems = Vec::new();
+        if let Some(p) = &boot.failure {
+            problems.push(p.clone());
+        }
+        for s in ["modules", "disks"] {
+            match boot.parsed.step(s) {
+                Some(st) if st.rc == Some(0) => {}
+                Some(st) => problems.push(format!("init's {s} step failed: {}", st.stderr)),
+                None if problems.is_empty() => {
+                    problems.push(format!("init never ran its {s} step"))
+                }
+                None => {}
+            }
+        }
+        if problems.is_empty() && !boot.parsed.done {
+            problems.push("init did not reach its end".into());
+        }
+        if !problems.is_empty() {
+            bail!("{}\n{}", problems.join("\n"), boot.report());
+        }
+        Ok(boot)
+    }
+
+    fn boot_with(
+        &self,
+        image: &GuestImage,
+        accel: Accel,
+        dir: &Path,
+        name: &str,
+        job: &Job,
+    ) -> Result<Boot> {
+        let console_path = dir.join(format!("{name}.console"));
+        let initrd = dir.join(format!("{name}.initrd"));
+        let mut files = job.files.clone();
+        files.push(("run.sh".into(), job.run.clone().into_bytes()));
+        files.push((
+            "disks".into(),
+            format!("{}\n", self.disks.len()).into_bytes(),
+        ));
+        image::initramfs_with_job(&image.initramfs, &initrd, &files)?;
+
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
+        .args(accel.args())
+        .args([
+            "-m",
+            &self.mem_mib.to_string(),
+            "-smp",
+            &self.cpus.to_string(),
+        ])
+        .arg("-object")
+        .arg(format!(
+            "memory-backend-memfd,id=mem,size={}M,share=on",
+            self.mem_mib
+        ))
+        .args(["-numa", "node,memdev=mem"])
+        .arg("-kernel")
+        .arg(&image.kernel)
+        .arg("-initrd")
+        .arg(&initrd)
+        .args(["-append", "console=ttyS0 quiet panic=-1"])
+        .arg("-serial")
+        .arg(format!("file:{}", console_path.display()));
+        for (i, d) in self.disks.iter().enumerate() {
+            cmd.arg("-chardev")
+                .arg(format!("socket,id=vu{i},path={}", d.socket.display()))
+                .arg("-device")
+                .arg(format!(
+                    "vhost-user-blk-pci,chardev=vu{i},num-queues={}",
+                    d.num_queues
+                ));
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        die_with_parent(&mut cmd);
+
+        let start = Instant::now();
+        let mut child = cmd
+            .spawn()
+            .context("run qemu-system-x86_64 (package qemu-system-x86)")?;
+        // Drain QEMU's output on threads so a chatty QEMU cannot block on a full pipe.
+        let drain = |r: Option<Box<dyn std::io::Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut s = String::new();
+                if let Some(mut r) = r {
+                    let _ = r.read_to_string(&mut s);
+                }
+                s
+            })
+        };
+        let out = drain(child.stdout.take().map(|r| Box::new(r) as _));
+        let err = drain(child.stderr.take().map(|r| Box::new(r) as _));
+        let mut failure = None;
+        let status = loop {
+            if let Some(s) = child.try_wait()? {
+                break Some(s);
+            }
+            if start.elapsed() > self.timeout {
+                let _ = child.kill();
+                let _ = child.wait();
+                failure = Some(format!(
+                    "the guest did not finish within {:?} ({accel:?}); QEMU killed",
+                    self.timeout
+                ));
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let elapsed = start.elapsed();
+        let qemu_output = format!(
+            "{}{}",
+            out.join().unwrap_or_default(),
+            err.join().unwrap_or_default()
+        );
+        if let Some(s) = status.filter(|s| !s.success()) {
+            failure = Some(format!("QEMU exited with {s}: {}", qemu_output.trim()));
+        }
+        let console = std::fs::read_to_string(&console_path).unwrap_or_default();
+        let _ = std::fs::remove_file(&initrd);
+        Ok(Boot {
+            parsed: console::parse(&console),
+            console,
+            console_path,
+            qemu_output,
+            accel,
+            elapsed,
+            failure,
+        })
+    }
+}
+
+/// The result of one boot.
+#[derive(Debug)]
+pub struct Boot {
+    pub console: String,
+    pub console_path: PathBuf,
+    pub parsed: Parsed,
+    pub qemu_output: String,
+    pub accel: Accel,
+    pub elapsed: Duration,
+    failure: Option<String>,
+}
+
+impl Boot {
+    /// The step `name`, which must have run to its end.
+    pub fn step(&self, name: &str) -> Result<&Step> {
+        match self.parsed.step(name) {
+            Some(s) if s.rc.is_some() => Ok(s),
+            Some(_) => bail!("the guest died during step {name}\n{}", self.report()),
+            None => bail!("the guest never ran step {name}\n{}", self.report()),
+        }
+    }
+
+    /// The stdout of step `name`, which must have exited 0.
+    pub fn ok(&self, name: &str) -> Result<&str> {
+        let s = self.step(name)?;
+        if s.rc != Some(0) {
+            bail!(
+                "step {name} exited with {:?}\nstdout:\n{}\nstderr:\n{}\n{}",
+                s.rc,
+                s.stdout,
+                s.stderr,
+                self.report()
+            );
+        }
+        Ok(&s.stdout)
+    }
+
+    /// The report of fio step `name`, which must have passed (fio.rs).
+    pub fn fio(&self, name: &str) -> Result<fio::Report> {
+        fio::passed(self.step(name)?)
+            .with_context(|| format!("fio step {name} failed\n{}", self.report()))
+    }
+
+    /// Fails if the guest's kernel log (dmesg, and the console) shows I/O errors, oopses,
+    /// warnings or hung tasks, except lines containing one of `allowed`.
+    pub fn check_kernel(&self, allowed: &[&str]) -> Result<()> {
+        let dmesg = self.ok("dmesg")?;
+        let mut errors = console::kernel_errors(dmesg, allowed);
+        // Lines printed on the console outside the steps (e.g. a panic after the last step).
+        errors.extend(console::kernel_errors(&self.console, allowed));
+        errors.dedup();
+        if !errors.is_empty() {
+            bail!(
+                "the guest kernel complained:\n{}\n{}",
+                errors.join("\n"),
+                self.report()
+            );
+        }
+        Ok(())
+    }
+
+    /// What to show when something went wrong: the end of the console and where it all is.
+    pub fn report(&self) -> String {
+        const TAIL: usize = 150;
+        let lines: Vec<&str> = self.console.lines().collect();
+        let from = lines.len().saturating_sub(TAIL);
+        let mut s = format!(
+            "---- guest console ({:?}, {:.1} s, {}{}) ----\n",
+            self.accel,
+            self.elapsed.as_secs_f64(),
+            self.console_path.display(),
+            if from > 0 {
+                format!(", last {TAIL} of {} lines", lines.len())
+            } else {
+                String::new()
+            }
+        );
+        for l in &lines[from..] {
+            s.push_str(l.trim_end_matches('\r'));
+            s.push('\n');
+        }
+        if !self.qemu_output.trim().is_empty() {
+            let _ = writeln!(s, "---- QEMU output ----\n{}", self.qemu_output.trim());
+        }
+        s.push_str("---- end ----");
+        s
+    }
+}
+
+/// The accelerator to use: `VUBLK_GUEST_ACCEL` (`kvm` or `tcg`) if set; otherwise KVM if
+/// `/dev/kvm` opens and a probe boot under it finishes, else TCG. The probe's result is cached
+/// per host boot and guest image (`<cache>/accel/`), because a broken KVM (the probe hangs until
+/// its timeout) does not heal until the host reboots.
+pub fn accel(image: &GuestImage) -> Result<Accel> {
+    static ACCEL: Mutex<Option<Accel>> = Mutex::new(None);
+    let mut cached = ACCEL.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(a) = *cached {
+        return Ok(a);
+    }
+    let a = find_accel(image)?;
+    *cached = Some(a);
+    Ok(a)
+}
+
+fn find_accel(image: &GuestImage) -> Result<Accel> {
+    match std::env::var("VUBLK_GUEST_ACCEL").as_deref() {
+        Ok("kvm") => return Ok(Accel::Kvm),
+        Ok("tcg") => return Ok(Accel::Tcg),
+        Ok(other) => bail!("VUBLK_GUEST_ACCEL={other}: use kvm or tcg"),
+        Err(_) => {}
+    }
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        return Ok(Accel::Tcg);
+    }
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let dir = paths::cache_dir().join("accel");
+    let record = dir.join(format!("{}-{}", boot_id.trim(), image.key));
+    match std::fs::read_to_string(&record).as_deref() {
+        Ok("kvm") => return Ok(Accel::Kvm),
+        Ok("tcg") => return Ok(Accel::Tcg),
+        _ => {}
+    }
+
+    let probe_dir = tempfile::Builder::new()
+        .prefix("vublk-kvm-probe-")
+        .tempdir()?;
+    let vm = Vm {
+        timeout: Duration::from_secs(30),
+        mem_mib: 256,
+        ..Vm::default()
+    };
+    let start = Instant::now();
+    let result = vm.boot_with(image, Accel::Kvm, probe_dir.path(), "probe", &Job::new());
+    let works = matches!(&result, Ok(b) if b.failure.is_none() && b.parsed.done);
+    let accel = if works { Accel::Kvm } else { Accel::Tcg };
+    let why = match &result {
+        Ok(b) => b.failure.clone().unwrap_or_default(),
+        Err(e) => format!("{e:#}"),
+    };
+    eprintln!(
+        "guest-tests: a probe boot under KVM {} ({:.1} s{}{}): using {accel:?}",
+        if works { "finished" } else { "failed" },
+        start.elapsed().as_secs_f64(),
+        if why.is_empty() { "" } else { ": " },
+        why.lines().next().unwrap_or("")
+    );
+    std::fs::create_dir_all(&dir)?;
+    // Records of earlier host boots are stale.
+    for old in std::fs::read_dir(&dir)?.flatten() {
+        let _ = std::fs::remove_file(old.path());
+    }
+    std::fs::write(&record, if works { "kvm" } else { "tcg" })?;
+    Ok(accel)
+}
