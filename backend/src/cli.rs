@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::{Deserialize, Serialize};
 
-use crate::daemon::Endpoint;
+use crate::daemon::{Endpoint, SocketAccess};
 use crate::disk::{DiskSpec, OpenOptions};
 use crate::virtio_blk::DeviceOptions;
 
@@ -80,7 +80,16 @@ pub struct Cli {
     #[arg(long)]
     pub single_process: bool,
 
-    /// Answer `vublk status` on this unix socket (created; removed on exit).
+    /// Permissions of the export sockets vublk creates, in octal (e.g. 0660): a VMM running as
+    /// another user needs write permission on its socket. Default: from the umask.
+    #[arg(long, value_name = "MODE", value_parser = parse_mode)]
+    pub socket_mode: Option<u32>,
+
+    /// Group of the export sockets vublk creates (a name or a number).
+    #[arg(long, value_name = "GROUP", value_parser = parse_group)]
+    pub socket_group: Option<u32>,
+
+    /// Answer `vublk status` on this unix socket (created, owner-only; removed on exit).
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
 
@@ -142,6 +151,34 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     };
     let n: u64 = digits.parse().map_err(|_| format!("'{s}' is not a size"))?;
     n.checked_mul(1u64 << shift).ok_or_else(|| format!("size '{s}' is too large"))
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    match u32::from_str_radix(s.trim_start_matches("0o"), 8) {
+        Ok(mode) if mode <= 0o7777 => Ok(mode),
+        _ => Err(format!("'{s}' is not an octal mode like 0660")),
+    }
+}
+
+fn parse_group(s: &str) -> Result<u32, String> {
+    if let Ok(gid) = s.parse() {
+        return Ok(gid);
+    }
+    let groups = std::fs::read_to_string("/etc/group").map_err(|e| format!("cannot read /etc/group: {e}"))?;
+    groups
+        .lines()
+        .find_map(|l| {
+            let mut fields = l.split(':');
+            (fields.next() == Some(s)).then(|| fields.nth(1)?.parse().ok()).flatten()
+        })
+        .ok_or_else(|| format!("no group '{s}'"))
+}
+
+impl Cli {
+    /// Who may connect to the export sockets.
+    pub fn socket_access(&self) -> SocketAccess {
+        SocketAccess { mode: self.socket_mode, group: self.socket_group }
+    }
 }
 
 fn parse_queue_size(s: &str) -> Result<u16, String> {
@@ -320,5 +357,9 @@ mod tests {
         assert!(Cli::try_parse_from(["vublk", "--socket-path", "s", "--null", "1M", "--queue-size", "1000"]).is_err());
         assert!(Cli::try_parse_from(["vublk", "--socket-path", "s", "--null", "1M", "--serial", "x".repeat(21).as_str()]).is_err());
         assert!(Cli::try_parse_from(["vublk", "--print-capabilities"]).is_ok());
+        assert!(Cli::try_parse_from(["vublk", "--socket-path", "s", "--null", "1M", "--socket-mode", "0999"]).is_err());
+        assert!(Cli::try_parse_from(["vublk", "--socket-path", "s", "--null", "1M", "--socket-group", "no-such-group-here"]).is_err());
+        let cli = Cli::try_parse_from(["vublk", "--socket-path", "s", "--null", "1M", "--socket-mode", "0660", "--socket-group", "root"]).unwrap();
+        assert_eq!((cli.socket_access().mode, cli.socket_access().group), (Some(0o660), Some(0)));
     }
 }

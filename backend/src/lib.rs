@@ -20,7 +20,7 @@ use std::error::Error;
 use std::sync::Arc;
 
 use cli::ExportSpec;
-use daemon::Endpoint;
+use daemon::{Endpoint, SocketAccess};
 use disk::Disk;
 use virtio_blk::BlockDevice;
 
@@ -28,16 +28,16 @@ use virtio_blk::BlockDevice;
 pub enum Mode {
     /// The default: a supervisor handing each VM to a worker carrying its VMM's identity,
     /// answering `vublk status` on the control socket if there is one.
-    Supervisor(Vec<(Endpoint, ExportSpec)>, Option<std::path::PathBuf>),
+    Supervisor(Vec<(Endpoint, ExportSpec)>, SocketAccess, Option<std::path::PathBuf>),
     /// One export served in this process.
-    SingleProcess(Endpoint, ExportSpec),
+    SingleProcess(Endpoint, SocketAccess, ExportSpec),
     /// A per-VM worker, started by the supervisor.
     Worker(std::os::fd::RawFd),
 }
 
 pub fn run(mode: Mode) -> Result<(), Box<dyn Error + Send + Sync>> {
     match mode {
-        Mode::Supervisor(exports, control_socket) => {
+        Mode::Supervisor(exports, access, control_socket) => {
             // Check every image before taking connections, so a typo fails at start-up rather
             // than at the first VM. Workers open the images again, as their VMM's user.
             for (_, export) in &exports {
@@ -45,10 +45,10 @@ pub fn run(mode: Mode) -> Result<(), Box<dyn Error + Send + Sync>> {
                     Disk::open_file(path, export.open)?;
                 }
             }
-            supervisor::run(exports, control_socket)?;
+            supervisor::run(exports, access, control_socket)?;
             Ok(())
         }
-        Mode::SingleProcess(endpoint, export) => run_single(endpoint, export),
+        Mode::SingleProcess(endpoint, access, export) => run_single(endpoint, access, export),
         Mode::Worker(fd) => {
             // SAFETY: the supervisor put the control socket at this fd for us alone.
             let control = unsafe { supervisor::adopt_control(fd) };
@@ -59,7 +59,7 @@ pub fn run(mode: Mode) -> Result<(), Box<dyn Error + Send + Sync>> {
 }
 
 /// Opens the disk and serves it in this process until stopped.
-fn run_single(endpoint: Endpoint, export: ExportSpec) -> Result<(), Box<dyn Error + Send + Sync>> {
+fn run_single(endpoint: Endpoint, access: SocketAccess, export: ExportSpec) -> Result<(), Box<dyn Error + Send + Sync>> {
     let disk = Disk::open(&export.disk, export.open)?;
     let device = Arc::new(BlockDevice::new(disk, &export.device));
     let config = device.config();
@@ -72,7 +72,7 @@ fn run_single(endpoint: Endpoint, export: ExportSpec) -> Result<(), Box<dyn Erro
         if device.disk().direct { ", O_DIRECT" } else { "" },
         if config.writeback() { ", write-back" } else { ", write-through" },
     );
-    daemon::run(endpoint, device)?;
+    daemon::run(endpoint, access, device)?;
     Ok(())
 }
 

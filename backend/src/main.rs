@@ -39,9 +39,9 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
                 let (endpoint, export) = exports.remove(0);
-                Mode::SingleProcess(endpoint, export)
+                Mode::SingleProcess(endpoint, cli.socket_access(), export)
             }
-            Ok(exports) => Mode::Supervisor(exports, cli.control_socket.clone()),
+            Ok(exports) => Mode::Supervisor(exports, cli.socket_access(), cli.control_socket.clone()),
             Err(message) => {
                 eprintln!("vublk: {message}");
                 return ExitCode::from(2);

@@ -212,3 +212,21 @@ fn sigterm_with_io_in_flight_exits_0() {
     daemon.check_clean_exit(status, "after SIGTERM with I/O in flight");
     drop(client);
 }
+
+/// --socket-mode and --socket-group set who may connect (a VMM running as another user needs
+/// write permission on the socket); the status socket stays owner-only.
+#[test]
+fn socket_mode_and_group() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = test_dir();
+    let control = dir.path().join("control.sock");
+    let mut daemon = Daemon::start(
+        dir.path(),
+        &["--null", "1M", "--socket-mode", "0660", "--socket-group", "100", "--control-socket", control.to_str().unwrap()],
+    );
+    let meta = std::fs::metadata(&daemon.socket).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o660);
+    assert_eq!(meta.gid(), 100);
+    assert_eq!(std::fs::metadata(&control).unwrap().permissions().mode() & 0o777, 0o600);
+    daemon.stop();
+}

@@ -18,6 +18,14 @@ pub enum Endpoint {
     Fd(RawFd),
 }
 
+/// Who may connect to a socket we create: its mode and group (default: the umask's mode, our
+/// group). A VMM running as another user needs write permission on the socket.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SocketAccess {
+    pub mode: Option<u32>,
+    pub group: Option<u32>,
+}
+
 /// An open endpoint.
 pub enum Listener {
     /// Accept frontends one after another. `created` is the path to remove on exit (only a
@@ -28,15 +36,15 @@ pub enum Listener {
 }
 
 impl Endpoint {
-    pub fn open(&self) -> Result<Listener, DaemonError> {
+    pub fn open(&self, access: SocketAccess) -> Result<Listener, DaemonError> {
         match self {
-            Endpoint::Path(path) => bind(path),
+            Endpoint::Path(path) => bind(path, access),
             Endpoint::Fd(fd) => adopt(*fd),
         }
     }
 }
 
-fn bind(path: &PathBuf) -> Result<Listener, DaemonError> {
+fn bind(path: &PathBuf, access: SocketAccess) -> Result<Listener, DaemonError> {
     let bind_err = |source| DaemonError::Bind { path: path.clone(), source };
     // A socket left behind by a daemon that died is replaced; a live one is not stolen.
     if let Ok(meta) = std::fs::symlink_metadata(path) {
@@ -53,6 +61,12 @@ fn bind(path: &PathBuf) -> Result<Listener, DaemonError> {
         }
     }
     let listener = UnixListener::bind(path).map_err(bind_err)?;
+    if let Some(group) = access.group {
+        std::os::unix::fs::chown(path, None, Some(group)).map_err(bind_err)?;
+    }
+    if let Some(mode) = access.mode {
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode)).map_err(bind_err)?;
+    }
     tracing::info!("listening on {}", path.display());
     Ok(Listener::Listening { listener, created: Some(path.clone()) })
 }

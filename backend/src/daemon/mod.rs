@@ -16,7 +16,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::vhost_user::{ConnectionThread, VirtioDevice};
 
-pub use endpoint::{Endpoint, Listener};
+pub use endpoint::{Endpoint, Listener, SocketAccess};
 pub use signals::Signals;
 
 #[derive(Debug, Error)]
@@ -47,11 +47,11 @@ const EV_DONE: u64 = 2;
 
 /// Serves `device` on `endpoint` until a signal arrives (or, for a connected fd, until that
 /// connection ends).
-pub fn run<D: VirtioDevice>(endpoint: Endpoint, device: Arc<D>) -> Result<(), DaemonError> {
+pub fn run<D: VirtioDevice>(endpoint: Endpoint, access: SocketAccess, device: Arc<D>) -> Result<(), DaemonError> {
     // Block the signals before any thread exists, so every thread inherits the mask and they
     // arrive only through the signalfd.
     let signals = Signals::block_and_watch().map_err(DaemonError::EventLoop)?;
-    let listener = endpoint.open()?;
+    let listener = endpoint.open(access)?;
     let done = EventFd::new(EFD_NONBLOCK).map_err(DaemonError::EventLoop)?;
     let epoll = epoll::create(true).map_err(DaemonError::EventLoop)?;
     let watch = |fd: i32, data: u64| {

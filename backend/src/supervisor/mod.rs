@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::cli::{ExportSpec, OpenAs};
-use crate::daemon::{DaemonError, Endpoint, Listener};
+use crate::daemon::{DaemonError, Endpoint, Listener, SocketAccess};
 use crate::disk::{Disk, DiskSpec};
 use crate::handoff::{self, DeviceStatus, ToSupervisor, ToWorker};
 use crate::identity::{Peer, VmmIdentity};
@@ -55,15 +55,17 @@ struct Vm {
     devices: Vec<DeviceStatus>,
 }
 
-pub fn run(exports: Vec<(Endpoint, ExportSpec)>, control_socket: Option<PathBuf>) -> Result<(), DaemonError> {
+pub fn run(exports: Vec<(Endpoint, ExportSpec)>, access: SocketAccess, control_socket: Option<PathBuf>) -> Result<(), DaemonError> {
     let signals = crate::daemon::Signals::block_and_watch().map_err(DaemonError::EventLoop)?;
     let exe = Executable::current().map_err(DaemonError::EventLoop)?;
     let mut open = Vec::new();
     for (endpoint, spec) in exports {
-        let listener = endpoint.open()?;
+        let listener = endpoint.open(access)?;
         open.push(Export { spec, listener });
     }
-    let control = control_socket.map(|path| Endpoint::Path(path).open()).transpose()?;
+    // The status socket shows every VM's identity: owner only.
+    let owner_only = SocketAccess { mode: Some(0o600), group: None };
+    let control = control_socket.map(|path| Endpoint::Path(path).open(owner_only)).transpose()?;
     let mut supervisor = Supervisor::new(open, exe)?;
     supervisor.watch(signals.as_raw_fd(), EV_SIGNAL).map_err(DaemonError::EventLoop)?;
     if let Some(Listener::Listening { listener, .. }) = &control {

@@ -113,7 +113,12 @@ fn child(
     // The control socket becomes fd 3, kept across exec; everything else above it closes.
     // SAFETY: dup2 and close_range on descriptors of this process.
     unsafe {
-        if libc::dup2(control.as_raw_fd(), WORKER_CONTROL_FD) < 0 {
+        if control.as_raw_fd() == WORKER_CONTROL_FD {
+            // dup2 onto itself does nothing, close-on-exec included: clear it by hand.
+            if libc::fcntl(WORKER_CONTROL_FD, libc::F_SETFD, 0) < 0 {
+                return Box::new(io::Error::last_os_error());
+            }
+        } else if libc::dup2(control.as_raw_fd(), WORKER_CONTROL_FD) < 0 {
             return Box::new(io::Error::last_os_error());
         }
         if libc::close_range(WORKER_CONTROL_FD as u32 + 1, u32::MAX, libc::CLOSE_RANGE_CLOEXEC as i32) < 0 {
