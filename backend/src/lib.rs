@@ -52,6 +52,7 @@ pub fn run(mode: Mode) -> Result<(), Box<dyn Error + Send + Sync>> {
         Mode::Worker(fd) => {
             // SAFETY: the supervisor put the control socket at this fd for us alone.
             let control = unsafe { supervisor::adopt_control(fd) };
+            let _span = tracing::info_span!("worker", pid = std::process::id()).entered();
             worker::run(control)?;
             Ok(())
         }

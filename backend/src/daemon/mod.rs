@@ -68,7 +68,7 @@ pub fn run<D: VirtioDevice>(endpoint: Endpoint, access: SocketAccess, device: Ar
         }
         Listener::Connected(stream) => {
             let stream = stream.try_clone().map_err(DaemonError::EventLoop)?;
-            active = Some(spawn_connection(stream, device.clone(), &done, 1).map_err(DaemonError::EventLoop)?);
+            active = Some(spawn_connection(stream, device.clone(), &done, 1, &endpoint).map_err(DaemonError::EventLoop)?);
         }
     }
 
@@ -114,7 +114,7 @@ pub fn run<D: VirtioDevice>(endpoint: Endpoint, access: SocketAccess, device: Ar
                             // One frontend at a time: stop watching until this one is gone.
                             let _ = epoll::ctl(epoll, epoll::ControlOptions::EPOLL_CTL_DEL, l.as_raw_fd(), epoll::Event::new(epoll::Events::empty(), 0));
                             connections += 1;
-                            match spawn_connection(stream, device.clone(), &done, connections) {
+                            match spawn_connection(stream, device.clone(), &done, connections, &endpoint) {
                                 Ok(a) => active = Some(a),
                                 Err(e) => {
                                     // The stream is dropped: the frontend sees the connection close.
@@ -142,13 +142,18 @@ fn spawn_connection<D: VirtioDevice>(
     device: Arc<D>,
     done: &EventFd,
     id: u64,
+    endpoint: &Endpoint,
 ) -> io::Result<ConnectionThread> {
     let peer = rustix::net::sockopt::socket_peercred(&stream)
         .map(|c| format!("pid {} uid {}", c.pid.as_raw_nonzero(), c.uid.as_raw()))
         .unwrap_or_else(|_| "unknown peer".to_string());
     tracing::info!("frontend connected ({peer}), connection {id}");
     let done = done.try_clone()?;
-    ConnectionThread::spawn(id, "", stream, device, move || {
+    let name = match endpoint {
+        Endpoint::Path(path) => path.display().to_string(),
+        Endpoint::Fd(fd) => format!("fd:{fd}"),
+    };
+    ConnectionThread::spawn(id, &name, stream, device, move || {
         let _ = done.write(1);
     })
 }
