@@ -89,6 +89,15 @@ pub struct Cli {
     #[arg(long, value_name = "GROUP", value_parser = parse_group)]
     pub socket_group: Option<u32>,
 
+    /// How long retiring guest memory (REM_MEM_REG, SET_MEM_TABLE, a stopped ring, a
+    /// disconnect) waits for the requests using it before cancelling them, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 5000)]
+    pub retire_timeout: u64,
+
+    /// Test only: hold every I/O operation until a byte can be read from this FIFO.
+    #[arg(long, value_name = "FIFO", hide = true)]
+    pub test_io_gate: Option<PathBuf>,
+
     /// Answer `vublk status` on this unix socket (created, owner-only; removed on exit).
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
@@ -213,6 +222,9 @@ pub struct ExportSpec {
     pub open: OpenOptions,
     pub device: DeviceOptions,
     pub open_as: OpenAs,
+    pub retire_timeout_ms: u64,
+    /// Test only (`--test-io-gate`).
+    pub test_io_gate: Option<PathBuf>,
 }
 
 /// `--export` values, parsed like the single-export options.
@@ -282,6 +294,8 @@ impl Cli {
                     write_cache: self.write_cache == OnOff::On,
                 },
                 open_as: self.open_as,
+                retire_timeout_ms: self.retire_timeout,
+                test_io_gate: self.test_io_gate.clone(),
             },
         ))
     }
@@ -292,7 +306,12 @@ impl Cli {
         if self.socket_path.is_some() || self.fd.is_some() || self.blk_file.is_some() || self.null.is_some() {
             exports.push(self.single_export()?);
         }
-        exports.extend(self.export.iter().cloned());
+        // Daemon-wide settings apply to the --export ones too.
+        exports.extend(self.export.iter().cloned().map(|(endpoint, mut spec)| {
+            spec.retire_timeout_ms = self.retire_timeout;
+            spec.test_io_gate = self.test_io_gate.clone();
+            (endpoint, spec)
+        }));
         if exports.is_empty() {
             return Err("no export: give --socket-path and --blk-file, or --export".into());
         }

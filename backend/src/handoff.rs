@@ -46,6 +46,8 @@ pub struct DeviceStatus {
     pub queues: u16,
     #[serde(flatten)]
     pub totals: DeviceTotals,
+    /// Memory generations, pins, retire waits, cancellations.
+    pub memory: crate::vhost_user::MemoryStatus,
 }
 
 pub fn send<T: Serialize>(socket: impl AsFd, message: &T, fds: &[&OwnedFd]) -> io::Result<()> {

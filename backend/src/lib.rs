@@ -22,7 +22,6 @@ use std::sync::Arc;
 use cli::ExportSpec;
 use daemon::{Endpoint, SocketAccess};
 use disk::Disk;
-use virtio_blk::BlockDevice;
 
 /// How the process runs.
 pub enum Mode {
@@ -62,7 +61,7 @@ pub fn run(mode: Mode) -> Result<(), Box<dyn Error + Send + Sync>> {
 /// Opens the disk and serves it in this process until stopped.
 fn run_single(endpoint: Endpoint, access: SocketAccess, export: ExportSpec) -> Result<(), Box<dyn Error + Send + Sync>> {
     let disk = Disk::open(&export.disk, export.open)?;
-    let device = Arc::new(BlockDevice::new(disk, &export.device));
+    let device = Arc::new(virtio_blk::device_for(disk, &export)?);
     let config = device.config();
     tracing::info!(
         "serving {}: {} bytes, {} queue(s), {}{}{}",

@@ -83,6 +83,21 @@ impl Ring {
         }
     }
 
+    /// Like [`Ring::submit`], but gives up waiting after `timeout`: `Ok(false)` then.
+    pub fn submit_timeout(&mut self, want: usize, timeout: std::time::Duration) -> io::Result<bool> {
+        let ts = types::Timespec::from(timeout);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        loop {
+            match self.ring.submitter().submit_with_args(want, &args) {
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::ETIME) => return Ok(false),
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Ok(true),
+                Err(e) => return Err(e),
+                Ok(_) => return Ok(true),
+            }
+        }
+    }
+
     /// Takes the completions that are ready.
     pub fn completions(&mut self, out: &mut Vec<Completion>) {
         out.clear();
@@ -126,6 +141,16 @@ impl Ring {
     /// Cancels the pending operation tagged `target`.
     pub fn cancel(target: u64, user_data: u64) -> squeue::Entry {
         opcode::AsyncCancel::new(target).build().user_data(user_data)
+    }
+
+    /// Cancels every pending operation tagged `target` (Linux 5.19+).
+    pub fn cancel_all(target: u64, user_data: u64) -> squeue::Entry {
+        opcode::AsyncCancel2::new(types::CancelBuilder::user_data(target).all()).build().user_data(user_data)
+    }
+
+    /// Reads one byte from `fd` into `buf` (the test I/O gate).
+    pub fn read_byte(fd: RawFd, buf: *mut u8, user_data: u64) -> squeue::Entry {
+        opcode::Read::new(types::Fd(fd), buf, 1).build().user_data(user_data)
     }
 }
 

@@ -423,6 +423,16 @@ pub fn print_status(control: &std::path::Path, json: bool) -> io::Result<()> {
                 "  device {} (connection {}): {} queue(s), {} requests, {} errors, {} bytes read, {} bytes written",
                 d.export, d.connection, d.queues, d.totals.requests, d.totals.errors, d.totals.bytes_read, d.totals.bytes_written
             );
+            let m = &d.memory;
+            let live: Vec<String> = m.live.iter().map(|(id, pins)| format!("{id} ({pins} pins)")).collect();
+            println!(
+                "    memory: generation {}, live {}, {} retire wait(s), longest {} us, {} cancelled",
+                m.generation,
+                live.join(", "),
+                m.retire_waits,
+                m.longest_retire_wait_us,
+                m.cancelled
+            );
         }
     }
     Ok(())

@@ -2,9 +2,11 @@
 
 use std::io;
 use std::sync::Arc;
+use std::time::Duration;
 
 use virtio_queue::Queue;
 
+use super::memory::GuestMemoryHandle;
 use super::vring::RunningQueue;
 
 /// A queue thread's body.
@@ -26,6 +28,13 @@ pub trait VirtioDevice: Send + Sync + 'static {
     fn read_config(&self, offset: u32, data: &mut [u8]);
     /// A write to the configuration space from the driver.
     fn write_config(&self, offset: u32, data: &[u8]) -> io::Result<()>;
+    /// How long retiring memory (and stopping a ring) waits for in-flight requests before
+    /// cancelling them.
+    fn retire_timeout(&self) -> Duration {
+        Duration::from_secs(5)
+    }
+    /// The memory of a new session, for the device's status.
+    fn attach_memory(&self, _memory: &GuestMemoryHandle) {}
     /// Prepares to serve a queue (on the connection thread, so a failure is reported to the
     /// frontend) and returns the loop to run on the queue's own thread. The loop serves the
     /// queue until `queue.control` asks it to stop; every request it took from the ring is

@@ -1,14 +1,26 @@
-//! Guest memory tables as generations.
+//! Guest memory tables as generations, and regions with explicit lifetimes.
 //!
 //! Every memory table the frontend installs (SET_MEM_TABLE, ADD_MEM_REG, REM_MEM_REG) becomes a
 //! new [`Generation`] with its own id. Queue threads load the current generation and keep an
 //! `Arc` of it in every request they parse until its completion is written back: that `Arc` is
 //! the pin. A mapping is unmapped when the last generation holding its region is dropped, so it
 //! can never go away under an in-flight I/O.
+//!
+//! On top of that, each region has a [`RegionPin`]: a count of the in-flight requests whose
+//! buffers (or status byte) lie in it, and a `retiring` flag. It is what makes retiring
+//! memory wait for exactly the requests that use it:
+//!
+//! - a request pins every region it touches with [`RegionPin::try_pin`], which fails once the
+//!   region is retiring (the kernel's `mmget_not_zero`): increment, then check the flag;
+//! - the session retiring a region (REM_MEM_REG, a SET_MEM_TABLE that drops it, disconnect)
+//!   sets the flag, then waits for the count to reach zero: set, then check the count.
+//!
+//! Both sides use sequentially consistent operations, so either the request sees the flag and
+//! backs off, or the session sees the request and waits for it (Dekker's handshake).
 
 use std::fs::File;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 
 use arc_swap::ArcSwap;
 use thiserror::Error;
@@ -34,6 +46,44 @@ pub enum MemoryError {
     BadRegion { gpa: u64 },
 }
 
+/// The in-flight requests using one region, and whether it is being retired.
+#[derive(Debug)]
+pub struct RegionPin {
+    pub guest_phys_addr: u64,
+    pub size: u64,
+    in_flight: AtomicUsize,
+    retiring: AtomicBool,
+}
+
+impl RegionPin {
+    fn new(guest_phys_addr: u64, size: u64) -> RegionPin {
+        RegionPin { guest_phys_addr, size, in_flight: AtomicUsize::new(0), retiring: AtomicBool::new(false) }
+    }
+
+    /// Pins the region for one request; `false` (and no pin) once it is retiring.
+    pub fn try_pin(&self) -> bool {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        if self.retiring.load(Ordering::SeqCst) {
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
+    /// Drops a pin taken by [`RegionPin::try_pin`], after the request's completion is written.
+    pub fn unpin(&self) {
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    fn retire(&self) {
+        self.retiring.store(true, Ordering::SeqCst);
+    }
+}
+
 /// How one region appears to the frontend, to translate the vring addresses it sends (its own
 /// virtual addresses) into guest physical addresses.
 #[derive(Debug, Clone)]
@@ -42,6 +92,38 @@ struct RegionInfo {
     size: u64,
     user_addr: u64,
     mapping: Arc<GuestRegionMmap>,
+    pin: Arc<RegionPin>,
+}
+
+impl RegionInfo {
+    fn same_place(&self, other: &VhostUserMemoryRegion) -> bool {
+        self.guest_phys_addr == other.guest_phys_addr && self.size == other.memory_size && self.user_addr == other.user_addr
+    }
+}
+
+/// Regions taken out of service: the caller waits for their pins to drop before replying.
+#[derive(Debug, Default)]
+pub struct Retiring {
+    pub pins: Vec<Arc<RegionPin>>,
+}
+
+/// Counters for `vublk status` and the logs.
+#[derive(Debug, Default)]
+pub struct MemoryStats {
+    pub retire_waits: AtomicU64,
+    pub longest_retire_wait_us: AtomicU64,
+    pub cancelled: AtomicU64,
+}
+
+/// A snapshot of a device's memory lifetimes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MemoryStatus {
+    pub generation: u64,
+    /// Generations still alive (current, or pinned by requests), and their pins.
+    pub live: Vec<(u64, usize)>,
+    pub retire_waits: u64,
+    pub longest_retire_wait_us: u64,
+    pub cancelled: u64,
 }
 
 /// One memory table.
@@ -77,6 +159,15 @@ impl Generation {
         self.regions.is_empty()
     }
 
+    /// The pin of the region holding host address `ptr` (a pointer into one of our mappings).
+    pub fn pin_of(&self, ptr: *const u8) -> Option<&Arc<RegionPin>> {
+        let addr = ptr as usize;
+        self.regions.iter().find_map(|r| {
+            let start = r.mapping.as_ptr() as usize;
+            (addr >= start && addr - start < r.size as usize).then_some(&r.pin)
+        })
+    }
+
     /// Translates a frontend virtual address (as in SET_VRING_ADDR) into a guest address.
     pub fn vmm_to_guest(&self, vmm_addr: u64) -> Result<GuestAddress, MemoryError> {
         self.regions
@@ -106,6 +197,7 @@ fn map_region(region: &VhostUserMemoryRegion, file: File) -> Result<RegionInfo, 
         size: region.memory_size,
         user_addr: region.user_addr,
         mapping: Arc::new(mapping),
+        pin: Arc::new(RegionPin::new(gpa, region.memory_size)),
     })
 }
 
@@ -115,85 +207,96 @@ fn map_region(region: &VhostUserMemoryRegion, file: File) -> Result<RegionInfo, 
 pub struct GuestMemoryHandle {
     current: Arc<ArcSwap<Generation>>,
     next_id: Arc<AtomicU64>,
+    live: Arc<Mutex<Vec<Weak<Generation>>>>,
+    stats: Arc<MemoryStats>,
 }
 
 impl Default for GuestMemoryHandle {
     fn default() -> Self {
         GuestMemoryHandle {
-            current: Arc::new(ArcSwap::from_pointee(Generation {
-                id: 0,
-                mem: GuestMemoryMmap::new(),
-                regions: Vec::new(),
-            })),
+            current: Arc::new(ArcSwap::from_pointee(Generation { id: 0, mem: GuestMemoryMmap::new(), regions: Vec::new() })),
             next_id: Arc::new(AtomicU64::new(1)),
+            live: Arc::new(Mutex::new(Vec::new())),
+            stats: Arc::new(MemoryStats::default()),
         }
     }
 }
 
 impl GuestMemoryHandle {
-    /// Pins the current generation: it stays mapped as long as the returned `Arc` lives.
+    /// The current generation: it stays mapped as long as the returned `Arc` lives.
     pub fn current(&self) -> Arc<Generation> {
         self.current.load_full()
+    }
+
+    pub fn stats(&self) -> &MemoryStats {
+        &self.stats
     }
 
     fn install(&self, regions: Vec<RegionInfo>) -> Result<Arc<Generation>, MemoryError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let generation = Arc::new(Generation::build(id, regions)?);
         self.current.store(generation.clone());
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        live.retain(|g| g.strong_count() > 0);
+        live.push(Arc::downgrade(&generation));
         Ok(generation)
     }
 
-    /// SET_MEM_TABLE: a whole new table.
-    pub fn set_table(
-        &self,
-        regions: &[VhostUserMemoryRegion],
-        files: Vec<File>,
-    ) -> Result<Arc<Generation>, MemoryError> {
-        let mapped = regions
-            .iter()
-            .zip(files)
-            .map(|(region, file)| map_region(region, file))
-            .collect::<Result<Vec<_>, _>>()?;
-        self.install(mapped)
+    /// SET_MEM_TABLE: a whole new table. Old regions not in it (same guest address, size and
+    /// frontend address) retire.
+    pub fn set_table(&self, regions: &[VhostUserMemoryRegion], files: Vec<File>) -> Result<(Arc<Generation>, Retiring), MemoryError> {
+        let mapped = regions.iter().zip(files).map(|(region, file)| map_region(region, file)).collect::<Result<Vec<_>, _>>()?;
+        let old = self.current();
+        let retiring: Vec<_> = old.regions.iter().filter(|r| !regions.iter().any(|n| r.same_place(n))).map(|r| r.pin.clone()).collect();
+        for pin in &retiring {
+            pin.retire();
+        }
+        let generation = self.install(mapped)?;
+        Ok((generation, Retiring { pins: retiring }))
     }
 
     /// ADD_MEM_REG: the current table plus one region.
-    pub fn add_region(
-        &self,
-        region: &VhostUserMemoryRegion,
-        file: File,
-    ) -> Result<Arc<Generation>, MemoryError> {
+    pub fn add_region(&self, region: &VhostUserMemoryRegion, file: File) -> Result<Arc<Generation>, MemoryError> {
         let mut regions = self.current().regions.clone();
         regions.push(map_region(region, file)?);
         self.install(regions)
     }
 
-    /// REM_MEM_REG: the current table less the region with this guest address and size.
-    pub fn remove_region(
-        &self,
-        region: &VhostUserMemoryRegion,
-    ) -> Result<Arc<Generation>, MemoryError> {
+    /// REM_MEM_REG: the current table less the region with this guest address and size, which
+    /// retires.
+    pub fn remove_region(&self, region: &VhostUserMemoryRegion) -> Result<(Arc<Generation>, Retiring), MemoryError> {
         let mut regions = self.current().regions.clone();
-        let before = regions.len();
-        regions.retain(|r| {
-            !(r.guest_phys_addr == region.guest_phys_addr && r.size == region.memory_size)
-        });
-        if regions.len() == before {
-            return Err(MemoryError::NoSuchRegion {
-                gpa: region.guest_phys_addr,
-                size: region.memory_size,
-            });
-        }
-        self.install(regions)
+        let Some(at) = regions.iter().position(|r| r.guest_phys_addr == region.guest_phys_addr && r.size == region.memory_size) else {
+            return Err(MemoryError::NoSuchRegion { gpa: region.guest_phys_addr, size: region.memory_size });
+        };
+        let removed = regions.remove(at);
+        removed.pin.retire();
+        let generation = self.install(regions)?;
+        Ok((generation, Retiring { pins: vec![removed.pin] }))
     }
 
-    /// Drops the table (disconnect): nothing new can pin it; in-flight requests keep their pins.
-    pub fn clear(&self) {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.current.store(Arc::new(Generation {
-            id,
-            mem: GuestMemoryMmap::new(),
-            regions: Vec::new(),
-        }));
+    /// Drops the table (disconnect): every region retires.
+    pub fn clear(&self) -> Retiring {
+        let old = self.current();
+        let pins: Vec<_> = old.regions.iter().map(|r| r.pin.clone()).collect();
+        for pin in &pins {
+            pin.retire();
+        }
+        // An empty table cannot fail to build.
+        let _ = self.install(Vec::new());
+        Retiring { pins }
+    }
+
+    pub fn status(&self) -> MemoryStatus {
+        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        MemoryStatus {
+            generation: self.current().id,
+            // Pins: every Arc but the handle's own (for the current one) is a request or a
+            // queue thread's view of the ring.
+            live: live.iter().filter_map(|g| g.upgrade()).map(|g| (g.id, Arc::strong_count(&g) - 1)).collect(),
+            retire_waits: self.stats.retire_waits.load(Ordering::Relaxed),
+            longest_retire_wait_us: self.stats.longest_retire_wait_us.load(Ordering::Relaxed),
+            cancelled: self.stats.cancelled.load(Ordering::Relaxed),
+        }
     }
 }

@@ -16,6 +16,6 @@ mod vring;
 
 pub use connection::{serve_connection, ConnectionEnd, ConnectionThread};
 pub use device::{QueueLoop, VirtioDevice};
-pub use memory::{Generation, GuestMemoryHandle};
+pub use memory::{Generation, GuestMemoryHandle, MemoryStatus, RegionPin};
 pub use session::Session;
 pub use vring::{CallFd, QueueControl, RunningQueue};

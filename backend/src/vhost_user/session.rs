@@ -9,6 +9,7 @@ use std::io;
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags,
@@ -26,7 +27,7 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device::VirtioDevice;
-use super::memory::{GuestMemoryHandle, MemoryError};
+use super::memory::{GuestMemoryHandle, MemoryError, RegionPin, Retiring};
 use super::vring::Vring;
 
 /// The memory slots we accept with CONFIGURE_MEM_SLOTS (the kernel's vhost limit, which QEMU
@@ -69,12 +70,14 @@ impl<D: VirtioDevice> Session<D> {
         let vrings = (0..device.num_queues())
             .map(|_| Vring::new(device.max_queue_size()))
             .collect();
+        let memory = GuestMemoryHandle::default();
+        device.attach_memory(&memory);
         Session {
             device,
             owned: false,
             acked_features: 0,
             acked_protocol_features: 0,
-            memory: GuestMemoryHandle::default(),
+            memory,
             vrings,
         }
     }
@@ -91,7 +94,55 @@ impl<D: VirtioDevice> Session<D> {
             vring.stop();
             vring.enabled = false;
         }
-        self.memory.clear();
+        let retiring = self.memory.clear();
+        self.retire(retiring);
+    }
+
+    /// Waits until no in-flight request uses the retiring regions — the reply to the message
+    /// that retired them goes out only after this, and from then on nothing touches them.
+    /// Past the device's bound the queues cancel those requests (they complete with IOERR),
+    /// and the wait goes on until the cancellations have completed.
+    fn retire(&mut self, retiring: Retiring) {
+        let busy = |pins: &[Arc<RegionPin>]| pins.iter().filter(|p| p.in_flight() > 0).cloned().collect::<Vec<_>>();
+        let mut waiting = busy(&retiring.pins);
+        if waiting.is_empty() {
+            return;
+        }
+        let requests: usize = waiting.iter().map(|p| p.in_flight()).sum();
+        let bound = self.device.retire_timeout();
+        let start = Instant::now();
+        let mut cancelled = false;
+        let mut next_complaint = bound * 2;
+        while !waiting.is_empty() {
+            let waited = start.elapsed();
+            if !cancelled && waited >= bound {
+                tracing::warn!(
+                    "retiring memory: {} request(s) still in flight after {} ms; cancelling them",
+                    waiting.iter().map(|p| p.in_flight()).sum::<usize>(),
+                    waited.as_millis()
+                );
+                for vring in &self.vrings {
+                    vring.cancel(&waiting);
+                }
+                cancelled = true;
+            } else if cancelled && waited >= next_complaint {
+                tracing::error!("retiring memory: cancelled requests have not completed after {} ms", waited.as_millis());
+                next_complaint += bound;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+            waiting = busy(&waiting);
+        }
+        let waited = start.elapsed();
+        let stats = self.memory.stats();
+        stats.retire_waits.fetch_add(1, Ordering::Relaxed);
+        stats.longest_retire_wait_us.fetch_max(waited.as_micros() as u64, Ordering::Relaxed);
+        let regions: Vec<String> = retiring.pins.iter().map(|p| format!("{:#x}", p.guest_phys_addr)).collect();
+        tracing::info!(
+            "retired region(s) {} after waiting {} ms for {requests} request(s){}",
+            regions.join(", "),
+            waited.as_millis(),
+            if cancelled { " (cancelled past the bound)" } else { "" }
+        );
     }
 
     fn vring(&mut self, index: u32) -> VhostUserResult<&mut Vring> {
@@ -241,11 +292,13 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Session<D> {
         if ctx.len() != files.len() {
             return Err(frontend_error("SET_MEM_TABLE: region and fd counts differ"));
         }
-        let generation = self.memory.set_table(ctx, files).map_err(|e| {
+        let (generation, retiring) = self.memory.set_table(ctx, files).map_err(|e| {
             tracing::warn!("SET_MEM_TABLE refused: {e}");
             handler_error(e)
         })?;
         tracing::debug!("memory table generation {} installed ({} regions)", generation.id(), ctx.len());
+        drop(generation);
+        self.retire(retiring);
         Ok(None)
     }
 
@@ -422,15 +475,13 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Session<D> {
     }
 
     fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> VhostUserResult<()> {
-        let generation = self.memory.remove_region(region).map_err(|e| {
+        let (generation, retiring) = self.memory.remove_region(region).map_err(|e| {
             tracing::warn!("REM_MEM_REG refused: {e}");
             handler_error(e)
         })?;
-        tracing::debug!(
-            "memory generation {}: removed region at {:#x}",
-            generation.id(),
-            { region.guest_phys_addr }
-        );
+        tracing::debug!("memory generation {}: removed region at {:#x}", generation.id(), { region.guest_phys_addr });
+        drop(generation);
+        self.retire(retiring);
         Ok(())
     }
 

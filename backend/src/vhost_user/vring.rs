@@ -12,7 +12,7 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use virtio_queue::{Queue, QueueT};
 
-use super::memory::GuestMemoryHandle;
+use super::memory::{GuestMemoryHandle, RegionPin};
 
 /// The call eventfd of a ring, replaceable while the ring runs (SET_VRING_CALL may come at any
 /// time, e.g. when the frontend masks interrupts).
@@ -38,6 +38,8 @@ pub struct QueueControl {
     wake: EventFd,
     stop: AtomicBool,
     enabled: AtomicBool,
+    /// Regions whose in-flight requests the thread must cancel.
+    cancel: Mutex<Vec<Arc<RegionPin>>>,
 }
 
 impl QueueControl {
@@ -46,6 +48,7 @@ impl QueueControl {
             wake: EventFd::new(EFD_NONBLOCK)?,
             stop: AtomicBool::new(false),
             enabled: AtomicBool::new(enabled),
+            cancel: Mutex::new(Vec::new()),
         })
     }
 
@@ -60,6 +63,16 @@ impl QueueControl {
 
     pub fn enabled(&self) -> bool {
         self.enabled.load(Ordering::Acquire)
+    }
+
+    /// Regions whose requests the session wants cancelled (taken once).
+    pub fn take_cancels(&self) -> Vec<Arc<RegionPin>> {
+        std::mem::take(&mut *self.cancel.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn request_cancel(&self, pins: &[Arc<RegionPin>]) {
+        self.cancel.lock().unwrap_or_else(|e| e.into_inner()).extend(pins.iter().cloned());
+        let _ = self.wake.write(1);
     }
 
     fn request_stop(&self) {
@@ -153,6 +166,13 @@ impl Vring {
         })?;
         self.started = Some(Started { control, thread });
         Ok(())
+    }
+
+    /// Asks the queue thread to cancel its requests that pin any of `pins`.
+    pub fn cancel(&self, pins: &[Arc<RegionPin>]) {
+        if let Some(started) = &self.started {
+            started.control.request_cancel(pins);
+        }
     }
 
     /// Stops the queue thread, which completes what it has in flight first, and remembers

@@ -1,10 +1,11 @@
 //! [`BlockDevice`]: a disk and its virtio-blk configuration, served over vhost-user.
 
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use crate::disk::Disk;
-use crate::vhost_user::{QueueLoop, RunningQueue, VirtioDevice};
+use crate::vhost_user::{GuestMemoryHandle, MemoryStatus, QueueLoop, RunningQueue, VirtioDevice};
 
 use super::config::{self, BlockConfig, DeviceOptions};
 use super::request::Limits;
@@ -16,6 +17,10 @@ pub struct BlockDevice {
     pub(super) disk: Disk,
     pub(super) limits: Limits,
     pub(super) stats: Vec<QueueStats>,
+    /// Test only: every operation waits for a byte from this FIFO (`--test-io-gate`).
+    pub(super) test_gate: Option<std::fs::File>,
+    pub(super) retire_timeout: Duration,
+    memory: Mutex<Option<GuestMemoryHandle>>,
 }
 
 impl BlockDevice {
@@ -33,7 +38,32 @@ impl BlockDevice {
             offset_align: u64::from(disk.dio_align.offset),
         };
         let stats = (0..options.num_queues).map(|_| QueueStats::default()).collect();
-        BlockDevice { config, disk, limits, stats }
+        BlockDevice {
+            config,
+            disk,
+            limits,
+            stats,
+            test_gate: None,
+            retire_timeout: Duration::from_secs(5),
+            memory: Mutex::new(None),
+        }
+    }
+
+    /// How long retiring memory and stopping a ring wait before cancelling requests.
+    pub fn with_retire_timeout(mut self, timeout: Duration) -> BlockDevice {
+        self.retire_timeout = timeout;
+        self
+    }
+
+    /// Test only: hold every operation until a byte can be read from `gate`.
+    pub fn with_test_gate(mut self, gate: Option<std::fs::File>) -> BlockDevice {
+        self.test_gate = gate;
+        self
+    }
+
+    /// The memory lifetimes of the current (or last) session.
+    pub fn memory_status(&self) -> MemoryStatus {
+        self.memory.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|m| m.status()).unwrap_or_default()
     }
 
     pub fn config(&self) -> &BlockConfig {
@@ -73,6 +103,14 @@ impl VirtioDevice for BlockDevice {
 
     fn write_config(&self, offset: u32, data: &[u8]) -> io::Result<()> {
         self.config.write_config(offset, data)
+    }
+
+    fn retire_timeout(&self) -> Duration {
+        self.retire_timeout
+    }
+
+    fn attach_memory(&self, memory: &GuestMemoryHandle) {
+        *self.memory.lock().unwrap_or_else(|e| e.into_inner()) = Some(memory.clone());
     }
 
     fn prepare_queue(self: Arc<Self>, queue: RunningQueue) -> io::Result<QueueLoop> {

@@ -11,3 +11,14 @@ mod worker;
 
 pub use config::{BlockConfig, DeviceOptions};
 pub use device::BlockDevice;
+
+/// The device an export describes, with the daemon-wide settings the export carries.
+pub fn device_for(disk: crate::disk::Disk, export: &crate::cli::ExportSpec) -> std::io::Result<BlockDevice> {
+    let gate = match &export.test_io_gate {
+        Some(path) => Some(std::fs::OpenOptions::new().read(true).write(true).open(path)?),
+        None => None,
+    };
+    Ok(BlockDevice::new(disk, &export.device)
+        .with_retire_timeout(std::time::Duration::from_millis(export.retire_timeout_ms))
+        .with_test_gate(gate))
+}

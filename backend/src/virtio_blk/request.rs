@@ -47,6 +47,11 @@ pub struct StatusByte(NonNull<u8>);
 unsafe impl Send for StatusByte {}
 
 impl StatusByte {
+    /// Where it is, to find the memory region it lies in.
+    pub fn as_ptr(self) -> *const u8 {
+        self.0.as_ptr()
+    }
+
     /// Writes the status.
     ///
     /// # Safety

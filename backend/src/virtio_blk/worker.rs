@@ -21,7 +21,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use crate::disk::{Backing, ZeroesMethod};
 use crate::io::uring::{self, Completion, Ring};
 use crate::ratelimit::RateLimit;
-use crate::vhost_user::{Generation, RunningQueue};
+use crate::vhost_user::{Generation, RegionPin, RunningQueue};
 
 use super::bounce::AlignedBuf;
 use super::device::BlockDevice;
@@ -32,6 +32,8 @@ use super::spec;
 const KICK: u64 = 1 << 62;
 const WAKE: u64 = KICK + 1;
 const CANCEL: u64 = KICK + 2;
+/// Tags the test gate's read in front of a slot's operation.
+const GATE: u64 = 1 << 61;
 
 /// Chains taken from the ring per wakeup before completions get a turn (vhost's weight).
 const BUDGET: usize = 256;
@@ -47,6 +49,8 @@ struct Slot {
     request: Option<Request>,
     /// Keeps the guest memory this request points into mapped.
     pin: Option<Arc<Generation>>,
+    /// The regions it uses, pinned against retirement (memory.rs) until it is complete.
+    regions: Vec<Arc<RegionPin>>,
     iovecs: Vec<libc::iovec>,
     segments: Vec<Segment>,
     /// For a read or write: the first iovec not yet fully done, where, and how much is left.
@@ -59,6 +63,8 @@ struct Slot {
     bounce: Option<AlignedBuf>,
     bounce_iov: libc::iovec,
     bounced: bool,
+    /// Where the test gate's byte lands.
+    gate_byte: u8,
 }
 
 // SAFETY: the raw pointers in a slot point into guest memory pinned by `pin` (or into `bounce`);
@@ -71,6 +77,7 @@ impl Slot {
             head: 0,
             request: None,
             pin: None,
+            regions: Vec::new(),
             iovecs: Vec::new(),
             segments: Vec::new(),
             next_iov: 0,
@@ -81,6 +88,7 @@ impl Slot {
             bounce: None,
             bounce_iov: libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 },
             bounced: false,
+            gate_byte: 0,
         }
     }
 
@@ -234,12 +242,17 @@ impl QueueWorker {
                     self.arm_kick()?;
                 }
                 WAKE => {
-                    // Enabled or stopping: look at the ring again either way.
+                    // Enabled, stopping or cancelling: look at the ring again either way.
                     self.kicked = true;
                     self.arm_wake()?;
+                    let regions = self.q.control.take_cancels();
+                    if !regions.is_empty() {
+                        self.cancel_where(|slot| slot.regions.iter().any(|r| regions.iter().any(|c| Arc::ptr_eq(r, c))))?;
+                    }
                 }
                 CANCEL => {}
-                slot => self.complete_io(slot as usize, c.result())?,
+                gate if gate & GATE != 0 => self.complete_io((gate & !GATE) as usize, c.result(), true)?,
+                slot => self.complete_io(slot as usize, c.result(), false)?,
             }
         }
         self.completions = completions;
@@ -332,30 +345,36 @@ impl QueueWorker {
         slot.pending = 0;
         slot.bounced = false;
         self.in_flight += 1;
+        let status = match &parsed {
+            Ok(req) => Some(req.status),
+            Err(rejection) => rejection.status,
+        };
+        // Pin the status byte's region first: without it, not even a status may be written.
+        let status = status.filter(|s| pin_region(&mut slot.regions, generation, s.as_ptr()));
+        let buffers_pinned = slot.iovecs.iter().all(|v| pin_region(&mut slot.regions, generation, v.iov_base as *const u8));
         match parsed {
-            Ok(req) => {
+            Ok(req) if status.is_some() && buffers_pinned => {
                 slot.request = Some(req);
                 if let Err(e) = self.submit_request(index, req) {
                     self.log_io_error(index, &e);
                     self.finish(index, STATUS_IOERR);
                 }
             }
-            Err(rejection) => {
+            parsed => {
+                let (code, reason) = match &parsed {
+                    Ok(_) => (STATUS_IOERR, "guest gave buffers in memory being removed".to_string()),
+                    Err(rejection) => (rejection.code, rejection.error.to_string()),
+                };
                 if let Some(suppressed) = self.guest_errors.check(Instant::now()) {
-                    tracing::warn!(
-                        "queue {}: request {head} refused: {}{}",
-                        self.q.index,
-                        rejection.error,
-                        suppressed_note(suppressed)
-                    );
+                    tracing::warn!("queue {}: request {head} refused: {reason}{}", self.q.index, suppressed_note(suppressed));
                 }
                 if let Some(stats) = self.device.stats.get(self.q.index) {
                     stats.record_refused();
                 }
-                let used_len = match rejection.status {
+                let used_len = match status {
                     Some(status) => {
-                        // SAFETY: `generation` is pinned by this function's caller and by the slot.
-                        unsafe { status.write(rejection.code) };
+                        // SAFETY: the slot pins the generation and the status byte's region.
+                        unsafe { status.write(code) };
                         1
                     }
                     None => 0,
@@ -467,6 +486,13 @@ impl QueueWorker {
     }
 
     fn push_for(&mut self, index: usize, entry: &io_uring::squeue::Entry) -> io::Result<()> {
+        if let Some(gate) = &self.device.test_gate {
+            let byte: *mut u8 = &mut self.slots[index].gate_byte;
+            let read = uring::linked(Ring::read_byte(std::os::fd::AsRawFd::as_raw_fd(gate), byte, GATE | index as u64));
+            // SAFETY: the byte lives in the slot, which is not reused before this completes.
+            unsafe { self.ring.push(&read) }?;
+            self.slots[index].pending += 1;
+        }
         // SAFETY: the entry points at the slot's iovec array (or bounce buffer) and, through
         // it, at guest memory pinned by the slot; the slot is neither reused nor unpinned
         // until `pending` drops to zero, i.e. until this entry's completion is reaped.
@@ -475,17 +501,47 @@ impl QueueWorker {
         Ok(())
     }
 
-    fn complete_io(&mut self, index: usize, result: i32) -> io::Result<()> {
-        let Some(slot) = self.slots.get_mut(index) else {
+    /// Records a request's first error; a cancellation is counted once per request.
+    fn note_error(&mut self, index: usize, errno: i32) {
+        let slot = &mut self.slots[index];
+        if slot.errno.is_none() {
+            slot.errno = Some(errno);
+            if errno == libc::ECANCELED {
+                self.q.memory.stats().cancelled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Cancels the operations of every in-flight request `matches` picks; they complete with
+    /// -ECANCELED and so with IOERR.
+    fn cancel_where(&mut self, matches: impl Fn(&Slot) -> bool) -> io::Result<()> {
+        let targets: Vec<usize> =
+            (0..self.slots.len()).filter(|&i| self.slots[i].pending > 0 && matches(&self.slots[i])).collect();
+        for index in targets {
+            for target in [index as u64, GATE | index as u64] {
+                let entry = Ring::cancel_all(target, CANCEL);
+                // SAFETY: a cancel request points at no memory.
+                unsafe { self.ring.push(&entry) }?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One completion of a request's operations (`gate`: the test gate's read in front of
+    /// one); the request finishes with its last.
+    fn complete_io(&mut self, index: usize, result: i32, gate: bool) -> io::Result<()> {
+        if index >= self.slots.len() {
             tracing::error!("queue {}: completion for unknown slot {index}", self.q.index);
             return Ok(());
-        };
-        slot.pending = slot.pending.saturating_sub(1);
-        let kind = slot.request.map(|r| r.kind);
+        }
+        self.slots[index].pending = self.slots[index].pending.saturating_sub(1);
         if result < 0 {
             // A linked SQE cancelled because its predecessor failed keeps the first error.
-            slot.errno.get_or_insert(-result);
-        } else if matches!(kind, Some(RequestKind::Read | RequestKind::Write)) && slot.errno.is_none() {
+            self.note_error(index, -result);
+        }
+        let slot = &mut self.slots[index];
+        let kind = slot.request.map(|r| r.kind);
+        if result >= 0 && !gate && matches!(kind, Some(RequestKind::Read | RequestKind::Write)) && slot.errno.is_none() {
             let done = result as u64;
             if done == 0 && slot.remaining > 0 {
                 // End of file inside the capacity: the image shrank under us.
@@ -553,8 +609,12 @@ impl QueueWorker {
         let slot = &mut self.slots[index];
         let head = slot.head;
         slot.request = None;
-        slot.pin = None;
         slot.iovecs.clear();
+        // The status and data are written: the regions may retire, the generation unmap.
+        for region in slot.regions.drain(..) {
+            region.unpin();
+        }
+        slot.pin = None;
         self.free.push(index as u32);
         self.in_flight -= 1;
         if let Err(e) = self.q.queue.add_used(self.generation.memory(), head, used_len) {
@@ -586,12 +646,41 @@ impl QueueWorker {
                 break;
             }
         }
+        // Requests get the device's bound to complete; then they are cancelled, and the
+        // cancellations are waited for: nothing may write guest memory after this returns.
+        let bound = self.device.retire_timeout;
+        let start = Instant::now();
+        let mut cancelled = false;
         while self.in_flight > 0 || outstanding_reads > 0 {
-            if let Err(e) = self.ring.submit(1) {
-                tracing::error!("queue {}: cannot drain the ring: {e}", self.q.index);
-                // Leaking the ring keeps every buffer it may still write valid.
-                std::mem::forget(std::mem::replace(&mut self.ring, match Ring::new(8, None) { Ok(r) => r, Err(_) => return }));
-                return;
+            let submitted = if cancelled {
+                self.ring.submit(1).map(|_| true)
+            } else {
+                let left = bound.saturating_sub(start.elapsed()).max(Duration::from_millis(1));
+                self.ring.submit_timeout(1, left)
+            };
+            match submitted {
+                Ok(true) => {}
+                Ok(false) => {
+                    cancelled = true;
+                    if self.in_flight > 0 {
+                        tracing::warn!(
+                            "queue {}: stopping with {} request(s) still in flight after {} ms; cancelling them",
+                            self.q.index,
+                            self.in_flight,
+                            start.elapsed().as_millis()
+                        );
+                        if let Err(e) = self.cancel_where(|_| true) {
+                            tracing::error!("queue {}: cannot cancel: {e}", self.q.index);
+                        }
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!("queue {}: cannot drain the ring: {e}", self.q.index);
+                    // Leaking the ring keeps every buffer it may still write valid.
+                    std::mem::forget(std::mem::replace(&mut self.ring, match Ring::new(8, None) { Ok(r) => r, Err(_) => return }));
+                    return;
+                }
             }
             self.generation = self.q.memory.current();
             let mut completions = std::mem::take(&mut self.completions);
@@ -601,7 +690,8 @@ impl QueueWorker {
                     KICK | WAKE => outstanding_reads -= 1,
                     CANCEL => {}
                     slot => {
-                        if let Err(e) = self.complete_io(slot as usize, c.result()) {
+                        let gate = slot & GATE != 0;
+                        if let Err(e) = self.complete_io((slot & !GATE) as usize, c.result(), gate) {
                             tracing::error!("queue {}: {e}", self.q.index);
                         }
                     }
@@ -611,6 +701,19 @@ impl QueueWorker {
         }
         self.notify();
     }
+}
+
+/// Pins the region holding `ptr` for a request (once per region); `false` if it is retiring.
+fn pin_region(pinned: &mut Vec<Arc<RegionPin>>, generation: &Generation, ptr: *const u8) -> bool {
+    let Some(pin) = generation.pin_of(ptr) else { return false };
+    if pinned.iter().any(|p| Arc::ptr_eq(p, pin)) {
+        return true;
+    }
+    if !pin.try_pin() {
+        return false;
+    }
+    pinned.push(pin.clone());
+    true
 }
 
 fn misaligned(iovecs: &[libc::iovec], align: usize) -> bool {

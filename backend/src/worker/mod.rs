@@ -44,6 +44,7 @@ fn send_stats(control: &OwnedFd, connections: &HashMap<u64, Connection>) {
             export: c.export.clone(),
             queues: c.device.config().num_queues,
             totals: c.device.totals(),
+            memory: c.device.memory_status(),
         })
         .collect();
     let _ = handoff::send(control, &ToSupervisor::Stats { devices }, &[]);
@@ -151,7 +152,7 @@ fn start(
         _ => Disk::open(&export.disk, export.open),
     }
     .map_err(|e| crate::error_line(&e))?;
-    let device = Arc::new(BlockDevice::new(disk, &export.device));
+    let device = Arc::new(crate::virtio_blk::device_for(disk, export).map_err(|e| format!("cannot open the test I/O gate: {e}"))?);
     let done = done.try_clone().map_err(|e| e.to_string())?;
     let ended = ended.clone();
     let thread = ConnectionThread::spawn(connection, &export.name, stream, device.clone(), move || {
