@@ -263,13 +263,12 @@ impl QueueWorker {
     fn process_avail(&mut self) {
         self.backlog = false;
         self.starved = false;
-        let generation = self.generation.clone();
-        let mem = generation.memory();
+        let mut generation = self.generation.clone();
         let size = self.q.queue.size();
         let mut budget = BUDGET;
         let mut empty_rounds = 0;
         loop {
-            if let Err(e) = self.q.queue.disable_notification(mem) {
+            if let Err(e) = self.q.queue.disable_notification(generation.memory()) {
                 return self.mark_broken(&e);
             }
             let mut taken = 0;
@@ -285,7 +284,14 @@ impl QueueWorker {
                     self.starved = true;
                     return;
                 }
-                let chain = match self.q.queue.iter(mem) {
+                // Each chain is parsed against the newest memory table (the frontend may have
+                // replaced it since the last chain), never a retired one.
+                let latest = self.q.memory.current();
+                if !Arc::ptr_eq(&latest, &generation) {
+                    generation = latest;
+                    self.generation = generation.clone();
+                }
+                let chain = match self.q.queue.iter(generation.memory()) {
                     Ok(mut iter) => iter.next(),
                     Err(e) => return self.mark_broken(&e),
                 };
@@ -298,7 +304,7 @@ impl QueueWorker {
                 taken += 1;
                 self.start_request(head, chain, &generation);
             }
-            match self.q.queue.enable_notification(mem) {
+            match self.q.queue.enable_notification(generation.memory()) {
                 // More arrived while notifications were off (or between reading the avail
                 // index and re-enabling them): take them too. A ring that keeps saying so while
                 // yielding nothing gets another turn next round rather than a busy loop here.
