@@ -12,5 +12,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/prereqs.sh
 vublk_prereqs test
 
+status=0
 timeout --kill-after=30s "${VUBLK_TEST_TIMEOUT:-15m}" \
-    cargo test --workspace --no-fail-fast "$@"
+    cargo test --workspace --no-fail-fast "$@" || status=$?
+# The lock-free memory pin protocol, model-checked with loom (its own build: --cfg loom).
+RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}/loom" \
+    timeout --kill-after=30s 10m cargo test -p vublk --lib loom_tests || status=$?
+exit "$status"

@@ -15,17 +15,19 @@
 //! - the session retiring a region (REM_MEM_REG, a SET_MEM_TABLE that drops it, disconnect)
 //!   sets the flag, then waits for the count to reach zero: set, then check the count.
 //!
-//! Both sides use sequentially consistent operations, so either the request sees the flag and
-//! backs off, or the session sees the request and waits for it (Dekker's handshake).
+//! Either the request sees the flag and backs off, or the session sees the request and waits
+//! for it (a Dekker handshake, model-checked with loom: see pin.rs).
 
 use std::fs::File;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use arc_swap::ArcSwap;
 use thiserror::Error;
 use vhost::vhost_user::message::VhostUserMemoryRegion;
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+
+pub use super::pin::RegionPin;
 
 #[derive(Debug, Error)]
 pub enum MemoryError {
@@ -44,44 +46,6 @@ pub enum MemoryError {
     UnmappedVmmAddress(u64),
     #[error("the region at guest address {gpa:#x} has size 0 or wraps around")]
     BadRegion { gpa: u64 },
-}
-
-/// The in-flight requests using one region, and whether it is being retired.
-#[derive(Debug)]
-pub struct RegionPin {
-    pub guest_phys_addr: u64,
-    pub size: u64,
-    in_flight: AtomicUsize,
-    retiring: AtomicBool,
-}
-
-impl RegionPin {
-    fn new(guest_phys_addr: u64, size: u64) -> RegionPin {
-        RegionPin { guest_phys_addr, size, in_flight: AtomicUsize::new(0), retiring: AtomicBool::new(false) }
-    }
-
-    /// Pins the region for one request; `false` (and no pin) once it is retiring.
-    pub fn try_pin(&self) -> bool {
-        self.in_flight.fetch_add(1, Ordering::SeqCst);
-        if self.retiring.load(Ordering::SeqCst) {
-            self.in_flight.fetch_sub(1, Ordering::SeqCst);
-            return false;
-        }
-        true
-    }
-
-    /// Drops a pin taken by [`RegionPin::try_pin`], after the request's completion is written.
-    pub fn unpin(&self) {
-        self.in_flight.fetch_sub(1, Ordering::SeqCst);
-    }
-
-    pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::SeqCst)
-    }
-
-    fn retire(&self) {
-        self.retiring.store(true, Ordering::SeqCst);
-    }
 }
 
 /// How one region appears to the frontend, to translate the vring addresses it sends (its own

@@ -11,6 +11,7 @@
 mod connection;
 mod device;
 mod memory;
+mod pin;
 mod session;
 mod vring;
 
