@@ -209,8 +209,15 @@ impl GuestMemoryHandle {
     /// SET_MEM_TABLE: a whole new table. Old regions not in it (same guest address, size and
     /// frontend address) retire.
     pub fn set_table(&self, regions: &[VhostUserMemoryRegion], files: Vec<File>) -> Result<(Arc<Generation>, Retiring), MemoryError> {
-        let mapped = regions.iter().zip(files).map(|(region, file)| map_region(region, file)).collect::<Result<Vec<_>, _>>()?;
+        let mut mapped = regions.iter().zip(files).map(|(region, file)| map_region(region, file)).collect::<Result<Vec<_>, _>>()?;
         let old = self.current();
+        // A region the new table keeps in place keeps its pin: requests still using the old
+        // mapping of it count when it is removed later.
+        for region in &mut mapped {
+            if let Some(kept) = old.regions.iter().find(|r| r.guest_phys_addr == region.guest_phys_addr && r.size == region.size && r.user_addr == region.user_addr) {
+                region.pin = kept.pin.clone();
+            }
+        }
         let retiring: Vec<_> = old.regions.iter().filter(|r| !regions.iter().any(|n| r.same_place(n))).map(|r| r.pin.clone()).collect();
         for pin in &retiring {
             pin.retire();

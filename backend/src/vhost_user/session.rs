@@ -90,6 +90,10 @@ impl<D: VirtioDevice> Session<D> {
     /// Stops every ring (each completes its in-flight requests first) and drops the memory
     /// table. Used on disconnect and on RESET_OWNER.
     pub fn stop_all(&mut self) {
+        // All queues drain (and hit their bound) at once, not one after another.
+        for vring in &self.vrings {
+            vring.begin_stop();
+        }
         for vring in &mut self.vrings {
             vring.stop();
             vring.enabled = false;

@@ -175,8 +175,16 @@ impl Vring {
         }
     }
 
-    /// Stops the queue thread, which completes what it has in flight first, and remembers
-    /// where the ring stands. Returns the next avail index.
+    /// Asks the queue thread to stop; [`Vring::stop`] waits for it.
+    pub fn begin_stop(&self) {
+        if let Some(started) = &self.started {
+            started.control.request_stop();
+        }
+    }
+
+    /// Stops the queue thread, which completes what it has in flight first (or cancels it
+    /// past the device's bound), and remembers where the ring stands. Returns the next avail
+    /// index.
     pub fn stop(&mut self) -> u16 {
         if let Some(started) = self.started.take() {
             started.control.request_stop();

@@ -612,21 +612,22 @@ impl QueueWorker {
     }
 
     fn release(&mut self, index: usize, used_len: u32) {
+        let head = self.slots[index].head;
+        if let Err(e) = self.q.queue.add_used(self.generation.memory(), head, used_len) {
+            tracing::error!("queue {}: cannot return request {head} to the driver: {e}", self.q.index);
+        }
+        self.used_added = true;
+        // Status and used entry are written: now the regions may retire and the generation
+        // unmap.
         let slot = &mut self.slots[index];
-        let head = slot.head;
         slot.request = None;
         slot.iovecs.clear();
-        // The status and data are written: the regions may retire, the generation unmap.
         for region in slot.regions.drain(..) {
             region.unpin();
         }
         slot.pin = None;
         self.free.push(index as u32);
         self.in_flight -= 1;
-        if let Err(e) = self.q.queue.add_used(self.generation.memory(), head, used_len) {
-            tracing::error!("queue {}: cannot return request {head} to the driver: {e}", self.q.index);
-        }
-        self.used_added = true;
     }
 
     /// One interrupt for everything completed this round, if the driver wants one.

@@ -163,6 +163,12 @@ impl Daemon {
         Ok(())
     }
 
+    /// Lines of the daemon's `/proc/PID/maps` that map the file with inode `inode` (e.g. a
+    /// guest memory memfd, see [`super::memory::RegionFile::inode`]).
+    pub fn mappings_of(&self, inode: u64) -> io::Result<Vec<String>> {
+        mappings_of(self.pid(), inode)
+    }
+
     /// Everything the daemon wrote to stderr so far.
     pub fn stderr(&self) -> String {
         String::from_utf8_lossy(&self.stderr.lock().map(|b| b.clone()).unwrap_or_default())
@@ -211,4 +217,19 @@ fn collect(mut from: impl Read + Send + 'static, into: Arc<Mutex<Vec<u8>>>) -> J
             }
         }
     })
+}
+
+/// Lines of `/proc/PID/maps` whose inode field (the fifth) is `inode`.
+pub fn mappings_of(pid: u32, inode: u64) -> io::Result<Vec<String>> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    Ok(maps
+        .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .nth(4)
+                .and_then(|f| f.parse::<u64>().ok())
+                == Some(inode)
+        })
+        .map(str::to_string)
+        .collect())
 }

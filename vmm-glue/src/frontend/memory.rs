@@ -9,6 +9,7 @@
 //! are its own virtual addresses ([`GuestMemory::uva`]), as QEMU and cloud-hypervisor do.
 
 use std::fs::File;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -55,6 +56,20 @@ pub enum MemoryError {
     },
     #[error("guest memory arena [{start:#x}, {end:#x}) has no room for {len} bytes")]
     ArenaFull { start: u64, end: u64, len: u64 },
+    #[error("the region at {0:#x} is not backed by a file")]
+    NoFile(u64),
+    #[error("cannot access the memfd of the region at {guest_addr:#x}")]
+    File {
+        guest_addr: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("guest address {addr:#x} (+{len} bytes) is outside the region at {guest_addr:#x}")]
+    OutsideRegion {
+        guest_addr: u64,
+        addr: u64,
+        len: u64,
+    },
 }
 
 /// One guest memory region to create.
@@ -83,6 +98,101 @@ impl RemovedRegion {
     /// The vhost-user description of the removed region.
     pub fn info(&self) -> Result<VhostUserMemoryRegionInfo, MemoryError> {
         region_info(&self.region)
+    }
+
+    /// The region's memfd, to watch its pages after the backend was told to let go of them.
+    pub fn file(&self) -> Result<RegionFile, MemoryError> {
+        RegionFile::of(&self.region)
+    }
+}
+
+/// The memfd behind one region (a duplicate descriptor), to read and write the region's pages
+/// without going through guest memory: what the backend wrote there, even after the region was
+/// unplugged. Its inode names the backend's mappings of the region in `/proc/PID/maps`.
+pub struct RegionFile {
+    file: File,
+    /// Where the region starts in the file (non-zero for regions sharing one memfd).
+    offset: u64,
+    spec: RegionSpec,
+    inode: u64,
+}
+
+impl RegionFile {
+    fn of(region: &GuestRegionMmap) -> Result<Self, MemoryError> {
+        let guest_addr = region.start_addr().0;
+        let fo = region
+            .file_offset()
+            .ok_or(MemoryError::NoFile(guest_addr))?;
+        let io = |source| MemoryError::File { guest_addr, source };
+        let file = fo.file().try_clone().map_err(io)?;
+        let inode = file.metadata().map_err(io)?.ino();
+        Ok(Self {
+            file,
+            offset: fo.start(),
+            spec: RegionSpec::new(guest_addr, region.len() as usize),
+            inode,
+        })
+    }
+
+    /// Guest address and size of the region.
+    pub fn spec(&self) -> RegionSpec {
+        self.spec
+    }
+
+    /// The memfd's inode number (the fifth field of a `/proc/PID/maps` line mapping it).
+    pub fn inode(&self) -> u64 {
+        self.inode
+    }
+
+    /// File offset of guest address `gpa` (checked to lie with `len` bytes in the region).
+    fn at(&self, gpa: u64, len: usize) -> Result<u64, MemoryError> {
+        let outside = || MemoryError::OutsideRegion {
+            guest_addr: self.spec.guest_addr,
+            addr: gpa,
+            len: len as u64,
+        };
+        let rel = gpa.checked_sub(self.spec.guest_addr).ok_or_else(outside)?;
+        if rel
+            .checked_add(len as u64)
+            .is_none_or(|end| end > self.spec.size as u64)
+        {
+            return Err(outside());
+        }
+        Ok(self.offset + rel)
+    }
+
+    /// Reads `len` bytes at guest address `gpa` from the memfd.
+    pub fn read(&self, gpa: u64, len: usize) -> Result<Vec<u8>, MemoryError> {
+        let at = self.at(gpa, len)?;
+        let mut buf = vec![0u8; len];
+        self.file
+            .read_exact_at(&mut buf, at)
+            .map_err(|source| MemoryError::File {
+                guest_addr: self.spec.guest_addr,
+                source,
+            })?;
+        Ok(buf)
+    }
+
+    /// Writes `data` at guest address `gpa` into the memfd.
+    pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
+        let at = self.at(gpa, data.len())?;
+        self.file
+            .write_all_at(data, at)
+            .map_err(|source| MemoryError::File {
+                guest_addr: self.spec.guest_addr,
+                source,
+            })
+    }
+
+    /// Fills the whole region with `byte`.
+    pub fn fill(&self, byte: u8) -> Result<(), MemoryError> {
+        self.write(self.spec.guest_addr, &vec![byte; self.spec.size])
+    }
+
+    /// The whole region's bytes.
+    pub fn contents(&self) -> Result<Vec<u8>, MemoryError> {
+        self.read(self.spec.guest_addr, self.spec.size)
     }
 }
 
@@ -147,6 +257,16 @@ impl GuestMemory {
             .find(|r| r.start_addr().0 == guest_addr)
             .ok_or(MemoryError::NoRegion(guest_addr))?;
         region_info(region)
+    }
+
+    /// The memfd of the region starting at `guest_addr`.
+    pub fn region_file(&self, guest_addr: u64) -> Result<RegionFile, MemoryError> {
+        let region = self
+            .mmap
+            .iter()
+            .find(|r| r.start_addr().0 == guest_addr)
+            .ok_or(MemoryError::NoRegion(guest_addr))?;
+        RegionFile::of(region)
     }
 
     /// (guest address, size) of every region, in address order.

@@ -22,6 +22,9 @@ pub mod virtqueue;
 pub use blk::{BlkConfig, BlkQueue, Completion, Range, Readback};
 pub use daemon::Daemon;
 pub use fixture::Fixture;
-pub use memory::{Arena, GuestMemory, RegionSpec};
-pub use session::{MemAnnounce, Session, SessionConfig, SessionError, Step, Vring};
+pub use memory::{Arena, GuestMemory, RegionFile, RegionSpec, RemovedRegion};
+pub use session::{
+    MemAnnounce, PendingReply, Replacement, Reply, Session, SessionConfig, SessionError, Step,
+    Vring,
+};
 pub use virtqueue::{Seg, SplitQueue, UsedElem};

@@ -26,7 +26,7 @@ use virtio_bindings::virtio_config::{VIRTIO_F_ANY_LAYOUT, VIRTIO_F_VERSION_1};
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::memory::{Arena, GuestMemory, MemoryError, RegionSpec};
+use super::memory::{Arena, GuestMemory, MemoryError, RegionSpec, RemovedRegion};
 use super::virtqueue::{QueueError, Seg, SplitQueue, UsedElem};
 
 /// Size of `struct virtio_blk_config` up to `write_zeroes_may_unmap` and its padding: what QEMU
@@ -300,6 +300,8 @@ pub struct Session {
     last_vring_base: Option<u32>,
     sent: Vec<Step>,
     watchdog: Option<Watchdog>,
+    /// A second handle on the socket, to shut it down under a message sent in the background.
+    socket: UnixStream,
     /// NEED_REPLY is set on every message (after [`Step::NeedReply`]).
     need_reply_always: bool,
 }
@@ -333,8 +335,10 @@ impl Session {
             )),
             None => None,
         };
+        let socket = stream.try_clone().map_err(SessionError::Socket)?;
         let frontend = Frontend::from_stream(stream, config.num_queues.max(1) as u64);
         Ok(Self {
+            socket,
             frontend,
             config,
             mem,
@@ -372,14 +376,24 @@ impl Session {
 
     /// Runs one step.
     pub fn step(&mut self, step: &Step) -> Result<(), SessionError> {
+        self.guarded(&format!("{step:?}"), |s| s.step_inner(step))
+    }
+
+    /// Runs `f` under the reply watchdog: if it takes longer than the reply timeout, the socket
+    /// is shut down and `f` fails instead of hanging.
+    fn guarded<T>(
+        &mut self,
+        what: &str,
+        f: impl FnOnce(&mut Self) -> Result<T, SessionError>,
+    ) -> Result<T, SessionError> {
         if let Some(w) = &self.watchdog {
             w.arm();
         }
-        let r = self.step_inner(step);
+        let r = f(self);
         if let Some(w) = &self.watchdog {
             if w.disarm() {
                 return Err(SessionError::NoReply {
-                    step: format!("{step:?}"),
+                    step: what.to_string(),
                     waited: w.timeout,
                 });
             }
@@ -540,7 +554,8 @@ impl Session {
         spec: RegionSpec,
         how: MemAnnounce,
     ) -> Result<Arena, SessionError> {
-        self.with_reply(|s| s.plug_region_inner(spec, how))
+        let what = format!("plug {how:?} {:#x}", spec.guest_addr);
+        self.guarded(&what, |s| s.with_reply(|s| s.plug_region_inner(spec, how)))
     }
 
     fn plug_region_inner(
@@ -566,16 +581,24 @@ impl Session {
     }
 
     /// Unplugs the region at `guest_addr` with REM_MEM_REG or a full SET_MEM_TABLE (with a reply,
-    /// as for [`Session::plug_region`]).
-    pub fn unplug_region(&mut self, guest_addr: u64, how: MemAnnounce) -> Result<(), SessionError> {
-        self.with_reply(|s| s.unplug_region_inner(guest_addr, how))
+    /// as for [`Session::plug_region`]). The returned region keeps the frontend's mapping and
+    /// memfd alive until dropped, so a test can watch what happens to its pages afterwards.
+    pub fn unplug_region(
+        &mut self,
+        guest_addr: u64,
+        how: MemAnnounce,
+    ) -> Result<RemovedRegion, SessionError> {
+        let what = format!("unplug {how:?} {guest_addr:#x}");
+        self.guarded(&what, |s| {
+            s.with_reply(|s| s.unplug_region_inner(guest_addr, how))
+        })
     }
 
     fn unplug_region_inner(
         &mut self,
         guest_addr: u64,
         how: MemAnnounce,
-    ) -> Result<(), SessionError> {
+    ) -> Result<RemovedRegion, SessionError> {
         let removed = self.mem.remove_region(guest_addr)?;
         let fail = |source| SessionError::Vhost {
             step: format!("unplug {how:?} {guest_addr:#x}"),
@@ -591,7 +614,101 @@ impl Session {
                 self.frontend.remove_mem_region(&info).map_err(fail)?;
             }
         }
-        Ok(())
+        Ok(removed)
+    }
+
+    /// Sends one message from another thread and returns at once, so the test can watch what
+    /// the backend does before it replies (and when it does). `send` gets a clone of the
+    /// frontend; with `need_reply`, the message carries NEED_REPLY (if REPLY_ACK was acked)
+    /// and `send` returns only once the backend acknowledged it.
+    ///
+    /// Send nothing else on this session until the reply has arrived: the frontend is locked
+    /// while the message waits for its reply, so anything else would block behind it.
+    pub fn send_in_background<T: Send + 'static>(
+        &mut self,
+        what: &str,
+        need_reply: bool,
+        send: impl FnOnce(&mut Frontend) -> Result<T, vhost::Error> + Send + 'static,
+    ) -> Result<PendingReply<T>, SessionError> {
+        let mut frontend = self.frontend.clone();
+        let flag = need_reply && self.reply_ack();
+        let always = self.need_reply_always;
+        let socket = self.socket.try_clone().map_err(SessionError::Socket)?;
+        let sent = Instant::now();
+        let thread = thread::Builder::new()
+            .name(format!("vmm-glue {what}"))
+            .spawn(move || {
+                if flag {
+                    frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+                }
+                let r = send(&mut frontend);
+                let replied = Instant::now();
+                if flag && !always {
+                    frontend.set_hdr_flags(VhostUserHeaderFlag::empty());
+                }
+                (r, replied)
+            })
+            .map_err(SessionError::Socket)?;
+        Ok(PendingReply {
+            what: what.to_string(),
+            sent,
+            thread: Some(thread),
+            socket,
+        })
+    }
+
+    /// REM_MEM_REG (with NEED_REPLY) for the region at `guest_addr`, sent in the background
+    /// (see [`Session::send_in_background`]). The region leaves the frontend's guest memory at
+    /// once; the returned [`RemovedRegion`] keeps its memfd and mapping for the test.
+    pub fn remove_region_in_background(
+        &mut self,
+        guest_addr: u64,
+    ) -> Result<(PendingReply<()>, RemovedRegion), SessionError> {
+        let removed = self.mem.remove_region(guest_addr)?;
+        let info = removed.info()?;
+        let pending =
+            self.send_in_background(&format!("REM_MEM_REG {guest_addr:#x}"), true, move |f| {
+                f.remove_mem_region(&info)
+            })?;
+        Ok((pending, removed))
+    }
+
+    /// One SET_MEM_TABLE (with NEED_REPLY) that drops the regions starting at `remove` and adds
+    /// fresh memfd regions `add`, keeping every other region as it was (same guest address,
+    /// size and frontend address), sent in the background.
+    pub fn replace_regions_in_background(
+        &mut self,
+        remove: &[u64],
+        add: &[RegionSpec],
+    ) -> Result<Replacement, SessionError> {
+        let mut removed = Vec::with_capacity(remove.len());
+        for &gpa in remove {
+            removed.push(self.mem.remove_region(gpa)?);
+        }
+        for &spec in add {
+            self.mem.add_region(spec)?;
+        }
+        let table = self.mem.region_infos()?;
+        let pending = self.send_in_background("SET_MEM_TABLE", true, move |f| {
+            f.set_mem_table(&table).map(|_| ())
+        })?;
+        Ok(Replacement {
+            reply: pending,
+            removed,
+            added: add.iter().map(|&s| Arena::over(s)).collect(),
+        })
+    }
+
+    /// GET_VRING_BASE for queue `q`, sent in the background; the reply is the ring's next
+    /// avail index.
+    pub fn get_vring_base_in_background(
+        &mut self,
+        q: usize,
+    ) -> Result<PendingReply<u32>, SessionError> {
+        self.vring(q)?;
+        self.send_in_background(&format!("GET_VRING_BASE {q}"), false, move |f| {
+            f.get_vring_base(q)
+        })
     }
 
     /// GET_CONFIG, returning the payload.
@@ -799,6 +916,92 @@ impl Session {
     /// Closes the connection (the backend sees EOF).
     pub fn close(self) {
         drop(self);
+    }
+}
+
+/// A message sent by [`Session::send_in_background`] whose reply may not have arrived yet.
+pub struct PendingReply<T> {
+    what: String,
+    sent: Instant,
+    thread: Option<JoinHandle<(Result<T, vhost::Error>, Instant)>>,
+    socket: UnixStream,
+}
+
+/// A SET_MEM_TABLE sent by [`Session::replace_regions_in_background`].
+pub struct Replacement {
+    pub reply: PendingReply<()>,
+    /// The regions it dropped (mapped and open until dropped).
+    pub removed: Vec<RemovedRegion>,
+    /// An arena over each region it added.
+    pub added: Vec<Arena>,
+}
+
+/// A reply and how long after sending it arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reply<T> {
+    pub value: T,
+    pub after: Duration,
+}
+
+impl<T> PendingReply<T> {
+    /// When the message was handed to the sending thread.
+    pub fn sent_at(&self) -> Instant {
+        self.sent
+    }
+
+    /// Whether the reply (or a failure) has arrived.
+    pub fn has_reply(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Waits up to `timeout` (from now) for the reply. On timeout the connection is shut down,
+    /// so the backend sees the frontend go away, and this fails.
+    pub fn wait(mut self, timeout: Duration) -> Result<Reply<T>, SessionError> {
+        let start = Instant::now();
+        while !self.has_reply() && start.elapsed() < timeout {
+            thread::sleep(Duration::from_millis(2));
+        }
+        let timed_out = !self.has_reply();
+        if timed_out {
+            let _ = self.socket.shutdown(Shutdown::Both);
+        }
+        let Some(thread) = self.thread.take() else {
+            return Err(SessionError::NoReply {
+                step: self.what.clone(),
+                waited: start.elapsed(),
+            });
+        };
+        let joined = thread.join();
+        match joined {
+            Ok(_) if timed_out => Err(SessionError::NoReply {
+                step: self.what.clone(),
+                waited: timeout,
+            }),
+            Ok((Ok(value), replied)) => Ok(Reply {
+                value,
+                after: replied.saturating_duration_since(self.sent),
+            }),
+            Ok((Err(source), _)) => Err(SessionError::Vhost {
+                step: self.what.clone(),
+                source,
+            }),
+            Err(_) => Err(SessionError::NoReply {
+                step: format!("{} (the sending thread panicked)", self.what),
+                waited: start.elapsed(),
+            }),
+        }
+    }
+}
+
+impl<T> Drop for PendingReply<T> {
+    fn drop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            // Abandoned before its reply: unblock the sender by closing the connection.
+            if !t.is_finished() {
+                let _ = self.socket.shutdown(Shutdown::Both);
+            }
+            let _ = t.join();
+        }
     }
 }
 
