@@ -1,7 +1,16 @@
 //! vmm-glue: the VMM side of vublk.
 //!
-//! Today it holds [`frontend`], a scripted vhost-user-blk frontend the protocol tests use to
-//! talk to the backend the way QEMU or cloud-hypervisor would (and the way a hostile guest
-//! would not be allowed to). VMM command lines and launchers come later.
+//! - [`cmdline`]: the exact QEMU and cloud-hypervisor options that attach a vublk export, with
+//!   the version differences and the combinations that cannot work.
+//! - [`descriptor`] and [`install`]: vublk's QEMU vhost-user backend descriptor
+//!   (`share/qemu/vhost-user/50-vublk.json`), checked against `vublk --print-capabilities`.
+//! - [`frontend`]: a scripted vhost-user-blk frontend the protocol tests use to talk to the
+//!   backend the way QEMU or cloud-hypervisor would (and the way a hostile guest would not be
+//!   allowed to).
+//!
+//! The `vmm-glue` binary (`src/main.rs`) is a thin command line over the first two.
 
+pub mod cmdline;
+pub mod descriptor;
 pub mod frontend;
+pub mod install;

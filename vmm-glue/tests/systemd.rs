@@ -1,0 +1,183 @@
+//! The systemd unit pair in docs/systemd/: the units parse, and the fd handover they describe
+//! serves I/O.
+//!
+//! systemd is not PID 1 in the test environment, so the units cannot be started for real.
+//! Instead:
+//! - `systemd-analyze verify` loads both (unknown keys, bad values, a missing `ExecStart=`
+//!   binary are reported), with `ExecStart=`'s binary pointed at the vublk under test;
+//! - `systemd-socket-activate` plays the socket unit: it binds and listens on the unit's
+//!   `ListenStream=` (moved into a temp dir) and, on the first connection, execs the unit's
+//!   `ExecStart=` command line with the listening socket as fd 3 and `LISTEN_FDS=1`, as
+//!   systemd does. A scripted QEMU handshake then reads data through it; SIGTERM stops vublk
+//!   with exit 0 and leaves the socket, which belongs to systemd, in place.
+//!
+//! `SocketMode=`, `SocketGroup=` and `RemoveOnStop=` are only checked by `verify`. Each test is
+//! skipped (with a message) when its systemd tool is missing.
+
+mod common;
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{vublk, which, workspace};
+use vmm_glue::frontend::fixture::{assert_bytes, pattern, write_image};
+use vmm_glue::frontend::{Daemon, Session, SessionConfig, Step};
+
+fn unit(name: &str) -> String {
+    let path = workspace().join("docs/systemd").join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The value of the first `key=` line.
+fn setting(text: &str, key: &str) -> String {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+        .unwrap_or_else(|| panic!("no {key}= in\n{text}"))
+        .trim()
+        .to_string()
+}
+
+/// Both units in `dir`, with ExecStart='s binary replaced by `binary`.
+fn write_units(dir: &Path, binary: &Path) -> Vec<PathBuf> {
+    let service = unit("vublk.service");
+    let exec = setting(&service, "ExecStart");
+    let shipped = exec.split_whitespace().next().unwrap();
+    let service = service.replace(shipped, binary.to_str().unwrap());
+    let mut paths = Vec::new();
+    for (name, text) in [
+        ("vublk.socket", unit("vublk.socket")),
+        ("vublk.service", service),
+    ] {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        paths.push(p);
+    }
+    paths
+}
+
+#[test]
+fn units_pass_systemd_analyze_verify() {
+    let Some(analyze) = which("systemd-analyze") else {
+        eprintln!("skipped: systemd-analyze is not installed (Debian package systemd)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let units = write_units(dir.path(), &vublk());
+    let out = Command::new(analyze)
+        .arg("verify")
+        .args(&units)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "systemd-analyze verify failed:\n{stderr}"
+    );
+    // Unknown keys and ignored values are warnings with exit 0: none allowed either.
+    assert!(
+        stderr.trim().is_empty(),
+        "systemd-analyze verify warned:\n{stderr}"
+    );
+
+    let socket = unit("vublk.socket");
+    assert_eq!(setting(&socket, "SocketMode"), "0660");
+    let exec = setting(&unit("vublk.service"), "ExecStart");
+    assert!(
+        exec.contains(" --fd 3 "),
+        "ExecStart must serve fd 3: {exec}"
+    );
+}
+
+/// `verify` does catch mistakes: the same check fails on a unit with a misspelt key.
+#[test]
+fn verify_would_catch_a_misspelt_key() {
+    let Some(analyze) = which("systemd-analyze") else {
+        eprintln!("skipped: systemd-analyze is not installed");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let units = write_units(dir.path(), &vublk());
+    let text = std::fs::read_to_string(&units[0]).unwrap();
+    std::fs::write(&units[0], text.replace("SocketMode=", "SocketMod=")).unwrap();
+    let out = Command::new(analyze)
+        .arg("verify")
+        .args(&units)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Unknown key 'SocketMod'"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn socket_activation_hands_vublk_the_listening_fd() {
+    let Some(activate) = which("systemd-socket-activate") else {
+        eprintln!("skipped: systemd-socket-activate is not installed (Debian package systemd)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    write_image(&image, 1 << 20);
+
+    // The unit's socket, moved into the temp dir, and its command line with the test's binary
+    // and image.
+    let listen = setting(&unit("vublk.socket"), "ListenStream");
+    let sock = dir.path().join(
+        Path::new(&listen)
+            .file_name()
+            .expect("ListenStream is a path"),
+    );
+    let exec = setting(&unit("vublk.service"), "ExecStart");
+    let mut words: Vec<String> = exec.split_whitespace().map(String::from).collect();
+    words[0] = vublk().display().to_string();
+    let at = words
+        .iter()
+        .position(|w| w == "--blk-file")
+        .expect("--blk-file")
+        + 1;
+    words[at] = image.display().to_string();
+
+    let mut args = vec!["-l".to_string(), sock.display().to_string()];
+    args.extend(words);
+    let mut d = Daemon::spawn(&activate, &args, Vec::new()).expect("spawn systemd-socket-activate");
+
+    let start = Instant::now();
+    let stream = loop {
+        match UnixStream::connect(&sock) {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(d.try_wait().unwrap().is_none(), "exited: {}", d.stderr());
+                assert!(start.elapsed() < Duration::from_secs(10), "connect: {e}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
+    let config = SessionConfig::default();
+    let steps = Step::qemu(config.num_queues);
+    let mut s = Session::connect(stream, config, &steps)
+        .unwrap_or_else(|e| panic!("handshake: {e}\n{}", d.stderr()));
+    let c = s.blk(0).read(8, 4096).unwrap();
+    assert_eq!(c.status(), 0, "{}", d.stderr());
+    assert_bytes(
+        &c.data,
+        &pattern(8 * 512, 4096),
+        "read through the inherited socket",
+    );
+    drop(s);
+
+    let log = d.stderr();
+    assert!(
+        log.contains("--fd 3"),
+        "systemd-socket-activate exec'd the unit's command: {log}"
+    );
+    d.signal(libc::SIGTERM).unwrap();
+    let st = d
+        .wait_timeout(Duration::from_secs(15))
+        .unwrap()
+        .unwrap_or_else(|| panic!("vublk did not stop on SIGTERM: {}", d.stderr()));
+    assert!(st.success(), "vublk exit {st}: {}", d.stderr());
+    assert!(sock.exists(), "vublk must not remove a socket it inherited");
+}
