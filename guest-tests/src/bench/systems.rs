@@ -1,0 +1,272 @@
+//! The backends under test, each a child process serving one vhost-user-blk socket.
+//!
+//! - `vublk`: the default mode, a supervisor that forks a per-VM worker for the connection (the
+//!   worker serves the queues; both are counted for CPU).
+//! - `vublk-single`: `vublk --single-process`, serving from the daemon itself.
+//! - `qsd`: qemu-storage-daemon, `driver=file` with `aio=io_uring` (plus `cache.direct=on` on
+//!   the real disk) or `driver=null-co,read-zeroes=on`, exported as vhost-user-blk.
+//!
+//! Both see the same medium and the same number of queues. Logs go to a file next to the socket
+//! (vublk at `RUST_LOG=warn` unless set, so logging costs nothing on the data path).
+
+use std::fmt;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Error, Result};
+
+use super::media::{Medium, Prepared};
+use crate::paths;
+use crate::process::die_with_parent;
+
+/// How long a backend may take to create its socket, and to exit after SIGTERM.
+const TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The QSD executable; `QSD_BIN` overrides it.
+pub fn qsd_bin() -> PathBuf {
+    std::env::var_os("QSD_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "qemu-storage-daemon".into())
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum System {
+    Vublk,
+    VublkSingle,
+    Qsd,
+}
+
+impl System {
+    pub fn name(self) -> &'static str {
+        match self {
+            System::Vublk => "vublk",
+            System::VublkSingle => "vublk-single",
+            System::Qsd => "qsd",
+        }
+    }
+
+    pub fn is_vublk(self) -> bool {
+        matches!(self, System::Vublk | System::VublkSingle)
+    }
+
+    /// The command line serving `media` on `socket` with `queues` virtqueues.
+    fn command(self, media: &Prepared, queues: u16, socket: &Path) -> Result<Command> {
+        let image = || {
+            media
+                .image_str()
+                .context("the medium has no image path (or it is not UTF-8)")
+        };
+        let socket_str = socket.to_str().context("socket path is not UTF-8")?;
+        Ok(match self {
+            System::Vublk | System::VublkSingle => {
+                let mut cmd = Command::new(paths::vublk_bin()?);
+                cmd.arg("--socket-path").arg(socket);
+                cmd.args(["--num-queues", &queues.to_string()]);
+                match media.medium {
+                    Medium::Null => {
+                        cmd.args(["--null", &media.size.to_string()]);
+                    }
+                    Medium::Tmpfs | Medium::Disk => {
+                        cmd.args(["--blk-file", image()?]);
+                    }
+                }
+                if media.medium.direct() {
+                    cmd.arg("--direct");
+                }
+                if self == System::VublkSingle {
+                    cmd.arg("--single-process");
+                }
+                if std::env::var_os("RUST_LOG").is_none() {
+                    cmd.env("RUST_LOG", "warn");
+                }
+                cmd.env("NO_COLOR", "1");
+                cmd
+            }
+            System::Qsd => {
+                let blockdev = match media.medium {
+                    Medium::Null => format!(
+                        "driver=null-co,node-name=f,size={},read-zeroes=on",
+                        media.size
+                    ),
+                    Medium::Tmpfs => {
+                        format!("driver=file,node-name=f,filename={},aio=io_uring", image()?)
+                    }
+                    Medium::Disk => format!(
+                        "driver=file,node-name=f,filename={},aio=io_uring,cache.direct=on",
+                        image()?
+                    ),
+                };
+                let export = format!(
+                    "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={socket_str},\
+                     writable=on,num-queues={queues}"
+                );
+                let mut cmd = Command::new(qsd_bin());
+                cmd.args(["--blockdev", &blockdev, "--export", &export]);
+                cmd
+            }
+        })
+    }
+}
+
+impl FromStr for System {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "vublk" => System::Vublk,
+            "vublk-single" => System::VublkSingle,
+            "qsd" => System::Qsd,
+            _ => bail!("unknown system {s:?} (vublk, vublk-single, qsd)"),
+        })
+    }
+}
+
+impl fmt::Display for System {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A running backend. Dropping it kills it; [`Backend::stop`] stops it cleanly.
+pub struct Backend {
+    pub system: System,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Backend {
+    /// Starts `system` serving `media` with `queues` queues on `<dir>/<name>.sock` and waits for
+    /// the socket to appear (clients still retry connecting until it accepts).
+    pub fn start(
+        system: System,
+        media: &Prepared,
+        queues: u16,
+        dir: &Path,
+        name: &str,
+    ) -> Result<Backend> {
+        let socket = dir.join(format!("{name}.sock"));
+        let log = dir.join(format!("{name}.log"));
+        let _ = std::fs::remove_file(&socket);
+        let mut cmd = system.command(media, queues, &socket)?;
+        let out = File::create(&log)?;
+        cmd.stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
+        die_with_parent(&mut cmd);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("start {system} ({:?})", cmd.get_program()))?;
+        let mut b = Backend {
+            system,
+            socket,
+            log,
+            child: Some(child),
+        };
+        let deadline = Instant::now() + TIMEOUT;
+        while !b.socket.exists() {
+            if let Some(status) = b.child_mut().try_wait()? {
+                bail!(
+                    "{system} exited ({status}) before creating its socket:\n{}",
+                    b.log_text()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{system} did not create {} within {TIMEOUT:?}:\n{}",
+                    b.socket.display(),
+                    b.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(b)
+    }
+
+    fn child_mut(&mut self) -> &mut Child {
+        self.child.as_mut().expect("backend is running")
+    }
+
+    /// The pid of the backend's root process (its workers are its descendants).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("backend is running").id()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Fails (with the log) if the backend has exited.
+    pub fn check_running(&mut self) -> Result<()> {
+        if let Some(status) = self.child_mut().try_wait()? {
+            bail!(
+                "{} exited unexpectedly ({status}):\n{}",
+                self.system,
+                self.log_text()
+            );
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, and waits for a successful exit.
+    pub fn stop(mut self) -> Result<()> {
+        let mut child = self.child.take().expect("backend is running");
+        // SAFETY: kill(2) on the pid of a child this struct owns and has not reaped yet.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + TIMEOUT;
+        let status = loop {
+            if let Some(s) = child.try_wait()? {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "{} did not exit within {TIMEOUT:?} of SIGTERM:\n{}",
+                    self.system,
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        if !status.success() {
+            bail!(
+                "{} exited with {status} after SIGTERM:\n{}",
+                self.system,
+                self.log_text()
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// One line saying which version of `system` runs (for the report).
+pub fn version(system: System) -> String {
+    let out = match system {
+        System::Vublk | System::VublkSingle => match paths::vublk_bin() {
+            Ok(bin) => Command::new(bin).arg("--version").output(),
+            Err(e) => return format!("unknown ({e:#})"),
+        },
+        System::Qsd => Command::new(qsd_bin()).arg("--version").output(),
+    };
+    match out {
+        Ok(o) => String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_string(),
+        Err(e) => format!("unknown ({e})"),
+    }
+}
