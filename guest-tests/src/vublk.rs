@@ -100,22 +100,8 @@ impl Vublk {
     /// SIGTERM, then checks vublk exited 0 within the timeout and logged no complaints.
     pub fn stop(mut self) -> Result<()> {
         let mut child = self.child.take().expect("running");
-        // SAFETY: kill(2) on the pid of a child this struct owns and has not reaped yet.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + DAEMON_TIMEOUT;
-        let status = loop {
-            if let Some(s) = child.try_wait()? {
-                break s;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!(
-                    "vublk did not exit within {DAEMON_TIMEOUT:?} of SIGTERM:\n{}",
-                    self.log_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let Some(status) = crate::process::terminate(&mut child, DAEMON_TIMEOUT)? else {
+            bail!("vublk did not exit within {DAEMON_TIMEOUT:?} of SIGTERM:\n{}", self.log_text());
         };
         if !status.success() {
             bail!(

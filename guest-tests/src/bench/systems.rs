@@ -213,23 +213,8 @@ impl Backend {
     /// SIGTERM, and waits for a successful exit.
     pub fn stop(mut self) -> Result<()> {
         let mut child = self.child.take().expect("backend is running");
-        // SAFETY: kill(2) on the pid of a child this struct owns and has not reaped yet.
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + TIMEOUT;
-        let status = loop {
-            if let Some(s) = child.try_wait()? {
-                break s;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!(
-                    "{} did not exit within {TIMEOUT:?} of SIGTERM:\n{}",
-                    self.system,
-                    self.log_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(5));
+        let Some(status) = crate::process::terminate(&mut child, TIMEOUT)? else {
+            bail!("{} did not exit within {TIMEOUT:?} of SIGTERM:\n{}", self.system, self.log_text());
         };
         if !status.success() {
             bail!(
