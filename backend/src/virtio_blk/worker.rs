@@ -203,8 +203,15 @@ impl QueueWorker {
         if let Err(e) = self.serve() {
             tracing::error!("queue {} stopped: io_uring failed: {e}", self.q.index);
         }
-        self.shutdown();
-        self.q.queue
+        if self.shutdown() {
+            return self.q.queue;
+        }
+        // The ring could not be drained: the kernel may still write into what this worker
+        // owns (slot iovecs and bounce buffers, eventfd counters, guest memory its slots pin).
+        // Leak all of it rather than free it under the kernel.
+        let queue = std::mem::take(&mut self.q.queue);
+        std::mem::forget(self);
+        queue
     }
 
     fn serve(&mut self) -> io::Result<()> {
@@ -643,8 +650,9 @@ impl QueueWorker {
     }
 
     /// Completes everything in flight, then cancels the eventfd reads so nothing the kernel
-    /// holds points into this worker when it is dropped.
-    fn shutdown(&mut self) {
+    /// holds points into this worker when it is dropped. `false` if the ring failed and that
+    /// cannot be known.
+    fn shutdown(&mut self) -> bool {
         let mut outstanding_reads = 2;
         let cancels = [Ring::cancel(KICK, CANCEL), Ring::cancel(WAKE, CANCEL)];
         for entry in &cancels {
@@ -684,9 +692,7 @@ impl QueueWorker {
                 }
                 Err(e) => {
                     tracing::error!("queue {}: cannot drain the ring: {e}", self.q.index);
-                    // Leaking the ring keeps every buffer it may still write valid.
-                    std::mem::forget(std::mem::replace(&mut self.ring, match Ring::new(8, None) { Ok(r) => r, Err(_) => return }));
-                    return;
+                    return false;
                 }
             }
             self.generation = self.q.memory.current();
@@ -707,6 +713,7 @@ impl QueueWorker {
             self.completions = completions;
         }
         self.notify();
+        true
     }
 }
 
