@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::path::Path;
+
 use common::*;
 
 /// Request sizes from one sector to 1 MiB, including sizes that are not a power of two.
@@ -101,9 +103,20 @@ fn verify_random_reads(rng: &mut Rng, q: &mut Queue, limits: Limits, model: &[u8
     }
 }
 
-fn write_read_verify(extra_args: &[&str], unaligned_segments: bool) {
+/// Writes, reads back and compares (see the tests below); the image lives in `image_dir` (a
+/// fresh temp dir when `None`). `check` sees the daemon and its temp dir while the client is still connected.
+fn write_read_verify(
+    image_dir: Option<&Path>,
+    extra_args: &[&str],
+    unaligned_segments: bool,
+    check: impl FnOnce(&Daemon, &Path),
+) {
     let dir = test_dir();
-    let img = dir.path().join("disk.img");
+    let image_dir = tempfile::Builder::new()
+        .prefix("vublk-e2e-")
+        .tempdir_in(image_dir.unwrap_or(dir.path()))
+        .expect("image dir");
+    let img = image_dir.path().join("disk.img");
     let size = 32 * MIB;
     let mut model = create_image(&img, size, 1);
     let mut args = vec!["--blk-file", img.to_str().unwrap()];
@@ -148,6 +161,7 @@ fn write_read_verify(extra_args: &[&str], unaligned_segments: bool) {
 
     let whole = q.read_range(0, size);
     assert_same(&whole, &model, "whole disk read back through vublk");
+    check(&daemon, dir.path());
     drop(client);
 
     daemon.stop();
@@ -159,13 +173,32 @@ fn write_read_verify(extra_args: &[&str], unaligned_segments: bool) {
 /// requests in flight, FUA on some; read back through vublk and from the file.
 #[test]
 fn writes_of_many_shapes_read_back_and_reach_the_file() {
-    write_read_verify(&[], true);
+    write_read_verify(None, &[], true, |_, _| {});
+}
+
+/// The same with the image on tmpfs, which has no non-blocking mode: the queue thread reads
+/// and writes it itself instead of letting io_uring punt every request to a worker thread.
+#[test]
+fn images_in_memory_are_read_and_written_by_the_queue_thread() {
+    let control = std::env::temp_dir().join(format!("vublk-inline-{}.sock", std::process::id()));
+    let control_arg = control.to_str().unwrap().to_string();
+    write_read_verify(Some(Path::new("/dev/shm")), &["--control-socket", &control_arg], true, |_, _| {
+        // 3 rounds of at least 32 writes and 64 reads, then the whole disk.
+        let totals = device_totals(&control, |t| t["inline"].as_u64().unwrap_or(0) >= 3 * 96);
+        assert!(totals["inline"].as_u64() <= totals["requests"].as_u64(), "{totals}");
+    });
 }
 
 /// The same through O_DIRECT, with page-aligned segments (what a real guest's page cache sends).
 #[test]
 fn direct_io_writes_read_back_and_reach_the_file() {
-    write_read_verify(&["--direct"], false);
+    let control = std::env::temp_dir().join(format!("vublk-direct-{}.sock", std::process::id()));
+    let control_arg = control.to_str().unwrap().to_string();
+    write_read_verify(None, &["--direct", "--control-socket", &control_arg], false, |_, _| {
+        // A synchronous O_DIRECT request would wait for the device on the queue thread.
+        let totals = device_totals(&control, |t| t["requests"].as_u64().unwrap_or(0) >= 3 * 96);
+        assert_eq!(totals["inline"].as_u64(), Some(0), "O_DIRECT requests done inline: {totals}");
+    });
 }
 
 /// Write-zeroes (with and without unmap) and discard zero exactly their range and nothing else.

@@ -16,6 +16,8 @@ use thiserror::Error;
 
 pub use probe::DirectIoAlignment;
 
+use crate::io::inline::{self, InlineIo};
+
 /// Where the data lives.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DiskSpec {
@@ -58,6 +60,10 @@ pub struct Disk {
     pub punch_hole: bool,
     /// How write-zeroes is done; `None`: the feature is not offered.
     pub write_zeroes: Option<ZeroesMethod>,
+    /// Whether queue threads may read and write the backing themselves before io_uring
+    /// (io/inline.rs); never with O_DIRECT.
+    pub inline_read: InlineIo,
+    pub inline_write: InlineIo,
     /// A human name for logs and the default serial.
     pub name: String,
 }
@@ -110,6 +116,8 @@ impl Disk {
             dio_align: DirectIoAlignment::NONE,
             punch_hole: !options.read_only,
             write_zeroes: (!options.read_only).then_some(ZeroesMethod::Nothing),
+            inline_read: InlineIo::Never,
+            inline_write: InlineIo::Never,
             name: format!("null:{size}"),
         })
     }
@@ -155,8 +163,16 @@ impl Disk {
         } else {
             probe::file_zeroing(&file, size)
         };
+        let (inline_read, inline_write) = if options.direct {
+            (InlineIo::Never, InlineIo::Never)
+        } else {
+            use std::os::fd::AsRawFd;
+            (inline::read_policy(file.as_raw_fd(), size), inline::write_policy(file.as_raw_fd()))
+        };
         Ok(Disk {
             backing: Backing::File { file, block_device },
+            inline_read,
+            inline_write,
             capacity: size & !511,
             read_only: options.read_only,
             direct: options.direct,
@@ -212,6 +228,8 @@ mod tests {
             dio_align: DirectIoAlignment::NONE,
             punch_hole: false,
             write_zeroes: None,
+            inline_read: InlineIo::Never,
+            inline_write: InlineIo::Never,
             name: p.to_string(),
         };
         let a = open("/srv/a/a-very-long-image-name.img").default_serial();

@@ -1,3 +1,5 @@
-//! Asynchronous I/O on the backing: one io_uring per queue thread.
+//! I/O on the backing: one io_uring per queue thread, and the reads and writes a queue thread
+//! may do itself first.
 
+pub mod inline;
 pub mod uring;

@@ -33,10 +33,12 @@ impl Ring {
     /// becomes its only submitter.
     pub fn new(entries: u32, backing: Option<RawFd>) -> io::Result<Ring> {
         // Only the queue thread submits: let the kernel skip the locking, and run task work when
-        // we enter the ring rather than interrupting us. Older kernels lack the flags.
+        // we enter the ring rather than interrupting us, flagging that it is pending so a
+        // polling thread knows to enter. Older kernels lack the flags.
         let (ring, disabled) = match IoUring::builder()
             .setup_single_issuer()
             .setup_coop_taskrun()
+            .setup_taskrun_flag()
             .setup_r_disabled()
             .build(entries)
         {
@@ -96,6 +98,12 @@ impl Ring {
                 Ok(_) => return Ok(true),
             }
         }
+    }
+
+    /// Whether completions are ready, or task work that produces them is pending (then
+    /// [`Ring::submit`] runs it). Costs no system call.
+    pub fn has_events(&mut self) -> bool {
+        !self.ring.completion().is_empty() || self.ring.submission().taskrun()
     }
 
     /// Takes the completions that are ready.

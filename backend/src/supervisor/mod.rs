@@ -423,6 +423,16 @@ pub fn print_status(control: &std::path::Path, json: bool) -> io::Result<()> {
                 "  device {} (connection {}): {} queue(s), {} requests, {} errors, {} bytes read, {} bytes written",
                 d.export, d.connection, d.queues, d.totals.requests, d.totals.errors, d.totals.bytes_read, d.totals.bytes_written
             );
+            let t = &d.totals;
+            println!(
+                "    queue threads: {} request(s) done inline, {} kick(s), {} interrupt(s), polled {} time(s) ({} found work, {} ms)",
+                t.inline,
+                t.kicks,
+                t.calls,
+                t.polls,
+                t.poll_hits,
+                t.poll_ns / 1_000_000
+            );
             let m = &d.memory;
             let live: Vec<String> = m.live.iter().map(|(id, pins)| format!("{id} ({pins} pins)")).collect();
             println!(

@@ -20,6 +20,8 @@ pub struct BlockDevice {
     /// Test only: every operation waits for a byte from this FIFO (`--test-io-gate`).
     pub(super) test_gate: Option<std::fs::File>,
     pub(super) retire_timeout: Duration,
+    /// The longest a queue thread busy-polls before sleeping (0: never); see poll.rs.
+    pub(super) poll_max: Duration,
     memory: Mutex<Option<GuestMemoryHandle>>,
 }
 
@@ -45,6 +47,7 @@ impl BlockDevice {
             stats,
             test_gate: None,
             retire_timeout: Duration::from_secs(5),
+            poll_max: Duration::ZERO,
             memory: Mutex::new(None),
         }
     }
@@ -52,6 +55,13 @@ impl BlockDevice {
     /// How long retiring memory and stopping a ring wait before cancelling requests.
     pub fn with_retire_timeout(mut self, timeout: Duration) -> BlockDevice {
         self.retire_timeout = timeout;
+        self
+    }
+
+    /// How long a queue thread may busy-poll for more requests before it sleeps (the
+    /// adaptive window's ceiling; zero turns polling off).
+    pub fn with_poll_max(mut self, max: Duration) -> BlockDevice {
+        self.poll_max = max;
         self
     }
 

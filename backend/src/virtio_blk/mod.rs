@@ -4,6 +4,7 @@
 mod bounce;
 pub mod config;
 mod device;
+mod poll;
 pub mod request;
 pub mod spec;
 pub mod stats;
@@ -20,5 +21,6 @@ pub fn device_for(disk: crate::disk::Disk, export: &crate::cli::ExportSpec) -> s
     };
     Ok(BlockDevice::new(disk, &export.device)
         .with_retire_timeout(std::time::Duration::from_millis(export.retire_timeout_ms))
+        .with_poll_max(std::time::Duration::from_micros(export.poll_max_us))
         .with_test_gate(gate))
 }

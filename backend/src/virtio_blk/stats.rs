@@ -14,6 +14,15 @@ pub struct QueueStats {
     errors: AtomicU64,
     bytes_read: AtomicU64,
     bytes_written: AtomicU64,
+    /// Spells of polling, those that found work, and the time spent in them.
+    polls: AtomicU64,
+    poll_hits: AtomicU64,
+    poll_ns: AtomicU64,
+    /// Reads and writes done on the queue thread itself (no io_uring).
+    inline: AtomicU64,
+    /// Kicks received and interrupts sent.
+    kicks: AtomicU64,
+    calls: AtomicU64,
 }
 
 impl QueueStats {
@@ -30,6 +39,25 @@ impl QueueStats {
             RequestKind::Write => add(&self.bytes_written, len),
             _ => {}
         }
+    }
+
+    /// Counts a spell of polling that lasted `spent` and found work or not.
+    pub fn record_poll(&self, spent: std::time::Duration, hit: bool) {
+        add(&self.polls, 1);
+        add(&self.poll_hits, u64::from(hit));
+        add(&self.poll_ns, spent.as_nanos() as u64);
+    }
+
+    pub fn record_inline(&self) {
+        add(&self.inline, 1);
+    }
+
+    pub fn record_kick(&self) {
+        add(&self.kicks, 1);
+    }
+
+    pub fn record_call(&self) {
+        add(&self.calls, 1);
     }
 
     /// Counts a chain refused before any I/O.
@@ -50,6 +78,18 @@ pub struct DeviceTotals {
     pub errors: u64,
     pub bytes_read: u64,
     pub bytes_written: u64,
+    #[serde(default)]
+    pub polls: u64,
+    #[serde(default)]
+    pub poll_hits: u64,
+    #[serde(default)]
+    pub poll_ns: u64,
+    #[serde(default)]
+    pub inline: u64,
+    #[serde(default)]
+    pub kicks: u64,
+    #[serde(default)]
+    pub calls: u64,
 }
 
 pub fn totals(queues: &[QueueStats]) -> DeviceTotals {
@@ -58,5 +98,11 @@ pub fn totals(queues: &[QueueStats]) -> DeviceTotals {
         errors: t.errors + q.errors.load(Ordering::Relaxed),
         bytes_read: t.bytes_read + q.bytes_read.load(Ordering::Relaxed),
         bytes_written: t.bytes_written + q.bytes_written.load(Ordering::Relaxed),
+        polls: t.polls + q.polls.load(Ordering::Relaxed),
+        poll_hits: t.poll_hits + q.poll_hits.load(Ordering::Relaxed),
+        poll_ns: t.poll_ns + q.poll_ns.load(Ordering::Relaxed),
+        inline: t.inline + q.inline.load(Ordering::Relaxed),
+        kicks: t.kicks + q.kicks.load(Ordering::Relaxed),
+        calls: t.calls + q.calls.load(Ordering::Relaxed),
     })
 }

@@ -19,12 +19,14 @@ use std::time::{Duration, Instant};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
 use crate::disk::{Backing, ZeroesMethod};
+use crate::io::inline::{self, Attempt, InlineIo};
 use crate::io::uring::{self, Completion, Ring};
 use crate::ratelimit::RateLimit;
 use crate::vhost_user::{Generation, RegionPin, RunningQueue};
 
 use super::bounce::AlignedBuf;
 use super::device::BlockDevice;
+use super::poll::PollWindow;
 use super::request::{self, Buffers, Request, RequestKind, Scratch, Segment};
 use super::spec;
 
@@ -37,8 +39,15 @@ const GATE: u64 = 1 << 61;
 
 /// Chains taken from the ring per wakeup before completions get a turn (vhost's weight).
 const BUDGET: usize = 256;
-/// Rounds in a row that found the ring non-empty yet took nothing, before yielding.
-const MAX_EMPTY_ROUNDS: usize = 16;
+
+/// What ended a spell of polling.
+enum Spin {
+    /// The driver made chains available.
+    Avail,
+    /// Completions (or task work that makes them), or a control request.
+    Event,
+    Timeout,
+}
 
 const STATUS_OK: u8 = spec::VIRTIO_BLK_S_OK as u8;
 const STATUS_IOERR: u8 = spec::VIRTIO_BLK_S_IOERR as u8;
@@ -149,6 +158,15 @@ pub struct QueueWorker {
     used_added: bool,
     /// The driver corrupted the ring (avail index jump): stop touching it until reset.
     broken: bool,
+    /// The driver is told to kick (avail_event or flags are current); off while the thread
+    /// works or polls, so a busy driver does not kick at all.
+    kicks_on: bool,
+    poll: PollWindow,
+    /// Whether this thread reads and writes the backing itself first (io/inline.rs); a
+    /// filesystem that refuses RWF_NOWAIT for writes turns that off at the first refusal.
+    inline_read: InlineIo,
+    inline_write: InlineIo,
+    backing_fd: Option<std::os::fd::RawFd>,
     guest_errors: RateLimit,
     io_errors: RateLimit,
 }
@@ -164,7 +182,12 @@ impl QueueWorker {
         // SQEs (discard segments) submit early when it fills.
         let ring = Ring::new((size as u32 + 2).next_power_of_two().max(8), backing)?;
         let generation = q.memory.current();
+        let poll_max = device.poll_max;
+        // The test gate holds operations in the ring; inline ones would slip past it.
+        let gated = device.test_gate.is_some();
         Ok(QueueWorker {
+            inline_read: if gated { InlineIo::Never } else { device.disk.inline_read },
+            inline_write: if gated { InlineIo::Never } else { device.disk.inline_write },
             device,
             ring,
             slots: (0..size).map(|_| Slot::new()).collect(),
@@ -180,6 +203,9 @@ impl QueueWorker {
             backlog: false,
             used_added: false,
             broken: false,
+            kicks_on: false,
+            poll: PollWindow::new(poll_max),
+            backing_fd: backing,
             guest_errors: RateLimit::new(10, Duration::from_secs(5)),
             io_errors: RateLimit::new(10, Duration::from_secs(5)),
         })
@@ -220,22 +246,104 @@ impl QueueWorker {
         self.arm_wake()?;
         loop {
             // Submit what the last round queued, and sleep until something happens unless
-            // there is work to do already.
+            // there is work to do already (or polling found some).
             let runnable = self.q.control.enabled() && !self.broken;
-            let ready = self.backlog || self.kicked || (self.starved && !self.free.is_empty());
+            let mut idle_since = None;
+            let mut ready = self.ready();
+            if runnable && !ready {
+                idle_since = Some(Instant::now());
+                ready = self.idle()?;
+            }
             self.ring.submit(usize::from(!(runnable && ready)))?;
+            if let Some(since) = idle_since {
+                self.poll.after_idle(since.elapsed());
+            }
             self.generation = self.q.memory.current();
             self.reap()?;
             if self.q.control.stop_requested() {
                 return Ok(());
             }
-            let ready = self.backlog || self.kicked || (self.starved && !self.free.is_empty());
-            if ready && self.q.control.enabled() && !self.broken {
+            if self.ready() && self.q.control.enabled() && !self.broken {
                 self.kicked = false;
                 self.process_avail();
             }
             self.notify();
         }
+    }
+
+    /// Whether the avail ring has work this thread can take now.
+    fn ready(&self) -> bool {
+        self.backlog || self.kicked || (self.starved && !self.free.is_empty())
+    }
+
+    /// Nothing to do: poll for a while (the adaptive window), then turn kicks back on.
+    /// `true` if there is work after all, so the thread must not sleep.
+    fn idle(&mut self) -> io::Result<bool> {
+        if self.starved {
+            // Chains are waiting but every slot is in flight: only a completion helps, and
+            // it wakes the ring anyway.
+            return Ok(false);
+        }
+        let window = self.poll.window();
+        if !window.is_zero() && !self.kicks_on {
+            // Start the I/O this round queued before spinning on its completion.
+            self.ring.submit(0)?;
+            match self.spin(window) {
+                Spin::Avail => {
+                    self.kicked = true;
+                    return Ok(true);
+                }
+                Spin::Event => return Ok(true),
+                Spin::Timeout => {}
+            }
+        }
+        if self.kicks_on {
+            return Ok(false);
+        }
+        // Re-enable kicks, then look once more: a chain made available just before would
+        // otherwise wait for a kick the driver never sends.
+        let memory = self.q.memory.current();
+        match self.q.queue.enable_notification(memory.memory()) {
+            Ok(true) => {
+                self.kicked = true;
+                Ok(true)
+            }
+            Ok(false) => {
+                self.kicks_on = true;
+                Ok(false)
+            }
+            Err(e) => {
+                self.mark_broken(&e);
+                Ok(false)
+            }
+        }
+    }
+
+    /// Busy-polls the avail index, the completion queue and the control flags for up to
+    /// `window`. The driver does not kick meanwhile: its notifications are off.
+    fn spin(&mut self, window: Duration) -> Spin {
+        let start = Instant::now();
+        let memory = self.q.memory.current();
+        let stats = self.device.stats.get(self.q.index);
+        let outcome = loop {
+            match self.q.queue.avail_idx(memory.memory(), std::sync::atomic::Ordering::Acquire) {
+                Ok(idx) if idx.0 != self.q.queue.next_avail() => break Spin::Avail,
+                Ok(_) => {}
+                // Let the ring code find (and report) what is wrong.
+                Err(_) => break Spin::Avail,
+            }
+            if self.ring.has_events() || self.q.control.stop_requested() {
+                break Spin::Event;
+            }
+            if start.elapsed() >= window {
+                break Spin::Timeout;
+            }
+            std::hint::spin_loop();
+        };
+        if let Some(stats) = stats {
+            stats.record_poll(start.elapsed(), !matches!(outcome, Spin::Timeout));
+        }
+        outcome
     }
 
     /// Handles every ready completion: request I/O, kicks, control wakeups.
@@ -246,6 +354,9 @@ impl QueueWorker {
             match c.user_data() {
                 KICK => {
                     self.kicked = true;
+                    if let Some(stats) = self.device.stats.get(self.q.index) {
+                        stats.record_kick();
+                    }
                     self.arm_kick()?;
                 }
                 WAKE => {
@@ -266,67 +377,46 @@ impl QueueWorker {
         Ok(())
     }
 
-    /// Takes chains from the avail ring, parses them and starts their I/O.
+    /// Takes chains from the avail ring, parses them and starts their I/O. Kicks stay off
+    /// until the thread is about to sleep (see `idle`).
     fn process_avail(&mut self) {
         self.backlog = false;
         self.starved = false;
         let mut generation = self.generation.clone();
         let size = self.q.queue.size();
-        let mut budget = BUDGET;
-        let mut empty_rounds = 0;
-        loop {
+        if self.kicks_on {
             if let Err(e) = self.q.queue.disable_notification(generation.memory()) {
                 return self.mark_broken(&e);
             }
-            let mut taken = 0;
-            loop {
-                if budget == 0 {
-                    // Let completions and other queues have a turn; come back without a kick.
-                    self.backlog = true;
-                    return;
-                }
-                if self.free.is_empty() {
-                    // Only a driver that reuses heads still in flight gets here: wait for
-                    // completions to free a slot.
-                    self.starved = true;
-                    return;
-                }
-                // Each chain is parsed against the newest memory table (the frontend may have
-                // replaced it since the last chain), never a retired one.
-                let latest = self.q.memory.current();
-                if !Arc::ptr_eq(&latest, &generation) {
-                    generation = latest;
-                    self.generation = generation.clone();
-                }
-                let chain = match self.q.queue.iter(generation.memory()) {
-                    Ok(mut iter) => iter.next(),
-                    Err(e) => return self.mark_broken(&e),
-                };
-                let Some(chain) = chain else { break };
-                let head = chain.head_index();
-                if head >= size {
-                    return self.mark_broken(&format!("the driver made head {head} available in a ring of {size}"));
-                }
-                budget -= 1;
-                taken += 1;
-                self.start_request(head, chain, &generation);
-            }
-            match self.q.queue.enable_notification(generation.memory()) {
-                // More arrived while notifications were off (or between reading the avail
-                // index and re-enabling them): take them too. A ring that keeps saying so while
-                // yielding nothing gets another turn next round rather than a busy loop here.
-                Ok(true) if taken > 0 || empty_rounds < MAX_EMPTY_ROUNDS => {
-                    empty_rounds += usize::from(taken == 0);
-                    continue;
-                }
-                Ok(true) => {
-                    self.backlog = true;
-                    return;
-                }
-                Ok(false) => return,
-                Err(e) => return self.mark_broken(&e),
-            }
+            self.kicks_on = false;
         }
+        for _ in 0..BUDGET {
+            if self.free.is_empty() {
+                // Only a driver that reuses heads still in flight gets here: wait for
+                // completions to free a slot.
+                self.starved = true;
+                return;
+            }
+            // Each chain is parsed against the newest memory table (the frontend may have
+            // replaced it since the last chain), never a retired one.
+            let latest = self.q.memory.current();
+            if !Arc::ptr_eq(&latest, &generation) {
+                generation = latest;
+                self.generation = generation.clone();
+            }
+            let chain = match self.q.queue.iter(generation.memory()) {
+                Ok(mut iter) => iter.next(),
+                Err(e) => return self.mark_broken(&e),
+            };
+            let Some(chain) = chain else { return };
+            let head = chain.head_index();
+            if head >= size {
+                return self.mark_broken(&format!("the driver made head {head} available in a ring of {size}"));
+            }
+            self.start_request(head, chain, &generation);
+        }
+        // Let completions and other queues have a turn; come back without a kick.
+        self.backlog = true;
     }
 
     /// Like the kernel's vq_err: a driver that corrupts its ring loses the queue until it
@@ -432,6 +522,9 @@ impl QueueWorker {
                 if device.disk.direct && misaligned(&slot.iovecs, device.disk.dio_align.memory as usize) {
                     self.prepare_bounce(index, req)?;
                 }
+                if self.try_inline(index, req.kind) {
+                    return Ok(());
+                }
                 self.push_rw(index)?;
             }
             RequestKind::Flush => {
@@ -466,6 +559,62 @@ impl QueueWorker {
             }
         }
         Ok(())
+    }
+
+    /// Does a read or write on this thread if the disk allows it (io/inline.rs). `true` when
+    /// the request is finished; otherwise what is left of it goes to io_uring.
+    fn try_inline(&mut self, index: usize, kind: RequestKind) -> bool {
+        let write = kind == RequestKind::Write;
+        let mode = if write { self.inline_write } else { self.inline_read };
+        let Some(fd) = self.backing_fd.filter(|_| mode != InlineIo::Never) else { return false };
+        let dsync = write && !self.device.config.writeback();
+        let slot = &mut self.slots[index];
+        let (iov, count) = slot.io_vectors();
+        // SAFETY: the iovecs live in the slot and point into guest memory the slot pins (or
+        // its bounce buffer); the call is synchronous.
+        let attempt = unsafe { inline::transfer(fd, write, iov, count, slot.offset, mode, dsync) };
+        let error = match attempt {
+            Attempt::Done(done) if done as u64 >= slot.remaining => {
+                if let Some(stats) = self.device.stats.get(self.q.index) {
+                    stats.record_inline();
+                }
+                self.complete_inline(index, kind);
+                return true;
+            }
+            // End of file inside the capacity: the image shrank under us.
+            Attempt::Done(0) => io::Error::from_raw_os_error(libc::EIO),
+            Attempt::Done(done) => {
+                slot.advance(done as u64);
+                return false;
+            }
+            Attempt::WouldBlock => return false,
+            Attempt::Unsupported => {
+                tracing::debug!("queue {}: {} refuses RWF_NOWAIT for {kind:?}s; using io_uring only", self.q.index, self.device.disk.name);
+                if write {
+                    self.inline_write = InlineIo::Never;
+                } else {
+                    self.inline_read = InlineIo::Never;
+                }
+                return false;
+            }
+            Attempt::Failed(e) => e,
+        };
+        self.slots[index].errno = error.raw_os_error().or(Some(libc::EIO));
+        self.log_io_error(index, &error);
+        self.finish(index, STATUS_IOERR);
+        true
+    }
+
+    /// Finishes a read or write done on this thread.
+    fn complete_inline(&mut self, index: usize, kind: RequestKind) {
+        let slot = &self.slots[index];
+        if kind == RequestKind::Read && slot.bounced {
+            if let Some(bounce) = &slot.bounce {
+                // SAFETY: the iovecs point into guest memory pinned by the slot.
+                unsafe { bounce.scatter(&slot.iovecs) };
+            }
+        }
+        self.finish(index, STATUS_OK);
     }
 
     /// O_DIRECT with guest buffers that are not aligned: go through an aligned copy.
@@ -645,7 +794,12 @@ impl QueueWorker {
         match self.q.queue.needs_notification(self.generation.memory()) {
             Ok(false) => {}
             // When in doubt, interrupt: a spurious interrupt costs less than a hung guest.
-            Ok(true) | Err(_) => self.q.call.signal(),
+            Ok(true) | Err(_) => {
+                self.q.call.signal();
+                if let Some(stats) = self.device.stats.get(self.q.index) {
+                    stats.record_call();
+                }
+            }
         }
     }
 

@@ -487,6 +487,23 @@ pub fn run_vublk(args: &[&str]) -> std::process::Output {
     }
 }
 
+/// The counters of the first device `vublk status` reports on `control` once `ready` accepts
+/// them (workers report once a second); panics after 10 s with the last answer.
+#[allow(dead_code)]
+pub fn device_totals(control: &Path, ready: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = run_vublk(&["status", "--json", "--control-socket", control.to_str().unwrap()]);
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let totals = status["vms"][0]["devices"][0].clone();
+        if ready(&totals) {
+            return totals;
+        }
+        assert!(Instant::now() < deadline, "status never got there: {status}\n{}", String::from_utf8_lossy(&out.stderr));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The libblkio client
 // ---------------------------------------------------------------------------------------------
