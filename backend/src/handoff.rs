@@ -30,6 +30,9 @@ pub enum ToWorker {
 /// Worker to supervisor.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ToSupervisor {
+    /// The worker has the connection: the supervisor may close its copy. Until then it keeps
+    /// it, so a connection sent to a worker that died before reading it is not lost.
+    Accepted { connection: u64 },
     /// The device could not be served (e.g. the VMM's user may not open the image).
     Refused { connection: u64, export: String, reason: String },
     /// The connection ended.

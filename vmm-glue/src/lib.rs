@@ -4,13 +4,16 @@
 //!   the version differences and the combinations that cannot work.
 //! - [`descriptor`] and [`install`]: vublk's QEMU vhost-user backend descriptor
 //!   (`share/qemu/vhost-user/50-vublk.json`), checked against `vublk --print-capabilities`.
+//! - [`launch`]: vublk and a VMM started together on a socket vmm-glue creates, stopped
+//!   together.
 //! - [`frontend`]: a scripted vhost-user-blk frontend the protocol tests use to talk to the
 //!   backend the way QEMU or cloud-hypervisor would (and the way a hostile guest would not be
 //!   allowed to).
 //!
-//! The `vmm-glue` binary (`src/main.rs`) is a thin command line over the first two.
+//! The `vmm-glue` binary (`src/main.rs`) is a thin command line over the first three.
 
 pub mod cmdline;
 pub mod descriptor;
 pub mod frontend;
 pub mod install;
+pub mod launch;

@@ -53,6 +53,22 @@ struct Vm {
     identity: VmmIdentity,
     /// The worker's last report.
     devices: Vec<DeviceStatus>,
+    /// The worker cannot take connections (it died, or is exiting): new connections of this
+    /// VMM go to a new worker; its pidfd still reports when it is gone, and `reap` clears it.
+    retired: bool,
+    /// Connections sent to the worker that it has not acknowledged yet; if it dies first,
+    /// they go to a new worker.
+    pending: Vec<Handoff>,
+}
+
+/// A connection on its way to a worker. The supervisor keeps its copy of the socket until the
+/// worker acknowledges it: a worker killed just before reading the message (the VMM then
+/// reconnects at once, as cloud-hypervisor does) must not take the connection with it.
+struct Handoff {
+    connection: u64,
+    export: usize,
+    stream: OwnedFd,
+    peer: Peer,
 }
 
 pub fn run(exports: Vec<(Endpoint, ExportSpec)>, access: SocketAccess, control_socket: Option<PathBuf>) -> Result<(), DaemonError> {
@@ -178,68 +194,87 @@ impl Supervisor {
 
     /// Identifies the VMM behind `stream` and passes the connection to its worker.
     fn hand_over(&mut self, index: usize, stream: UnixStream) {
-        let name = self.exports[index].spec.name.clone();
-        let connected = matches!(self.exports[index].listener, Listener::Connected(_));
         let peer = match Peer::of(&stream) {
             Ok(peer) => peer,
             Err(e) => {
-                tracing::warn!("{name}: cannot identify the frontend: {e}; connection closed");
-                self.connected_done(connected);
+                tracing::warn!("{}: cannot identify the frontend: {e}; connection closed", self.exports[index].spec.name);
+                self.connected_done(index);
                 return;
             }
         };
-        let key = (peer.pid, peer.start_time);
-        let vm_id = match self.vms.iter().find(|(_, vm)| vm.vmm_key == key).map(|(id, _)| *id) {
-            Some(id) => id,
-            None => match self.spawn(&peer) {
-                Ok(id) => id,
-                Err(e) => {
-                    tracing::error!("{name}: cannot start a worker for VMM pid {} (uid {}): {e}; connection closed", peer.pid, peer.uid);
-                    self.connected_done(connected);
-                    return;
-                }
-            },
-        };
         let connection = self.next_connection;
         self.next_connection += 1;
+        self.dispatch(Handoff { connection, export: index, stream: OwnedFd::from(stream), peer });
+    }
+
+    /// Sends a connection to the worker of its VMM, starting one if there is none (or the one
+    /// there is cannot take it).
+    fn dispatch(&mut self, handoff: Handoff) {
+        let index = handoff.export;
+        let name = self.exports[index].spec.name.clone();
+        let connection = handoff.connection;
         let spec = self.exports[index].spec.clone();
         let disk = match (spec.open_as, &spec.disk) {
             (OpenAs::Daemon, DiskSpec::Path(path)) => match Disk::open_file(path, spec.open) {
                 Ok(file) => Some(OwnedFd::from(file)),
                 Err(e) => {
                     tracing::error!("{name}: {}; connection closed", crate::error_line(&e));
-                    self.connected_done(connected);
+                    self.connected_done(index);
                     return;
                 }
             },
             _ => None,
         };
-        let stream_fd = OwnedFd::from(stream);
-        let Some(vm) = self.vms.get_mut(&vm_id) else { return };
-        let mut fds = vec![&stream_fd, &peer.pidfd];
-        if let Some(disk) = &disk {
-            fds.push(disk);
-        }
         let message = ToWorker::Serve { connection, export: spec, disk_fd_attached: disk.is_some() };
-        match handoff::send(&vm.control, &message, &fds) {
-            Ok(()) => {
-                vm.connections += 1;
-                tracing::info!(
-                    "{name}: connection {connection} from VMM pid {} (uid {}) handed to worker pid {}",
-                    vm.vmm_pid,
-                    peer.uid,
-                    vm.worker_pid
-                );
+        let key = (handoff.peer.pid, handoff.peer.start_time);
+        for attempt in 0..2 {
+            let live = self.vms.iter().find(|(_, vm)| vm.vmm_key == key && !vm.retired).map(|(id, _)| *id);
+            let vm_id = match live {
+                Some(id) => id,
+                None => match self.spawn(&handoff.peer) {
+                    Ok(id) => id,
+                    Err(e) => {
+                        tracing::error!(
+                            "{name}: cannot start a worker for VMM pid {} (uid {}): {e}; connection closed",
+                            handoff.peer.pid,
+                            handoff.peer.uid
+                        );
+                        self.connected_done(index);
+                        return;
+                    }
+                },
+            };
+            let Some(vm) = self.vms.get_mut(&vm_id) else { return };
+            let mut fds = vec![&handoff.stream, &handoff.peer.pidfd];
+            if let Some(disk) = &disk {
+                fds.push(disk);
             }
-            Err(e) => {
-                tracing::error!("{name}: cannot hand connection {connection} to worker pid {}: {e}", vm.worker_pid);
-                self.connected_done(connected);
+            match handoff::send(&vm.control, &message, &fds) {
+                Ok(()) => {
+                    vm.connections += 1;
+                    tracing::info!(
+                        "{name}: connection {connection} from VMM pid {} (uid {}) handed to worker pid {}",
+                        vm.vmm_pid,
+                        handoff.peer.uid,
+                        vm.worker_pid
+                    );
+                    vm.pending.push(handoff);
+                    return;
+                }
+                Err(e) => {
+                    let again = if attempt == 0 { "; starting a new worker" } else { "" };
+                    tracing::warn!("{name}: worker pid {} cannot take connection {connection} ({e}){again}", vm.worker_pid);
+                    vm.retired = true;
+                }
             }
         }
+        tracing::error!("{name}: connection {connection} closed: no worker could take it");
+        self.connected_done(index);
     }
 
-    fn connected_done(&mut self, connected: bool) {
-        if connected {
+    /// A connection of `export` will not be served (counts down a `--fd` connected socket).
+    fn connected_done(&mut self, export: usize) {
+        if matches!(self.exports[export].listener, Listener::Connected(_)) {
             self.connected_left = self.connected_left.saturating_sub(1);
         }
     }
@@ -273,6 +308,8 @@ impl Supervisor {
                 connections: 0,
                 identity,
                 devices: Vec::new(),
+                retired: false,
+                pending: Vec::new(),
             },
         );
         Ok(id)
@@ -287,6 +324,10 @@ impl Supervisor {
                 vm.devices = devices;
                 return;
             }
+            Ok(Some((ToSupervisor::Accepted { connection }, _))) => {
+                vm.pending.retain(|h| h.connection != connection);
+                return;
+            }
             Ok(Some((ToSupervisor::Ended { connection }, _))) => {
                 tracing::debug!("connection {connection} ended (worker pid {})", vm.worker_pid);
             }
@@ -295,6 +336,7 @@ impl Supervisor {
             }
             Ok(None) | Err(_) => {
                 // The worker is exiting; its pidfd reports when it is gone.
+                vm.retired = true;
                 let fd = vm.control.as_raw_fd();
                 self.unwatch(fd);
                 return;
@@ -307,13 +349,27 @@ impl Supervisor {
     }
 
     fn reap(&mut self, id: u64) {
-        let Some(vm) = self.vms.remove(&id) else { return };
+        let Some(mut vm) = self.vms.remove(&id) else { return };
         self.unwatch(vm.worker_pidfd.as_raw_fd());
         self.unwatch(vm.control.as_raw_fd());
         let status = wait_pidfd(&vm.worker_pidfd);
         tracing::info!("worker pid {} for VMM pid {} exited ({status})", vm.worker_pid, vm.vmm_pid);
+        let pending = std::mem::take(&mut vm.pending);
         if self.only_connected() {
-            self.connected_left = self.connected_left.saturating_sub(vm.connections);
+            self.connected_left = self.connected_left.saturating_sub(vm.connections.saturating_sub(pending.len()));
+        }
+        // Connections it never read: to a new worker, while their VMM lives.
+        for handoff in pending {
+            if handoff.peer.exited() {
+                self.connected_done(handoff.export);
+                continue;
+            }
+            tracing::info!(
+                "connection {} was never taken by worker pid {}; handing it to a new worker",
+                handoff.connection,
+                vm.worker_pid
+            );
+            self.dispatch(handoff);
         }
     }
 

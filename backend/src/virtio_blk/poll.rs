@@ -6,17 +6,21 @@
 //! stay off while polling) and the thread does not sleep. Polling is CPU, and that CPU is the
 //! VM's: the queue thread belongs to the VM's worker, in the VMM's cgroups.
 //!
-//! The window adapts the way QEMU's AioContext polling does (util/aio-posix.c), from how long
-//! each idle spell lasted (polling plus any sleep after it) until there was work again:
+//! The window adapts the way QEMU's AioContext polling and KVM's halt polling do
+//! (util/aio-posix.c, virt/kvm/kvm_main.c), from how long each idle spell lasted (polling plus
+//! any sleep after it) until there was work again:
 //!
 //! ```text
 //!  idle ≤ window            polling caught the work: keep the window
 //!  window < idle ≤ max      a longer window would have caught it: grow (×2, from 4 µs)
-//!  idle > max               the driver is idle: polling only burns CPU: stop (window 0)
+//!  idle > max               no window would have: shrink (÷2; below 4 µs, off)
 //! ```
 //!
-//! A window of zero stays zero until an idle spell ends within `max`, so an idle queue costs nothing
-//! and a busy one converges on the gap between the driver's requests.
+//! Shrinking halves rather than resets (QEMU's `poll-shrink=2`, KVM's `halt_poll_ns_shrink`):
+//! on a busy queue one late request (a preempted vCPU on the driver's side) would otherwise
+//! throw away a window that took several spells to grow. An idle queue still stops polling
+//! after a handful of spells, having spent less than twice the ceiling on them, and a window
+//! of zero stays zero until an idle spell ends within the ceiling.
 
 use std::time::Duration;
 
@@ -46,7 +50,8 @@ impl PollWindow {
             return;
         }
         self.current = if idle > self.max {
-            Duration::ZERO
+            let half = self.current / 2;
+            if half < START { Duration::ZERO } else { half }
         } else if self.current.is_zero() {
             START.min(self.max)
         } else {
@@ -85,13 +90,21 @@ mod tests {
     }
 
     #[test]
-    fn a_long_idle_spell_turns_polling_off() {
+    fn long_idle_spells_halve_the_window_until_polling_stops() {
         let mut w = PollWindow::new(us(50));
-        w.after_idle(us(10));
-        w.after_idle(us(10));
-        assert_eq!(w.window(), us(8));
-        w.after_idle(us(51));
-        assert_eq!(w.window(), Duration::ZERO);
+        for _ in 0..5 {
+            w.after_idle(us(45));
+        }
+        assert_eq!(w.window(), us(50));
+        let mut seen = Vec::new();
+        for _ in 0..6 {
+            w.after_idle(us(1000));
+            seen.push(w.window());
+        }
+        assert_eq!(seen, [us(25), us(12) + Duration::from_nanos(500), Duration::from_nanos(6250), Duration::ZERO, Duration::ZERO, Duration::ZERO]);
+        // Back to short spells: it grows again from the start.
+        w.after_idle(us(30));
+        assert_eq!(w.window(), us(4));
     }
 
     #[test]

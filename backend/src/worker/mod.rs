@@ -83,6 +83,7 @@ pub fn run(control: OwnedFd) -> io::Result<()> {
             match event.data {
                 EV_CONTROL => match handoff::recv::<ToWorker>(&control) {
                     Ok(Some((ToWorker::Serve { connection, export, disk_fd_attached }, fds))) => {
+                        let _ = handoff::send(&control, &ToSupervisor::Accepted { connection }, &[]);
                         let mut fds = fds.into_iter();
                         let (Some(stream), Some(pidfd)) = (fds.next(), fds.next()) else {
                             tracing::error!("supervisor sent a connection without its fds");

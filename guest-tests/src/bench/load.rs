@@ -3,8 +3,25 @@
 //!
 //! It runs in its own process (the bench binary re-executed with a hidden `load` subcommand and
 //! the [`LoadSpec`] as JSON), so its CPU, its threads and its memory are its own and it cannot
-//! share a core's caches with the parent's bookkeeping. One thread per queue keeps `iodepth`
-//! requests in flight: each completion is timed and its slot resubmitted at once.
+//! share a core's caches with the parent's bookkeeping. It talks to a vhost-user-blk socket
+//! (libblkio's `virtio-blk-vhost-user` driver) or, for the `io_uring` reference, opens the image
+//! itself (libblkio's `io_uring` driver).
+//!
+//! One thread per queue keeps up to `iodepth` requests in flight:
+//!
+//! - **Closed loop** ([`Rate::Max`]): each completion is timed and its slot resubmitted at once.
+//! - **Paced** ([`Rate::Iops`]): request k of a queue is due at `start + k / (rate / queues)` and
+//!   goes out when it is due and a slot is free. A queue that falls behind (every slot busy, or
+//!   the generator itself descheduled) sends the overdue requests as soon as slots free up, so a
+//!   system that keeps up on average completes `rate × duration` requests in the window, and one
+//!   that cannot runs closed loop and falls short. Whatever is overdue when the window opens is
+//!   dropped, so a stall in the warm-up does not add to the window. An interrupt-driven queue
+//!   sleeps in `do_io` until the next request is due or a completion arrives; a polled one spins
+//!   on `do_io` without waiting.
+//!
+//! The `io_uring` driver has no poll queues on these media (`IORING_SETUP_IOPOLL` needs O_DIRECT
+//! on a device with poll queues), so its "poll" client spins on `do_io` with no minimum instead:
+//! the client never sleeps, as with a vhost-user poll queue.
 //!
 //! Timeline, announced on stdout so the parent can sample the backend's CPU at the same moments:
 //!
@@ -15,7 +32,8 @@
 //! ```
 //!
 //! Only completions seen inside the measured window count, for IOPS and for latency (the time
-//! from the `read`/`write` call to the `do_io` that returned it).
+//! from the `read`/`write` call to the `do_io` that returned it; a paced request waiting for a
+//! free slot is not timed until it is issued).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::mem::MaybeUninit;
@@ -30,7 +48,7 @@ use serde_json::{json, Value};
 
 use super::cpu::Snapshot;
 use super::histogram::Histogram;
-use super::{ClientMode, Rw, BLOCK};
+use super::{ClientMode, Rate, Rw, BLOCK};
 use crate::process::die_with_parent;
 
 /// How long the load generator keeps retrying to connect while the socket does not accept yet.
@@ -38,16 +56,52 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A request taking this long means the backend is stuck: the run fails.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// What the load generator drives.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Target {
+    /// A vhost-user-blk socket, through libblkio's `virtio-blk-vhost-user` driver.
+    VhostUser { socket: PathBuf },
+    /// An image file, through libblkio's `io_uring` driver (O_DIRECT if `direct`).
+    IoUring { path: PathBuf, direct: bool },
+}
+
+impl Target {
+    const VHOST_USER: &'static str = "virtio-blk-vhost-user";
+    const IO_URING: &'static str = "io_uring";
+
+    fn to_json(&self) -> Value {
+        match self {
+            Target::VhostUser { socket } => json!({ "driver": Self::VHOST_USER, "path": socket }),
+            Target::IoUring { path, direct } => {
+                json!({ "driver": Self::IO_URING, "path": path, "direct": direct })
+            }
+        }
+    }
+
+    fn from_json(v: &Value) -> Result<Target> {
+        let path = PathBuf::from(v["path"].as_str().context("load target: no path")?);
+        Ok(match v["driver"].as_str() {
+            Some(Self::VHOST_USER) => Target::VhostUser { socket: path },
+            Some(Self::IO_URING) => Target::IoUring {
+                path,
+                direct: v["direct"].as_bool().context("load target: no direct")?,
+            },
+            other => bail!("load target: unknown driver {other:?}"),
+        })
+    }
+}
+
 /// What one load generator run does.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LoadSpec {
-    /// The vhost-user-blk socket.
-    pub socket: PathBuf,
+    pub target: Target,
     pub rw: Rw,
-    /// Requests in flight per queue.
+    /// Requests in flight per queue (at most, when paced).
     pub iodepth: u32,
     pub queues: u16,
     pub client: ClientMode,
+    /// Closed loop, or the total IOPS to issue (shared equally by the queues).
+    pub rate: Rate,
     pub warmup: Duration,
     pub duration: Duration,
     /// Requests land anywhere in the first `size` bytes of the disk (its capacity if larger).
@@ -57,7 +111,8 @@ pub struct LoadSpec {
 impl LoadSpec {
     pub fn to_json(&self) -> Value {
         json!({
-            "socket": self.socket,
+            "target": self.target.to_json(),
+            "rate": self.rate.iops(),
             "rw": self.rw.name(),
             "iodepth": self.iodepth,
             "queues": self.queues,
@@ -76,8 +131,18 @@ impl LoadSpec {
                 .and_then(|x| Duration::try_from_secs_f64(x).ok())
                 .with_context(|| format!("load spec: no {k}"))
         };
+        let rate = match &v["rate"] {
+            Value::Null => Rate::Max,
+            r => Rate::Iops(
+                r.as_u64()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .filter(|n| *n > 0)
+                    .context("load spec: bad rate")?,
+            ),
+        };
         Ok(LoadSpec {
-            socket: PathBuf::from(s("socket")?),
+            target: Target::from_json(&v["target"])?,
+            rate,
             rw: s("rw")?.parse()?,
             iodepth: u32::try_from(n("iodepth")?)?,
             queues: u16::try_from(n("queues")?)?,
@@ -143,13 +208,15 @@ impl LoadResult {
 /// A load run as the parent saw it.
 pub struct Measured {
     pub load: LoadResult,
-    /// CPU seconds of `backend_pid`'s process tree over the measured window.
-    pub backend_cpu_s: f64,
+    /// CPU seconds of `backend_pid`'s process tree over the measured window; `None` without a
+    /// backend.
+    pub backend_cpu_s: Option<f64>,
 }
 
 /// Runs the load generator (`exe load SPEC`) against a backend whose root process is
-/// `backend_pid`, sampling the backend's CPU when the generator opens and closes its window.
-pub fn run(exe: &Path, spec: &LoadSpec, backend_pid: u32) -> Result<Measured> {
+/// `backend_pid` (if there is one), sampling the backend's CPU when the generator opens and
+/// closes its window.
+pub fn run(exe: &Path, spec: &LoadSpec, backend_pid: Option<u32>) -> Result<Measured> {
     let mut cmd = Command::new(exe);
     cmd.arg("load")
         .arg(spec.to_json().to_string())
@@ -185,8 +252,8 @@ pub fn run(exe: &Path, spec: &LoadSpec, backend_pid: u32) -> Result<Measured> {
     while result.is_none() {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
-            Ok(line) if line == "measure-start" => start = Some(Snapshot::take(backend_pid)),
-            Ok(line) if line == "measure-end" => end = Some(Snapshot::take(backend_pid)),
+            Ok(line) if line == "measure-start" => start = Some(backend_pid.map(Snapshot::take)),
+            Ok(line) if line == "measure-end" => end = Some(backend_pid.map(Snapshot::take)),
             Ok(line) => {
                 if let Some(json) = line.strip_prefix("result ") {
                     result = Some(json.to_string());
@@ -212,7 +279,7 @@ pub fn run(exe: &Path, spec: &LoadSpec, backend_pid: u32) -> Result<Measured> {
     };
     Ok(Measured {
         load: LoadResult::from_json(&serde_json::from_str(&result)?)?,
-        backend_cpu_s: start.seconds_until(&end),
+        backend_cpu_s: start.zip(end).map(|(s, e)| s.seconds_until(&e)),
     })
 }
 
@@ -226,6 +293,42 @@ pub fn main(spec: &str) -> Result<()> {
     let result = generate(&spec, &mut std::io::stdout())?;
     println!("result {}", result.to_json());
     Ok(())
+}
+
+/// A libblkio instance for `spec`: connected (not started yet), its queues configured.
+fn open(spec: &LoadSpec) -> Result<Blkio> {
+    Ok(match &spec.target {
+        Target::VhostUser { socket } => {
+            let mut b = connect(socket)?;
+            let (queues, poll_queues) = match spec.client {
+                ClientMode::Interrupt => (spec.queues, 0),
+                ClientMode::Poll => (0, spec.queues),
+            };
+            b.set_i32("num-queues", queues.into())?;
+            b.set_i32("num-poll-queues", poll_queues.into())?;
+            // libblkio's default ring (256) holds any depth up to 256; deeper ones need more.
+            if spec.iodepth > 256 {
+                b.set_i32("queue-size", spec.iodepth.next_power_of_two() as i32)?;
+            }
+            b
+        }
+        Target::IoUring { path, direct } => {
+            let path_str = path.to_str().context("image path is not UTF-8")?;
+            let mut b = Blkio::new("io_uring")?;
+            b.set_str("path", path_str)?;
+            b.set_bool("direct", *direct)?;
+            b.connect()
+                .with_context(|| format!("open {path_str} with io_uring"))?;
+            // Regular queues for both client modes (see the module comment on polling).
+            b.set_i32("num-queues", spec.queues.into())?;
+            b.set_i32("num-poll-queues", 0)?;
+            // The default ring (128 entries) would backlog deeper queues inside libblkio.
+            if spec.iodepth > 128 {
+                b.set_i32("num-entries", spec.iodepth.next_power_of_two() as i32)?;
+            }
+            b
+        }
+    })
 }
 
 fn connect(socket: &Path) -> Result<Blkio> {
@@ -253,23 +356,25 @@ pub fn generate(spec: &LoadSpec, out: &mut impl Write) -> Result<LoadResult> {
     if spec.iodepth == 0 || spec.queues == 0 {
         bail!("iodepth and queues must be at least 1");
     }
-    let mut blkio = connect(&spec.socket)?;
-    let (queues, poll_queues) = match spec.client {
-        ClientMode::Interrupt => (spec.queues, 0),
-        ClientMode::Poll => (0, spec.queues),
-    };
-    blkio.set_i32("num-queues", queues.into())?;
-    blkio.set_i32("num-poll-queues", poll_queues.into())?;
-    // libblkio's default ring (256) holds any depth up to 256; deeper ones need a bigger ring.
-    if spec.iodepth > 256 {
-        blkio.set_i32("queue-size", spec.iodepth.next_power_of_two() as i32)?;
-    }
+    let mut blkio = open(spec)?;
     let started = blkio.start().context("start the libblkio instance")?;
     let capacity = blkio.get_u64("capacity")?;
     let blocks = spec.size.min(capacity) / BLOCK;
     if blocks == 0 {
         bail!("the disk ({capacity} bytes) is smaller than one block");
     }
+
+    // Each queue's share of the rate, as the time between two of its requests.
+    let interval = match spec.rate {
+        Rate::Max => None,
+        Rate::Iops(n) => Some(Duration::from_secs_f64(
+            f64::from(spec.queues) / f64::from(n),
+        )),
+    };
+    // Poll queues wait in libblkio's own busy loop (`do_io` with a minimum of one) unless they
+    // must also watch the clock, or the driver's queues are not poll queues (io_uring).
+    let spin = spec.client == ClientMode::Poll
+        && (interval.is_some() || matches!(spec.target, Target::IoUring { .. }));
 
     // One shared region (the backend must map it), a private slice of `iodepth` blocks per queue.
     let per_queue = spec.iodepth as usize * BLOCK as usize;
@@ -293,6 +398,8 @@ pub fn generate(spec: &LoadSpec, out: &mut impl Write) -> Result<LoadResult> {
                 blocks,
                 rw: spec.rw,
                 rng: 0x9E37_79B9_7F4A_7C15u64.wrapping_mul(i as u64 + 1) | 1,
+                interval,
+                spin,
                 t0,
                 t1,
             };
@@ -355,6 +462,10 @@ struct Worker {
     blocks: u64,
     rw: Rw,
     rng: u64,
+    /// Paced: the time between two requests of this queue. `None`: closed loop.
+    interval: Option<Duration>,
+    /// Wait for completions by calling `do_io` with no minimum, again and again.
+    spin: bool,
     t0: Instant,
     t1: Instant,
 }
@@ -386,25 +497,83 @@ impl Worker {
         }
     }
 
-    /// Keeps `depth` requests in flight until the window closes, then drains; returns the
-    /// latencies of the completions inside the window.
+    /// Issues requests (as fast as slots free up, or on the pacing schedule) until the window
+    /// closes, then drains; returns the latencies of the completions inside the window.
     fn run(mut self) -> Result<Histogram> {
         let mut hist = Histogram::new();
         let mut submitted = vec![Instant::now(); self.depth];
         let mut completions: Vec<MaybeUninit<Completion>> =
             (0..self.depth).map(|_| MaybeUninit::uninit()).collect();
-        for (slot, at) in submitted.iter_mut().enumerate() {
-            *at = Instant::now();
-            self.submit(slot);
-        }
-        let mut in_flight = self.depth;
-        while in_flight > 0 {
-            let mut timeout = IO_TIMEOUT;
-            let n = self
-                .q
-                .do_io(&mut completions, 1, Some(&mut timeout), None)
-                .with_context(|| format!("do_io with {in_flight} requests in flight"))?;
+        // Slots with no request in flight.
+        let mut free: Vec<usize> = (0..self.depth).rev().collect();
+        // Paced: when the next request is due.
+        let mut due = Instant::now();
+        let mut window_open = false;
+        // When the last completion arrived (or the first request went out), for IO_TIMEOUT.
+        let mut progress = Instant::now();
+        loop {
             let now = Instant::now();
+            if now < self.t1 {
+                if !window_open && now >= self.t0 {
+                    // The window gets its own schedule: no backlog from the warm-up.
+                    window_open = true;
+                    due = due.max(self.t0);
+                }
+                while let Some(&slot) = free.last() {
+                    if let Some(interval) = self.interval {
+                        if due > now {
+                            break;
+                        }
+                        due += interval;
+                    }
+                    free.pop();
+                    submitted[slot] = Instant::now();
+                    self.submit(slot);
+                }
+            }
+            let in_flight = self.depth - free.len();
+            if in_flight == 0 {
+                if now >= self.t1 {
+                    return Ok(hist);
+                }
+                // Paced, and nothing is due yet (closed loop never gets here before t1).
+                sleep_until(due.min(self.t1));
+                progress = Instant::now();
+                continue;
+            }
+
+            let n = if self.spin {
+                let n = self.q.do_io(&mut completions, 0, None, None);
+                let n = n.with_context(|| format!("do_io with {in_flight} requests in flight"))?;
+                if n == 0 && now.duration_since(progress) > IO_TIMEOUT {
+                    bail!("no completion for {IO_TIMEOUT:?} with {in_flight} requests in flight");
+                }
+                n
+            } else {
+                // Sleep until a completion arrives, or (paced, with a free slot, in the window)
+                // until the next request is due.
+                let pacing = self.interval.is_some() && !free.is_empty() && now < self.t1;
+                let mut timeout = if pacing {
+                    due.min(self.t1)
+                        .saturating_duration_since(now)
+                        .min(IO_TIMEOUT)
+                } else {
+                    IO_TIMEOUT
+                };
+                match self.q.do_io(&mut completions, 1, Some(&mut timeout), None) {
+                    Ok(n) => n,
+                    Err(e) if pacing && e.errno() == Errno::TIME => 0,
+                    Err(e) => {
+                        return Err(e)
+                            .with_context(|| format!("do_io with {in_flight} requests in flight"))
+                    }
+                }
+            };
+            if n == 0 {
+                continue;
+            }
+            let now = Instant::now();
+            progress = now;
             for c in &completions[..n] {
                 // SAFETY: do_io() initialised the first `n` elements.
                 let c = unsafe { c.assume_init_read() };
@@ -418,15 +587,9 @@ impl Worker {
                 if now >= self.t0 && now < self.t1 {
                     hist.record((now - submitted[slot]).as_nanos() as u64);
                 }
-                if now < self.t1 {
-                    submitted[slot] = Instant::now();
-                    self.submit(slot);
-                } else {
-                    in_flight -= 1;
-                }
+                free.push(slot);
             }
         }
-        Ok(hist)
     }
 }
 
@@ -436,16 +599,25 @@ mod tests {
 
     #[test]
     fn spec_and_result_round_trip_through_json() {
-        let spec = LoadSpec {
-            socket: "/tmp/x.sock".into(),
+        let mut spec = LoadSpec {
+            target: Target::VhostUser {
+                socket: "/tmp/x.sock".into(),
+            },
             rw: Rw::RandRw,
             iodepth: 32,
             queues: 2,
             client: ClientMode::Poll,
+            rate: Rate::Max,
             warmup: Duration::from_millis(250),
             duration: Duration::from_secs(3),
             size: 1 << 30,
         };
+        assert_eq!(LoadSpec::from_json(&spec.to_json()).unwrap(), spec);
+        spec.target = Target::IoUring {
+            path: "/dev/shm/x.img".into(),
+            direct: true,
+        };
+        spec.rate = Rate::Iops(50_000);
         assert_eq!(LoadSpec::from_json(&spec.to_json()).unwrap(), spec);
         let r = LoadResult {
             ios: 12345,

@@ -5,14 +5,20 @@
 //! queue) for a warm-up and then a measured window. The systems alternate (A B A B ...) within
 //! each cell of the matrix, and each cell's figures are the medians of its repetitions.
 //!
+//! A third system, `io_uring`, is the reference without vhost-user: the load generator opens the
+//! image itself with libblkio's `io_uring` driver, so there is no backend process and the
+//! generator's own CPU is the whole cost.
+//!
 //! ```text
 //! media.rs    the backing: a filled image on tmpfs, a filled image on the real disk (O_DIRECT), null
-//! systems.rs  the backend under test as a child process: vublk (supervisor + worker, or
-//!             --single-process) or qemu-storage-daemon, serving one socket
-//! load.rs     the load generator (runs in its own process) and the parent's side of it
+//! systems.rs  the system under test: vublk (supervisor + worker, or --single-process) or
+//!             qemu-storage-daemon as a child process serving one socket, or io_uring (none)
+//! load.rs     the load generator (runs in its own process), closed loop or paced at a fixed
+//!             rate, and the parent's side of it
 //! histogram.rs  per-request latencies in fixed memory, for p50/p99/p99.9
 //! cpu.rs      CPU seconds of the backend's process tree over the measured window, from /proc
-//! report.rs   medians, the Markdown table with the vublk/QSD ratios, the JSON document
+//! report.rs   medians, the Markdown tables with the ratios to QSD and io_uring, the JSON document
+//! svg.rs      the chart: median IOPS and CPU per I/O per cell, a bar per system
 //! ```
 //!
 //! The binary (`src/bin/vublk-bench.rs`) holds the command line and the loop over the matrix.
@@ -22,6 +28,7 @@ pub mod histogram;
 pub mod load;
 pub mod media;
 pub mod report;
+pub mod svg;
 pub mod systems;
 
 use std::fmt;
@@ -106,6 +113,61 @@ impl fmt::Display for ClientMode {
     }
 }
 
+/// How fast the load generator issues requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Rate {
+    /// Closed loop: every completion is resubmitted at once, `iodepth` always in flight.
+    Max,
+    /// Paced: this many requests per second in total over all queues (each queue gets an equal
+    /// share), never more than `iodepth` in flight per queue. Every system then does the same
+    /// work, so their CPU per I/O compares at equal load.
+    Iops(u32),
+}
+
+impl Rate {
+    pub fn iops(self) -> Option<u32> {
+        match self {
+            Rate::Max => None,
+            Rate::Iops(n) => Some(n),
+        }
+    }
+}
+
+impl FromStr for Rate {
+    type Err = Error;
+    /// `max`, or IOPS as a number with an optional `k` (thousands) or `M` (millions) suffix.
+    fn from_str(s: &str) -> Result<Self, Error> {
+        if s == "max" {
+            return Ok(Rate::Max);
+        }
+        let (digits, unit) = match s.strip_suffix(['k', 'K']) {
+            Some(d) => (d, 1e3),
+            None => match s.strip_suffix('M') {
+                Some(d) => (d, 1e6),
+                None => (s, 1.0),
+            },
+        };
+        let n = digits
+            .parse::<f64>()
+            .ok()
+            .map(|x| (x * unit).round())
+            .filter(|x| *x >= 1.0 && *x <= f64::from(u32::MAX));
+        match n {
+            Some(n) => Ok(Rate::Iops(n as u32)),
+            None => bail!("bad rate {s:?} (max, or IOPS such as 20000 or 20k)"),
+        }
+    }
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Rate::Max => f.write_str("max"),
+            Rate::Iops(n) => write!(f, "{n}"),
+        }
+    }
+}
+
 /// One cell of the matrix: everything about a measurement except the system.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Cell {
@@ -114,6 +176,7 @@ pub struct Cell {
     pub iodepth: u32,
     pub queues: u16,
     pub client: ClientMode,
+    pub rate: Rate,
 }
 
 impl fmt::Display for Cell {
@@ -122,7 +185,11 @@ impl fmt::Display for Cell {
             f,
             "{} {} iodepth {} queues {} {}",
             self.medium, self.rw, self.iodepth, self.queues, self.client
-        )
+        )?;
+        if let Rate::Iops(n) = self.rate {
+            write!(f, " at {n} IOPS")?;
+        }
+        Ok(())
     }
 }
 
@@ -161,5 +228,20 @@ mod tests {
             assert_eq!(m.name().parse::<ClientMode>().unwrap(), m);
         }
         assert!("seqread".parse::<Rw>().is_err());
+    }
+
+    #[test]
+    fn rates_parse() {
+        assert_eq!("max".parse::<Rate>().unwrap(), Rate::Max);
+        assert_eq!("20000".parse::<Rate>().unwrap(), Rate::Iops(20000));
+        assert_eq!("20k".parse::<Rate>().unwrap(), Rate::Iops(20000));
+        assert_eq!("1.5M".parse::<Rate>().unwrap(), Rate::Iops(1_500_000));
+        assert_eq!(
+            Rate::Iops(20000).to_string().parse::<Rate>().unwrap(),
+            Rate::Iops(20000)
+        );
+        for bad in ["0", "-5", "fast", "", "1e12"] {
+            assert!(bad.parse::<Rate>().is_err(), "{bad:?}");
+        }
     }
 }

@@ -1,11 +1,16 @@
 //! From samples to the published figures: medians per cell and system, the Markdown tables with
-//! the vublk/QSD ratios, and the JSON document (every sample, the medians, the setup).
+//! the ratios of vublk to QSD and to io_uring, and the JSON document (every sample, the medians,
+//! the ratios, the setup).
+//!
+//! Against QSD the CPU ratio compares the backends (both drive the same client the same way).
+//! Against io_uring, which has no backend, it compares the whole cost of an I/O: backend plus
+//! load generator for vublk, the load generator alone for io_uring.
 
 use serde_json::{json, Value};
 
 use super::load::LoadResult;
 use super::systems::System;
-use super::{median, Cell};
+use super::{median, Cell, Rate};
 
 /// One measurement: one system, one cell, one repetition.
 #[derive(Clone, Debug)]
@@ -15,18 +20,32 @@ pub struct Sample {
     /// 0-based repetition.
     pub rep: usize,
     pub load: LoadResult,
-    /// CPU seconds of the backend's processes in the measured window.
-    pub backend_cpu_s: f64,
+    /// CPU seconds of the backend's processes in the measured window; `None` for io_uring,
+    /// which has no backend.
+    pub backend_cpu_s: Option<f64>,
 }
 
 impl Sample {
-    /// Backend CPU seconds per million I/Os.
+    /// Backend CPU seconds per million I/Os; NaN without a backend.
     pub fn backend_cpu_per_mio(&self) -> f64 {
-        per_mio(self.backend_cpu_s, self.load.ios)
+        per_mio(self.backend_cpu_s.unwrap_or(f64::NAN), self.load.ios)
     }
 
     pub fn client_cpu_per_mio(&self) -> f64 {
         per_mio(self.load.client_cpu_s, self.load.ios)
+    }
+
+    /// Backend and load generator together, CPU seconds per million I/Os.
+    pub fn total_cpu_per_mio(&self) -> f64 {
+        per_mio(
+            self.backend_cpu_s.unwrap_or(0.0) + self.load.client_cpu_s,
+            self.load.ios,
+        )
+    }
+
+    /// How many cores the backend kept busy; NaN without a backend.
+    pub fn backend_cores(&self) -> f64 {
+        self.backend_cpu_s.unwrap_or(f64::NAN) / self.load.seconds
     }
 
     pub fn to_json(&self) -> Value {
@@ -37,6 +56,7 @@ impl Sample {
             "load": self.load.to_json(),
             "backend_cpu_s": self.backend_cpu_s,
             "backend_cpu_s_per_mio": self.backend_cpu_per_mio(),
+            "total_cpu_s_per_mio": self.total_cpu_per_mio(),
         })
     }
 }
@@ -56,6 +76,7 @@ fn cell_json(c: &Cell) -> Value {
         "iodepth": c.iodepth,
         "queues": c.queues,
         "client": c.client.name(),
+        "rate": c.rate.iops(),
     })
 }
 
@@ -73,6 +94,8 @@ pub struct Row {
     /// Backend CPU seconds per second: how many cores it kept busy.
     pub backend_cores: f64,
     pub client_cpu_per_mio: f64,
+    /// Backend plus load generator.
+    pub total_cpu_per_mio: f64,
 }
 
 impl Row {
@@ -88,6 +111,7 @@ impl Row {
             "backend_cpu_s_per_mio": self.backend_cpu_per_mio,
             "backend_cores": self.backend_cores,
             "client_cpu_s_per_mio": self.client_cpu_per_mio,
+            "total_cpu_s_per_mio": self.total_cpu_per_mio,
         })
     }
 }
@@ -114,7 +138,15 @@ pub fn summarize(samples: &[Sample]) -> Vec<Row> {
                 .iter()
                 .filter(|s| s.cell == cell && s.system == *system)
                 .collect();
-            let m = |f: fn(&Sample) -> f64| median(&mine.iter().map(|s| f(s)).collect::<Vec<_>>());
+            // NaN (shown as "–") when no repetition has the figure, e.g. io_uring's backend CPU.
+            let m = |f: fn(&Sample) -> f64| {
+                let values: Vec<f64> = mine.iter().map(|s| f(s)).collect();
+                if values.iter().any(|x| x.is_finite()) {
+                    median(&values)
+                } else {
+                    f64::NAN
+                }
+            };
             rows.push(Row {
                 cell,
                 system: *system,
@@ -124,8 +156,9 @@ pub fn summarize(samples: &[Sample]) -> Vec<Row> {
                 p99_us: m(|s| s.load.p99_us),
                 p999_us: m(|s| s.load.p999_us),
                 backend_cpu_per_mio: m(|s| s.backend_cpu_per_mio()),
-                backend_cores: m(|s| s.backend_cpu_s / s.load.seconds),
+                backend_cores: m(|s| s.backend_cores()),
                 client_cpu_per_mio: m(|s| s.client_cpu_per_mio()),
+                total_cpu_per_mio: m(|s| s.total_cpu_per_mio()),
             });
         }
     }
@@ -137,17 +170,29 @@ fn find<'a>(rows: &'a [Row], cell: &Cell, system: System) -> Option<&'a Row> {
     rows.iter().find(|r| r.cell == *cell && r.system == system)
 }
 
-/// vublk (or vublk-single) against QSD in one cell.
+/// vublk (or vublk-single) against a reference system in one cell.
 #[derive(Clone, Debug)]
 pub struct Ratio {
     pub cell: Cell,
     pub system: System,
+    /// The reference: QSD or io_uring.
+    pub versus: System,
     /// IOPS ratio (higher is better for vublk).
     pub iops: f64,
     /// p50 latency ratio (lower is better).
     pub p50: f64,
-    /// Backend CPU per I/O ratio (lower is better).
+    /// CPU per I/O ratio (lower is better): backend against backend for QSD, backend plus load
+    /// generator against the load generator for io_uring ([`cpu_basis`]).
     pub cpu_per_io: f64,
+}
+
+/// What the CPU ratio against `versus` compares.
+pub fn cpu_basis(versus: System) -> &'static str {
+    if versus.has_backend() {
+        "backend"
+    } else {
+        "backend+client"
+    }
 }
 
 impl Ratio {
@@ -155,27 +200,52 @@ impl Ratio {
         json!({
             "cell": cell_json(&self.cell),
             "system": self.system.name(),
-            "versus": "qsd",
+            "versus": self.versus.name(),
             "iops": self.iops,
             "p50": self.p50,
             "cpu_per_io": self.cpu_per_io,
+            "cpu_basis": cpu_basis(self.versus),
         })
     }
 }
 
-/// Every vublk row that has a QSD row in the same cell.
-pub fn ratios(rows: &[Row]) -> Vec<Ratio> {
+/// Every vublk row that has a `versus` row in the same cell, against it.
+pub fn ratios(rows: &[Row], versus: System) -> Vec<Ratio> {
     rows.iter()
         .filter(|r| r.system.is_vublk())
         .filter_map(|r| {
-            let q = find(rows, &r.cell, System::Qsd)?;
+            let q = find(rows, &r.cell, versus)?;
+            let cpu_per_io = if versus.has_backend() {
+                r.backend_cpu_per_mio / q.backend_cpu_per_mio
+            } else {
+                r.total_cpu_per_mio / q.total_cpu_per_mio
+            };
             Some(Ratio {
                 cell: r.cell,
                 system: r.system,
+                versus,
                 iops: r.iops / q.iops,
                 p50: r.p50_us / q.p50_us,
-                cpu_per_io: r.backend_cpu_per_mio / q.backend_cpu_per_mio,
+                cpu_per_io,
             })
+        })
+        .collect()
+}
+
+/// The references vublk is compared with, in the order of their tables.
+pub const REFERENCES: [System; 2] = [System::Qsd, System::IoUring];
+
+/// A paced row whose IOPS fell short of its rate by more than this fraction did not keep up.
+const SHORTFALL: f64 = 0.03;
+
+/// The paced rows that did not reach their rate.
+pub fn fell_short(rows: &[Row]) -> Vec<&Row> {
+    rows.iter()
+        .filter(|r| {
+            r.cell
+                .rate
+                .iops()
+                .is_some_and(|rate| r.iops < f64::from(rate) * (1.0 - SHORTFALL))
         })
         .collect()
 }
@@ -188,23 +258,51 @@ fn num(x: f64, decimals: usize) -> String {
     }
 }
 
-/// The results table (one row per cell and system) and the ratio table.
-pub fn markdown(rows: &[Row]) -> String {
+/// The cell's columns of a table row, ending with "| " (the rate column only if `paced`).
+fn cell_columns(c: &Cell, paced: bool) -> String {
+    let mut s = format!(
+        "| {} | {} | {} | {} | {} | ",
+        c.medium, c.rw, c.iodepth, c.queues, c.client
+    );
+    if paced {
+        s.push_str(&format!("{} | ", c.rate));
+    }
+    s
+}
+
+/// The cell's header columns and their alignment row, matching [`cell_columns`].
+fn cell_header(paced: bool) -> (&'static str, &'static str) {
+    if paced {
+        (
+            "| medium | rw | iodepth | queues | client | rate IOPS | ",
+            "|---|---|---:|---:|---|---:|",
+        )
+    } else {
+        (
+            "| medium | rw | iodepth | queues | client | ",
+            "|---|---|---:|---:|---|",
+        )
+    }
+}
+
+/// The results table (one row per cell and system), a ratio table per reference that ran, and
+/// notes (paced runs that fell short of their rate, `notes` from the caller).
+pub fn markdown(rows: &[Row], notes: &[String]) -> String {
     let mut out = String::new();
+    // The rate column only appears when some cell is paced: closed-loop tables stay as they were.
+    let paced = rows.iter().any(|r| r.cell.rate != Rate::Max);
+    let (head, align) = cell_header(paced);
+    out.push_str(head);
     out.push_str(
-        "| medium | rw | iodepth | queues | client | system | IOPS | p50 µs | p99 µs | p99.9 µs \
+        "system | IOPS | p50 µs | p99 µs | p99.9 µs \
          | backend CPU s / M I/O | backend cores | client CPU s / M I/O |\n",
     );
-    out.push_str("|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|\n");
+    out.push_str(align);
+    out.push_str("---|---:|---:|---:|---:|---:|---:|---:|\n");
     for r in rows {
-        let c = &r.cell;
+        out.push_str(&cell_columns(&r.cell, paced));
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
-            c.medium,
-            c.rw,
-            c.iodepth,
-            c.queues,
-            c.client,
+            "{} | {} | {} | {} | {} | {} | {} | {} |\n",
             r.system,
             num(r.iops, 0),
             num(r.p50_us, 1),
@@ -215,23 +313,26 @@ pub fn markdown(rows: &[Row]) -> String {
             num(r.client_cpu_per_mio, 2),
         ));
     }
-    let ratios = ratios(rows);
-    if !ratios.is_empty() {
+    for versus in REFERENCES {
+        let ratios = ratios(rows, versus);
+        if ratios.is_empty() {
+            continue;
+        }
+        let (name, cpu) = match versus {
+            System::Qsd => ("QSD", "CPU per I/O ÷ QSD"),
+            _ => ("io_uring", "total CPU per I/O ÷ io_uring"),
+        };
         out.push('\n');
-        out.push_str(
-            "| medium | rw | iodepth | queues | client | system | IOPS ÷ QSD | p50 ÷ QSD \
-             | CPU per I/O ÷ QSD |\n",
-        );
-        out.push_str("|---|---|---:|---:|---|---|---:|---:|---:|\n");
+        out.push_str(head);
+        out.push_str(&format!(
+            "system | IOPS ÷ {name} | p50 ÷ {name} | {cpu} |\n"
+        ));
+        out.push_str(align);
+        out.push_str("---|---:|---:|---:|\n");
         for r in &ratios {
-            let c = &r.cell;
+            out.push_str(&cell_columns(&r.cell, paced));
             out.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} | {}× | {}× | {}× |\n",
-                c.medium,
-                c.rw,
-                c.iodepth,
-                c.queues,
-                c.client,
+                "{} | {}× | {}× | {}× |\n",
                 r.system,
                 num(r.iops, 2),
                 num(r.p50, 2),
@@ -239,17 +340,53 @@ pub fn markdown(rows: &[Row]) -> String {
             ));
         }
     }
+    let notes = all_notes(rows, notes);
+    if !notes.is_empty() {
+        out.push('\n');
+        for n in &notes {
+            out.push_str(&format!("- {n}\n"));
+        }
+    }
     out
 }
 
-/// The JSON document: `setup` (machine, versions, command, options), every sample, the medians
-/// and the ratios. Non-finite numbers (a CPU per I/O with no I/O) become null.
-pub fn json(setup: Value, samples: &[Sample], rows: &[Row]) -> Value {
+/// `extra` and what the rows call for: paced runs that fell short of their rate, what io_uring's
+/// CPU figures mean.
+fn all_notes(rows: &[Row], extra: &[String]) -> Vec<String> {
+    let mut notes = extra.to_vec();
+    for r in fell_short(rows) {
+        notes.push(format!(
+            "{} did not keep up in {}: {} IOPS of the {} asked for",
+            r.system,
+            r.cell,
+            num(r.iops, 0),
+            r.cell.rate
+        ));
+    }
+    if rows.iter().any(|r| !r.system.has_backend()) {
+        notes.push(
+            "io_uring has no backend: its CPU per I/O is the load generator's (client) column, \
+             and the io_uring ratios compare backend + client CPU with it"
+                .to_string(),
+        );
+    }
+    notes
+}
+
+/// The JSON document: `setup` (machine, versions, command, options), every sample, the medians,
+/// the ratios and the notes (as in the Markdown). Non-finite numbers (a CPU per I/O with no I/O,
+/// io_uring's backend CPU) become null.
+pub fn json(setup: Value, samples: &[Sample], rows: &[Row], notes: &[String]) -> Value {
     json!({
+        "notes": all_notes(rows, notes),
         "setup": setup,
         "samples": samples.iter().map(Sample::to_json).collect::<Vec<_>>(),
         "medians": rows.iter().map(Row::to_json).collect::<Vec<_>>(),
-        "ratios": ratios(rows).iter().map(Ratio::to_json).collect::<Vec<_>>(),
+        "ratios": REFERENCES
+            .iter()
+            .flat_map(|v| ratios(rows, *v))
+            .map(|r| r.to_json())
+            .collect::<Vec<_>>(),
     })
 }
 
@@ -259,15 +396,20 @@ mod tests {
     use crate::bench::media::Medium;
     use crate::bench::{ClientMode, Rw};
 
+    fn cell(rate: Rate) -> Cell {
+        Cell {
+            medium: Medium::Null,
+            rw: Rw::RandRead,
+            iodepth: 32,
+            queues: 1,
+            client: ClientMode::Interrupt,
+            rate,
+        }
+    }
+
     fn sample(system: System, rep: usize, iops: f64, cpu: f64) -> Sample {
         Sample {
-            cell: Cell {
-                medium: Medium::Null,
-                rw: Rw::RandRead,
-                iodepth: 32,
-                queues: 1,
-                client: ClientMode::Interrupt,
-            },
+            cell: cell(Rate::Max),
             system,
             rep,
             load: LoadResult {
@@ -275,9 +417,10 @@ mod tests {
                 seconds: 2.0,
                 iops,
                 p50_us: 1e6 / iops,
+                client_cpu_s: 1.0,
                 ..Default::default()
             },
-            backend_cpu_s: cpu,
+            backend_cpu_s: system.has_backend().then_some(cpu),
         }
     }
 
@@ -298,19 +441,72 @@ mod tests {
             (System::Vublk, 300.0, 3)
         );
         assert_eq!((rows[1].system, rows[1].iops), (System::Qsd, 100.0));
-        let r = ratios(&rows);
+        let r = ratios(&rows, System::Qsd);
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].iops, 3.0);
         // 1 CPU second per 600 I/Os against 1 per 200: a third of QSD's cost.
         assert!((r[0].cpu_per_io - 1.0 / 3.0).abs() < 1e-9);
-        let md = markdown(&rows);
+        assert!(ratios(&rows, System::IoUring).is_empty());
+        let md = markdown(&rows, &[]);
         assert!(
             md.contains("| null | randread | 32 | 1 | interrupt | vublk | 300 |"),
             "{md}"
         );
         assert!(md.contains("| 3.00× |"), "{md}");
-        let doc = json(json!({}), &samples, &rows);
+        assert!(
+            !md.contains("rate IOPS") && !md.contains("io_uring"),
+            "{md}"
+        );
+        let doc = json(json!({}), &samples, &rows, &[]);
         assert_eq!(doc["samples"].as_array().unwrap().len(), 6);
         assert_eq!(doc["ratios"][0]["iops"], 3.0);
+        assert_eq!(doc["ratios"][0]["versus"], "qsd");
+    }
+
+    #[test]
+    fn io_uring_has_no_backend_cpu_and_its_ratios_count_the_client() {
+        let samples = vec![
+            sample(System::Vublk, 0, 300.0, 2.0),
+            sample(System::IoUring, 0, 600.0, 0.0),
+        ];
+        let rows = summarize(&samples);
+        assert!(rows[1].backend_cpu_per_mio.is_nan() && rows[1].backend_cores.is_nan());
+        let r = ratios(&rows, System::IoUring);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].iops, 0.5);
+        // vublk: 3 CPU s (backend 2 + client 1) per 600 I/Os; io_uring: 1 per 1200.
+        assert!((r[0].cpu_per_io - 6.0).abs() < 1e-9, "{r:?}");
+        let md = markdown(&rows, &["a note".into()]);
+        assert!(
+            md.contains("| io_uring | 600 | 1666.7 | 0.0 | 0.0 | – | – | 833.33 |"),
+            "{md}"
+        );
+        assert!(md.contains("| vublk | 0.50× | 2.00× | 6.00× |"), "{md}");
+        assert!(md.contains("\n- a note\n"), "{md}");
+        let doc = json(json!({}), &samples, &rows, &[]);
+        assert!(doc["samples"][1]["backend_cpu_s"].is_null());
+        assert!(doc["medians"][1]["backend_cpu_s_per_mio"].is_null());
+        assert_eq!(doc["ratios"][0]["versus"], "io_uring");
+        assert_eq!(doc["ratios"][0]["cpu_basis"], "backend+client");
+    }
+
+    #[test]
+    fn paced_cells_get_a_rate_column_and_shortfalls_a_note() {
+        let mut samples = vec![
+            sample(System::Vublk, 0, 1000.0, 1.0),
+            sample(System::Qsd, 0, 900.0, 1.0),
+        ];
+        for s in &mut samples {
+            s.cell = cell(Rate::Iops(1000));
+        }
+        let rows = summarize(&samples);
+        assert_eq!(fell_short(&rows).len(), 1);
+        let md = markdown(&rows, &[]);
+        assert!(md.starts_with("| medium | rw | iodepth | queues | client | rate IOPS | system |"));
+        assert!(md.contains("| interrupt | 1000 | vublk | 1000 |"), "{md}");
+        assert!(
+            md.contains("- qsd did not keep up in null randread iodepth 32 queues 1 interrupt at 1000 IOPS: 900 IOPS of the 1000 asked for"),
+            "{md}"
+        );
     }
 }

@@ -1,12 +1,16 @@
-//! The backends under test, each a child process serving one vhost-user-blk socket.
+//! The systems under test: the backends, each a child process serving one vhost-user-blk socket,
+//! and the reference without one.
 //!
 //! - `vublk`: the default mode, a supervisor that forks a per-VM worker for the connection (the
 //!   worker serves the queues; both are counted for CPU).
 //! - `vublk-single`: `vublk --single-process`, serving from the daemon itself.
 //! - `qsd`: qemu-storage-daemon, `driver=file` with `aio=io_uring` (plus `cache.direct=on` on
 //!   the real disk) or `driver=null-co,read-zeroes=on`, exported as vhost-user-blk.
+//! - `io_uring`: no backend at all. The load generator opens the image with libblkio's `io_uring`
+//!   driver (`direct=true` on the real disk) and submits to the kernel itself: what the medium
+//!   costs without vhost-user in between. It has no null medium (there is no file to open).
 //!
-//! Both see the same medium and the same number of queues. Logs go to a file next to the socket
+//! The backends see the same medium and the same number of queues. Logs go to a file next to the socket
 //! (vublk at `RUST_LOG=warn` unless set, so logging costs nothing on the data path).
 
 use std::fmt;
@@ -37,6 +41,8 @@ pub enum System {
     Vublk,
     VublkSingle,
     Qsd,
+    /// libblkio's `io_uring` driver on the image, in the load generator's process.
+    IoUring,
 }
 
 impl System {
@@ -45,11 +51,23 @@ impl System {
             System::Vublk => "vublk",
             System::VublkSingle => "vublk-single",
             System::Qsd => "qsd",
+            System::IoUring => "io_uring",
         }
     }
 
     pub fn is_vublk(self) -> bool {
         matches!(self, System::Vublk | System::VublkSingle)
+    }
+
+    /// Whether a backend process serves the I/O (every system but `io_uring`).
+    pub fn has_backend(self) -> bool {
+        self != System::IoUring
+    }
+
+    /// Whether the system can serve `medium`; `None` if it can, or why not.
+    pub fn unsupported(self, medium: Medium) -> Option<&'static str> {
+        (self == System::IoUring && medium == Medium::Null)
+            .then_some("io_uring does not run on the null medium: there is no file to open")
     }
 
     /// The command line serving `media` on `socket` with `queues` virtqueues.
@@ -107,6 +125,7 @@ impl System {
                 cmd.args(["--blockdev", &blockdev, "--export", &export]);
                 cmd
             }
+            System::IoUring => bail!("io_uring has no backend process"),
         })
     }
 }
@@ -118,7 +137,8 @@ impl FromStr for System {
             "vublk" => System::Vublk,
             "vublk-single" => System::VublkSingle,
             "qsd" => System::Qsd,
-            _ => bail!("unknown system {s:?} (vublk, vublk-single, qsd)"),
+            "io_uring" | "io-uring" | "iouring" => System::IoUring,
+            _ => bail!("unknown system {s:?} (vublk, vublk-single, qsd, io_uring)"),
         })
     }
 }
@@ -214,7 +234,11 @@ impl Backend {
     pub fn stop(mut self) -> Result<()> {
         let mut child = self.child.take().expect("backend is running");
         let Some(status) = crate::process::terminate(&mut child, TIMEOUT)? else {
-            bail!("{} did not exit within {TIMEOUT:?} of SIGTERM:\n{}", self.system, self.log_text());
+            bail!(
+                "{} did not exit within {TIMEOUT:?} of SIGTERM:\n{}",
+                self.system,
+                self.log_text()
+            );
         };
         if !status.success() {
             bail!(
@@ -244,6 +268,10 @@ pub fn version(system: System) -> String {
             Err(e) => return format!("unknown ({e:#})"),
         },
         System::Qsd => Command::new(qsd_bin()).arg("--version").output(),
+        System::IoUring => {
+            let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+            return format!("libblkio io_uring driver, Linux {}", kernel.trim());
+        }
     };
     match out {
         Ok(o) => String::from_utf8_lossy(&o.stdout)

@@ -1,13 +1,15 @@
 //! vublk-bench: vublk against qemu-storage-daemon under the same libblkio load, side by side.
 //!
 //!   cargo run --release -p guest-tests --bin vublk-bench -- --media tmpfs,null --iodepth 1,32 \
-//!       --queues 1 --rw randread --client interrupt --json results.json
+//!       --queues 1 --rw randread --client interrupt --json results.json --svg results.svg
 //!
-//! For each cell of the matrix (medium × rw × iodepth × queues × client mode) the systems run in
-//! turn, A B A B, for `--repetitions` rounds; each run starts a fresh backend, runs the load
-//! generator in its own process (warm-up, then the measured window) and stops the backend. The
-//! medians per cell and system are printed as a Markdown table with the vublk/QSD ratios, and
-//! written as JSON with every sample. See docs/benchmarks.md and `guest_tests::bench`.
+//! For each cell of the matrix (medium × rw × iodepth × queues × client mode × rate) the systems
+//! run in turn, A B A B, for `--repetitions` rounds; each run starts a fresh backend, runs the
+//! load generator in its own process (warm-up, then the measured window) and stops the backend.
+//! The `io_uring` system has no backend: the load generator opens the image itself. The medians
+//! per cell and system are printed as a Markdown table with the ratios of vublk to QSD and to
+//! io_uring, written as JSON with every sample, and drawn as an SVG chart (`--svg`). See
+//! docs/benchmarks.md and `guest_tests::bench`.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -15,21 +17,23 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use guest_tests::bench::load::{self, LoadSpec};
+use guest_tests::bench::load::{self, LoadSpec, Target};
 use guest_tests::bench::media::{self, Medium};
 use guest_tests::bench::report::{self, Sample};
 use guest_tests::bench::systems::{self, Backend, System};
-use guest_tests::bench::{Cell, ClientMode, Rw};
+use guest_tests::bench::{svg, Cell, ClientMode, Rate, Rw};
 use serde_json::json;
 
 #[derive(Parser, Debug)]
 #[command(
     version,
-    about = "Benchmark vublk against qemu-storage-daemon with a libblkio load generator",
+    about = "Benchmark vublk against qemu-storage-daemon and plain io_uring with a libblkio load \
+             generator",
     args_conflicts_with_subcommands = true
 )]
 struct Args {
-    /// Systems to compare, in the order they alternate (vublk, vublk-single, qsd).
+    /// Systems to compare, in the order they alternate (vublk, vublk-single, qsd, io_uring;
+    /// io_uring is libblkio's io_uring driver on the image, no backend, not on null).
     #[arg(long, value_delimiter = ',')]
     systems: Option<Vec<System>>,
     /// Media: tmpfs (filled image in /dev/shm), disk (filled image in --disk-dir, O_DIRECT),
@@ -48,6 +52,11 @@ struct Args {
     /// Client queues: interrupt (completion fd) or poll (libblkio poll queues).
     #[arg(long, value_delimiter = ',')]
     client: Option<Vec<ClientMode>>,
+    /// Load: max (closed loop, iodepth always in flight) or a total rate in IOPS over all queues
+    /// (20000, 20k, 1.5M), paced with at most iodepth in flight per queue, so every system does
+    /// the same work and CPU per I/O compares at equal load.
+    #[arg(long, value_delimiter = ',')]
+    rate: Option<Vec<Rate>>,
     /// Measured seconds per run.
     #[arg(long)]
     duration: Option<f64>,
@@ -69,6 +78,9 @@ struct Args {
     /// Write the Markdown tables here too (they are always printed on stdout).
     #[arg(long)]
     markdown: Option<PathBuf>,
+    /// Write a chart here (SVG): median IOPS and CPU per I/O, a group of bars per cell.
+    #[arg(long)]
+    svg: Option<PathBuf>,
     /// A tiny matrix with short runs, to check the bench works (options given still apply).
     #[arg(long)]
     smoke: bool,
@@ -92,6 +104,7 @@ struct Plan {
     iodepth: Vec<u32>,
     queues: Vec<u16>,
     client: Vec<ClientMode>,
+    rate: Vec<Rate>,
     duration: Duration,
     warmup: Duration,
     repetitions: usize,
@@ -109,7 +122,7 @@ impl Plan {
             systems: a
                 .systems
                 .clone()
-                .unwrap_or_else(|| vec![System::Vublk, System::Qsd]),
+                .unwrap_or_else(|| vec![System::Vublk, System::Qsd, System::IoUring]),
             media: a.media.clone().unwrap_or_else(|| {
                 if smoke {
                     vec![Medium::Tmpfs, Medium::Null]
@@ -142,6 +155,7 @@ impl Plan {
                     vec![ClientMode::Interrupt, ClientMode::Poll]
                 }
             }),
+            rate: a.rate.clone().unwrap_or_else(|| vec![Rate::Max]),
             duration: pick(&a.duration, 5.0, 0.5)?,
             warmup: pick(&a.warmup, 1.0, 0.1)?,
             repetitions: a.repetitions.unwrap_or(if smoke { 1 } else { 3 }),
@@ -153,12 +167,16 @@ impl Plan {
             || plan.iodepth.is_empty()
             || plan.queues.is_empty()
             || plan.client.is_empty()
+            || plan.rate.is_empty()
             || plan.repetitions == 0
         {
             bail!("the matrix is empty");
         }
         if plan.iodepth.contains(&0) || plan.queues.contains(&0) {
             bail!("iodepth and queues must be at least 1");
+        }
+        if plan.runs() == 0 {
+            bail!("no system can run on these media");
         }
         Ok(plan)
     }
@@ -169,13 +187,16 @@ impl Plan {
             for &queues in &self.queues {
                 for &client in &self.client {
                     for &iodepth in &self.iodepth {
-                        cells.push(Cell {
-                            medium,
-                            rw,
-                            iodepth,
-                            queues,
-                            client,
-                        });
+                        for &rate in &self.rate {
+                            cells.push(Cell {
+                                medium,
+                                rw,
+                                iodepth,
+                                queues,
+                                client,
+                                rate,
+                            });
+                        }
                     }
                 }
             }
@@ -183,8 +204,20 @@ impl Plan {
         cells
     }
 
+    /// The systems that run on `medium`, in order.
+    fn systems_on(&self, medium: Medium) -> impl Iterator<Item = System> + '_ {
+        self.systems
+            .iter()
+            .copied()
+            .filter(move |s| s.unsupported(medium).is_none())
+    }
+
     fn runs(&self) -> usize {
-        self.media.len() * self.cells(Medium::Null).len() * self.repetitions * self.systems.len()
+        let per_medium = self.cells(Medium::Null).len() * self.repetitions;
+        self.media
+            .iter()
+            .map(|m| per_medium * self.systems_on(*m).count())
+            .sum()
     }
 
     fn to_json(&self) -> serde_json::Value {
@@ -196,6 +229,7 @@ impl Plan {
             "iodepth": self.iodepth,
             "queues": self.queues,
             "client": names(self.client.iter().map(|s| s.to_string()).collect()),
+            "rate": self.rate.iter().map(|r| r.iops()).collect::<Vec<_>>(),
             "duration_s": self.duration.as_secs_f64(),
             "warmup_s": self.warmup.as_secs_f64(),
             "repetitions": self.repetitions,
@@ -253,6 +287,17 @@ fn run(args: Args) -> Result<()> {
         "plan": plan.to_json(),
     });
 
+    // Systems left out of a medium, said once in the report.
+    let mut notes = Vec::new();
+    for &medium in &plan.media {
+        for &system in &plan.systems {
+            if let Some(why) = system.unsupported(medium) {
+                eprintln!("vublk-bench: {why}; skipped");
+                notes.push(why.to_string());
+            }
+        }
+    }
+
     let dir = tempfile::Builder::new().prefix("vublk-bench-").tempdir()?;
     let samples = match run_matrix(&exe, &plan, &args.disk_dir, dir.path()) {
         Ok(samples) => samples,
@@ -266,13 +311,46 @@ fn run(args: Args) -> Result<()> {
     };
 
     let rows = report::summarize(&samples);
-    let table = report::markdown(&rows);
+    let table = report::markdown(&rows, &notes);
     print!("{table}");
     if let Some(path) = &args.markdown {
         std::fs::write(path, &table).with_context(|| format!("write {}", path.display()))?;
     }
+    if let Some(path) = &args.svg {
+        let title = format!(
+            "vublk-bench: {}",
+            plan.systems
+                .iter()
+                .map(|s| s.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let subtitle = [
+            format!(
+                "4 KiB random I/O from a libblkio load generator; medians of {} round{} of {} s",
+                plan.repetitions,
+                if plan.repetitions == 1 { "" } else { "s" },
+                plan.duration.as_secs_f64(),
+            ),
+            format!(
+                "{} CPUs ({}), Linux {}",
+                setup["machine"]["cpus"],
+                setup["machine"]["cpu"].as_str().unwrap_or("?"),
+                setup["machine"]["kernel"].as_str().unwrap_or("?"),
+            ),
+            // The backends' versions (io_uring's is the kernel's, on the line above).
+            plan.systems
+                .iter()
+                .filter(|s| s.has_backend())
+                .map(|s| setup["versions"][s.name()].as_str().unwrap_or("?"))
+                .collect::<Vec<_>>()
+                .join("; "),
+        ];
+        std::fs::write(path, svg::chart(&rows, &title, &subtitle))
+            .with_context(|| format!("write {}", path.display()))?;
+    }
     if let Some(path) = &args.json {
-        let doc = report::json(setup, &samples, &rows);
+        let doc = report::json(setup, &samples, &rows, &notes);
         std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
             .with_context(|| format!("write {}", path.display()))?;
     }
@@ -292,19 +370,23 @@ fn run_matrix(exe: &Path, plan: &Plan, disk_dir: &Path, dir: &Path) -> Result<Ve
         let prepared = media::prepare(medium, plan.image_size, disk_dir)?;
         for cell in plan.cells(medium) {
             for rep in 0..plan.repetitions {
-                for &system in &plan.systems {
+                for system in plan.systems_on(medium) {
                     let sample = measure(exe, &prepared, cell, system, rep, plan, dir)
                         .with_context(|| format!("{cell}, {system}, repetition {}", rep + 1))?;
+                    let cpu = if system.has_backend() {
+                        format!("backend {:.2}", sample.backend_cpu_per_mio())
+                    } else {
+                        format!("client {:.2}", sample.client_cpu_per_mio())
+                    };
                     eprintln!(
                         "[{}/{total} {:.0} s] {cell} {system} #{}: {:.0} IOPS, p50 {:.1} µs, \
-                         p99 {:.1} µs, backend {:.2} CPU s / M I/O",
+                         p99 {:.1} µs, {cpu} CPU s / M I/O",
                         samples.len() + 1,
                         started.elapsed().as_secs_f64(),
                         rep + 1,
                         sample.load.iops,
                         sample.load.p50_us,
                         sample.load.p99_us,
-                        sample.backend_cpu_per_mio(),
                     );
                     samples.push(sample);
                 }
@@ -314,7 +396,8 @@ fn run_matrix(exe: &Path, plan: &Plan, disk_dir: &Path, dir: &Path) -> Result<Ve
     Ok(samples)
 }
 
-/// One run: a fresh backend, the load generator against it, a clean stop.
+/// One run: a fresh backend, the load generator against it, a clean stop. For io_uring, the load
+/// generator alone on the image.
 fn measure(
     exe: &Path,
     prepared: &media::Prepared,
@@ -324,21 +407,37 @@ fn measure(
     plan: &Plan,
     dir: &Path,
 ) -> Result<Sample> {
-    let mut backend = Backend::start(system, prepared, cell.queues, dir, system.name())?;
-    let spec = LoadSpec {
-        socket: backend.socket.clone(),
+    let spec = |target| LoadSpec {
+        target,
         rw: cell.rw,
         iodepth: cell.iodepth,
         queues: cell.queues,
         client: cell.client,
+        rate: cell.rate,
         warmup: plan.warmup,
         duration: plan.duration,
         size: prepared.size,
     };
-    let measured = load::run(exe, &spec, backend.pid())
-        .with_context(|| format!("backend log:\n{}", backend.log_text()))?;
-    backend.check_running()?;
-    backend.stop()?;
+    let measured = if system.has_backend() {
+        let mut backend = Backend::start(system, prepared, cell.queues, dir, system.name())?;
+        let target = Target::VhostUser {
+            socket: backend.socket.clone(),
+        };
+        let measured = load::run(exe, &spec(target), Some(backend.pid()))
+            .with_context(|| format!("backend log:\n{}", backend.log_text()))?;
+        backend.check_running()?;
+        backend.stop()?;
+        measured
+    } else {
+        let target = Target::IoUring {
+            path: prepared
+                .image
+                .clone()
+                .context("io_uring needs an image file")?,
+            direct: prepared.medium.direct(),
+        };
+        load::run(exe, &spec(target), None)?
+    };
     if measured.load.ios == 0 {
         bail!("no I/O completed in the measured window");
     }

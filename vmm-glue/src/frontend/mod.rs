@@ -3,7 +3,8 @@
 //! It plays the VMM: guest RAM in memfds ([`memory`]), split virtqueues it drives by hand and can
 //! corrupt on purpose ([`virtqueue`]), the vhost-user handshake as replayable steps
 //! ([`session`]), virtio-blk requests ([`blk`]), and the backend under test as a child process
-//! ([`daemon`]) with a ready-made test bed around it ([`fixture`]).
+//! ([`daemon`]) with a ready-made test bed around it ([`fixture`]). [`cloud_hypervisor`] holds
+//! cloud-hypervisor's message sequence, cited from its source, for replay tests.
 //!
 //! ```text
 //!   test ──▶ BlkQueue ──▶ Session ──(vhost-user over UnixStream)──▶ backend
@@ -13,6 +14,7 @@
 //! ```
 
 pub mod blk;
+pub mod cloud_hypervisor;
 pub mod daemon;
 pub mod fixture;
 pub mod memory;

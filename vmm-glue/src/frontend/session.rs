@@ -2,9 +2,11 @@
 //!
 //! The handshake is a list of [`Step`]s, one per vhost-user message (plus the `NeedReply`
 //! switch), so a test can replay a VMM's exact sequence ([`Step::qemu`],
-//! [`Step::cloud_hypervisor`]), reorder it, or stop half-way. Each step goes through the
-//! `vhost` crate's [`Frontend`]; anything the steps do not cover is reachable through
-//! [`Session::frontend`].
+//! [`Step::cloud_hypervisor`], and the cited one in [`super::cloud_hypervisor`]), reorder it, or
+//! stop half-way. Each step goes through the `vhost` crate's [`Frontend`]; anything the steps do
+//! not cover is reachable through [`Session::frontend`]. [`Session::reconnect`] puts the same
+//! guest (memory, vrings, eventfds) on a new connection, as a VMM does after its backend went
+//! away.
 
 use std::collections::VecDeque;
 use std::net::Shutdown;
@@ -18,7 +20,6 @@ use std::time::{Duration, Instant};
 use rustix::event::{PollFd, PollFlags, Timespec};
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
-    VHOST_USER_CONFIG_OFFSET,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::VhostBackend;
@@ -134,6 +135,9 @@ pub enum Step {
     GetProtocolFeatures,
     /// SET_PROTOCOL_FEATURES with `offered & config.protocol_features`.
     SetProtocolFeatures,
+    /// SET_PROTOCOL_FEATURES with exactly these bits (no GET_PROTOCOL_FEATURES needed first:
+    /// cloud-hypervisor re-sends what it acked before when it reconnects).
+    SetProtocolFeaturesRaw(VhostUserProtocolFeatures),
     /// No message: from now on every request carries NEED_REPLY if REPLY_ACK was acked
     /// (cloud-hypervisor does this right after negotiation).
     NeedReply,
@@ -142,6 +146,12 @@ pub enum Step {
     GetConfig {
         offset: u32,
         size: u32,
+        flags: VhostUserConfigFlags,
+    },
+    /// SET_CONFIG of `data` at `offset` (the driver writing a config field).
+    SetConfig {
+        offset: u32,
+        data: Vec<u8>,
         flags: VhostUserConfigFlags,
     },
     /// Announce all current regions the given way.
@@ -199,33 +209,9 @@ impl Step {
     /// number, GET_CONFIG at VHOST_USER_CONFIG_OFFSET with WRITABLE), then activate
     /// (setup_vhost_user: SET_FEATURES, memory, all SET_VRING_NUMs, then per queue ADDR, BASE,
     /// CALL, KICK, then all SET_VRING_ENABLEs). Every message after negotiation asks for a reply.
+    /// The same as [`Step::cloud_hypervisor_v51`], where the source it follows is cited.
     pub fn cloud_hypervisor(num_queues: usize) -> Vec<Step> {
-        let mut v = vec![
-            Step::SetOwner,
-            Step::GetFeatures,
-            Step::GetProtocolFeatures,
-            Step::SetProtocolFeatures,
-            Step::NeedReply,
-            Step::GetQueueNum,
-            Step::GetConfig {
-                offset: VHOST_USER_CONFIG_OFFSET,
-                size: BLK_CONFIG_LEN,
-                flags: VhostUserConfigFlags::WRITABLE,
-            },
-            Step::SetFeatures,
-            Step::Memory(MemAnnounce::SetMemTable),
-        ];
-        v.extend((0..num_queues).map(Step::SetVringNum));
-        for q in 0..num_queues {
-            v.extend([
-                Step::SetVringAddr(q),
-                Step::SetVringBase(q),
-                Step::SetVringCall(q),
-                Step::SetVringKick(q),
-            ]);
-        }
-        v.extend((0..num_queues).map(|q| Step::SetVringEnable(q, true)));
-        v
+        Step::cloud_hypervisor_v51(num_queues)
     }
 
     /// Negotiation only: features, protocol features, queue number, NEED_REPLY.
@@ -358,6 +344,41 @@ impl Session {
         })
     }
 
+    /// Moves this guest to a new connection, as a VMM does when its backend went away and came
+    /// back (or it reconnected on purpose): guest memory, the vrings (their rings, indexes and
+    /// eventfds) and the buffers in them stay; what was negotiated on the old connection is
+    /// forgotten, and nothing is sent. The old connection is closed.
+    pub fn reconnect(&mut self, stream: UnixStream) -> Result<(), SessionError> {
+        let watchdog = match self.config.reply_timeout {
+            Some(t) => Some(Watchdog::new(
+                stream.try_clone().map_err(SessionError::Socket)?,
+                t,
+            )),
+            None => None,
+        };
+        let socket = stream.try_clone().map_err(SessionError::Socket)?;
+        let frontend = Frontend::from_stream(stream, self.config.num_queues.max(1) as u64);
+        let _ = self.socket.shutdown(Shutdown::Both);
+        self.frontend = frontend;
+        self.socket = socket;
+        self.watchdog = watchdog;
+        self.backend_features = 0;
+        self.acked_features = 0;
+        self.backend_protocol_features = VhostUserProtocolFeatures::empty();
+        self.acked_protocol_features = VhostUserProtocolFeatures::empty();
+        self.queue_num = None;
+        self.max_mem_slots = None;
+        self.last_config = None;
+        self.last_vring_base = None;
+        self.need_reply_always = false;
+        for vr in &mut self.vrings {
+            // Completions already taken from the used ring stay the test's; signals on the
+            // call eventfd that nobody read belong to the old connection.
+            let _ = vr.call.read();
+        }
+        Ok(())
+    }
+
     /// `new` followed by `steps`.
     pub fn connect(
         stream: UnixStream,
@@ -430,6 +451,10 @@ impl Session {
                 self.frontend.set_protocol_features(acked).map_err(fail)?;
                 self.acked_protocol_features = acked;
             }
+            Step::SetProtocolFeaturesRaw(bits) => {
+                self.frontend.set_protocol_features(bits).map_err(fail)?;
+                self.acked_protocol_features = bits;
+            }
             Step::NeedReply => {
                 if self.reply_ack() {
                     self.frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
@@ -454,6 +479,14 @@ impl Session {
                     .map_err(fail)?;
                 self.last_config = Some(payload);
             }
+            Step::SetConfig {
+                offset,
+                ref data,
+                flags,
+            } => self
+                .frontend
+                .set_config(offset, flags, data)
+                .map_err(fail)?,
             Step::Memory(how) => self.announce_memory(how).map_err(|e| match e {
                 SessionError::Vhost { source, .. } => fail(source),
                 other => other,
@@ -911,6 +944,31 @@ impl Session {
         let vr = self.vring(q)?;
         poll_readable(&vr.call, timeout)?;
         self.take_call(q)
+    }
+
+    /// Waits up to `timeout` for the backend to hang up the connection (what a VMM watches for
+    /// to reconnect: cloud-hypervisor polls its socket for EPOLLHUP). Returns whether it did.
+    pub fn wait_hangup(&self, timeout: Duration) -> Result<bool, SessionError> {
+        let start = Instant::now();
+        loop {
+            let mut fds = [PollFd::new(&self.socket, PollFlags::HUP | PollFlags::RDHUP)];
+            let left = timeout.saturating_sub(start.elapsed());
+            let ts = Timespec {
+                tv_sec: left.as_secs() as i64,
+                tv_nsec: i64::from(left.subsec_nanos()),
+            };
+            match rustix::event::poll(&mut fds, Some(&ts)) {
+                Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(SessionError::Socket(e.into())),
+            }
+            let ev = fds[0].revents();
+            if ev.intersects(PollFlags::HUP | PollFlags::RDHUP | PollFlags::ERR) {
+                return Ok(true);
+            }
+            if start.elapsed() >= timeout {
+                return Ok(false);
+            }
+        }
     }
 
     /// Closes the connection (the backend sees EOF).
