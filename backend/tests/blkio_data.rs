@@ -690,3 +690,29 @@ fn ring_indexes_wrap_around() {
     daemon.stop();
     assert_same(&std::fs::read(&img).unwrap(), &model, "image file");
 }
+
+/// An image on tmpfs is served through a mapping (io/mapped.rs). If its owner truncates it under
+/// vublk, touching the lost pages must fail those requests, not kill the process serving them;
+/// what is still in the file stays readable and writable.
+#[test]
+fn a_mapped_image_truncated_under_vublk_fails_requests_not_the_daemon() {
+    let dir = test_dir();
+    let image_dir = tempfile::Builder::new().prefix("vublk-e2e-").tempdir_in("/dev/shm").unwrap();
+    let img = image_dir.path().join("disk.img");
+    let size = 4 * MIB;
+    let model = create_image(&img, size, 3);
+    let mut daemon = Daemon::start(dir.path(), &["--blk-file", img.to_str().unwrap()]);
+    let mut client = Client::connect(&daemon.socket, 1);
+    let q = client.q(0);
+    assert_same(&q.read_at(3 * MIB, 4096).unwrap(), &model[3 * MIB as usize..][..4096], "before truncation");
+
+    std::fs::OpenOptions::new().write(true).open(&img).unwrap().set_len(MIB).unwrap();
+    assert!(q.read_at(3 * MIB, 4096).is_err(), "a read of a page the file no longer has succeeded");
+    assert!(q.read_at(2 * MIB, 4096).is_err(), "a read past the new end succeeded");
+    assert_same(&q.read_at(4096, 4096).unwrap(), &model[4096..8192], "inside the file after truncation");
+    daemon.assert_running();
+    let worker = daemon.serving_pid();
+    assert!(std::path::Path::new(&format!("/proc/{worker}")).exists(), "the worker died");
+    drop(client);
+    daemon.stop();
+}

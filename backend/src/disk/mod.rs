@@ -17,6 +17,7 @@ use thiserror::Error;
 pub use probe::DirectIoAlignment;
 
 use crate::io::inline::{self, InlineIo};
+use crate::io::mapped::MappedImage;
 
 /// Where the data lives.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,6 +65,8 @@ pub struct Disk {
     /// (io/inline.rs); never with O_DIRECT.
     pub inline_read: InlineIo,
     pub inline_write: InlineIo,
+    /// The image mapped, on memory filesystems (io/mapped.rs): requests become copies.
+    pub mapping: Option<MappedImage>,
     /// A human name for logs and the default serial.
     pub name: String,
 }
@@ -118,6 +121,7 @@ impl Disk {
             write_zeroes: (!options.read_only).then_some(ZeroesMethod::Nothing),
             inline_read: InlineIo::Never,
             inline_write: InlineIo::Never,
+            mapping: None,
             name: format!("null:{size}"),
         })
     }
@@ -169,11 +173,20 @@ impl Disk {
             use std::os::fd::AsRawFd;
             (inline::read_policy(file.as_raw_fd(), size), inline::write_policy(file.as_raw_fd()))
         };
+        let capacity = size & !511;
+        let mapping = if inline_read == InlineIo::Memory && capacity > 0 {
+            MappedImage::new(&file, capacity, options.read_only)
+                .inspect_err(|e| tracing::debug!("{}: not mapped ({e}); using system calls", path.display()))
+                .ok()
+        } else {
+            None
+        };
         Ok(Disk {
             backing: Backing::File { file, block_device },
             inline_read,
             inline_write,
-            capacity: size & !511,
+            mapping,
+            capacity,
             read_only: options.read_only,
             direct: options.direct,
             dio_align,
@@ -230,6 +243,7 @@ mod tests {
             write_zeroes: None,
             inline_read: InlineIo::Never,
             inline_write: InlineIo::Never,
+            mapping: None,
             name: p.to_string(),
         };
         let a = open("/srv/a/a-very-long-image-name.img").default_serial();

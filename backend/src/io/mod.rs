@@ -2,4 +2,5 @@
 //! may do itself first.
 
 pub mod inline;
+pub mod mapped;
 pub mod uring;

@@ -568,6 +568,27 @@ impl QueueWorker {
         let mode = if write { self.inline_write } else { self.inline_read };
         let Some(fd) = self.backing_fd.filter(|_| mode != InlineIo::Never) else { return false };
         let dsync = write && !self.device.config.writeback();
+        let mapping = self.device.disk.mapping.as_ref().filter(|m| mode == InlineIo::Memory && m.intact());
+        if let Some(mapping) = mapping {
+            let slot = &self.slots[index];
+            // SAFETY: the iovecs point into guest memory the slot pins, never into the image.
+            if unsafe { mapping.copy(write, &slot.iovecs[slot.next_iov..], slot.offset) } {
+                if let Some(stats) = self.device.stats.get(self.q.index) {
+                    stats.record_inline();
+                }
+                self.finish(index, STATUS_OK);
+                return true;
+            }
+            if !mapping.intact() {
+                // This copy found the file shrunk under the mapping (io/mapped.rs); later
+                // requests use system calls, which see the new size.
+                let error = io::Error::other("the image file was truncated while in use");
+                self.slots[index].errno = Some(libc::EIO);
+                self.log_io_error(index, &error);
+                self.finish(index, STATUS_IOERR);
+                return true;
+            }
+        }
         let slot = &mut self.slots[index];
         let (iov, count) = slot.io_vectors();
         // SAFETY: the iovecs live in the slot and point into guest memory the slot pins (or
