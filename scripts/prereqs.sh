@@ -14,9 +14,11 @@
 #   fio              copied into the guest with the libraries it links (the guest's fio)
 #   xz-utils         unpacks Debian's kernel so QEMU boots it without its slow decompressor
 #   systemd          systemd-analyze verify and systemd-socket-activate for the unit files (vmm-glue)
+#   podman runc      build and run the container image (vmm-glue/tests/container.rs); runc named
+#                    so apt does not pick crun, which refuses hybrid cgroup hierarchies
 # The guest's kernel and busybox are not installed: the tests fetch their .debs with
 # `apt-get download` at run time and cache them under target/guest-cache.
-VUBLK_TEST_PACKAGES=(qemu-system-x86 fio xz-utils systemd)
+VUBLK_TEST_PACKAGES=(qemu-system-x86 fio xz-utils systemd podman runc)
 VUBLK_BUILD_PACKAGES=(gcc libc6-dev)
 
 # The oldest toolchain the workspace builds with (rust-version in Cargo.toml); Debian 12's own

@@ -24,9 +24,13 @@ impl Peer {
     /// The peer of `stream`: SO_PEERCRED, and a pidfd from SO_PEERPIDFD where the kernel has
     /// it, else from pidfd_open checked against the start time so a recycled pid is refused.
     pub fn of(stream: &UnixStream) -> io::Result<Peer> {
-        let cred = rustix::net::sockopt::socket_peercred(stream)?;
-        let pid = cred.pid.as_raw_nonzero().get();
-        let (uid, gid) = (cred.uid.as_raw(), cred.gid.as_raw());
+        let (pid, uid, gid) = peer_credentials(stream)?;
+        if pid == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "the frontend is outside vublk's pid namespace, so its worker cannot take its identity: run vublk in the VMM's pid namespace (podman --pid=host, a Pod's shareProcessNamespace) or with --single-process",
+            ));
+        }
         let start_before = start_time(pid)?;
         let pidfd = match peer_pidfd(stream) {
             Ok(fd) => fd,
@@ -52,6 +56,21 @@ impl Peer {
         let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
         ready != 0
     }
+}
+
+/// SO_PEERCRED: pid, uid and gid of the process that connected. The pid is 0 when that process
+/// is in a pid namespace ours cannot see (a VMM on the host of a containerised vublk).
+fn peer_credentials(stream: &UnixStream) -> io::Result<(i32, u32, u32)> {
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt fills at most `len` bytes of `cred`, a plain C struct.
+    let rc = unsafe {
+        libc::getsockopt(stream.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PEERCRED, (&raw mut cred).cast(), &mut len)
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((cred.pid, cred.uid, cred.gid))
 }
 
 fn start_time(pid: i32) -> io::Result<u64> {

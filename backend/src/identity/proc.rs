@@ -175,7 +175,12 @@ pub fn cgroup_procs_path(membership: &CgroupMembership, mounts: &[CgroupMount]) 
         }
     })?;
     let root = mount.root.trim_end_matches('/');
-    let below = membership.path.strip_prefix(root).unwrap_or(&membership.path);
+    // A cgroup outside the mount's root (a container sees only its own subtree) cannot be
+    // joined through this mount; nor can `/vmsX` through a mount rooted at `/vms`.
+    let below = membership.path.strip_prefix(root)?;
+    if !below.is_empty() && !below.starts_with('/') {
+        return None;
+    }
     let below = below.trim_start_matches('/');
     if Path::new(below).components().any(|c| matches!(c, std::path::Component::ParentDir)) {
         return None;
@@ -235,5 +240,11 @@ mod tests {
         assert_eq!(paths[3].as_deref(), Some(Path::new("/sys/fs/cgroup/systemd/user.slice/cgroup.procs")));
         assert_eq!(paths[4].as_deref(), Some(Path::new("/mnt/my pids/vm1/cgroup.procs")));
         assert_eq!(paths[5], None, "memory is not mounted");
+        // Outside the subtree a mount shows (podman's default cgroup mounts): not joinable.
+        let outside = parse_cgroup("7:pids:/\n7:pids:/vmsX/vm1\n7:pids:/vms\n");
+        let paths: Vec<_> = outside.iter().map(|m| cgroup_procs_path(m, &mounts)).collect();
+        assert_eq!(paths[0], None, "the root above the mount");
+        assert_eq!(paths[1], None, "a sibling sharing the mount root's prefix");
+        assert_eq!(paths[2].as_deref(), Some(Path::new("/mnt/my pids/cgroup.procs")), "the mount root itself");
     }
 }
