@@ -98,8 +98,8 @@ pub struct Cli {
     /// (an adaptive window: it grows while requests keep arriving within it and drops to
     /// zero when the driver goes idle). Polling saves the driver its kicks and the queue
     /// thread its wakeups, at the price of CPU time, which is charged to the VM: queue threads
-    /// run in the VM's worker. 0 turns polling off.
-    #[arg(long, value_name = "US", default_value_t = 50, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    /// run in the VM's worker. 0 turns polling off. The default is KVM's halt_poll_ns default.
+    #[arg(long, value_name = "US", default_value_t = 200, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub poll_max_us: u64,
 
     /// Test only: hold every I/O operation until a byte can be read from this FIFO.
