@@ -211,6 +211,25 @@ fn set_config_toggles_writeback() {
     );
 }
 
+/// The guest's write-cache choice is device state: a reconnect (same VMM, so the same worker)
+/// keeps it; VMMs do not send it again.
+#[test]
+fn write_cache_choice_survives_a_reconnect() {
+    let mut fx = Fixture::start(VUBLK, 8 * MIB, &["--write-cache", "on"]);
+    let mut steps = Step::negotiate();
+    steps.push(Step::SetFeatures);
+    let mut s = fx.session_with(SessionConfig::default(), &steps);
+    let read = |s: &mut Session| {
+        let raw = s.get_config(0, BLK_CONFIG_LEN, VhostUserConfigFlags::empty()).unwrap();
+        BlkConfig::parse(&raw).writeback
+    };
+    s.frontend().set_config(32, VhostUserConfigFlags::WRITABLE, &[0]).unwrap();
+    assert_eq!(read(&mut s), 0);
+    s.close();
+    let mut s = fx.session_with(SessionConfig::default(), &steps);
+    assert_eq!(read(&mut s), 0, "write-through chosen by the guest was lost on reconnect");
+}
+
 #[test]
 fn get_vring_base_reports_consumed_requests() {
     let mut fx = Fixture::start(VUBLK, 8 * MIB, &[]);

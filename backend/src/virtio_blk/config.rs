@@ -2,6 +2,7 @@
 //! limits requests are checked against.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use crate::disk::Disk;
 
@@ -42,7 +43,8 @@ pub struct BlockConfig {
     pub read_only: bool,
     pub serial: [u8; spec::VIRTIO_BLK_ID_BYTES as usize],
     features: u64,
-    writeback: AtomicBool,
+    /// Shared by every connection of one export in a worker (see `share_writeback`).
+    writeback: Arc<AtomicBool>,
     acked_features: AtomicU64,
 }
 
@@ -102,7 +104,7 @@ impl BlockConfig {
             read_only: disk.read_only,
             serial,
             features,
-            writeback: AtomicBool::new(options.write_cache),
+            writeback: Arc::new(AtomicBool::new(options.write_cache)),
             acked_features: AtomicU64::new(0),
         }
     }
@@ -113,6 +115,17 @@ impl BlockConfig {
 
     pub fn set_acked_features(&self, features: u64) {
         self.acked_features.store(features, Ordering::Relaxed);
+    }
+
+    /// The write-cache setting as a cell that outlives this device: the guest's choice is
+    /// device state, and the next connection of the same export takes it over.
+    pub fn writeback_cell(&self) -> Arc<AtomicBool> {
+        self.writeback.clone()
+    }
+
+    /// Uses `cell` (from an earlier connection's `writeback_cell`) for the write cache.
+    pub fn share_writeback(&mut self, cell: Arc<AtomicBool>) {
+        self.writeback = cell;
     }
 
     /// Whether writes may complete before they are durable (a flush makes them so).

@@ -65,6 +65,14 @@ impl BlockDevice {
         self
     }
 
+    /// Takes over the write-cache setting of an earlier connection of the same export.
+    pub fn with_write_cache(mut self, cell: Option<Arc<std::sync::atomic::AtomicBool>>) -> BlockDevice {
+        if let Some(cell) = cell {
+            self.config.share_writeback(cell);
+        }
+        self
+    }
+
     /// Test only: hold every operation until a byte can be read from `gate`.
     pub fn with_test_gate(mut self, gate: Option<std::fs::File>) -> BlockDevice {
         self.test_gate = gate;

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::AtomicBool;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -59,6 +60,10 @@ pub fn run(control: OwnedFd) -> io::Result<()> {
     watch(done.as_raw_fd(), EV_DONE)?;
     let (ended_tx, ended_rx) = mpsc::channel::<u64>();
     let mut connections: HashMap<u64, Connection> = HashMap::new();
+    // The write cache the guest last chose per export (SET_CONFIG of `writeback`): device
+    // state that outlives a connection. Neither QEMU nor cloud-hypervisor re-sends it after a
+    // reconnect, and a guest that chose write-through must not silently get write-back.
+    let mut write_cache: HashMap<String, Arc<AtomicBool>> = HashMap::new();
     let mut vmm_pidfd: Option<OwnedFd> = None;
     let mut vmm_exited = false;
     let mut supervisor_gone = false;
@@ -94,8 +99,10 @@ pub fn run(control: OwnedFd) -> io::Result<()> {
                             vmm_pidfd = Some(pidfd);
                         }
                         let disk_fd = if disk_fd_attached { fds.next() } else { None };
-                        match start(connection, &export, UnixStream::from(stream), disk_fd, &done, &ended_tx) {
+                        let cell = write_cache.get(&export.name).cloned();
+                        match start(connection, &export, cell, UnixStream::from(stream), disk_fd, &done, &ended_tx) {
                             Ok(c) => {
+                                write_cache.insert(export.name.clone(), c.device.config().writeback_cell());
                                 connections.insert(connection, c);
                             }
                             Err(reason) => {
@@ -142,6 +149,7 @@ pub fn run(control: OwnedFd) -> io::Result<()> {
 fn start(
     connection: u64,
     export: &ExportSpec,
+    write_cache: Option<Arc<AtomicBool>>,
     stream: UnixStream,
     disk_fd: Option<OwnedFd>,
     done: &EventFd,
@@ -153,7 +161,8 @@ fn start(
         _ => Disk::open(&export.disk, export.open),
     }
     .map_err(|e| crate::error_line(&e))?;
-    let device = Arc::new(crate::virtio_blk::device_for(disk, export).map_err(|e| format!("cannot open the test I/O gate: {e}"))?);
+    let device = crate::virtio_blk::device_for(disk, export).map_err(|e| format!("cannot open the test I/O gate: {e}"))?;
+    let device = Arc::new(device.with_write_cache(write_cache));
     let done = done.try_clone().map_err(|e| e.to_string())?;
     let ended = ended.clone();
     let thread = ConnectionThread::spawn(connection, &export.name, stream, device.clone(), move || {
