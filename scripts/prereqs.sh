@@ -16,9 +16,11 @@
 #   systemd          systemd-analyze verify and systemd-socket-activate for the unit files (vmm-glue)
 #   podman runc      build and run the container image (vmm-glue/tests/container.rs); runc named
 #                    so apt does not pick crun, which refuses hybrid cgroup hierarchies
+#   libvirt-clients libxml2-utils  virt-xml-validate (and the xmllint it runs) for the
+#                    libvirt domain in docs/deploy.md (vmm-glue)
 # The guest's kernel and busybox are not installed: the tests fetch their .debs with
 # `apt-get download` at run time and cache them under target/guest-cache.
-VUBLK_TEST_PACKAGES=(qemu-system-x86 fio xz-utils systemd podman runc)
+VUBLK_TEST_PACKAGES=(qemu-system-x86 fio xz-utils systemd podman runc libvirt-clients libxml2-utils)
 VUBLK_BUILD_PACKAGES=(gcc libc6-dev)
 
 # The oldest toolchain the workspace builds with (rust-version in Cargo.toml); Debian 12's own
