@@ -576,33 +576,24 @@ impl QueueWorker {
             let slot = &self.slots[index];
             // SAFETY: the iovecs point into guest memory the slot pins, never into the image.
             if unsafe { mapping.copy(write, &slot.iovecs[slot.next_iov..], slot.offset) } {
-                if let Some(stats) = self.device.stats.get(self.q.index) {
-                    stats.record_inline();
-                }
-                self.finish(index, STATUS_OK);
+                self.finish_inline(index);
                 return true;
             }
             if !mapping.intact() {
                 // This copy found the file shrunk under the mapping (io/mapped.rs); later
                 // requests use system calls, which see the new size.
-                let error = io::Error::other("the image file was truncated while in use");
-                self.slots[index].errno = Some(libc::EIO);
-                self.log_io_error(index, &error);
-                self.finish(index, STATUS_IOERR);
+                self.fail_inline(index, &io::Error::other("the image file was truncated while in use"));
                 return true;
             }
         }
         let slot = &mut self.slots[index];
         let (iov, count) = slot.io_vectors();
-        // SAFETY: the iovecs live in the slot and point into guest memory the slot pins (or
-        // its bounce buffer); the call is synchronous.
+        // SAFETY: the iovecs live in the slot and point into guest memory the slot pins; the
+        // call is synchronous.
         let attempt = unsafe { inline::transfer(fd, write, iov, count, slot.offset, mode, dsync) };
         let error = match attempt {
             Attempt::Done(done) if done as u64 >= slot.remaining => {
-                if let Some(stats) = self.device.stats.get(self.q.index) {
-                    stats.record_inline();
-                }
-                self.complete_inline(index, kind);
+                self.finish_inline(index);
                 return true;
             }
             // End of file inside the capacity: the image shrank under us.
@@ -623,22 +614,24 @@ impl QueueWorker {
             }
             Attempt::Failed(e) => e,
         };
-        self.slots[index].errno = error.raw_os_error().or(Some(libc::EIO));
-        self.log_io_error(index, &error);
-        self.finish(index, STATUS_IOERR);
+        self.fail_inline(index, &error);
         true
     }
 
-    /// Finishes a read or write done on this thread.
-    fn complete_inline(&mut self, index: usize, kind: RequestKind) {
-        let slot = &self.slots[index];
-        if kind == RequestKind::Read && slot.bounced {
-            if let Some(bounce) = &slot.bounce {
-                // SAFETY: the iovecs point into guest memory pinned by the slot.
-                unsafe { bounce.scatter(&slot.iovecs) };
-            }
+    /// Finishes a read or write done on this thread. (Never a bounced one: inline I/O is
+    /// off with O_DIRECT, the only reason to bounce.)
+    fn finish_inline(&mut self, index: usize) {
+        if let Some(stats) = self.device.stats.get(self.q.index) {
+            stats.record_inline();
         }
         self.finish(index, STATUS_OK);
+    }
+
+    /// Fails a read or write done on this thread with `error` (EIO when it has no errno).
+    fn fail_inline(&mut self, index: usize, error: &io::Error) {
+        self.slots[index].errno = error.raw_os_error().or(Some(libc::EIO));
+        self.log_io_error(index, error);
+        self.finish(index, STATUS_IOERR);
     }
 
     /// O_DIRECT with guest buffers that are not aligned: go through an aligned copy.
