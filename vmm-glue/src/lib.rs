@@ -9,6 +9,7 @@
 //! - [`frontend`]: a scripted vhost-user-blk frontend the protocol tests use to talk to the
 //!   backend the way QEMU or cloud-hypervisor would (and the way a hostile guest would not be
 //!   allowed to).
+//! - [`vublk_binary`]: the vublk binary of this workspace, for tests and tools.
 //!
 //! The `vmm-glue` binary (`src/main.rs`) is a thin command line over the first three.
 
@@ -17,3 +18,4 @@ pub mod descriptor;
 pub mod frontend;
 pub mod install;
 pub mod launch;
+pub mod vublk_binary;
