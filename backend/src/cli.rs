@@ -106,7 +106,8 @@ pub struct Cli {
     #[arg(long, value_name = "FIFO", hide = true)]
     pub test_io_gate: Option<PathBuf>,
 
-    /// Answer `vublk status` on this unix socket (created, owner-only; removed on exit).
+    /// Answer `vublk status` on this unix socket (created, owner-only; removed on exit). It is
+    /// created once every export listens: when it appears, vublk is ready.
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
 

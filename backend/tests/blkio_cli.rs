@@ -214,7 +214,8 @@ fn sigterm_with_io_in_flight_exits_0() {
 }
 
 /// --socket-mode and --socket-group set who may connect (a VMM running as another user needs
-/// write permission on the socket); the status socket stays owner-only.
+/// write permission on the socket); the status socket stays owner-only. The status socket is
+/// created last (it says vublk is ready), so the test waits for it.
 #[test]
 fn socket_mode_and_group() {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -224,9 +225,45 @@ fn socket_mode_and_group() {
         dir.path(),
         &["--null", "1M", "--socket-mode", "0660", "--socket-group", "100", "--control-socket", control.to_str().unwrap()],
     );
+    let deadline = std::time::Instant::now() + DAEMON_TIMEOUT;
+    while !control.exists() {
+        assert!(std::time::Instant::now() < deadline, "no status socket; log:\n{}", daemon.log());
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     let meta = std::fs::metadata(&daemon.socket).unwrap();
     assert_eq!(meta.permissions().mode() & 0o7777, 0o660);
     assert_eq!(meta.gid(), 100);
     assert_eq!(std::fs::metadata(&control).unwrap().permissions().mode() & 0o777, 0o600);
     daemon.stop();
+}
+
+/// A start that fails on a later socket (here the second export's path is a regular file) exits 1
+/// and removes the sockets it had already created.
+#[test]
+fn a_failed_bind_leaves_no_socket_behind() {
+    let dir = test_dir();
+    let first = dir.path().join("first.sock");
+    let control = dir.path().join("control.sock");
+    let taken = dir.path().join("not-a-socket");
+    std::fs::write(&taken, b"keep me").unwrap();
+    let out = run_vublk(&[
+        "--socket-path",
+        first.to_str().unwrap(),
+        "--null",
+        "1M",
+        "--export",
+        &format!("socket-path={},null=1M", taken.display()),
+        "--control-socket",
+        control.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "exit status; stderr:\n{stderr}");
+    let msg = stderr.lines().last().unwrap_or_default();
+    assert!(
+        msg.contains(taken.to_str().unwrap()) && msg.contains("not a socket"),
+        "the error does not name the path and the problem: {msg}"
+    );
+    assert!(!first.exists(), "the first export's socket was left behind");
+    assert!(!control.exists(), "the status socket was left behind");
+    assert_eq!(std::fs::read(&taken).unwrap(), b"keep me", "the file in the way was touched");
 }

@@ -49,7 +49,7 @@ fn bind(path: &PathBuf, access: SocketAccess) -> Result<Listener, DaemonError> {
     // A socket left behind by a daemon that died is replaced; a live one is not stolen.
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
-            return Err(bind_err(io::Error::from(io::ErrorKind::AlreadyExists)));
+            return Err(bind_err(io::Error::new(io::ErrorKind::AlreadyExists, "a file that is not a socket is in the way")));
         }
         match UnixStream::connect(path) {
             Ok(_) => return Err(DaemonError::SocketInUse { path: path.clone() }),

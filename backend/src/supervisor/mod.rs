@@ -74,14 +74,7 @@ struct Handoff {
 pub fn run(exports: Vec<(Endpoint, ExportSpec)>, access: SocketAccess, control_socket: Option<PathBuf>) -> Result<(), DaemonError> {
     let signals = crate::daemon::Signals::block_and_watch().map_err(DaemonError::EventLoop)?;
     let exe = Executable::current().map_err(DaemonError::EventLoop)?;
-    let mut open = Vec::new();
-    for (endpoint, spec) in exports {
-        let listener = endpoint.open(access)?;
-        open.push(Export { spec, listener });
-    }
-    // The status socket shows every VM's identity: owner only.
-    let owner_only = SocketAccess { mode: Some(0o600), group: None };
-    let control = control_socket.map(|path| Endpoint::Path(path).open(owner_only)).transpose()?;
+    let (open, control) = open_sockets(exports, access, control_socket)?;
     let mut supervisor = Supervisor::new(open, exe)?;
     supervisor.watch(signals.as_raw_fd(), EV_SIGNAL).map_err(DaemonError::EventLoop)?;
     if let Some(Listener::Listening { listener, .. }) = &control {
@@ -91,6 +84,31 @@ pub fn run(exports: Vec<(Endpoint, ExportSpec)>, access: SocketAccess, control_s
     let result = supervisor.serve(&signals);
     supervisor.stop();
     result
+}
+
+/// Opens every export's socket, then the status socket: last, so that its appearance tells a
+/// launcher vublk is ready. A failure removes the sockets already created.
+fn open_sockets(
+    exports: Vec<(Endpoint, ExportSpec)>,
+    access: SocketAccess,
+    control_socket: Option<PathBuf>,
+) -> Result<(Vec<Export>, Option<Listener>), DaemonError> {
+    let mut open = Vec::new();
+    let bind_all = || -> Result<Option<Listener>, DaemonError> {
+        for (endpoint, spec) in exports {
+            open.push(Export { listener: endpoint.open(access)?, spec });
+        }
+        // The status socket shows every VM's identity: owner only.
+        let owner_only = SocketAccess { mode: Some(0o600), group: None };
+        control_socket.map(|path| Endpoint::Path(path).open(owner_only)).transpose()
+    };
+    match bind_all() {
+        Ok(control) => Ok((open, control)),
+        Err(e) => {
+            open.iter().for_each(|export| export.listener.cleanup());
+            Err(e)
+        }
+    }
 }
 
 struct Supervisor {
