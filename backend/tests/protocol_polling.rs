@@ -80,39 +80,6 @@ fn a_polling_queue_serves_chains_published_without_a_kick() {
     }
 }
 
-/// With O_DIRECT every read goes to io_uring, and the thread sleeps on its completion with kicks
-/// on. Once it completes, the thread must turn kicks off again and poll: a driver at iodepth 1
-/// answers each completion with its next request, and that request must neither kick nor wait
-/// for one. With EVENT_IDX "off" means `avail_event` is behind the driver's index, so the
-/// driver's kick test (virtio 1.2, 2.7.10: kick when the new index passes avail_event) fails.
-#[test]
-fn a_queue_polls_again_after_a_request_that_went_to_the_kernel() {
-    let mut fx = Fixture::start(VUBLK, 8 * MIB, &["--direct", "--poll-max-us", "1000000"]);
-    let mut s = fx.session();
-    warm_up(&mut s);
-    for round in 0..5u64 {
-        std::thread::sleep(INSIDE_WINDOW);
-        let (avail_event, avail_idx) = {
-            let (vr, mem) = s.vring_mut(0).unwrap();
-            (vr.queue.avail_event(mem).unwrap(), vr.queue.avail_idx())
-        };
-        // vring_need_event(event, new, old): (u16)(new - event - 1) < (u16)(new - old).
-        let new = avail_idx.wrapping_add(1);
-        let would_kick = new.wrapping_sub(avail_event).wrapping_sub(1) < new.wrapping_sub(avail_idx);
-        assert!(
-            !would_kick,
-            "round {round}: while polling, avail_event {avail_event} asks for a kick at the next chain (avail idx {avail_idx})"
-        );
-        let sector = 4000 + round * 8;
-        let (head, rb) = publish_read_without_kick(&mut s, sector);
-        assert!(
-            completes_within(&mut s, head, &rb, sector, Duration::from_secs(5)),
-            "round {round}: after an O_DIRECT read, a chain published without a kick was not served\n{}",
-            fx.daemon.stderr()
-        );
-    }
-}
-
 #[test]
 fn without_polling_a_chain_waits_for_its_kick() {
     let mut fx = Fixture::start(VUBLK, 8 * MIB, &["--poll-max-us", "0"]);

@@ -287,16 +287,14 @@ impl QueueWorker {
         // Poll only for new requests: with requests in flight on the ring, their completion
         // wakes the thread anyway, and spinning through a device's latency (a disk read is
         // ~100 µs) would cost a core for nothing the driver sees.
+        //
+        // Nor after such a sleep (kicks are on then): a driver waiting on a slow device wakes
+        // up slowly too, and the thread would spin through that. Measured at iodepth 1 on the
+        // disk (docs/benchmarks.md), polling after each completion cost 1.2-1.3x the CPU per
+        // I/O of sleeping until the kick, for no gain in IOPS; yielding the CPU in the spin
+        // (the driver is often woken on this CPU) did not win it back and slowed the null disk.
         let window = self.poll.window();
-        if !window.is_zero() && self.in_flight == 0 {
-            // Kicks went back on while the last request was in flight (the thread slept on its
-            // completion): turn them off to poll, or a driver that answers the completion with
-            // its next request (iodepth 1) would always kick, and always wake this thread.
-            // The spin reads the avail index after this, so no chain slips between the two.
-            if let Err(e) = self.kicks_off() {
-                self.mark_broken(&e);
-                return Ok(false);
-            }
+        if !window.is_zero() && !self.kicks_on && self.in_flight == 0 {
             // Start the I/O this round queued before spinning on its completion.
             self.ring.submit(0)?;
             match self.spin(window) {
@@ -328,37 +326,6 @@ impl QueueWorker {
                 Ok(false)
             }
         }
-    }
-
-    /// Tells the driver not to kick, if kicks are on. Without EVENT_IDX that is the used ring's
-    /// NO_NOTIFY flag. With it, virtio-queue's `disable_notification` does nothing: it leaves
-    /// `avail_event` where `enable_notification` put it, at `next_avail`, which asks for a kick
-    /// with the driver's very next chain. So `avail_event` moves one behind `next_avail`, an
-    /// index the driver has passed and will not cross again for 65535 chains (a driver kicks
-    /// when its new avail index passes `avail_event`).
-    fn kicks_off(&mut self) -> Result<(), virtio_queue::Error> {
-        if !self.kicks_on {
-            return Ok(());
-        }
-        let memory = self.q.memory.current();
-        let queue = &mut self.q.queue;
-        if queue.event_idx_enabled() {
-            use vm_memory::Bytes;
-            // struct virtq_used { le16 flags; le16 idx; struct virtq_used_elem ring[size]; le16 avail_event; }
-            let at = queue
-                .used_ring()
-                .checked_add(4 + 8 * u64::from(queue.size()))
-                .ok_or(virtio_queue::Error::AddressOverflow)?;
-            let behind = queue.next_avail().wrapping_sub(1);
-            memory
-                .memory()
-                .store(behind.to_le(), vm_memory::GuestAddress(at), std::sync::atomic::Ordering::Relaxed)
-                .map_err(virtio_queue::Error::GuestMemory)?;
-        } else {
-            queue.disable_notification(memory.memory())?;
-        }
-        self.kicks_on = false;
-        Ok(())
     }
 
     /// Busy-polls the avail index, the completion queue and the control flags for up to
@@ -426,8 +393,11 @@ impl QueueWorker {
         self.starved = false;
         let mut generation = self.generation.clone();
         let size = self.q.queue.size();
-        if let Err(e) = self.kicks_off() {
-            return self.mark_broken(&e);
+        if self.kicks_on {
+            if let Err(e) = self.q.queue.disable_notification(generation.memory()) {
+                return self.mark_broken(&e);
+            }
+            self.kicks_on = false;
         }
         for _ in 0..BUDGET {
             if self.free.is_empty() {
