@@ -177,11 +177,19 @@ fn check(out: &Output, media: &[&str], systems: &[&'static str]) {
         let ratios = table(md, heading);
         assert_eq!(ratios.len(), expected, "{heading}:\n{md}");
         for r in &ratios {
-            let x: f64 = r[system + 1]
-                .trim_end_matches('×')
-                .parse()
-                .expect("a ratio");
-            assert!(x.is_finite() && x > 0.0, "{r:?}");
+            // IOPS, p50 and CPU against the reference, then IOPS and CPU round by round.
+            for column in 1..=5 {
+                let x: f64 = r[system + column]
+                    .trim_end_matches('×')
+                    .parse()
+                    .unwrap_or_else(|_| panic!("column {column} is not a ratio: {r:?}"));
+                assert!(x.is_finite() && x > 0.0, "{r:?}");
+            }
+            // The smoke runs one round.
+            assert!(
+                matches!(r[system + 6].as_str(), "0 of 1" | "1 of 1"),
+                "rounds with more IOPS: {r:?}"
+            );
         }
     }
     if systems.contains(&"io_uring") && media.contains(&"null") {

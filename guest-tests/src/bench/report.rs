@@ -5,6 +5,12 @@
 //! Against QSD the CPU ratio compares the backends (both drive the same client the same way).
 //! Against io_uring, which has no backend, it compares the whole cost of an I/O: backend plus
 //! load generator for vublk, the load generator alone for io_uring.
+//!
+//! Next to the ratio of the medians, each ratio is also taken round by round: the systems of a
+//! round ran one right after the other, so on a medium whose speed drifts (the build machine's
+//! disk is shared and its rounds differ by up to 4×) the ratio within a round is steadier than
+//! the ratio of medians taken from different moments. The tables give the median of those
+//! per-round ratios and in how many rounds vublk had more IOPS.
 
 use serde_json::{json, Value};
 
@@ -184,6 +190,13 @@ pub struct Ratio {
     /// CPU per I/O ratio (lower is better): backend against backend for QSD, backend plus load
     /// generator against the load generator for io_uring ([`cpu_basis`]).
     pub cpu_per_io: f64,
+    /// The same two ratios taken within each round, then their median (NaN without a round in
+    /// which both ran).
+    pub iops_by_round: f64,
+    pub cpu_per_io_by_round: f64,
+    /// Rounds in which both ran, and in how many of them vublk had more IOPS.
+    pub rounds: usize,
+    pub rounds_ahead: usize,
 }
 
 /// What the CPU ratio against `versus` compares.
@@ -205,20 +218,39 @@ impl Ratio {
             "p50": self.p50,
             "cpu_per_io": self.cpu_per_io,
             "cpu_basis": cpu_basis(self.versus),
+            "by_round": {
+                "iops": self.iops_by_round,
+                "cpu_per_io": self.cpu_per_io_by_round,
+                "rounds": self.rounds,
+                "rounds_ahead": self.rounds_ahead,
+            },
         })
     }
 }
 
-/// Every vublk row that has a `versus` row in the same cell, against it.
-pub fn ratios(rows: &[Row], versus: System) -> Vec<Ratio> {
+/// Every vublk row that has a `versus` row in the same cell, against it; `samples` are the
+/// rounds the rows summarize.
+pub fn ratios(rows: &[Row], samples: &[Sample], versus: System) -> Vec<Ratio> {
+    // CPU per million I/Os on the basis of the comparison.
+    let cpu = |backend: f64, total: f64| if versus.has_backend() { backend } else { total };
     rows.iter()
         .filter(|r| r.system.is_vublk())
         .filter_map(|r| {
             let q = find(rows, &r.cell, versus)?;
-            let cpu_per_io = if versus.has_backend() {
-                r.backend_cpu_per_mio / q.backend_cpu_per_mio
-            } else {
-                r.total_cpu_per_mio / q.total_cpu_per_mio
+            let pairs: Vec<(&Sample, &Sample)> = samples
+                .iter()
+                .filter(|a| a.cell == r.cell && a.system == r.system)
+                .filter_map(|a| {
+                    let b = samples.iter().find(|b| b.cell == r.cell && b.system == versus && b.rep == a.rep)?;
+                    Some((a, b))
+                })
+                .collect();
+            let by_round = |f: &dyn Fn(&Sample, &Sample) -> f64| {
+                if pairs.is_empty() {
+                    f64::NAN
+                } else {
+                    median(&pairs.iter().map(|(a, b)| f(a, b)).collect::<Vec<_>>())
+                }
             };
             Some(Ratio {
                 cell: r.cell,
@@ -226,7 +258,15 @@ pub fn ratios(rows: &[Row], versus: System) -> Vec<Ratio> {
                 versus,
                 iops: r.iops / q.iops,
                 p50: r.p50_us / q.p50_us,
-                cpu_per_io,
+                cpu_per_io: cpu(r.backend_cpu_per_mio, r.total_cpu_per_mio)
+                    / cpu(q.backend_cpu_per_mio, q.total_cpu_per_mio),
+                iops_by_round: by_round(&|a, b| a.load.iops / b.load.iops),
+                cpu_per_io_by_round: by_round(&|a, b| {
+                    cpu(a.backend_cpu_per_mio(), a.total_cpu_per_mio())
+                        / cpu(b.backend_cpu_per_mio(), b.total_cpu_per_mio())
+                }),
+                rounds: pairs.len(),
+                rounds_ahead: pairs.iter().filter(|(a, b)| a.load.iops > b.load.iops).count(),
             })
         })
         .collect()
@@ -287,7 +327,7 @@ fn cell_header(paced: bool) -> (&'static str, &'static str) {
 
 /// The results table (one row per cell and system), a ratio table per reference that ran, and
 /// notes (paced runs that fell short of their rate, `notes` from the caller).
-pub fn markdown(rows: &[Row], notes: &[String]) -> String {
+pub fn markdown(rows: &[Row], samples: &[Sample], notes: &[String]) -> String {
     let mut out = String::new();
     // The rate column only appears when some cell is paced: closed-loop tables stay as they were.
     let paced = rows.iter().any(|r| r.cell.rate != Rate::Max);
@@ -314,7 +354,7 @@ pub fn markdown(rows: &[Row], notes: &[String]) -> String {
         ));
     }
     for versus in REFERENCES {
-        let ratios = ratios(rows, versus);
+        let ratios = ratios(rows, samples, versus);
         if ratios.is_empty() {
             continue;
         }
@@ -325,18 +365,23 @@ pub fn markdown(rows: &[Row], notes: &[String]) -> String {
         out.push('\n');
         out.push_str(head);
         out.push_str(&format!(
-            "system | IOPS ÷ {name} | p50 ÷ {name} | {cpu} |\n"
+            "system | IOPS ÷ {name} | p50 ÷ {name} | {cpu} \
+             | by round: IOPS ÷ | by round: CPU ÷ | rounds with more IOPS |\n"
         ));
         out.push_str(align);
-        out.push_str("---|---:|---:|---:|\n");
+        out.push_str("---|---:|---:|---:|---:|---:|---:|\n");
         for r in &ratios {
             out.push_str(&cell_columns(&r.cell, paced));
             out.push_str(&format!(
-                "{} | {}× | {}× | {}× |\n",
+                "{} | {}× | {}× | {}× | {}× | {}× | {} of {} |\n",
                 r.system,
                 num(r.iops, 2),
                 num(r.p50, 2),
                 num(r.cpu_per_io, 2),
+                num(r.iops_by_round, 2),
+                num(r.cpu_per_io_by_round, 2),
+                r.rounds_ahead,
+                r.rounds,
             ));
         }
     }
@@ -384,7 +429,7 @@ pub fn json(setup: Value, samples: &[Sample], rows: &[Row], notes: &[String]) ->
         "medians": rows.iter().map(Row::to_json).collect::<Vec<_>>(),
         "ratios": REFERENCES
             .iter()
-            .flat_map(|v| ratios(rows, *v))
+            .flat_map(|v| ratios(rows, samples, *v))
             .map(|r| r.to_json())
             .collect::<Vec<_>>(),
     })
@@ -430,7 +475,7 @@ mod tests {
             sample(System::Vublk, 0, 300.0, 1.0),
             sample(System::Qsd, 0, 100.0, 1.0),
             sample(System::Vublk, 1, 200.0, 1.0),
-            sample(System::Qsd, 1, 120.0, 1.0),
+            sample(System::Qsd, 1, 250.0, 1.0),
             sample(System::Vublk, 2, 900.0, 1.0),
             sample(System::Qsd, 2, 80.0, 1.0),
         ];
@@ -441,18 +486,22 @@ mod tests {
             (System::Vublk, 300.0, 3)
         );
         assert_eq!((rows[1].system, rows[1].iops), (System::Qsd, 100.0));
-        let r = ratios(&rows, System::Qsd);
+        let r = ratios(&rows, &samples, System::Qsd);
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].iops, 3.0);
         // 1 CPU second per 600 I/Os against 1 per 200: a third of QSD's cost.
         assert!((r[0].cpu_per_io - 1.0 / 3.0).abs() < 1e-9);
-        assert!(ratios(&rows, System::IoUring).is_empty());
-        let md = markdown(&rows, &[]);
+        // Round by round: 300/100, 200/250, 900/80 → median 3.0; vublk ahead in 2 of 3. CPU per
+        // I/O is the inverse of IOPS here (1 CPU second per round each).
+        assert_eq!((r[0].iops_by_round, r[0].rounds, r[0].rounds_ahead), (3.0, 3, 2));
+        assert!((r[0].cpu_per_io_by_round - 1.0 / 3.0).abs() < 1e-9, "{r:?}");
+        assert!(ratios(&rows, &samples, System::IoUring).is_empty());
+        let md = markdown(&rows, &samples, &[]);
         assert!(
             md.contains("| null | randread | 32 | 1 | interrupt | vublk | 300 |"),
             "{md}"
         );
-        assert!(md.contains("| 3.00× |"), "{md}");
+        assert!(md.contains("| vublk | 3.00× | 0.33× | 0.33× | 3.00× | 0.33× | 2 of 3 |"), "{md}");
         assert!(
             !md.contains("rate IOPS") && !md.contains("io_uring"),
             "{md}"
@@ -461,6 +510,22 @@ mod tests {
         assert_eq!(doc["samples"].as_array().unwrap().len(), 6);
         assert_eq!(doc["ratios"][0]["iops"], 3.0);
         assert_eq!(doc["ratios"][0]["versus"], "qsd");
+        assert_eq!(doc["ratios"][0]["by_round"]["rounds_ahead"], 2);
+    }
+
+    #[test]
+    fn rounds_pair_by_repetition_and_a_missing_partner_is_skipped() {
+        // The medians favour vublk (400 against 300) though it lost the one round both ran.
+        let samples = vec![
+            sample(System::Vublk, 0, 200.0, 1.0),
+            sample(System::Qsd, 0, 300.0, 1.0),
+            sample(System::Vublk, 1, 600.0, 1.0),
+        ];
+        let rows = summarize(&samples);
+        let r = ratios(&rows, &samples, System::Qsd);
+        assert!((r[0].iops - 400.0 / 300.0).abs() < 1e-9, "{r:?}");
+        assert!((r[0].iops_by_round - 200.0 / 300.0).abs() < 1e-9, "{r:?}");
+        assert_eq!((r[0].rounds, r[0].rounds_ahead), (1, 0));
     }
 
     #[test]
@@ -471,17 +536,17 @@ mod tests {
         ];
         let rows = summarize(&samples);
         assert!(rows[1].backend_cpu_per_mio.is_nan() && rows[1].backend_cores.is_nan());
-        let r = ratios(&rows, System::IoUring);
+        let r = ratios(&rows, &samples, System::IoUring);
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].iops, 0.5);
         // vublk: 3 CPU s (backend 2 + client 1) per 600 I/Os; io_uring: 1 per 1200.
         assert!((r[0].cpu_per_io - 6.0).abs() < 1e-9, "{r:?}");
-        let md = markdown(&rows, &["a note".into()]);
+        let md = markdown(&rows, &samples, &["a note".into()]);
         assert!(
             md.contains("| io_uring | 600 | 1666.7 | 0.0 | 0.0 | – | – | 833.33 |"),
             "{md}"
         );
-        assert!(md.contains("| vublk | 0.50× | 2.00× | 6.00× |"), "{md}");
+        assert!(md.contains("| vublk | 0.50× | 2.00× | 6.00× | 0.50× | 6.00× | 0 of 1 |"), "{md}");
         assert!(md.contains("\n- a note\n"), "{md}");
         let doc = json(json!({}), &samples, &rows, &[]);
         assert!(doc["samples"][1]["backend_cpu_s"].is_null());
@@ -501,7 +566,7 @@ mod tests {
         }
         let rows = summarize(&samples);
         assert_eq!(fell_short(&rows).len(), 1);
-        let md = markdown(&rows, &[]);
+        let md = markdown(&rows, &samples, &[]);
         assert!(md.starts_with("| medium | rw | iodepth | queues | client | rate IOPS | system |"));
         assert!(md.contains("| interrupt | 1000 | vublk | 1000 |"), "{md}");
         assert!(

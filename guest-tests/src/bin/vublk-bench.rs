@@ -311,7 +311,7 @@ fn run(args: Args) -> Result<()> {
     };
 
     let rows = report::summarize(&samples);
-    let table = report::markdown(&rows, &notes);
+    let table = report::markdown(&rows, &samples, &notes);
     print!("{table}");
     if let Some(path) = &args.markdown {
         std::fs::write(path, &table).with_context(|| format!("write {}", path.display()))?;
