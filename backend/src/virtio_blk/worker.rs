@@ -26,7 +26,7 @@ use crate::vhost_user::{Generation, RegionPin, RunningQueue};
 
 use super::bounce::AlignedBuf;
 use super::device::BlockDevice;
-use super::poll::PollWindow;
+use super::poll::PollPolicy;
 use super::request::{self, Buffers, Request, RequestKind, Scratch, Segment};
 use super::spec;
 
@@ -161,7 +161,9 @@ pub struct QueueWorker {
     /// The driver is told to kick (avail_event or flags are current); off while the thread
     /// works or polls, so a busy driver does not kick at all.
     kicks_on: bool,
-    poll: PollWindow,
+    poll: PollPolicy,
+    /// Requests completed so far, for the polling policy's epochs.
+    done: u64,
     /// Whether this thread reads and writes the backing itself first (io/inline.rs); a
     /// filesystem that refuses RWF_NOWAIT for writes turns that off at the first refusal.
     inline_read: InlineIo,
@@ -204,7 +206,8 @@ impl QueueWorker {
             used_added: false,
             broken: false,
             kicks_on: false,
-            poll: PollWindow::new(poll_max),
+            poll: PollPolicy::new(poll_max),
+            done: 0,
             backing_fd: backing,
             guest_errors: RateLimit::new(10, Duration::from_secs(5)),
             io_errors: RateLimit::new(10, Duration::from_secs(5)),
@@ -255,9 +258,11 @@ impl QueueWorker {
                 ready = self.idle()?;
             }
             self.ring.submit(usize::from(!(runnable && ready)))?;
+            let now = Instant::now();
             if let Some(since) = idle_since {
-                self.poll.after_idle(since.elapsed());
+                self.poll.after_idle(now.duration_since(since));
             }
+            self.poll.tick(now, self.done);
             self.generation = self.q.memory.current();
             self.reap()?;
             if self.q.control.stop_requested() {
@@ -792,6 +797,7 @@ impl QueueWorker {
 
     fn release(&mut self, index: usize, used_len: u32) {
         let head = self.slots[index].head;
+        self.done += 1;
         if let Err(e) = self.q.queue.add_used(self.generation.memory(), head, used_len) {
             tracing::error!("queue {}: cannot return request {head} to the driver: {e}", self.q.index);
         }
