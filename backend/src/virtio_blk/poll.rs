@@ -1,4 +1,5 @@
-//! How long a queue thread busy-polls its avail ring before it sleeps: an adaptive window.
+//! How long a queue thread busy-polls its avail ring before it sleeps (an adaptive window), and
+//! whether polling pays at all on its queue ([`PollPolicy`], below).
 //!
 //! A queue thread with nothing to do may spin for a while, watching the avail index and the
 //! completion queue, instead of re-enabling kicks and sleeping. When the driver adds a chain
@@ -67,7 +68,8 @@ impl PollWindow {
 /// load that does not speed up (a paced driver, or one bound by its own CPU) it buys nothing,
 /// and a thread spinning through 50 µs gaps costs more CPU per request than a wake-up per
 /// request would. So the queue thread runs in epochs: mostly in the mode that did better, now
-/// and then one epoch in the other, and it compares the two from the last epoch of each. The
+/// and then one epoch in the other, and it compares the two modes by their epochs (each mode's
+/// average, the newest epoch weighing half: one epoch the host slowed down should not decide). The
 /// other mode is tried again after [`EXPLORE_FIRST`] epochs, and each time the try confirms the
 /// choice the wait doubles, up to [`EXPLORE_LAST`] epochs (3.2 s): exploring costs what the
 /// worse mode costs, 1/32 of the time would add 5% to a paced driver's CPU per request. For
@@ -93,7 +95,8 @@ pub struct PollPolicy {
     epoch_start: Instant,
     cpu_start: Duration,
     requests_start: u64,
-    /// The last measured epoch of each mode: [sleeping, polling].
+    /// What each mode served and cost, [sleeping, polling]: its epochs averaged, each new one
+    /// weighing half.
     last: [Option<EpochCost>; 2],
 }
 
@@ -169,7 +172,16 @@ impl PollPolicy {
                 rate: served as f64 / seconds,
                 cpu_per_request: cpu.saturating_sub(self.cpu_start).as_nanos() as f64 / served as f64,
             };
-            self.last[usize::from(self.polling)] = Some(cost);
+            let last = &mut self.last[usize::from(self.polling)];
+            *last = Some(match *last {
+                // Averaged with the earlier epochs of the mode: the machine's speed drifts
+                // between epochs, and one slow epoch should not decide.
+                Some(before) => EpochCost {
+                    rate: (before.rate + cost.rate) / 2.0,
+                    cpu_per_request: (before.cpu_per_request + cost.cpu_per_request) / 2.0,
+                },
+                None => cost,
+            });
             self.polling = self.next_mode();
         }
         self.epoch_start = now;
