@@ -92,6 +92,8 @@ pub struct PollPolicy {
     until_explore: u32,
     explore_every: u32,
     preferred: bool,
+    /// Whether the queue thread has ticked yet.
+    started: bool,
     epoch_start: Instant,
     cpu_start: Duration,
     requests_start: u64,
@@ -136,6 +138,7 @@ impl PollPolicy {
             until_explore: EXPLORE_FIRST,
             explore_every: EXPLORE_FIRST,
             preferred: true,
+            started: false,
             epoch_start: Instant::now(),
             cpu_start: thread_cpu(),
             requests_start: 0,
@@ -156,8 +159,18 @@ impl PollPolicy {
     /// Called once per round with the number of requests the thread has completed so far; at
     /// the end of an epoch, measures it and picks the next epoch's mode.
     pub fn tick(&mut self, now: Instant, requests: u64) {
+        if !self.enabled {
+            return;
+        }
+        if !self.started {
+            // The policy is built on the thread that sets the queue up; the CPU clock is the
+            // queue thread's, read from the first round on.
+            self.started = true;
+            (self.epoch_start, self.cpu_start, self.requests_start) = (now, thread_cpu(), requests);
+            return;
+        }
         let length = if self.polling == self.preferred { EPOCH } else { TRY_EPOCH };
-        if !self.enabled || now.duration_since(self.epoch_start) < length {
+        if now.duration_since(self.epoch_start) < length {
             return;
         }
         self.end_epoch(now, requests, thread_cpu());
