@@ -45,6 +45,11 @@ impl PollWindow {
         self.current
     }
 
+    /// Opens the window to the ceiling.
+    pub fn open(&mut self) {
+        self.current = self.max;
+    }
+
     /// Learns from an idle spell that lasted `idle` (the poll and any sleep after it).
     pub fn after_idle(&mut self, idle: Duration) {
         if self.max.is_zero() || idle <= self.current {
@@ -151,9 +156,12 @@ impl PollPolicy {
         if self.polling { self.window.window() } else { Duration::ZERO }
     }
 
-    /// Learns from an idle spell (see [`PollWindow::after_idle`]).
+    /// Learns from an idle spell (see [`PollWindow::after_idle`]); spells spent sleeping
+    /// say nothing about what polling would catch.
     pub fn after_idle(&mut self, idle: Duration) {
-        self.window.after_idle(idle);
+        if self.polling {
+            self.window.after_idle(idle);
+        }
     }
 
     /// Called once per round with the number of requests the thread has completed so far; at
@@ -195,7 +203,14 @@ impl PollPolicy {
                 },
                 None => cost,
             });
-            self.polling = self.next_mode();
+            let polling = self.next_mode();
+            if polling && !self.polling {
+                // Polling resumes with the widest window, which shrinks within a few spells if
+                // it is too wide: a try that started from a collapsed window would measure
+                // sleeping twice.
+                self.window.open();
+            }
+            self.polling = polling;
         }
         self.epoch_start = now;
         self.cpu_start = cpu;
@@ -365,6 +380,21 @@ mod tests {
         let later = &modes[first_poll..];
         assert!(later.windows(2).all(|w| w[0] || w[1]), "sleeps for more than one epoch: {modes:?}");
         assert!(later.iter().filter(|m| **m).count() >= later.len() - 3, "{modes:?}");
+    }
+
+    #[test]
+    fn a_try_of_polling_starts_with_the_widest_window() {
+        let mut p = PollPolicy::new(us(200));
+        let paced = |polling: bool| (500, Duration::from_millis(if polling { 20 } else { 8 }));
+        run_epochs(&mut p, 2, paced);
+        assert!(!p.polling(), "sleeps under a paced load");
+        // Long spells while sleeping would have collapsed the window; they are not counted.
+        for _ in 0..10 {
+            p.after_idle(us(5000));
+        }
+        let modes = run_epochs(&mut p, 8, paced);
+        assert!(modes.iter().all(|m| !*m) && p.polling(), "tries polling after 8 sleeping epochs: {modes:?}");
+        assert_eq!(p.window(), us(200));
     }
 
     #[test]
