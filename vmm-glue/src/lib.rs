@@ -16,6 +16,7 @@
 pub mod cmdline;
 pub mod descriptor;
 pub mod frontend;
+mod inherit;
 pub mod install;
 pub mod launch;
 pub mod vublk_binary;

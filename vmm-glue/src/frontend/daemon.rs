@@ -41,14 +41,7 @@ impl Daemon {
             unsafe {
                 cmd.pre_exec(move || {
                     for &(from, to) in &pairs {
-                        if from == to {
-                            // dup2 onto itself keeps FD_CLOEXEC; clear it by hand.
-                            if libc::fcntl(from, libc::F_SETFD, 0) < 0 {
-                                return Err(io::Error::last_os_error());
-                            }
-                        } else if libc::dup2(from, to) < 0 {
-                            return Err(io::Error::last_os_error());
-                        }
+                        crate::inherit::place(from, to)?;
                     }
                     Ok(())
                 });
