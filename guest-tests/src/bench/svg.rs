@@ -66,15 +66,20 @@ fn esc(s: &str) -> String {
     out
 }
 
-/// A number as a short label: 1.84M, 182k, 7.67k, 88.7, 0.53.
-fn short(v: f64) -> String {
-    let (x, unit) = if v >= 1e6 {
+/// `v` in millions ("M"), thousands ("k") or units, whichever keeps it below 1000.
+fn scaled(v: f64) -> (f64, &'static str) {
+    if v >= 1e6 {
         (v / 1e6, "M")
     } else if v >= 1e3 {
         (v / 1e3, "k")
     } else {
         (v, "")
-    };
+    }
+}
+
+/// A number as a short label: 1.84M, 182k, 7.67k, 88.7, 0.53.
+fn short(v: f64) -> String {
+    let (x, unit) = scaled(v);
     let s = if x >= 100.0 {
         format!("{x:.0}")
     } else if x >= 10.0 {
@@ -183,13 +188,7 @@ fn cell_label(c: &Cell) -> [String; LABEL_LINES] {
 
 /// A tick label: 1, 10, 100, 1k, 10k, 1M, 0.1.
 fn tick(v: f64) -> String {
-    let (x, unit) = if v >= 1e6 {
-        (v / 1e6, "M")
-    } else if v >= 1e3 {
-        (v / 1e3, "k")
-    } else {
-        (v, "")
-    };
+    let (x, unit) = scaled(v);
     format!("{}{unit}", (x * 1000.0).round() / 1000.0)
 }
 
