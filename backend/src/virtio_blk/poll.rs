@@ -91,7 +91,6 @@ impl PollWindow {
 #[derive(Debug)]
 pub struct PollPolicy {
     window: PollWindow,
-    enabled: bool,
     polling: bool,
     /// Epochs left before the other mode is tried, and the wait after that.
     until_explore: u32,
@@ -138,7 +137,6 @@ impl PollPolicy {
     pub fn new(max: Duration) -> PollPolicy {
         PollPolicy {
             window: PollWindow::new(max),
-            enabled: !max.is_zero(),
             polling: true,
             until_explore: EXPLORE_FIRST,
             explore_every: EXPLORE_FIRST,
@@ -149,6 +147,11 @@ impl PollPolicy {
             requests_start: 0,
             last: [None, None],
         }
+    }
+
+    /// Whether polling is on at all (`--poll-max-us` not zero).
+    fn enabled(&self) -> bool {
+        !self.window.max.is_zero()
     }
 
     /// How long to poll before sleeping now: zero in a sleeping epoch.
@@ -167,7 +170,7 @@ impl PollPolicy {
     /// Called once per round with the number of requests the thread has completed so far; at
     /// the end of an epoch, measures it and picks the next epoch's mode.
     pub fn tick(&mut self, now: Instant, requests: u64) {
-        if !self.enabled {
+        if !self.enabled() {
             return;
         }
         if !self.started {
@@ -244,7 +247,7 @@ impl PollPolicy {
     /// Whether this epoch polls.
     #[cfg(test)]
     pub fn polling(&self) -> bool {
-        self.enabled && self.polling
+        self.enabled() && self.polling
     }
 }
 
