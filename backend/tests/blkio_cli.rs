@@ -225,11 +225,7 @@ fn socket_mode_and_group() {
         dir.path(),
         &["--null", "1M", "--socket-mode", "0660", "--socket-group", "100", "--control-socket", control.to_str().unwrap()],
     );
-    let deadline = std::time::Instant::now() + DAEMON_TIMEOUT;
-    while !control.exists() {
-        assert!(std::time::Instant::now() < deadline, "no status socket; log:\n{}", daemon.log());
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    daemon.wait_for(&control);
     let meta = std::fs::metadata(&daemon.socket).unwrap();
     assert_eq!(meta.permissions().mode() & 0o7777, 0o660);
     assert_eq!(meta.gid(), 100);

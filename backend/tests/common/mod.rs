@@ -238,19 +238,25 @@ impl Daemon {
     }
 
     fn wait_for_socket(&mut self) {
+        let socket = self.socket.clone();
+        self.wait_for(&socket);
+    }
+
+    /// Waits until vublk has created `path` (a socket it makes, such as --control-socket's).
+    pub fn wait_for(&mut self, path: &Path) {
         let deadline = Instant::now() + DAEMON_TIMEOUT;
-        while !self.socket.exists() {
+        while !path.exists() {
             if let Some(status) = self.try_wait() {
                 panic!(
                     "vublk exited with {status} before creating {}; log:\n{}",
-                    self.socket.display(),
+                    path.display(),
                     self.log()
                 );
             }
             assert!(
                 Instant::now() < deadline,
                 "vublk did not create {} within {DAEMON_TIMEOUT:?}; log:\n{}",
-                self.socket.display(),
+                path.display(),
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(10));
