@@ -201,6 +201,41 @@ fn direct_io_writes_read_back_and_reach_the_file() {
     });
 }
 
+/// A driver waiting on each request (iodepth 1, closed loop) gives the queue thread's polling
+/// policy epochs to judge: it polls first, then tries sleeping, and `vublk status` counts both.
+/// The try ends even when sleeping serves fewer requests in 5 ms than it needs for a verdict.
+#[test]
+fn the_polling_policy_measures_both_modes_and_reports_its_epochs() {
+    let dir = test_dir();
+    let img = dir.path().join("disk.img");
+    create_image(&img, 4 * MIB, 3);
+    let control = dir.path().join("control.sock");
+    let mut daemon = Daemon::start(dir.path(), &["--blk-file", img.to_str().unwrap(), "--control-socket", control.to_str().unwrap()]);
+    daemon.wait_for(&control);
+    let mut client = Client::connect(&daemon.socket, 1);
+    let q = client.q(0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut offset = 0;
+    loop {
+        let busy_until = std::time::Instant::now() + std::time::Duration::from_millis(300);
+        while std::time::Instant::now() < busy_until {
+            assert!(q.read_at(offset, 4096).is_ok(), "read at {offset}");
+            offset = (offset + 4096) % (4 * MIB);
+        }
+        let totals = device_totals(&control, |_| true);
+        let count = |k: &str| totals[k].as_u64().unwrap_or(0);
+        if count("polling_epochs") >= 2 && count("sleeping_epochs") >= 1 {
+            // Epochs last 25 ms (a try 5 ms) or until they have served enough to judge.
+            assert!(count("polling_epoch_ns") >= 2 * 25_000_000, "{totals}");
+            assert!(count("sleeping_epoch_ns") >= 5_000_000, "{totals}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no epochs of both modes after 20 s: {totals}");
+    }
+    drop(client);
+    daemon.stop();
+}
+
 /// Write-zeroes (with and without unmap) and discard zero exactly their range and nothing else.
 #[test]
 fn write_zeroes_and_discard_zero_exactly_their_range() {

@@ -507,6 +507,13 @@ pub fn print_status(control: &std::path::Path, json: bool) -> io::Result<()> {
                 t.poll_hits,
                 t.poll_ns / 1_000_000
             );
+            println!(
+                "    polling policy: {} epoch(s) polling ({} ms), {} sleeping ({} ms)",
+                t.polling_epochs,
+                t.polling_epoch_ns / 1_000_000,
+                t.sleeping_epochs,
+                t.sleeping_epoch_ns / 1_000_000
+            );
             let m = &d.memory;
             let live: Vec<String> = m.live.iter().map(|(id, pins)| format!("{id} ({pins} pins)")).collect();
             println!(

@@ -86,8 +86,9 @@ impl PollWindow {
 /// ```
 ///
 /// Thread CPU time (CLOCK_THREAD_CPUTIME_ID, one system call per epoch) counts everything the
-/// thread spent: spins, wake-ups, the work. An epoch with fewer than [`MIN_REQUESTS`] requests
-/// tells nothing (an idle queue, where the window collapses by itself) and changes nothing.
+/// thread spent: spins, wake-ups, the work. An epoch lasts at least until it has served
+/// [`MIN_REQUESTS`] requests; one that has not after [`QUIET`] (an idle queue, where the window
+/// collapses by itself) tells nothing, and the thread goes back to the preferred mode.
 #[derive(Debug)]
 pub struct PollPolicy {
     window: PollWindow,
@@ -107,16 +108,26 @@ pub struct PollPolicy {
 }
 
 /// Length of an epoch in the preferred mode, and of one that tries the other (short: it costs
-/// what the worse mode costs; long enough for [`MIN_REQUESTS`] at 13k requests per second).
+/// what the worse mode costs). Either goes on until [`MIN_REQUESTS`] have been served.
 const EPOCH: Duration = Duration::from_millis(25);
 const TRY_EPOCH: Duration = Duration::from_millis(5);
 /// Epochs in the preferred mode before the other is tried, at first and at most.
 const EXPLORE_FIRST: u32 = 8;
 const EXPLORE_LAST: u32 = 128;
-/// Fewer requests than this in an epoch: no verdict.
+/// An epoch goes on until it has served this many requests, to be judged by them...
 const MIN_REQUESTS: u64 = 64;
+/// ...or until it has lasted this long: fewer than 640 requests per second is a quiet queue,
+/// whose epoch gives no verdict (the window collapses there by itself).
+const QUIET: Duration = Duration::from_millis(100);
 /// Polling must serve this much more to be kept at a higher CPU cost.
 const THROUGHPUT_GAIN: f64 = 1.10;
+
+/// An epoch that ended: which mode it ran in, and for how long.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Epoch {
+    pub polling: bool,
+    pub length: Duration,
+}
 
 /// What one epoch served and cost.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -168,32 +179,44 @@ impl PollPolicy {
     }
 
     /// Called once per round with the number of requests the thread has completed so far; at
-    /// the end of an epoch, measures it and picks the next epoch's mode.
-    pub fn tick(&mut self, now: Instant, requests: u64) {
+    /// the end of an epoch, measures it and picks the next epoch's mode. Returns the epoch
+    /// that ended, if one did.
+    pub fn tick(&mut self, now: Instant, requests: u64) -> Option<Epoch> {
+        self.advance(now, requests, thread_cpu)
+    }
+
+    /// [`tick`](Self::tick), with the thread's CPU clock read through `cpu` (only when an
+    /// epoch ends: one system call per epoch, not per round).
+    fn advance(&mut self, now: Instant, requests: u64, cpu: impl FnOnce() -> Duration) -> Option<Epoch> {
         if !self.enabled() {
-            return;
+            return None;
         }
         if !self.started {
             // The policy is built on the thread that sets the queue up; the CPU clock is the
             // queue thread's, read from the first round on.
             self.started = true;
-            (self.epoch_start, self.cpu_start, self.requests_start) = (now, thread_cpu(), requests);
-            return;
+            (self.epoch_start, self.cpu_start, self.requests_start) = (now, cpu(), requests);
+            return None;
         }
         let length = if self.polling == self.preferred { EPOCH } else { TRY_EPOCH };
-        if now.duration_since(self.epoch_start) < length {
-            return;
+        let elapsed = now.duration_since(self.epoch_start);
+        // An epoch lasts until it has served enough requests to judge by, or the queue turns
+        // out to be quiet: a try of sleeping at 6k requests per second needs 11 ms, and ending
+        // it at 5 ms without a verdict would leave the thread sleeping until the load changes.
+        if elapsed < length || (requests - self.requests_start < MIN_REQUESTS && elapsed < QUIET) {
+            return None;
         }
-        self.end_epoch(now, requests, thread_cpu());
+        Some(self.end_epoch(now, requests, cpu()))
     }
 
-    /// Measures the epoch that ends at `now`, the thread having used `cpu` in all so far.
-    fn end_epoch(&mut self, now: Instant, requests: u64, cpu: Duration) {
+    /// Measures the epoch that ends at `now`, the thread having used `cpu` in all so far, and
+    /// picks the next one's mode.
+    fn end_epoch(&mut self, now: Instant, requests: u64, cpu: Duration) -> Epoch {
         let served = requests - self.requests_start;
-        if served >= MIN_REQUESTS {
-            let seconds = now.duration_since(self.epoch_start).as_secs_f64();
+        let ended = Epoch { polling: self.polling, length: now.duration_since(self.epoch_start) };
+        let polling = if served >= MIN_REQUESTS {
             let cost = EpochCost {
-                rate: served as f64 / seconds,
+                rate: served as f64 / ended.length.as_secs_f64(),
                 cpu_per_request: cpu.saturating_sub(self.cpu_start).as_nanos() as f64 / served as f64,
             };
             let last = &mut self.last[usize::from(self.polling)];
@@ -206,18 +229,26 @@ impl PollPolicy {
                 },
                 None => cost,
             });
-            let polling = self.next_mode();
-            if polling && !self.polling {
-                // Polling resumes with the widest window, which shrinks within a few spells if
-                // it is too wide: a try that started from a collapsed window would measure
-                // sleeping twice.
-                self.window.open();
+            self.next_mode()
+        } else {
+            // A quiet queue tells nothing about either mode: back to the preferred one (a try
+            // is abandoned and comes again after the same wait).
+            if self.polling != self.preferred {
+                self.until_explore = self.explore_every;
             }
-            self.polling = polling;
+            self.preferred
+        };
+        if polling && !self.polling {
+            // Polling resumes with the widest window, which shrinks within a few spells if
+            // it is too wide: a try that started from a collapsed window would measure
+            // sleeping twice.
+            self.window.open();
         }
+        self.polling = polling;
         self.epoch_start = now;
         self.cpu_start = cpu;
         self.requests_start = requests;
+        ended
     }
 
     /// The mode of the next epoch: the preferred one, or the other to measure it again.
@@ -408,6 +439,63 @@ mod tests {
         let mut off = PollPolicy::new(Duration::ZERO);
         assert!(run_epochs(&mut off, 10, |_| (1000, Duration::from_millis(1))).iter().all(|m| !*m));
         assert_eq!(off.window(), Duration::ZERO);
+    }
+
+    /// Drives a policy round by round (a round every 100 µs) for `span`; in each mode the
+    /// driver gets `load(polling)`: requests per second and the thread's CPU in cores. Returns
+    /// the time spent polling and the epochs that ended.
+    fn run_rounds(p: &mut PollPolicy, span: Duration, load: impl Fn(bool) -> (f64, f64)) -> (Duration, Vec<Epoch>) {
+        let round = us(100);
+        let start = Instant::now();
+        p.advance(start, 0, || Duration::ZERO);
+        let (mut requests, mut cpu, mut polled, mut epochs) = (0.0, 0.0, Duration::ZERO, Vec::new());
+        let mut now = start;
+        while now < start + span {
+            let polling = p.polling();
+            let (rate, cores) = load(polling);
+            requests += rate * round.as_secs_f64();
+            cpu += cores * round.as_secs_f64();
+            now += round;
+            if polling {
+                polled += round;
+            }
+            epochs.extend(p.advance(now, requests as u64, || Duration::from_secs_f64(cpu)));
+        }
+        (polled, epochs)
+    }
+
+    #[test]
+    fn a_slow_try_of_sleeping_lasts_until_it_has_served_enough_to_judge() {
+        // Closed loop at iodepth 1 on a medium where a sleeping thread serves 6k requests per
+        // second (30 in a 5 ms try, fewer than MIN_REQUESTS) and a polling one 40k.
+        let mut p = PollPolicy::new(us(200));
+        let (polled, epochs) = run_rounds(&mut p, Duration::from_secs(10), |polling| {
+            if polling { (40_000.0, 1.0) } else { (6_000.0, 0.4) }
+        });
+        assert!(polled >= Duration::from_secs(9), "polled {polled:?} of 10 s: {epochs:?}");
+        let tries: Vec<&Epoch> = epochs.iter().filter(|e| !e.polling).collect();
+        assert!(tries.len() >= 3, "measures sleeping now and then: {epochs:?}");
+        // Each try lasted until it had 64 requests, about 10.7 ms: 5 ms gives no verdict.
+        assert!(tries.iter().all(|e| e.length >= Duration::from_millis(10) && e.length <= Duration::from_millis(12)), "{tries:?}");
+    }
+
+    #[test]
+    fn a_try_on_a_queue_gone_quiet_ends_after_a_while_in_the_preferred_mode() {
+        let mut p = PollPolicy::new(us(200));
+        let start = Instant::now();
+        p.advance(start, 0, || Duration::ZERO);
+        // A busy first epoch polling; sleeping is tried next.
+        let ended = p.advance(start + EPOCH, 1000, || Duration::from_millis(25));
+        assert_eq!(ended, Some(Epoch { polling: true, length: EPOCH }));
+        assert!(!p.polling());
+        // Then the driver stops: the try waits for requests, and gives up after QUIET.
+        let at = |ms| start + EPOCH + Duration::from_millis(ms);
+        assert_eq!(p.advance(at(50), 1010, || Duration::from_millis(26)), None);
+        let ended = p.advance(at(100), 1010, || Duration::from_millis(26));
+        assert_eq!(ended, Some(Epoch { polling: false, length: QUIET }));
+        assert!(p.polling(), "back to polling, the preferred mode");
+        assert_eq!(p.window(), us(200), "with the window open");
+        assert_eq!(p.last[0], None, "a quiet epoch measured nothing");
     }
 
     #[test]

@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
+use super::poll::Epoch;
 use super::request::RequestKind;
 
 /// One queue's counters, on a cache line of its own.
@@ -23,6 +24,9 @@ pub struct QueueStats {
     /// Kicks received and interrupts sent.
     kicks: AtomicU64,
     calls: AtomicU64,
+    /// The polling policy's epochs in each mode, [sleeping, polling], and their time.
+    epochs: [AtomicU64; 2],
+    epoch_ns: [AtomicU64; 2],
 }
 
 impl QueueStats {
@@ -60,6 +64,13 @@ impl QueueStats {
         add(&self.calls, 1);
     }
 
+    /// Counts an epoch of the polling policy (poll.rs).
+    pub fn record_epoch(&self, epoch: Epoch) {
+        let mode = usize::from(epoch.polling);
+        add(&self.epochs[mode], 1);
+        add(&self.epoch_ns[mode], epoch.length.as_nanos() as u64);
+    }
+
     /// Counts a chain refused before any I/O.
     pub fn record_refused(&self) {
         add(&self.requests, 1);
@@ -90,6 +101,15 @@ pub struct DeviceTotals {
     pub kicks: u64,
     #[serde(default)]
     pub calls: u64,
+    /// Epochs of the polling policy spent polling and sleeping, and how long they lasted.
+    #[serde(default)]
+    pub polling_epochs: u64,
+    #[serde(default)]
+    pub polling_epoch_ns: u64,
+    #[serde(default)]
+    pub sleeping_epochs: u64,
+    #[serde(default)]
+    pub sleeping_epoch_ns: u64,
 }
 
 pub fn totals(queues: &[QueueStats]) -> DeviceTotals {
@@ -104,5 +124,9 @@ pub fn totals(queues: &[QueueStats]) -> DeviceTotals {
         inline: t.inline + q.inline.load(Ordering::Relaxed),
         kicks: t.kicks + q.kicks.load(Ordering::Relaxed),
         calls: t.calls + q.calls.load(Ordering::Relaxed),
+        polling_epochs: t.polling_epochs + q.epochs[1].load(Ordering::Relaxed),
+        polling_epoch_ns: t.polling_epoch_ns + q.epoch_ns[1].load(Ordering::Relaxed),
+        sleeping_epochs: t.sleeping_epochs + q.epochs[0].load(Ordering::Relaxed),
+        sleeping_epoch_ns: t.sleeping_epoch_ns + q.epoch_ns[0].load(Ordering::Relaxed),
     })
 }

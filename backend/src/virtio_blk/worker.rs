@@ -262,7 +262,11 @@ impl QueueWorker {
             if let Some(since) = idle_since {
                 self.poll.after_idle(now.duration_since(since));
             }
-            self.poll.tick(now, self.done);
+            if let Some(epoch) = self.poll.tick(now, self.done) {
+                if let Some(stats) = self.device.stats.get(self.q.index) {
+                    stats.record_epoch(epoch);
+                }
+            }
             self.generation = self.q.memory.current();
             self.reap()?;
             if self.q.control.stop_requested() {
