@@ -8,7 +8,7 @@ use std::os::fd::RawFd;
 /// # Safety
 /// Only for a `pre_exec` closure: it calls only async-signal-safe functions (`dup2`, `fcntl`),
 /// and `from` must stay open in the parent until `spawn` returns.
-pub(crate) unsafe fn place(from: RawFd, to: RawFd) -> io::Result<()> {
+pub unsafe fn place(from: RawFd, to: RawFd) -> io::Result<()> {
     // SAFETY: plain descriptor calls; the caller keeps `from` open.
     let failed = unsafe {
         if from == to {

@@ -10,13 +10,15 @@
 //!   backend the way QEMU or cloud-hypervisor would (and the way a hostile guest would not be
 //!   allowed to).
 //! - [`vublk_binary`]: the vublk binary of this workspace, for tests and tools.
+//! - [`inherit`]: a descriptor handed to a child process at a fixed number (launch, the
+//!   frontend's daemon, vublk's own tests).
 //!
 //! The `vmm-glue` binary (`src/main.rs`) is a thin command line over the first three.
 
 pub mod cmdline;
 pub mod descriptor;
 pub mod frontend;
-mod inherit;
+pub mod inherit;
 pub mod install;
 pub mod launch;
 pub mod vublk_binary;

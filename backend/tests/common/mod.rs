@@ -448,20 +448,10 @@ pub fn die_with_parent(cmd: &mut Command) {
 
 /// Makes `fd` (open in the parent) appear as `target` in the child, without FD_CLOEXEC.
 pub fn pass_fd(cmd: &mut Command, fd: RawFd, target: RawFd) {
-    // SAFETY: the closure only calls dup2(2) and fcntl(2), which are async-signal-safe, and
-    // touches no memory besides its two captured integers.
+    // SAFETY: a pre_exec closure that only calls vmm-glue's async-signal-safe `place`; the
+    // caller keeps `fd` open until the command is spawned.
     unsafe {
-        cmd.pre_exec(move || {
-            if fd == target {
-                let flags = libc::fcntl(fd, libc::F_GETFD);
-                if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            } else if libc::dup2(fd, target) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
+        cmd.pre_exec(move || vmm_glue::inherit::place(fd, target));
     }
 }
 
