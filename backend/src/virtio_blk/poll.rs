@@ -161,8 +161,9 @@ impl PollPolicy {
             explore_every: EXPLORE_FIRST,
             preferred: true,
             started: false,
+            // Set on the queue thread's first tick (`started`).
             epoch_start: Instant::now(),
-            cpu_start: thread_cpu(),
+            cpu_start: Duration::ZERO,
             requests_start: 0,
             last: [None, None],
         }
