@@ -216,6 +216,8 @@ fn check(out: &Output, media: &[&str], systems: &[&'static str]) {
     assert_eq!(samples.len(), runs);
     for s in samples {
         assert!(s["load"]["ios"].as_u64().unwrap() > 0, "{s}");
+        let steal = s["host_steal"].as_f64().expect("host_steal");
+        assert!((0.0..1.0).contains(&steal), "{s}");
         if s["system"] == "io_uring" {
             assert!(s["backend_cpu_s"].is_null(), "{s}");
         } else {

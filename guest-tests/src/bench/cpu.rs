@@ -10,6 +10,10 @@
 //!
 //! Resolution is one clock tick (10 ms with the usual USER_HZ of 100): over a window of a few
 //! seconds that is well under 1%.
+//!
+//! [`Steal`] is the machine's side: the share of its CPU time the hypervisor gave to someone
+//! else (the `steal` column of /proc/stat). On a shared host it comes in spells of 10-40% that
+//! last tens of seconds, and a run inside one measures the host, not the backend.
 
 use std::collections::HashMap;
 
@@ -83,6 +87,48 @@ impl Snapshot {
     }
 }
 
+/// The machine's CPU ticks at one moment, all CPUs together: the total and the stolen part.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Steal {
+    total: u64,
+    stolen: u64,
+}
+
+impl Steal {
+    /// Now, from the first line of /proc/stat (zeros if it cannot be read).
+    pub fn take() -> Steal {
+        std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|stat| Steal::parse(stat.lines().next()?))
+            .unwrap_or_default()
+    }
+
+    /// `cpu  user nice system idle iowait irq softirq steal guest guest_nice`: guest time is
+    /// already in user and nice, so the total is the first eight.
+    fn parse(line: &str) -> Option<Steal> {
+        let mut fields = line.split_whitespace();
+        if fields.next()? != "cpu" {
+            return None;
+        }
+        let ticks: Vec<u64> = fields.take(8).map(|f| f.parse().ok()).collect::<Option<_>>()?;
+        Some(Steal {
+            total: ticks.iter().sum(),
+            stolen: *ticks.get(7)?,
+        })
+    }
+
+    /// The share of the machine's CPU time stolen from `self` to `later` (0 to 1; 0 when no
+    /// time passed or /proc/stat was unreadable).
+    pub fn share_until(&self, later: &Steal) -> f64 {
+        let total = later.total.saturating_sub(self.total);
+        if total == 0 {
+            0.0
+        } else {
+            later.stolen.saturating_sub(self.stolen) as f64 / total as f64
+        }
+    }
+}
+
 fn clock_ticks_per_second() -> f64 {
     // SAFETY: sysconf(3) only reads a system constant.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
@@ -96,6 +142,19 @@ fn clock_ticks_per_second() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn steal_is_the_eighth_column_of_the_cpu_line() {
+        let before = Steal::parse("cpu  100 0 50 800 20 0 5 25 0 0").unwrap();
+        let after = Steal::parse("cpu  200 0 100 1500 20 0 5 175 10 0").unwrap();
+        assert_eq!(before, Steal { total: 1000, stolen: 25 });
+        assert_eq!(before.share_until(&after), 150.0 / 1000.0);
+        assert_eq!(after.share_until(&after), 0.0);
+        assert_eq!(Steal::parse("cpu0 1 2 3 4 5 6 7 8"), None);
+        assert_eq!(Steal::parse("cpu 1 2 3"), None);
+        let now = Steal::take();
+        assert!(now.total > 0, "/proc/stat has a cpu line");
+    }
 
     #[test]
     fn a_busy_child_is_counted() {

@@ -46,7 +46,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use blkio::{Blkio, Blkioq, Completion, Errno, ReqFlags};
 use serde_json::{json, Value};
 
-use super::cpu::Snapshot;
+use super::cpu::{Snapshot, Steal};
 use super::histogram::Histogram;
 use super::{ClientMode, Rate, Rw, BLOCK};
 use crate::process::die_with_parent;
@@ -211,6 +211,8 @@ pub struct Measured {
     /// CPU seconds of `backend_pid`'s process tree over the measured window; `None` without a
     /// backend.
     pub backend_cpu_s: Option<f64>,
+    /// The share of the machine's CPU time the hypervisor stole over the measured window.
+    pub host_steal: f64,
 }
 
 /// Runs the load generator (`exe load SPEC`) against a backend whose root process is
@@ -252,8 +254,12 @@ pub fn run(exe: &Path, spec: &LoadSpec, backend_pid: Option<u32>) -> Result<Meas
     while result.is_none() {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
-            Ok(line) if line == "measure-start" => start = Some(backend_pid.map(Snapshot::take)),
-            Ok(line) if line == "measure-end" => end = Some(backend_pid.map(Snapshot::take)),
+            Ok(line) if line == "measure-start" => {
+                start = Some((backend_pid.map(Snapshot::take), Steal::take()))
+            }
+            Ok(line) if line == "measure-end" => {
+                end = Some((backend_pid.map(Snapshot::take), Steal::take()))
+            }
             Ok(line) => {
                 if let Some(json) = line.strip_prefix("result ") {
                     result = Some(json.to_string());
@@ -279,7 +285,8 @@ pub fn run(exe: &Path, spec: &LoadSpec, backend_pid: Option<u32>) -> Result<Meas
     };
     Ok(Measured {
         load: LoadResult::from_json(&serde_json::from_str(&result)?)?,
-        backend_cpu_s: start.zip(end).map(|(s, e)| s.seconds_until(&e)),
+        backend_cpu_s: start.0.zip(end.0).map(|(s, e)| s.seconds_until(&e)),
+        host_steal: start.1.share_until(&end.1),
     })
 }
 

@@ -29,6 +29,8 @@ pub struct Sample {
     /// CPU seconds of the backend's processes in the measured window; `None` for io_uring,
     /// which has no backend.
     pub backend_cpu_s: Option<f64>,
+    /// The share of the machine's CPU time the hypervisor stole in the measured window.
+    pub host_steal: f64,
 }
 
 impl Sample {
@@ -63,6 +65,7 @@ impl Sample {
             "backend_cpu_s": self.backend_cpu_s,
             "backend_cpu_s_per_mio": self.backend_cpu_per_mio(),
             "total_cpu_s_per_mio": self.total_cpu_per_mio(),
+            "host_steal": self.host_steal,
         })
     }
 }
@@ -466,6 +469,7 @@ mod tests {
                 ..Default::default()
             },
             backend_cpu_s: system.has_backend().then_some(cpu),
+            host_steal: 0.0,
         }
     }
 

@@ -69,6 +69,14 @@ struct Args {
     /// Image size in MiB (tmpfs and disk images are filled; the null disk is as large).
     #[arg(long)]
     image_mib: Option<u64>,
+    /// Re-run a round (all its systems) when the hypervisor stole more than this percentage of
+    /// the machine's CPU in one of its runs (/proc/stat): such a run measures the host, not the
+    /// backend. 0 keeps every round [default: 10; smoke: 0]
+    #[arg(long)]
+    max_steal: Option<f64>,
+    /// Re-runs of one round for steal, after which it is kept as it is (and noted) [default: 3]
+    #[arg(long)]
+    steal_retries: Option<usize>,
     /// Directory for the disk image: must be on the real disk, on a filesystem with O_DIRECT.
     #[arg(long, default_value = "/var/tmp")]
     disk_dir: PathBuf,
@@ -109,6 +117,9 @@ struct Plan {
     warmup: Duration,
     repetitions: usize,
     image_size: u64,
+    /// The share of stolen CPU above which a round is re-run; `None` keeps every round.
+    max_steal: Option<f64>,
+    steal_retries: usize,
 }
 
 impl Plan {
@@ -160,6 +171,12 @@ impl Plan {
             warmup: pick(&a.warmup, 1.0, 0.1)?,
             repetitions: a.repetitions.unwrap_or(if smoke { 1 } else { 3 }),
             image_size: a.image_mib.unwrap_or(if smoke { 64 } else { 1024 }) << 20,
+            max_steal: match a.max_steal.unwrap_or(if smoke { 0.0 } else { 10.0 }) {
+                pct if pct == 0.0 => None,
+                pct if pct > 0.0 && pct < 100.0 => Some(pct / 100.0),
+                pct => bail!("bad --max-steal {pct} (a percentage, 0 to turn it off)"),
+            },
+            steal_retries: a.steal_retries.unwrap_or(3),
         };
         if plan.systems.is_empty()
             || plan.media.is_empty()
@@ -234,6 +251,8 @@ impl Plan {
             "warmup_s": self.warmup.as_secs_f64(),
             "repetitions": self.repetitions,
             "image_size": self.image_size,
+            "max_steal": self.max_steal,
+            "steal_retries": self.steal_retries,
             "block_size": guest_tests::bench::BLOCK,
         })
     }
@@ -299,7 +318,7 @@ fn run(args: Args) -> Result<()> {
     }
 
     let dir = tempfile::Builder::new().prefix("vublk-bench-").tempdir()?;
-    let samples = match run_matrix(&exe, &plan, &args.disk_dir, dir.path()) {
+    let samples = match run_matrix(&exe, &plan, &args.disk_dir, dir.path(), &mut notes) {
         Ok(samples) => samples,
         Err(e) => {
             let kept = dir.keep();
@@ -358,10 +377,19 @@ fn run(args: Args) -> Result<()> {
 }
 
 /// Every run of the plan, in order: per medium, per cell, `repetitions` rounds of the systems.
-fn run_matrix(exe: &Path, plan: &Plan, disk_dir: &Path, dir: &Path) -> Result<Vec<Sample>> {
+/// A round in which the host stole more than `plan.max_steal` is run again (up to
+/// `plan.steal_retries` times); what was re-run or kept anyway goes into `notes`.
+fn run_matrix(
+    exe: &Path,
+    plan: &Plan,
+    disk_dir: &Path,
+    dir: &Path,
+    notes: &mut Vec<String>,
+) -> Result<Vec<Sample>> {
     let mut samples: Vec<Sample> = Vec::new();
     let started = Instant::now();
     let total = plan.runs();
+    let (mut runs, mut rounds, mut rerun) = (0, 0, 0);
     for &medium in &plan.media {
         eprintln!(
             "vublk-bench: preparing {medium} ({} MiB)",
@@ -370,29 +398,69 @@ fn run_matrix(exe: &Path, plan: &Plan, disk_dir: &Path, dir: &Path) -> Result<Ve
         let prepared = media::prepare(medium, plan.image_size, disk_dir)?;
         for cell in plan.cells(medium) {
             for rep in 0..plan.repetitions {
-                for system in plan.systems_on(medium) {
-                    let sample = measure(exe, &prepared, cell, system, rep, plan, dir)
-                        .with_context(|| format!("{cell}, {system}, repetition {}", rep + 1))?;
-                    let cpu = if system.has_backend() {
-                        format!("backend {:.2}", sample.backend_cpu_per_mio())
-                    } else {
-                        format!("client {:.2}", sample.client_cpu_per_mio())
-                    };
-                    eprintln!(
-                        "[{}/{total} {:.0} s] {cell} {system} #{}: {:.0} IOPS, p50 {:.1} µs, \
-                         p99 {:.1} µs, {cpu} CPU s / M I/O",
-                        samples.len() + 1,
-                        started.elapsed().as_secs_f64(),
-                        rep + 1,
-                        sample.load.iops,
-                        sample.load.p50_us,
-                        sample.load.p99_us,
-                    );
-                    samples.push(sample);
+                rounds += 1;
+                for attempt in 0.. {
+                    let mut round = Vec::new();
+                    for system in plan.systems_on(medium) {
+                        let sample = measure(exe, &prepared, cell, system, rep, plan, dir)
+                            .with_context(|| {
+                                format!("{cell}, {system}, repetition {}", rep + 1)
+                            })?;
+                        runs += 1;
+                        let cpu = if system.has_backend() {
+                            format!("backend {:.2}", sample.backend_cpu_per_mio())
+                        } else {
+                            format!("client {:.2}", sample.client_cpu_per_mio())
+                        };
+                        eprintln!(
+                            "[{runs}/{total} {:.0} s] {cell} {system} #{}: {:.0} IOPS, p50 {:.1} \
+                             µs, p99 {:.1} µs, {cpu} CPU s / M I/O, host steal {:.0}%",
+                            started.elapsed().as_secs_f64(),
+                            rep + 1,
+                            sample.load.iops,
+                            sample.load.p50_us,
+                            sample.load.p99_us,
+                            sample.host_steal * 100.0,
+                        );
+                        round.push(sample);
+                    }
+                    let worst = round.iter().map(|s| s.host_steal).fold(0.0, f64::max);
+                    match plan.max_steal {
+                        Some(max) if worst > max && attempt < plan.steal_retries => {
+                            eprintln!(
+                                "vublk-bench: the host stole {:.0}% of the CPU in round {} of \
+                                 {cell}: running it again",
+                                worst * 100.0,
+                                rep + 1
+                            );
+                            continue;
+                        }
+                        Some(max) if worst > max => notes.push(format!(
+                            "{cell}, round {}: kept with {:.0}% of the CPU stolen by the host \
+                             after {attempt} re-runs",
+                            rep + 1,
+                            worst * 100.0
+                        )),
+                        _ => {}
+                    }
+                    if attempt > 0 {
+                        rerun += 1;
+                    }
+                    samples.extend(round);
+                    break;
                 }
             }
         }
     }
+    let steal: Vec<f64> = samples.iter().map(|s| s.host_steal * 100.0).collect();
+    notes.push(format!(
+        "host steal in the measured windows: median {:.1}%, at most {:.1}%; {rerun} of {rounds} \
+         rounds run again for steal over {}",
+        guest_tests::bench::median(&steal),
+        steal.iter().copied().fold(0.0, f64::max),
+        plan.max_steal
+            .map_or("(off)".to_string(), |m| format!("{:.0}%", m * 100.0)),
+    ));
     Ok(samples)
 }
 
@@ -447,6 +515,7 @@ fn measure(
         rep,
         load: measured.load,
         backend_cpu_s: measured.backend_cpu_s,
+        host_steal: measured.host_steal,
     })
 }
 
