@@ -94,8 +94,8 @@ impl PollWindow {
 ///
 /// The CPU ceiling on the first rule is for paced drivers: their rate is the same either way,
 /// but an epoch catches their bursts and stalls, and polling that won on such noise would spin
-/// through the gaps at 2-3x the CPU per request (at 20k per second, iodepth 32). Where neither mode clearly wins, the thread sleeps and leaves the CPU to the VM's
-/// other threads.
+/// through the gaps at 2-3x the CPU per request (at 20k per second, iodepth 32). Where
+/// neither mode clearly wins, the thread sleeps and leaves the CPU to the VM's other threads.
 ///
 /// The other mode is tried again after [`EXPLORE_FIRST`] epochs. Once there are
 /// [`RECENT_TRIES`] tries to go by, each whose own verdict agrees with the preference doubles
@@ -112,7 +112,7 @@ pub struct PollPolicy {
     window: PollWindow,
     polling: bool,
     preferred: bool,
-    /// The last tries, polling against sleeping (the newest at `tries % RECENT_TRIES`), and
+    /// The last tries, polling against sleeping (a ring: try n is at n % RECENT_TRIES), and
     /// how many there have been.
     recent: [Comparison; RECENT_TRIES],
     tries: usize,
