@@ -122,6 +122,16 @@ struct Plan {
     steal_retries: usize,
 }
 
+/// What becomes of a round, given the host's steal in it.
+#[derive(Debug, PartialEq)]
+enum RoundVerdict {
+    Keep,
+    /// Run it again: the host stole too much.
+    Again,
+    /// Keep it though the host stole too much: the re-runs are used up.
+    KeepStolen,
+}
+
 impl Plan {
     fn new(a: &Args) -> Result<Plan> {
         let smoke = a.smoke;
@@ -196,6 +206,15 @@ impl Plan {
             bail!("no system can run on these media");
         }
         Ok(plan)
+    }
+
+    /// What to do with a round whose runs saw at most `steal` stolen, after `attempt` re-runs.
+    fn after_round(&self, steal: f64, attempt: usize) -> RoundVerdict {
+        match self.max_steal {
+            Some(max) if steal > max && attempt < self.steal_retries => RoundVerdict::Again,
+            Some(max) if steal > max => RoundVerdict::KeepStolen,
+            _ => RoundVerdict::Keep,
+        }
     }
 
     fn cells(&self, medium: Medium) -> Vec<Cell> {
@@ -425,8 +444,8 @@ fn run_matrix(
                         round.push(sample);
                     }
                     let worst = round.iter().map(|s| s.host_steal).fold(0.0, f64::max);
-                    match plan.max_steal {
-                        Some(max) if worst > max && attempt < plan.steal_retries => {
+                    match plan.after_round(worst, attempt) {
+                        RoundVerdict::Again => {
                             eprintln!(
                                 "vublk-bench: the host stole {:.0}% of the CPU in round {} of \
                                  {cell}: running it again",
@@ -435,13 +454,13 @@ fn run_matrix(
                             );
                             continue;
                         }
-                        Some(max) if worst > max => notes.push(format!(
+                        RoundVerdict::KeepStolen => notes.push(format!(
                             "{cell}, round {}: kept with {:.0}% of the CPU stolen by the host \
                              after {attempt} re-runs",
                             rep + 1,
                             worst * 100.0
                         )),
-                        _ => {}
+                        RoundVerdict::Keep => {}
                     }
                     if attempt > 0 {
                         rerun += 1;
@@ -530,6 +549,44 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("vublk-bench: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(args: &[&str]) -> Plan {
+        Plan::new(&Args::parse_from([&["vublk-bench"], args].concat())).expect("a valid plan")
+    }
+
+    #[test]
+    fn a_round_with_too_much_steal_is_run_again_until_the_retries_are_used_up() {
+        let p = plan(&[]);
+        assert_eq!(p.max_steal, Some(0.10));
+        assert_eq!(p.after_round(0.05, 0), RoundVerdict::Keep);
+        assert_eq!(p.after_round(0.10, 0), RoundVerdict::Keep, "at the limit");
+        assert_eq!(p.after_round(0.11, 0), RoundVerdict::Again);
+        assert_eq!(p.after_round(0.40, 2), RoundVerdict::Again);
+        assert_eq!(p.after_round(0.40, 3), RoundVerdict::KeepStolen);
+
+        let p = plan(&["--max-steal", "25", "--steal-retries", "1"]);
+        assert_eq!(p.after_round(0.20, 0), RoundVerdict::Keep);
+        assert_eq!(p.after_round(0.30, 0), RoundVerdict::Again);
+        assert_eq!(p.after_round(0.30, 1), RoundVerdict::KeepStolen);
+    }
+
+    #[test]
+    fn steal_checks_are_off_in_smoke_runs_and_with_zero() {
+        for args in [&["--smoke"][..], &["--max-steal", "0"]] {
+            let p = plan(args);
+            assert_eq!(p.max_steal, None, "{args:?}");
+            assert_eq!(p.after_round(0.9, 0), RoundVerdict::Keep, "{args:?}");
+        }
+        for bad in ["-1", "100", "250"] {
+            let args = Args::parse_from(["vublk-bench".to_string(), format!("--max-steal={bad}")]);
+            assert!(Plan::new(&args).is_err(), "--max-steal {bad}");
         }
     }
 }
