@@ -406,9 +406,12 @@ fn run_matrix(
     notes: &mut Vec<String>,
 ) -> Result<Vec<Sample>> {
     let mut samples: Vec<Sample> = Vec::new();
-    let started = Instant::now();
-    let total = plan.runs();
-    let (mut runs, mut rounds, mut rerun) = (0, 0, 0);
+    let mut progress = Progress {
+        started: Instant::now(),
+        total: plan.runs(),
+        runs: 0,
+    };
+    let (mut rounds, mut rerun) = (0, 0);
     for &medium in &plan.media {
         eprintln!(
             "vublk-bench: preparing {medium} ({} MiB)",
@@ -419,30 +422,7 @@ fn run_matrix(
             for rep in 0..plan.repetitions {
                 rounds += 1;
                 for attempt in 0.. {
-                    let mut round = Vec::new();
-                    for system in plan.systems_on(medium) {
-                        let sample = measure(exe, &prepared, cell, system, rep, plan, dir)
-                            .with_context(|| {
-                                format!("{cell}, {system}, repetition {}", rep + 1)
-                            })?;
-                        runs += 1;
-                        let cpu = if system.has_backend() {
-                            format!("backend {:.2}", sample.backend_cpu_per_mio())
-                        } else {
-                            format!("client {:.2}", sample.client_cpu_per_mio())
-                        };
-                        eprintln!(
-                            "[{runs}/{total} {:.0} s] {cell} {system} #{}: {:.0} IOPS, p50 {:.1} \
-                             µs, p99 {:.1} µs, {cpu} CPU s / M I/O, host steal {:.0}%",
-                            started.elapsed().as_secs_f64(),
-                            rep + 1,
-                            sample.load.iops,
-                            sample.load.p50_us,
-                            sample.load.p99_us,
-                            sample.host_steal * 100.0,
-                        );
-                        round.push(sample);
-                    }
+                    let round = run_round(exe, &prepared, cell, rep, plan, dir, &mut progress)?;
                     let worst = round.iter().map(|s| s.host_steal).fold(0.0, f64::max);
                     match plan.after_round(worst, attempt) {
                         RoundVerdict::Again => {
@@ -481,6 +461,51 @@ fn run_matrix(
             .map_or("(off)".to_string(), |m| format!("{:.0}%", m * 100.0)),
     ));
     Ok(samples)
+}
+
+/// Where the matrix is: for the progress line of each run.
+struct Progress {
+    started: Instant,
+    /// Runs planned (re-runs come on top) and done.
+    total: usize,
+    runs: usize,
+}
+
+/// One round of `cell`: each system once, in order, each run reported on stderr.
+fn run_round(
+    exe: &Path,
+    prepared: &media::Prepared,
+    cell: Cell,
+    rep: usize,
+    plan: &Plan,
+    dir: &Path,
+    progress: &mut Progress,
+) -> Result<Vec<Sample>> {
+    let mut round = Vec::new();
+    for system in plan.systems_on(prepared.medium) {
+        let sample = measure(exe, prepared, cell, system, rep, plan, dir)
+            .with_context(|| format!("{cell}, {system}, repetition {}", rep + 1))?;
+        progress.runs += 1;
+        let cpu = if system.has_backend() {
+            format!("backend {:.2}", sample.backend_cpu_per_mio())
+        } else {
+            format!("client {:.2}", sample.client_cpu_per_mio())
+        };
+        eprintln!(
+            "[{}/{} {:.0} s] {cell} {system} #{}: {:.0} IOPS, p50 {:.1} µs, p99 {:.1} µs, {cpu} \
+             CPU s / M I/O, host steal {:.0}%",
+            progress.runs,
+            progress.total,
+            progress.started.elapsed().as_secs_f64(),
+            rep + 1,
+            sample.load.iops,
+            sample.load.p50_us,
+            sample.load.p99_us,
+            sample.host_steal * 100.0,
+        );
+        round.push(sample);
+    }
+    Ok(round)
 }
 
 /// One run: a fresh backend, the load generator against it, a clean stop. For io_uring, the load
