@@ -938,6 +938,16 @@ impl Session {
         }
     }
 
+    /// How many times the backend signalled queue `q`'s call eventfd since it was last read
+    /// (the counter sums the writes); clears it.
+    pub fn call_count(&self, q: usize) -> Result<u64, SessionError> {
+        match self.vring(q)?.call.read() {
+            Ok(n) => Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(0),
+            Err(e) => Err(SessionError::EventFd(e)),
+        }
+    }
+
     /// Waits up to `timeout` for the backend to signal queue `q`'s call eventfd; clears it.
     /// Use before popping the used ring to check that a completion was notified.
     pub fn wait_call(&self, q: usize, timeout: Duration) -> Result<bool, SessionError> {
