@@ -931,11 +931,7 @@ impl Session {
 
     /// Whether the call eventfd of queue `q` was signalled since the last check (and clears it).
     pub fn take_call(&self, q: usize) -> Result<bool, SessionError> {
-        match self.vring(q)?.call.read() {
-            Ok(_) => Ok(true),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
-            Err(e) => Err(SessionError::EventFd(e)),
-        }
+        Ok(self.call_count(q)? > 0)
     }
 
     /// How many times the backend signalled queue `q`'s call eventfd since it was last read
