@@ -334,6 +334,21 @@ fn every_queue_serves_io() {
     }
 }
 
+/// The descriptors of a read of `len` bytes at `sector` on queue 0, built by hand (nothing
+/// published, nothing read from the call eventfd); returns them and the status byte.
+fn read_segs(s: &mut Session, sector: u64, len: u32) -> ([vmm_glue::frontend::Seg; 3], u64) {
+    let mut b = s.blk(0);
+    let hdr = b.alloc_bytes(&blk::header(blk::T_IN, sector)).unwrap();
+    let data = b.alloc(len as usize, 0).unwrap();
+    let status = b.alloc_status().unwrap();
+    let segs = [
+        vmm_glue::frontend::Seg::readable(hdr, 16),
+        vmm_glue::frontend::Seg::writable(data, len),
+        vmm_glue::frontend::Seg::writable(status, 1),
+    ];
+    (segs, status)
+}
+
 /// Early calls (worker.rs) stay one per wait of the driver: a batch published with one index
 /// update and one kick gets one call, with EVENT_IDX (the driver asked for a call at the first
 /// completion, and not again) and without it (one per round of the queue thread).
@@ -357,15 +372,7 @@ fn a_batch_gets_one_call() {
         let mut heads = Vec::new();
         let mut statuses = Vec::new();
         for i in 0..BATCH {
-            let mut b = s.blk(0);
-            let hdr = b.alloc_bytes(&blk::header(blk::T_IN, i)).unwrap();
-            let data = b.alloc(4096, 0).unwrap();
-            let status = b.alloc_status().unwrap();
-            let segs = [
-                vmm_glue::frontend::Seg::readable(hdr, 16),
-                vmm_glue::frontend::Seg::writable(data, 4096),
-                vmm_glue::frontend::Seg::writable(status, 1),
-            ];
+            let (segs, status) = read_segs(&mut s, i, 4096);
             let (vr, mem) = s.vring_mut(0).unwrap();
             heads.push(vr.queue.add_chain(mem, &segs).unwrap());
             statuses.push(status);
@@ -427,15 +434,7 @@ fn completions_are_signalled_on_the_call_eventfd() {
         let mut s = fx.session_with(config, &Step::qemu(1));
         for i in 0..4u64 {
             // Build and submit by hand so nothing reads the call eventfd before we check it.
-            let mut b = s.blk(0);
-            let hdr = b.alloc_bytes(&blk::header(blk::T_IN, i)).unwrap();
-            let data = b.alloc(512, 0).unwrap();
-            let status = b.alloc_status().unwrap();
-            let segs = [
-                vmm_glue::frontend::Seg::readable(hdr, 16),
-                vmm_glue::frontend::Seg::writable(data, 512),
-                vmm_glue::frontend::Seg::writable(status, 1),
-            ];
+            let (segs, status) = read_segs(&mut s, i, 512);
             let head = s.submit(0, &segs).unwrap();
             assert!(
                 s.wait_call(0, blk::TIMEOUT).unwrap(),
