@@ -7,11 +7,12 @@
 //!   └▶ status byte ─▶ used ring ─▶ call, if EVENT_IDX says the driver wants one
 //! ```
 //!
-//! With EVENT_IDX the call goes out as soon as a completion is on the used ring, before the
-//! rest of the batch is served: the driver wakes up while this thread works, and has chains
-//! back in the avail ring by the time it is done (QEMU's virtio-blk also notifies per
-//! completion). The driver asks for one call per wait, so this adds no interrupts. Without
-//! EVENT_IDX every check would be an interrupt, so there is one per round.
+//! With EVENT_IDX the call goes out right after a chain completes on this thread (or after the
+//! batch of io_uring completions just reaped), before the rest of the avail ring is served: the
+//! driver wakes up while this thread works, and has chains back in the avail ring by the time it
+//! is done (QEMU's virtio-blk also notifies per completion). The driver asks for one call per
+//! wait, so this adds no interrupts. Without EVENT_IDX every check would be an interrupt, so
+//! there is one per round.
 //!
 //! The kick and control eventfds are read through the ring too, so a single
 //! `io_uring_enter` both submits a batch and sleeps until the next kick or completion.

@@ -8,8 +8,10 @@
 //! after the first one unless their parent reaps them first (the benchmark's backends keep their
 //! workers for the whole measured window, so this does not arise).
 //!
-//! Resolution is one clock tick (10 ms with the usual USER_HZ of 100): over a window of a few
-//! seconds that is well under 1%.
+//! Resolution is one clock tick (10 ms with the usual USER_HZ of 100). What matters is the tick
+//! against the CPU measured, not against the window: a backend busy for a few seconds is
+//! measured to well under 1%, but one paced at 2k IOPS for 4 s uses about 0.16 s, and a tick
+//! is 6% of that. Paced runs at low rates want a longer `--duration`.
 //!
 //! [`Steal`] is the machine's side: the share of its CPU time the hypervisor gave to someone
 //! else (the `steal` column of /proc/stat). On a shared host it comes in spells of 10-40% that
