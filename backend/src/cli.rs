@@ -197,6 +197,11 @@ impl Cli {
     pub fn socket_access(&self) -> SocketAccess {
         SocketAccess { mode: self.socket_mode, group: self.socket_group }
     }
+
+    /// What each tenant may have.
+    pub fn tenant_limits(&self) -> crate::supervisor::TenantLimits {
+        crate::supervisor::TenantLimits::default()
+    }
 }
 
 fn parse_queue_size(s: &str) -> Result<u16, String> {
@@ -237,6 +242,40 @@ pub struct ExportSpec {
     pub poll_max_us: u64,
     /// Test only (`--test-io-gate`).
     pub test_io_gate: Option<PathBuf>,
+    /// Who may connect to this export's socket (mode and group of the socket vublk creates).
+    #[serde(default)]
+    pub socket: SocketAccess,
+    /// Which peers the supervisor serves on this export; the rest are closed before any
+    /// worker exists.
+    #[serde(default)]
+    pub allow: AllowList,
+}
+
+/// `allow-uids=` / `allow-gids=` of an export (`--allow-uids`, `--allow-gids` for the main
+/// one). `None` allows everyone who can connect to the socket. A peer is allowed when its uid
+/// is in `uids`, or its gid or one of its supplementary groups (as the kernel recorded them at
+/// connect) is in `gids`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllowList {
+    pub uids: Option<Vec<u32>>,
+    pub gids: Option<Vec<u32>>,
+}
+
+impl AllowList {
+    /// Whether there is any list at all.
+    pub fn restricts(&self) -> bool {
+        self.uids.is_some() || self.gids.is_some()
+    }
+
+    /// Whether a peer with these credentials may use the export.
+    pub fn allows(&self, uid: u32, gid: u32, groups: &[u32]) -> bool {
+        if !self.restricts() {
+            return true;
+        }
+        let uid_ok = self.uids.as_ref().is_some_and(|l| l.contains(&uid));
+        let gid_ok = self.gids.as_ref().is_some_and(|l| l.contains(&gid) || groups.iter().any(|g| l.contains(g)));
+        uid_ok || gid_ok
+    }
 }
 
 /// `--export` values, parsed like the single-export options.
@@ -309,6 +348,8 @@ impl Cli {
                 retire_timeout_ms: self.retire_timeout,
                 poll_max_us: self.poll_max_us,
                 test_io_gate: self.test_io_gate.clone(),
+                socket: self.socket_access(),
+                allow: AllowList::default(),
             },
         ))
     }

@@ -27,7 +27,7 @@ use disk::Disk;
 pub enum Mode {
     /// The default: a supervisor handing each VM to a worker carrying its VMM's identity,
     /// answering `vublk status` on the control socket if there is one.
-    Supervisor(Vec<(Endpoint, ExportSpec)>, SocketAccess, Option<std::path::PathBuf>),
+    Supervisor(Vec<(Endpoint, ExportSpec)>, supervisor::TenantLimits, Option<std::path::PathBuf>),
     /// One export served in this process.
     SingleProcess(Endpoint, SocketAccess, ExportSpec),
     /// A per-VM worker, started by the supervisor.
@@ -36,7 +36,7 @@ pub enum Mode {
 
 pub fn run(mode: Mode) -> Result<(), Box<dyn Error + Send + Sync>> {
     match mode {
-        Mode::Supervisor(exports, access, control_socket) => {
+        Mode::Supervisor(exports, limits, control_socket) => {
             // Check every image before taking connections, so a typo fails at start-up rather
             // than at the first VM. Workers open the images again, as their VMM's user.
             for (_, export) in &exports {
@@ -44,7 +44,7 @@ pub fn run(mode: Mode) -> Result<(), Box<dyn Error + Send + Sync>> {
                     Disk::open_file(path, export.open)?;
                 }
             }
-            supervisor::run(exports, access, control_socket)?;
+            supervisor::run(exports, limits, control_socket)?;
             Ok(())
         }
         Mode::SingleProcess(endpoint, access, export) => run_single(endpoint, access, export),

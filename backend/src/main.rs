@@ -41,7 +41,7 @@ fn main() -> ExitCode {
                 let (endpoint, export) = exports.remove(0);
                 Mode::SingleProcess(endpoint, cli.socket_access(), export)
             }
-            Ok(exports) => Mode::Supervisor(exports, cli.socket_access(), cli.control_socket.clone()),
+            Ok(exports) => Mode::Supervisor(exports, cli.tenant_limits(), cli.control_socket.clone()),
             Err(message) => {
                 eprintln!("vublk: {message}");
                 return ExitCode::from(2);

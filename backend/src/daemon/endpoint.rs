@@ -20,7 +20,7 @@ pub enum Endpoint {
 
 /// Who may connect to a socket we create: its mode and group (default: the umask's mode, our
 /// group). A VMM running as another user needs write permission on the socket.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SocketAccess {
     pub mode: Option<u32>,
     pub group: Option<u32>,

@@ -6,6 +6,7 @@
 //! A VM is keyed by its VMM's pid and start time, held by a pidfd: a recycled pid is a new VM.
 
 mod spawn;
+mod tenants;
 
 use std::collections::HashMap;
 use std::io;
@@ -23,6 +24,7 @@ use crate::handoff::{self, DeviceStatus, ToSupervisor, ToWorker};
 use crate::identity::{Peer, VmmIdentity};
 
 pub use spawn::{adopt_control, WORKER_CONTROL_FD};
+pub use tenants::{TenantLimits, DEFAULT_CONNECTIONS_PER_VMM, DEFAULT_VMS_PER_UID};
 use spawn::{spawn_worker, Executable};
 
 /// epoll tokens: the signalfd, listeners (by export index), workers (by worker id).
@@ -71,11 +73,12 @@ struct Handoff {
     peer: Peer,
 }
 
-pub fn run(exports: Vec<(Endpoint, ExportSpec)>, access: SocketAccess, control_socket: Option<PathBuf>) -> Result<(), DaemonError> {
+pub fn run(exports: Vec<(Endpoint, ExportSpec)>, limits: TenantLimits, control_socket: Option<PathBuf>) -> Result<(), DaemonError> {
     let signals = crate::daemon::Signals::block_and_watch().map_err(DaemonError::EventLoop)?;
     let exe = Executable::current().map_err(DaemonError::EventLoop)?;
-    let (open, control) = open_sockets(exports, access, control_socket)?;
+    let (open, control) = open_sockets(exports, control_socket)?;
     let mut supervisor = Supervisor::new(open, exe)?;
+    supervisor.limits = limits;
     supervisor.watch(signals.as_raw_fd(), EV_SIGNAL).map_err(DaemonError::EventLoop)?;
     if let Some(Listener::Listening { listener, .. }) = &control {
         supervisor.watch(listener.as_raw_fd(), EV_CONTROL).map_err(DaemonError::EventLoop)?;
@@ -90,13 +93,12 @@ pub fn run(exports: Vec<(Endpoint, ExportSpec)>, access: SocketAccess, control_s
 /// launcher vublk is ready. A failure removes the sockets already created.
 fn open_sockets(
     exports: Vec<(Endpoint, ExportSpec)>,
-    access: SocketAccess,
     control_socket: Option<PathBuf>,
 ) -> Result<(Vec<Export>, Option<Listener>), DaemonError> {
     let mut open = Vec::new();
     let bind_all = || -> Result<Option<Listener>, DaemonError> {
         for (endpoint, spec) in exports {
-            open.push(Export { listener: endpoint.open(access)?, spec });
+            open.push(Export { listener: endpoint.open(spec.socket)?, spec });
         }
         // The status socket shows every VM's identity: owner only.
         let owner_only = SocketAccess { mode: Some(0o600), group: None };
@@ -122,6 +124,7 @@ struct Supervisor {
     connected_left: usize,
     /// Where `vublk status` asks.
     control: Option<Listener>,
+    limits: TenantLimits,
 }
 
 impl Supervisor {
@@ -136,6 +139,7 @@ impl Supervisor {
             next_connection: 1,
             connected_left: 0,
             control: None,
+            limits: TenantLimits::default(),
         };
         for index in 0..supervisor.exports.len() {
             let fd = match &supervisor.exports[index].listener {
