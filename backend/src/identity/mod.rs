@@ -36,9 +36,22 @@ pub enum IdentityError {
     },
     #[error("the VMM (pid {0}) exited while it was being identified")]
     Gone(i32),
+    #[error(
+        "VMM pid {pid} changed its credentials since it connected (uid {uid} gid {gid} groups {groups:?} at connect; now uids {now_uids:?} gids {now_gids:?} groups {now_groups:?}, real/effective/saved/filesystem): did it run a setuid program?"
+    )]
+    CredentialsChanged {
+        pid: i32,
+        uid: u32,
+        gid: u32,
+        groups: Vec<u32>,
+        now_uids: [u32; 4],
+        now_gids: [u32; 4],
+        now_groups: Vec<u32>,
+    },
 }
 
-/// Everything a worker inherits from its VMM, read when the worker is spawned.
+/// Everything a worker inherits from its VMM, read when the worker is spawned. The ids are
+/// those the kernel vouched for at connect ([`VmmIdentity::read_for`] checks /proc agrees).
 #[derive(Debug, Clone, Serialize)]
 pub struct VmmIdentity {
     pub pid: i32,
@@ -60,8 +73,44 @@ fn read(path: PathBuf) -> Result<String, IdentityError> {
 }
 
 impl VmmIdentity {
+    /// Reads the identity of the process behind `peer`, for what the socket's credentials
+    /// cannot give (rlimits, cgroups, affinity, nice, io priority), and refuses it unless
+    /// every uid and gid /proc shows (real, effective, saved, filesystem) and its supplementary
+    /// groups are still those the kernel recorded at connect.
+    pub fn read_for(peer: &Peer) -> Result<VmmIdentity, IdentityError> {
+        let identity = VmmIdentity::read(peer.pid)?;
+        // The reads above were of this process only if it is still alive now.
+        if peer.exited() {
+            return Err(IdentityError::Gone(peer.pid));
+        }
+        let ids = &identity.ids;
+        let mut now_groups = ids.groups.clone();
+        let mut groups = peer.groups.clone();
+        now_groups.sort_unstable();
+        now_groups.dedup();
+        groups.sort_unstable();
+        groups.dedup();
+        if ids.uid.iter().any(|&u| u != peer.uid) || ids.gid.iter().any(|&g| g != peer.gid) || now_groups != groups {
+            return Err(IdentityError::CredentialsChanged {
+                pid: peer.pid,
+                uid: peer.uid,
+                gid: peer.gid,
+                groups: peer.groups.clone(),
+                now_uids: ids.uid,
+                now_gids: ids.gid,
+                now_groups: ids.groups.clone(),
+            });
+        }
+        Ok(identity)
+    }
+
+    /// The soft limit of `resource` (`None`: unlimited or unknown).
+    pub fn soft_limit(&self, resource: libc::__rlimit_resource_t) -> Option<u64> {
+        self.limits.iter().find(|l| l.resource == resource as i32).and_then(|l| l.soft)
+    }
+
     /// Reads the identity of process `pid` (which the caller holds a pidfd for).
-    pub fn read(pid: i32) -> Result<VmmIdentity, IdentityError> {
+    fn read(pid: i32) -> Result<VmmIdentity, IdentityError> {
         let dir = PathBuf::from(format!("/proc/{pid}"));
         let status_path = dir.join("status");
         let ids = proc::parse_status_ids(&read(status_path.clone())?).ok_or(IdentityError::Parse(status_path))?;

@@ -1,13 +1,17 @@
 //! Creating a per-VM worker: fork, become the VMM (identity/apply.rs), exec `vublk` again in
 //! worker mode with the control socket as fd 3.
 //!
+//! Spawning never waits for the child: a child that joins a frozen cgroup, or is stopped by
+//! its tenant, stops before exec. The supervisor watches the exec-status pipe in its event
+//! loop ([`exec_outcome`]) and kills a child that has not exec'd by its deadline.
+//!
 //! The supervisor is single-threaded, so the forked child may run ordinary code (allocate,
 //! open files) before exec: no other thread can hold a lock it would need. The binary is
 //! executed through an fd opened at start-up (execveat AT_EMPTY_PATH), so the VMM's user needs
 //! no permission on the directories above it. Everything but fds 0-3 is close-on-exec.
 
 use std::ffi::CString;
-use std::io::{self, Read};
+use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use rustix::net::{socketpair, AddressFamily, SocketFlags, SocketType};
@@ -17,11 +21,37 @@ use crate::identity::{apply, peer::pidfd_open, VmmIdentity};
 /// The fd number the worker finds its control socket at.
 pub const WORKER_CONTROL_FD: i32 = 3;
 
-/// A running worker, seen from the supervisor.
+/// A forked worker, seen from the supervisor.
 pub struct Spawned {
     pub pid: i32,
     pub pidfd: OwnedFd,
+    /// The supervisor's end of the control socket, non-blocking.
     pub control: OwnedFd,
+    /// Readable once the child has exec'd (end of file) or failed (a message); non-blocking.
+    pub exec_status: OwnedFd,
+}
+
+/// What the exec-status pipe says.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ExecOutcome {
+    /// Nothing yet.
+    Pending,
+    /// The child exec'd the worker.
+    Started,
+    /// The child failed before exec: the step and why.
+    Failed(String),
+}
+
+/// Reads the exec-status pipe without blocking. The child writes its one message (shorter
+/// than PIPE_BUF, so in one piece) and exits; exec closes the pipe without a message.
+pub fn exec_outcome(exec_status: &OwnedFd) -> ExecOutcome {
+    let mut buf = [0u8; 2048];
+    match rustix::io::read(exec_status, &mut buf) {
+        Ok(0) => ExecOutcome::Started,
+        Ok(n) => ExecOutcome::Failed(String::from_utf8_lossy(&buf[..n]).into_owned()),
+        Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => ExecOutcome::Pending,
+        Err(e) => ExecOutcome::Failed(format!("cannot read the exec status: {e}")),
+    }
 }
 
 /// The running binary, kept open to exec workers from.
@@ -41,7 +71,7 @@ fn threads_of_self() -> usize {
         .unwrap_or(0)
 }
 
-/// Forks a worker that carries `identity`. Errors name the step that failed in the child.
+/// Forks a worker that carries `identity`, without waiting for it to exec.
 pub fn spawn_worker(identity: &VmmIdentity, exe: &Executable) -> io::Result<Spawned> {
     if threads_of_self() != 1 {
         // fork() in a multi-threaded process may deadlock the child; the supervisor is
@@ -49,10 +79,9 @@ pub fn spawn_worker(identity: &VmmIdentity, exe: &Executable) -> io::Result<Spaw
         return Err(io::Error::other("the supervisor has more than one thread; refusing to fork"));
     }
     let (ours, theirs) = socketpair(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)?;
-    let (mut errors_read, errors_write) = {
-        let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
-        (std::fs::File::from(r), w)
-    };
+    let (errors_read, errors_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+    rustix::io::ioctl_fionbio(&errors_read, true)?;
+    rustix::io::ioctl_fionbio(&ours, true)?;
     let argv: Vec<CString> = ["vublk", "--worker-control-fd", "3"]
         .iter()
         .map(|a| CString::new(*a).expect("no NUL in constant arguments"))
@@ -89,16 +118,19 @@ pub fn spawn_worker(identity: &VmmIdentity, exe: &Executable) -> io::Result<Spaw
     }
     drop(theirs);
     drop(errors_write);
-    let mut message = String::new();
-    let _ = errors_read.read_to_string(&mut message);
-    if !message.is_empty() {
-        let mut status = 0;
-        // SAFETY: reaps our own child.
-        unsafe { libc::waitpid(pid, &mut status, 0) };
-        return Err(io::Error::other(message));
-    }
-    let pidfd = pidfd_open(pid)?;
-    Ok(Spawned { pid, pidfd, control: ours })
+    // Our own unreaped child: the pid cannot have been recycled.
+    let pidfd = match pidfd_open(pid) {
+        Ok(pidfd) => pidfd,
+        Err(e) => {
+            // SAFETY: kills and reaps our own child, which cannot be waited for otherwise.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
+            return Err(e);
+        }
+    };
+    Ok(Spawned { pid, pidfd, control: ours, exec_status: errors_read })
 }
 
 /// The child's side: only returns on failure.
