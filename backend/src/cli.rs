@@ -8,7 +8,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde::{Deserialize, Serialize};
 
 use crate::daemon::{Endpoint, SocketAccess};
-use crate::disk::{DiskSpec, OpenOptions};
+use crate::disk::{DiskSpec, FileId, OpenOptions};
+use crate::supervisor::{TenantLimits, DEFAULT_CONNECTIONS_PER_VMM, DEFAULT_VMS_PER_UID};
 use crate::virtio_blk::DeviceOptions;
 
 /// vublk: a vhost-user virtio-blk backend serving raw images and block devices via io_uring.
@@ -68,10 +69,23 @@ pub struct Cli {
     #[arg(long, value_name = "vmm|daemon", default_value = "vmm")]
     pub open_as: OpenAs,
 
+    /// Serve only these users on the main export: a comma-separated list of user names or
+    /// uids. With --allow-gids, a peer in either list is served; the others are disconnected
+    /// before any worker exists. Default: whoever can connect to the socket.
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_user)]
+    pub allow_uids: Option<Vec<u32>>,
+
+    /// Serve only members of these groups on the main export (primary or supplementary, as
+    /// the kernel recorded them at connect): a comma-separated list of group names or gids.
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_group)]
+    pub allow_gids: Option<Vec<u32>>,
+
     /// More exports served by the same daemon, each
     /// `socket-path=PATH,blk-file=IMAGE[,read-only][,num-queues=N][,queue-size=N][,direct]
-    /// [,serial=S][,blk-size=512|4096][,write-cache=on|off][,open-as=vmm|daemon]`
-    /// (`fd=N` instead of socket-path, `null=SIZE` instead of blk-file).
+    /// [,serial=S][,blk-size=512|4096][,write-cache=on|off][,open-as=vmm|daemon]
+    /// [,allow-uids=U1:U2...][,allow-gids=G1:G2...][,socket-mode=MODE][,socket-group=GROUP]`
+    /// (`fd=N` instead of socket-path, `null=SIZE` instead of blk-file). An export without
+    /// socket-mode or socket-group takes --socket-mode and --socket-group.
     #[arg(long, value_name = "SPEC", value_parser = parse_export)]
     pub export: Vec<(Endpoint, ExportSpec)>,
 
@@ -89,6 +103,16 @@ pub struct Cli {
     #[arg(long, value_name = "GROUP", value_parser = parse_group)]
     pub socket_group: Option<u32>,
 
+    /// Connections one VMM (a process) may hold at once, served or waiting for its worker.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_CONNECTIONS_PER_VMM,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=65536))]
+    pub max_connections_per_vmm: usize,
+
+    /// VMs (worker processes) one uid may have at once.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_VMS_PER_UID,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
+    pub max_vms_per_uid: usize,
+
     /// How long retiring guest memory (REM_MEM_REG, SET_MEM_TABLE, a stopped ring, a
     /// disconnect) waits for the requests using it before cancelling them, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 5000)]
@@ -101,6 +125,10 @@ pub struct Cli {
     /// run in the VM's worker. 0 turns polling off. The default is KVM's halt_poll_ns default.
     #[arg(long, value_name = "US", default_value_t = 200, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub poll_max_us: u64,
+
+    /// Test only: identify frontends as on a kernel without SO_PEERPIDFD (pidfd_open).
+    #[arg(long, hide = true)]
+    pub test_without_peer_pidfd: bool,
 
     /// Test only: hold every I/O operation until a byte can be read from this FIFO.
     #[arg(long, value_name = "FIFO", hide = true)]
@@ -178,29 +206,46 @@ fn parse_mode(s: &str) -> Result<u32, String> {
     }
 }
 
+/// A user: a uid, or a name from /etc/passwd.
+fn parse_user(s: &str) -> Result<u32, String> {
+    parse_id(s, "user", "/etc/passwd")
+}
+
+/// A group: a gid, or a name from /etc/group.
 fn parse_group(s: &str) -> Result<u32, String> {
-    if let Ok(gid) = s.parse() {
-        return Ok(gid);
+    parse_id(s, "group", "/etc/group")
+}
+
+/// A number, or the third field of the line of `database` whose first field is `s` (the
+/// layout /etc/passwd and /etc/group share).
+fn parse_id(s: &str, what: &str, database: &str) -> Result<u32, String> {
+    if s.is_empty() {
+        return Err(format!("an empty {what}"));
     }
-    let groups = std::fs::read_to_string("/etc/group").map_err(|e| format!("cannot read /etc/group: {e}"))?;
-    groups
+    if let Ok(id) = s.parse::<u32>() {
+        // (uid_t)-1 means "leave unchanged" to chown and is nobody's id.
+        return if id == u32::MAX { Err(format!("{id} is not a valid {what} id")) } else { Ok(id) };
+    }
+    let entries = std::fs::read_to_string(database).map_err(|e| format!("cannot read {database}: {e}"))?;
+    entries
         .lines()
         .find_map(|l| {
             let mut fields = l.split(':');
             (fields.next() == Some(s)).then(|| fields.nth(1)?.parse().ok()).flatten()
         })
-        .ok_or_else(|| format!("no group '{s}'"))
+        .ok_or_else(|| format!("no {what} '{s}' in {database}"))
 }
 
 impl Cli {
-    /// Who may connect to the export sockets.
+    /// Who may connect to the main export's socket (the daemon-wide --socket-mode and
+    /// --socket-group).
     pub fn socket_access(&self) -> SocketAccess {
         SocketAccess { mode: self.socket_mode, group: self.socket_group }
     }
 
     /// What each tenant may have.
-    pub fn tenant_limits(&self) -> crate::supervisor::TenantLimits {
-        crate::supervisor::TenantLimits::default()
+    pub fn tenant_limits(&self) -> TenantLimits {
+        TenantLimits { connections_per_vmm: self.max_connections_per_vmm, vms_per_uid: self.max_vms_per_uid }
     }
 }
 
@@ -249,6 +294,10 @@ pub struct ExportSpec {
     /// worker exists.
     #[serde(default)]
     pub allow: AllowList,
+    /// For `open-as=daemon` on an image path: the file found at start-up. The supervisor
+    /// opens the path again for each connection and refuses another file found there.
+    #[serde(default)]
+    pub daemon_file: Option<FileId>,
 }
 
 /// `allow-uids=` / `allow-gids=` of an export (`--allow-uids`, `--allow-gids` for the main
@@ -278,9 +327,12 @@ impl AllowList {
     }
 }
 
-/// `--export` values, parsed like the single-export options.
+/// `--export` values, parsed like the single-export options: each `key=value` becomes
+/// `--key value`. Lists (`allow-uids=`, `allow-gids=`) are separated by `:`, as `,` separates
+/// the keys.
 fn parse_export(spec: &str) -> Result<(Endpoint, ExportSpec), String> {
     let mut args = vec!["vublk".to_string()];
+    let mut after_list = false;
     for item in spec.split(',').filter(|i| !i.is_empty()) {
         let (key, value) = item.split_once('=').unwrap_or((item, ""));
         let flag = matches!(key, "read-only" | "direct");
@@ -290,15 +342,22 @@ fn parse_export(spec: &str) -> Result<(Endpoint, ExportSpec), String> {
             }
             return Err(format!("{key} takes no value (or on/off)"));
         }
-        if !matches!(
-            key,
-            "socket-path" | "fd" | "blk-file" | "null" | "read-only" | "num-queues" | "queue-size" | "direct"
-                | "serial" | "blk-size" | "write-cache" | "open-as"
-        ) {
-            return Err(format!("unknown export option '{key}'"));
+        let list = matches!(key, "allow-uids" | "allow-gids");
+        if !list
+            && !matches!(
+                key,
+                "socket-path" | "fd" | "blk-file" | "null" | "read-only" | "num-queues" | "queue-size" | "direct"
+                    | "serial" | "blk-size" | "write-cache" | "open-as" | "socket-mode" | "socket-group"
+            )
+        {
+            let hint = if after_list { " (lists in --export are separated by ':', as in allow-uids=1000:qemu)" } else { "" };
+            return Err(format!("unknown export option '{key}'{hint}"));
         }
+        after_list = list;
         args.push(format!("--{key}"));
-        if !flag {
+        if list {
+            args.push(value.replace(':', ","));
+        } else if !flag {
             args.push(value.to_string());
         }
     }
@@ -308,7 +367,23 @@ fn parse_export(spec: &str) -> Result<(Endpoint, ExportSpec), String> {
     if !cli.export.is_empty() {
         return Err("exports do not nest".into());
     }
-    cli.single_export()
+    let (endpoint, export) = cli.single_export()?;
+    check_open_as(&export, ("open-as=daemon", "allow-uids=", "allow-gids="))?;
+    Ok((endpoint, export))
+}
+
+/// `open-as=daemon` serves the image with the supervisor's rights (root's) to whoever gets
+/// through: an export using it must say who may. `names` spell the options as the export
+/// was given (command-line options or `--export` keys).
+fn check_open_as(export: &ExportSpec, names: (&str, &str, &str)) -> Result<(), String> {
+    let (open_as, uids, gids) = names;
+    if export.open_as == OpenAs::Daemon && !export.allow.restricts() {
+        return Err(format!(
+            "{open_as} needs {uids} or {gids}: the supervisor opens the image as root for whoever \
+             may connect to the socket, so say who may"
+        ));
+    }
+    Ok(())
 }
 
 impl Cli {
@@ -349,7 +424,8 @@ impl Cli {
                 poll_max_us: self.poll_max_us,
                 test_io_gate: self.test_io_gate.clone(),
                 socket: self.socket_access(),
-                allow: AllowList::default(),
+                allow: AllowList { uids: self.allow_uids.clone(), gids: self.allow_gids.clone() },
+                daemon_file: None,
             },
         ))
     }
@@ -358,17 +434,32 @@ impl Cli {
     pub fn exports(&self) -> Result<Vec<(Endpoint, ExportSpec)>, String> {
         let mut exports = Vec::new();
         if self.socket_path.is_some() || self.fd.is_some() || self.blk_file.is_some() || self.null.is_some() {
-            exports.push(self.single_export()?);
+            let main = self.single_export()?;
+            check_open_as(&main.1, ("--open-as daemon", "--allow-uids", "--allow-gids"))?;
+            exports.push(main);
+        } else if self.allow_uids.is_some() || self.allow_gids.is_some() {
+            // Not silently dropped: whoever wrote them expects them to restrict something.
+            return Err("--allow-uids and --allow-gids apply to the main export (--socket-path or --fd); \
+                        give an --export its own allow-uids= or allow-gids="
+                .into());
         }
-        // Daemon-wide settings apply to the --export ones too.
+        // Daemon-wide settings apply to the --export ones too (the socket's mode and group
+        // unless the export sets its own).
         exports.extend(self.export.iter().cloned().map(|(endpoint, mut spec)| {
             spec.retire_timeout_ms = self.retire_timeout;
             spec.poll_max_us = self.poll_max_us;
             spec.test_io_gate = self.test_io_gate.clone();
+            spec.socket.mode = spec.socket.mode.or(self.socket_mode);
+            spec.socket.group = spec.socket.group.or(self.socket_group);
             (endpoint, spec)
         }));
         if exports.is_empty() {
             return Err("no export: give --socket-path and --blk-file, or --export".into());
+        }
+        if self.single_process && exports.iter().any(|(_, spec)| spec.allow.restricts()) {
+            return Err("--single-process does not check --allow-uids or --allow-gids (the supervisor \
+                        does); restrict the socket with --socket-mode and --socket-group instead"
+                .into());
         }
         let mut paths: Vec<_> = exports.iter().map(|(e, _)| format!("{e:?}")).collect();
         paths.sort();
@@ -405,7 +496,7 @@ mod tests {
     fn several_exports() {
         let cli = Cli::try_parse_from([
             "vublk", "--socket-path", "/a.sock", "--blk-file", "/a.img",
-            "--export", "socket-path=/b.sock,blk-file=/b.img,read-only,num-queues=4,open-as=daemon",
+            "--export", "socket-path=/b.sock,blk-file=/b.img,read-only,num-queues=4,open-as=daemon,allow-uids=0",
             "--export", "fd=5,null=1G,direct=off",
         ])
         .unwrap();
@@ -435,5 +526,153 @@ mod tests {
         assert!(Cli::try_parse_from(["vublk", "--socket-path", "s", "--null", "1M", "--socket-group", "no-such-group-here"]).is_err());
         let cli = Cli::try_parse_from(["vublk", "--socket-path", "s", "--null", "1M", "--socket-mode", "0660", "--socket-group", "root"]).unwrap();
         assert_eq!((cli.socket_access().mode, cli.socket_access().group), (Some(0o660), Some(0)));
+    }
+
+    fn parse(args: &[&str]) -> Result<Cli, String> {
+        Cli::try_parse_from(std::iter::once("vublk").chain(args.iter().copied())).map_err(|e| e.to_string())
+    }
+
+    fn exports(args: &[&str]) -> Result<Vec<(Endpoint, ExportSpec)>, String> {
+        parse(args)?.exports()
+    }
+
+    /// The first user and group of the host that have a name and a non-zero id, as
+    /// (name, id), to check names resolve to the right id (not just to root's 0).
+    fn named(database: &str) -> (String, u32) {
+        std::fs::read_to_string(database)
+            .unwrap()
+            .lines()
+            .find_map(|l| {
+                let f: Vec<_> = l.split(':').collect();
+                let id: u32 = f.get(2)?.parse().ok()?;
+                (id != 0 && !f[0].is_empty() && f[0].parse::<u32>().is_err()).then(|| (f[0].to_string(), id))
+            })
+            .expect("a named non-root entry")
+    }
+
+    #[test]
+    fn allow_lists_take_numbers_and_names() {
+        let (user, uid) = named("/etc/passwd");
+        let (group, gid) = named("/etc/group");
+        let main = exports(&["--socket-path", "/a", "--null", "1M", "--allow-uids", &format!("1000,{user},root"), "--allow-gids", &group]).unwrap();
+        assert_eq!(main[0].1.allow, AllowList { uids: Some(vec![1000, uid, 0]), gids: Some(vec![gid]) });
+        // No list: everyone who can connect.
+        let open = exports(&["--socket-path", "/a", "--null", "1M"]).unwrap();
+        assert_eq!(open[0].1.allow, AllowList::default());
+        assert!(!open[0].1.allow.restricts());
+        // In --export, lists are separated by ':'.
+        let spec = format!("socket-path=/b,null=1M,allow-uids=1000:{user},allow-gids={group}:7");
+        let both = exports(&["--socket-path", "/a", "--null", "1M", "--allow-uids", "5", "--export", &spec]).unwrap();
+        assert_eq!(both[0].1.allow, AllowList { uids: Some(vec![5]), gids: None }, "the main export's own lists");
+        assert_eq!(both[1].1.allow, AllowList { uids: Some(vec![1000, uid]), gids: Some(vec![gid, 7]) }, "not the main export's");
+        let gids_only = exports(&["--export", "socket-path=/b,null=1M,allow-gids=0"]).unwrap();
+        assert_eq!(gids_only[0].1.allow, AllowList { uids: None, gids: Some(vec![0]) });
+    }
+
+    #[test]
+    fn bad_allow_lists_are_usage_errors() {
+        let base = ["--socket-path", "/a", "--null", "1M"];
+        for (option, value, expected) in [
+            ("--allow-uids", "no-such-user-here", "no user 'no-such-user-here' in /etc/passwd"),
+            ("--allow-gids", "no-such-group-here", "no group 'no-such-group-here' in /etc/group"),
+            ("--allow-uids", "1000,", "an empty user"),
+            ("--allow-uids", "4294967295", "is not a valid user id"),
+            ("--allow-gids", "-1", "no group '-1'"),
+        ] {
+            let err = parse(&[&base[..], &[&format!("{option}={value}")]].concat()).unwrap_err();
+            assert!(err.contains(expected), "{option} {value}: {err}");
+        }
+        for (spec, expected) in [
+            ("socket-path=/b,null=1M,allow-uids=no-such-user-here", "no user 'no-such-user-here'"),
+            ("socket-path=/b,null=1M,allow-gids=0:no-such-group-here", "no group 'no-such-group-here'"),
+            ("socket-path=/b,null=1M,allow-uids=1000,1001", "lists in --export are separated by ':'"),
+            ("socket-path=/b,null=1M,allow-uids=", "an empty user"),
+        ] {
+            let err = parse(&["--export", spec]).unwrap_err();
+            assert!(err.contains(expected), "{spec}: {err}");
+        }
+        // Lists for the main export when there is none would restrict nothing.
+        let err = exports(&["--export", "socket-path=/b,null=1M", "--allow-uids", "0"]).unwrap_err();
+        assert!(err.contains("apply to the main export"), "{err}");
+        // --single-process serves without a supervisor to check them.
+        let err = exports(&["--single-process", "--socket-path", "/a", "--null", "1M", "--allow-gids", "0"]).unwrap_err();
+        assert!(err.contains("--single-process does not check"), "{err}");
+    }
+
+    #[test]
+    fn exports_take_the_daemon_wide_socket_access_unless_they_set_their_own() {
+        let (group, gid) = named("/etc/group");
+        let list = exports(&[
+            "--socket-path", "/a", "--null", "1M", "--socket-mode", "0660", "--socket-group", "root",
+            "--export", "socket-path=/b,null=1M",
+            "--export", &format!("socket-path=/c,null=1M,socket-mode=0600,socket-group={group}"),
+            "--export", "socket-path=/d,null=1M,socket-mode=0o666",
+            "--export", "socket-path=/e,null=1M,socket-group=42",
+        ])
+        .unwrap();
+        let access: Vec<_> = list.iter().map(|(_, spec)| (spec.socket.mode, spec.socket.group)).collect();
+        assert_eq!(
+            access,
+            [
+                (Some(0o660), Some(0)),
+                (Some(0o660), Some(0)),
+                (Some(0o600), Some(gid)),
+                (Some(0o666), Some(0)),
+                (Some(0o660), Some(42)),
+            ]
+        );
+        // Nothing daemon-wide: the umask's mode and our group, as before.
+        let plain = exports(&["--export", "socket-path=/b,null=1M", "--export", "socket-path=/c,null=1M,socket-mode=0640"]).unwrap();
+        assert_eq!(plain[0].1.socket, SocketAccess::default());
+        assert_eq!(plain[1].1.socket, SocketAccess { mode: Some(0o640), group: None });
+        for bad in ["socket-mode=0999", "socket-mode=rw", "socket-mode=17777", "socket-group=no-such-group-here", "socket-group=4294967295"] {
+            let spec = format!("socket-path=/b,null=1M,{bad}");
+            assert!(parse(&["--export", &spec]).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn open_as_daemon_needs_an_allow_list() {
+        let err = exports(&["--socket-path", "/a", "--blk-file", "/a.img", "--open-as", "daemon"]).unwrap_err();
+        assert_eq!(
+            err,
+            "--open-as daemon needs --allow-uids or --allow-gids: the supervisor opens the image as root for \
+             whoever may connect to the socket, so say who may"
+        );
+        let err = parse(&["--export", "socket-path=/b,blk-file=/b.img,open-as=daemon"]).unwrap_err();
+        assert!(err.contains("open-as=daemon needs allow-uids= or allow-gids=: the supervisor opens the image as root"), "{err}");
+        // The main export's list is not the export's.
+        let err = parse(&["--socket-path", "/a", "--null", "1M", "--allow-uids", "0", "--export", "socket-path=/b,blk-file=/b.img,open-as=daemon"]).unwrap_err();
+        assert!(err.contains("open-as=daemon needs"), "{err}");
+        // Either list will do; open-as=vmm needs none.
+        assert!(exports(&["--socket-path", "/a", "--blk-file", "/a.img", "--open-as", "daemon", "--allow-uids", "0"]).is_ok());
+        assert!(exports(&["--socket-path", "/a", "--blk-file", "/a.img", "--open-as", "daemon", "--allow-gids", "0"]).is_ok());
+        assert!(exports(&["--export", "socket-path=/b,blk-file=/b.img,open-as=daemon,allow-gids=0"]).is_ok());
+        assert!(exports(&["--export", "socket-path=/b,blk-file=/b.img,open-as=vmm"]).is_ok());
+    }
+
+    #[test]
+    fn tenant_limits() {
+        let base = ["--socket-path", "/a", "--null", "1M"];
+        assert_eq!(parse(&base).unwrap().tenant_limits(), TenantLimits::default());
+        assert_eq!(
+            TenantLimits::default(),
+            TenantLimits { connections_per_vmm: DEFAULT_CONNECTIONS_PER_VMM, vms_per_uid: DEFAULT_VMS_PER_UID }
+        );
+        let cli = parse(&[&base[..], &["--max-connections-per-vmm", "65536", "--max-vms-per-uid", "1"]].concat()).unwrap();
+        assert_eq!(cli.tenant_limits(), TenantLimits { connections_per_vmm: 65536, vms_per_uid: 1 });
+        let cli = parse(&[&base[..], &["--max-connections-per-vmm", "1", "--max-vms-per-uid", "1000000"]].concat()).unwrap();
+        assert_eq!(cli.tenant_limits(), TenantLimits { connections_per_vmm: 1, vms_per_uid: 1_000_000 });
+        for bad in [
+            ["--max-connections-per-vmm", "0"],
+            ["--max-connections-per-vmm", "65537"],
+            ["--max-vms-per-uid", "0"],
+            ["--max-vms-per-uid", "1000001"],
+            ["--max-vms-per-uid", "many"],
+        ] {
+            assert!(parse(&[&base[..], &bad[..]].concat()).is_err(), "{bad:?}");
+        }
+        // Daemon-wide, not export keys.
+        assert!(parse(&["--export", "socket-path=/b,null=1M,max-vms-per-uid=3"]).is_err());
     }
 }

@@ -36,12 +36,19 @@ pub enum Mode {
 
 pub fn run(mode: Mode) -> Result<(), Box<dyn Error + Send + Sync>> {
     match mode {
-        Mode::Supervisor(exports, limits, control_socket) => {
+        Mode::Supervisor(mut exports, limits, control_socket) => {
             // Check every image before taking connections, so a typo fails at start-up rather
-            // than at the first VM. Workers open the images again, as their VMM's user.
-            for (_, export) in &exports {
+            // than at the first VM. Workers open the images again, as their VMM's user; for
+            // open-as=daemon the supervisor does, for each connection, and only the file found
+            // now.
+            for (_, export) in &mut exports {
                 if let disk::DiskSpec::Path(path) = &export.disk {
-                    Disk::open_file(path, export.open)?;
+                    if export.open_as == cli::OpenAs::Daemon {
+                        let (_, id) = Disk::open_for_daemon(path, export.open, None)?;
+                        export.daemon_file = Some(id);
+                    } else {
+                        Disk::open_file(path, export.open)?;
+                    }
                 }
             }
             supervisor::run(exports, limits, control_socket)?;

@@ -48,6 +48,9 @@ fn main() -> ExitCode {
             }
         }
     };
+    if cli.test_without_peer_pidfd {
+        vublk::identity::peer::test_without_peer_pidfd();
+    }
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)

@@ -263,3 +263,100 @@ fn a_failed_bind_leaves_no_socket_behind() {
     assert!(!control.exists(), "the status socket was left behind");
     assert_eq!(std::fs::read(&taken).unwrap(), b"keep me", "the file in the way was touched");
 }
+
+/// An `--export` without its own socket-mode or socket-group takes the daemon-wide ones; one
+/// with its own keeps them.
+#[test]
+fn exports_take_the_daemon_wide_socket_mode_and_group() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = test_dir();
+    let control = dir.path().join("control.sock");
+    let inherits = dir.path().join("inherits.sock");
+    let own = dir.path().join("own.sock");
+    let mut daemon = Daemon::start(
+        dir.path(),
+        &[
+            "--null", "1M", "--socket-mode", "0660", "--socket-group", "100",
+            "--export", &format!("socket-path={},null=1M", inherits.display()),
+            "--export", &format!("socket-path={},null=1M,socket-mode=0600,socket-group=0", own.display()),
+            "--control-socket", control.to_str().unwrap(),
+        ],
+    );
+    daemon.wait_for(&control);
+    let access = |path: &std::path::Path| {
+        let meta = std::fs::symlink_metadata(path).unwrap();
+        (meta.permissions().mode() & 0o7777, meta.gid())
+    };
+    assert_eq!(access(&daemon.socket), (0o660, 100));
+    assert_eq!(access(&inherits), (0o660, 100));
+    assert_eq!(access(&own), (0o600, 0));
+    daemon.stop();
+}
+
+/// `open-as=daemon` has the supervisor open the image with its own rights for whoever connects:
+/// it needs an allow-list (exit 2 otherwise, saying why), and follows no symbolic link (exit 1
+/// at start-up, naming the path).
+#[test]
+fn open_as_daemon_needs_an_allow_list_and_follows_no_link() {
+    let dir = test_dir();
+    let base = dir.path().canonicalize().unwrap();
+    let img = base.join("disk.img");
+    create_image(&img, MIB, 31);
+    let sock = base.join("never.sock");
+    let (img_s, sock_s) = (img.to_str().unwrap(), sock.to_str().unwrap());
+
+    let out = run_vublk(&["--socket-path", sock_s, "--blk-file", img_s, "--open-as", "daemon"]);
+    let line = assert_one_line_error(&out, 2, "--open-as daemon without an allow-list");
+    assert!(line.contains("--open-as daemon needs --allow-uids or --allow-gids"), "{line}");
+    let export = format!("socket-path={sock_s},blk-file={img_s},open-as=daemon");
+    let out = run_vublk(&["--export", &export]);
+    let line = assert_one_line_error(&out, 2, "open-as=daemon without an allow-list");
+    assert!(line.contains("open-as=daemon needs allow-uids= or allow-gids="), "{line}");
+
+    let link = base.join("link.img");
+    std::os::unix::fs::symlink(&img, &link).unwrap();
+    std::os::unix::fs::symlink(&base, base.join("dir-link")).unwrap();
+    for path in [link, base.join("dir-link/disk.img")] {
+        let export = format!("socket-path={sock_s},blk-file={},open-as=daemon,allow-uids=0", path.display());
+        let out = run_vublk(&["--export", &export]);
+        let line = assert_one_line_error(&out, 1, "a symbolic link with open-as=daemon");
+        assert!(
+            line.contains(&format!("{} is a symbolic link, or a directory on its way is", path.display())),
+            "{line}"
+        );
+        assert!(!sock.exists(), "left a socket behind");
+    }
+}
+
+/// The supervisor opens an `open-as=daemon` image again for each connection, and only the
+/// file it found at start-up: one put in its place later is refused, and the connection closed.
+#[test]
+fn open_as_daemon_refuses_a_replaced_image() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = test_dir();
+    let base = dir.path().canonicalize().unwrap();
+    let img = base.join("disk.img");
+    create_image(&img, MIB, 32);
+    let uid = std::fs::metadata("/proc/self").unwrap().uid().to_string();
+    let mut daemon = Daemon::start(
+        &base,
+        &["--blk-file", img.to_str().unwrap(), "--open-as", "daemon", "--allow-uids", &uid],
+    );
+    let client = Client::connect(&daemon.socket, 1);
+    assert_eq!(client.capacity(), MIB);
+    drop(client);
+
+    let replacement = base.join("new.img");
+    create_image(&replacement, 2 * MIB, 33);
+    std::fs::rename(&replacement, &img).unwrap();
+    let refused = Client::connect_with(&daemon.socket, ClientOpts::default());
+    assert!(refused.is_err(), "served a replaced image");
+    let expected = format!("{} is no longer the file vublk started with (device and inode changed)", img.display());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !daemon.log().contains(&expected) {
+        assert!(std::time::Instant::now() < deadline, "no '{expected}' in the log:\n{}", daemon.log());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    daemon.assert_running();
+    daemon.stop();
+}

@@ -1,12 +1,13 @@
 //! Where frontends come from: a socket path we create, or an inherited fd (QEMU's "backend
 //! program conventions", systemd socket activation, a launcher's socketpair).
 
-use std::io;
+use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use rustix::fs::{FileType, Mode, OFlags};
 use rustix::net::sockopt;
 
 use super::DaemonError;
@@ -44,15 +45,15 @@ impl Endpoint {
     }
 }
 
-fn bind(path: &PathBuf, access: SocketAccess) -> Result<Listener, DaemonError> {
-    let bind_err = |source| DaemonError::Bind { path: path.clone(), source };
+fn bind(path: &Path, access: SocketAccess) -> Result<Listener, DaemonError> {
+    let bind_err = |source| DaemonError::Bind { path: path.to_owned(), source };
     // A socket left behind by a daemon that died is replaced; a live one is not stolen.
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             return Err(bind_err(io::Error::new(io::ErrorKind::AlreadyExists, "a file that is not a socket is in the way")));
         }
         match UnixStream::connect(path) {
-            Ok(_) => return Err(DaemonError::SocketInUse { path: path.clone() }),
+            Ok(_) => return Err(DaemonError::SocketInUse { path: path.to_owned() }),
             Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
                 tracing::info!("removing stale socket {}", path.display());
                 std::fs::remove_file(path).map_err(bind_err)?;
@@ -60,15 +61,93 @@ fn bind(path: &PathBuf, access: SocketAccess) -> Result<Listener, DaemonError> {
             Err(e) => return Err(bind_err(e)),
         }
     }
-    let listener = UnixListener::bind(path).map_err(bind_err)?;
-    if let Some(group) = access.group {
-        std::os::unix::fs::chown(path, None, Some(group)).map_err(bind_err)?;
-    }
-    if let Some(mode) = access.mode {
-        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode)).map_err(bind_err)?;
+    // Created owner-only, so that nobody else can connect before the mode and group below are
+    // set. The umask is the process's: this is safe because nothing else runs yet (the
+    // supervisor and the single-process daemon bind before starting any thread).
+    let umask = rustix::process::umask(Mode::from_raw_mode(0o177));
+    let bound = UnixListener::bind(path);
+    rustix::process::umask(umask);
+    let listener = bound.map_err(bind_err)?;
+    // Without --socket-mode, what the umask would have given: the default is unchanged.
+    let mode = access.mode.unwrap_or(0o777 & !umask.bits());
+    let socket = open_bound(&listener, path).map_err(bind_err)?;
+    if let Err(e) = set_access(&socket, mode, access.group) {
+        // Ours (open_bound checked it): no socket is left behind with the wrong permissions.
+        let _ = std::fs::remove_file(path);
+        return Err(bind_err(e));
     }
     tracing::info!("listening on {}", path.display());
-    Ok(Listener::Listening { listener, created: Some(path.clone()) })
+    Ok(Listener::Listening { listener, created: Some(path.to_owned()) })
+}
+
+/// An `O_PATH` descriptor of the socket file `listener` was just bound to at `path`, checked to
+/// be that very socket: whoever may write the socket's directory could otherwise put a
+/// symbolic link (to /etc/shadow, say) or some other socket in its place before we set its
+/// mode and group, and have us change those of the wrong file. The descriptor pins the inode:
+/// what is done through it cannot reach another file.
+fn open_bound(listener: &UnixListener, path: &Path) -> io::Result<OwnedFd> {
+    let replaced = |what: &str| {
+        io::Error::other(format!("the new socket was replaced by {what} before its mode and group were set"))
+    };
+    let fd = rustix::fs::open(path, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
+        .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("cannot open the new socket to set its mode and group: {e}")))?;
+    let stat = rustix::fs::fstat(&fd)?;
+    if FileType::from_raw_mode(stat.st_mode) != FileType::Socket {
+        return Err(replaced("something that is not a socket"));
+    }
+    if stat.st_uid != rustix::process::geteuid().as_raw() {
+        return Err(replaced("another user's socket"));
+    }
+    // A socket of ours, but is it this one? Connect to the inode itself (its /proc link) and
+    // see a token sent that way arrive on our listener. Until the mode is set only we (and
+    // root) can connect, so the connection is accepted and read at once.
+    let token = format!("vublk {} {:?}", std::process::id(), std::time::SystemTime::now());
+    let mut probe = UnixStream::connect(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot connect to the new socket to check it is ours: {e}")))?;
+    probe.write_all(token.as_bytes())?;
+    listener.set_nonblocking(true)?;
+    let arrived = received(listener, token.as_bytes());
+    listener.set_nonblocking(false)?;
+    if !arrived? {
+        return Err(replaced("another socket"));
+    }
+    Ok(fd)
+}
+
+/// Whether a connection carrying `token` is waiting on `listener` (non-blocking); the ones
+/// before it, from root processes quicker than us, are closed (their frontend sees the
+/// connection fail, as when vublk is not up yet).
+fn received(listener: &UnixListener, token: &[u8]) -> io::Result<bool> {
+    loop {
+        let mut stream = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        stream.set_nonblocking(true)?;
+        let mut got = vec![0u8; token.len()];
+        if stream.read_exact(&mut got).is_ok() && got == token {
+            return Ok(true);
+        }
+        tracing::warn!("closing a connection that came before the socket's permissions were set");
+    }
+}
+
+/// Sets the group (if any), then the mode of the socket `socket` holds: in this order because a
+/// change of group may clear the set-group-ID bit.
+fn set_access(socket: &OwnedFd, mode: u32, group: Option<u32>) -> io::Result<()> {
+    if let Some(gid) = group {
+        rustix::fs::chownat(socket, "", None, Some(rustix::fs::Gid::from_raw(gid)), rustix::fs::AtFlags::EMPTY_PATH)
+            .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("cannot set its group to {gid}: {e}")))?;
+    }
+    // fchmod does not take an O_PATH descriptor; its /proc link leads to the same inode.
+    rustix::fs::chmodat(
+        rustix::fs::CWD,
+        format!("/proc/self/fd/{}", socket.as_raw_fd()),
+        Mode::from_raw_mode(mode),
+        rustix::fs::AtFlags::empty(),
+    )
+    .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("cannot set its mode to {mode:04o}: {e}")))
 }
 
 fn adopt(fd: RawFd) -> Result<Listener, DaemonError> {
@@ -104,5 +183,82 @@ impl Listener {
                 tracing::warn!("cannot remove {}: {e}", path.display());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// `bind` changes the process's umask for a moment: tests that bind take turns.
+    static UMASK: Mutex<()> = Mutex::new(());
+
+    fn bound(path: &Path, access: SocketAccess) -> Result<UnixListener, DaemonError> {
+        match bind(path, access)? {
+            Listener::Listening { listener, .. } => Ok(listener),
+            Listener::Connected(_) => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn mode_and_group_are_set_and_the_default_mode_is_the_umasks() {
+        let _turn = UMASK.lock().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.sock");
+        let _listener = bound(&path, SocketAccess { mode: Some(0o660), group: Some(100) }).unwrap();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert_eq!((meta.permissions().mode() & 0o7777, meta.gid()), (0o660, 100));
+
+        let umask = rustix::process::umask(Mode::from_raw_mode(0o027));
+        let plain = dir.path().join("b.sock");
+        let listener = bound(&plain, SocketAccess::default());
+        rustix::process::umask(umask);
+        let _listener = listener.unwrap();
+        let meta = std::fs::symlink_metadata(&plain).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o750);
+        assert_eq!(meta.gid(), rustix::process::getegid().as_raw());
+        assert_eq!(rustix::process::umask(umask), umask, "the umask was not restored");
+        // The check that the socket is ours took its own connection away.
+        let Listener::Listening { listener, .. } = bind(&dir.path().join("c.sock"), SocketAccess::default()).unwrap() else {
+            unreachable!()
+        };
+        listener.set_nonblocking(true).unwrap();
+        assert_eq!(listener.accept().unwrap_err().kind(), io::ErrorKind::WouldBlock, "a connection is left waiting");
+    }
+
+    /// What is at the path when the permissions are set must be the socket just bound: not a
+    /// link (its target's permissions would change), not another socket, not a file.
+    #[test]
+    fn only_the_socket_just_bound_gets_the_permissions() {
+        let _turn = UMASK.lock().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let ours = dir.path().join("ours.sock");
+        let listener = UnixListener::bind(&ours).unwrap();
+        assert!(open_bound(&listener, &ours).is_ok());
+
+        let target = dir.path().join("target");
+        std::fs::write(&target, b"").unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let link = dir.path().join("link.sock");
+        std::os::unix::fs::symlink(&ours, &link).unwrap();
+        let other = dir.path().join("other.sock");
+        let _other_listener = UnixListener::bind(&other).unwrap();
+        let file_link = dir.path().join("file-link.sock");
+        std::os::unix::fs::symlink(&target, &file_link).unwrap();
+        for (path, expected) in [
+            (&link, "the new socket was replaced by something that is not a socket before its mode and group were set"),
+            (&file_link, "the new socket was replaced by something that is not a socket before its mode and group were set"),
+            (&target, "the new socket was replaced by something that is not a socket before its mode and group were set"),
+            (&other, "the new socket was replaced by another socket before its mode and group were set"),
+        ] {
+            let err = open_bound(&listener, path).unwrap_err();
+            assert_eq!(err.to_string(), expected, "{}", path.display());
+        }
+        assert_eq!(std::fs::metadata(&target).unwrap().permissions().mode() & 0o777, 0o600);
+        // The listener is left blocking, as it was.
+        assert!(!rustix::fs::fcntl_getfl(&listener).unwrap().contains(OFlags::NONBLOCK));
     }
 }

@@ -35,6 +35,13 @@ pub struct OpenOptions {
     pub direct: bool,
 }
 
+/// Which file a path led to: device and inode, as `stat` reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
 /// How a write-zeroes request is carried out on this backing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ZeroesMethod {
@@ -94,6 +101,10 @@ pub enum DiskError {
     },
     #[error("{path} is neither a regular file nor a block device")]
     NotAFileOrBlockDevice { path: PathBuf },
+    #[error("{path} is a symbolic link, or a directory on its way is (open-as=daemon does not follow symbolic links)")]
+    SymbolicLink { path: PathBuf },
+    #[error("{path} is no longer the file vublk started with (device and inode changed)")]
+    Replaced { path: PathBuf },
     #[error("the null backing needs a size of at least 512 bytes")]
     NullTooSmall,
 }
@@ -138,6 +149,48 @@ impl Disk {
             .custom_flags(flags)
             .open(path)
             .map_err(|source| DiskError::Open { path: path.to_owned(), source })
+    }
+
+    /// Opens the image or block device at `path` for `open-as=daemon`, where the supervisor
+    /// opens it with its own rights on behalf of a VMM: no symbolic link is followed, in the
+    /// last component or any directory before it (whoever may write one of those directories
+    /// could otherwise point the path at any file of the host), only a regular file or a block
+    /// device is opened (a FIFO or a device is not even opened: that can block or have side
+    /// effects), and with `expected`, only that file (device and inode), so a file put in the
+    /// image's place after start-up is refused. Returns the file and what it is.
+    pub fn open_for_daemon(
+        path: &Path,
+        options: OpenOptions,
+        expected: Option<FileId>,
+    ) -> Result<(File, FileId), DiskError> {
+        let open_err = |source: io::Error| DiskError::Open { path: path.to_owned(), source };
+        let found = nofollow::open_path(path).map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => DiskError::SymbolicLink { path: path.to_owned() },
+            _ => open_err(e),
+        })?;
+        let stat = rustix::fs::fstat(&found).map_err(|e| open_err(e.into()))?;
+        let id = FileId { dev: stat.st_dev, ino: stat.st_ino };
+        let file_type = rustix::fs::FileType::from_raw_mode(stat.st_mode);
+        if file_type == rustix::fs::FileType::Symlink {
+            // Only on the fallback for kernels without openat2 (O_PATH|O_NOFOLLOW stops at the
+            // link itself).
+            return Err(DiskError::SymbolicLink { path: path.to_owned() });
+        }
+        if expected.is_some_and(|e| e != id) {
+            return Err(DiskError::Replaced { path: path.to_owned() });
+        }
+        if !matches!(file_type, rustix::fs::FileType::RegularFile | rustix::fs::FileType::BlockDevice) {
+            return Err(DiskError::NotAFileOrBlockDevice { path: path.to_owned() });
+        }
+        // Open the inode just checked for I/O through its /proc link, which cannot lead
+        // anywhere else.
+        use std::os::fd::AsRawFd;
+        let file = Self::open_file(Path::new(&format!("/proc/self/fd/{}", found.as_raw_fd())), options)
+            .map_err(|e| match e {
+                DiskError::Open { source, .. } => open_err(source),
+                other => other,
+            })?;
+        Ok((file, id))
     }
 
     fn open_path(path: &Path, options: OpenOptions) -> Result<Disk, DiskError> {
@@ -221,6 +274,48 @@ impl Disk {
     }
 }
 
+/// Opening a path without following symbolic links anywhere in it.
+mod nofollow {
+    use std::io;
+    use std::os::fd::OwnedFd;
+    use std::path::{Component, Path};
+
+    use rustix::fs::{openat, openat2, Mode, OFlags, ResolveFlags, CWD};
+
+    /// An `O_PATH` descriptor of `path` (nothing is opened for I/O); ELOOP if `path` or a
+    /// directory on its way is a symbolic link. Without openat2 (before Linux 5.6, or under a
+    /// seccomp filter that refuses it) the path is walked one component at a time.
+    pub(super) fn open_path(path: &Path) -> io::Result<OwnedFd> {
+        match openat2(CWD, path, OFlags::PATH | OFlags::CLOEXEC, Mode::empty(), ResolveFlags::NO_SYMLINKS) {
+            Err(rustix::io::Errno::NOSYS | rustix::io::Errno::PERM) => walk(path),
+            result => Ok(result?),
+        }
+    }
+
+    /// `open_path` with one `O_PATH | O_NOFOLLOW` open per component, each relative to the
+    /// directory the one before opened.
+    pub(super) fn walk(path: &Path) -> io::Result<OwnedFd> {
+        let start = if path.is_absolute() { "/" } else { "." };
+        let mut at = openat(CWD, start, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
+        let mut components = path.components().filter(|c| !matches!(c, Component::RootDir | Component::CurDir)).peekable();
+        if components.peek().is_none() && path.as_os_str().is_empty() {
+            return Err(io::Error::from_raw_os_error(libc::ENOENT));
+        }
+        for component in components {
+            let name = match component {
+                Component::Normal(name) => name,
+                _ => "..".as_ref(),
+            };
+            let next = openat(&at, name, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?;
+            if rustix::fs::FileType::from_raw_mode(rustix::fs::fstat(&next)?.st_mode) == rustix::fs::FileType::Symlink {
+                return Err(io::Error::from_raw_os_error(libc::ELOOP));
+            }
+            at = next;
+        }
+        Ok(at)
+    }
+}
+
 fn fnv1a32(data: &[u8]) -> u32 {
     data.iter().fold(0x811c_9dc5u32, |h, b| {
         (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
@@ -286,5 +381,95 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("/nonexistent/vublk.img"), "{err}");
+    }
+
+    /// What `open_for_daemon` refuses, and that it says why: a symbolic link as the last
+    /// component or as a directory on the way, what is neither a regular file nor a block
+    /// device, and a file put in the image's place after start-up.
+    #[test]
+    fn open_for_daemon_follows_no_link_and_opens_only_the_file_it_started_with() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        // Without the links the temporary directory's own path may have.
+        let base = dir.path().canonicalize().unwrap();
+        let real = base.join("real");
+        std::fs::create_dir(&real).unwrap();
+        let img = real.join("disk.img");
+        std::fs::write(&img, vec![1u8; 4096]).unwrap();
+        let opts = OpenOptions::default();
+
+        let (file, id) = Disk::open_for_daemon(&img, opts, None).unwrap();
+        let meta = std::fs::metadata(&img).unwrap();
+        assert_eq!(id, FileId { dev: meta.dev(), ino: meta.ino() });
+        assert_eq!(file.metadata().unwrap().ino(), meta.ino());
+        // Opened for I/O as asked: writable unless read-only.
+        let (file, _) = Disk::open_for_daemon(&img, opts, Some(id)).unwrap();
+        assert!(Disk::from_file(file, &img, opts).is_ok());
+        let (ro, _) = Disk::open_for_daemon(&img, OpenOptions { read_only: true, direct: false }, Some(id)).unwrap();
+        use std::io::Write;
+        assert!((&ro).write(b"x").is_err(), "read-only open is writable");
+
+        let link = base.join("link.img");
+        std::os::unix::fs::symlink(&img, &link).unwrap();
+        let dir_link = base.join("dirlink");
+        std::os::unix::fs::symlink(&real, &dir_link).unwrap();
+        let fifo = base.join("fifo");
+        rustix::fs::mknodat(rustix::fs::CWD, &fifo, rustix::fs::FileType::Fifo, rustix::fs::Mode::from_raw_mode(0o600), 0).unwrap();
+        for path in [link.clone(), dir_link.join("disk.img")] {
+            let err = Disk::open_for_daemon(&path, opts, None).unwrap_err();
+            assert!(matches!(err, DiskError::SymbolicLink { .. }), "{}: {err}", path.display());
+            assert_eq!(
+                err.to_string(),
+                format!("{} is a symbolic link, or a directory on its way is (open-as=daemon does not follow symbolic links)", path.display())
+            );
+        }
+        // A FIFO is not opened at all (that would block until a writer came).
+        for path in [fifo.clone(), real.clone(), PathBuf::from("/dev/null")] {
+            let err = Disk::open_for_daemon(&path, opts, None).unwrap_err();
+            assert_eq!(err.to_string(), format!("{} is neither a regular file nor a block device", path.display()));
+        }
+
+        // Same path, another file: refused, whether renamed over or deleted and recreated.
+        let replacement = real.join("new.img");
+        std::fs::write(&replacement, vec![2u8; 4096]).unwrap();
+        std::fs::rename(&replacement, &img).unwrap();
+        let err = Disk::open_for_daemon(&img, opts, Some(id)).unwrap_err();
+        assert!(matches!(err, DiskError::Replaced { .. }), "{err}");
+        assert_eq!(
+            err.to_string(),
+            format!("{} is no longer the file vublk started with (device and inode changed)", img.display())
+        );
+        // Nor does a link to the original, put in its place, get through.
+        std::fs::remove_file(&img).unwrap();
+        std::os::unix::fs::symlink(&link, &img).unwrap();
+        let err = Disk::open_for_daemon(&img, opts, Some(id)).unwrap_err();
+        assert!(matches!(err, DiskError::SymbolicLink { .. }), "{err}");
+        std::fs::remove_file(&img).unwrap();
+        let err = Disk::open_for_daemon(&img, opts, Some(id)).unwrap_err();
+        assert!(matches!(err, DiskError::Open { .. }) && err.to_string().contains("disk.img"), "{err}");
+    }
+
+    /// The fallback for kernels without openat2 refuses the same links.
+    #[test]
+    fn walking_the_path_stops_at_every_symbolic_link() {
+        let dir = tempfile::tempdir().unwrap();
+        // Without the links the temporary directory's own path may have.
+        let base = dir.path().canonicalize().unwrap();
+        let real = base.join("real");
+        std::fs::create_dir(&real).unwrap();
+        let img = real.join("disk.img");
+        std::fs::write(&img, b"x").unwrap();
+        std::os::unix::fs::symlink(&img, base.join("link.img")).unwrap();
+        std::os::unix::fs::symlink(&real, base.join("dirlink")).unwrap();
+        let ino = |fd: &std::os::fd::OwnedFd| rustix::fs::fstat(fd).unwrap().st_ino;
+        let want = rustix::fs::stat(&img).unwrap().st_ino;
+        assert_eq!(ino(&nofollow::walk(&img).unwrap()), want);
+        assert_eq!(ino(&nofollow::walk(&real.join("./../real/disk.img")).unwrap()), want);
+        for path in [base.join("link.img"), base.join("dirlink/disk.img")] {
+            let err = nofollow::walk(&path).unwrap_err();
+            assert_eq!(err.raw_os_error(), Some(libc::ELOOP), "{}: {err}", path.display());
+        }
+        assert_eq!(nofollow::walk(Path::new("")).unwrap_err().raw_os_error(), Some(libc::ENOENT));
+        assert_eq!(nofollow::walk(&img.join("x")).unwrap_err().raw_os_error(), Some(libc::ENOTDIR));
     }
 }

@@ -460,7 +460,7 @@ impl Supervisor {
         };
         let spec = &self.exports[handoff.export].spec;
         if let (OpenAs::Daemon, DiskSpec::Path(path)) = (spec.open_as, &spec.disk) {
-            match Disk::open_file(path, spec.open) {
+            match Disk::open_for_daemon(path, spec.open, spec.daemon_file).map(|(file, _)| file) {
                 Ok(file) => handoff.disk = Some(OwnedFd::from(file)),
                 Err(e) => {
                     let line = crate::error_line(&e);

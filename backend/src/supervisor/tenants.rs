@@ -105,6 +105,7 @@ impl StartBackoff {
 }
 
 /// A log budget per uid: a burst of lines, then one line saying how many were left out.
+#[derive(Default)]
 pub struct TenantLog {
     per_uid: HashMap<u32, RateLimit>,
 }
@@ -114,12 +115,6 @@ const LOG_BURST: u32 = 10;
 const LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// Most uids tracked at once (uids are few; a user namespace's unmapped ids are one uid).
 const MAX_UIDS: usize = 4096;
-
-impl Default for TenantLog {
-    fn default() -> TenantLog {
-        TenantLog { per_uid: HashMap::new() }
-    }
-}
 
 impl TenantLog {
     /// Whether a line caused by `uid` may be written now: `Some(n)` with the number of lines
