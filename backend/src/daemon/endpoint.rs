@@ -1,7 +1,7 @@
 //! Where frontends come from: a socket path we create, or an inherited fd (QEMU's "backend
 //! program conventions", systemd socket activation, a launcher's socketpair).
 
-use std::io::{self, Read, Write};
+use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -70,7 +70,7 @@ fn bind(path: &Path, access: SocketAccess) -> Result<Listener, DaemonError> {
     let listener = bound.map_err(bind_err)?;
     // Without --socket-mode, what the umask would have given: the default is unchanged.
     let mode = access.mode.unwrap_or(0o777 & !umask.bits());
-    let socket = open_bound(&listener, path).map_err(bind_err)?;
+    let socket = open_bound(path).map_err(bind_err)?;
     if let Err(e) = set_access(&socket, mode, access.group) {
         // Ours (open_bound checked it): no socket is left behind with the wrong permissions.
         let _ = std::fs::remove_file(path);
@@ -80,12 +80,16 @@ fn bind(path: &Path, access: SocketAccess) -> Result<Listener, DaemonError> {
     Ok(Listener::Listening { listener, created: Some(path.to_owned()) })
 }
 
-/// An `O_PATH` descriptor of the socket file `listener` was just bound to at `path`, checked to
-/// be that very socket: whoever may write the socket's directory could otherwise put a
-/// symbolic link (to /etc/shadow, say) or some other socket in its place before we set its
-/// mode and group, and have us change those of the wrong file. The descriptor pins the inode:
-/// what is done through it cannot reach another file.
-fn open_bound(listener: &UnixListener, path: &Path) -> io::Result<OwnedFd> {
+/// An `O_PATH` descriptor of the socket file just bound at `path`, checked to be a socket of
+/// ours: whoever may write the socket's directory could otherwise put a symbolic link (to
+/// /etc/shadow, say) or a file in its place before we set its mode and group, and have us
+/// change those of the wrong file. A user other than ours cannot make a socket we own, so
+/// only another process of our own user could swap in another socket. The descriptor pins the
+/// inode: what is done through it cannot reach another file.
+///
+/// No connection is made to check it further: the socket exists, and a frontend may already
+/// be connecting to it.
+fn open_bound(path: &Path) -> io::Result<OwnedFd> {
     let replaced = |what: &str| {
         io::Error::other(format!("the new socket was replaced by {what} before its mode and group were set"))
     };
@@ -98,39 +102,7 @@ fn open_bound(listener: &UnixListener, path: &Path) -> io::Result<OwnedFd> {
     if stat.st_uid != rustix::process::geteuid().as_raw() {
         return Err(replaced("another user's socket"));
     }
-    // A socket of ours, but is it this one? Connect to the inode itself (its /proc link) and
-    // see a token sent that way arrive on our listener. Until the mode is set only we (and
-    // root) can connect, so the connection is accepted and read at once.
-    let token = format!("vublk {} {:?}", std::process::id(), std::time::SystemTime::now());
-    let mut probe = UnixStream::connect(format!("/proc/self/fd/{}", fd.as_raw_fd()))
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot connect to the new socket to check it is ours: {e}")))?;
-    probe.write_all(token.as_bytes())?;
-    listener.set_nonblocking(true)?;
-    let arrived = received(listener, token.as_bytes());
-    listener.set_nonblocking(false)?;
-    if !arrived? {
-        return Err(replaced("another socket"));
-    }
     Ok(fd)
-}
-
-/// Whether a connection carrying `token` is waiting on `listener` (non-blocking); the ones
-/// before it, from root processes quicker than us, are closed (their frontend sees the
-/// connection fail, as when vublk is not up yet).
-fn received(listener: &UnixListener, token: &[u8]) -> io::Result<bool> {
-    loop {
-        let mut stream = match listener.accept() {
-            Ok((stream, _)) => stream,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-            Err(e) => return Err(e),
-        };
-        stream.set_nonblocking(true)?;
-        let mut got = vec![0u8; token.len()];
-        if stream.read_exact(&mut got).is_ok() && got == token {
-            return Ok(true);
-        }
-        tracing::warn!("closing a connection that came before the socket's permissions were set");
-    }
 }
 
 /// Sets the group (if any), then the mode of the socket `socket` holds: in this order because a
@@ -221,12 +193,6 @@ mod tests {
         assert_eq!(meta.permissions().mode() & 0o7777, 0o750);
         assert_eq!(meta.gid(), rustix::process::getegid().as_raw());
         assert_eq!(rustix::process::umask(umask), umask, "the umask was not restored");
-        // The check that the socket is ours took its own connection away.
-        let Listener::Listening { listener, .. } = bind(&dir.path().join("c.sock"), SocketAccess::default()).unwrap() else {
-            unreachable!()
-        };
-        listener.set_nonblocking(true).unwrap();
-        assert_eq!(listener.accept().unwrap_err().kind(), io::ErrorKind::WouldBlock, "a connection is left waiting");
     }
 
     /// What is at the path when the permissions are set must be the socket just bound: not a
@@ -236,29 +202,24 @@ mod tests {
         let _turn = UMASK.lock().unwrap();
         let dir = tempfile::tempdir().unwrap();
         let ours = dir.path().join("ours.sock");
-        let listener = UnixListener::bind(&ours).unwrap();
-        assert!(open_bound(&listener, &ours).is_ok());
+        let _listener = UnixListener::bind(&ours).unwrap();
+        assert!(open_bound(&ours).is_ok());
 
         let target = dir.path().join("target");
         std::fs::write(&target, b"").unwrap();
         std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
         let link = dir.path().join("link.sock");
         std::os::unix::fs::symlink(&ours, &link).unwrap();
-        let other = dir.path().join("other.sock");
-        let _other_listener = UnixListener::bind(&other).unwrap();
         let file_link = dir.path().join("file-link.sock");
         std::os::unix::fs::symlink(&target, &file_link).unwrap();
         for (path, expected) in [
             (&link, "the new socket was replaced by something that is not a socket before its mode and group were set"),
             (&file_link, "the new socket was replaced by something that is not a socket before its mode and group were set"),
             (&target, "the new socket was replaced by something that is not a socket before its mode and group were set"),
-            (&other, "the new socket was replaced by another socket before its mode and group were set"),
         ] {
-            let err = open_bound(&listener, path).unwrap_err();
+            let err = open_bound(path).unwrap_err();
             assert_eq!(err.to_string(), expected, "{}", path.display());
         }
         assert_eq!(std::fs::metadata(&target).unwrap().permissions().mode() & 0o777, 0o600);
-        // The listener is left blocking, as it was.
-        assert!(!rustix::fs::fcntl_getfl(&listener).unwrap().contains(OFlags::NONBLOCK));
     }
 }

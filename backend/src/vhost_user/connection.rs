@@ -1,4 +1,7 @@
 //! Serving one connected frontend until it goes away.
+//!
+//! What a connection logs (a refused request, its end) goes through the VMM's log budget
+//! ([`vmm_line!`]): a VMM can send bad requests, or connect and disconnect, in a loop.
 
 use std::io;
 use std::os::unix::net::UnixStream;
@@ -9,6 +12,7 @@ use vhost::vhost_user::{BackendReqHandler, Error as VhostUserError};
 
 use super::device::VirtioDevice;
 use super::session::Session;
+use crate::ratelimit::vmm_line;
 
 /// Why a connection ended.
 #[derive(Debug)]
@@ -52,12 +56,18 @@ pub fn serve_connection<D: VirtioDevice>(
     let session = Arc::new(Mutex::new(Session::new(device)));
     let mut handler = BackendReqHandler::from_stream(stream, session.clone());
     let end = loop {
-        match handler.handle_request() {
+        let result = handler.handle_request();
+        // Taken after every request: the vhost crate answers some refusals itself (an empty
+        // GET_CONFIG reply) and returns Ok.
+        let explained = session.lock().unwrap_or_else(|e| e.into_inner()).take_explained();
+        match result {
             Ok(()) => {}
             Err(VhostUserError::Disconnected) => break ConnectionEnd::Disconnected,
             Err(e) if is_fatal(&e) => break ConnectionEnd::Failed(e),
-            // The frontend was told (NACK with REPLY_ACK) and the stream is still in step.
-            Err(e) => tracing::warn!("request refused: {e}"),
+            // The frontend was told (NACK with REPLY_ACK) and the stream is still in step. The
+            // session has logged why, unless the vhost crate refused it before reaching us.
+            Err(e) if explained => tracing::debug!("request refused: {e}"),
+            Err(e) => vmm_line!(warn, "request refused: {e}"),
         }
     };
     session
@@ -92,8 +102,8 @@ impl ConnectionThread {
                 *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(clone);
             });
             match end {
-                ConnectionEnd::Disconnected => tracing::info!("frontend disconnected; device stopped"),
-                ConnectionEnd::Failed(e) => tracing::warn!("connection ended: {e}; device stopped"),
+                ConnectionEnd::Disconnected => vmm_line!(info, "frontend disconnected; device stopped"),
+                ConnectionEnd::Failed(e) => vmm_line!(warn, "connection ended: {e}; device stopped"),
             }
             on_end();
         })?;

@@ -3,6 +3,9 @@
 //! `vhost::vhost_user::BackendReqHandler` decodes messages and calls into [`Session`]; the
 //! session keeps the negotiated features, the memory table and the vrings, and starts and
 //! stops queue threads running the device's queue loop.
+//!
+//! Every line a frontend's messages can make it write goes through the VMM's log budget
+//! ([`vmm_line!`]): a VMM can send the same bad message in a loop.
 
 use std::fs::File;
 use std::io;
@@ -27,8 +30,9 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device::VirtioDevice;
-use super::memory::{GuestMemoryHandle, MemoryError, RegionPin, Retiring};
+use super::memory::{GuestMemoryHandle, RegionPin, Retiring};
 use super::vring::Vring;
+use crate::ratelimit::vmm_line;
 
 /// The memory slots we accept with CONFIGURE_MEM_SLOTS (the kernel's vhost limit, which QEMU
 /// and cloud-hypervisor are used to).
@@ -50,11 +54,6 @@ fn handler_error(e: impl std::error::Error + Send + Sync + 'static) -> VhostUser
     VhostUserError::ReqHandlerError(io::Error::other(e))
 }
 
-fn frontend_error(what: &'static str) -> VhostUserError {
-    tracing::warn!("frontend error: {what}");
-    VhostUserError::InvalidOperation(what)
-}
-
 /// One frontend's device state.
 pub struct Session<D: VirtioDevice> {
     device: Arc<D>,
@@ -63,6 +62,8 @@ pub struct Session<D: VirtioDevice> {
     acked_protocol_features: u64,
     memory: GuestMemoryHandle,
     vrings: Vec<Vring>,
+    /// The current request's refusal has been logged (see [`Session::take_explained`]).
+    explained: bool,
 }
 
 impl<D: VirtioDevice> Session<D> {
@@ -79,7 +80,26 @@ impl<D: VirtioDevice> Session<D> {
             acked_protocol_features: 0,
             memory,
             vrings,
+            explained: false,
         }
+    }
+
+    /// Whether the request just handled was refused with a line of its own, so the caller
+    /// need not log the error again; clears the note for the next request.
+    pub fn take_explained(&mut self) -> bool {
+        std::mem::take(&mut self.explained)
+    }
+
+    /// Refuses a request the frontend should not have sent.
+    fn frontend_error(&mut self, what: &'static str) -> VhostUserError {
+        self.explain(format_args!("frontend error: {what}"));
+        VhostUserError::InvalidOperation(what)
+    }
+
+    /// Logs why the current request is refused.
+    fn explain(&mut self, line: std::fmt::Arguments<'_>) {
+        vmm_line!(warn, "{line}");
+        self.explained = true;
     }
 
     /// The guest memory shared with this session's queue threads.
@@ -120,7 +140,8 @@ impl<D: VirtioDevice> Session<D> {
         while !waiting.is_empty() {
             let waited = start.elapsed();
             if !cancelled && waited >= bound {
-                tracing::warn!(
+                vmm_line!(
+                    warn,
                     "retiring memory: {} request(s) still in flight after {} ms; cancelling them",
                     waiting.iter().map(|p| p.in_flight()).sum::<usize>(),
                     waited.as_millis()
@@ -141,7 +162,8 @@ impl<D: VirtioDevice> Session<D> {
         stats.retire_waits.fetch_add(1, Ordering::Relaxed);
         stats.longest_retire_wait_us.fetch_max(waited.as_micros() as u64, Ordering::Relaxed);
         let regions: Vec<String> = retiring.pins.iter().map(|p| format!("{:#x}", p.guest_phys_addr)).collect();
-        tracing::info!(
+        vmm_line!(
+            info,
             "retired region(s) {} after waiting {} ms for {requests} request(s){}",
             regions.join(", "),
             waited.as_millis(),
@@ -150,9 +172,10 @@ impl<D: VirtioDevice> Session<D> {
     }
 
     fn vring(&mut self, index: u32) -> VhostUserResult<&mut Vring> {
-        self.vrings
-            .get_mut(index as usize)
-            .ok_or_else(|| frontend_error("vring index out of range"))
+        if index as usize >= self.vrings.len() {
+            return Err(self.frontend_error("vring index out of range"));
+        }
+        Ok(&mut self.vrings[index as usize])
     }
 
     fn protocol_features_negotiated(&self) -> bool {
@@ -167,26 +190,27 @@ impl<D: VirtioDevice> Session<D> {
         let device = self.device.clone();
         let memory = self.memory.clone();
         let max_size = self.device.max_queue_size();
-        let vring = &mut self.vrings[index];
+        let vring = &self.vrings[index];
         if vring.is_started() {
             return Ok(());
         }
+        let (size, base) = (vring.size, vring.base);
         let (Some(desc), Some(avail), Some(used)) = (vring.desc, vring.avail, vring.used) else {
-            return Err(frontend_error("ring kicked before its addresses were set"));
+            return Err(self.frontend_error("ring kicked before its addresses were set"));
         };
         if generation.is_empty() {
-            return Err(frontend_error("ring kicked before any memory table was set"));
+            return Err(self.frontend_error("ring kicked before any memory table was set"));
         }
         let mut queue = Queue::new(max_size).map_err(handler_error)?;
-        queue.try_set_size(vring.size).map_err(handler_error)?;
+        queue.try_set_size(size).map_err(handler_error)?;
         queue.try_set_desc_table_address(desc).map_err(handler_error)?;
         queue.try_set_avail_ring_address(avail).map_err(handler_error)?;
         queue.try_set_used_ring_address(used).map_err(handler_error)?;
         queue.set_event_idx(event_idx);
-        queue.set_next_avail(vring.base);
+        queue.set_next_avail(base);
         queue.set_ready(true);
         if !queue.is_valid(generation.memory()) {
-            return Err(frontend_error("ring addresses are not inside guest memory"));
+            return Err(self.frontend_error("ring addresses are not inside guest memory"));
         }
         // After a guest reset or a backend restart, the used index lives in guest memory.
         let used_idx = queue
@@ -194,36 +218,35 @@ impl<D: VirtioDevice> Session<D> {
             .map_err(handler_error)?;
         queue.set_next_used(used_idx.0);
 
+        let vring = &mut self.vrings[index];
         let Some(kick) = vring.kick.as_ref().map(|k| k.try_clone()).transpose().map_err(VhostUserError::ReqHandlerError)? else {
             return Ok(());
         };
         let span = tracing::Span::current();
-        vring
-            .start(queue, kick, index, memory, move |running| {
-                let queue_loop = device.prepare_queue(running)?;
-                std::thread::Builder::new()
-                    .name(format!("vublk-q{index}"))
-                    .spawn(move || {
-                        let _span = tracing::info_span!(parent: &span, "queue", q = index).entered();
-                        queue_loop()
-                    })
-            })
-            .map_err(|e| {
-                if e.raw_os_error() == Some(libc::EAGAIN) {
-                    tracing::error!(
-                        "cannot create the thread for queue {index}: the thread limit \
-                         (RLIMIT_NPROC or pids.max) is reached"
-                    );
-                } else {
-                    tracing::error!("cannot start queue {index}: {e}");
-                }
-                VhostUserError::ReqHandlerError(e)
-            })?;
-        tracing::debug!(
-            "queue {index} started: size {}, base {}, event_idx {event_idx}",
-            vring.size,
-            vring.base
-        );
+        let started = vring.start(queue, kick, index, memory, move |running| {
+            let queue_loop = device.prepare_queue(running)?;
+            std::thread::Builder::new()
+                .name(format!("vublk-q{index}"))
+                .spawn(move || {
+                    let _span = tracing::info_span!(parent: &span, "queue", q = index).entered();
+                    queue_loop()
+                })
+        });
+        if let Err(e) = started {
+            // The VMM's own thread limit: it can kick the ring again and again.
+            if e.raw_os_error() == Some(libc::EAGAIN) {
+                vmm_line!(
+                    error,
+                    "cannot create the thread for queue {index}: the thread limit \
+                     (RLIMIT_NPROC or pids.max) is reached"
+                );
+            } else {
+                vmm_line!(error, "cannot start queue {index}: {e}");
+            }
+            self.explained = true;
+            return Err(VhostUserError::ReqHandlerError(e));
+        }
+        tracing::debug!("queue {index} started: size {size}, base {base}, event_idx {event_idx}");
         Ok(())
     }
 }
@@ -243,7 +266,7 @@ fn eventfd_from_file(file: File) -> EventFd {
 impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Session<D> {
     fn set_owner(&mut self) -> VhostUserResult<()> {
         if self.owned {
-            return Err(frontend_error("SET_OWNER sent twice"));
+            return Err(self.frontend_error("SET_OWNER sent twice"));
         }
         self.owned = true;
         Ok(())
@@ -270,7 +293,8 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Session<D> {
     fn set_features(&mut self, features: u64) -> VhostUserResult<()> {
         let offered = self.device.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         if features & !offered != 0 {
-            tracing::warn!("frontend acked features we did not offer: {:#x}", features & !offered);
+            let extra = features & !offered;
+            self.explain(format_args!("frontend acked features we did not offer: {extra:#x}"));
             return Err(VhostUserError::InvalidParam);
         }
         self.acked_features = features;
@@ -291,15 +315,18 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Session<D> {
         postcopy_listening: Option<bool>,
     ) -> VhostUserResult<Option<Vec<VhostUserMemoryRegionBase>>> {
         if postcopy_listening.is_some() {
-            return Err(frontend_error("postcopy is not supported"));
+            return Err(self.frontend_error("postcopy is not supported"));
         }
         if ctx.len() != files.len() {
-            return Err(frontend_error("SET_MEM_TABLE: region and fd counts differ"));
+            return Err(self.frontend_error("SET_MEM_TABLE: region and fd counts differ"));
         }
-        let (generation, retiring) = self.memory.set_table(ctx, files).map_err(|e| {
-            tracing::warn!("SET_MEM_TABLE refused: {e}");
-            handler_error(e)
-        })?;
+        let (generation, retiring) = match self.memory.set_table(ctx, files) {
+            Ok(installed) => installed,
+            Err(e) => {
+                self.explain(format_args!("SET_MEM_TABLE refused: {e}"));
+                return Err(handler_error(e));
+            }
+        };
         tracing::debug!("memory table generation {} installed ({} regions)", generation.id(), ctx.len());
         drop(generation);
         self.retire(retiring);
@@ -310,7 +337,7 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Session<D> {
         let max = self.device.max_queue_size();
         let vring = self.vring(index)?;
         if num == 0 || num > u32::from(max) || !num.is_power_of_two() {
-            tracing::warn!("queue {index}: size {num} refused (a power of two up to {max})");
+            self.explain(format_args!("queue {index}: size {num} refused (a power of two up to {max})"));
             return Err(VhostUserError::InvalidParam);
         }
         vring.size = num as u16;
@@ -327,13 +354,14 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Session<D> {
         _log: u64,
     ) -> VhostUserResult<()> {
         let generation = self.memory.current();
-        let translate = |addr| {
-            generation.vmm_to_guest(addr).map_err(|e: MemoryError| {
-                tracing::warn!("queue {index}: {e}");
-                handler_error(e)
-            })
+        let translate = |addr| generation.vmm_to_guest(addr);
+        let (desc, avail, used) = match (translate(descriptor), translate(available), translate(used)) {
+            (Ok(desc), Ok(avail), Ok(used)) => (desc, avail, used),
+            (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+                self.explain(format_args!("queue {index}: {e}"));
+                return Err(handler_error(e));
+            }
         };
-        let (desc, avail, used) = (translate(descriptor)?, translate(available)?, translate(used)?);
         let vring = self.vring(index)?;
         vring.desc = Some(desc);
         vring.avail = Some(avail);
@@ -344,7 +372,7 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Session<D> {
     fn set_vring_base(&mut self, index: u32, base: u32) -> VhostUserResult<()> {
         let vring = self.vring(index)?;
         if vring.is_started() {
-            return Err(frontend_error("SET_VRING_BASE on a running ring"));
+            return Err(self.frontend_error("SET_VRING_BASE on a running ring"));
         }
         vring.base = base as u16;
         Ok(())
@@ -358,7 +386,7 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Session<D> {
 
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VhostUserResult<()> {
         let Some(fd) = fd else {
-            return Err(frontend_error("polling mode (no kick fd) is not supported"));
+            return Err(self.frontend_error("polling mode (no kick fd) is not supported"));
         };
         let vring = self.vring(u32::from(index))?;
         if vring.is_started() {
@@ -398,7 +426,7 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Session<D> {
 
     fn set_vring_enable(&mut self, index: u32, enable: bool) -> VhostUserResult<()> {
         if !self.protocol_features_negotiated() {
-            return Err(frontend_error("SET_VRING_ENABLE without protocol features"));
+            return Err(self.frontend_error("SET_VRING_ENABLE without protocol features"));
         }
         self.vring(index)?.set_enabled(enable);
         Ok(())
@@ -411,7 +439,7 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Session<D> {
         _flags: VhostUserConfigFlags,
     ) -> VhostUserResult<Vec<u8>> {
         let Some(offset) = config_range(offset, size) else {
-            return Err(frontend_error("GET_CONFIG beyond the config space"));
+            return Err(self.frontend_error("GET_CONFIG beyond the config space"));
         };
         let mut data = vec![0u8; size as usize];
         self.device.read_config(offset, &mut data);
@@ -425,31 +453,31 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Session<D> {
         _flags: VhostUserConfigFlags,
     ) -> VhostUserResult<()> {
         let Some(offset) = config_range(offset, buf.len() as u32) else {
-            return Err(frontend_error("SET_CONFIG beyond the config space"));
+            return Err(self.frontend_error("SET_CONFIG beyond the config space"));
         };
         self.device.write_config(offset, buf).map_err(|e| {
-            tracing::warn!("SET_CONFIG refused: {e}");
+            self.explain(format_args!("SET_CONFIG refused: {e}"));
             VhostUserError::ReqHandlerError(e)
         })
     }
 
     fn set_gpu_socket(&mut self, _gpu_backend: GpuBackend) -> VhostUserResult<()> {
-        Err(frontend_error("GPU socket is not supported"))
+        Err(self.frontend_error("GPU socket is not supported"))
     }
 
     fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> VhostUserResult<File> {
-        Err(frontend_error("shared objects are not supported"))
+        Err(self.frontend_error("shared objects are not supported"))
     }
 
     fn get_inflight_fd(
         &mut self,
         _inflight: &VhostUserInflight,
     ) -> VhostUserResult<(VhostUserInflight, File)> {
-        Err(frontend_error("inflight tracking is not supported"))
+        Err(self.frontend_error("inflight tracking is not supported"))
     }
 
     fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> VhostUserResult<()> {
-        Err(frontend_error("inflight tracking is not supported"))
+        Err(self.frontend_error("inflight tracking is not supported"))
     }
 
     fn get_max_mem_slots(&mut self) -> VhostUserResult<u64> {
@@ -463,12 +491,15 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Session<D> {
         postcopy_listening: Option<bool>,
     ) -> VhostUserResult<Option<VhostUserMemoryRegionBase>> {
         if postcopy_listening.is_some() {
-            return Err(frontend_error("postcopy is not supported"));
+            return Err(self.frontend_error("postcopy is not supported"));
         }
-        let generation = self.memory.add_region(region, fd).map_err(|e| {
-            tracing::warn!("ADD_MEM_REG refused: {e}");
-            handler_error(e)
-        })?;
+        let generation = match self.memory.add_region(region, fd) {
+            Ok(generation) => generation,
+            Err(e) => {
+                self.explain(format_args!("ADD_MEM_REG refused: {e}"));
+                return Err(handler_error(e));
+            }
+        };
         tracing::debug!(
             "memory generation {}: added region at {:#x} ({:#x} bytes)",
             generation.id(),
@@ -479,10 +510,13 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Session<D> {
     }
 
     fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> VhostUserResult<()> {
-        let (generation, retiring) = self.memory.remove_region(region).map_err(|e| {
-            tracing::warn!("REM_MEM_REG refused: {e}");
-            handler_error(e)
-        })?;
+        let (generation, retiring) = match self.memory.remove_region(region) {
+            Ok(removed) => removed,
+            Err(e) => {
+                self.explain(format_args!("REM_MEM_REG refused: {e}"));
+                return Err(handler_error(e));
+            }
+        };
         tracing::debug!("memory generation {}: removed region at {:#x}", generation.id(), { region.guest_phys_addr });
         drop(generation);
         self.retire(retiring);
@@ -495,19 +529,19 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Session<D> {
         _phase: VhostTransferStatePhase,
         _fd: File,
     ) -> VhostUserResult<Option<File>> {
-        Err(frontend_error("device state transfer is not supported"))
+        Err(self.frontend_error("device state transfer is not supported"))
     }
 
     fn check_device_state(&mut self) -> VhostUserResult<()> {
-        Err(frontend_error("device state transfer is not supported"))
+        Err(self.frontend_error("device state transfer is not supported"))
     }
 
     fn get_shmem_config(&mut self) -> VhostUserResult<VhostUserShMemConfig> {
-        Err(frontend_error("shared memory regions are not supported"))
+        Err(self.frontend_error("shared memory regions are not supported"))
     }
 
     fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VhostUserResult<()> {
-        Err(frontend_error("dirty logging is not supported"))
+        Err(self.frontend_error("dirty logging is not supported"))
     }
 }
 

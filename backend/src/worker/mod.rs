@@ -6,6 +6,10 @@
 //! It exits when the supervisor goes away (the control socket closes; the parent-death signal
 //! covers a supervisor that was killed) or when its VMM has exited and its last connection
 //! has ended.
+//!
+//! Everything its VMM can make it log goes through one log budget for the process
+//! (`ratelimit::VMM_LOG`): all its connections are one tenant, and a VMM may connect
+//! and disconnect in a loop.
 
 use std::collections::HashMap;
 use std::io;
@@ -21,6 +25,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::cli::{ExportSpec, OpenAs};
 use crate::disk::{Disk, DiskSpec};
 use crate::handoff::{self, DeviceStatus, ToSupervisor, ToWorker};
+use crate::ratelimit::{vmm_line, VMM_LOG};
 use crate::vhost_user::ConnectionThread;
 use crate::virtio_blk::BlockDevice;
 
@@ -72,9 +77,12 @@ pub fn run(control: OwnedFd) -> io::Result<()> {
     let mut last_stats = Instant::now();
     loop {
         if (vmm_exited || supervisor_gone) && connections.is_empty() {
+            VMM_LOG.finish();
             tracing::info!("no connections left; worker exits");
             return Ok(());
         }
+        // The count of lines left out is written even if the VMM has gone quiet.
+        VMM_LOG.flush(Instant::now());
         if !supervisor_gone && last_stats.elapsed() >= STATS_INTERVAL {
             send_stats(&control, &connections);
             last_stats = Instant::now();
@@ -106,7 +114,7 @@ pub fn run(control: OwnedFd) -> io::Result<()> {
                                 connections.insert(connection, c);
                             }
                             Err(reason) => {
-                                tracing::error!("refusing {} (connection {connection}): {reason}", export.name);
+                                vmm_line!(error, "refusing {} (connection {connection}): {reason}", export.name);
                                 let refused = ToSupervisor::Refused { connection, export: export.name.clone(), reason };
                                 let _ = handoff::send(&control, &refused, &[]);
                             }
@@ -176,6 +184,6 @@ fn start(
             format!("cannot create a thread: {e}")
         }
     })?;
-    tracing::info!("serving {} (connection {connection})", export.name);
+    vmm_line!(info, "serving {} (connection {connection})", export.name);
     Ok(Connection { export: export.name.clone(), device, thread })
 }
