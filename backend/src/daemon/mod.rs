@@ -124,8 +124,9 @@ pub fn run<D: VirtioDevice>(endpoint: Endpoint, access: SocketAccess, device: Ar
                             }
                         }
                         Err(e) => {
-                            tracing::warn!("accept failed: {e}");
+                            crate::ratelimit::vmm_line!(warn, "accept failed: {e}");
                             if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOBUFS)) {
+                                // One frontend at a time: nobody else waits on this loop.
                                 std::thread::sleep(std::time::Duration::from_millis(100));
                             }
                         }
@@ -147,7 +148,7 @@ fn spawn_connection<D: VirtioDevice>(
     let peer = rustix::net::sockopt::socket_peercred(&stream)
         .map(|c| format!("pid {} uid {}", c.pid.as_raw_nonzero(), c.uid.as_raw()))
         .unwrap_or_else(|_| "unknown peer".to_string());
-    tracing::info!("frontend connected ({peer}), connection {id}");
+    crate::ratelimit::vmm_line!(info, "frontend connected ({peer}), connection {id}");
     let done = done.try_clone()?;
     let name = match endpoint {
         Endpoint::Path(path) => path.display().to_string(),

@@ -283,7 +283,7 @@ impl Supervisor {
             tracing::debug!("{}", line());
             return;
         }
-        let Some(suppressed) = self.log.admit(uid, Instant::now()) else { return };
+        let Some(suppressed) = self.log.admit(uid, matches!(level, Level::Warn), Instant::now()) else { return };
         let line = format!("{}{}", line(), left_out(suppressed, uid));
         match level {
             Level::Debug => tracing::debug!("{line}"),

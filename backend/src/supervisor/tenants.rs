@@ -104,26 +104,30 @@ impl StartBackoff {
     }
 }
 
-/// A log budget per uid: a burst of lines, then one line saying how many were left out.
+/// A log budget per uid and kind of line: a burst of lines, then one line saying how many
+/// were left out. Routine lines (a connection handed over) and complaints (a connection
+/// refused) have separate budgets, so a tenant's routine lines cannot hide why it is refused.
 #[derive(Default)]
 pub struct TenantLog {
-    per_uid: HashMap<u32, RateLimit>,
+    per_uid: HashMap<(u32, bool), RateLimit>,
 }
 
 /// Lines a uid may cause per [`LOG_INTERVAL`] before they are counted instead of written.
 const LOG_BURST: u32 = 10;
 const LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// Most uids tracked at once (uids are few; a user namespace's unmapped ids are one uid).
-const MAX_UIDS: usize = 4096;
+const MAX_UIDS: usize = 8192;
 
 impl TenantLog {
-    /// Whether a line caused by `uid` may be written now: `Some(n)` with the number of lines
-    /// left out since the last one written, `None` to leave this one out.
-    pub fn admit(&mut self, uid: u32, now: Instant) -> Option<u64> {
-        if self.per_uid.len() >= MAX_UIDS && !self.per_uid.contains_key(&uid) {
+    /// Whether a line caused by `uid` may be written now (`complaint`: a warning, else a
+    /// routine line): `Some(n)` with the number of lines of its kind left out since the last
+    /// one written, `None` to leave this one out.
+    pub fn admit(&mut self, uid: u32, complaint: bool, now: Instant) -> Option<u64> {
+        let key = (uid, complaint);
+        if self.per_uid.len() >= MAX_UIDS && !self.per_uid.contains_key(&key) {
             self.per_uid.clear();
         }
-        self.per_uid.entry(uid).or_insert_with(|| RateLimit::new(LOG_BURST, LOG_INTERVAL)).check(now)
+        self.per_uid.entry(key).or_insert_with(|| RateLimit::new(LOG_BURST, LOG_INTERVAL)).check(now)
     }
 }
 
@@ -190,16 +194,17 @@ mod tests {
     }
 
     #[test]
-    fn each_uid_has_its_own_log_budget() {
+    fn each_uid_and_kind_of_line_has_its_own_log_budget() {
         let mut log = TenantLog::default();
         let t0 = Instant::now();
         for _ in 0..LOG_BURST {
-            assert_eq!(log.admit(1000, t0), Some(0));
+            assert_eq!(log.admit(1000, false, t0), Some(0));
         }
-        assert_eq!(log.admit(1000, t0), None);
-        assert_eq!(log.admit(1000, t0), None);
-        assert_eq!(log.admit(2000, t0), Some(0), "another uid's lines are not held back");
-        assert_eq!(log.admit(1000, t0 + LOG_INTERVAL), Some(2));
+        assert_eq!(log.admit(1000, false, t0), None);
+        assert_eq!(log.admit(1000, false, t0), None);
+        assert_eq!(log.admit(1000, true, t0), Some(0), "routine lines do not use up the complaints' budget");
+        assert_eq!(log.admit(2000, false, t0), Some(0), "another uid's lines are not held back");
+        assert_eq!(log.admit(1000, false, t0 + LOG_INTERVAL), Some(2));
         assert_eq!(left_out(2, 1000), " (2 earlier line(s) caused by uid 1000 left out)");
         assert_eq!(left_out(0, 1000), "");
     }
