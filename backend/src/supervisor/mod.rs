@@ -277,13 +277,14 @@ impl Supervisor {
         self.exports.iter().all(|e| matches!(e.listener, Listener::Connected(_)))
     }
 
-    /// Writes a line a tenant (`uid`) caused, within that uid's log budget.
-    fn tenant_line(&mut self, uid: u32, level: Level, line: impl FnOnce() -> String) {
+    /// Writes a line a tenant (`uid`) caused, within that uid's log budget for lines of its
+    /// `kind`.
+    fn tenant_line(&mut self, uid: u32, level: Level, kind: &'static str, line: impl FnOnce() -> String) {
         if matches!(level, Level::Debug) {
             tracing::debug!("{}", line());
             return;
         }
-        let Some(suppressed) = self.log.admit(uid, matches!(level, Level::Warn), Instant::now()) else { return };
+        let Some(suppressed) = self.log.admit(uid, kind, Instant::now()) else { return };
         let line = format!("{}{}", line(), left_out(suppressed, uid));
         match level {
             Level::Debug => tracing::debug!("{line}"),
@@ -368,7 +369,7 @@ impl Supervisor {
         self.reserve = open_reserve();
         if let Some(uid) = uid {
             let name = self.exports[index].spec.name.clone();
-            self.tenant_line(uid, Level::Warn, || format!("{name}: out of file descriptors; connection from uid {uid} closed"));
+            self.tenant_line(uid, Level::Warn, "out-of-fds", || format!("{name}: out of file descriptors; connection from uid {uid} closed"));
         }
     }
 
@@ -380,14 +381,14 @@ impl Supervisor {
             Ok(peer) => peer,
             Err(e) => {
                 let uid = rustix::net::sockopt::socket_peercred(&stream).map_or(u32::MAX, |c| c.uid.as_raw());
-                self.tenant_line(uid, Level::Warn, || format!("{name}: cannot identify the frontend: {}; connection closed", crate::error_line(&e)));
+                self.tenant_line(uid, Level::Warn, "unidentified", || format!("{name}: cannot identify the frontend: {}; connection closed", crate::error_line(&e)));
                 self.connected_done(index);
                 return;
             }
         };
         if !self.exports[index].spec.allow.allows(peer.uid, peer.gid, &peer.groups) {
             let (pid, uid, gid, groups) = (peer.pid, peer.uid, peer.gid, peer.groups.clone());
-            self.tenant_line(uid, Level::Warn, || {
+            self.tenant_line(uid, Level::Warn, "not-allowed", || {
                 format!("{name}: VMM pid {pid} (uid {uid} gid {gid} groups {groups:?}) is not allowed on this export (allow-uids, allow-gids); connection closed")
             });
             self.connected_done(index);
@@ -399,10 +400,10 @@ impl Supervisor {
     }
 
     /// Closes a connection that will not be served, with a line charged to its VMM's uid.
-    fn refuse(&mut self, handoff: Handoff, level: Level, why: impl FnOnce() -> String) {
+    fn refuse(&mut self, handoff: Handoff, level: Level, kind: &'static str, why: impl FnOnce() -> String) {
         let name = self.exports[handoff.export].spec.name.clone();
         let (connection, pid, uid) = (handoff.connection, handoff.peer.pid, handoff.peer.uid);
-        self.tenant_line(uid, level, || format!("{name}: connection {connection} of VMM pid {pid} (uid {uid}) closed: {}", why()));
+        self.tenant_line(uid, level, kind, || format!("{name}: connection {connection} of VMM pid {pid} (uid {uid}) closed: {}", why()));
         self.connected_done(handoff.export);
     }
 
@@ -416,17 +417,20 @@ impl Supervisor {
                 let vm = &self.vms[&id];
                 if (vm.uid, vm.gid, sorted(&vm.groups)) != (handoff.peer.uid, handoff.peer.gid, sorted(&handoff.peer.groups)) {
                     let (uid, gid) = (vm.uid, vm.gid);
-                    return self.refuse(handoff, Level::Warn, || {
+                    return self.refuse(handoff, Level::Warn, "credentials", || {
                         format!("the VMM changed its credentials since it connected first (its worker carries uid {uid} gid {gid})")
                     });
                 }
                 if vm.open_connections() >= self.limits.connections_per_vmm {
                     let limit = self.limits.connections_per_vmm;
-                    return self.refuse(handoff, Level::Warn, || format!("it has {limit} connections, the most a VMM may have (--max-connections-per-vmm)"));
+                    return self.refuse(handoff, Level::Warn, "connection-cap", || format!("it has {limit} connections, the most a VMM may have (--max-connections-per-vmm)"));
                 }
                 if vm.waiting() >= MAX_WAITING {
                     let (worker, waiting) = (vm.worker_pid, vm.waiting());
-                    return self.refuse(handoff, Level::Warn, || format!("worker pid {worker} has {waiting} connections waiting to be taken"));
+                    return self.refuse(handoff, Level::Warn, "waiting", || format!("worker pid {worker} has {waiting} connections waiting to be taken"));
+                }
+                if let Err(why) = self.open_disk(&mut handoff) {
+                    return self.refuse(handoff, Level::Warn, "image", || why);
                 }
                 id
             }
@@ -436,42 +440,47 @@ impl Supervisor {
                     // The failure was explained once, when it happened.
                     Verdict::Wait(until) => {
                         let ms = until.saturating_duration_since(Instant::now()).as_millis();
-                        return self.refuse(handoff, Level::Debug, || format!("its last worker failed to start; next try in {ms} ms"));
+                        return self.refuse(handoff, Level::Debug, "backoff", || format!("its last worker failed to start; next try in {ms} ms"));
                     }
                     Verdict::GivenUp(until) => {
                         let s = until.saturating_duration_since(Instant::now()).as_secs();
-                        return self.refuse(handoff, Level::Debug, || format!("its workers keep failing to start; next try in {s} s"));
+                        return self.refuse(handoff, Level::Debug, "backoff", || format!("its workers keep failing to start; next try in {s} s"));
                     }
                 }
                 let uid = handoff.peer.uid;
                 let vms_of_uid = self.vms.values().filter(|vm| vm.uid == uid && vm.takes_connections()).count();
                 if vms_of_uid >= self.limits.vms_per_uid {
                     let limit = self.limits.vms_per_uid;
-                    return self.refuse(handoff, Level::Warn, || format!("uid {uid} has {limit} VMs, the most a uid may have (--max-vms-per-uid)"));
+                    return self.refuse(handoff, Level::Warn, "vm-cap", || format!("uid {uid} has {limit} VMs, the most a uid may have (--max-vms-per-uid)"));
+                }
+                // Before a worker exists: an image that cannot be opened needs none.
+                if let Err(why) = self.open_disk(&mut handoff) {
+                    return self.refuse(handoff, Level::Warn, "image", || why);
                 }
                 match self.spawn(&handoff.peer) {
                     Ok(id) => id,
-                    Err(StartError::Gone) => return self.refuse(handoff, Level::Debug, || "the VMM exited".into()),
+                    Err(StartError::Gone) => return self.refuse(handoff, Level::Debug, "gone", || "the VMM exited".into()),
                     Err(StartError::Refused(reason)) => {
                         return self.start_failed(key, handoff.peer.uid, handoff.peer.pid, &reason, vec![handoff]);
                     }
                 }
             }
         };
-        let spec = &self.exports[handoff.export].spec;
-        if let (OpenAs::Daemon, DiskSpec::Path(path)) = (spec.open_as, &spec.disk) {
-            match Disk::open_for_daemon(path, spec.open, spec.daemon_file).map(|(file, _)| file) {
-                Ok(file) => handoff.disk = Some(OwnedFd::from(file)),
-                Err(e) => {
-                    let line = crate::error_line(&e);
-                    return self.refuse(handoff, Level::Warn, || line);
-                }
-            }
-        }
         if let Some(vm) = self.vms.get_mut(&vm_id) {
             vm.outbox.push_back(handoff);
         }
         self.flush(vm_id);
+    }
+
+    /// With `open-as=daemon`, opens the export's image for `handoff` (as root, without following
+    /// symlinks, and only the file seen at start).
+    fn open_disk(&self, handoff: &mut Handoff) -> Result<(), String> {
+        let spec = &self.exports[handoff.export].spec;
+        if let (OpenAs::Daemon, DiskSpec::Path(path)) = (spec.open_as, &spec.disk) {
+            let (file, _) = Disk::open_for_daemon(path, spec.open, spec.daemon_file).map_err(|e| crate::error_line(&e))?;
+            handoff.disk = Some(OwnedFd::from(file));
+        }
+        Ok(())
     }
 
     /// A worker for VMM `key` could not be started: counts it, closes `handoffs` with one line
@@ -487,7 +496,7 @@ impl Supervisor {
             Verdict::Start => "next try at its next connection".into(),
         };
         let closed = handoffs.len();
-        self.tenant_line(uid, Level::Warn, || {
+        self.tenant_line(uid, Level::Warn, "start-failed", || {
             format!("cannot start a worker for VMM pid {pid} (uid {uid}): {reason}; {next}; {closed} connection(s) closed")
         });
         for handoff in handoffs {
@@ -516,7 +525,7 @@ impl Supervisor {
                     let (worker, uid) = (vm.worker_pid, vm.uid);
                     let (connection, pid, name) = (handoff.connection, handoff.peer.pid, self.exports[handoff.export].spec.name.clone());
                     vm.pending.push(handoff);
-                    self.tenant_line(uid, Level::Info, || {
+                    self.tenant_line(uid, Level::Info, "handed-over", || {
                         format!("{name}: connection {connection} from VMM pid {pid} (uid {uid}) handed to worker pid {worker}")
                     });
                 }
@@ -535,7 +544,7 @@ impl Supervisor {
                     let (worker, uid) = (vm.worker_pid, vm.uid);
                     let fd = vm.control.as_raw_fd();
                     self.unwatch(fd);
-                    self.tenant_line(uid, Level::Warn, || format!("worker pid {worker} cannot take connections ({e}); starting a new worker"));
+                    self.tenant_line(uid, Level::Warn, "worker-broken", || format!("worker pid {worker} cannot take connections ({e}); starting a new worker"));
                     for handoff in left {
                         self.dispatch(handoff);
                     }
@@ -598,7 +607,7 @@ impl Supervisor {
             }
             return Err(StartError::Refused(format!("cannot watch the new worker: {e}")));
         }
-        self.tenant_line(peer.uid, Level::Info, || {
+        self.tenant_line(peer.uid, Level::Info, "worker-started", || {
             format!(
                 "VMM pid {} (uid {} gid {}): worker pid {} started in {} cgroup(s)",
                 peer.pid,
@@ -708,7 +717,7 @@ impl Supervisor {
             }
             Ok(Some((ToSupervisor::Refused { connection, export, reason }, _))) => {
                 let (worker, uid, pid) = (vm.worker_pid, vm.uid, vm.vmm_pid);
-                self.tenant_line(uid, Level::Warn, || format!("{export}: worker pid {worker} refused connection {connection} of VMM pid {pid}: {reason}"));
+                self.tenant_line(uid, Level::Warn, "worker-refused", || format!("{export}: worker pid {worker} refused connection {connection} of VMM pid {pid}: {reason}"));
                 connection
             }
             Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => return,
@@ -736,7 +745,7 @@ impl Supervisor {
         }
         let status = wait_pidfd(&vm.worker_pidfd);
         let (worker, pid, uid) = (vm.worker_pid, vm.vmm_pid, vm.uid);
-        self.tenant_line(uid, Level::Info, || format!("worker pid {worker} for VMM pid {pid} exited ({status})"));
+        self.tenant_line(uid, Level::Info, "worker-exited", || format!("worker pid {worker} for VMM pid {pid} exited ({status})"));
         // Connections it took and had not ended died with it.
         let taken = vm.live.len().saturating_sub(vm.pending.len());
         if self.only_connected() {
@@ -755,7 +764,7 @@ impl Supervisor {
                 continue;
             }
             let connection = handoff.connection;
-            self.tenant_line(uid, Level::Info, || format!("connection {connection} was never taken by worker pid {worker}; handing it to a new worker"));
+            self.tenant_line(uid, Level::Info, "handed-again", || format!("connection {connection} was never taken by worker pid {worker}; handing it to a new worker"));
             self.dispatch(handoff);
         }
     }

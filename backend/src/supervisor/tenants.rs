@@ -104,26 +104,26 @@ impl StartBackoff {
     }
 }
 
-/// A log budget per uid and kind of line: a burst of lines, then one line saying how many
-/// were left out. Routine lines (a connection handed over) and complaints (a connection
-/// refused) have separate budgets, so a tenant's routine lines cannot hide why it is refused.
+/// A log budget per uid and kind of line ("connection-cap", "handed-over", ...): a burst of
+/// lines, then one line saying how many were left out. Each kind has its own budget, so one
+/// reason to refuse a tenant (or its routine lines) cannot hide another.
 #[derive(Default)]
 pub struct TenantLog {
-    per_uid: HashMap<(u32, bool), RateLimit>,
+    per_uid: HashMap<(u32, &'static str), RateLimit>,
 }
 
 /// Lines a uid may cause per [`LOG_INTERVAL`] before they are counted instead of written.
-const LOG_BURST: u32 = 10;
+const LOG_BURST: u32 = 5;
 const LOG_INTERVAL: Duration = Duration::from_secs(10);
-/// Most uids tracked at once (uids are few; a user namespace's unmapped ids are one uid).
-const MAX_UIDS: usize = 8192;
+/// Most (uid, kind) budgets tracked at once (uids are few; a user namespace's unmapped ids are
+/// one uid).
+const MAX_UIDS: usize = 16384;
 
 impl TenantLog {
-    /// Whether a line caused by `uid` may be written now (`complaint`: a warning, else a
-    /// routine line): `Some(n)` with the number of lines of its kind left out since the last
-    /// one written, `None` to leave this one out.
-    pub fn admit(&mut self, uid: u32, complaint: bool, now: Instant) -> Option<u64> {
-        let key = (uid, complaint);
+    /// Whether a line of `kind` caused by `uid` may be written now: `Some(n)` with the number
+    /// of lines of its kind left out since the last one written, `None` to leave this one out.
+    pub fn admit(&mut self, uid: u32, kind: &'static str, now: Instant) -> Option<u64> {
+        let key = (uid, kind);
         if self.per_uid.len() >= MAX_UIDS && !self.per_uid.contains_key(&key) {
             self.per_uid.clear();
         }
@@ -136,7 +136,7 @@ pub fn left_out(suppressed: u64, uid: u32) -> String {
     if suppressed == 0 {
         String::new()
     } else {
-        format!(" ({suppressed} earlier line(s) caused by uid {uid} left out)")
+        format!(" ({suppressed} earlier line(s) like it caused by uid {uid} left out)")
     }
 }
 
@@ -198,14 +198,14 @@ mod tests {
         let mut log = TenantLog::default();
         let t0 = Instant::now();
         for _ in 0..LOG_BURST {
-            assert_eq!(log.admit(1000, false, t0), Some(0));
+            assert_eq!(log.admit(1000, "handed-over", t0), Some(0));
         }
-        assert_eq!(log.admit(1000, false, t0), None);
-        assert_eq!(log.admit(1000, false, t0), None);
-        assert_eq!(log.admit(1000, true, t0), Some(0), "routine lines do not use up the complaints' budget");
-        assert_eq!(log.admit(2000, false, t0), Some(0), "another uid's lines are not held back");
-        assert_eq!(log.admit(1000, false, t0 + LOG_INTERVAL), Some(2));
-        assert_eq!(left_out(2, 1000), " (2 earlier line(s) caused by uid 1000 left out)");
+        assert_eq!(log.admit(1000, "handed-over", t0), None);
+        assert_eq!(log.admit(1000, "handed-over", t0), None);
+        assert_eq!(log.admit(1000, "connection-cap", t0), Some(0), "routine lines do not use up another kind's budget");
+        assert_eq!(log.admit(2000, "handed-over", t0), Some(0), "another uid's lines are not held back");
+        assert_eq!(log.admit(1000, "handed-over", t0 + LOG_INTERVAL), Some(2));
+        assert_eq!(left_out(2, 1000), " (2 earlier line(s) like it caused by uid 1000 left out)");
         assert_eq!(left_out(0, 1000), "");
     }
 }

@@ -190,7 +190,9 @@ impl Daemon {
         ));
         let out = File::create(&log).expect("create log file");
         let err = out.try_clone().expect("dup log file");
-        if std::env::var_os("RUST_LOG").is_none() {
+        // A command that sets RUST_LOG itself (e.g. `info`, to count lines) keeps it.
+        let own_log_level = cmd.get_envs().any(|(key, _)| key == "RUST_LOG");
+        if !own_log_level && std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "debug");
         }
         cmd.env("NO_COLOR", "1");
