@@ -871,6 +871,88 @@ fn stopped_worker_does_not_stall_other_vms() {
     daemon.stop();
 }
 
+/// User plus system CPU time of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let rest = &stat[stat.rfind(')').expect("stat") + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+}
+
+/// A supervisor out of file descriptors (its hard RLIMIT_NOFILE is 40, and a tenant whose
+/// worker is stopped holds them) neither spins on its readable listener nor sleeps in its loop:
+/// it takes each connection it cannot serve with a reserved descriptor and closes it, so a
+/// connecting VM gets an answer at once, and is served as soon as descriptors are free again.
+#[test]
+fn running_out_of_descriptors_neither_spins_nor_stalls() {
+    if !can_run() {
+        return;
+    }
+    const NOFILE: u64 = 40;
+    let dir = shared_dir();
+    let socket = dir.path().join("vublk.sock");
+    let mut cmd = Command::new(vublk_bin());
+    cmd.arg("--socket-path")
+        .arg(&socket)
+        .args(["--null", "64M", "--max-connections-per-vmm", "1000"]);
+    // SAFETY: setrlimit is async-signal-safe; it only lowers this child's own limit.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            let limit = libc::rlimit { rlim_cur: NOFILE, rlim_max: NOFILE };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut daemon = Daemon::spawn(cmd, dir.path(), socket.clone(), true);
+    daemon.wait_for(&socket);
+    open_socket(&socket);
+    let mut b = Tenant::start(dir.path(), "b", &Job::user(BYSTANDER));
+    let mut a = Tenant::start(dir.path(), "a", &Job::user(NOBODY));
+    assert_eq!(a.connect_raw(&socket, 1), 1);
+    wait_until("a worker for A", LOG_WITHIN, || !workers_of(daemon.pid()).is_empty());
+    let stopped = Stopped::new(workers_of(daemon.pid())[0]);
+    a.connect_raw(&socket, 100);
+    // Out of descriptors in accept ("out of file descriptors"), or a step later, getting the
+    // peer's pidfd ("Too many open files"): either way the connection is closed at once.
+    wait_until("a line saying the supervisor ran out of descriptors", LOG_WITHIN, || {
+        let log = daemon.log();
+        log.contains("out of file descriptors") || log.contains("Too many open files")
+    });
+
+    let ticks = cpu_ticks(daemon.pid());
+    std::thread::sleep(Duration::from_secs(1));
+    let busy = cpu_ticks(daemon.pid()) - ticks;
+    // SAFETY: sysconf only reads a constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    eprintln!("MEASURED out of descriptors: the supervisor used {busy} of {hz} ticks in 1 s");
+    assert!(busy * 5 < hz, "the supervisor spins while out of descriptors: {busy} of {hz} ticks in 1 s");
+    // B's connection cannot be served now, but it is answered (closed), not left hanging.
+    let failure = refused(&mut b, &socket, "out of descriptors");
+    eprintln!("out of descriptors: B {failure}");
+    daemon.assert_running();
+
+    // A's worker takes its connections; the supervisor's copies are closed; B is served.
+    drop(stopped);
+    a.kill();
+    let start = Instant::now();
+    loop {
+        b.send(&format!("blkio {}", socket.display()));
+        match b.next(REPLY_TIMEOUT) {
+            Ok(line) if line.starts_with("OK") => break,
+            Ok(line) if start.elapsed() < LOG_WITHIN => {
+                eprintln!("B, while descriptors are freed: {line}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            other => panic!("B not served after A's worker resumed: {other:?}\n{}", daemon.log()),
+        }
+    }
+    eprintln!("MEASURED out of descriptors: B served {} ms after A's worker resumed", start.elapsed().as_millis());
+    b.finish();
+    daemon.stop();
+}
+
 /// A tenant whose cgroup is frozen: the worker forked for it joins that cgroup and freezes
 /// before it can exec. The supervisor must not wait for it: another VM is served at once, and
 /// the frozen start is given up after its deadline.
