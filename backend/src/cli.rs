@@ -196,7 +196,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         _ => (s, 0),
     };
     let n: u64 = digits.parse().map_err(|_| format!("'{s}' is not a size"))?;
-    n.checked_mul(1u64 << shift).ok_or_else(|| format!("size '{s}' is too large"))
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("size '{s}' is too large"))
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -224,14 +225,21 @@ fn parse_id(s: &str, what: &str, database: &str) -> Result<u32, String> {
     }
     if let Ok(id) = s.parse::<u32>() {
         // (uid_t)-1 means "leave unchanged" to chown and is nobody's id.
-        return if id == u32::MAX { Err(format!("{id} is not a valid {what} id")) } else { Ok(id) };
+        return if id == u32::MAX {
+            Err(format!("{id} is not a valid {what} id"))
+        } else {
+            Ok(id)
+        };
     }
-    let entries = std::fs::read_to_string(database).map_err(|e| format!("cannot read {database}: {e}"))?;
+    let entries =
+        std::fs::read_to_string(database).map_err(|e| format!("cannot read {database}: {e}"))?;
     entries
         .lines()
         .find_map(|l| {
             let mut fields = l.split(':');
-            (fields.next() == Some(s)).then(|| fields.nth(1)?.parse().ok()).flatten()
+            (fields.next() == Some(s))
+                .then(|| fields.nth(1)?.parse().ok())
+                .flatten()
         })
         .ok_or_else(|| format!("no {what} '{s}' in {database}"))
 }
@@ -240,12 +248,18 @@ impl Cli {
     /// Who may connect to the main export's socket (the daemon-wide --socket-mode and
     /// --socket-group).
     pub fn socket_access(&self) -> SocketAccess {
-        SocketAccess { mode: self.socket_mode, group: self.socket_group }
+        SocketAccess {
+            mode: self.socket_mode,
+            group: self.socket_group,
+        }
     }
 
     /// What each tenant may have.
     pub fn tenant_limits(&self) -> TenantLimits {
-        TenantLimits { connections_per_vmm: self.max_connections_per_vmm, vms_per_uid: self.max_vms_per_uid }
+        TenantLimits {
+            connections_per_vmm: self.max_connections_per_vmm,
+            vms_per_uid: self.max_vms_per_uid,
+        }
     }
 }
 
@@ -259,7 +273,10 @@ fn parse_queue_size(s: &str) -> Result<u16, String> {
 
 fn parse_serial(s: &str) -> Result<String, String> {
     if s.len() > 20 {
-        return Err(format!("is {} bytes long; virtio-blk serials are at most 20", s.len()));
+        return Err(format!(
+            "is {} bytes long; virtio-blk serials are at most 20",
+            s.len()
+        ));
     }
     Ok(s.to_string())
 }
@@ -322,7 +339,10 @@ impl AllowList {
             return true;
         }
         let uid_ok = self.uids.as_ref().is_some_and(|l| l.contains(&uid));
-        let gid_ok = self.gids.as_ref().is_some_and(|l| l.contains(&gid) || groups.iter().any(|g| l.contains(g)));
+        let gid_ok = self
+            .gids
+            .as_ref()
+            .is_some_and(|l| l.contains(&gid) || groups.iter().any(|g| l.contains(g)));
         uid_ok || gid_ok
     }
 }
@@ -346,11 +366,27 @@ fn parse_export(spec: &str) -> Result<(Endpoint, ExportSpec), String> {
         if !list
             && !matches!(
                 key,
-                "socket-path" | "fd" | "blk-file" | "null" | "read-only" | "num-queues" | "queue-size" | "direct"
-                    | "serial" | "blk-size" | "write-cache" | "open-as" | "socket-mode" | "socket-group"
+                "socket-path"
+                    | "fd"
+                    | "blk-file"
+                    | "null"
+                    | "read-only"
+                    | "num-queues"
+                    | "queue-size"
+                    | "direct"
+                    | "serial"
+                    | "blk-size"
+                    | "write-cache"
+                    | "open-as"
+                    | "socket-mode"
+                    | "socket-group"
             )
         {
-            let hint = if after_list { " (lists in --export are separated by ':', as in allow-uids=1000:qemu)" } else { "" };
+            let hint = if after_list {
+                " (lists in --export are separated by ':', as in allow-uids=1000:qemu)"
+            } else {
+                ""
+            };
             return Err(format!("unknown export option '{key}'{hint}"));
         }
         after_list = list;
@@ -362,7 +398,12 @@ fn parse_export(spec: &str) -> Result<(Endpoint, ExportSpec), String> {
         }
     }
     let cli = Cli::try_parse_from(&args).map_err(|e| {
-        e.to_string().lines().next().unwrap_or_default().trim_start_matches("error: ").to_string()
+        e.to_string()
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim_start_matches("error: ")
+            .to_string()
     })?;
     if !cli.export.is_empty() {
         return Err("exports do not nest".into());
@@ -396,7 +437,9 @@ impl Cli {
         };
         let disk = match (&self.blk_file, self.null) {
             (Some(file), None) => match file.strip_prefix("null:") {
-                Some(size) => DiskSpec::Null { size: parse_size(size).map_err(|e| format!("--blk-file: {e}"))? },
+                Some(size) => DiskSpec::Null {
+                    size: parse_size(size).map_err(|e| format!("--blk-file: {e}"))?,
+                },
                 None => DiskSpec::Path(PathBuf::from(file)),
             },
             (None, Some(size)) => DiskSpec::Null { size },
@@ -411,7 +454,10 @@ impl Cli {
             ExportSpec {
                 name,
                 disk,
-                open: OpenOptions { read_only: self.read_only, direct: self.direct },
+                open: OpenOptions {
+                    read_only: self.read_only,
+                    direct: self.direct,
+                },
                 device: DeviceOptions {
                     num_queues: self.num_queues,
                     max_queue_size: self.queue_size,
@@ -424,7 +470,10 @@ impl Cli {
                 poll_max_us: self.poll_max_us,
                 test_io_gate: self.test_io_gate.clone(),
                 socket: self.socket_access(),
-                allow: AllowList { uids: self.allow_uids.clone(), gids: self.allow_gids.clone() },
+                allow: AllowList {
+                    uids: self.allow_uids.clone(),
+                    gids: self.allow_gids.clone(),
+                },
                 daemon_file: None,
             },
         ))
@@ -433,15 +482,24 @@ impl Cli {
     /// Every export on the command line; `Err` is a usage error.
     pub fn exports(&self) -> Result<Vec<(Endpoint, ExportSpec)>, String> {
         let mut exports = Vec::new();
-        if self.socket_path.is_some() || self.fd.is_some() || self.blk_file.is_some() || self.null.is_some() {
+        if self.socket_path.is_some()
+            || self.fd.is_some()
+            || self.blk_file.is_some()
+            || self.null.is_some()
+        {
             let main = self.single_export()?;
-            check_open_as(&main.1, ("--open-as daemon", "--allow-uids", "--allow-gids"))?;
+            check_open_as(
+                &main.1,
+                ("--open-as daemon", "--allow-uids", "--allow-gids"),
+            )?;
             exports.push(main);
         } else if self.allow_uids.is_some() || self.allow_gids.is_some() {
             // Not silently dropped: whoever wrote them expects them to restrict something.
-            return Err("--allow-uids and --allow-gids apply to the main export (--socket-path or --fd); \
+            return Err(
+                "--allow-uids and --allow-gids apply to the main export (--socket-path or --fd); \
                         give an --export its own allow-uids= or allow-gids="
-                .into());
+                    .into(),
+            );
         }
         // Daemon-wide settings apply to the --export ones too (the socket's mode and group
         // unless the export sets its own).
@@ -457,9 +515,11 @@ impl Cli {
             return Err("no export: give --socket-path and --blk-file, or --export".into());
         }
         if self.single_process && exports.iter().any(|(_, spec)| spec.allow.restricts()) {
-            return Err("--single-process does not check --allow-uids or --allow-gids (the supervisor \
+            return Err(
+                "--single-process does not check --allow-uids or --allow-gids (the supervisor \
                         does); restrict the socket with --socket-mode and --socket-group instead"
-                .into());
+                    .into(),
+            );
         }
         let mut paths: Vec<_> = exports.iter().map(|(e, _)| format!("{e:?}")).collect();
         paths.sort();
@@ -507,29 +567,109 @@ mod tests {
         assert_eq!(b.name, "/b.sock");
         assert_eq!(exports[2].1.disk, DiskSpec::Null { size: 1 << 30 });
         assert!(!exports[2].1.open.direct);
-        for bad in ["socket-path=/b.sock", "socket-path=/c,blk-file=/c,bogus=1", "socket-path=/c,blk-file=/c,num-queues=0", "socket-path=/c,blk-file=/c,read-only=yes"] {
-            assert!(Cli::try_parse_from(["vublk", "--export", bad]).is_err(), "{bad}");
+        for bad in [
+            "socket-path=/b.sock",
+            "socket-path=/c,blk-file=/c,bogus=1",
+            "socket-path=/c,blk-file=/c,num-queues=0",
+            "socket-path=/c,blk-file=/c,read-only=yes",
+        ] {
+            assert!(
+                Cli::try_parse_from(["vublk", "--export", bad]).is_err(),
+                "{bad}"
+            );
         }
-        let twice = Cli::try_parse_from(["vublk", "--socket-path", "/a", "--null", "1M", "--export", "socket-path=/a,null=1M"]).unwrap();
+        let twice = Cli::try_parse_from([
+            "vublk",
+            "--socket-path",
+            "/a",
+            "--null",
+            "1M",
+            "--export",
+            "socket-path=/a,null=1M",
+        ])
+        .unwrap();
         assert!(twice.exports().is_err());
     }
 
     #[test]
     fn conflicting_and_invalid_options_are_usage_errors() {
-        assert!(Cli::try_parse_from(["vublk", "--fd", "3", "--socket-path", "s", "--null", "1M"]).is_err());
+        assert!(
+            Cli::try_parse_from(["vublk", "--fd", "3", "--socket-path", "s", "--null", "1M"])
+                .is_err()
+        );
         assert!(Cli::try_parse_from(["vublk", "--socket-path", "s"]).is_err());
-        assert!(Cli::try_parse_from(["vublk", "--socket-path", "s", "--null", "1M", "--blk-size", "1024"]).is_err());
-        assert!(Cli::try_parse_from(["vublk", "--socket-path", "s", "--null", "1M", "--queue-size", "1000"]).is_err());
-        assert!(Cli::try_parse_from(["vublk", "--socket-path", "s", "--null", "1M", "--serial", "x".repeat(21).as_str()]).is_err());
+        assert!(Cli::try_parse_from([
+            "vublk",
+            "--socket-path",
+            "s",
+            "--null",
+            "1M",
+            "--blk-size",
+            "1024"
+        ])
+        .is_err());
+        assert!(Cli::try_parse_from([
+            "vublk",
+            "--socket-path",
+            "s",
+            "--null",
+            "1M",
+            "--queue-size",
+            "1000"
+        ])
+        .is_err());
+        assert!(Cli::try_parse_from([
+            "vublk",
+            "--socket-path",
+            "s",
+            "--null",
+            "1M",
+            "--serial",
+            "x".repeat(21).as_str()
+        ])
+        .is_err());
         assert!(Cli::try_parse_from(["vublk", "--print-capabilities"]).is_ok());
-        assert!(Cli::try_parse_from(["vublk", "--socket-path", "s", "--null", "1M", "--socket-mode", "0999"]).is_err());
-        assert!(Cli::try_parse_from(["vublk", "--socket-path", "s", "--null", "1M", "--socket-group", "no-such-group-here"]).is_err());
-        let cli = Cli::try_parse_from(["vublk", "--socket-path", "s", "--null", "1M", "--socket-mode", "0660", "--socket-group", "root"]).unwrap();
-        assert_eq!((cli.socket_access().mode, cli.socket_access().group), (Some(0o660), Some(0)));
+        assert!(Cli::try_parse_from([
+            "vublk",
+            "--socket-path",
+            "s",
+            "--null",
+            "1M",
+            "--socket-mode",
+            "0999"
+        ])
+        .is_err());
+        assert!(Cli::try_parse_from([
+            "vublk",
+            "--socket-path",
+            "s",
+            "--null",
+            "1M",
+            "--socket-group",
+            "no-such-group-here"
+        ])
+        .is_err());
+        let cli = Cli::try_parse_from([
+            "vublk",
+            "--socket-path",
+            "s",
+            "--null",
+            "1M",
+            "--socket-mode",
+            "0660",
+            "--socket-group",
+            "root",
+        ])
+        .unwrap();
+        assert_eq!(
+            (cli.socket_access().mode, cli.socket_access().group),
+            (Some(0o660), Some(0))
+        );
     }
 
     fn parse(args: &[&str]) -> Result<Cli, String> {
-        Cli::try_parse_from(std::iter::once("vublk").chain(args.iter().copied())).map_err(|e| e.to_string())
+        Cli::try_parse_from(std::iter::once("vublk").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())
     }
 
     fn exports(args: &[&str]) -> Result<Vec<(Endpoint, ExportSpec)>, String> {
@@ -545,7 +685,8 @@ mod tests {
             .find_map(|l| {
                 let f: Vec<_> = l.split(':').collect();
                 let id: u32 = f.get(2)?.parse().ok()?;
-                (id != 0 && !f[0].is_empty() && f[0].parse::<u32>().is_err()).then(|| (f[0].to_string(), id))
+                (id != 0 && !f[0].is_empty() && f[0].parse::<u32>().is_err())
+                    .then(|| (f[0].to_string(), id))
             })
             .expect("a named non-root entry")
     }
@@ -554,27 +695,81 @@ mod tests {
     fn allow_lists_take_numbers_and_names() {
         let (user, uid) = named("/etc/passwd");
         let (group, gid) = named("/etc/group");
-        let main = exports(&["--socket-path", "/a", "--null", "1M", "--allow-uids", &format!("1000,{user},root"), "--allow-gids", &group]).unwrap();
-        assert_eq!(main[0].1.allow, AllowList { uids: Some(vec![1000, uid, 0]), gids: Some(vec![gid]) });
+        let main = exports(&[
+            "--socket-path",
+            "/a",
+            "--null",
+            "1M",
+            "--allow-uids",
+            &format!("1000,{user},root"),
+            "--allow-gids",
+            &group,
+        ])
+        .unwrap();
+        assert_eq!(
+            main[0].1.allow,
+            AllowList {
+                uids: Some(vec![1000, uid, 0]),
+                gids: Some(vec![gid])
+            }
+        );
         // No list: everyone who can connect.
         let open = exports(&["--socket-path", "/a", "--null", "1M"]).unwrap();
         assert_eq!(open[0].1.allow, AllowList::default());
         assert!(!open[0].1.allow.restricts());
         // In --export, lists are separated by ':'.
         let spec = format!("socket-path=/b,null=1M,allow-uids=1000:{user},allow-gids={group}:7");
-        let both = exports(&["--socket-path", "/a", "--null", "1M", "--allow-uids", "5", "--export", &spec]).unwrap();
-        assert_eq!(both[0].1.allow, AllowList { uids: Some(vec![5]), gids: None }, "the main export's own lists");
-        assert_eq!(both[1].1.allow, AllowList { uids: Some(vec![1000, uid]), gids: Some(vec![gid, 7]) }, "not the main export's");
+        let both = exports(&[
+            "--socket-path",
+            "/a",
+            "--null",
+            "1M",
+            "--allow-uids",
+            "5",
+            "--export",
+            &spec,
+        ])
+        .unwrap();
+        assert_eq!(
+            both[0].1.allow,
+            AllowList {
+                uids: Some(vec![5]),
+                gids: None
+            },
+            "the main export's own lists"
+        );
+        assert_eq!(
+            both[1].1.allow,
+            AllowList {
+                uids: Some(vec![1000, uid]),
+                gids: Some(vec![gid, 7])
+            },
+            "not the main export's"
+        );
         let gids_only = exports(&["--export", "socket-path=/b,null=1M,allow-gids=0"]).unwrap();
-        assert_eq!(gids_only[0].1.allow, AllowList { uids: None, gids: Some(vec![0]) });
+        assert_eq!(
+            gids_only[0].1.allow,
+            AllowList {
+                uids: None,
+                gids: Some(vec![0])
+            }
+        );
     }
 
     #[test]
     fn bad_allow_lists_are_usage_errors() {
         let base = ["--socket-path", "/a", "--null", "1M"];
         for (option, value, expected) in [
-            ("--allow-uids", "no-such-user-here", "no user 'no-such-user-here' in /etc/passwd"),
-            ("--allow-gids", "no-such-group-here", "no group 'no-such-group-here' in /etc/group"),
+            (
+                "--allow-uids",
+                "no-such-user-here",
+                "no user 'no-such-user-here' in /etc/passwd",
+            ),
+            (
+                "--allow-gids",
+                "no-such-group-here",
+                "no group 'no-such-group-here' in /etc/group",
+            ),
             ("--allow-uids", "1000,", "an empty user"),
             ("--allow-uids", "4294967295", "is not a valid user id"),
             ("--allow-gids", "-1", "no group '-1'"),
@@ -583,19 +778,38 @@ mod tests {
             assert!(err.contains(expected), "{option} {value}: {err}");
         }
         for (spec, expected) in [
-            ("socket-path=/b,null=1M,allow-uids=no-such-user-here", "no user 'no-such-user-here'"),
-            ("socket-path=/b,null=1M,allow-gids=0:no-such-group-here", "no group 'no-such-group-here'"),
-            ("socket-path=/b,null=1M,allow-uids=1000,1001", "lists in --export are separated by ':'"),
+            (
+                "socket-path=/b,null=1M,allow-uids=no-such-user-here",
+                "no user 'no-such-user-here'",
+            ),
+            (
+                "socket-path=/b,null=1M,allow-gids=0:no-such-group-here",
+                "no group 'no-such-group-here'",
+            ),
+            (
+                "socket-path=/b,null=1M,allow-uids=1000,1001",
+                "lists in --export are separated by ':'",
+            ),
             ("socket-path=/b,null=1M,allow-uids=", "an empty user"),
         ] {
             let err = parse(&["--export", spec]).unwrap_err();
             assert!(err.contains(expected), "{spec}: {err}");
         }
         // Lists for the main export when there is none would restrict nothing.
-        let err = exports(&["--export", "socket-path=/b,null=1M", "--allow-uids", "0"]).unwrap_err();
+        let err =
+            exports(&["--export", "socket-path=/b,null=1M", "--allow-uids", "0"]).unwrap_err();
         assert!(err.contains("apply to the main export"), "{err}");
         // --single-process serves without a supervisor to check them.
-        let err = exports(&["--single-process", "--socket-path", "/a", "--null", "1M", "--allow-gids", "0"]).unwrap_err();
+        let err = exports(&[
+            "--single-process",
+            "--socket-path",
+            "/a",
+            "--null",
+            "1M",
+            "--allow-gids",
+            "0",
+        ])
+        .unwrap_err();
         assert!(err.contains("--single-process does not check"), "{err}");
     }
 
@@ -603,14 +817,28 @@ mod tests {
     fn exports_take_the_daemon_wide_socket_access_unless_they_set_their_own() {
         let (group, gid) = named("/etc/group");
         let list = exports(&[
-            "--socket-path", "/a", "--null", "1M", "--socket-mode", "0660", "--socket-group", "root",
-            "--export", "socket-path=/b,null=1M",
-            "--export", &format!("socket-path=/c,null=1M,socket-mode=0600,socket-group={group}"),
-            "--export", "socket-path=/d,null=1M,socket-mode=0o666",
-            "--export", "socket-path=/e,null=1M,socket-group=42",
+            "--socket-path",
+            "/a",
+            "--null",
+            "1M",
+            "--socket-mode",
+            "0660",
+            "--socket-group",
+            "root",
+            "--export",
+            "socket-path=/b,null=1M",
+            "--export",
+            &format!("socket-path=/c,null=1M,socket-mode=0600,socket-group={group}"),
+            "--export",
+            "socket-path=/d,null=1M,socket-mode=0o666",
+            "--export",
+            "socket-path=/e,null=1M,socket-group=42",
         ])
         .unwrap();
-        let access: Vec<_> = list.iter().map(|(_, spec)| (spec.socket.mode, spec.socket.group)).collect();
+        let access: Vec<_> = list
+            .iter()
+            .map(|(_, spec)| (spec.socket.mode, spec.socket.group))
+            .collect();
         assert_eq!(
             access,
             [
@@ -622,10 +850,28 @@ mod tests {
             ]
         );
         // Nothing daemon-wide: the umask's mode and our group, as before.
-        let plain = exports(&["--export", "socket-path=/b,null=1M", "--export", "socket-path=/c,null=1M,socket-mode=0640"]).unwrap();
+        let plain = exports(&[
+            "--export",
+            "socket-path=/b,null=1M",
+            "--export",
+            "socket-path=/c,null=1M,socket-mode=0640",
+        ])
+        .unwrap();
         assert_eq!(plain[0].1.socket, SocketAccess::default());
-        assert_eq!(plain[1].1.socket, SocketAccess { mode: Some(0o640), group: None });
-        for bad in ["socket-mode=0999", "socket-mode=rw", "socket-mode=17777", "socket-group=no-such-group-here", "socket-group=4294967295"] {
+        assert_eq!(
+            plain[1].1.socket,
+            SocketAccess {
+                mode: Some(0o640),
+                group: None
+            }
+        );
+        for bad in [
+            "socket-mode=0999",
+            "socket-mode=rw",
+            "socket-mode=17777",
+            "socket-group=no-such-group-here",
+            "socket-group=4294967295",
+        ] {
             let spec = format!("socket-path=/b,null=1M,{bad}");
             assert!(parse(&["--export", &spec]).is_err(), "{bad}");
         }
@@ -633,36 +879,121 @@ mod tests {
 
     #[test]
     fn open_as_daemon_needs_an_allow_list() {
-        let err = exports(&["--socket-path", "/a", "--blk-file", "/a.img", "--open-as", "daemon"]).unwrap_err();
+        let err = exports(&[
+            "--socket-path",
+            "/a",
+            "--blk-file",
+            "/a.img",
+            "--open-as",
+            "daemon",
+        ])
+        .unwrap_err();
         assert_eq!(
             err,
             "--open-as daemon needs --allow-uids or --allow-gids: the supervisor opens the image as root for \
              whoever may connect to the socket, so say who may"
         );
-        let err = parse(&["--export", "socket-path=/b,blk-file=/b.img,open-as=daemon"]).unwrap_err();
+        let err =
+            parse(&["--export", "socket-path=/b,blk-file=/b.img,open-as=daemon"]).unwrap_err();
         assert!(err.contains("open-as=daemon needs allow-uids= or allow-gids=: the supervisor opens the image as root"), "{err}");
         // The main export's list is not the export's.
-        let err = parse(&["--socket-path", "/a", "--null", "1M", "--allow-uids", "0", "--export", "socket-path=/b,blk-file=/b.img,open-as=daemon"]).unwrap_err();
+        let err = parse(&[
+            "--socket-path",
+            "/a",
+            "--null",
+            "1M",
+            "--allow-uids",
+            "0",
+            "--export",
+            "socket-path=/b,blk-file=/b.img,open-as=daemon",
+        ])
+        .unwrap_err();
         assert!(err.contains("open-as=daemon needs"), "{err}");
         // Either list will do; open-as=vmm needs none.
-        assert!(exports(&["--socket-path", "/a", "--blk-file", "/a.img", "--open-as", "daemon", "--allow-uids", "0"]).is_ok());
-        assert!(exports(&["--socket-path", "/a", "--blk-file", "/a.img", "--open-as", "daemon", "--allow-gids", "0"]).is_ok());
-        assert!(exports(&["--export", "socket-path=/b,blk-file=/b.img,open-as=daemon,allow-gids=0"]).is_ok());
+        assert!(exports(&[
+            "--socket-path",
+            "/a",
+            "--blk-file",
+            "/a.img",
+            "--open-as",
+            "daemon",
+            "--allow-uids",
+            "0"
+        ])
+        .is_ok());
+        assert!(exports(&[
+            "--socket-path",
+            "/a",
+            "--blk-file",
+            "/a.img",
+            "--open-as",
+            "daemon",
+            "--allow-gids",
+            "0"
+        ])
+        .is_ok());
+        assert!(exports(&[
+            "--export",
+            "socket-path=/b,blk-file=/b.img,open-as=daemon,allow-gids=0"
+        ])
+        .is_ok());
         assert!(exports(&["--export", "socket-path=/b,blk-file=/b.img,open-as=vmm"]).is_ok());
     }
 
     #[test]
     fn tenant_limits() {
         let base = ["--socket-path", "/a", "--null", "1M"];
-        assert_eq!(parse(&base).unwrap().tenant_limits(), TenantLimits::default());
+        assert_eq!(
+            parse(&base).unwrap().tenant_limits(),
+            TenantLimits::default()
+        );
         assert_eq!(
             TenantLimits::default(),
-            TenantLimits { connections_per_vmm: DEFAULT_CONNECTIONS_PER_VMM, vms_per_uid: DEFAULT_VMS_PER_UID }
+            TenantLimits {
+                connections_per_vmm: DEFAULT_CONNECTIONS_PER_VMM,
+                vms_per_uid: DEFAULT_VMS_PER_UID
+            }
         );
-        let cli = parse(&[&base[..], &["--max-connections-per-vmm", "65536", "--max-vms-per-uid", "1"]].concat()).unwrap();
-        assert_eq!(cli.tenant_limits(), TenantLimits { connections_per_vmm: 65536, vms_per_uid: 1 });
-        let cli = parse(&[&base[..], &["--max-connections-per-vmm", "1", "--max-vms-per-uid", "1000000"]].concat()).unwrap();
-        assert_eq!(cli.tenant_limits(), TenantLimits { connections_per_vmm: 1, vms_per_uid: 1_000_000 });
+        let cli = parse(
+            &[
+                &base[..],
+                &[
+                    "--max-connections-per-vmm",
+                    "65536",
+                    "--max-vms-per-uid",
+                    "1",
+                ],
+            ]
+            .concat(),
+        )
+        .unwrap();
+        assert_eq!(
+            cli.tenant_limits(),
+            TenantLimits {
+                connections_per_vmm: 65536,
+                vms_per_uid: 1
+            }
+        );
+        let cli = parse(
+            &[
+                &base[..],
+                &[
+                    "--max-connections-per-vmm",
+                    "1",
+                    "--max-vms-per-uid",
+                    "1000000",
+                ],
+            ]
+            .concat(),
+        )
+        .unwrap();
+        assert_eq!(
+            cli.tenant_limits(),
+            TenantLimits {
+                connections_per_vmm: 1,
+                vms_per_uid: 1_000_000
+            }
+        );
         for bad in [
             ["--max-connections-per-vmm", "0"],
             ["--max-connections-per-vmm", "65537"],

@@ -24,7 +24,11 @@ const MAX_FDS: usize = 4;
 pub enum ToWorker {
     /// Serve a connection. Attached fds: the connection, the VMM's pidfd, and with
     /// `open-as=daemon` the backing opened by the supervisor.
-    Serve { connection: u64, export: ExportSpec, disk_fd_attached: bool },
+    Serve {
+        connection: u64,
+        export: ExportSpec,
+        disk_fd_attached: bool,
+    },
 }
 
 /// Worker to supervisor.
@@ -34,7 +38,11 @@ pub enum ToSupervisor {
     /// it, so a connection sent to a worker that died before reading it is not lost.
     Accepted { connection: u64 },
     /// The device could not be served (e.g. the VMM's user may not open the image).
-    Refused { connection: u64, export: String, reason: String },
+    Refused {
+        connection: u64,
+        export: String,
+        reason: String,
+    },
     /// The connection ended.
     Ended { connection: u64 },
     /// What each device of this worker has served so far (sent about once a second).
@@ -59,19 +67,34 @@ pub fn send<T: Serialize>(socket: impl AsFd, message: &T, fds: &[&OwnedFd]) -> i
     let mut ancillary = SendAncillaryBuffer::new(&mut space);
     let borrowed: Vec<_> = fds.iter().map(|fd| fd.as_fd()).collect();
     if !borrowed.is_empty() && !ancillary.push(SendAncillaryMessage::ScmRights(&borrowed)) {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "too many fds for one message"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "too many fds for one message",
+        ));
     }
-    sendmsg(socket, &[IoSlice::new(&bytes)], &mut ancillary, SendFlags::NOSIGNAL)?;
+    sendmsg(
+        socket,
+        &[IoSlice::new(&bytes)],
+        &mut ancillary,
+        SendFlags::NOSIGNAL,
+    )?;
     Ok(())
 }
 
 /// Receives one message and its fds; `Ok(None)` when the other side closed the channel.
-pub fn recv<T: for<'de> Deserialize<'de>>(socket: impl AsFd) -> io::Result<Option<(T, Vec<OwnedFd>)>> {
+pub fn recv<T: for<'de> Deserialize<'de>>(
+    socket: impl AsFd,
+) -> io::Result<Option<(T, Vec<OwnedFd>)>> {
     let mut buf = vec![0u8; MAX_MESSAGE];
     let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
     let mut ancillary = RecvAncillaryBuffer::new(&mut space);
     let received = loop {
-        match recvmsg(&socket, &mut [IoSliceMut::new(&mut buf)], &mut ancillary, RecvFlags::CMSG_CLOEXEC) {
+        match recvmsg(
+            &socket,
+            &mut [IoSliceMut::new(&mut buf)],
+            &mut ancillary,
+            RecvFlags::CMSG_CLOEXEC,
+        ) {
             Err(rustix::io::Errno::INTR) => continue,
             other => break other?,
         }

@@ -27,7 +27,11 @@ use disk::Disk;
 pub enum Mode {
     /// The default: a supervisor handing each VM to a worker carrying its VMM's identity,
     /// answering `vublk status` on the control socket if there is one.
-    Supervisor(Vec<(Endpoint, ExportSpec)>, supervisor::TenantLimits, Option<std::path::PathBuf>),
+    Supervisor(
+        Vec<(Endpoint, ExportSpec)>,
+        supervisor::TenantLimits,
+        Option<std::path::PathBuf>,
+    ),
     /// One export served in this process.
     SingleProcess(Endpoint, SocketAccess, ExportSpec),
     /// A per-VM worker, started by the supervisor.
@@ -66,7 +70,11 @@ pub fn run(mode: Mode) -> Result<(), Box<dyn Error + Send + Sync>> {
 }
 
 /// Opens the disk and serves it in this process until stopped.
-fn run_single(endpoint: Endpoint, access: SocketAccess, export: ExportSpec) -> Result<(), Box<dyn Error + Send + Sync>> {
+fn run_single(
+    endpoint: Endpoint,
+    access: SocketAccess,
+    export: ExportSpec,
+) -> Result<(), Box<dyn Error + Send + Sync>> {
     let disk = Disk::open(&export.disk, export.open)?;
     let device = Arc::new(virtio_blk::device_for(disk, &export)?);
     let config = device.config();
@@ -75,9 +83,21 @@ fn run_single(endpoint: Endpoint, access: SocketAccess, export: ExportSpec) -> R
         device.disk().name,
         config.capacity,
         config.num_queues,
-        if config.read_only { "read-only" } else { "read-write" },
-        if device.disk().direct { ", O_DIRECT" } else { "" },
-        if config.writeback() { ", write-back" } else { ", write-through" },
+        if config.read_only {
+            "read-only"
+        } else {
+            "read-write"
+        },
+        if device.disk().direct {
+            ", O_DIRECT"
+        } else {
+            ""
+        },
+        if config.writeback() {
+            ", write-back"
+        } else {
+            ", write-through"
+        },
     );
     daemon::run(endpoint, access, device)?;
     Ok(())

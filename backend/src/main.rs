@@ -20,11 +20,18 @@ fn main() -> ExitCode {
         println!("{CAPABILITIES}");
         return ExitCode::SUCCESS;
     }
-    if let Some(vublk::cli::Command::Status { control_socket, json }) = &cli.command {
+    if let Some(vublk::cli::Command::Status {
+        control_socket,
+        json,
+    }) = &cli.command
+    {
         return match vublk::supervisor::print_status(control_socket, *json) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("vublk: cannot read the status from {}: {e}", control_socket.display());
+                eprintln!(
+                    "vublk: cannot read the status from {}: {e}",
+                    control_socket.display()
+                );
                 ExitCode::from(1)
             }
         };
@@ -41,7 +48,9 @@ fn main() -> ExitCode {
                 let (endpoint, export) = exports.remove(0);
                 Mode::SingleProcess(endpoint, cli.socket_access(), export)
             }
-            Ok(exports) => Mode::Supervisor(exports, cli.tenant_limits(), cli.control_socket.clone()),
+            Ok(exports) => {
+                Mode::Supervisor(exports, cli.tenant_limits(), cli.control_socket.clone())
+            }
             Err(message) => {
                 eprintln!("vublk: {message}");
                 return ExitCode::from(2);
@@ -52,7 +61,9 @@ fn main() -> ExitCode {
         vublk::identity::peer::test_without_peer_pidfd();
     }
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();

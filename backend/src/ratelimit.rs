@@ -18,7 +18,13 @@ pub struct RateLimit {
 
 impl RateLimit {
     pub const fn new(burst: u32, interval: Duration) -> RateLimit {
-        RateLimit { interval, burst, window_start: None, in_window: 0, suppressed: 0 }
+        RateLimit {
+            interval,
+            burst,
+            window_start: None,
+            in_window: 0,
+            suppressed: 0,
+        }
     }
 
     /// Returns whether to log now, and how many events were suppressed since the last line.
@@ -53,7 +59,8 @@ impl RateLimit {
     }
 
     fn window_ended(&self, now: Instant) -> bool {
-        self.window_start.is_none_or(|start| now.duration_since(start) >= self.interval)
+        self.window_start
+            .is_none_or(|start| now.duration_since(start) >= self.interval)
     }
 }
 
@@ -76,7 +83,11 @@ pub struct VmmLog {
 
 impl VmmLog {
     pub const fn new(burst: u32, interval: Duration) -> VmmLog {
-        VmmLog { limit: Mutex::new(RateLimit::new(burst, interval)), burst, interval }
+        VmmLog {
+            limit: Mutex::new(RateLimit::new(burst, interval)),
+            burst,
+            interval,
+        }
     }
 
     /// Whether a line may be written at `now`. If lines were left out before it, the summary
@@ -159,10 +170,18 @@ mod tests {
         assert_eq!(limit.check(t1), Some(0));
         assert_eq!(limit.check(t1), None);
         assert_eq!(limit.check(t1 + s(1)), None);
-        assert_eq!(limit.due(t1 + s(9)), None, "the window is still open: more may be left out");
+        assert_eq!(
+            limit.due(t1 + s(9)),
+            None,
+            "the window is still open: more may be left out"
+        );
         assert_eq!(limit.due(t1 + s(10)), Some(2));
         assert_eq!(limit.due(t1 + s(11)), None, "reported once");
-        assert_eq!(limit.check(t1 + s(12)), Some(0), "the next line does not repeat the count");
+        assert_eq!(
+            limit.check(t1 + s(12)),
+            Some(0),
+            "the next line does not repeat the count"
+        );
     }
 
     #[test]
@@ -192,7 +211,14 @@ mod tests {
         assert_eq!(admitted, 10, "one budget for every thread of the process");
         assert!(!log.admit(t0 + Duration::from_secs(9)));
         assert_eq!(log.lock().due(t0 + Duration::from_secs(9)), None);
-        assert!(log.admit(t0 + Duration::from_secs(10)), "a new window, and the summary went first");
-        assert_eq!(log.lock().take_suppressed(), None, "the summary took the count");
+        assert!(
+            log.admit(t0 + Duration::from_secs(10)),
+            "a new window, and the summary went first"
+        );
+        assert_eq!(
+            log.lock().take_suppressed(),
+            None,
+            "the summary took the count"
+        );
     }
 }

@@ -13,8 +13,16 @@ struct Loop(String);
 
 impl Loop {
     fn attach(file: &std::path::Path) -> Loop {
-        let out = Command::new("losetup").args(["-f", "--show"]).arg(file).output().expect("run losetup");
-        assert!(out.status.success(), "losetup failed: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(file)
+            .output()
+            .expect("run losetup");
+        assert!(
+            out.status.success(),
+            "losetup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         Loop(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 }
@@ -43,9 +51,17 @@ fn loop_device_backing_serves_data_and_zeroing() {
     assert_eq!(q.flush(), 0, "flush");
     assert_eq!(q.write_zeroes(4 * MIB, 64 * KIB, true), 0, "write-zeroes");
     model[4 * MIB as usize..(4 * MIB + 64 * KIB) as usize].fill(0);
-    assert_eq!(q.read_at(0, size as usize).unwrap(), model, "device contents");
+    assert_eq!(
+        q.read_at(0, size as usize).unwrap(),
+        model,
+        "device contents"
+    );
     drop(client);
     daemon.stop();
     drop(dev);
-    assert_same(&std::fs::read(&img).unwrap(), &model, "image under the loop device");
+    assert_same(
+        &std::fs::read(&img).unwrap(),
+        &model,
+        "image under the loop device",
+    );
 }

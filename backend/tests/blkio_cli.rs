@@ -223,13 +223,25 @@ fn socket_mode_and_group() {
     let control = dir.path().join("control.sock");
     let mut daemon = Daemon::start(
         dir.path(),
-        &["--null", "1M", "--socket-mode", "0660", "--socket-group", "100", "--control-socket", control.to_str().unwrap()],
+        &[
+            "--null",
+            "1M",
+            "--socket-mode",
+            "0660",
+            "--socket-group",
+            "100",
+            "--control-socket",
+            control.to_str().unwrap(),
+        ],
     );
     daemon.wait_for(&control);
     let meta = std::fs::metadata(&daemon.socket).unwrap();
     assert_eq!(meta.permissions().mode() & 0o7777, 0o660);
     assert_eq!(meta.gid(), 100);
-    assert_eq!(std::fs::metadata(&control).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&control).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     daemon.stop();
 }
 
@@ -261,7 +273,11 @@ fn a_failed_bind_leaves_no_socket_behind() {
     );
     assert!(!first.exists(), "the first export's socket was left behind");
     assert!(!control.exists(), "the status socket was left behind");
-    assert_eq!(std::fs::read(&taken).unwrap(), b"keep me", "the file in the way was touched");
+    assert_eq!(
+        std::fs::read(&taken).unwrap(),
+        b"keep me",
+        "the file in the way was touched"
+    );
 }
 
 /// An `--export` without its own socket-mode or socket-group takes the daemon-wide ones; one
@@ -276,10 +292,21 @@ fn exports_take_the_daemon_wide_socket_mode_and_group() {
     let mut daemon = Daemon::start(
         dir.path(),
         &[
-            "--null", "1M", "--socket-mode", "0660", "--socket-group", "100",
-            "--export", &format!("socket-path={},null=1M", inherits.display()),
-            "--export", &format!("socket-path={},null=1M,socket-mode=0600,socket-group=0", own.display()),
-            "--control-socket", control.to_str().unwrap(),
+            "--null",
+            "1M",
+            "--socket-mode",
+            "0660",
+            "--socket-group",
+            "100",
+            "--export",
+            &format!("socket-path={},null=1M", inherits.display()),
+            "--export",
+            &format!(
+                "socket-path={},null=1M,socket-mode=0600,socket-group=0",
+                own.display()
+            ),
+            "--control-socket",
+            control.to_str().unwrap(),
         ],
     );
     daemon.wait_for(&control);
@@ -305,23 +332,42 @@ fn open_as_daemon_needs_an_allow_list_and_follows_no_link() {
     let sock = base.join("never.sock");
     let (img_s, sock_s) = (img.to_str().unwrap(), sock.to_str().unwrap());
 
-    let out = run_vublk(&["--socket-path", sock_s, "--blk-file", img_s, "--open-as", "daemon"]);
+    let out = run_vublk(&[
+        "--socket-path",
+        sock_s,
+        "--blk-file",
+        img_s,
+        "--open-as",
+        "daemon",
+    ]);
     let line = assert_one_line_error(&out, 2, "--open-as daemon without an allow-list");
-    assert!(line.contains("--open-as daemon needs --allow-uids or --allow-gids"), "{line}");
+    assert!(
+        line.contains("--open-as daemon needs --allow-uids or --allow-gids"),
+        "{line}"
+    );
     let export = format!("socket-path={sock_s},blk-file={img_s},open-as=daemon");
     let out = run_vublk(&["--export", &export]);
     let line = assert_one_line_error(&out, 2, "open-as=daemon without an allow-list");
-    assert!(line.contains("open-as=daemon needs allow-uids= or allow-gids="), "{line}");
+    assert!(
+        line.contains("open-as=daemon needs allow-uids= or allow-gids="),
+        "{line}"
+    );
 
     let link = base.join("link.img");
     std::os::unix::fs::symlink(&img, &link).unwrap();
     std::os::unix::fs::symlink(&base, base.join("dir-link")).unwrap();
     for path in [link, base.join("dir-link/disk.img")] {
-        let export = format!("socket-path={sock_s},blk-file={},open-as=daemon,allow-uids=0", path.display());
+        let export = format!(
+            "socket-path={sock_s},blk-file={},open-as=daemon,allow-uids=0",
+            path.display()
+        );
         let out = run_vublk(&["--export", &export]);
         let line = assert_one_line_error(&out, 1, "a symbolic link with open-as=daemon");
         assert!(
-            line.contains(&format!("{} is a symbolic link, or a directory on its way is", path.display())),
+            line.contains(&format!(
+                "{} is a symbolic link, or a directory on its way is",
+                path.display()
+            )),
             "{line}"
         );
         assert!(!sock.exists(), "left a socket behind");
@@ -340,7 +386,14 @@ fn open_as_daemon_refuses_a_replaced_image() {
     let uid = std::fs::metadata("/proc/self").unwrap().uid().to_string();
     let mut daemon = Daemon::start(
         &base,
-        &["--blk-file", img.to_str().unwrap(), "--open-as", "daemon", "--allow-uids", &uid],
+        &[
+            "--blk-file",
+            img.to_str().unwrap(),
+            "--open-as",
+            "daemon",
+            "--allow-uids",
+            &uid,
+        ],
     );
     let client = Client::connect(&daemon.socket, 1);
     assert_eq!(client.capacity(), MIB);
@@ -351,10 +404,17 @@ fn open_as_daemon_refuses_a_replaced_image() {
     std::fs::rename(&replacement, &img).unwrap();
     let refused = Client::connect_with(&daemon.socket, ClientOpts::default());
     assert!(refused.is_err(), "served a replaced image");
-    let expected = format!("{} is no longer the file vublk started with (device and inode changed)", img.display());
+    let expected = format!(
+        "{} is no longer the file vublk started with (device and inode changed)",
+        img.display()
+    );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while !daemon.log().contains(&expected) {
-        assert!(std::time::Instant::now() < deadline, "no '{expected}' in the log:\n{}", daemon.log());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no '{expected}' in the log:\n{}",
+            daemon.log()
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     daemon.assert_running();

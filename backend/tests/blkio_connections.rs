@@ -412,9 +412,20 @@ fn connections_release_fds_threads_and_guest_memory() {
     drop(first);
     let supervisor = daemon.pid();
     let supervisor_baseline = footprint(supervisor);
-    assert_eq!(supervisor_baseline.guest_mappings, 0, "the supervisor never maps guest memory");
+    assert_eq!(
+        supervisor_baseline.guest_mappings, 0,
+        "the supervisor never maps guest memory"
+    );
     let start = footprint(worker);
-    wait_for_footprint(&mut daemon, worker, Footprint { guest_mappings: 0, ..start }, "after the first connection");
+    wait_for_footprint(
+        &mut daemon,
+        worker,
+        Footprint {
+            guest_mappings: 0,
+            ..start
+        },
+        "after the first connection",
+    );
     let baseline = footprint(worker);
     assert_eq!(baseline.guest_mappings, 0);
 
@@ -431,7 +442,11 @@ fn connections_release_fds_threads_and_guest_memory() {
             },
         )
         .unwrap_or_else(|e| panic!("connection {cycle}: {e}"));
-        assert_eq!(daemon.serving_pid(), worker, "one worker serves every connection of a VMM");
+        assert_eq!(
+            daemon.serving_pid(),
+            worker,
+            "one worker serves every connection of a VMM"
+        );
         let during = footprint(worker);
         assert!(
             during.guest_mappings > 0,
@@ -449,8 +464,18 @@ fn connections_release_fds_threads_and_guest_memory() {
             model[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
         }
         drop(client);
-        wait_for_footprint(&mut daemon, worker, baseline, &format!("worker after connection {cycle}"));
-        wait_for_footprint(&mut daemon, supervisor, supervisor_baseline, &format!("supervisor after connection {cycle}"));
+        wait_for_footprint(
+            &mut daemon,
+            worker,
+            baseline,
+            &format!("worker after connection {cycle}"),
+        );
+        wait_for_footprint(
+            &mut daemon,
+            supervisor,
+            supervisor_baseline,
+            &format!("supervisor after connection {cycle}"),
+        );
     }
     let mut client = Client::connect(&daemon.socket, 1);
     assert_same(&client.q(0).read_range(0, size), &model, "disk");
@@ -552,7 +577,6 @@ fn memory_regions_come_and_go_while_running() {
     assert_same(&std::fs::read(&img).unwrap(), &model, "image file");
 }
 
-
 /// `--single-process` serves from the daemon itself (no worker process), and still takes the
 /// next frontend after one disconnects.
 #[test]
@@ -560,13 +584,19 @@ fn single_process_mode_serves_without_workers() {
     let dir = test_dir();
     let img = dir.path().join("disk.img");
     create_image(&img, 4 * MIB, 17);
-    let mut daemon = Daemon::start(dir.path(), &["--blk-file", img.to_str().unwrap(), "--single-process"]);
+    let mut daemon = Daemon::start(
+        dir.path(),
+        &["--blk-file", img.to_str().unwrap(), "--single-process"],
+    );
     let data = pattern(1800, MIB, 64 * KIB as usize);
     {
         let mut client = Client::connect(&daemon.socket, 1);
         assert_eq!(client.q(0).write_at(MIB, &data), 0);
         assert_eq!(daemon.serving_pid(), daemon.pid());
-        assert!(workers_of(daemon.pid()).is_empty(), "--single-process started a worker");
+        assert!(
+            workers_of(daemon.pid()).is_empty(),
+            "--single-process started a worker"
+        );
     }
     let mut client = Client::connect(&daemon.socket, 1);
     assert_eq!(client.q(0).read_at(MIB, data.len()).unwrap(), data);

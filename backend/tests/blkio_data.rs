@@ -182,11 +182,19 @@ fn writes_of_many_shapes_read_back_and_reach_the_file() {
 fn images_in_memory_are_read_and_written_by_the_queue_thread() {
     let control = std::env::temp_dir().join(format!("vublk-inline-{}.sock", std::process::id()));
     let control_arg = control.to_str().unwrap().to_string();
-    write_read_verify(Some(Path::new("/dev/shm")), &["--control-socket", &control_arg], true, |_, _| {
-        // 3 rounds of at least 32 writes and 64 reads, then the whole disk.
-        let totals = device_totals(&control, |t| t["inline"].as_u64().unwrap_or(0) >= 3 * 96);
-        assert!(totals["inline"].as_u64() <= totals["requests"].as_u64(), "{totals}");
-    });
+    write_read_verify(
+        Some(Path::new("/dev/shm")),
+        &["--control-socket", &control_arg],
+        true,
+        |_, _| {
+            // 3 rounds of at least 32 writes and 64 reads, then the whole disk.
+            let totals = device_totals(&control, |t| t["inline"].as_u64().unwrap_or(0) >= 3 * 96);
+            assert!(
+                totals["inline"].as_u64() <= totals["requests"].as_u64(),
+                "{totals}"
+            );
+        },
+    );
 }
 
 /// The same through O_DIRECT, with page-aligned segments (what a real guest's page cache sends).
@@ -194,11 +202,20 @@ fn images_in_memory_are_read_and_written_by_the_queue_thread() {
 fn direct_io_writes_read_back_and_reach_the_file() {
     let control = std::env::temp_dir().join(format!("vublk-direct-{}.sock", std::process::id()));
     let control_arg = control.to_str().unwrap().to_string();
-    write_read_verify(None, &["--direct", "--control-socket", &control_arg], false, |_, _| {
-        // A synchronous O_DIRECT request would wait for the device on the queue thread.
-        let totals = device_totals(&control, |t| t["requests"].as_u64().unwrap_or(0) >= 3 * 96);
-        assert_eq!(totals["inline"].as_u64(), Some(0), "O_DIRECT requests done inline: {totals}");
-    });
+    write_read_verify(
+        None,
+        &["--direct", "--control-socket", &control_arg],
+        false,
+        |_, _| {
+            // A synchronous O_DIRECT request would wait for the device on the queue thread.
+            let totals = device_totals(&control, |t| t["requests"].as_u64().unwrap_or(0) >= 3 * 96);
+            assert_eq!(
+                totals["inline"].as_u64(),
+                Some(0),
+                "O_DIRECT requests done inline: {totals}"
+            );
+        },
+    );
 }
 
 /// A driver waiting on each request (iodepth 1, closed loop) gives the queue thread's polling
@@ -210,7 +227,15 @@ fn the_polling_policy_measures_both_modes_and_reports_its_epochs() {
     let img = dir.path().join("disk.img");
     create_image(&img, 4 * MIB, 3);
     let control = dir.path().join("control.sock");
-    let mut daemon = Daemon::start(dir.path(), &["--blk-file", img.to_str().unwrap(), "--control-socket", control.to_str().unwrap()]);
+    let mut daemon = Daemon::start(
+        dir.path(),
+        &[
+            "--blk-file",
+            img.to_str().unwrap(),
+            "--control-socket",
+            control.to_str().unwrap(),
+        ],
+    );
     daemon.wait_for(&control);
     let mut client = Client::connect(&daemon.socket, 1);
     let q = client.q(0);
@@ -230,7 +255,10 @@ fn the_polling_policy_measures_both_modes_and_reports_its_epochs() {
             assert!(count("sleeping_epoch_ns") >= 5_000_000, "{totals}");
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "no epochs of both modes after 20 s: {totals}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no epochs of both modes after 20 s: {totals}"
+        );
     }
     drop(client);
     daemon.stop();
@@ -732,22 +760,47 @@ fn ring_indexes_wrap_around() {
 #[test]
 fn a_mapped_image_truncated_under_vublk_fails_requests_not_the_daemon() {
     let dir = test_dir();
-    let image_dir = tempfile::Builder::new().prefix("vublk-e2e-").tempdir_in("/dev/shm").unwrap();
+    let image_dir = tempfile::Builder::new()
+        .prefix("vublk-e2e-")
+        .tempdir_in("/dev/shm")
+        .unwrap();
     let img = image_dir.path().join("disk.img");
     let size = 4 * MIB;
     let model = create_image(&img, size, 3);
     let mut daemon = Daemon::start(dir.path(), &["--blk-file", img.to_str().unwrap()]);
     let mut client = Client::connect(&daemon.socket, 1);
     let q = client.q(0);
-    assert_same(&q.read_at(3 * MIB, 4096).unwrap(), &model[3 * MIB as usize..][..4096], "before truncation");
+    assert_same(
+        &q.read_at(3 * MIB, 4096).unwrap(),
+        &model[3 * MIB as usize..][..4096],
+        "before truncation",
+    );
 
-    std::fs::OpenOptions::new().write(true).open(&img).unwrap().set_len(MIB).unwrap();
-    assert!(q.read_at(3 * MIB, 4096).is_err(), "a read of a page the file no longer has succeeded");
-    assert!(q.read_at(2 * MIB, 4096).is_err(), "a read past the new end succeeded");
-    assert_same(&q.read_at(4096, 4096).unwrap(), &model[4096..8192], "inside the file after truncation");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(MIB)
+        .unwrap();
+    assert!(
+        q.read_at(3 * MIB, 4096).is_err(),
+        "a read of a page the file no longer has succeeded"
+    );
+    assert!(
+        q.read_at(2 * MIB, 4096).is_err(),
+        "a read past the new end succeeded"
+    );
+    assert_same(
+        &q.read_at(4096, 4096).unwrap(),
+        &model[4096..8192],
+        "inside the file after truncation",
+    );
     daemon.assert_running();
     let worker = daemon.serving_pid();
-    assert!(std::path::Path::new(&format!("/proc/{worker}")).exists(), "the worker died");
+    assert!(
+        std::path::Path::new(&format!("/proc/{worker}")).exists(),
+        "the worker died"
+    );
     drop(client);
     daemon.stop();
 }

@@ -1183,6 +1183,10 @@ fn test_io_gate_releases_one_operation_per_byte() {
         );
     }
     order.sort_unstable();
-    assert_eq!(order, (0..heads.len()).collect::<Vec<_>>(), "every held read completed once");
+    assert_eq!(
+        order,
+        (0..heads.len()).collect::<Vec<_>>(),
+        "every held read completed once"
+    );
     assert_running(&mut fx);
 }

@@ -362,7 +362,13 @@ fn a_batch_gets_one_call() {
         if !event_idx {
             features &= !bit(VIRTIO_RING_F_EVENT_IDX);
         }
-        let mut s = fx.session_with(SessionConfig { features, ..SessionConfig::default() }, &Step::qemu(1));
+        let mut s = fx.session_with(
+            SessionConfig {
+                features,
+                ..SessionConfig::default()
+            },
+            &Step::qemu(1),
+        );
         // One request first, so the thread has gone through a round and sleeps with kicks on.
         let c = s.blk(0).read(0, 512).unwrap();
         assert_eq!(c.status(), blk::S_OK);
@@ -385,7 +391,10 @@ fn a_batch_gets_one_call() {
         let start = std::time::Instant::now();
         let mut used = 0;
         while used < heads.len() {
-            assert!(start.elapsed() < blk::TIMEOUT, "{used} of {BATCH} completed (event_idx {event_idx})");
+            assert!(
+                start.elapsed() < blk::TIMEOUT,
+                "{used} of {BATCH} completed (event_idx {event_idx})"
+            );
             let (vr, mem) = s.vring_mut(0).unwrap();
             match vr.queue.pop_used(mem).unwrap() {
                 Some(e) => {
@@ -401,7 +410,10 @@ fn a_batch_gets_one_call() {
         // A call may follow the last used entry by a moment; none may follow it later.
         std::thread::sleep(std::time::Duration::from_millis(50));
         let calls = s.call_count(0).unwrap();
-        assert_eq!(calls, 1, "calls for a batch of {BATCH} (event_idx {event_idx})");
+        assert_eq!(
+            calls, 1,
+            "calls for a batch of {BATCH} (event_idx {event_idx})"
+        );
     }
 }
 

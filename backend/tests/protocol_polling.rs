@@ -27,12 +27,22 @@ fn publish_read_without_kick(s: &mut Session, sector: u64) -> (u16, Readback) {
     let hdr = b.alloc_bytes(&header(T_IN, sector)).unwrap();
     let data = b.alloc(4096, 0xee).unwrap();
     let status = b.alloc_status().unwrap();
-    let segs = [Seg::readable(hdr, 16), Seg::writable(data, 4096), Seg::writable(status, 1)];
+    let segs = [
+        Seg::readable(hdr, 16),
+        Seg::writable(data, 4096),
+        Seg::writable(status, 1),
+    ];
     let session = b.session();
     let (vr, mem) = session.vring_mut(0).unwrap();
     let head = vr.queue.add_chain(mem, &segs).unwrap();
     vr.queue.publish(mem, head).unwrap();
-    (head, Readback { data: vec![(data, 4096)], status: Some(status) })
+    (
+        head,
+        Readback {
+            data: vec![(data, 4096)],
+            status: Some(status),
+        },
+    )
 }
 
 fn warm_up(s: &mut Session) {
@@ -51,11 +61,21 @@ fn settle() {
 }
 
 /// Whether the chain completes within `wait`, checking its data when it does.
-fn completes_within(s: &mut Session, head: u16, rb: &Readback, sector: u64, wait: Duration) -> bool {
+fn completes_within(
+    s: &mut Session,
+    head: u16,
+    rb: &Readback,
+    sector: u64,
+    wait: Duration,
+) -> bool {
     match s.blk(0).timeout(wait).finish(head, rb) {
         Ok(c) => {
             assert_eq!(c.status(), S_OK);
-            assert_bytes(&c.data, &pattern(sector * 512, 4096), "data of the kickless read");
+            assert_bytes(
+                &c.data,
+                &pattern(sector * 512, 4096),
+                "data of the kickless read",
+            );
             true
         }
         Err(_) => false,
@@ -92,7 +112,10 @@ fn without_polling_a_chain_waits_for_its_kick() {
         "served without a kick although polling is off"
     );
     s.kick(0).unwrap();
-    assert!(completes_within(&mut s, head, &rb, 2000, Duration::from_secs(5)), "not served after the kick");
+    assert!(
+        completes_within(&mut s, head, &rb, 2000, Duration::from_secs(5)),
+        "not served after the kick"
+    );
 }
 
 #[test]
@@ -114,7 +137,10 @@ fn an_idle_driver_shrinks_the_window_until_requests_come_quickly_again() {
         "still polling 50 ms after a completion, after the driver was idle for longer than the ceiling twice"
     );
     s.kick(0).unwrap();
-    assert!(completes_within(&mut s, head, &rb, 3000, Duration::from_secs(5)), "not served after the kick");
+    assert!(
+        completes_within(&mut s, head, &rb, 3000, Duration::from_secs(5)),
+        "not served after the kick"
+    );
     // Requests at short intervals again: polling comes back.
     warm_up(&mut s);
     std::thread::sleep(INSIDE_WINDOW);

@@ -220,14 +220,22 @@ fn write_cache_choice_survives_a_reconnect() {
     steps.push(Step::SetFeatures);
     let mut s = fx.session_with(SessionConfig::default(), &steps);
     let read = |s: &mut Session| {
-        let raw = s.get_config(0, BLK_CONFIG_LEN, VhostUserConfigFlags::empty()).unwrap();
+        let raw = s
+            .get_config(0, BLK_CONFIG_LEN, VhostUserConfigFlags::empty())
+            .unwrap();
         BlkConfig::parse(&raw).writeback
     };
-    s.frontend().set_config(32, VhostUserConfigFlags::WRITABLE, &[0]).unwrap();
+    s.frontend()
+        .set_config(32, VhostUserConfigFlags::WRITABLE, &[0])
+        .unwrap();
     assert_eq!(read(&mut s), 0);
     s.close();
     let mut s = fx.session_with(SessionConfig::default(), &steps);
-    assert_eq!(read(&mut s), 0, "write-through chosen by the guest was lost on reconnect");
+    assert_eq!(
+        read(&mut s),
+        0,
+        "write-through chosen by the guest was lost on reconnect"
+    );
 }
 
 #[test]

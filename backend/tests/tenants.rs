@@ -892,13 +892,19 @@ fn running_out_of_descriptors_neither_spins_nor_stalls() {
     let dir = shared_dir();
     let socket = dir.path().join("vublk.sock");
     let mut cmd = Command::new(vublk_bin());
-    cmd.arg("--socket-path")
-        .arg(&socket)
-        .args(["--null", "64M", "--max-connections-per-vmm", "1000"]);
+    cmd.arg("--socket-path").arg(&socket).args([
+        "--null",
+        "64M",
+        "--max-connections-per-vmm",
+        "1000",
+    ]);
     // SAFETY: setrlimit is async-signal-safe; it only lowers this child's own limit.
     unsafe {
         std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-            let limit = libc::rlimit { rlim_cur: NOFILE, rlim_max: NOFILE };
+            let limit = libc::rlimit {
+                rlim_cur: NOFILE,
+                rlim_max: NOFILE,
+            };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -911,15 +917,21 @@ fn running_out_of_descriptors_neither_spins_nor_stalls() {
     let mut b = Tenant::start(dir.path(), "b", &Job::user(BYSTANDER));
     let mut a = Tenant::start(dir.path(), "a", &Job::user(NOBODY));
     assert_eq!(a.connect_raw(&socket, 1), 1);
-    wait_until("a worker for A", LOG_WITHIN, || !workers_of(daemon.pid()).is_empty());
+    wait_until("a worker for A", LOG_WITHIN, || {
+        !workers_of(daemon.pid()).is_empty()
+    });
     let stopped = Stopped::new(workers_of(daemon.pid())[0]);
     a.connect_raw(&socket, 100);
     // Out of descriptors in accept ("out of file descriptors"), or a step later, getting the
     // peer's pidfd ("Too many open files"): either way the connection is closed at once.
-    wait_until("a line saying the supervisor ran out of descriptors", LOG_WITHIN, || {
-        let log = daemon.log();
-        log.contains("out of file descriptors") || log.contains("Too many open files")
-    });
+    wait_until(
+        "a line saying the supervisor ran out of descriptors",
+        LOG_WITHIN,
+        || {
+            let log = daemon.log();
+            log.contains("out of file descriptors") || log.contains("Too many open files")
+        },
+    );
 
     let ticks = cpu_ticks(daemon.pid());
     std::thread::sleep(Duration::from_secs(1));
@@ -927,7 +939,10 @@ fn running_out_of_descriptors_neither_spins_nor_stalls() {
     // SAFETY: sysconf only reads a constant.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
     eprintln!("MEASURED out of descriptors: the supervisor used {busy} of {hz} ticks in 1 s");
-    assert!(busy * 5 < hz, "the supervisor spins while out of descriptors: {busy} of {hz} ticks in 1 s");
+    assert!(
+        busy * 5 < hz,
+        "the supervisor spins while out of descriptors: {busy} of {hz} ticks in 1 s"
+    );
     // B's connection cannot be served now, but it is answered (closed), not left hanging.
     let failure = refused(&mut b, &socket, "out of descriptors");
     eprintln!("out of descriptors: B {failure}");
@@ -945,10 +960,16 @@ fn running_out_of_descriptors_neither_spins_nor_stalls() {
                 eprintln!("B, while descriptors are freed: {line}");
                 std::thread::sleep(Duration::from_millis(100));
             }
-            other => panic!("B not served after A's worker resumed: {other:?}\n{}", daemon.log()),
+            other => panic!(
+                "B not served after A's worker resumed: {other:?}\n{}",
+                daemon.log()
+            ),
         }
     }
-    eprintln!("MEASURED out of descriptors: B served {} ms after A's worker resumed", start.elapsed().as_millis());
+    eprintln!(
+        "MEASURED out of descriptors: B served {} ms after A's worker resumed",
+        start.elapsed().as_millis()
+    );
     b.finish();
     daemon.stop();
 }
@@ -1163,7 +1184,11 @@ fn spawn_storm_is_bounded() {
         .lines()
         .filter(|l| l.contains(&given_up) && l.contains("worker starts failed in a row"))
         .collect();
-    assert_eq!(given_up_lines.len(), 1, "the VMM's give-up line: {given_up_lines:?}");
+    assert_eq!(
+        given_up_lines.len(),
+        1,
+        "the VMM's give-up line: {given_up_lines:?}"
+    );
 
     a.kill();
     b.finish();

@@ -130,7 +130,7 @@ pub fn kernel_errors(log: &str, allowed: &[&str]) -> Vec<String> {
         .collect()
 }
 
-/// "virtio_blk virtio1: [vda] 131072 512-byte logical blocks (67.1 MB/64.0 MiB)" and the like.
+/// "virtio_blk virtio1: \[vda\] 131072 512-byte logical blocks (67.1 MB/64.0 MiB)" and the like.
 fn is_disk_announcement(line: &str) -> bool {
     ["logical blocks", "queues", "write cache", "[vd"]
         .iter()

@@ -101,7 +101,10 @@ impl Vublk {
     pub fn stop(mut self) -> Result<()> {
         let mut child = self.child.take().expect("running");
         let Some(status) = crate::process::terminate(&mut child, DAEMON_TIMEOUT)? else {
-            bail!("vublk did not exit within {DAEMON_TIMEOUT:?} of SIGTERM:\n{}", self.log_text());
+            bail!(
+                "vublk did not exit within {DAEMON_TIMEOUT:?} of SIGTERM:\n{}",
+                self.log_text()
+            );
         };
         if !status.success() {
             bail!(

@@ -54,12 +54,17 @@ fn find_or_build() -> io::Result<PathBuf> {
     if let Some(bin) = std::env::var_os("VUBLK_BIN") {
         let bin = PathBuf::from(bin);
         if !bin.is_file() {
-            return Err(io::Error::other(format!("VUBLK_BIN={} is not a file", bin.display())));
+            return Err(io::Error::other(format!(
+                "VUBLK_BIN={} is not a file",
+                bin.display()
+            )));
         }
         return Ok(bin);
     }
     let profile_dir = profile_dir().ok_or_else(|| {
-        io::Error::other("cannot tell the cargo target directory from this executable's path; set VUBLK_BIN")
+        io::Error::other(
+            "cannot tell the cargo target directory from this executable's path; set VUBLK_BIN",
+        )
     })?;
     let bin = profile_dir.join("vublk");
     if let (Ok(built), Some(sources)) = (mtime(&bin), newest_backend_source()) {
@@ -74,20 +79,40 @@ fn find_or_build() -> io::Result<PathBuf> {
         Some("debug") | None => "dev".to_string(),
         Some(name) => name.to_string(),
     };
-    let target = profile_dir.parent().ok_or_else(|| io::Error::other("profile dir has no parent"))?;
+    let target = profile_dir
+        .parent()
+        .ok_or_else(|| io::Error::other("profile dir has no parent"))?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     eprintln!("building vublk (cargo build -p vublk --bin vublk --profile {profile})");
     let status = Command::new(&cargo)
         .current_dir(workspace_dir())
         .env("CARGO_TARGET_DIR", target)
-        .args(["build", "-p", "vublk", "--bin", "vublk", "--profile", &profile])
+        .args([
+            "build",
+            "-p",
+            "vublk",
+            "--bin",
+            "vublk",
+            "--profile",
+            &profile,
+        ])
         .status()
-        .map_err(|e| io::Error::new(e.kind(), format!("run {}: {e}", Path::new(&cargo).display())))?;
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("run {}: {e}", Path::new(&cargo).display()),
+            )
+        })?;
     if !status.success() {
-        return Err(io::Error::other(format!("cargo build -p vublk failed ({status})")));
+        return Err(io::Error::other(format!(
+            "cargo build -p vublk failed ({status})"
+        )));
     }
     if !bin.is_file() {
-        return Err(io::Error::other(format!("cargo build -p vublk did not produce {}", bin.display())));
+        return Err(io::Error::other(format!(
+            "cargo build -p vublk did not produce {}",
+            bin.display()
+        )));
     }
     Ok(bin)
 }

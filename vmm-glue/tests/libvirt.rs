@@ -6,11 +6,18 @@ use std::process::Command;
 
 #[test]
 fn the_documented_domain_passes_libvirts_schema() {
-    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/deploy.md")).unwrap();
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/deploy.md")).unwrap();
     let section = &doc[doc.find("## libvirt").expect("a libvirt section")..];
-    let start = section.find("```xml\n").expect("an xml block in the libvirt section") + "```xml\n".len();
+    let start = section
+        .find("```xml\n")
+        .expect("an xml block in the libvirt section")
+        + "```xml\n".len();
     let xml = &section[start..start + section[start..].find("```").unwrap()];
-    assert!(xml.contains("<disk type='vhostuser'"), "the example has no vhost-user disk:\n{xml}");
+    assert!(
+        xml.contains("<disk type='vhostuser'"),
+        "the example has no vhost-user disk:\n{xml}"
+    );
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("domain.xml");
     std::fs::write(&file, xml).unwrap();
@@ -18,7 +25,9 @@ fn the_documented_domain_passes_libvirts_schema() {
         .arg(&file)
         .arg("domain")
         .output()
-        .expect("virt-xml-validate (Debian package libvirt-clients; scripts/prereqs.sh installs it)");
+        .expect(
+            "virt-xml-validate (Debian package libvirt-clients; scripts/prereqs.sh installs it)",
+        );
     assert!(
         out.status.success(),
         "docs/deploy.md's domain does not validate:\n{}{}",

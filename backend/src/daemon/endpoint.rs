@@ -31,7 +31,10 @@ pub struct SocketAccess {
 pub enum Listener {
     /// Accept frontends one after another. `created` is the path to remove on exit (only a
     /// socket we created ourselves).
-    Listening { listener: UnixListener, created: Option<PathBuf> },
+    Listening {
+        listener: UnixListener,
+        created: Option<PathBuf>,
+    },
     /// Serve this one connection, then exit.
     Connected(UnixStream),
 }
@@ -46,14 +49,24 @@ impl Endpoint {
 }
 
 fn bind(path: &Path, access: SocketAccess) -> Result<Listener, DaemonError> {
-    let bind_err = |source| DaemonError::Bind { path: path.to_owned(), source };
+    let bind_err = |source| DaemonError::Bind {
+        path: path.to_owned(),
+        source,
+    };
     // A socket left behind by a daemon that died is replaced; a live one is not stolen.
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
-            return Err(bind_err(io::Error::new(io::ErrorKind::AlreadyExists, "a file that is not a socket is in the way")));
+            return Err(bind_err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "a file that is not a socket is in the way",
+            )));
         }
         match UnixStream::connect(path) {
-            Ok(_) => return Err(DaemonError::SocketInUse { path: path.to_owned() }),
+            Ok(_) => {
+                return Err(DaemonError::SocketInUse {
+                    path: path.to_owned(),
+                })
+            }
             Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
                 tracing::info!("removing stale socket {}", path.display());
                 std::fs::remove_file(path).map_err(bind_err)?;
@@ -77,7 +90,10 @@ fn bind(path: &Path, access: SocketAccess) -> Result<Listener, DaemonError> {
         return Err(bind_err(e));
     }
     tracing::info!("listening on {}", path.display());
-    Ok(Listener::Listening { listener, created: Some(path.to_owned()) })
+    Ok(Listener::Listening {
+        listener,
+        created: Some(path.to_owned()),
+    })
 }
 
 /// An `O_PATH` descriptor of the socket file just bound at `path`, checked to be a socket of
@@ -91,10 +107,21 @@ fn bind(path: &Path, access: SocketAccess) -> Result<Listener, DaemonError> {
 /// be connecting to it.
 fn open_bound(path: &Path) -> io::Result<OwnedFd> {
     let replaced = |what: &str| {
-        io::Error::other(format!("the new socket was replaced by {what} before its mode and group were set"))
+        io::Error::other(format!(
+            "the new socket was replaced by {what} before its mode and group were set"
+        ))
     };
-    let fd = rustix::fs::open(path, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
-        .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("cannot open the new socket to set its mode and group: {e}")))?;
+    let fd = rustix::fs::open(
+        path,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| {
+        io::Error::new(
+            io::Error::from(e).kind(),
+            format!("cannot open the new socket to set its mode and group: {e}"),
+        )
+    })?;
     let stat = rustix::fs::fstat(&fd)?;
     if FileType::from_raw_mode(stat.st_mode) != FileType::Socket {
         return Err(replaced("something that is not a socket"));
@@ -109,8 +136,19 @@ fn open_bound(path: &Path) -> io::Result<OwnedFd> {
 /// change of group may clear the set-group-ID bit.
 fn set_access(socket: &OwnedFd, mode: u32, group: Option<u32>) -> io::Result<()> {
     if let Some(gid) = group {
-        rustix::fs::chownat(socket, "", None, Some(rustix::fs::Gid::from_raw(gid)), rustix::fs::AtFlags::EMPTY_PATH)
-            .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("cannot set its group to {gid}: {e}")))?;
+        rustix::fs::chownat(
+            socket,
+            "",
+            None,
+            Some(rustix::fs::Gid::from_raw(gid)),
+            rustix::fs::AtFlags::EMPTY_PATH,
+        )
+        .map_err(|e| {
+            io::Error::new(
+                io::Error::from(e).kind(),
+                format!("cannot set its group to {gid}: {e}"),
+            )
+        })?;
     }
     // fchmod does not take an O_PATH descriptor; its /proc link leads to the same inode.
     rustix::fs::chmodat(
@@ -119,7 +157,12 @@ fn set_access(socket: &OwnedFd, mode: u32, group: Option<u32>) -> io::Result<()>
         Mode::from_raw_mode(mode),
         rustix::fs::AtFlags::empty(),
     )
-    .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("cannot set its mode to {mode:04o}: {e}")))
+    .map_err(|e| {
+        io::Error::new(
+            io::Error::from(e).kind(),
+            format!("cannot set its mode to {mode:04o}: {e}"),
+        )
+    })
 }
 
 fn adopt(fd: RawFd) -> Result<Listener, DaemonError> {
@@ -131,7 +174,8 @@ fn adopt(fd: RawFd) -> Result<Listener, DaemonError> {
     // SAFETY: the fd is open (checked above) and --fd hands it to us: nothing else in this
     // process uses it, so the OwnedFd may own it.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    let is_unix_stream = sockopt::socket_domain(&owned).is_ok_and(|d| d == rustix::net::AddressFamily::UNIX)
+    let is_unix_stream = sockopt::socket_domain(&owned)
+        .is_ok_and(|d| d == rustix::net::AddressFamily::UNIX)
         && sockopt::socket_type(&owned).is_ok_and(|t| t == rustix::net::SocketType::STREAM);
     if !is_unix_stream {
         return Err(DaemonError::NotUnixStream { fd });
@@ -140,9 +184,15 @@ fn adopt(fd: RawFd) -> Result<Listener, DaemonError> {
     rustix::io::fcntl_setfd(&owned, rustix::io::FdFlags::CLOEXEC).map_err(|e| bad(e.into()))?;
     if sockopt::socket_acceptconn(&owned).map_err(|e| bad(e.into()))? {
         tracing::info!("listening on inherited fd {}", owned.as_raw_fd());
-        Ok(Listener::Listening { listener: UnixListener::from(owned), created: None })
+        Ok(Listener::Listening {
+            listener: UnixListener::from(owned),
+            created: None,
+        })
     } else {
-        tracing::info!("serving the connection on inherited fd {}", owned.as_raw_fd());
+        tracing::info!(
+            "serving the connection on inherited fd {}",
+            owned.as_raw_fd()
+        );
         Ok(Listener::Connected(UnixStream::from(owned)))
     }
 }
@@ -150,7 +200,11 @@ fn adopt(fd: RawFd) -> Result<Listener, DaemonError> {
 impl Listener {
     /// Removes the socket we created, if any.
     pub fn cleanup(&self) {
-        if let Listener::Listening { created: Some(path), .. } = self {
+        if let Listener::Listening {
+            created: Some(path),
+            ..
+        } = self
+        {
             if let Err(e) = std::fs::remove_file(path) {
                 tracing::warn!("cannot remove {}: {e}", path.display());
             }
@@ -180,9 +234,19 @@ mod tests {
         let _turn = UMASK.lock().unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.sock");
-        let _listener = bound(&path, SocketAccess { mode: Some(0o660), group: Some(100) }).unwrap();
+        let _listener = bound(
+            &path,
+            SocketAccess {
+                mode: Some(0o660),
+                group: Some(100),
+            },
+        )
+        .unwrap();
         let meta = std::fs::symlink_metadata(&path).unwrap();
-        assert_eq!((meta.permissions().mode() & 0o7777, meta.gid()), (0o660, 100));
+        assert_eq!(
+            (meta.permissions().mode() & 0o7777, meta.gid()),
+            (0o660, 100)
+        );
 
         let umask = rustix::process::umask(Mode::from_raw_mode(0o027));
         let plain = dir.path().join("b.sock");
@@ -192,7 +256,11 @@ mod tests {
         let meta = std::fs::symlink_metadata(&plain).unwrap();
         assert_eq!(meta.permissions().mode() & 0o7777, 0o750);
         assert_eq!(meta.gid(), rustix::process::getegid().as_raw());
-        assert_eq!(rustix::process::umask(umask), umask, "the umask was not restored");
+        assert_eq!(
+            rustix::process::umask(umask),
+            umask,
+            "the umask was not restored"
+        );
     }
 
     /// What is at the path when the permissions are set must be the socket just bound: not a
@@ -220,6 +288,9 @@ mod tests {
             let err = open_bound(path).unwrap_err();
             assert_eq!(err.to_string(), expected, "{}", path.display());
         }
-        assert_eq!(std::fs::metadata(&target).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&target).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
 }

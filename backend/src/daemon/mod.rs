@@ -47,7 +47,11 @@ const EV_DONE: u64 = 2;
 
 /// Serves `device` on `endpoint` until a signal arrives (or, for a connected fd, until that
 /// connection ends).
-pub fn run<D: VirtioDevice>(endpoint: Endpoint, access: SocketAccess, device: Arc<D>) -> Result<(), DaemonError> {
+pub fn run<D: VirtioDevice>(
+    endpoint: Endpoint,
+    access: SocketAccess,
+    device: Arc<D>,
+) -> Result<(), DaemonError> {
     // Block the signals before any thread exists, so every thread inherits the mask and they
     // arrive only through the signalfd.
     let signals = Signals::block_and_watch().map_err(DaemonError::EventLoop)?;
@@ -55,7 +59,12 @@ pub fn run<D: VirtioDevice>(endpoint: Endpoint, access: SocketAccess, device: Ar
     let done = EventFd::new(EFD_NONBLOCK).map_err(DaemonError::EventLoop)?;
     let epoll = epoll::create(true).map_err(DaemonError::EventLoop)?;
     let watch = |fd: i32, data: u64| {
-        epoll::ctl(epoll, epoll::ControlOptions::EPOLL_CTL_ADD, fd, epoll::Event::new(epoll::Events::EPOLLIN, data))
+        epoll::ctl(
+            epoll,
+            epoll::ControlOptions::EPOLL_CTL_ADD,
+            fd,
+            epoll::Event::new(epoll::Events::EPOLLIN, data),
+        )
     };
     watch(signals.as_raw_fd(), EV_SIGNAL).map_err(DaemonError::EventLoop)?;
     watch(done.as_raw_fd(), EV_DONE).map_err(DaemonError::EventLoop)?;
@@ -68,7 +77,10 @@ pub fn run<D: VirtioDevice>(endpoint: Endpoint, access: SocketAccess, device: Ar
         }
         Listener::Connected(stream) => {
             let stream = stream.try_clone().map_err(DaemonError::EventLoop)?;
-            active = Some(spawn_connection(stream, device.clone(), &done, 1, &endpoint).map_err(DaemonError::EventLoop)?);
+            active = Some(
+                spawn_connection(stream, device.clone(), &done, 1, &endpoint)
+                    .map_err(DaemonError::EventLoop)?,
+            );
         }
     }
 
@@ -108,24 +120,41 @@ pub fn run<D: VirtioDevice>(endpoint: Endpoint, access: SocketAccess, device: Ar
                     }
                 }
                 EV_LISTENER => {
-                    let Listener::Listening { listener: l, .. } = &listener else { continue };
+                    let Listener::Listening { listener: l, .. } = &listener else {
+                        continue;
+                    };
                     match l.accept() {
                         Ok((stream, _)) => {
                             // One frontend at a time: stop watching until this one is gone.
-                            let _ = epoll::ctl(epoll, epoll::ControlOptions::EPOLL_CTL_DEL, l.as_raw_fd(), epoll::Event::new(epoll::Events::empty(), 0));
+                            let _ = epoll::ctl(
+                                epoll,
+                                epoll::ControlOptions::EPOLL_CTL_DEL,
+                                l.as_raw_fd(),
+                                epoll::Event::new(epoll::Events::empty(), 0),
+                            );
                             connections += 1;
-                            match spawn_connection(stream, device.clone(), &done, connections, &endpoint) {
+                            match spawn_connection(
+                                stream,
+                                device.clone(),
+                                &done,
+                                connections,
+                                &endpoint,
+                            ) {
                                 Ok(a) => active = Some(a),
                                 Err(e) => {
                                     // The stream is dropped: the frontend sees the connection close.
                                     tracing::error!("cannot serve a new frontend: {e}");
-                                    watch(l.as_raw_fd(), EV_LISTENER).map_err(DaemonError::EventLoop)?;
+                                    watch(l.as_raw_fd(), EV_LISTENER)
+                                        .map_err(DaemonError::EventLoop)?;
                                 }
                             }
                         }
                         Err(e) => {
                             crate::ratelimit::vmm_line!(warn, "accept failed: {e}");
-                            if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOBUFS)) {
+                            if matches!(
+                                e.raw_os_error(),
+                                Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOBUFS)
+                            ) {
                                 // One frontend at a time: nobody else waits on this loop.
                                 std::thread::sleep(std::time::Duration::from_millis(100));
                             }

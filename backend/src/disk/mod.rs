@@ -81,7 +81,10 @@ pub struct Disk {
 #[derive(Debug)]
 pub enum Backing {
     /// A regular file or a block device.
-    File { file: File, block_device: bool },
+    File {
+        file: File,
+        block_device: bool,
+    },
     Null,
 }
 
@@ -148,7 +151,10 @@ impl Disk {
             .write(!options.read_only)
             .custom_flags(flags)
             .open(path)
-            .map_err(|source| DiskError::Open { path: path.to_owned(), source })
+            .map_err(|source| DiskError::Open {
+                path: path.to_owned(),
+                source,
+            })
     }
 
     /// Opens the image or block device at `path` for `open-as=daemon`, where the supervisor
@@ -163,33 +169,53 @@ impl Disk {
         options: OpenOptions,
         expected: Option<FileId>,
     ) -> Result<(File, FileId), DiskError> {
-        let open_err = |source: io::Error| DiskError::Open { path: path.to_owned(), source };
+        let open_err = |source: io::Error| DiskError::Open {
+            path: path.to_owned(),
+            source,
+        };
         let found = nofollow::open_path(path).map_err(|e| match e.raw_os_error() {
-            Some(libc::ELOOP) => DiskError::SymbolicLink { path: path.to_owned() },
+            Some(libc::ELOOP) => DiskError::SymbolicLink {
+                path: path.to_owned(),
+            },
             _ => open_err(e),
         })?;
         let stat = rustix::fs::fstat(&found).map_err(|e| open_err(e.into()))?;
-        let id = FileId { dev: stat.st_dev, ino: stat.st_ino };
+        let id = FileId {
+            dev: stat.st_dev,
+            ino: stat.st_ino,
+        };
         let file_type = rustix::fs::FileType::from_raw_mode(stat.st_mode);
         if file_type == rustix::fs::FileType::Symlink {
             // Only on the fallback for kernels without openat2 (O_PATH|O_NOFOLLOW stops at the
             // link itself).
-            return Err(DiskError::SymbolicLink { path: path.to_owned() });
+            return Err(DiskError::SymbolicLink {
+                path: path.to_owned(),
+            });
         }
         if expected.is_some_and(|e| e != id) {
-            return Err(DiskError::Replaced { path: path.to_owned() });
+            return Err(DiskError::Replaced {
+                path: path.to_owned(),
+            });
         }
-        if !matches!(file_type, rustix::fs::FileType::RegularFile | rustix::fs::FileType::BlockDevice) {
-            return Err(DiskError::NotAFileOrBlockDevice { path: path.to_owned() });
+        if !matches!(
+            file_type,
+            rustix::fs::FileType::RegularFile | rustix::fs::FileType::BlockDevice
+        ) {
+            return Err(DiskError::NotAFileOrBlockDevice {
+                path: path.to_owned(),
+            });
         }
         // Open the inode just checked for I/O through its /proc link, which cannot lead
         // anywhere else.
         use std::os::fd::AsRawFd;
-        let file = Self::open_file(Path::new(&format!("/proc/self/fd/{}", found.as_raw_fd())), options)
-            .map_err(|e| match e {
-                DiskError::Open { source, .. } => open_err(source),
-                other => other,
-            })?;
+        let file = Self::open_file(
+            Path::new(&format!("/proc/self/fd/{}", found.as_raw_fd())),
+            options,
+        )
+        .map_err(|e| match e {
+            DiskError::Open { source, .. } => open_err(source),
+            other => other,
+        })?;
         Ok((file, id))
     }
 
@@ -200,14 +226,26 @@ impl Disk {
     /// A disk on a file opened by someone else (the supervisor, for `open-as=daemon`); `path`
     /// names it in logs.
     pub fn from_file(file: File, path: &Path, options: OpenOptions) -> Result<Disk, DiskError> {
-        let open_err = |source| DiskError::Open { path: path.to_owned(), source };
+        let open_err = |source| DiskError::Open {
+            path: path.to_owned(),
+            source,
+        };
         let meta = file.metadata().map_err(open_err)?;
         let block_device = meta.file_type().is_block_device();
         if !block_device && !meta.is_file() {
-            return Err(DiskError::NotAFileOrBlockDevice { path: path.to_owned() });
+            return Err(DiskError::NotAFileOrBlockDevice {
+                path: path.to_owned(),
+            });
         }
-        let size = if block_device { probe::block_device_size(&file) } else { Ok(meta.len()) }
-            .map_err(|source| DiskError::Size { path: path.to_owned(), source })?;
+        let size = if block_device {
+            probe::block_device_size(&file)
+        } else {
+            Ok(meta.len())
+        }
+        .map_err(|source| DiskError::Size {
+            path: path.to_owned(),
+            source,
+        })?;
         let dio_align = if options.direct {
             probe::direct_io_alignment(&file, block_device)
         } else {
@@ -224,12 +262,17 @@ impl Disk {
             (InlineIo::Never, InlineIo::Never)
         } else {
             use std::os::fd::AsRawFd;
-            (inline::read_policy(file.as_raw_fd(), size), inline::write_policy(file.as_raw_fd()))
+            (
+                inline::read_policy(file.as_raw_fd(), size),
+                inline::write_policy(file.as_raw_fd()),
+            )
         };
         let capacity = size & !511;
         let mapping = if inline_read == InlineIo::Memory && capacity > 0 {
             MappedImage::new(&file, capacity, options.read_only)
-                .inspect_err(|e| tracing::debug!("{}: not mapped ({e}); using system calls", path.display()))
+                .inspect_err(|e| {
+                    tracing::debug!("{}: not mapped ({e}); using system calls", path.display())
+                })
                 .ok()
         } else {
             None
@@ -286,7 +329,13 @@ mod nofollow {
     /// directory on its way is a symbolic link. Without openat2 (before Linux 5.6, or under a
     /// seccomp filter that refuses it) the path is walked one component at a time.
     pub(super) fn open_path(path: &Path) -> io::Result<OwnedFd> {
-        match openat2(CWD, path, OFlags::PATH | OFlags::CLOEXEC, Mode::empty(), ResolveFlags::NO_SYMLINKS) {
+        match openat2(
+            CWD,
+            path,
+            OFlags::PATH | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::NO_SYMLINKS,
+        ) {
             Err(rustix::io::Errno::NOSYS | rustix::io::Errno::PERM) => walk(path),
             result => Ok(result?),
         }
@@ -296,8 +345,16 @@ mod nofollow {
     /// directory the one before opened.
     pub(super) fn walk(path: &Path) -> io::Result<OwnedFd> {
         let start = if path.is_absolute() { "/" } else { "." };
-        let mut at = openat(CWD, start, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
-        let mut components = path.components().filter(|c| !matches!(c, Component::RootDir | Component::CurDir)).peekable();
+        let mut at = openat(
+            CWD,
+            start,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let mut components = path
+            .components()
+            .filter(|c| !matches!(c, Component::RootDir | Component::CurDir))
+            .peekable();
         if components.peek().is_none() && path.as_os_str().is_empty() {
             return Err(io::Error::from_raw_os_error(libc::ENOENT));
         }
@@ -306,8 +363,15 @@ mod nofollow {
                 Component::Normal(name) => name,
                 _ => "..".as_ref(),
             };
-            let next = openat(&at, name, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?;
-            if rustix::fs::FileType::from_raw_mode(rustix::fs::fstat(&next)?.st_mode) == rustix::fs::FileType::Symlink {
+            let next = openat(
+                &at,
+                name,
+                OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            if rustix::fs::FileType::from_raw_mode(rustix::fs::fstat(&next)?.st_mode)
+                == rustix::fs::FileType::Symlink
+            {
                 return Err(io::Error::from_raw_os_error(libc::ELOOP));
             }
             at = next;
@@ -346,7 +410,10 @@ mod tests {
         assert!(a.len() <= 20, "{a}");
         assert!(a.starts_with("a-very-long-"), "{a}");
         assert_ne!(a, b);
-        assert_eq!(a, open("/srv/a/a-very-long-image-name.img").default_serial());
+        assert_eq!(
+            a,
+            open("/srv/a/a-very-long-image-name.img").default_serial()
+        );
     }
 
     #[test]
@@ -368,7 +435,14 @@ mod tests {
         // Probing must not change the image.
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 8292);
         assert_eq!(std::fs::read(&path).unwrap(), vec![7u8; 8292]);
-        let ro = Disk::open(&spec, OpenOptions { read_only: true, direct: false }).unwrap();
+        let ro = Disk::open(
+            &spec,
+            OpenOptions {
+                read_only: true,
+                direct: false,
+            },
+        )
+        .unwrap();
         assert!(!ro.supports_discard());
         assert!(ro.write_zeroes.is_none());
     }
@@ -400,12 +474,26 @@ mod tests {
 
         let (file, id) = Disk::open_for_daemon(&img, opts, None).unwrap();
         let meta = std::fs::metadata(&img).unwrap();
-        assert_eq!(id, FileId { dev: meta.dev(), ino: meta.ino() });
+        assert_eq!(
+            id,
+            FileId {
+                dev: meta.dev(),
+                ino: meta.ino()
+            }
+        );
         assert_eq!(file.metadata().unwrap().ino(), meta.ino());
         // Opened for I/O as asked: writable unless read-only.
         let (file, _) = Disk::open_for_daemon(&img, opts, Some(id)).unwrap();
         assert!(Disk::from_file(file, &img, opts).is_ok());
-        let (ro, _) = Disk::open_for_daemon(&img, OpenOptions { read_only: true, direct: false }, Some(id)).unwrap();
+        let (ro, _) = Disk::open_for_daemon(
+            &img,
+            OpenOptions {
+                read_only: true,
+                direct: false,
+            },
+            Some(id),
+        )
+        .unwrap();
         use std::io::Write;
         assert!((&ro).write(b"x").is_err(), "read-only open is writable");
 
@@ -414,10 +502,21 @@ mod tests {
         let dir_link = base.join("dirlink");
         std::os::unix::fs::symlink(&real, &dir_link).unwrap();
         let fifo = base.join("fifo");
-        rustix::fs::mknodat(rustix::fs::CWD, &fifo, rustix::fs::FileType::Fifo, rustix::fs::Mode::from_raw_mode(0o600), 0).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
         for path in [link.clone(), dir_link.join("disk.img")] {
             let err = Disk::open_for_daemon(&path, opts, None).unwrap_err();
-            assert!(matches!(err, DiskError::SymbolicLink { .. }), "{}: {err}", path.display());
+            assert!(
+                matches!(err, DiskError::SymbolicLink { .. }),
+                "{}: {err}",
+                path.display()
+            );
             assert_eq!(
                 err.to_string(),
                 format!("{} is a symbolic link, or a directory on its way is (open-as=daemon does not follow symbolic links)", path.display())
@@ -426,7 +525,13 @@ mod tests {
         // A FIFO is not opened at all (that would block until a writer came).
         for path in [fifo.clone(), real.clone(), PathBuf::from("/dev/null")] {
             let err = Disk::open_for_daemon(&path, opts, None).unwrap_err();
-            assert_eq!(err.to_string(), format!("{} is neither a regular file nor a block device", path.display()));
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "{} is neither a regular file nor a block device",
+                    path.display()
+                )
+            );
         }
 
         // Same path, another file: refused, whether renamed over or deleted and recreated.
@@ -437,7 +542,10 @@ mod tests {
         assert!(matches!(err, DiskError::Replaced { .. }), "{err}");
         assert_eq!(
             err.to_string(),
-            format!("{} is no longer the file vublk started with (device and inode changed)", img.display())
+            format!(
+                "{} is no longer the file vublk started with (device and inode changed)",
+                img.display()
+            )
         );
         // Nor does a link to the original, put in its place, get through.
         std::fs::remove_file(&img).unwrap();
@@ -446,7 +554,10 @@ mod tests {
         assert!(matches!(err, DiskError::SymbolicLink { .. }), "{err}");
         std::fs::remove_file(&img).unwrap();
         let err = Disk::open_for_daemon(&img, opts, Some(id)).unwrap_err();
-        assert!(matches!(err, DiskError::Open { .. }) && err.to_string().contains("disk.img"), "{err}");
+        assert!(
+            matches!(err, DiskError::Open { .. }) && err.to_string().contains("disk.img"),
+            "{err}"
+        );
     }
 
     /// The fallback for kernels without openat2 refuses the same links.
@@ -464,12 +575,26 @@ mod tests {
         let ino = |fd: &std::os::fd::OwnedFd| rustix::fs::fstat(fd).unwrap().st_ino;
         let want = rustix::fs::stat(&img).unwrap().st_ino;
         assert_eq!(ino(&nofollow::walk(&img).unwrap()), want);
-        assert_eq!(ino(&nofollow::walk(&real.join("./../real/disk.img")).unwrap()), want);
+        assert_eq!(
+            ino(&nofollow::walk(&real.join("./../real/disk.img")).unwrap()),
+            want
+        );
         for path in [base.join("link.img"), base.join("dirlink/disk.img")] {
             let err = nofollow::walk(&path).unwrap_err();
-            assert_eq!(err.raw_os_error(), Some(libc::ELOOP), "{}: {err}", path.display());
+            assert_eq!(
+                err.raw_os_error(),
+                Some(libc::ELOOP),
+                "{}: {err}",
+                path.display()
+            );
         }
-        assert_eq!(nofollow::walk(Path::new("")).unwrap_err().raw_os_error(), Some(libc::ENOENT));
-        assert_eq!(nofollow::walk(&img.join("x")).unwrap_err().raw_os_error(), Some(libc::ENOTDIR));
+        assert_eq!(
+            nofollow::walk(Path::new("")).unwrap_err().raw_os_error(),
+            Some(libc::ENOENT)
+        );
+        assert_eq!(
+            nofollow::walk(&img.join("x")).unwrap_err().raw_os_error(),
+            Some(libc::ENOTDIR)
+        );
     }
 }

@@ -29,7 +29,10 @@ impl std::error::Error for ApplyError {}
 
 fn check(ret: libc::c_long, step: impl FnOnce() -> String) -> Result<(), ApplyError> {
     if ret < 0 {
-        Err(ApplyError { step: step(), source: io::Error::last_os_error() })
+        Err(ApplyError {
+            step: step(),
+            source: io::Error::last_os_error(),
+        })
     } else {
         Ok(())
     }
@@ -66,13 +69,19 @@ pub fn apply(identity: &VmmIdentity, parent: i32) -> Result<Applied, ApplyError>
     let privileged = euid == 0;
     if !privileged && (identity.ids.uid[1] != euid || identity.ids.gid[1] != egid) {
         return Err(ApplyError {
-            step: format!("becoming uid {} gid {} (the supervisor runs as uid {euid}, not root)", identity.ids.uid[1], identity.ids.gid[1]),
+            step: format!(
+                "becoming uid {} gid {} (the supervisor runs as uid {euid}, not root)",
+                identity.ids.uid[1], identity.ids.gid[1]
+            ),
             source: io::Error::from_raw_os_error(libc::EPERM),
         });
     }
 
     for path in &identity.cgroup_procs {
-        std::fs::write(path, b"0").map_err(|source| ApplyError { step: format!("joining {}", path.display()), source })?;
+        std::fs::write(path, b"0").map_err(|source| ApplyError {
+            step: format!("joining {}", path.display()),
+            source,
+        })?;
     }
 
     if !identity.affinity.is_empty() {
@@ -83,18 +92,31 @@ pub fn apply(identity: &VmmIdentity, parent: i32) -> Result<Applied, ApplyError>
             unsafe { libc::CPU_SET(cpu, &mut set) };
         }
         // SAFETY: reads the set we own.
-        let ret = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+        let ret =
+            unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
         check(ret.into(), || "setting the CPU affinity".into())?;
     }
     // SAFETY: scalar arguments only.
     let ret = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, identity.nice) };
     check(ret.into(), || format!("setting nice {}", identity.nice))?;
     // SAFETY: scalar arguments only.
-    let ret = unsafe { libc::syscall(libc::SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0 as libc::c_long, identity.ioprio as libc::c_long) };
-    check(ret, || format!("setting io priority {:#x}", identity.ioprio))?;
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_ioprio_set,
+            IOPRIO_WHO_PROCESS,
+            0 as libc::c_long,
+            identity.ioprio as libc::c_long,
+        )
+    };
+    check(ret, || {
+        format!("setting io priority {:#x}", identity.ioprio)
+    })?;
 
     for limit in &identity.limits {
-        let mut ours = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        let mut ours = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
         // SAFETY: getrlimit writes into the local.
         let ret = unsafe { libc::getrlimit(limit.resource as _, &mut ours) };
         check(ret.into(), || format!("reading {}", limit.name))?;
@@ -103,9 +125,17 @@ pub fn apply(identity: &VmmIdentity, parent: i32) -> Result<Applied, ApplyError>
         // Without CAP_SYS_RESOURCE a hard limit can only go down: keep ours where it is lower.
         let hard = want_hard.min(ours.rlim_max);
         if hard < want_hard {
-            notes.push(format!("{}: the VMM's hard limit {} is above ours; kept {}", limit.name, show(want_hard), show(hard)));
+            notes.push(format!(
+                "{}: the VMM's hard limit {} is above ours; kept {}",
+                limit.name,
+                show(want_hard),
+                show(hard)
+            ));
         }
-        let new = libc::rlimit { rlim_cur: want_soft.min(hard), rlim_max: hard };
+        let new = libc::rlimit {
+            rlim_cur: want_soft.min(hard),
+            rlim_max: hard,
+        };
         // SAFETY: reads the local.
         let ret = unsafe { libc::setrlimit(limit.resource as _, &new) };
         check(ret.into(), || format!("setting {}", limit.name))?;
@@ -118,7 +148,9 @@ pub fn apply(identity: &VmmIdentity, parent: i32) -> Result<Applied, ApplyError>
         for cap in 0..=last_cap() {
             // SAFETY: prctl with scalar arguments.
             let ret = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
-            check(ret.into(), || format!("dropping capability {cap} from the bounding set"))?;
+            check(ret.into(), || {
+                format!("dropping capability {cap} from the bounding set")
+            })?;
         }
         let groups: Vec<libc::gid_t> = ids.groups.clone();
         // SAFETY: setgroups reads `groups.len()` entries from the vector.
@@ -134,18 +166,52 @@ pub fn apply(identity: &VmmIdentity, parent: i32) -> Result<Applied, ApplyError>
 
     // SAFETY: prctl and getppid with scalar arguments.
     unsafe {
-        check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0).into(), || "arming the parent-death signal".into())?;
+        check(
+            libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            )
+            .into(),
+            || "arming the parent-death signal".into(),
+        )?;
         if libc::getppid() != parent {
-            return Err(ApplyError { step: "checking the supervisor is alive".into(), source: io::Error::from_raw_os_error(libc::ESRCH) });
+            return Err(ApplyError {
+                step: "checking the supervisor is alive".into(),
+                source: io::Error::from_raw_os_error(libc::ESRCH),
+            });
         }
-        check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0).into(), || "setting no_new_privs".into())?;
-        check(libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong, 0, 0, 0).into(), || "clearing ambient capabilities".into())?;
+        check(
+            libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0).into(),
+            || "setting no_new_privs".into(),
+        )?;
+        check(
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+                0,
+                0,
+                0,
+            )
+            .into(),
+            || "clearing ambient capabilities".into(),
+        )?;
     }
     // A VMM running as root keeps uid 0: take its capabilities away explicitly.
-    let header = CapHeader { version: LINUX_CAPABILITY_VERSION_3, pid: 0 };
-    let data = [CapData { effective: 0, permitted: 0, inheritable: 0 }; 2];
+    let header = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let data = [CapData {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
     // SAFETY: capset reads the header and two data structs, all live locals.
-    let ret = unsafe { libc::syscall(libc::SYS_capset, &header as *const CapHeader, data.as_ptr()) };
+    let ret =
+        unsafe { libc::syscall(libc::SYS_capset, &header as *const CapHeader, data.as_ptr()) };
     check(ret, || "dropping capabilities".into())?;
 
     Ok(Applied { notes })

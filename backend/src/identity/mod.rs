@@ -90,7 +90,10 @@ impl VmmIdentity {
         now_groups.dedup();
         groups.sort_unstable();
         groups.dedup();
-        if ids.uid.iter().any(|&u| u != peer.uid) || ids.gid.iter().any(|&g| g != peer.gid) || now_groups != groups {
+        if ids.uid.iter().any(|&u| u != peer.uid)
+            || ids.gid.iter().any(|&g| g != peer.gid)
+            || now_groups != groups
+        {
             return Err(IdentityError::CredentialsChanged {
                 pid: peer.pid,
                 uid: peer.uid,
@@ -106,16 +109,21 @@ impl VmmIdentity {
 
     /// The soft limit of `resource` (`None`: unlimited or unknown).
     pub fn soft_limit(&self, resource: libc::__rlimit_resource_t) -> Option<u64> {
-        self.limits.iter().find(|l| l.resource == resource as i32).and_then(|l| l.soft)
+        self.limits
+            .iter()
+            .find(|l| l.resource == resource as i32)
+            .and_then(|l| l.soft)
     }
 
     /// Reads the identity of process `pid` (which the caller holds a pidfd for).
     fn read(pid: i32) -> Result<VmmIdentity, IdentityError> {
         let dir = PathBuf::from(format!("/proc/{pid}"));
         let status_path = dir.join("status");
-        let ids = proc::parse_status_ids(&read(status_path.clone())?).ok_or(IdentityError::Parse(status_path))?;
+        let ids = proc::parse_status_ids(&read(status_path.clone())?)
+            .ok_or(IdentityError::Parse(status_path))?;
         let limits_path = dir.join("limits");
-        let limits = proc::parse_limits(&read(limits_path.clone())?).ok_or(IdentityError::Parse(limits_path))?;
+        let limits = proc::parse_limits(&read(limits_path.clone())?)
+            .ok_or(IdentityError::Parse(limits_path))?;
         let cgroups = proc::parse_cgroup(&read(dir.join("cgroup"))?);
         let mounts = proc::parse_cgroup_mounts(&read(PathBuf::from("/proc/self/mountinfo"))?);
         let cgroup_procs = cgroups
@@ -123,7 +131,11 @@ impl VmmIdentity {
             .filter_map(|m| {
                 let path = proc::cgroup_procs_path(m, &mounts);
                 if path.is_none() {
-                    tracing::debug!("VMM pid {pid}: cgroup {:?}:{} is not mounted here; not joined", m.controllers, m.path);
+                    tracing::debug!(
+                        "VMM pid {pid}: cgroup {:?}:{} is not mounted here; not joined",
+                        m.controllers,
+                        m.path
+                    );
                 }
                 path
             })
@@ -145,11 +157,18 @@ fn affinity_of(pid: i32) -> Result<Vec<usize>, IdentityError> {
     // SAFETY: an all-zero cpu_set_t is a valid empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: sched_getaffinity writes at most size_of(cpu_set_t) bytes into `set`.
-    if unsafe { libc::sched_getaffinity(pid, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0 {
-        return Err(IdentityError::Affinity { pid, source: io::Error::last_os_error() });
+    if unsafe { libc::sched_getaffinity(pid, std::mem::size_of::<libc::cpu_set_t>(), &mut set) }
+        != 0
+    {
+        return Err(IdentityError::Affinity {
+            pid,
+            source: io::Error::last_os_error(),
+        });
     }
     // SAFETY: CPU_ISSET only reads the set.
-    Ok((0..libc::CPU_SETSIZE as usize).filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) }).collect())
+    Ok((0..libc::CPU_SETSIZE as usize)
+        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .collect())
 }
 
 fn nice_of(pid: i32) -> Result<i32, IdentityError> {
@@ -170,7 +189,13 @@ const IOPRIO_WHO_PROCESS: libc::c_long = 1;
 
 fn ioprio_of(pid: i32) -> Result<i32, IdentityError> {
     // SAFETY: ioprio_get only reads its scalar arguments.
-    let prio = unsafe { libc::syscall(libc::SYS_ioprio_get, IOPRIO_WHO_PROCESS, pid as libc::c_long) };
+    let prio = unsafe {
+        libc::syscall(
+            libc::SYS_ioprio_get,
+            IOPRIO_WHO_PROCESS,
+            pid as libc::c_long,
+        )
+    };
     if prio < 0 {
         return Err(IdentityError::Gone(pid));
     }

@@ -69,7 +69,9 @@ impl Peer {
             Ok(fd) => fd,
             Err(e) if e.raw_os_error() == Some(libc::ENOPROTOOPT) => open_checked(pid)?,
             // ESRCH or EINVAL: the process that connected has exited.
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ESRCH | libc::EINVAL)) => return Err(PeerError::Exited(pid)),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ESRCH | libc::EINVAL)) => {
+                return Err(PeerError::Exited(pid))
+            }
             Err(source) => return Err(PeerError::Pidfd { pid, source }),
         };
         if pid_of_pidfd(&pidfd).map_err(|source| PeerError::Pidfd { pid, source })? != pid {
@@ -77,7 +79,14 @@ impl Peer {
         }
         // /proc/PID is this process as long as the pidfd says it has not exited afterwards.
         let start_time = start_time(pid).map_err(gone)?;
-        let peer = Peer { pid, uid, gid, groups, start_time, pidfd };
+        let peer = Peer {
+            pid,
+            uid,
+            gid,
+            groups,
+            start_time,
+            pidfd,
+        };
         if peer.exited() {
             return Err(PeerError::Exited(pid));
         }
@@ -86,7 +95,11 @@ impl Peer {
 
     /// Whether the process has exited.
     pub fn exited(&self) -> bool {
-        let mut pfd = libc::pollfd { fd: self.pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let mut pfd = libc::pollfd {
+            fd: self.pidfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         // SAFETY: polls one valid pollfd without blocking.
         let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
         ready != 0
@@ -101,7 +114,13 @@ fn peer_pidfd(stream: &UnixStream) -> io::Result<OwnedFd> {
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: getsockopt writes one int into `fd` and its size into `len`.
     let ret = unsafe {
-        libc::getsockopt(stream.as_fd().as_raw_fd(), libc::SOL_SOCKET, SO_PEERPIDFD, (&mut fd as *mut libc::c_int).cast(), &mut len)
+        libc::getsockopt(
+            stream.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_PEERPIDFD,
+            (&mut fd as *mut libc::c_int).cast(),
+            &mut len,
+        )
     };
     if ret != 0 || fd < 0 {
         return Err(io::Error::last_os_error());
@@ -131,7 +150,13 @@ fn peer_groups(stream: &UnixStream) -> io::Result<Vec<u32>> {
         let mut len = (groups.len() * std::mem::size_of::<libc::gid_t>()) as libc::socklen_t;
         // SAFETY: getsockopt writes at most `len` bytes into the vector's buffer.
         let ret = unsafe {
-            libc::getsockopt(stream.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PEERGROUPS, groups.as_mut_ptr().cast(), &mut len)
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
         };
         let needed = len as usize / std::mem::size_of::<libc::gid_t>();
         if ret == 0 {
@@ -149,11 +174,21 @@ fn peer_groups(stream: &UnixStream) -> io::Result<Vec<u32>> {
 /// SO_PEERCRED: pid, uid and gid of the process that connected. The pid is 0 when that process
 /// is in a pid namespace ours cannot see (a VMM on the host of a containerised vublk).
 fn peer_credentials(stream: &UnixStream) -> io::Result<(i32, u32, u32)> {
-    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
     // SAFETY: getsockopt fills at most `len` bytes of `cred`, a plain C struct.
     let rc = unsafe {
-        libc::getsockopt(stream.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PEERCRED, (&raw mut cred).cast(), &mut len)
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &mut len,
+        )
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
@@ -163,7 +198,8 @@ fn peer_credentials(stream: &UnixStream) -> io::Result<(i32, u32, u32)> {
 
 fn start_time(pid: i32) -> io::Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    proc::parse_stat_start_time(&stat).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad /proc/PID/stat"))
+    proc::parse_stat_start_time(&stat)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad /proc/PID/stat"))
 }
 
 pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {

@@ -18,11 +18,19 @@ pub fn parse_status_ids(status: &str) -> Option<Ids> {
         status
             .lines()
             .find_map(|l| l.strip_prefix(name))
-            .map(|rest| rest.split_whitespace().filter_map(|n| n.parse().ok()).collect::<Vec<u32>>())
+            .map(|rest| {
+                rest.split_whitespace()
+                    .filter_map(|n| n.parse().ok())
+                    .collect::<Vec<u32>>()
+            })
     };
     let uid: [u32; 4] = field("Uid:")?.try_into().ok()?;
     let gid: [u32; 4] = field("Gid:")?.try_into().ok()?;
-    Some(Ids { uid, gid, groups: field("Groups:")? })
+    Some(Ids {
+        uid,
+        gid,
+        groups: field("Groups:")?,
+    })
 }
 
 /// The start time of a process in clock ticks since boot (field 22 of /proc/PID/stat): with
@@ -64,13 +72,24 @@ const LIMIT_NAMES: [(&str, i32); 16] = [
 
 /// Parses /proc/PID/limits; every limit the kernel knows must be there.
 pub fn parse_limits(text: &str) -> Option<Vec<Limit>> {
-    let value = |v: &str| if v == "unlimited" { Some(None) } else { v.parse().ok().map(Some) };
+    let value = |v: &str| {
+        if v == "unlimited" {
+            Some(None)
+        } else {
+            v.parse().ok().map(Some)
+        }
+    };
     LIMIT_NAMES
         .iter()
         .map(|&(name, resource)| {
             let line = text.lines().find(|l| l.starts_with(name))?;
             let mut fields = line[name.len()..].split_whitespace();
-            Some(Limit { resource, name: name.into(), soft: value(fields.next()?)?, hard: value(fields.next()?)? })
+            Some(Limit {
+                resource,
+                name: name.into(),
+                soft: value(fields.next()?)?,
+                hard: value(fields.next()?)?,
+            })
         })
         .collect()
 }
@@ -91,7 +110,11 @@ pub fn parse_cgroup(text: &str) -> Vec<CgroupMembership> {
             let controllers = parts.next()?;
             let path = parts.next()?;
             Some(CgroupMembership {
-                controllers: controllers.split(',').filter(|c| !c.is_empty()).map(String::from).collect(),
+                controllers: controllers
+                    .split(',')
+                    .filter(|c| !c.is_empty())
+                    .map(String::from)
+                    .collect(),
                 path: path.to_string(),
             })
         })
@@ -115,7 +138,12 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 3 < bytes.len() && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
             let v = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
             out.push(v);
             i += 4;
@@ -149,11 +177,26 @@ pub fn parse_cgroup_mounts(mountinfo: &str) -> Vec<CgroupMount> {
             } else {
                 super_options
                     .split(',')
-                    .filter(|o| !V1_OPTIONS.contains(o) && !o.starts_with("release_agent") && *o != "clone_children" && *o != "noprefix" && *o != "xattr" && *o != "cpuset_v2_mode" && *o != "nsdelegate" && *o != "memory_recursiveprot" && *o != "favordynmods")
+                    .filter(|o| {
+                        !V1_OPTIONS.contains(o)
+                            && !o.starts_with("release_agent")
+                            && *o != "clone_children"
+                            && *o != "noprefix"
+                            && *o != "xattr"
+                            && *o != "cpuset_v2_mode"
+                            && *o != "nsdelegate"
+                            && *o != "memory_recursiveprot"
+                            && *o != "favordynmods"
+                    })
                     .map(String::from)
                     .collect()
             };
-            Some(CgroupMount { mount_point: PathBuf::from(unescape(mount_point)), root: unescape(root), controllers, v2 })
+            Some(CgroupMount {
+                mount_point: PathBuf::from(unescape(mount_point)),
+                root: unescape(root),
+                controllers,
+                v2,
+            })
         })
         .collect()
 }
@@ -182,7 +225,10 @@ pub fn cgroup_procs_path(membership: &CgroupMembership, mounts: &[CgroupMount]) 
         return None;
     }
     let below = below.trim_start_matches('/');
-    if Path::new(below).components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+    if Path::new(below)
+        .components()
+        .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
         return None;
     }
     Some(mount.mount_point.join(below).join("cgroup.procs"))
@@ -212,13 +258,22 @@ mod tests {
         let text = std::fs::read_to_string("/proc/self/limits").unwrap();
         let limits = parse_limits(&text).unwrap();
         assert_eq!(limits.len(), 16);
-        let nofile = limits.iter().find(|l| l.resource == libc::RLIMIT_NOFILE as i32).unwrap();
-        let mut rl = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        let nofile = limits
+            .iter()
+            .find(|l| l.resource == libc::RLIMIT_NOFILE as i32)
+            .unwrap();
+        let mut rl = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
         // SAFETY: getrlimit writes into the local.
         unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) };
         assert_eq!(nofile.soft, Some(rl.rlim_cur));
         let fixed = "Limit Soft Hard Units\nMax cpu time unlimited unlimited seconds\n";
-        assert!(parse_limits(fixed).is_none(), "missing limits are an error, not a default");
+        assert!(
+            parse_limits(fixed).is_none(),
+            "missing limits are an error, not a default"
+        );
     }
 
     #[test]
@@ -233,18 +288,43 @@ mod tests {
         let mounts = parse_cgroup_mounts(mountinfo);
         assert_eq!(mounts.len(), 5);
         let cgroup = parse_cgroup("0::/vm1\n4:cpu:/vm1\n5:cpu,cpuacct:/a/b\n6:name=systemd:/user.slice\n7:pids:/vms/vm1\n8:memory:/x\n");
-        let paths: Vec<_> = cgroup.iter().map(|m| cgroup_procs_path(m, &mounts)).collect();
-        assert_eq!(paths[0].as_deref(), Some(Path::new("/sys/fs/cgroup/unified/vm1/cgroup.procs")));
-        assert_eq!(paths[1].as_deref(), Some(Path::new("/sys/fs/cgroup/cpu/vm1/cgroup.procs")));
-        assert_eq!(paths[2].as_deref(), Some(Path::new("/sys/fs/cgroup/cpu,cpuacct/a/b/cgroup.procs")));
-        assert_eq!(paths[3].as_deref(), Some(Path::new("/sys/fs/cgroup/systemd/user.slice/cgroup.procs")));
-        assert_eq!(paths[4].as_deref(), Some(Path::new("/mnt/my pids/vm1/cgroup.procs")));
+        let paths: Vec<_> = cgroup
+            .iter()
+            .map(|m| cgroup_procs_path(m, &mounts))
+            .collect();
+        assert_eq!(
+            paths[0].as_deref(),
+            Some(Path::new("/sys/fs/cgroup/unified/vm1/cgroup.procs"))
+        );
+        assert_eq!(
+            paths[1].as_deref(),
+            Some(Path::new("/sys/fs/cgroup/cpu/vm1/cgroup.procs"))
+        );
+        assert_eq!(
+            paths[2].as_deref(),
+            Some(Path::new("/sys/fs/cgroup/cpu,cpuacct/a/b/cgroup.procs"))
+        );
+        assert_eq!(
+            paths[3].as_deref(),
+            Some(Path::new("/sys/fs/cgroup/systemd/user.slice/cgroup.procs"))
+        );
+        assert_eq!(
+            paths[4].as_deref(),
+            Some(Path::new("/mnt/my pids/vm1/cgroup.procs"))
+        );
         assert_eq!(paths[5], None, "memory is not mounted");
         // Outside the subtree a mount shows (podman's default cgroup mounts): not joinable.
         let outside = parse_cgroup("7:pids:/\n7:pids:/vmsX/vm1\n7:pids:/vms\n");
-        let paths: Vec<_> = outside.iter().map(|m| cgroup_procs_path(m, &mounts)).collect();
+        let paths: Vec<_> = outside
+            .iter()
+            .map(|m| cgroup_procs_path(m, &mounts))
+            .collect();
         assert_eq!(paths[0], None, "the root above the mount");
         assert_eq!(paths[1], None, "a sibling sharing the mount root's prefix");
-        assert_eq!(paths[2].as_deref(), Some(Path::new("/mnt/my pids/cgroup.procs")), "the mount root itself");
+        assert_eq!(
+            paths[2].as_deref(),
+            Some(Path::new("/mnt/my pids/cgroup.procs")),
+            "the mount root itself"
+        );
     }
 }

@@ -97,7 +97,10 @@ pub fn read_policy(fd: RawFd, size: u64) -> InlineIo {
         return InlineIo::NoWait;
     }
     let mut byte = 0u8;
-    let iov = libc::iovec { iov_base: (&raw mut byte).cast(), iov_len: 1 };
+    let iov = libc::iovec {
+        iov_base: (&raw mut byte).cast(),
+        iov_len: 1,
+    };
     // SAFETY: one iovec describing `byte`, which lives across the call.
     match unsafe { transfer(fd, false, &iov, 1, 0, InlineIo::NoWait, false) } {
         Attempt::Done(_) | Attempt::WouldBlock => InlineIo::NoWait,
@@ -126,7 +129,9 @@ fn in_memory(fd: RawFd) -> bool {
     }
     #[allow(clippy::unnecessary_cast)]
     let kind = st.f_type as libc::c_long;
-    kind == libc::TMPFS_MAGIC as libc::c_long || kind == RAMFS_MAGIC || kind == libc::HUGETLBFS_MAGIC as libc::c_long
+    kind == libc::TMPFS_MAGIC as libc::c_long
+        || kind == RAMFS_MAGIC
+        || kind == libc::HUGETLBFS_MAGIC as libc::c_long
 }
 
 #[cfg(test)]
@@ -135,9 +140,17 @@ mod tests {
     use std::io::Write;
     use std::os::fd::AsRawFd;
 
-    fn read_at(file: &std::fs::File, offset: u64, len: usize, mode: InlineIo) -> (Attempt, Vec<u8>) {
+    fn read_at(
+        file: &std::fs::File,
+        offset: u64,
+        len: usize,
+        mode: InlineIo,
+    ) -> (Attempt, Vec<u8>) {
         let mut buf = vec![0u8; len];
-        let iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: len };
+        let iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: len,
+        };
         // SAFETY: the iovec describes `buf`, alive across the call.
         let attempt = unsafe { transfer(file.as_raw_fd(), false, &iov, 1, offset, mode, false) };
         (attempt, buf)
@@ -168,7 +181,10 @@ mod tests {
         }
         assert_eq!(read_policy(file.as_raw_fd(), 8192), InlineIo::NoWait);
         let (attempt, buf) = read_at(&file, 4096, 4096, InlineIo::NoWait);
-        assert!(matches!(attempt, Attempt::Done(4096)), "just written, so cached: {attempt:?}");
+        assert!(
+            matches!(attempt, Attempt::Done(4096)),
+            "just written, so cached: {attempt:?}"
+        );
         assert!(buf.iter().all(|&b| b == 7));
     }
 

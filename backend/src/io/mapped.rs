@@ -20,7 +20,8 @@ use std::sync::Once;
 
 /// Live mappings the SIGBUS handler knows, as (start, end) address pairs; 0 marks a free slot.
 const SLOTS: usize = 64;
-static RANGES: [(AtomicUsize, AtomicUsize); SLOTS] = [const { (AtomicUsize::new(0), AtomicUsize::new(0)) }; SLOTS];
+static RANGES: [(AtomicUsize, AtomicUsize); SLOTS] =
+    [const { (AtomicUsize::new(0), AtomicUsize::new(0)) }; SLOTS];
 static BROKEN: [AtomicBool; SLOTS] = [const { AtomicBool::new(false) }; SLOTS];
 static HANDLER: Once = Once::new();
 
@@ -45,16 +46,32 @@ impl MappedImage {
             return Err(io::Error::from(io::ErrorKind::InvalidInput));
         }
         HANDLER.call_once(install_handler);
-        let prot = if read_only { libc::PROT_READ } else { libc::PROT_READ | libc::PROT_WRITE };
+        let prot = if read_only {
+            libc::PROT_READ
+        } else {
+            libc::PROT_READ | libc::PROT_WRITE
+        };
         // SAFETY: a new shared mapping of our own file at an address the kernel picks.
-        let base = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, file.as_raw_fd(), 0) };
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
         if base == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
         let base = base.cast::<u8>();
         let start = base as usize;
         let Some(slot) = (0..SLOTS).find(|&i| {
-            RANGES[i].0.compare_exchange(0, start, Ordering::AcqRel, Ordering::Relaxed).is_ok()
+            RANGES[i]
+                .0
+                .compare_exchange(0, start, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
         }) else {
             // SAFETY: unmapping what was mapped above, which nothing else has seen.
             unsafe { libc::munmap(base.cast(), len) };
@@ -78,7 +95,12 @@ impl MappedImage {
     /// read), not overlapping the mapping.
     pub unsafe fn copy(&self, write: bool, iov: &[libc::iovec], offset: u64) -> bool {
         let total: usize = iov.iter().map(|v| v.iov_len).sum();
-        let Some(end) = usize::try_from(offset).ok().and_then(|o| o.checked_add(total)) else { return false };
+        let Some(end) = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(total))
+        else {
+            return false;
+        };
         if end > self.len || !self.intact() {
             return false;
         }
@@ -103,7 +125,10 @@ impl MappedImage {
 
 impl std::fmt::Debug for MappedImage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MappedImage").field("len", &self.len).field("intact", &self.intact()).finish()
+        f.debug_struct("MappedImage")
+            .field("len", &self.len)
+            .field("intact", &self.intact())
+            .finish()
     }
 }
 
@@ -121,18 +146,26 @@ fn install_handler() {
     // is not needed (a SIGBUS outside our mappings gets the default one).
     unsafe {
         let mut action: libc::sigaction = std::mem::zeroed();
-        let handler: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) = on_sigbus;
+        let handler: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+            on_sigbus;
         action.sa_sigaction = handler as *const () as usize;
         action.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
         libc::sigemptyset(&mut action.sa_mask);
         if libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut()) != 0 {
-            tracing::warn!("cannot install the SIGBUS handler: {}", io::Error::last_os_error());
+            tracing::warn!(
+                "cannot install the SIGBUS handler: {}",
+                io::Error::last_os_error()
+            );
         }
     }
 }
 
 /// Async-signal-safe: atomics, mmap and sigaction only.
-extern "C" fn on_sigbus(_signal: libc::c_int, info: *mut libc::siginfo_t, _context: *mut libc::c_void) {
+extern "C" fn on_sigbus(
+    _signal: libc::c_int,
+    info: *mut libc::siginfo_t,
+    _context: *mut libc::c_void,
+) {
     // SAFETY: the kernel passes a valid siginfo for an SA_SIGINFO handler.
     let addr = unsafe { (*info).si_addr() } as usize;
     let page = 4096usize;
@@ -169,7 +202,10 @@ mod tests {
     use std::io::Write;
 
     fn iov(buf: &mut [u8]) -> libc::iovec {
-        libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() }
+        libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }
     }
 
     #[test]
@@ -204,10 +240,12 @@ mod tests {
         file.set_len(4096).unwrap();
         let mut buf = [0u8; 4096];
         // SAFETY: the iovec describes `buf`.
-        assert!(!unsafe { image.copy(false, &[iov(&mut buf)], 32 * 1024) }, "copy past the new end must fail");
+        let copied = unsafe { image.copy(false, &[iov(&mut buf)], 32 * 1024) };
+        assert!(!copied, "copy past the new end must fail");
         assert!(!image.intact());
         // SAFETY: as above.
-        assert!(!unsafe { image.copy(false, &[iov(&mut buf)], 0) }, "a broken mapping is not used again");
+        let copied = unsafe { image.copy(false, &[iov(&mut buf)], 0) };
+        assert!(!copied, "a broken mapping is not used again");
         drop(image);
         // The slot is free again and a new mapping is intact.
         let again = MappedImage::new(&file, 4096, true).unwrap();

@@ -48,7 +48,11 @@ impl Ring {
         if let Some(fd) = backing {
             ring.submitter().register_files(&[fd])?;
         }
-        Ok(Ring { ring, has_backing: backing.is_some(), disabled })
+        Ok(Ring {
+            ring,
+            has_backing: backing.is_some(),
+            disabled,
+        })
     }
 
     /// Makes the calling thread the ring's submitter.
@@ -86,7 +90,11 @@ impl Ring {
     }
 
     /// Like [`Ring::submit`], but gives up waiting after `timeout`: `Ok(false)` then.
-    pub fn submit_timeout(&mut self, want: usize, timeout: std::time::Duration) -> io::Result<bool> {
+    pub fn submit_timeout(
+        &mut self,
+        want: usize,
+        timeout: std::time::Duration,
+    ) -> io::Result<bool> {
         let ts = types::Timespec::from(timeout);
         let args = types::SubmitArgs::new().timespec(&ts);
         loop {
@@ -117,11 +125,27 @@ impl Ring {
         BACKING
     }
 
-    pub fn readv(&self, iov: *const libc::iovec, count: u32, offset: u64, user_data: u64) -> squeue::Entry {
-        opcode::Readv::new(self.backing(), iov, count).offset(offset).build().user_data(user_data)
+    pub fn readv(
+        &self,
+        iov: *const libc::iovec,
+        count: u32,
+        offset: u64,
+        user_data: u64,
+    ) -> squeue::Entry {
+        opcode::Readv::new(self.backing(), iov, count)
+            .offset(offset)
+            .build()
+            .user_data(user_data)
     }
 
-    pub fn writev(&self, iov: *const libc::iovec, count: u32, offset: u64, dsync: bool, user_data: u64) -> squeue::Entry {
+    pub fn writev(
+        &self,
+        iov: *const libc::iovec,
+        count: u32,
+        offset: u64,
+        dsync: bool,
+        user_data: u64,
+    ) -> squeue::Entry {
         let flags = if dsync { libc::RWF_DSYNC } else { 0 };
         opcode::Writev::new(self.backing(), iov, count)
             .offset(offset)
@@ -138,27 +162,39 @@ impl Ring {
     }
 
     pub fn fallocate(&self, mode: i32, offset: u64, len: u64, user_data: u64) -> squeue::Entry {
-        opcode::Fallocate::new(self.backing(), len).offset(offset).mode(mode).build().user_data(user_data)
+        opcode::Fallocate::new(self.backing(), len)
+            .offset(offset)
+            .mode(mode)
+            .build()
+            .user_data(user_data)
     }
 
     /// Reads an eventfd's 8-byte counter into `buf`.
     pub fn read_eventfd(fd: &impl AsRawFd, buf: *mut u64, user_data: u64) -> squeue::Entry {
-        opcode::Read::new(types::Fd(fd.as_raw_fd()), buf.cast(), 8).build().user_data(user_data)
+        opcode::Read::new(types::Fd(fd.as_raw_fd()), buf.cast(), 8)
+            .build()
+            .user_data(user_data)
     }
 
     /// Cancels the pending operation tagged `target`.
     pub fn cancel(target: u64, user_data: u64) -> squeue::Entry {
-        opcode::AsyncCancel::new(target).build().user_data(user_data)
+        opcode::AsyncCancel::new(target)
+            .build()
+            .user_data(user_data)
     }
 
     /// Cancels every pending operation tagged `target` (Linux 5.19+).
     pub fn cancel_all(target: u64, user_data: u64) -> squeue::Entry {
-        opcode::AsyncCancel2::new(types::CancelBuilder::user_data(target).all()).build().user_data(user_data)
+        opcode::AsyncCancel2::new(types::CancelBuilder::user_data(target).all())
+            .build()
+            .user_data(user_data)
     }
 
     /// Reads one byte from `fd` into `buf` (the test I/O gate).
     pub fn read_byte(fd: RawFd, buf: *mut u8, user_data: u64) -> squeue::Entry {
-        opcode::Read::new(types::Fd(fd), buf, 1).build().user_data(user_data)
+        opcode::Read::new(types::Fd(fd), buf, 1)
+            .build()
+            .user_data(user_data)
     }
 }
 

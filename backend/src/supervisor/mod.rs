@@ -74,7 +74,10 @@ struct Export {
 /// Where a VM's worker is in its life.
 enum WorkerState {
     /// Forked, not exec'd yet: connections wait in the outbox.
-    Starting { exec_status: OwnedFd, deadline: Instant },
+    Starting {
+        exec_status: OwnedFd,
+        deadline: Instant,
+    },
     Running,
     /// It cannot take connections (it died, failed to start, or is exiting): new connections
     /// of this VMM go to a new worker; its pidfd still reports when it is gone, and `reap`
@@ -140,15 +143,23 @@ struct Handoff {
     disk: Option<OwnedFd>,
 }
 
-pub fn run(exports: Vec<(Endpoint, ExportSpec)>, limits: TenantLimits, control_socket: Option<PathBuf>) -> Result<(), DaemonError> {
+pub fn run(
+    exports: Vec<(Endpoint, ExportSpec)>,
+    limits: TenantLimits,
+    control_socket: Option<PathBuf>,
+) -> Result<(), DaemonError> {
     let signals = crate::daemon::Signals::block_and_watch().map_err(DaemonError::EventLoop)?;
     raise_nofile_limit();
     let exe = Executable::current().map_err(DaemonError::EventLoop)?;
     let (open, control) = open_sockets(exports, control_socket)?;
     let mut supervisor = Supervisor::new(open, exe, limits)?;
-    supervisor.watch(signals.as_raw_fd(), EV_SIGNAL).map_err(DaemonError::EventLoop)?;
+    supervisor
+        .watch(signals.as_raw_fd(), EV_SIGNAL)
+        .map_err(DaemonError::EventLoop)?;
     if let Some(Listener::Listening { listener, .. }) = &control {
-        supervisor.watch(listener.as_raw_fd(), EV_CONTROL).map_err(DaemonError::EventLoop)?;
+        supervisor
+            .watch(listener.as_raw_fd(), EV_CONTROL)
+            .map_err(DaemonError::EventLoop)?;
     }
     supervisor.control = control;
     let result = supervisor.serve(&signals);
@@ -159,31 +170,58 @@ pub fn run(exports: Vec<(Endpoint, ExportSpec)>, limits: TenantLimits, control_s
 /// Every connection waiting for a worker costs the supervisor descriptors: take the hard
 /// limit rather than systemd's soft 1024.
 fn raise_nofile_limit() {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit writes into the local.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 || limit.rlim_cur >= limit.rlim_max {
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0
+        || limit.rlim_cur >= limit.rlim_max
+    {
         return;
     }
-    let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+    let raised = libc::rlimit {
+        rlim_cur: limit.rlim_max,
+        rlim_max: limit.rlim_max,
+    };
     // SAFETY: setrlimit reads the local.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
-        tracing::debug!("RLIMIT_NOFILE raised from {} to {}", limit.rlim_cur, limit.rlim_max);
+        tracing::debug!(
+            "RLIMIT_NOFILE raised from {} to {}",
+            limit.rlim_cur,
+            limit.rlim_max
+        );
     } else {
-        tracing::warn!("cannot raise RLIMIT_NOFILE to {}: {}", limit.rlim_max, io::Error::last_os_error());
+        tracing::warn!(
+            "cannot raise RLIMIT_NOFILE to {}: {}",
+            limit.rlim_max,
+            io::Error::last_os_error()
+        );
     }
 }
 
 /// Opens every export's socket, then the status socket: last, so that its appearance tells a
 /// launcher vublk is ready. A failure removes the sockets already created.
-fn open_sockets(exports: Vec<(Endpoint, ExportSpec)>, control_socket: Option<PathBuf>) -> Result<(Vec<Export>, Option<Listener>), DaemonError> {
+fn open_sockets(
+    exports: Vec<(Endpoint, ExportSpec)>,
+    control_socket: Option<PathBuf>,
+) -> Result<(Vec<Export>, Option<Listener>), DaemonError> {
     let mut open = Vec::new();
     let bind_all = || -> Result<Option<Listener>, DaemonError> {
         for (endpoint, spec) in exports {
-            open.push(Export { listener: endpoint.open(spec.socket)?, spec });
+            open.push(Export {
+                listener: endpoint.open(spec.socket)?,
+                spec,
+            });
         }
         // The status socket shows every VM's identity: owner only.
-        let owner_only = SocketAccess { mode: Some(0o600), group: None };
-        control_socket.map(|path| Endpoint::Path(path).open(owner_only)).transpose()
+        let owner_only = SocketAccess {
+            mode: Some(0o600),
+            group: None,
+        };
+        control_socket
+            .map(|path| Endpoint::Path(path).open(owner_only))
+            .transpose()
     };
     match bind_all() {
         Ok(control) => Ok((open, control)),
@@ -224,7 +262,11 @@ struct Supervisor {
 }
 
 impl Supervisor {
-    fn new(exports: Vec<Export>, exe: Executable, limits: TenantLimits) -> Result<Supervisor, DaemonError> {
+    fn new(
+        exports: Vec<Export>,
+        exe: Executable,
+        limits: TenantLimits,
+    ) -> Result<Supervisor, DaemonError> {
         let epoll = epoll::create(true).map_err(DaemonError::EventLoop)?;
         let mut supervisor = Supervisor {
             epoll,
@@ -245,13 +287,17 @@ impl Supervisor {
             let fd = match &supervisor.exports[index].listener {
                 Listener::Listening { listener, .. } => {
                     // Level-triggered: a connection that went away before accept must not block it.
-                    listener.set_nonblocking(true).map_err(DaemonError::EventLoop)?;
+                    listener
+                        .set_nonblocking(true)
+                        .map_err(DaemonError::EventLoop)?;
                     Some(listener.as_raw_fd())
                 }
                 Listener::Connected(_) => None,
             };
             match fd {
-                Some(fd) => supervisor.watch(fd, EV_LISTENER | index as u64).map_err(DaemonError::EventLoop)?,
+                Some(fd) => supervisor
+                    .watch(fd, EV_LISTENER | index as u64)
+                    .map_err(DaemonError::EventLoop)?,
                 None => {
                     supervisor.connected_left += 1;
                     let stream = match &supervisor.exports[index].listener {
@@ -266,25 +312,45 @@ impl Supervisor {
     }
 
     fn watch(&self, fd: i32, token: u64) -> io::Result<()> {
-        epoll::ctl(self.epoll, epoll::ControlOptions::EPOLL_CTL_ADD, fd, epoll::Event::new(epoll::Events::EPOLLIN, token))
+        epoll::ctl(
+            self.epoll,
+            epoll::ControlOptions::EPOLL_CTL_ADD,
+            fd,
+            epoll::Event::new(epoll::Events::EPOLLIN, token),
+        )
     }
 
     fn unwatch(&self, fd: i32) {
-        let _ = epoll::ctl(self.epoll, epoll::ControlOptions::EPOLL_CTL_DEL, fd, epoll::Event::new(epoll::Events::empty(), 0));
+        let _ = epoll::ctl(
+            self.epoll,
+            epoll::ControlOptions::EPOLL_CTL_DEL,
+            fd,
+            epoll::Event::new(epoll::Events::empty(), 0),
+        );
     }
 
     fn only_connected(&self) -> bool {
-        self.exports.iter().all(|e| matches!(e.listener, Listener::Connected(_)))
+        self.exports
+            .iter()
+            .all(|e| matches!(e.listener, Listener::Connected(_)))
     }
 
     /// Writes a line a tenant (`uid`) caused, within that uid's log budget for lines of its
     /// `kind`.
-    fn tenant_line(&mut self, uid: u32, level: Level, kind: &'static str, line: impl FnOnce() -> String) {
+    fn tenant_line(
+        &mut self,
+        uid: u32,
+        level: Level,
+        kind: &'static str,
+        line: impl FnOnce() -> String,
+    ) {
         if matches!(level, Level::Debug) {
             tracing::debug!("{}", line());
             return;
         }
-        let Some(suppressed) = self.log.admit(uid, kind, Instant::now()) else { return };
+        let Some(suppressed) = self.log.admit(uid, kind, Instant::now()) else {
+            return;
+        };
         let line = format!("{}{}", line(), left_out(suppressed, uid));
         match level {
             Level::Debug => tracing::debug!("{line}"),
@@ -310,9 +376,12 @@ impl Supervisor {
             if self.only_connected() && self.connected_left == 0 {
                 return Ok(());
             }
-            let timeout = self
-                .next_deadline()
-                .map_or(-1, |d| d.saturating_duration_since(Instant::now()).as_millis().min(i32::MAX as u128) as i32 + 1);
+            let timeout = self.next_deadline().map_or(-1, |d| {
+                d.saturating_duration_since(Instant::now())
+                    .as_millis()
+                    .min(i32::MAX as u128) as i32
+                    + 1
+            });
             let n = match epoll::wait(self.epoll, timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -332,7 +401,11 @@ impl Supervisor {
                         if ready.contains(epoll::Events::EPOLLOUT) {
                             self.flush(id);
                         }
-                        if ready.intersects(epoll::Events::EPOLLIN | epoll::Events::EPOLLHUP | epoll::Events::EPOLLERR) {
+                        if ready.intersects(
+                            epoll::Events::EPOLLIN
+                                | epoll::Events::EPOLLHUP
+                                | epoll::Events::EPOLLERR,
+                        ) {
                             self.on_worker_message(id);
                         }
                     }
@@ -347,14 +420,27 @@ impl Supervisor {
     }
 
     fn accept(&mut self, index: usize) {
-        let Listener::Listening { listener, .. } = &self.exports[index].listener else { return };
+        let Listener::Listening { listener, .. } = &self.exports[index].listener else {
+            return;
+        };
         match listener.accept() {
             Ok((stream, _)) => self.hand_over(index, stream),
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => self.shed(index),
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                self.shed(index)
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::Interrupted
+                        | io::ErrorKind::ConnectionAborted
+                ) => {}
             Err(e) => {
                 if let Some(suppressed) = self.overload_log.check(Instant::now()) {
-                    tracing::warn!("accept on {} failed: {e} ({suppressed} similar lines left out)", self.exports[index].spec.name);
+                    tracing::warn!(
+                        "accept on {} failed: {e} ({suppressed} similar lines left out)",
+                        self.exports[index].spec.name
+                    );
                 }
             }
         }
@@ -364,12 +450,18 @@ impl Supervisor {
     /// listener does not stay readable and the loop keeps serving everyone else.
     fn shed(&mut self, index: usize) {
         self.reserve = None;
-        let Listener::Listening { listener, .. } = &self.exports[index].listener else { return };
-        let uid = listener.accept().ok().map(|(stream, _)| rustix::net::sockopt::socket_peercred(&stream).map_or(u32::MAX, |c| c.uid.as_raw()));
+        let Listener::Listening { listener, .. } = &self.exports[index].listener else {
+            return;
+        };
+        let uid = listener.accept().ok().map(|(stream, _)| {
+            rustix::net::sockopt::socket_peercred(&stream).map_or(u32::MAX, |c| c.uid.as_raw())
+        });
         self.reserve = open_reserve();
         if let Some(uid) = uid {
             let name = self.exports[index].spec.name.clone();
-            self.tenant_line(uid, Level::Warn, "out-of-fds", || format!("{name}: out of file descriptors; connection from uid {uid} closed"));
+            self.tenant_line(uid, Level::Warn, "out-of-fds", || {
+                format!("{name}: out of file descriptors; connection from uid {uid} closed")
+            });
         }
     }
 
@@ -380,13 +472,23 @@ impl Supervisor {
         let peer = match Peer::of(&stream) {
             Ok(peer) => peer,
             Err(e) => {
-                let uid = rustix::net::sockopt::socket_peercred(&stream).map_or(u32::MAX, |c| c.uid.as_raw());
-                self.tenant_line(uid, Level::Warn, "unidentified", || format!("{name}: cannot identify the frontend: {}; connection closed", crate::error_line(&e)));
+                let uid = rustix::net::sockopt::socket_peercred(&stream)
+                    .map_or(u32::MAX, |c| c.uid.as_raw());
+                self.tenant_line(uid, Level::Warn, "unidentified", || {
+                    format!(
+                        "{name}: cannot identify the frontend: {}; connection closed",
+                        crate::error_line(&e)
+                    )
+                });
                 self.connected_done(index);
                 return;
             }
         };
-        if !self.exports[index].spec.allow.allows(peer.uid, peer.gid, &peer.groups) {
+        if !self.exports[index]
+            .spec
+            .allow
+            .allows(peer.uid, peer.gid, &peer.groups)
+        {
             let (pid, uid, gid, groups) = (peer.pid, peer.uid, peer.gid, peer.groups.clone());
             self.tenant_line(uid, Level::Warn, "not-allowed", || {
                 format!("{name}: VMM pid {pid} (uid {uid} gid {gid} groups {groups:?}) is not allowed on this export (allow-uids, allow-gids); connection closed")
@@ -396,14 +498,31 @@ impl Supervisor {
         }
         let connection = self.next_connection;
         self.next_connection += 1;
-        self.dispatch(Handoff { connection, export: index, stream: OwnedFd::from(stream), peer, disk: None });
+        self.dispatch(Handoff {
+            connection,
+            export: index,
+            stream: OwnedFd::from(stream),
+            peer,
+            disk: None,
+        });
     }
 
     /// Closes a connection that will not be served, with a line charged to its VMM's uid.
-    fn refuse(&mut self, handoff: Handoff, level: Level, kind: &'static str, why: impl FnOnce() -> String) {
+    fn refuse(
+        &mut self,
+        handoff: Handoff,
+        level: Level,
+        kind: &'static str,
+        why: impl FnOnce() -> String,
+    ) {
         let name = self.exports[handoff.export].spec.name.clone();
         let (connection, pid, uid) = (handoff.connection, handoff.peer.pid, handoff.peer.uid);
-        self.tenant_line(uid, level, kind, || format!("{name}: connection {connection} of VMM pid {pid} (uid {uid}) closed: {}", why()));
+        self.tenant_line(uid, level, kind, || {
+            format!(
+                "{name}: connection {connection} of VMM pid {pid} (uid {uid}) closed: {}",
+                why()
+            )
+        });
         self.connected_done(handoff.export);
     }
 
@@ -411,11 +530,21 @@ impl Supervisor {
     /// there is cannot take it), within the tenant's limits.
     fn dispatch(&mut self, mut handoff: Handoff) {
         let key = (handoff.peer.pid, handoff.peer.start_time);
-        let live = self.vms.iter().find(|(_, vm)| vm.vmm_key == key && vm.takes_connections()).map(|(id, _)| *id);
+        let live = self
+            .vms
+            .iter()
+            .find(|(_, vm)| vm.vmm_key == key && vm.takes_connections())
+            .map(|(id, _)| *id);
         let vm_id = match live {
             Some(id) => {
                 let vm = &self.vms[&id];
-                if (vm.uid, vm.gid, sorted(&vm.groups)) != (handoff.peer.uid, handoff.peer.gid, sorted(&handoff.peer.groups)) {
+                if (vm.uid, vm.gid, sorted(&vm.groups))
+                    != (
+                        handoff.peer.uid,
+                        handoff.peer.gid,
+                        sorted(&handoff.peer.groups),
+                    )
+                {
                     let (uid, gid) = (vm.uid, vm.gid);
                     return self.refuse(handoff, Level::Warn, "credentials", || {
                         format!("the VMM changed its credentials since it connected first (its worker carries uid {uid} gid {gid})")
@@ -427,7 +556,9 @@ impl Supervisor {
                 }
                 if vm.waiting() >= MAX_WAITING {
                     let (worker, waiting) = (vm.worker_pid, vm.waiting());
-                    return self.refuse(handoff, Level::Warn, "waiting", || format!("worker pid {worker} has {waiting} connections waiting to be taken"));
+                    return self.refuse(handoff, Level::Warn, "waiting", || {
+                        format!("worker pid {worker} has {waiting} connections waiting to be taken")
+                    });
                 }
                 if let Err(why) = self.open_disk(&mut handoff) {
                     return self.refuse(handoff, Level::Warn, "image", || why);
@@ -440,15 +571,23 @@ impl Supervisor {
                     // The failure was explained once, when it happened.
                     Verdict::Wait(until) => {
                         let ms = until.saturating_duration_since(Instant::now()).as_millis();
-                        return self.refuse(handoff, Level::Debug, "backoff", || format!("its last worker failed to start; next try in {ms} ms"));
+                        return self.refuse(handoff, Level::Debug, "backoff", || {
+                            format!("its last worker failed to start; next try in {ms} ms")
+                        });
                     }
                     Verdict::GivenUp(until) => {
                         let s = until.saturating_duration_since(Instant::now()).as_secs();
-                        return self.refuse(handoff, Level::Debug, "backoff", || format!("its workers keep failing to start; next try in {s} s"));
+                        return self.refuse(handoff, Level::Debug, "backoff", || {
+                            format!("its workers keep failing to start; next try in {s} s")
+                        });
                     }
                 }
                 let uid = handoff.peer.uid;
-                let vms_of_uid = self.vms.values().filter(|vm| vm.uid == uid && vm.takes_connections()).count();
+                let vms_of_uid = self
+                    .vms
+                    .values()
+                    .filter(|vm| vm.uid == uid && vm.takes_connections())
+                    .count();
                 if vms_of_uid >= self.limits.vms_per_uid {
                     let limit = self.limits.vms_per_uid;
                     return self.refuse(handoff, Level::Warn, "vm-cap", || format!("uid {uid} has {limit} VMs, the most a uid may have (--max-vms-per-uid)"));
@@ -459,9 +598,18 @@ impl Supervisor {
                 }
                 match self.spawn(&handoff.peer) {
                     Ok(id) => id,
-                    Err(StartError::Gone) => return self.refuse(handoff, Level::Debug, "gone", || "the VMM exited".into()),
+                    Err(StartError::Gone) => {
+                        return self
+                            .refuse(handoff, Level::Debug, "gone", || "the VMM exited".into())
+                    }
                     Err(StartError::Refused(reason)) => {
-                        return self.start_failed(key, handoff.peer.uid, handoff.peer.pid, &reason, vec![handoff]);
+                        return self.start_failed(
+                            key,
+                            handoff.peer.uid,
+                            handoff.peer.pid,
+                            &reason,
+                            vec![handoff],
+                        );
                     }
                 }
             }
@@ -477,7 +625,8 @@ impl Supervisor {
     fn open_disk(&self, handoff: &mut Handoff) -> Result<(), String> {
         let spec = &self.exports[handoff.export].spec;
         if let (OpenAs::Daemon, DiskSpec::Path(path)) = (spec.open_as, &spec.disk) {
-            let (file, _) = Disk::open_for_daemon(path, spec.open, spec.daemon_file).map_err(|e| crate::error_line(&e))?;
+            let (file, _) = Disk::open_for_daemon(path, spec.open, spec.daemon_file)
+                .map_err(|e| crate::error_line(&e))?;
             handoff.disk = Some(OwnedFd::from(file));
         }
         Ok(())
@@ -485,14 +634,24 @@ impl Supervisor {
 
     /// A worker for VMM `key` could not be started: counts it, closes `handoffs` with one line
     /// that says why and what follows.
-    fn start_failed(&mut self, key: (i32, u64), uid: u32, pid: i32, reason: &str, handoffs: Vec<Handoff>) {
+    fn start_failed(
+        &mut self,
+        key: (i32, u64),
+        uid: u32,
+        pid: i32,
+        reason: &str,
+        handoffs: Vec<Handoff>,
+    ) {
         let (count, verdict) = self.backoff.failed(key, Instant::now());
         let next = match verdict {
             Verdict::GivenUp(_) => format!(
                 "{count} worker starts failed in a row, so its connections are closed for {} s",
                 tenants::GIVE_UP.as_secs()
             ),
-            Verdict::Wait(until) => format!("next try in {} ms", until.saturating_duration_since(Instant::now()).as_millis()),
+            Verdict::Wait(until) => format!(
+                "next try in {} ms",
+                until.saturating_duration_since(Instant::now()).as_millis()
+            ),
             Verdict::Start => "next try at its next connection".into(),
         };
         let closed = handoffs.len();
@@ -507,13 +666,21 @@ impl Supervisor {
     /// Sends what waits in the VM's outbox, until the control socket is full.
     fn flush(&mut self, id: u64) {
         loop {
-            let Some(vm) = self.vms.get_mut(&id) else { return };
+            let Some(vm) = self.vms.get_mut(&id) else {
+                return;
+            };
             if !matches!(vm.state, WorkerState::Running) {
                 return;
             }
-            let Some(handoff) = vm.outbox.front() else { break };
+            let Some(handoff) = vm.outbox.front() else {
+                break;
+            };
             let spec = self.exports[handoff.export].spec.clone();
-            let message = ToWorker::Serve { connection: handoff.connection, export: spec, disk_fd_attached: handoff.disk.is_some() };
+            let message = ToWorker::Serve {
+                connection: handoff.connection,
+                export: spec,
+                disk_fd_attached: handoff.disk.is_some(),
+            };
             let mut fds = vec![&handoff.stream, &handoff.peer.pidfd];
             if let Some(disk) = &handoff.disk {
                 fds.push(disk);
@@ -523,7 +690,11 @@ impl Supervisor {
                     let handoff = vm.outbox.pop_front().expect("front exists");
                     vm.live.insert(handoff.connection);
                     let (worker, uid) = (vm.worker_pid, vm.uid);
-                    let (connection, pid, name) = (handoff.connection, handoff.peer.pid, self.exports[handoff.export].spec.name.clone());
+                    let (connection, pid, name) = (
+                        handoff.connection,
+                        handoff.peer.pid,
+                        self.exports[handoff.export].spec.name.clone(),
+                    );
                     vm.pending.push(handoff);
                     self.tenant_line(uid, Level::Info, "handed-over", || {
                         format!("{name}: connection {connection} from VMM pid {pid} (uid {uid}) handed to worker pid {worker}")
@@ -566,7 +737,12 @@ impl Supervisor {
         if writable {
             events |= epoll::Events::EPOLLOUT;
         }
-        let _ = epoll::ctl(self.epoll, epoll::ControlOptions::EPOLL_CTL_MOD, fd, epoll::Event::new(events, EV_WORKER_CONTROL | id));
+        let _ = epoll::ctl(
+            self.epoll,
+            epoll::ControlOptions::EPOLL_CTL_MOD,
+            fd,
+            epoll::Event::new(events, EV_WORKER_CONTROL | id),
+        );
     }
 
     /// A connection of `export` will not be served (counts down a `--fd` connected socket).
@@ -584,13 +760,17 @@ impl Supervisor {
             Err(IdentityError::Gone(_)) => return Err(StartError::Gone),
             Err(e) => return Err(StartError::Refused(crate::error_line(&e))),
         };
-        if let Some(nofile) = identity.soft_limit(libc::RLIMIT_NOFILE).filter(|&n| n < WORKER_MIN_NOFILE) {
+        if let Some(nofile) = identity
+            .soft_limit(libc::RLIMIT_NOFILE)
+            .filter(|&n| n < WORKER_MIN_NOFILE)
+        {
             return Err(StartError::Refused(format!(
                 "RLIMIT_NOFILE {nofile} of VMM pid {} is below the {WORKER_MIN_NOFILE} a worker needs",
                 peer.pid
             )));
         }
-        let worker = spawn_worker(&identity, &self.exe).map_err(|e| StartError::Refused(format!("cannot fork a worker: {e}")))?;
+        let worker = spawn_worker(&identity, &self.exe)
+            .map_err(|e| StartError::Refused(format!("cannot fork a worker: {e}")))?;
         let id = self.next_vm;
         self.next_vm += 1;
         let watched = self
@@ -605,7 +785,9 @@ impl Supervisor {
             if wait_exit(&worker.pidfd, Duration::ZERO) {
                 wait_pidfd(&worker.pidfd);
             }
-            return Err(StartError::Refused(format!("cannot watch the new worker: {e}")));
+            return Err(StartError::Refused(format!(
+                "cannot watch the new worker: {e}"
+            )));
         }
         self.tenant_line(peer.uid, Level::Info, "worker-started", || {
             format!(
@@ -628,7 +810,10 @@ impl Supervisor {
                 worker_pid: worker.pid,
                 worker_pidfd: worker.pidfd,
                 control: worker.control,
-                state: WorkerState::Starting { exec_status: worker.exec_status, deadline: Instant::now() + START_DEADLINE },
+                state: WorkerState::Starting {
+                    exec_status: worker.exec_status,
+                    deadline: Instant::now() + START_DEADLINE,
+                },
                 live: HashSet::new(),
                 outbox: VecDeque::new(),
                 pending: Vec::new(),
@@ -644,8 +829,12 @@ impl Supervisor {
 
     /// The exec-status pipe of a starting worker is readable: it exec'd, or failed.
     fn on_worker_start(&mut self, id: u64) {
-        let Some(vm) = self.vms.get_mut(&id) else { return };
-        let WorkerState::Starting { exec_status, .. } = &vm.state else { return };
+        let Some(vm) = self.vms.get_mut(&id) else {
+            return;
+        };
+        let WorkerState::Starting { exec_status, .. } = &vm.state else {
+            return;
+        };
         match exec_outcome(exec_status) {
             ExecOutcome::Pending => {}
             ExecOutcome::Started => {
@@ -675,7 +864,9 @@ impl Supervisor {
             .map(|(id, _)| *id)
             .collect();
         for id in late {
-            let Some(vm) = self.vms.get(&id) else { continue };
+            let Some(vm) = self.vms.get(&id) else {
+                continue;
+            };
             kill(&vm.worker_pidfd);
             let reason = format!(
                 "worker pid {} did not start within {} s (is the VMM's cgroup frozen?); killed",
@@ -688,7 +879,9 @@ impl Supervisor {
 
     /// A worker that will not start: retired, counted against its VMM, its connections closed.
     fn fail_start(&mut self, id: u64, reason: &str) {
-        let Some(vm) = self.vms.get_mut(&id) else { return };
+        let Some(vm) = self.vms.get_mut(&id) else {
+            return;
+        };
         let before = std::mem::replace(&mut vm.state, WorkerState::Retired);
         vm.failure_counted = true;
         let handoffs: Vec<Handoff> = vm.outbox.drain(..).chain(vm.pending.drain(..)).collect();
@@ -699,7 +892,9 @@ impl Supervisor {
 
     fn on_worker_message(&mut self, id: u64) {
         let only_connected = self.only_connected();
-        let Some(vm) = self.vms.get_mut(&id) else { return };
+        let Some(vm) = self.vms.get_mut(&id) else {
+            return;
+        };
         let message = handoff::recv::<ToSupervisor>(&vm.control);
         let ended = match message {
             Ok(Some((ToSupervisor::Stats { devices }, _))) => {
@@ -712,15 +907,32 @@ impl Supervisor {
                 return;
             }
             Ok(Some((ToSupervisor::Ended { connection }, _))) => {
-                tracing::debug!("connection {connection} ended (worker pid {})", vm.worker_pid);
+                tracing::debug!(
+                    "connection {connection} ended (worker pid {})",
+                    vm.worker_pid
+                );
                 connection
             }
-            Ok(Some((ToSupervisor::Refused { connection, export, reason }, _))) => {
+            Ok(Some((
+                ToSupervisor::Refused {
+                    connection,
+                    export,
+                    reason,
+                },
+                _,
+            ))) => {
                 let (worker, uid, pid) = (vm.worker_pid, vm.uid, vm.vmm_pid);
                 self.tenant_line(uid, Level::Warn, "worker-refused", || format!("{export}: worker pid {worker} refused connection {connection} of VMM pid {pid}: {reason}"));
                 connection
             }
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => return,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                return
+            }
             Ok(None) | Err(_) => {
                 // The worker is exiting; its pidfd reports when it is gone.
                 vm.state = WorkerState::Retired;
@@ -729,7 +941,9 @@ impl Supervisor {
                 return;
             }
         };
-        let Some(vm) = self.vms.get_mut(&id) else { return };
+        let Some(vm) = self.vms.get_mut(&id) else {
+            return;
+        };
         // A worker can only end what it was given.
         if vm.live.remove(&ended) && only_connected {
             self.connected_left = self.connected_left.saturating_sub(1);
@@ -737,7 +951,9 @@ impl Supervisor {
     }
 
     fn reap(&mut self, id: u64) {
-        let Some(mut vm) = self.vms.remove(&id) else { return };
+        let Some(mut vm) = self.vms.remove(&id) else {
+            return;
+        };
         self.unwatch(vm.worker_pidfd.as_raw_fd());
         self.unwatch(vm.control.as_raw_fd());
         if let WorkerState::Starting { exec_status, .. } = &vm.state {
@@ -745,7 +961,9 @@ impl Supervisor {
         }
         let status = wait_pidfd(&vm.worker_pidfd);
         let (worker, pid, uid) = (vm.worker_pid, vm.vmm_pid, vm.uid);
-        self.tenant_line(uid, Level::Info, "worker-exited", || format!("worker pid {worker} for VMM pid {pid} exited ({status})"));
+        self.tenant_line(uid, Level::Info, "worker-exited", || {
+            format!("worker pid {worker} for VMM pid {pid} exited ({status})")
+        });
         // Connections it took and had not ended died with it.
         let taken = vm.live.len().saturating_sub(vm.pending.len());
         if self.only_connected() {
@@ -755,7 +973,13 @@ impl Supervisor {
         if !vm.took_one && !vm.failure_counted {
             // It died before taking a single connection: sending them to another worker would
             // only start the same failure again.
-            return self.start_failed(vm.vmm_key, uid, pid, &format!("worker pid {worker} exited before taking a connection ({status})"), left);
+            return self.start_failed(
+                vm.vmm_key,
+                uid,
+                pid,
+                &format!("worker pid {worker} exited before taking a connection ({status})"),
+                left,
+            );
         }
         // Connections it never read: to a new worker, while their VMM lives.
         for handoff in left {
@@ -780,11 +1004,17 @@ impl Supervisor {
         for vm in vms {
             let left = deadline.saturating_duration_since(Instant::now());
             if !wait_exit(&vm.worker_pidfd, left) {
-                tracing::warn!("worker pid {} did not stop in time; killing it", vm.worker_pid);
+                tracing::warn!(
+                    "worker pid {} did not stop in time; killing it",
+                    vm.worker_pid
+                );
                 kill(&vm.worker_pidfd);
                 // A child frozen in its cgroup dies only once thawed: do not wait for it.
                 if !wait_exit(&vm.worker_pidfd, Duration::from_secs(1)) {
-                    tracing::warn!("worker pid {} is not gone after SIGKILL (frozen?); leaving it", vm.worker_pid);
+                    tracing::warn!(
+                        "worker pid {} is not gone after SIGKILL (frozen?); leaving it",
+                        vm.worker_pid
+                    );
                     continue;
                 }
             }
@@ -809,18 +1039,30 @@ impl Supervisor {
                 uid: vm.identity.ids.uid[1],
                 gid: vm.identity.ids.gid[1],
                 groups: vm.identity.ids.groups.clone(),
-                cgroups: vm.identity.cgroups.iter().map(|c| format!("{}:{}", c.controllers.join(","), c.path)).collect(),
+                cgroups: vm
+                    .identity
+                    .cgroups
+                    .iter()
+                    .map(|c| format!("{}:{}", c.controllers.join(","), c.path))
+                    .collect(),
                 limits: vm.identity.limits.clone(),
                 devices: vm.devices.clone(),
             })
             .collect();
         vms.sort_by_key(|vm| vm.vmm_pid);
-        Status { exports: self.exports.iter().map(|e| e.spec.name.clone()).collect(), vms }
+        Status {
+            exports: self.exports.iter().map(|e| e.spec.name.clone()).collect(),
+            vms,
+        }
     }
 
     fn answer_status(&mut self) {
-        let Some(Listener::Listening { listener, .. }) = &self.control else { return };
-        let Ok((mut stream, _)) = listener.accept() else { return };
+        let Some(Listener::Listening { listener, .. }) = &self.control else {
+            return;
+        };
+        let Ok((mut stream, _)) = listener.accept() else {
+            return;
+        };
         // A client that does not read must not stall the supervisor for long.
         let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
         let body = serde_json::to_vec(&self.status()).unwrap_or_default();
@@ -844,19 +1086,42 @@ fn sorted(groups: &[u32]) -> Vec<u32> {
 }
 
 fn open_reserve() -> Option<OwnedFd> {
-    rustix::fs::open("/dev/null", rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC, rustix::fs::Mode::empty()).ok()
+    rustix::fs::open(
+        "/dev/null",
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .ok()
 }
 
 fn kill(pidfd: &OwnedFd) {
     // SAFETY: pidfd_send_signal with a valid pidfd and no siginfo.
-    unsafe { libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), libc::SIGKILL, std::ptr::null::<libc::siginfo_t>(), 0) };
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
 }
 
 /// Waits up to `timeout` for the process behind `pidfd` to exit.
 fn wait_exit(pidfd: &OwnedFd, timeout: Duration) -> bool {
-    let mut pfd = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let mut pfd = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
     // SAFETY: polls one valid pollfd.
-    let ready = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis().min(i32::MAX as u128) as i32) };
+    let ready = unsafe {
+        libc::poll(
+            &mut pfd,
+            1,
+            timeout.as_millis().min(i32::MAX as u128) as i32,
+        )
+    };
     ready > 0
 }
 
@@ -865,7 +1130,14 @@ fn wait_pidfd(pidfd: &OwnedFd) -> String {
     // SAFETY: an all-zero siginfo_t is valid for waitid to fill.
     let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
     // SAFETY: waitid on our own child's pidfd, filling the local.
-    let ret = unsafe { libc::waitid(libc::P_PIDFD, pidfd.as_raw_fd() as libc::id_t, &mut info, libc::WEXITED) };
+    let ret = unsafe {
+        libc::waitid(
+            libc::P_PIDFD,
+            pidfd.as_raw_fd() as libc::id_t,
+            &mut info,
+            libc::WEXITED,
+        )
+    };
     if ret != 0 {
         return format!("status unknown: {}", io::Error::last_os_error());
     }

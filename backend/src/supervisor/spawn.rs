@@ -59,7 +59,11 @@ pub struct Executable(OwnedFd);
 
 impl Executable {
     pub fn current() -> io::Result<Executable> {
-        let fd = rustix::fs::open("/proc/self/exe", rustix::fs::OFlags::PATH | rustix::fs::OFlags::CLOEXEC, rustix::fs::Mode::empty())?;
+        let fd = rustix::fs::open(
+            "/proc/self/exe",
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )?;
         Ok(Executable(fd))
     }
 }
@@ -67,7 +71,11 @@ impl Executable {
 fn threads_of_self() -> usize {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Threads:")).and_then(|v| v.trim().parse().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Threads:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
         .unwrap_or(0)
 }
 
@@ -76,9 +84,16 @@ pub fn spawn_worker(identity: &VmmIdentity, exe: &Executable) -> io::Result<Spaw
     if threads_of_self() != 1 {
         // fork() in a multi-threaded process may deadlock the child; the supervisor is
         // single-threaded by design, so this is a bug, not a runtime condition.
-        return Err(io::Error::other("the supervisor has more than one thread; refusing to fork"));
+        return Err(io::Error::other(
+            "the supervisor has more than one thread; refusing to fork",
+        ));
     }
-    let (ours, theirs) = socketpair(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)?;
+    let (ours, theirs) = socketpair(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
     let (errors_read, errors_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
     rustix::io::ioctl_fionbio(&errors_read, true)?;
     rustix::io::ioctl_fionbio(&ours, true)?;
@@ -86,7 +101,8 @@ pub fn spawn_worker(identity: &VmmIdentity, exe: &Executable) -> io::Result<Spaw
         .iter()
         .map(|a| CString::new(*a).expect("no NUL in constant arguments"))
         .collect();
-    let mut argv_ptrs: Vec<*mut libc::c_char> = argv.iter().map(|a| a.as_ptr().cast_mut()).collect();
+    let mut argv_ptrs: Vec<*mut libc::c_char> =
+        argv.iter().map(|a| a.as_ptr().cast_mut()).collect();
     argv_ptrs.push(std::ptr::null_mut());
     let env: Vec<CString> = std::env::vars_os()
         .filter_map(|(k, v)| {
@@ -112,7 +128,11 @@ pub fn spawn_worker(identity: &VmmIdentity, exe: &Executable) -> io::Result<Spaw
         // SAFETY: writes our own buffer to our pipe, then leaves without running destructors
         // or atexit handlers that belong to the supervisor.
         unsafe {
-            libc::write(errors_write.as_raw_fd(), message.as_ptr().cast(), message.len());
+            libc::write(
+                errors_write.as_raw_fd(),
+                message.as_ptr().cast(),
+                message.len(),
+            );
             libc::_exit(127);
         }
     }
@@ -130,7 +150,12 @@ pub fn spawn_worker(identity: &VmmIdentity, exe: &Executable) -> io::Result<Spaw
             return Err(e);
         }
     };
-    Ok(Spawned { pid, pidfd, control: ours, exec_status: errors_read })
+    Ok(Spawned {
+        pid,
+        pidfd,
+        control: ours,
+        exec_status: errors_read,
+    })
 }
 
 /// The child's side: only returns on failure.
@@ -153,7 +178,12 @@ fn child(
         } else if libc::dup2(control.as_raw_fd(), WORKER_CONTROL_FD) < 0 {
             return Box::new(io::Error::last_os_error());
         }
-        if libc::close_range(WORKER_CONTROL_FD as u32 + 1, u32::MAX, libc::CLOSE_RANGE_CLOEXEC as i32) < 0 {
+        if libc::close_range(
+            WORKER_CONTROL_FD as u32 + 1,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC as i32,
+        ) < 0
+        {
             return Box::new(io::Error::last_os_error());
         }
     }
@@ -168,7 +198,13 @@ fn child(
     // SAFETY: argv and env are NUL-terminated arrays of pointers to live CStrings; the exe fd
     // is open. execveat only returns on failure.
     unsafe {
-        libc::execveat(exe.0.as_raw_fd(), c"".as_ptr(), argv.as_ptr(), env.as_ptr(), libc::AT_EMPTY_PATH);
+        libc::execveat(
+            exe.0.as_raw_fd(),
+            c"".as_ptr(),
+            argv.as_ptr(),
+            env.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        );
     }
     Box::new(io::Error::last_os_error())
 }

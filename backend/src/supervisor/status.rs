@@ -37,7 +37,8 @@ pub fn print_status(control: &std::path::Path, json: bool) -> io::Result<()> {
         println!("{}", String::from_utf8_lossy(&body));
         return Ok(());
     }
-    let status: Status = serde_json::from_slice(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let status: Status =
+        serde_json::from_slice(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     println!("exports: {}", status.exports.join(", "));
     if status.vms.is_empty() {
         println!("no VMs connected");
@@ -49,7 +50,18 @@ pub fn print_status(control: &std::path::Path, json: bool) -> io::Result<()> {
         );
         println!("  cgroups: {}", vm.cgroups.join("  "));
         let show = |v: Option<u64>| v.map_or("unlimited".to_string(), |n| n.to_string());
-        let limits: Vec<String> = vm.limits.iter().map(|l| format!("{}={}/{}", l.name.trim_start_matches("Max "), show(l.soft), show(l.hard))).collect();
+        let limits: Vec<String> = vm
+            .limits
+            .iter()
+            .map(|l| {
+                format!(
+                    "{}={}/{}",
+                    l.name.trim_start_matches("Max "),
+                    show(l.soft),
+                    show(l.hard)
+                )
+            })
+            .collect();
         println!("  limits: {}", limits.join(", "));
         for d in &vm.devices {
             println!(
@@ -74,7 +86,11 @@ pub fn print_status(control: &std::path::Path, json: bool) -> io::Result<()> {
                 t.sleeping_epoch_ns / 1_000_000
             );
             let m = &d.memory;
-            let live: Vec<String> = m.live.iter().map(|(id, pins)| format!("{id} ({pins} pins)")).collect();
+            let live: Vec<String> = m
+                .live
+                .iter()
+                .map(|(id, pins)| format!("{id} ({pins} pins)"))
+                .collect();
             println!(
                 "    memory: generation {}, live {}, {} retire wait(s), longest {} us, {} cancelled",
                 m.generation,

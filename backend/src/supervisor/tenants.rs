@@ -20,7 +20,10 @@ pub struct TenantLimits {
 
 impl Default for TenantLimits {
     fn default() -> TenantLimits {
-        TenantLimits { connections_per_vmm: DEFAULT_CONNECTIONS_PER_VMM, vms_per_uid: DEFAULT_VMS_PER_UID }
+        TenantLimits {
+            connections_per_vmm: DEFAULT_CONNECTIONS_PER_VMM,
+            vms_per_uid: DEFAULT_VMS_PER_UID,
+        }
     }
 }
 
@@ -62,7 +65,10 @@ impl Failures {
         let (until, given_up) = if self.count >= MAX_FAILED_STARTS {
             (self.last + GIVE_UP, true)
         } else {
-            (self.last + FIRST_BACKOFF * 2u32.pow(self.count.saturating_sub(1)), false)
+            (
+                self.last + FIRST_BACKOFF * 2u32.pow(self.count.saturating_sub(1)),
+                false,
+            )
         };
         match (now < until, given_up) {
             (false, _) => Verdict::Start,
@@ -80,21 +86,32 @@ pub struct StartBackoff {
 
 impl StartBackoff {
     pub fn check(&self, vmm: (i32, u64), now: Instant) -> Verdict {
-        self.vmms.get(&vmm).map_or(Verdict::Start, |f| f.verdict(now))
+        self.vmms
+            .get(&vmm)
+            .map_or(Verdict::Start, |f| f.verdict(now))
     }
 
     /// Records a failed start; returns the count in a row and what follows.
     pub fn failed(&mut self, vmm: (i32, u64), now: Instant) -> (u32, Verdict) {
         if self.vmms.len() >= MAX_REMEMBERED && !self.vmms.contains_key(&vmm) {
-            self.vmms.retain(|_, f| now.duration_since(f.last) < FORGET_AFTER);
+            self.vmms
+                .retain(|_, f| now.duration_since(f.last) < FORGET_AFTER);
             if self.vmms.len() >= MAX_REMEMBERED {
                 // Still full: forget the oldest.
-                if let Some(oldest) = self.vmms.iter().min_by_key(|(_, f)| f.last).map(|(k, _)| *k) {
+                if let Some(oldest) = self
+                    .vmms
+                    .iter()
+                    .min_by_key(|(_, f)| f.last)
+                    .map(|(k, _)| *k)
+                {
                     self.vmms.remove(&oldest);
                 }
             }
         }
-        let failures = self.vmms.entry(vmm).or_insert(Failures { count: 0, last: now });
+        let failures = self.vmms.entry(vmm).or_insert(Failures {
+            count: 0,
+            last: now,
+        });
         if failures.count > 0 && now.duration_since(failures.last) >= FORGET_AFTER {
             failures.count = 0;
         }
@@ -127,7 +144,10 @@ impl TenantLog {
         if self.per_uid.len() >= MAX_UIDS && !self.per_uid.contains_key(&key) {
             self.per_uid.clear();
         }
-        self.per_uid.entry(key).or_insert_with(|| RateLimit::new(LOG_BURST, LOG_INTERVAL)).check(now)
+        self.per_uid
+            .entry(key)
+            .or_insert_with(|| RateLimit::new(LOG_BURST, LOG_INTERVAL))
+            .check(now)
     }
 }
 
@@ -161,7 +181,10 @@ mod tests {
         assert_eq!(b.failed(VMM, t2), (3, Verdict::Wait(t2 + ms(1000))));
         let t3 = t2 + ms(1100);
         assert_eq!(b.failed(VMM, t3), (4, Verdict::GivenUp(t3 + GIVE_UP)));
-        assert_eq!(b.check(VMM, t3 + ms(59_999)), Verdict::GivenUp(t3 + GIVE_UP));
+        assert_eq!(
+            b.check(VMM, t3 + ms(59_999)),
+            Verdict::GivenUp(t3 + GIVE_UP)
+        );
         // One more try after the pause; failing again gives up again at once.
         assert_eq!(b.check(VMM, t3 + GIVE_UP), Verdict::Start);
         let t4 = t3 + GIVE_UP + ms(1);
@@ -202,10 +225,21 @@ mod tests {
         }
         assert_eq!(log.admit(1000, "handed-over", t0), None);
         assert_eq!(log.admit(1000, "handed-over", t0), None);
-        assert_eq!(log.admit(1000, "connection-cap", t0), Some(0), "routine lines do not use up another kind's budget");
-        assert_eq!(log.admit(2000, "handed-over", t0), Some(0), "another uid's lines are not held back");
+        assert_eq!(
+            log.admit(1000, "connection-cap", t0),
+            Some(0),
+            "routine lines do not use up another kind's budget"
+        );
+        assert_eq!(
+            log.admit(2000, "handed-over", t0),
+            Some(0),
+            "another uid's lines are not held back"
+        );
         assert_eq!(log.admit(1000, "handed-over", t0 + LOG_INTERVAL), Some(2));
-        assert_eq!(left_out(2, 1000), " (2 earlier line(s) like it caused by uid 1000 left out)");
+        assert_eq!(
+            left_out(2, 1000),
+            " (2 earlier line(s) like it caused by uid 1000 left out)"
+        );
         assert_eq!(left_out(0, 1000), "");
     }
 }

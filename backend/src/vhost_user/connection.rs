@@ -59,7 +59,10 @@ pub fn serve_connection<D: VirtioDevice>(
         let result = handler.handle_request();
         // Taken after every request: the vhost crate answers some refusals itself (an empty
         // GET_CONFIG reply) and returns Ok.
-        let explained = session.lock().unwrap_or_else(|e| e.into_inner()).take_explained();
+        let explained = session
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take_explained();
         match result {
             Ok(()) => {}
             Err(VhostUserError::Disconnected) => break ConnectionEnd::Disconnected,
@@ -70,10 +73,7 @@ pub fn serve_connection<D: VirtioDevice>(
             Err(e) => vmm_line!(warn, "request refused: {e}"),
         }
     };
-    session
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .stop_all();
+    session.lock().unwrap_or_else(|e| e.into_inner()).stop_all();
     end
 }
 
@@ -96,23 +96,37 @@ impl ConnectionThread {
         let shared = Arc::new(Mutex::new(None));
         let slot = shared.clone();
         let export = export.to_string();
-        let thread = std::thread::Builder::new().name(format!("vublk-conn{id}")).spawn(move || {
-            let _span = tracing::info_span!("conn", id, export = %export).entered();
-            let end = serve_connection(stream, device, |clone| {
-                *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(clone);
-            });
-            match end {
-                ConnectionEnd::Disconnected => vmm_line!(info, "frontend disconnected; device stopped"),
-                ConnectionEnd::Failed(e) => vmm_line!(warn, "connection ended: {e}; device stopped"),
-            }
-            on_end();
-        })?;
-        Ok(ConnectionThread { stream: shared, thread })
+        let thread = std::thread::Builder::new()
+            .name(format!("vublk-conn{id}"))
+            .spawn(move || {
+                let _span = tracing::info_span!("conn", id, export = %export).entered();
+                let end = serve_connection(stream, device, |clone| {
+                    *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(clone);
+                });
+                match end {
+                    ConnectionEnd::Disconnected => {
+                        vmm_line!(info, "frontend disconnected; device stopped")
+                    }
+                    ConnectionEnd::Failed(e) => {
+                        vmm_line!(warn, "connection ended: {e}; device stopped")
+                    }
+                }
+                on_end();
+            })?;
+        Ok(ConnectionThread {
+            stream: shared,
+            thread,
+        })
     }
 
     /// Ends the connection as if the frontend had closed it.
     pub fn shutdown(&self) {
-        if let Some(stream) = self.stream.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        if let Some(stream) = self
+            .stream
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
             let _ = stream.shutdown(std::net::Shutdown::Both);
         }
     }

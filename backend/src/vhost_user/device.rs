@@ -12,8 +12,8 @@ use super::vring::RunningQueue;
 /// A queue thread's body.
 pub type QueueLoop = Box<dyn FnOnce() -> Queue + Send>;
 
-/// A virtio device served over vhost-user. The session calls these from the connection thread,
-/// except [`VirtioDevice::run_queue`], which runs on the queue's own thread.
+/// A virtio device served over vhost-user. The session calls these from the connection thread;
+/// the [`QueueLoop`] that [`VirtioDevice::prepare_queue`] returns runs on the queue's own thread.
 pub trait VirtioDevice: Send + Sync + 'static {
     /// Device and transport feature bits (without VHOST_USER_F_PROTOCOL_FEATURES).
     fn features(&self) -> u64;

@@ -61,7 +61,9 @@ struct RegionInfo {
 
 impl RegionInfo {
     fn same_place(&self, other: &VhostUserMemoryRegion) -> bool {
-        self.guest_phys_addr == other.guest_phys_addr && self.size == other.memory_size && self.user_addr == other.user_addr
+        self.guest_phys_addr == other.guest_phys_addr
+            && self.size == other.memory_size
+            && self.user_addr == other.user_addr
     }
 }
 
@@ -150,12 +152,15 @@ fn map_region(region: &VhostUserMemoryRegion, file: File) -> Result<RegionInfo, 
     {
         return Err(MemoryError::BadRegion { gpa });
     }
-    let mmap = region.mmap_region(file).map_err(|source| MemoryError::Map {
-        gpa,
-        size: region.memory_size,
-        source,
-    })?;
-    let mapping = GuestRegionMmap::new(mmap, GuestAddress(gpa)).ok_or(MemoryError::BadRegion { gpa })?;
+    let mmap = region
+        .mmap_region(file)
+        .map_err(|source| MemoryError::Map {
+            gpa,
+            size: region.memory_size,
+            source,
+        })?;
+    let mapping =
+        GuestRegionMmap::new(mmap, GuestAddress(gpa)).ok_or(MemoryError::BadRegion { gpa })?;
     Ok(RegionInfo {
         guest_phys_addr: gpa,
         size: region.memory_size,
@@ -178,7 +183,11 @@ pub struct GuestMemoryHandle {
 impl Default for GuestMemoryHandle {
     fn default() -> Self {
         GuestMemoryHandle {
-            current: Arc::new(ArcSwap::from_pointee(Generation { id: 0, mem: GuestMemoryMmap::new(), regions: Vec::new() })),
+            current: Arc::new(ArcSwap::from_pointee(Generation {
+                id: 0,
+                mem: GuestMemoryMmap::new(),
+                regions: Vec::new(),
+            })),
             next_id: Arc::new(AtomicU64::new(1)),
             live: Arc::new(Mutex::new(Vec::new())),
             stats: Arc::new(MemoryStats::default()),
@@ -208,17 +217,34 @@ impl GuestMemoryHandle {
 
     /// SET_MEM_TABLE: a whole new table. Old regions not in it (same guest address, size and
     /// frontend address) retire.
-    pub fn set_table(&self, regions: &[VhostUserMemoryRegion], files: Vec<File>) -> Result<(Arc<Generation>, Retiring), MemoryError> {
-        let mut mapped = regions.iter().zip(files).map(|(region, file)| map_region(region, file)).collect::<Result<Vec<_>, _>>()?;
+    pub fn set_table(
+        &self,
+        regions: &[VhostUserMemoryRegion],
+        files: Vec<File>,
+    ) -> Result<(Arc<Generation>, Retiring), MemoryError> {
+        let mut mapped = regions
+            .iter()
+            .zip(files)
+            .map(|(region, file)| map_region(region, file))
+            .collect::<Result<Vec<_>, _>>()?;
         let old = self.current();
         // A region the new table keeps in place keeps its pin: requests still using the old
         // mapping of it count when it is removed later.
         for region in &mut mapped {
-            if let Some(kept) = old.regions.iter().find(|r| r.guest_phys_addr == region.guest_phys_addr && r.size == region.size && r.user_addr == region.user_addr) {
+            if let Some(kept) = old.regions.iter().find(|r| {
+                r.guest_phys_addr == region.guest_phys_addr
+                    && r.size == region.size
+                    && r.user_addr == region.user_addr
+            }) {
                 region.pin = kept.pin.clone();
             }
         }
-        let retiring: Vec<_> = old.regions.iter().filter(|r| !regions.iter().any(|n| r.same_place(n))).map(|r| r.pin.clone()).collect();
+        let retiring: Vec<_> = old
+            .regions
+            .iter()
+            .filter(|r| !regions.iter().any(|n| r.same_place(n)))
+            .map(|r| r.pin.clone())
+            .collect();
         for pin in &retiring {
             pin.retire();
         }
@@ -227,7 +253,11 @@ impl GuestMemoryHandle {
     }
 
     /// ADD_MEM_REG: the current table plus one region.
-    pub fn add_region(&self, region: &VhostUserMemoryRegion, file: File) -> Result<Arc<Generation>, MemoryError> {
+    pub fn add_region(
+        &self,
+        region: &VhostUserMemoryRegion,
+        file: File,
+    ) -> Result<Arc<Generation>, MemoryError> {
         let mut regions = self.current().regions.clone();
         regions.push(map_region(region, file)?);
         self.install(regions)
@@ -235,15 +265,28 @@ impl GuestMemoryHandle {
 
     /// REM_MEM_REG: the current table less the region with this guest address and size, which
     /// retires.
-    pub fn remove_region(&self, region: &VhostUserMemoryRegion) -> Result<(Arc<Generation>, Retiring), MemoryError> {
+    pub fn remove_region(
+        &self,
+        region: &VhostUserMemoryRegion,
+    ) -> Result<(Arc<Generation>, Retiring), MemoryError> {
         let mut regions = self.current().regions.clone();
-        let Some(at) = regions.iter().position(|r| r.guest_phys_addr == region.guest_phys_addr && r.size == region.memory_size) else {
-            return Err(MemoryError::NoSuchRegion { gpa: region.guest_phys_addr, size: region.memory_size });
+        let Some(at) = regions.iter().position(|r| {
+            r.guest_phys_addr == region.guest_phys_addr && r.size == region.memory_size
+        }) else {
+            return Err(MemoryError::NoSuchRegion {
+                gpa: region.guest_phys_addr,
+                size: region.memory_size,
+            });
         };
         let removed = regions.remove(at);
         removed.pin.retire();
         let generation = self.install(regions)?;
-        Ok((generation, Retiring { pins: vec![removed.pin] }))
+        Ok((
+            generation,
+            Retiring {
+                pins: vec![removed.pin],
+            },
+        ))
     }
 
     /// Drops the table (disconnect): every region retires.
@@ -264,7 +307,11 @@ impl GuestMemoryHandle {
             generation: self.current().id,
             // Pins: every Arc but the handle's own (for the current one) is a request or a
             // queue thread's view of the ring.
-            live: live.iter().filter_map(|g| g.upgrade()).map(|g| (g.id, Arc::strong_count(&g) - 1)).collect(),
+            live: live
+                .iter()
+                .filter_map(|g| g.upgrade())
+                .map(|g| (g.id, Arc::strong_count(&g) - 1))
+                .collect(),
             retire_waits: self.stats.retire_waits.load(Ordering::Relaxed),
             longest_retire_wait_us: self.stats.longest_retire_wait_us.load(Ordering::Relaxed),
             cancelled: self.stats.cancelled.load(Ordering::Relaxed),

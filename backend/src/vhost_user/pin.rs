@@ -29,7 +29,12 @@ pub struct RegionPin {
 
 impl RegionPin {
     pub fn new(guest_phys_addr: u64, size: u64) -> RegionPin {
-        RegionPin { guest_phys_addr, size, in_flight: AtomicUsize::new(0), retiring: AtomicBool::new(false) }
+        RegionPin {
+            guest_phys_addr,
+            size,
+            in_flight: AtomicUsize::new(0),
+            retiring: AtomicBool::new(false),
+        }
     }
 
     /// Pins the region for one request; `false` (and no pin) once it is retiring.
@@ -78,7 +83,10 @@ mod loom_tests {
                 let (pin, unmapped) = (pin.clone(), unmapped.clone());
                 loom::thread::spawn(move || {
                     if pin.try_pin() {
-                        assert!(!unmapped.load(Ordering::SeqCst), "request used a retired region");
+                        assert!(
+                            !unmapped.load(Ordering::SeqCst),
+                            "request used a retired region"
+                        );
                         pin.unpin();
                     }
                 })

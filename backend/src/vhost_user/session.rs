@@ -15,11 +15,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
-    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags,
-    VhostUserInflight, VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures,
-    VhostUserShMemConfig, VhostUserSharedMsg, VhostUserSingleMemoryRegion,
-    VhostUserVirtioFeatures, VhostUserVringAddrFlags, VhostUserVringState,
-    VHOST_USER_CONFIG_OFFSET, VHOST_USER_CONFIG_SIZE,
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
+    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
+    VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVirtioFeatures,
+    VhostUserVringAddrFlags, VhostUserVringState, VHOST_USER_CONFIG_OFFSET, VHOST_USER_CONFIG_SIZE,
 };
 use vhost::vhost_user::{
     Error as VhostUserError, GpuBackend, Result as VhostUserResult, VhostUserBackendReqHandlerMut,
@@ -127,7 +126,12 @@ impl<D: VirtioDevice> Session<D> {
     /// Past the device's bound the queues cancel those requests (they complete with IOERR),
     /// and the wait goes on until the cancellations have completed.
     fn retire(&mut self, retiring: Retiring) {
-        let busy = |pins: &[Arc<RegionPin>]| pins.iter().filter(|p| p.in_flight() > 0).cloned().collect::<Vec<_>>();
+        let busy = |pins: &[Arc<RegionPin>]| {
+            pins.iter()
+                .filter(|p| p.in_flight() > 0)
+                .cloned()
+                .collect::<Vec<_>>()
+        };
         let mut waiting = busy(&retiring.pins);
         if waiting.is_empty() {
             return;
@@ -151,7 +155,10 @@ impl<D: VirtioDevice> Session<D> {
                 }
                 cancelled = true;
             } else if cancelled && waited >= next_complaint {
-                tracing::error!("retiring memory: cancelled requests have not completed after {} ms", waited.as_millis());
+                tracing::error!(
+                    "retiring memory: cancelled requests have not completed after {} ms",
+                    waited.as_millis()
+                );
                 next_complaint += bound;
             }
             std::thread::sleep(Duration::from_micros(200));
@@ -160,14 +167,24 @@ impl<D: VirtioDevice> Session<D> {
         let waited = start.elapsed();
         let stats = self.memory.stats();
         stats.retire_waits.fetch_add(1, Ordering::Relaxed);
-        stats.longest_retire_wait_us.fetch_max(waited.as_micros() as u64, Ordering::Relaxed);
-        let regions: Vec<String> = retiring.pins.iter().map(|p| format!("{:#x}", p.guest_phys_addr)).collect();
+        stats
+            .longest_retire_wait_us
+            .fetch_max(waited.as_micros() as u64, Ordering::Relaxed);
+        let regions: Vec<String> = retiring
+            .pins
+            .iter()
+            .map(|p| format!("{:#x}", p.guest_phys_addr))
+            .collect();
         vmm_line!(
             info,
             "retired region(s) {} after waiting {} ms for {requests} request(s){}",
             regions.join(", "),
             waited.as_millis(),
-            if cancelled { " (cancelled past the bound)" } else { "" }
+            if cancelled {
+                " (cancelled past the bound)"
+            } else {
+                ""
+            }
         );
     }
 
@@ -203,9 +220,15 @@ impl<D: VirtioDevice> Session<D> {
         }
         let mut queue = Queue::new(max_size).map_err(handler_error)?;
         queue.try_set_size(size).map_err(handler_error)?;
-        queue.try_set_desc_table_address(desc).map_err(handler_error)?;
-        queue.try_set_avail_ring_address(avail).map_err(handler_error)?;
-        queue.try_set_used_ring_address(used).map_err(handler_error)?;
+        queue
+            .try_set_desc_table_address(desc)
+            .map_err(handler_error)?;
+        queue
+            .try_set_avail_ring_address(avail)
+            .map_err(handler_error)?;
+        queue
+            .try_set_used_ring_address(used)
+            .map_err(handler_error)?;
         queue.set_event_idx(event_idx);
         queue.set_next_avail(base);
         queue.set_ready(true);
@@ -219,7 +242,13 @@ impl<D: VirtioDevice> Session<D> {
         queue.set_next_used(used_idx.0);
 
         let vring = &mut self.vrings[index];
-        let Some(kick) = vring.kick.as_ref().map(|k| k.try_clone()).transpose().map_err(VhostUserError::ReqHandlerError)? else {
+        let Some(kick) = vring
+            .kick
+            .as_ref()
+            .map(|k| k.try_clone())
+            .transpose()
+            .map_err(VhostUserError::ReqHandlerError)?
+        else {
             return Ok(());
         };
         let span = tracing::Span::current();
@@ -294,7 +323,9 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Session<D> {
         let offered = self.device.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         if features & !offered != 0 {
             let extra = features & !offered;
-            self.explain(format_args!("frontend acked features we did not offer: {extra:#x}"));
+            self.explain(format_args!(
+                "frontend acked features we did not offer: {extra:#x}"
+            ));
             return Err(VhostUserError::InvalidParam);
         }
         self.acked_features = features;
@@ -327,7 +358,11 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Session<D> {
                 return Err(handler_error(e));
             }
         };
-        tracing::debug!("memory table generation {} installed ({} regions)", generation.id(), ctx.len());
+        tracing::debug!(
+            "memory table generation {} installed ({} regions)",
+            generation.id(),
+            ctx.len()
+        );
         drop(generation);
         self.retire(retiring);
         Ok(None)
@@ -337,7 +372,9 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Session<D> {
         let max = self.device.max_queue_size();
         let vring = self.vring(index)?;
         if num == 0 || num > u32::from(max) || !num.is_power_of_two() {
-            self.explain(format_args!("queue {index}: size {num} refused (a power of two up to {max})"));
+            self.explain(format_args!(
+                "queue {index}: size {num} refused (a power of two up to {max})"
+            ));
             return Err(VhostUserError::InvalidParam);
         }
         vring.size = num as u16;
@@ -355,13 +392,14 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Session<D> {
     ) -> VhostUserResult<()> {
         let generation = self.memory.current();
         let translate = |addr| generation.vmm_to_guest(addr);
-        let (desc, avail, used) = match (translate(descriptor), translate(available), translate(used)) {
-            (Ok(desc), Ok(avail), Ok(used)) => (desc, avail, used),
-            (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
-                self.explain(format_args!("queue {index}: {e}"));
-                return Err(handler_error(e));
-            }
-        };
+        let (desc, avail, used) =
+            match (translate(descriptor), translate(available), translate(used)) {
+                (Ok(desc), Ok(avail), Ok(used)) => (desc, avail, used),
+                (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+                    self.explain(format_args!("queue {index}: {e}"));
+                    return Err(handler_error(e));
+                }
+            };
         let vring = self.vring(index)?;
         vring.desc = Some(desc);
         vring.avail = Some(avail);
@@ -476,7 +514,11 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Session<D> {
         Err(self.frontend_error("inflight tracking is not supported"))
     }
 
-    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> VhostUserResult<()> {
+    fn set_inflight_fd(
+        &mut self,
+        _inflight: &VhostUserInflight,
+        _file: File,
+    ) -> VhostUserResult<()> {
         Err(self.frontend_error("inflight tracking is not supported"))
     }
 
@@ -517,7 +559,11 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Session<D> {
                 return Err(handler_error(e));
             }
         };
-        tracing::debug!("memory generation {}: removed region at {:#x}", generation.id(), { region.guest_phys_addr });
+        tracing::debug!(
+            "memory generation {}: removed region at {:#x}",
+            generation.id(),
+            { region.guest_phys_addr }
+        );
         drop(generation);
         self.retire(retiring);
         Ok(())

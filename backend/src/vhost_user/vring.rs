@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-use virtio_queue::{Queue, QueueT};
 
 use super::memory::{GuestMemoryHandle, RegionPin};
 
@@ -71,7 +71,10 @@ impl QueueControl {
     }
 
     fn request_cancel(&self, pins: &[Arc<RegionPin>]) {
-        self.cancel.lock().unwrap_or_else(|e| e.into_inner()).extend(pins.iter().cloned());
+        self.cancel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(pins.iter().cloned());
         let _ = self.wake.write(1);
     }
 

@@ -38,7 +38,13 @@ impl AlignedBuf {
         let mut at = 0;
         for v in iovecs {
             // SAFETY: the caller guarantees the source; `at + iov_len <= len()` by the total.
-            unsafe { std::ptr::copy_nonoverlapping(v.iov_base as *const u8, self.as_ptr().add(at), v.iov_len) };
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    v.iov_base as *const u8,
+                    self.as_ptr().add(at),
+                    v.iov_len,
+                )
+            };
             at += v.iov_len;
         }
     }
@@ -51,7 +57,13 @@ impl AlignedBuf {
         let mut at = 0;
         for v in iovecs {
             // SAFETY: as for gather, in the other direction.
-            unsafe { std::ptr::copy_nonoverlapping(self.as_ptr().add(at), v.iov_base as *mut u8, v.iov_len) };
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    self.as_ptr().add(at),
+                    v.iov_base as *mut u8,
+                    v.iov_len,
+                )
+            };
             at += v.iov_len;
         }
     }

@@ -65,7 +65,10 @@ impl BlockConfig {
             );
             blk_size = disk.dio_align.offset;
         }
-        let serial_text = options.serial.clone().unwrap_or_else(|| disk.default_serial());
+        let serial_text = options
+            .serial
+            .clone()
+            .unwrap_or_else(|| disk.default_serial());
         let mut serial = [0u8; spec::VIRTIO_BLK_ID_BYTES as usize];
         let n = serial_text.len().min(serial.len());
         serial[..n].copy_from_slice(&serial_text.as_bytes()[..n]);
@@ -95,7 +98,9 @@ impl BlockConfig {
             capacity: disk.capacity,
             blk_size,
             // Two descriptors of a chain carry the header and the status.
-            seg_max: u32::from(options.max_queue_size.min(256)).saturating_sub(2).max(1),
+            seg_max: u32::from(options.max_queue_size.min(256))
+                .saturating_sub(2)
+                .max(1),
             num_queues: options.num_queues,
             max_queue_size: options.max_queue_size,
             discard,
@@ -137,26 +142,44 @@ impl BlockConfig {
     pub fn config_space(&self) -> [u8; off::END] {
         let mut c = [0u8; off::END];
         let mut put = |at: usize, bytes: &[u8]| c[at..at + bytes.len()].copy_from_slice(bytes);
-        put(off::CAPACITY, &(self.capacity >> spec::SECTOR_SHIFT).to_le_bytes());
+        put(
+            off::CAPACITY,
+            &(self.capacity >> spec::SECTOR_SHIFT).to_le_bytes(),
+        );
         put(off::SIZE_MAX, &SIZE_MAX.to_le_bytes());
         put(off::SEG_MAX, &self.seg_max.to_le_bytes());
         put(off::BLK_SIZE, &self.blk_size.to_le_bytes());
         // Physical blocks of 4 KiB (what filesystems and SSDs use); I/O is best in those units.
         let physical = self.blk_size.max(4096);
-        put(off::PHYSICAL_BLOCK_EXP, &[(physical / self.blk_size).trailing_zeros() as u8]);
+        put(
+            off::PHYSICAL_BLOCK_EXP,
+            &[(physical / self.blk_size).trailing_zeros() as u8],
+        );
         put(off::ALIGNMENT_OFFSET, &[0]);
-        put(off::MIN_IO_SIZE, &((physical / self.blk_size) as u16).to_le_bytes());
+        put(
+            off::MIN_IO_SIZE,
+            &((physical / self.blk_size) as u16).to_le_bytes(),
+        );
         put(off::OPT_IO_SIZE, &0u32.to_le_bytes());
         put(off::WRITEBACK, &[u8::from(self.writeback())]);
         put(off::NUM_QUEUES, &self.num_queues.to_le_bytes());
         if self.discard {
             put(off::MAX_DISCARD_SECTORS, &MAX_ZEROING_SECTORS.to_le_bytes());
             put(off::MAX_DISCARD_SEG, &MAX_ZEROING_SEGMENTS.to_le_bytes());
-            put(off::DISCARD_SECTOR_ALIGNMENT, &(self.blk_size >> spec::SECTOR_SHIFT).to_le_bytes());
+            put(
+                off::DISCARD_SECTOR_ALIGNMENT,
+                &(self.blk_size >> spec::SECTOR_SHIFT).to_le_bytes(),
+            );
         }
         if self.write_zeroes {
-            put(off::MAX_WRITE_ZEROES_SECTORS, &MAX_ZEROING_SECTORS.to_le_bytes());
-            put(off::MAX_WRITE_ZEROES_SEG, &MAX_ZEROING_SEGMENTS.to_le_bytes());
+            put(
+                off::MAX_WRITE_ZEROES_SECTORS,
+                &MAX_ZEROING_SECTORS.to_le_bytes(),
+            );
+            put(
+                off::MAX_WRITE_ZEROES_SEG,
+                &MAX_ZEROING_SEGMENTS.to_le_bytes(),
+            );
             put(off::WRITE_ZEROES_MAY_UNMAP, &[u8::from(self.may_unmap)]);
         }
         c
@@ -167,23 +190,36 @@ impl BlockConfig {
         let space = self.config_space();
         data.fill(0);
         let start = (offset as usize).min(space.len());
-        let end = (offset as usize).saturating_add(data.len()).min(space.len());
+        let end = (offset as usize)
+            .saturating_add(data.len())
+            .min(space.len());
         data[..end - start].copy_from_slice(&space[start..end]);
     }
 
     /// A driver write to the config space: only `writeback` is writable, and only when
     /// VIRTIO_BLK_F_CONFIG_WCE was negotiated.
     pub fn write_config(&self, offset: u32, data: &[u8]) -> std::io::Result<()> {
-        let wce = self.acked_features.load(Ordering::Relaxed) & bit(spec::VIRTIO_BLK_F_CONFIG_WCE) != 0;
+        let wce =
+            self.acked_features.load(Ordering::Relaxed) & bit(spec::VIRTIO_BLK_F_CONFIG_WCE) != 0;
         if offset as usize == off::WRITEBACK && data.len() == 1 && wce {
             let writeback = data[0] != 0;
             self.writeback.store(writeback, Ordering::Relaxed);
-            tracing::info!("driver set the write cache to {}", if writeback { "write-back" } else { "write-through" });
+            tracing::info!(
+                "driver set the write cache to {}",
+                if writeback {
+                    "write-back"
+                } else {
+                    "write-through"
+                }
+            );
             return Ok(());
         }
         Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
-            format!("config write of {} bytes at offset {offset} is not allowed", data.len()),
+            format!(
+                "config write of {} bytes at offset {offset} is not allowed",
+                data.len()
+            ),
         ))
     }
 }
@@ -194,7 +230,13 @@ mod tests {
     use crate::disk::{DiskSpec, OpenOptions};
 
     fn options() -> DeviceOptions {
-        DeviceOptions { num_queues: 4, max_queue_size: 1024, blk_size: 4096, serial: Some("abc".into()), write_cache: true }
+        DeviceOptions {
+            num_queues: 4,
+            max_queue_size: 1024,
+            blk_size: 4096,
+            serial: Some("abc".into()),
+            write_cache: true,
+        }
     }
 
     #[test]
@@ -203,11 +245,17 @@ mod tests {
         let config = BlockConfig::new(&disk, &options());
         let mut c = [0u8; 96];
         config.read_config(0, &mut c);
-        assert_eq!(u64::from_le_bytes(c[0..8].try_into().unwrap()), (1u64 << 30) / 512);
+        assert_eq!(
+            u64::from_le_bytes(c[0..8].try_into().unwrap()),
+            (1u64 << 30) / 512
+        );
         assert_eq!(u32::from_le_bytes(c[20..24].try_into().unwrap()), 4096);
         assert_eq!(c[32], 1);
         assert_eq!(u16::from_le_bytes(c[34..36].try_into().unwrap()), 4);
-        assert_eq!(u32::from_le_bytes(c[40..44].try_into().unwrap()), MAX_ZEROING_SEGMENTS);
+        assert_eq!(
+            u32::from_le_bytes(c[40..44].try_into().unwrap()),
+            MAX_ZEROING_SEGMENTS
+        );
         assert!(c[60..].iter().all(|b| *b == 0));
         let mut part = [0u8; 2];
         config.read_config(34, &mut part);
@@ -229,7 +277,14 @@ mod tests {
 
     #[test]
     fn read_only_disk_offers_ro_and_no_zeroing() {
-        let disk = Disk::open(&DiskSpec::Null { size: 1 << 20 }, OpenOptions { read_only: true, direct: false }).unwrap();
+        let disk = Disk::open(
+            &DiskSpec::Null { size: 1 << 20 },
+            OpenOptions {
+                read_only: true,
+                direct: false,
+            },
+        )
+        .unwrap();
         let config = BlockConfig::new(&disk, &options());
         assert!(config.features() & bit(spec::VIRTIO_BLK_F_RO) != 0);
         assert!(config.features() & bit(spec::VIRTIO_BLK_F_DISCARD) == 0);

@@ -39,7 +39,9 @@ impl BlockDevice {
             max_zeroing_segments: config::MAX_ZEROING_SEGMENTS as usize,
             offset_align: u64::from(disk.dio_align.offset),
         };
-        let stats = (0..options.num_queues).map(|_| QueueStats::default()).collect();
+        let stats = (0..options.num_queues)
+            .map(|_| QueueStats::default())
+            .collect();
         BlockDevice {
             config,
             disk,
@@ -66,7 +68,10 @@ impl BlockDevice {
     }
 
     /// Takes over the write-cache setting of an earlier connection of the same export.
-    pub fn with_write_cache(mut self, cell: Option<Arc<std::sync::atomic::AtomicBool>>) -> BlockDevice {
+    pub fn with_write_cache(
+        mut self,
+        cell: Option<Arc<std::sync::atomic::AtomicBool>>,
+    ) -> BlockDevice {
         if let Some(cell) = cell {
             self.config.share_writeback(cell);
         }
@@ -81,7 +86,12 @@ impl BlockDevice {
 
     /// The memory lifetimes of the current (or last) session.
     pub fn memory_status(&self) -> MemoryStatus {
-        self.memory.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|m| m.status()).unwrap_or_default()
+        self.memory
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|m| m.status())
+            .unwrap_or_default()
     }
 
     pub fn config(&self) -> &BlockConfig {

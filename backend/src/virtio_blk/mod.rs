@@ -14,9 +14,17 @@ pub use config::{BlockConfig, DeviceOptions};
 pub use device::BlockDevice;
 
 /// The device an export describes, with the daemon-wide settings the export carries.
-pub fn device_for(disk: crate::disk::Disk, export: &crate::cli::ExportSpec) -> std::io::Result<BlockDevice> {
+pub fn device_for(
+    disk: crate::disk::Disk,
+    export: &crate::cli::ExportSpec,
+) -> std::io::Result<BlockDevice> {
     let gate = match &export.test_io_gate {
-        Some(path) => Some(std::fs::OpenOptions::new().read(true).write(true).open(path)?),
+        Some(path) => Some(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)?,
+        ),
         None => None,
     };
     Ok(BlockDevice::new(disk, &export.device)

@@ -37,7 +37,10 @@ pub struct PollWindow {
 impl PollWindow {
     /// `max` zero disables polling.
     pub fn new(max: Duration) -> PollWindow {
-        PollWindow { max, current: Duration::ZERO }
+        PollWindow {
+            max,
+            current: Duration::ZERO,
+        }
     }
 
     /// How long to poll before sleeping now.
@@ -57,7 +60,11 @@ impl PollWindow {
         }
         self.current = if idle > self.max {
             let half = self.current / 2;
-            if half < START { Duration::ZERO } else { half }
+            if half < START {
+                Duration::ZERO
+            } else {
+                half
+            }
         } else if self.current.is_zero() {
             START.min(self.max)
         } else {
@@ -193,7 +200,10 @@ impl Comparison {
         let rate = polling.rate / sleeping.rate;
         let cpu_per_request = polling.cpu_per_request / sleeping.cpu_per_request;
         let usable = |ratio: f64| ratio.is_finite() && ratio > 0.0;
-        (usable(rate) && usable(cpu_per_request)).then_some(Comparison { rate, cpu_per_request })
+        (usable(rate) && usable(cpu_per_request)).then_some(Comparison {
+            rate,
+            cpu_per_request,
+        })
     }
 
     /// Whether polling did better.
@@ -212,9 +222,16 @@ impl Comparison {
             }
             values.sort_by(f64::total_cmp);
             let middle = values.len() / 2;
-            if values.len() % 2 == 1 { values[middle] } else { (values[middle - 1] + values[middle]) / 2.0 }
+            if values.len() % 2 == 1 {
+                values[middle]
+            } else {
+                (values[middle - 1] + values[middle]) / 2.0
+            }
         };
-        Comparison { rate: median(|c| c.rate), cpu_per_request: median(|c| c.cpu_per_request) }
+        Comparison {
+            rate: median(|c| c.rate),
+            cpu_per_request: median(|c| c.cpu_per_request),
+        }
     }
 }
 
@@ -225,7 +242,10 @@ impl PollPolicy {
             window: PollWindow::new(max),
             polling: true,
             preferred: true,
-            recent: [Comparison { rate: 1.0, cpu_per_request: 1.0 }; RECENT_TRIES],
+            recent: [Comparison {
+                rate: 1.0,
+                cpu_per_request: 1.0,
+            }; RECENT_TRIES],
             tries: 0,
             // The first epoch is followed by a try.
             until_explore: 0,
@@ -247,7 +267,11 @@ impl PollPolicy {
 
     /// How long to poll before sleeping now: zero in a sleeping epoch.
     pub fn window(&self) -> Duration {
-        if self.polling { self.window.window() } else { Duration::ZERO }
+        if self.polling {
+            self.window.window()
+        } else {
+            Duration::ZERO
+        }
     }
 
     /// Learns from an idle spell (see [`PollWindow::after_idle`]); spells spent sleeping
@@ -267,7 +291,12 @@ impl PollPolicy {
 
     /// [`tick`](Self::tick), with the thread's CPU clock read through `cpu` (only when an
     /// epoch ends: one system call per epoch, not per round).
-    fn advance(&mut self, now: Instant, requests: u64, cpu: impl FnOnce() -> Duration) -> Option<Epoch> {
+    fn advance(
+        &mut self,
+        now: Instant,
+        requests: u64,
+        cpu: impl FnOnce() -> Duration,
+    ) -> Option<Epoch> {
         if !self.enabled() {
             return None;
         }
@@ -278,7 +307,11 @@ impl PollPolicy {
             (self.epoch_start, self.cpu_start, self.requests_start) = (now, cpu(), requests);
             return None;
         }
-        let length = if self.polling == self.preferred { EPOCH } else { TRY_EPOCH };
+        let length = if self.polling == self.preferred {
+            EPOCH
+        } else {
+            TRY_EPOCH
+        };
         let elapsed = now.duration_since(self.epoch_start);
         // An epoch lasts until it has served enough requests to judge by, or the queue turns
         // out to be quiet: a try of sleeping at 6k requests per second needs 43 ms, and ending
@@ -293,7 +326,10 @@ impl PollPolicy {
     /// picks the next one's mode.
     fn end_epoch(&mut self, now: Instant, requests: u64, cpu: Duration) -> Epoch {
         let served = requests - self.requests_start;
-        let ended = Epoch { polling: self.polling, length: now.duration_since(self.epoch_start) };
+        let ended = Epoch {
+            polling: self.polling,
+            length: now.duration_since(self.epoch_start),
+        };
         let cost = (served >= MIN_REQUESTS).then(|| EpochCost {
             rate: served as f64 / ended.length.as_secs_f64(),
             cpu_per_request: cpu.saturating_sub(self.cpu_start).as_nanos() as f64 / served as f64,
@@ -328,9 +364,17 @@ impl PollPolicy {
         }
         // This epoch is the one before the next try, unless the preference just changed. A try
         // waits for a preferred epoch that served enough to compare with.
-        self.before = if self.polling == self.preferred { cost } else { None };
+        self.before = if self.polling == self.preferred {
+            cost
+        } else {
+            None
+        };
         if self.until_explore == 0 {
-            return if self.before.is_some() { !self.preferred } else { self.preferred };
+            return if self.before.is_some() {
+                !self.preferred
+            } else {
+                self.preferred
+            };
         }
         self.until_explore -= 1;
         self.preferred
@@ -346,7 +390,11 @@ impl PollPolicy {
                 return;
             }
         };
-        let (sleeping, polling) = if self.preferred { (tried, around) } else { (around, tried) };
+        let (sleeping, polling) = if self.preferred {
+            (tried, around)
+        } else {
+            (around, tried)
+        };
         let Some(sample) = Comparison::of(sleeping, polling) else {
             self.until_explore = self.explore_every;
             return;
@@ -354,12 +402,14 @@ impl PollPolicy {
         self.recent[self.tries % RECENT_TRIES] = sample;
         self.tries += 1;
         let trusted = self.tries >= RECENT_TRIES;
-        let preferred = Comparison::median(&self.recent[..self.tries.min(RECENT_TRIES)]).polling_wins();
-        self.explore_every = if trusted && preferred == self.preferred && sample.polling_wins() == preferred {
-            (self.explore_every * 2).min(EXPLORE_LAST)
-        } else {
-            EXPLORE_FIRST
-        };
+        let preferred =
+            Comparison::median(&self.recent[..self.tries.min(RECENT_TRIES)]).polling_wins();
+        self.explore_every =
+            if trusted && preferred == self.preferred && sample.polling_wins() == preferred {
+                (self.explore_every * 2).min(EXPLORE_LAST)
+            } else {
+                EXPLORE_FIRST
+            };
         self.preferred = preferred;
         self.until_explore = self.explore_every;
     }
@@ -373,7 +423,10 @@ impl PollPolicy {
 
 /// CPU time the calling thread has used.
 fn thread_cpu() -> Duration {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes one timespec, which lives on this stack frame.
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
@@ -420,48 +473,103 @@ mod tests {
             w.after_idle(us(1000));
             seen.push(w.window());
         }
-        assert_eq!(seen, [us(25), us(12) + Duration::from_nanos(500), Duration::from_nanos(6250), Duration::ZERO, Duration::ZERO, Duration::ZERO]);
+        assert_eq!(
+            seen,
+            [
+                us(25),
+                us(12) + Duration::from_nanos(500),
+                Duration::from_nanos(6250),
+                Duration::ZERO,
+                Duration::ZERO,
+                Duration::ZERO
+            ]
+        );
         // Back to short spells: it grows again from the start.
         w.after_idle(us(30));
         assert_eq!(w.window(), us(4));
     }
 
     fn cost(rate: f64, cpu_per_request: f64) -> EpochCost {
-        EpochCost { rate, cpu_per_request }
+        EpochCost {
+            rate,
+            cpu_per_request,
+        }
     }
 
     fn prefer_polling(sleeping: EpochCost, polling: EpochCost) -> bool {
-        Comparison::of(sleeping, polling).expect("positive costs").polling_wins()
+        Comparison::of(sleeping, polling)
+            .expect("positive costs")
+            .polling_wins()
     }
 
     #[test]
     fn polling_is_kept_when_it_buys_throughput_even_at_a_higher_cpu_cost() {
         // A closed-loop driver at iodepth 1: 31k requests/s polling against 4.7k sleeping.
-        assert!(prefer_polling(cost(4_700.0, 20_000.0), cost(31_000.0, 30_000.0)));
+        assert!(prefer_polling(
+            cost(4_700.0, 20_000.0),
+            cost(31_000.0, 30_000.0)
+        ));
         // 10% more is enough, 5% is not when it costs more.
-        assert!(prefer_polling(cost(100_000.0, 1_000.0), cost(111_000.0, 1_500.0)));
-        assert!(!prefer_polling(cost(100_000.0, 1_000.0), cost(105_000.0, 1_500.0)));
+        assert!(prefer_polling(
+            cost(100_000.0, 1_000.0),
+            cost(111_000.0, 1_500.0)
+        ));
+        assert!(!prefer_polling(
+            cost(100_000.0, 1_000.0),
+            cost(105_000.0, 1_500.0)
+        ));
         // Nor is more throughput at over twice the CPU per request.
-        assert!(prefer_polling(cost(100_000.0, 1_000.0), cost(130_000.0, 2_000.0)));
-        assert!(!prefer_polling(cost(100_000.0, 1_000.0), cost(130_000.0, 2_100.0)));
+        assert!(prefer_polling(
+            cost(100_000.0, 1_000.0),
+            cost(130_000.0, 2_000.0)
+        ));
+        assert!(!prefer_polling(
+            cost(100_000.0, 1_000.0),
+            cost(130_000.0, 2_100.0)
+        ));
     }
 
     #[test]
     fn at_equal_throughput_polling_must_be_clearly_cheaper() {
         // A paced driver: the same rate either way.
-        assert!(!prefer_polling(cost(20_000.0, 30_000.0), cost(20_000.0, 50_000.0)));
-        assert!(prefer_polling(cost(20_000.0, 30_000.0), cost(20_000.0, 25_000.0)));
+        assert!(!prefer_polling(
+            cost(20_000.0, 30_000.0),
+            cost(20_000.0, 50_000.0)
+        ));
+        assert!(prefer_polling(
+            cost(20_000.0, 30_000.0),
+            cost(20_000.0, 25_000.0)
+        ));
         // Neither clearly cheaper: sleep.
-        assert!(!prefer_polling(cost(20_000.0, 30_000.0), cost(20_000.0, 30_000.0)));
-        assert!(!prefer_polling(cost(20_000.0, 30_000.0), cost(20_000.0, 28_000.0)));
+        assert!(!prefer_polling(
+            cost(20_000.0, 30_000.0),
+            cost(20_000.0, 30_000.0)
+        ));
+        assert!(!prefer_polling(
+            cost(20_000.0, 30_000.0),
+            cost(20_000.0, 28_000.0)
+        ));
     }
 
     #[test]
     fn the_median_takes_each_ratio_apart_and_ignores_one_outlier() {
-        let c = |rate, cpu_per_request| Comparison { rate, cpu_per_request };
-        let tries = [c(1.0, 2.5), c(2.0, 1.2), c(0.9, 2.9), c(1.02, 2.4), c(1.05, 2.6)];
+        let c = |rate, cpu_per_request| Comparison {
+            rate,
+            cpu_per_request,
+        };
+        let tries = [
+            c(1.0, 2.5),
+            c(2.0, 1.2),
+            c(0.9, 2.9),
+            c(1.02, 2.4),
+            c(1.05, 2.6),
+        ];
         assert_eq!(Comparison::median(&tries), c(1.02, 2.5));
-        assert!(!Comparison::median(&tries).polling_wins(), "the lucky try alone would win: {:?}", tries[1]);
+        assert!(
+            !Comparison::median(&tries).polling_wins(),
+            "the lucky try alone would win: {:?}",
+            tries[1]
+        );
         assert_eq!(Comparison::median(&tries[..2]), c(1.5, 1.85));
         assert_eq!(Comparison::median(&tries[..1]), tries[0]);
         assert_eq!(Comparison::of(cost(0.0, 1.0), cost(1.0, 1.0)), None);
@@ -469,7 +577,11 @@ mod tests {
 
     /// Drives a policy through `epochs` epochs; `epoch(index, polling)` says how many requests
     /// an epoch in that mode serves and how much CPU it uses. Returns each epoch's mode.
-    fn run_epochs(p: &mut PollPolicy, epochs: usize, epoch: impl Fn(usize, bool) -> (u64, Duration)) -> Vec<bool> {
+    fn run_epochs(
+        p: &mut PollPolicy,
+        epochs: usize,
+        epoch: impl Fn(usize, bool) -> (u64, Duration),
+    ) -> Vec<bool> {
         let mut modes = Vec::new();
         let (mut now, mut requests, mut cpu) = (p.epoch_start, p.requests_start, p.cpu_start);
         for index in 0..epochs {
@@ -491,30 +603,47 @@ mod tests {
 
     /// Closed loop at iodepth 1: polling serves 6.7x the requests at 1.5x the CPU each.
     fn closed(_: usize, polling: bool) -> (u64, Duration) {
-        if polling { (3200, Duration::from_millis(20)) } else { (480, Duration::from_millis(2)) }
+        if polling {
+            (3200, Duration::from_millis(20))
+        } else {
+            (480, Duration::from_millis(2))
+        }
     }
 
     /// The epochs that tried the mode that is not `preferred`, after the first try and the
     /// epoch that judged it.
     fn tries(modes: &[bool], preferred: bool) -> Vec<usize> {
-        (3..modes.len()).filter(|&i| modes[i] != preferred).collect()
+        (3..modes.len())
+            .filter(|&i| modes[i] != preferred)
+            .collect()
     }
 
     #[test]
     fn a_paced_driver_gets_a_sleeping_thread_that_still_tries_polling_now_and_then() {
         let mut p = PollPolicy::new(us(200));
         let modes = run_epochs(&mut p, 300, paced);
-        assert!(modes[0] && !modes[1] && modes[2] && !modes[3], "measures polling, sleeping around it, then sleeps: {modes:?}");
+        assert!(
+            modes[0] && !modes[1] && modes[2] && !modes[3],
+            "measures polling, sleeping around it, then sleeps: {modes:?}"
+        );
         // Tries polling again after 8 sleeping epochs until it has 5 tries to go by, then
         // after 16, 32, 64 and 128 (each try is followed by the epoch that judges it).
-        assert_eq!(tries(&modes, false), [11, 21, 31, 41, 59, 93, 159, 289], "{modes:?}");
+        assert_eq!(
+            tries(&modes, false),
+            [11, 21, 31, 41, 59, 93, 159, 289],
+            "{modes:?}"
+        );
     }
 
     #[test]
     fn a_driver_that_speeds_up_keeps_a_polling_thread() {
         let mut p = PollPolicy::new(us(200));
         let modes = run_epochs(&mut p, 200, closed);
-        assert_eq!(tries(&modes, true), [11, 21, 31, 41, 59, 93, 159], "{modes:?}");
+        assert_eq!(
+            tries(&modes, true),
+            [11, 21, 31, 41, 59, 93, 159],
+            "{modes:?}"
+        );
     }
 
     #[test]
@@ -524,16 +653,31 @@ mod tests {
         run_epochs(&mut p, 100, paced);
         assert!(!p.preferred, "sleeps under a paced load");
         let modes = run_epochs(&mut p, 200, closed);
-        let settled = modes.windows(2).rposition(|w| !w[0] && !w[1]).map_or(0, |i| i + 2);
+        let settled = modes
+            .windows(2)
+            .rposition(|w| !w[0] && !w[1])
+            .map_or(0, |i| i + 2);
         // The median needs three tries of polling: the first came after up to 130 epochs
         // (the wait had grown), each of the next two within 10.
-        assert!(settled <= 130 + 2 * 10 + 2, "sleeps for two epochs in a row at {settled}: {modes:?}");
+        assert!(
+            settled <= 130 + 2 * 10 + 2,
+            "sleeps for two epochs in a row at {settled}: {modes:?}"
+        );
         // Then it sleeps for the epoch that judges the deciding try, and for single tries.
-        assert!(modes[settled..].iter().filter(|m| !**m).count() <= 4, "{modes:?}");
+        assert!(
+            modes[settled..].iter().filter(|m| !**m).count() <= 4,
+            "{modes:?}"
+        );
         // And back: the first try of sleeping comes within 10 epochs, the verdict after three.
         let modes = run_epochs(&mut p, 60, paced);
-        let settled = modes.windows(2).rposition(|w| w[0] && w[1]).map_or(0, |i| i + 2);
-        assert!(settled <= 3 * 10 + 2, "polls for two epochs in a row at {settled}: {modes:?}");
+        let settled = modes
+            .windows(2)
+            .rposition(|w| w[0] && w[1])
+            .map_or(0, |i| i + 2);
+        assert!(
+            settled <= 3 * 10 + 2,
+            "polls for two epochs in a row at {settled}: {modes:?}"
+        );
     }
 
     #[test]
@@ -541,9 +685,18 @@ mod tests {
         // A paced driver; the third try of polling catches it catching up (twice the requests),
         // which alone would make polling win.
         let mut p = PollPolicy::new(us(200));
-        let modes = run_epochs(&mut p, 200, |index, polling| if index == 31 { (4000, Duration::from_millis(20)) } else { paced(index, polling) });
+        let modes = run_epochs(&mut p, 200, |index, polling| {
+            if index == 31 {
+                (4000, Duration::from_millis(20))
+            } else {
+                paced(index, polling)
+            }
+        });
         assert!(modes[31], "epoch 31 is the third try: {modes:?}");
-        assert!((3..modes.len() - 1).all(|i| !(modes[i] && modes[i + 1])), "polls for two epochs in a row: {modes:?}");
+        assert!(
+            (3..modes.len() - 1).all(|i| !(modes[i] && modes[i + 1])),
+            "polls for two epochs in a row: {modes:?}"
+        );
     }
 
     #[test]
@@ -575,28 +728,42 @@ mod tests {
             p.after_idle(us(5000));
         }
         let modes = run_epochs(&mut p, 8, paced);
-        assert!(modes.iter().all(|m| !*m) && p.polling(), "tries polling after 8 sleeping epochs: {modes:?}");
+        assert!(
+            modes.iter().all(|m| !*m) && p.polling(),
+            "tries polling after 8 sleeping epochs: {modes:?}"
+        );
         assert_eq!(p.window(), us(200));
     }
 
     #[test]
     fn quiet_epochs_change_nothing_and_zero_max_never_polls() {
         let mut p = PollPolicy::new(us(200));
-        let modes = run_epochs(&mut p, 10, |_, _| (MIN_REQUESTS - 1, Duration::from_millis(1)));
+        let modes = run_epochs(&mut p, 10, |_, _| {
+            (MIN_REQUESTS - 1, Duration::from_millis(1))
+        });
         assert!(modes.iter().all(|m| *m), "{modes:?}");
         let mut off = PollPolicy::new(Duration::ZERO);
-        assert!(run_epochs(&mut off, 10, |_, _| (1000, Duration::from_millis(1))).iter().all(|m| !*m));
+        assert!(
+            run_epochs(&mut off, 10, |_, _| (1000, Duration::from_millis(1)))
+                .iter()
+                .all(|m| !*m)
+        );
         assert_eq!(off.window(), Duration::ZERO);
     }
 
     /// Drives a policy round by round (a round every 100 µs) for `span`; in each mode the
     /// driver gets `load(polling)`: requests per second and the thread's CPU in cores. Returns
     /// the time spent polling and the epochs that ended.
-    fn run_rounds(p: &mut PollPolicy, span: Duration, load: impl Fn(bool) -> (f64, f64)) -> (Duration, Vec<Epoch>) {
+    fn run_rounds(
+        p: &mut PollPolicy,
+        span: Duration,
+        load: impl Fn(bool) -> (f64, f64),
+    ) -> (Duration, Vec<Epoch>) {
         let round = us(100);
         let start = Instant::now();
         p.advance(start, 0, || Duration::ZERO);
-        let (mut requests, mut cpu, mut polled, mut epochs) = (0.0, 0.0, Duration::ZERO, Vec::new());
+        let (mut requests, mut cpu, mut polled, mut epochs) =
+            (0.0, 0.0, Duration::ZERO, Vec::new());
         let mut now = start;
         while now < start + span {
             let polling = p.polling();
@@ -618,13 +785,29 @@ mod tests {
         // second (30 in a 5 ms try, fewer than MIN_REQUESTS) and a polling one 40k.
         let mut p = PollPolicy::new(us(200));
         let (polled, epochs) = run_rounds(&mut p, Duration::from_secs(10), |polling| {
-            if polling { (40_000.0, 1.0) } else { (6_000.0, 0.4) }
+            if polling {
+                (40_000.0, 1.0)
+            } else {
+                (6_000.0, 0.4)
+            }
         });
-        assert!(polled >= Duration::from_secs(9), "polled {polled:?} of 10 s: {epochs:?}");
+        assert!(
+            polled >= Duration::from_secs(9),
+            "polled {polled:?} of 10 s: {epochs:?}"
+        );
         let tries: Vec<&Epoch> = epochs.iter().filter(|e| !e.polling).collect();
-        assert!(tries.len() >= 3, "measures sleeping now and then: {epochs:?}");
+        assert!(
+            tries.len() >= 3,
+            "measures sleeping now and then: {epochs:?}"
+        );
         // Each try lasted until it had MIN_REQUESTS, about 42.7 ms: 5 ms gives no verdict.
-        assert!(tries.iter().all(|e| e.length >= Duration::from_millis(42) && e.length <= Duration::from_millis(44)), "{tries:?}");
+        assert!(
+            tries
+                .iter()
+                .all(|e| e.length >= Duration::from_millis(42)
+                    && e.length <= Duration::from_millis(44)),
+            "{tries:?}"
+        );
     }
 
     #[test]
@@ -634,16 +817,32 @@ mod tests {
         p.advance(start, 0, || Duration::ZERO);
         // A busy first epoch polling; sleeping is tried next.
         let ended = p.advance(start + EPOCH, 1000, || Duration::from_millis(25));
-        assert_eq!(ended, Some(Epoch { polling: true, length: EPOCH }));
+        assert_eq!(
+            ended,
+            Some(Epoch {
+                polling: true,
+                length: EPOCH
+            })
+        );
         assert!(!p.polling());
         // Then the driver stops: the try waits for requests, and gives up after QUIET.
         let at = |ms| start + EPOCH + Duration::from_millis(ms);
         assert_eq!(p.advance(at(50), 1010, || Duration::from_millis(26)), None);
         let ended = p.advance(at(250), 1010, || Duration::from_millis(26));
-        assert_eq!(ended, Some(Epoch { polling: false, length: QUIET }));
+        assert_eq!(
+            ended,
+            Some(Epoch {
+                polling: false,
+                length: QUIET
+            })
+        );
         assert!(p.polling(), "back to polling, the preferred mode");
         assert_eq!(p.window(), us(200), "with the window open");
-        assert_eq!((p.tried, p.tries), (None, 0), "a quiet try measured nothing");
+        assert_eq!(
+            (p.tried, p.tries),
+            (None, 0),
+            "a quiet try measured nothing"
+        );
     }
 
     #[test]

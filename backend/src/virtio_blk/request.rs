@@ -15,7 +15,9 @@ use std::ptr::NonNull;
 
 use thiserror::Error;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress,
+};
 
 use super::spec::{self, HEADER_SIZE, SECTOR_SIZE, SEGMENT_SIZE};
 
@@ -107,7 +109,11 @@ pub enum RequestError {
     #[error("guest gave a {0} request with data in the wrong direction")]
     WrongDirection(&'static str),
     #[error("guest asked for sectors {sector}+{bytes} bytes, beyond the disk's {capacity} bytes")]
-    OutOfRange { sector: u64, bytes: u64, capacity: u64 },
+    OutOfRange {
+        sector: u64,
+        bytes: u64,
+        capacity: u64,
+    },
     #[error("guest gave {0} bytes of data, not a multiple of 512")]
     PartialSector(u64),
     #[error("guest request at byte {offset} (+{len}) is not aligned to the {align}-byte blocks O_DIRECT needs")]
@@ -163,11 +169,19 @@ pub struct Buffers<'a> {
 }
 
 fn ioerr(status: Option<StatusByte>, error: RequestError) -> Rejection {
-    Rejection { status, code: spec::VIRTIO_BLK_S_IOERR as u8, error }
+    Rejection {
+        status,
+        code: spec::VIRTIO_BLK_S_IOERR as u8,
+        error,
+    }
 }
 
 fn unsupp(status: StatusByte, error: RequestError) -> Rejection {
-    Rejection { status: Some(status), code: spec::VIRTIO_BLK_S_UNSUPP as u8, error }
+    Rejection {
+        status: Some(status),
+        code: spec::VIRTIO_BLK_S_UNSUPP as u8,
+        error,
+    }
 }
 
 /// Calls `f(addr, len)` for the part `[skip, skip + take)` of a byte stream made of `descs`.
@@ -186,7 +200,13 @@ fn for_range(
             continue;
         }
         let n = (d.len - skip).min(take);
-        let addr = d.addr.checked_add(skip).ok_or(RequestError::OutsideMemory { addr: d.addr, len: d.len })?;
+        let addr = d
+            .addr
+            .checked_add(skip)
+            .ok_or(RequestError::OutsideMemory {
+                addr: d.addr,
+                len: d.len,
+            })?;
         f(addr, n)?;
         skip = 0;
         take -= n;
@@ -204,7 +224,9 @@ fn push_iovecs<M: GuestMemoryBackend>(
 ) -> Result<(), RequestError> {
     let outside = RequestError::OutsideMemory { addr, len };
     while len > 0 {
-        let region = mem.find_region(GuestAddress(addr)).ok_or_else(|| outside.clone())?;
+        let region = mem
+            .find_region(GuestAddress(addr))
+            .ok_or_else(|| outside.clone())?;
         let in_region = addr - region.start_addr().raw_value();
         let n = (region.len() - in_region).min(len);
         let host = region
@@ -213,7 +235,10 @@ fn push_iovecs<M: GuestMemoryBackend>(
         if iovecs.len() == max {
             return Err(RequestError::TooManySegments(iovecs.len() + 1));
         }
-        iovecs.push(libc::iovec { iov_base: host.cast(), iov_len: n as usize });
+        iovecs.push(libc::iovec {
+            iov_base: host.cast(),
+            iov_len: n as usize,
+        });
         addr += n;
         len -= n;
     }
@@ -231,14 +256,21 @@ fn read_stream<M: GuestMemoryBackend>(
     for_range(descs, skip, buf.len() as u64, |addr, n| {
         let n = n as usize;
         mem.read_slice(&mut buf[at..at + n], GuestAddress(addr))
-            .map_err(|_| RequestError::OutsideMemory { addr, len: n as u64 })?;
+            .map_err(|_| RequestError::OutsideMemory {
+                addr,
+                len: n as u64,
+            })?;
         at += n;
         Ok(())
     })
 }
 
 fn check_range(sector: u64, bytes: u64, limits: &Limits) -> Result<u64, RequestError> {
-    let out = RequestError::OutOfRange { sector, bytes, capacity: limits.capacity };
+    let out = RequestError::OutOfRange {
+        sector,
+        bytes,
+        capacity: limits.capacity,
+    };
     let offset = sector.checked_mul(SECTOR_SIZE).ok_or_else(|| out.clone())?;
     let end = offset.checked_add(bytes).ok_or_else(|| out.clone())?;
     if end > limits.capacity {
@@ -286,7 +318,10 @@ pub fn parse<M: GuestMemoryBackend>(
     let writable_len: u64 = writable.iter().map(|d| d.len).sum::<u64>() - 1;
 
     if readable_len < HEADER_SIZE as u64 {
-        return Err(ioerr(Some(status), RequestError::HeaderTooShort(readable_len)));
+        return Err(ioerr(
+            Some(status),
+            RequestError::HeaderTooShort(readable_len),
+        ));
     }
     let mut header = [0u8; HEADER_SIZE];
     read_stream(mem, readable, 0, &mut header).map_err(|e| ioerr(Some(status), e))?;
@@ -295,7 +330,14 @@ pub fn parse<M: GuestMemoryBackend>(
     let payload_len = readable_len - HEADER_SIZE as u64;
 
     let fail = |e| ioerr(Some(status), e);
-    let request = |kind, offset, len| Ok(Request { kind, offset, len, status });
+    let request = |kind, offset, len| {
+        Ok(Request {
+            kind,
+            offset,
+            len,
+            status,
+        })
+    };
 
     match req_type {
         spec::VIRTIO_BLK_T_IN => {
@@ -304,8 +346,10 @@ pub fn parse<M: GuestMemoryBackend>(
             }
             let offset = check_data(sector, writable_len, limits).map_err(fail)?;
             check_segments(writable, 0, writable_len, limits).map_err(fail)?;
-            for_range(writable, 0, writable_len, |a, n| push_iovecs(mem, a, n, bufs.iovecs, limits.max_iovecs))
-                .map_err(fail)?;
+            for_range(writable, 0, writable_len, |a, n| {
+                push_iovecs(mem, a, n, bufs.iovecs, limits.max_iovecs)
+            })
+            .map_err(fail)?;
             request(RequestKind::Read, offset, writable_len)
         }
         spec::VIRTIO_BLK_T_OUT => {
@@ -326,8 +370,10 @@ pub fn parse<M: GuestMemoryBackend>(
         spec::VIRTIO_BLK_T_FLUSH => request(RequestKind::Flush, 0, 0),
         spec::VIRTIO_BLK_T_GET_ID => {
             let len = writable_len.min(u64::from(spec::VIRTIO_BLK_ID_BYTES));
-            for_range(writable, 0, len, |a, n| push_iovecs(mem, a, n, bufs.iovecs, limits.max_iovecs))
-                .map_err(fail)?;
+            for_range(writable, 0, len, |a, n| {
+                push_iovecs(mem, a, n, bufs.iovecs, limits.max_iovecs)
+            })
+            .map_err(fail)?;
             request(RequestKind::GetId, 0, len)
         }
         spec::VIRTIO_BLK_T_DISCARD | spec::VIRTIO_BLK_T_WRITE_ZEROES => {
@@ -355,12 +401,24 @@ pub fn parse<M: GuestMemoryBackend>(
             }
             for i in 0..count {
                 let mut raw = [0u8; SEGMENT_SIZE];
-                read_stream(mem, readable, (HEADER_SIZE + i * SEGMENT_SIZE) as u64, &mut raw).map_err(fail)?;
+                read_stream(
+                    mem,
+                    readable,
+                    (HEADER_SIZE + i * SEGMENT_SIZE) as u64,
+                    &mut raw,
+                )
+                .map_err(fail)?;
                 let sector = u64::from_le_bytes(raw[0..8].try_into().unwrap_or_default());
-                let sectors = u64::from(u32::from_le_bytes(raw[8..12].try_into().unwrap_or_default()));
+                let sectors = u64::from(u32::from_le_bytes(
+                    raw[8..12].try_into().unwrap_or_default(),
+                ));
                 let flags = u32::from_le_bytes(raw[12..16].try_into().unwrap_or_default());
                 // Discard has no flags; write-zeroes has UNMAP. Anything else is UNSUPP (5.2.6.2).
-                let allowed = if discard { 0 } else { spec::VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP };
+                let allowed = if discard {
+                    0
+                } else {
+                    spec::VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+                };
                 if flags & !allowed != 0 {
                     return Err(unsupp(status, RequestError::SegmentFlags(flags)));
                 }
@@ -382,7 +440,12 @@ pub fn parse<M: GuestMemoryBackend>(
 }
 
 /// seg_max counts the descriptors that carry data, not those holding only header or status.
-fn check_segments(descs: &[Desc], skip: u64, take: u64, limits: &Limits) -> Result<(), RequestError> {
+fn check_segments(
+    descs: &[Desc],
+    skip: u64,
+    take: u64,
+    limits: &Limits,
+) -> Result<(), RequestError> {
     let mut count = 0;
     for_range(descs, skip, take, |_, _| {
         count += 1;
@@ -401,7 +464,11 @@ fn check_data(sector: u64, len: u64, limits: &Limits) -> Result<u64, RequestErro
     }
     let offset = check_range(sector, len, limits)?;
     if offset % limits.offset_align != 0 || len % limits.offset_align != 0 {
-        return Err(RequestError::Unaligned { offset, len, align: limits.offset_align });
+        return Err(RequestError::Unaligned {
+            offset,
+            len,
+            align: limits.offset_align,
+        });
     }
     Ok(offset)
 }

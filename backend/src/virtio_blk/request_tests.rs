@@ -71,12 +71,20 @@ struct D {
 
 /// A device-readable descriptor.
 fn r(addr: u64, len: u32) -> D {
-    D { addr, len, writable: false }
+    D {
+        addr,
+        len,
+        writable: false,
+    }
 }
 
 /// A device-writable descriptor.
 fn w(addr: u64, len: u32) -> D {
-    D { addr, len, writable: true }
+    D {
+        addr,
+        len,
+        writable: true,
+    }
 }
 
 /// `struct virtio_blk_outhdr`: type, reserved (ioprio), sector.
@@ -103,7 +111,11 @@ fn table(descs: &[D]) -> Vec<RawDescriptor> {
         .enumerate()
         .map(|(i, d)| {
             let last = i + 1 == descs.len();
-            let mut flags = if d.writable { VRING_DESC_F_WRITE as u16 } else { 0 };
+            let mut flags = if d.writable {
+                VRING_DESC_F_WRITE as u16
+            } else {
+                0
+            };
             if !last {
                 flags |= VRING_DESC_F_NEXT as u16;
             }
@@ -154,15 +166,21 @@ impl Guest {
     }
 
     fn write(&self, addr: u64, bytes: &[u8]) {
-        self.mem.write_slice(bytes, GuestAddress(addr)).expect("write guest memory");
+        self.mem
+            .write_slice(bytes, GuestAddress(addr))
+            .expect("write guest memory");
     }
 
     fn read_byte(&self, addr: u64) -> u8 {
-        self.mem.read_obj(GuestAddress(addr)).expect("read guest memory")
+        self.mem
+            .read_obj(GuestAddress(addr))
+            .expect("read guest memory")
     }
 
     fn host(&self, addr: u64) -> usize {
-        self.mem.get_host_address(GuestAddress(addr)).expect("mapped") as usize
+        self.mem
+            .get_host_address(GuestAddress(addr))
+            .expect("mapped") as usize
     }
 
     /// The iovec the parser should produce for guest range `addr..addr+len`.
@@ -187,27 +205,43 @@ impl Guest {
         let vq = MockSplitQueue::create(&self.mem, GuestAddress(0), QUEUE_SIZE);
         let len = 16 * descs.len() as u32;
         let head = SplitDescriptor::new(INDIRECT_TABLE, len, VRING_DESC_F_INDIRECT as u16, 0);
-        vq.add_desc_chains(&[RawDescriptor::from(head)], 0).expect("add chain");
+        vq.add_desc_chains(&[RawDescriptor::from(head)], 0)
+            .expect("add chain");
         self.pop_and_parse(&vq, limits)
     }
 
     fn pop_and_parse(&self, vq: &MockSplitQueue<'_, GuestMemoryMmap>, limits: &Limits) -> Outcome {
         let mut queue: Queue = vq.create_queue().expect("queue");
-        let chain = queue.pop_descriptor_chain(&self.mem).expect("a chain is available");
+        let chain = queue
+            .pop_descriptor_chain(&self.mem)
+            .expect("a chain is available");
         // Leftovers from a previous request, which parse must clear.
-        let mut iovecs = vec![libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 7 }];
-        let mut segments = vec![Segment { offset: 1, len: 2, unmap: true }];
+        let mut iovecs = vec![libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 7,
+        }];
+        let mut segments = vec![Segment {
+            offset: 1,
+            len: 2,
+            unmap: true,
+        }];
         let mut scratch = Scratch::default();
         let result = parse(
             chain,
             &self.mem,
             limits,
             &mut scratch,
-            Buffers { iovecs: &mut iovecs, segments: &mut segments },
+            Buffers {
+                iovecs: &mut iovecs,
+                segments: &mut segments,
+            },
         );
         Outcome {
             result,
-            iovecs: iovecs.iter().map(|v| (v.iov_base as usize, v.iov_len)).collect(),
+            iovecs: iovecs
+                .iter()
+                .map(|v| (v.iov_base as usize, v.iov_len))
+                .collect(),
             segments,
         }
     }
@@ -216,19 +250,37 @@ impl Guest {
     /// and nowhere else.
     #[track_caller]
     fn assert_status_at(&self, status: StatusByte, addr: u64, code: u8) {
-        assert_eq!(status.0.as_ptr() as usize, self.host(addr), "status byte address");
+        assert_eq!(
+            status.0.as_ptr() as usize,
+            self.host(addr),
+            "status byte address"
+        );
         let before = self.read_byte(addr - 1);
         // SAFETY: `self.mem`, the mapping the chain was parsed against, is alive and borrowed.
         unsafe { status.write(code) };
         assert_eq!(self.read_byte(addr), code, "status byte in guest memory");
-        assert_eq!(self.read_byte(addr - 1), before, "the byte before the status is untouched");
+        assert_eq!(
+            self.read_byte(addr - 1),
+            before,
+            "the byte before the status is untouched"
+        );
     }
 
     /// Checks a rejection completely: code, error, and where its status byte is (if any).
     #[track_caller]
-    fn assert_rejected(&self, out: &Outcome, code: u8, error: RequestError, status_at: Option<u64>) {
+    fn assert_rejected(
+        &self,
+        out: &Outcome,
+        code: u8,
+        error: RequestError,
+        status_at: Option<u64>,
+    ) {
         let rejection = out.rejection();
-        assert_eq!(rejection.code, code, "status code for {:?}", rejection.error);
+        assert_eq!(
+            rejection.code, code,
+            "status code for {:?}",
+            rejection.error
+        );
         assert_eq!(rejection.error, error);
         match (rejection.status, status_at) {
             (Some(status), Some(addr)) => self.assert_status_at(status, addr, rejection.code),
@@ -247,7 +299,10 @@ fn read() {
     g.write(HDR, &header(T_IN, 8));
     let out = g.parse(&[r(HDR, 16), w(DATA, 4096), w(STATUS, 1)], &limits());
     let req = out.request();
-    assert_eq!((req.kind, req.offset, req.len), (RequestKind::Read, 8 * 512, 4096));
+    assert_eq!(
+        (req.kind, req.offset, req.len),
+        (RequestKind::Read, 8 * 512, 4096)
+    );
     assert_eq!(out.iovecs, vec![g.iov(DATA, 4096)]);
     assert!(out.segments.is_empty());
     g.assert_status_at(req.status, STATUS, 0);
@@ -260,7 +315,10 @@ fn write() {
     let out = g.parse(&[r(HDR, 16), r(DATA, 4096), w(STATUS, 1)], &limits());
     let req = out.request();
     // The last 8 sectors of the disk.
-    assert_eq!((req.kind, req.offset, req.len), (RequestKind::Write, 2040 * 512, 4096));
+    assert_eq!(
+        (req.kind, req.offset, req.len),
+        (RequestKind::Write, 2040 * 512, 4096)
+    );
     assert_eq!(out.iovecs, vec![g.iov(DATA, 4096)]);
     assert!(out.segments.is_empty());
     g.assert_status_at(req.status, STATUS, 0);
@@ -315,7 +373,10 @@ fn get_id_with_a_longer_buffer_is_capped_at_20_bytes() {
 fn get_id_buffer_split_over_two_descriptors() {
     let g = Guest::new();
     g.write(HDR, &header(T_GET_ID, 0));
-    let out = g.parse(&[r(HDR, 16), w(DATA, 12), w(DATA + 0x1000, 8), w(STATUS, 1)], &limits());
+    let out = g.parse(
+        &[r(HDR, 16), w(DATA, 12), w(DATA + 0x1000, 8), w(STATUS, 1)],
+        &limits(),
+    );
     let req = out.request();
     assert_eq!((req.kind, req.len), (RequestKind::GetId, 20));
     assert_eq!(out.iovecs, vec![g.iov(DATA, 12), g.iov(DATA + 0x1000, 8)]);
@@ -329,9 +390,19 @@ fn discard_one_segment() {
     g.write(SEGS, &segment(100, 8, 0));
     let out = g.parse(&[r(HDR, 16), r(SEGS, 16), w(STATUS, 1)], &limits());
     let req = out.request();
-    assert_eq!((req.kind, req.offset, req.len), (RequestKind::Discard, 0, 0));
+    assert_eq!(
+        (req.kind, req.offset, req.len),
+        (RequestKind::Discard, 0, 0)
+    );
     assert!(out.iovecs.is_empty());
-    assert_eq!(out.segments, vec![Segment { offset: 100 * 512, len: 8 * 512, unmap: false }]);
+    assert_eq!(
+        out.segments,
+        vec![Segment {
+            offset: 100 * 512,
+            len: 8 * 512,
+            unmap: false
+        }]
+    );
     g.assert_status_at(req.status, STATUS, 0);
 }
 
@@ -350,9 +421,21 @@ fn discard_several_segments() {
     assert_eq!(
         out.segments,
         vec![
-            Segment { offset: 0, len: 512, unmap: false },
-            Segment { offset: 2000 * 512, len: 48 * 512, unmap: false },
-            Segment { offset: 7 * 512, len: 256 * 512, unmap: false },
+            Segment {
+                offset: 0,
+                len: 512,
+                unmap: false
+            },
+            Segment {
+                offset: 2000 * 512,
+                len: 48 * 512,
+                unmap: false
+            },
+            Segment {
+                offset: 7 * 512,
+                len: 256 * 512,
+                unmap: false
+            },
         ]
     );
     assert!(out.iovecs.is_empty());
@@ -366,8 +449,18 @@ fn write_zeroes_one_segment_with_unmap() {
     g.write(SEGS, &segment(64, 16, UNMAP));
     let out = g.parse(&[r(HDR, 16), r(SEGS, 16), w(STATUS, 1)], &limits());
     let req = out.request();
-    assert_eq!((req.kind, req.offset, req.len), (RequestKind::WriteZeroes, 0, 0));
-    assert_eq!(out.segments, vec![Segment { offset: 64 * 512, len: 16 * 512, unmap: true }]);
+    assert_eq!(
+        (req.kind, req.offset, req.len),
+        (RequestKind::WriteZeroes, 0, 0)
+    );
+    assert_eq!(
+        out.segments,
+        vec![Segment {
+            offset: 64 * 512,
+            len: 16 * 512,
+            unmap: true
+        }]
+    );
     assert!(out.iovecs.is_empty());
     g.assert_status_at(req.status, STATUS, 0);
 }
@@ -389,9 +482,21 @@ fn write_zeroes_several_segments_split_across_descriptors() {
     assert_eq!(
         out.segments,
         vec![
-            Segment { offset: 512, len: 1024, unmap: false },
-            Segment { offset: 10 * 512, len: 20 * 512, unmap: true },
-            Segment { offset: 2047 * 512, len: 512, unmap: false },
+            Segment {
+                offset: 512,
+                len: 1024,
+                unmap: false
+            },
+            Segment {
+                offset: 10 * 512,
+                len: 20 * 512,
+                unmap: true
+            },
+            Segment {
+                offset: 2047 * 512,
+                len: 512,
+                unmap: false
+            },
         ]
     );
     g.assert_status_at(req.status, STATUS, 0);
@@ -416,9 +521,15 @@ fn header_split_across_two_descriptors() {
     let h = header(T_IN, 3);
     g.write(HDR, &h[..8]);
     g.write(HDR + 0x100, &h[8..]);
-    let out = g.parse(&[r(HDR, 8), r(HDR + 0x100, 8), w(DATA, 1024), w(STATUS, 1)], &limits());
+    let out = g.parse(
+        &[r(HDR, 8), r(HDR + 0x100, 8), w(DATA, 1024), w(STATUS, 1)],
+        &limits(),
+    );
     let req = out.request();
-    assert_eq!((req.kind, req.offset, req.len), (RequestKind::Read, 3 * 512, 1024));
+    assert_eq!(
+        (req.kind, req.offset, req.len),
+        (RequestKind::Read, 3 * 512, 1024)
+    );
     assert_eq!(out.iovecs, vec![g.iov(DATA, 1024)]);
     g.assert_status_at(req.status, STATUS, 0);
 }
@@ -431,11 +542,23 @@ fn header_split_across_three_descriptors_with_data_in_the_last() {
     g.write(HDR, &h[..4]);
     g.write(HDR + 0x100, &h[4..11]);
     g.write(DATA, &h[11..]);
-    let descs = [r(HDR, 4), r(HDR + 0x100, 7), r(DATA, 5 + 512), r(DATA + 0x1000, 512), w(STATUS, 1)];
+    let descs = [
+        r(HDR, 4),
+        r(HDR + 0x100, 7),
+        r(DATA, 5 + 512),
+        r(DATA + 0x1000, 512),
+        w(STATUS, 1),
+    ];
     let out = g.parse(&descs, &limits());
     let req = out.request();
-    assert_eq!((req.kind, req.offset, req.len), (RequestKind::Write, 5 * 512, 1024));
-    assert_eq!(out.iovecs, vec![g.iov(DATA + 5, 512), g.iov(DATA + 0x1000, 512)]);
+    assert_eq!(
+        (req.kind, req.offset, req.len),
+        (RequestKind::Write, 5 * 512, 1024)
+    );
+    assert_eq!(
+        out.iovecs,
+        vec![g.iov(DATA + 5, 512), g.iov(DATA + 0x1000, 512)]
+    );
     g.assert_status_at(req.status, STATUS, 0);
 }
 
@@ -445,7 +568,10 @@ fn write_with_header_and_data_in_one_descriptor() {
     g.write(HDR, &header(T_OUT, 1));
     let out = g.parse(&[r(HDR, 16 + 2048), w(STATUS, 1)], &limits());
     let req = out.request();
-    assert_eq!((req.kind, req.offset, req.len), (RequestKind::Write, 512, 2048));
+    assert_eq!(
+        (req.kind, req.offset, req.len),
+        (RequestKind::Write, 512, 2048)
+    );
     assert_eq!(out.iovecs, vec![g.iov(HDR + 16, 2048)]);
     g.assert_status_at(req.status, STATUS, 0);
 }
@@ -456,7 +582,10 @@ fn read_with_data_and_status_in_one_descriptor() {
     g.write(HDR, &header(T_IN, 0));
     let out = g.parse(&[r(HDR, 16), w(DATA, 1024 + 1)], &limits());
     let req = out.request();
-    assert_eq!((req.kind, req.offset, req.len), (RequestKind::Read, 0, 1024));
+    assert_eq!(
+        (req.kind, req.offset, req.len),
+        (RequestKind::Read, 0, 1024)
+    );
     assert_eq!(out.iovecs, vec![g.iov(DATA, 1024)]);
     g.assert_status_at(req.status, DATA + 1024, 0);
 }
@@ -477,15 +606,19 @@ fn read_into_many_data_descriptors() {
     let g = Guest::new();
     g.write(HDR, &header(T_IN, 16));
     // 7 scattered buffers of different sizes, backwards in memory.
-    let bufs: Vec<(u64, u32)> =
-        (0..7u64).map(|i| (DATA + 0x8000 - i * 0x1000, 512 * (1 + i as u32 % 3))).collect();
+    let bufs: Vec<(u64, u32)> = (0..7u64)
+        .map(|i| (DATA + 0x8000 - i * 0x1000, 512 * (1 + i as u32 % 3)))
+        .collect();
     let mut descs = vec![r(HDR, 16)];
     descs.extend(bufs.iter().map(|&(a, l)| w(a, l)));
     descs.push(w(STATUS, 1));
     let out = g.parse(&descs, &limits());
     let req = out.request();
     let total: u64 = bufs.iter().map(|&(_, l)| u64::from(l)).sum();
-    assert_eq!((req.kind, req.offset, req.len), (RequestKind::Read, 16 * 512, total));
+    assert_eq!(
+        (req.kind, req.offset, req.len),
+        (RequestKind::Read, 16 * 512, total)
+    );
     let want: Vec<_> = bufs.iter().map(|&(a, l)| g.iov(a, l as usize)).collect();
     assert_eq!(out.iovecs, want);
     g.assert_status_at(req.status, STATUS, 0);
@@ -500,7 +633,10 @@ fn write_from_many_data_descriptors() {
     descs.push(w(STATUS, 1));
     let out = g.parse(&descs, &limits());
     let req = out.request();
-    assert_eq!((req.kind, req.offset, req.len), (RequestKind::Write, 0, 8 * 512));
+    assert_eq!(
+        (req.kind, req.offset, req.len),
+        (RequestKind::Write, 0, 8 * 512)
+    );
     let want: Vec<_> = (0..8).map(|i| g.iov(DATA + i * 0x1000, 512)).collect();
     assert_eq!(out.iovecs, want);
 }
@@ -509,10 +645,16 @@ fn write_from_many_data_descriptors() {
 fn buffer_crossing_memory_regions_becomes_two_iovecs() {
     let g = Guest::new();
     g.write(HDR, &header(T_IN, 0));
-    let out = g.parse(&[r(HDR, 16), w(BOUNDARY - 512, 1536), w(STATUS, 1)], &limits());
+    let out = g.parse(
+        &[r(HDR, 16), w(BOUNDARY - 512, 1536), w(STATUS, 1)],
+        &limits(),
+    );
     let req = out.request();
     assert_eq!((req.kind, req.len), (RequestKind::Read, 1536));
-    assert_eq!(out.iovecs, vec![g.iov(BOUNDARY - 512, 512), g.iov(BOUNDARY, 1024)]);
+    assert_eq!(
+        out.iovecs,
+        vec![g.iov(BOUNDARY - 512, 512), g.iov(BOUNDARY, 1024)]
+    );
     // The two regions are separate mappings: the iovecs really are split.
     assert_ne!(g.host(BOUNDARY - 512) + 512, g.host(BOUNDARY));
 }
@@ -531,11 +673,22 @@ fn status_descriptor_crossing_regions_points_at_its_last_byte() {
 fn indirect_table() {
     let g = Guest::new();
     g.write(HDR, &header(T_IN, 100));
-    let descs = [r(HDR, 16), w(DATA, 512), w(DATA + 0x1000, 1024), w(STATUS, 1)];
+    let descs = [
+        r(HDR, 16),
+        w(DATA, 512),
+        w(DATA + 0x1000, 1024),
+        w(STATUS, 1),
+    ];
     let out = g.parse_indirect(&descs, &limits());
     let req = out.request();
-    assert_eq!((req.kind, req.offset, req.len), (RequestKind::Read, 100 * 512, 1536));
-    assert_eq!(out.iovecs, vec![g.iov(DATA, 512), g.iov(DATA + 0x1000, 1024)]);
+    assert_eq!(
+        (req.kind, req.offset, req.len),
+        (RequestKind::Read, 100 * 512, 1536)
+    );
+    assert_eq!(
+        out.iovecs,
+        vec![g.iov(DATA, 512), g.iov(DATA + 0x1000, 1024)]
+    );
     g.assert_status_at(req.status, STATUS, 0);
 }
 
@@ -563,7 +716,10 @@ fn read_with_exactly_seg_max_data_descriptors_and_separate_status() {
     // descriptors on top (virtblk_add_req), so this is the largest read a driver sends.
     let g = Guest::new();
     g.write(HDR, &header(T_IN, 0));
-    let l = Limits { seg_max: 4, ..limits() };
+    let l = Limits {
+        seg_max: 4,
+        ..limits()
+    };
     let mut descs = vec![r(HDR, 16)];
     descs.extend((0..4).map(|i| w(DATA + i * 0x1000, 512)));
     descs.push(w(STATUS, 1));
@@ -577,7 +733,10 @@ fn read_with_exactly_seg_max_data_descriptors_and_separate_status() {
 fn write_with_exactly_seg_max_data_descriptors() {
     let g = Guest::new();
     g.write(HDR, &header(T_OUT, 0));
-    let l = Limits { seg_max: 4, ..limits() };
+    let l = Limits {
+        seg_max: 4,
+        ..limits()
+    };
     let mut descs = vec![r(HDR, 16)];
     descs.extend((0..4).map(|i| r(DATA + i * 0x1000, 512)));
     descs.push(w(STATUS, 1));
@@ -590,23 +749,45 @@ fn write_with_exactly_seg_max_data_descriptors() {
 #[test]
 fn read_only_disk_still_serves_reads_flushes_and_get_id() {
     let g = Guest::new();
-    let l = Limits { read_only: true, ..limits() };
+    let l = Limits {
+        read_only: true,
+        ..limits()
+    };
     g.write(HDR, &header(T_IN, 0));
-    assert_eq!(g.parse(&[r(HDR, 16), w(DATA, 512), w(STATUS, 1)], &l).request().kind, RequestKind::Read);
+    assert_eq!(
+        g.parse(&[r(HDR, 16), w(DATA, 512), w(STATUS, 1)], &l)
+            .request()
+            .kind,
+        RequestKind::Read
+    );
     g.write(HDR, &header(T_FLUSH, 0));
-    assert_eq!(g.parse(&[r(HDR, 16), w(STATUS, 1)], &l).request().kind, RequestKind::Flush);
+    assert_eq!(
+        g.parse(&[r(HDR, 16), w(STATUS, 1)], &l).request().kind,
+        RequestKind::Flush
+    );
     g.write(HDR, &header(T_GET_ID, 0));
-    assert_eq!(g.parse(&[r(HDR, 16), w(DATA, 20), w(STATUS, 1)], &l).request().kind, RequestKind::GetId);
+    assert_eq!(
+        g.parse(&[r(HDR, 16), w(DATA, 20), w(STATUS, 1)], &l)
+            .request()
+            .kind,
+        RequestKind::GetId
+    );
 }
 
 #[test]
 fn o_direct_aligned_request_passes() {
     let g = Guest::new();
     g.write(HDR, &header(T_OUT, 8));
-    let l = Limits { offset_align: 4096, ..limits() };
+    let l = Limits {
+        offset_align: 4096,
+        ..limits()
+    };
     let out = g.parse(&[r(HDR, 16), r(DATA, 4096), w(STATUS, 1)], &l);
     let req = out.request();
-    assert_eq!((req.kind, req.offset, req.len), (RequestKind::Write, 4096, 4096));
+    assert_eq!(
+        (req.kind, req.offset, req.len),
+        (RequestKind::Write, 4096, 4096)
+    );
 }
 
 #[test]
@@ -616,7 +797,10 @@ fn zero_length_read_is_accepted() {
     g.write(HDR, &header(T_IN, CAPACITY_SECTORS));
     let out = g.parse(&[r(HDR, 16), w(STATUS, 1)], &limits());
     let req = out.request();
-    assert_eq!((req.kind, req.offset, req.len), (RequestKind::Read, CAPACITY, 0));
+    assert_eq!(
+        (req.kind, req.offset, req.len),
+        (RequestKind::Read, CAPACITY, 0)
+    );
     assert!(out.iovecs.is_empty());
 }
 
@@ -679,8 +863,21 @@ fn header_in_writable_descriptor_is_not_a_header() {
 fn readable_descriptor_after_a_writable_one() {
     let g = Guest::new();
     g.write(HDR, &header(T_IN, 0));
-    let out = g.parse(&[r(HDR, 16), w(DATA, 512), r(DATA + 0x1000, 512), w(STATUS, 1)], &limits());
-    g.assert_rejected(&out, IOERR, RequestError::ReadableAfterWritable, Some(STATUS));
+    let out = g.parse(
+        &[
+            r(HDR, 16),
+            w(DATA, 512),
+            r(DATA + 0x1000, 512),
+            w(STATUS, 1),
+        ],
+        &limits(),
+    );
+    g.assert_rejected(
+        &out,
+        IOERR,
+        RequestError::ReadableAfterWritable,
+        Some(STATUS),
+    );
 }
 
 #[test]
@@ -688,7 +885,11 @@ fn read_starting_beyond_capacity() {
     let g = Guest::new();
     g.write(HDR, &header(T_IN, CAPACITY_SECTORS));
     let out = g.parse(&[r(HDR, 16), w(DATA, 512), w(STATUS, 1)], &limits());
-    let error = RequestError::OutOfRange { sector: CAPACITY_SECTORS, bytes: 512, capacity: CAPACITY };
+    let error = RequestError::OutOfRange {
+        sector: CAPACITY_SECTORS,
+        bytes: 512,
+        capacity: CAPACITY,
+    };
     g.assert_rejected(&out, IOERR, error, Some(STATUS));
 }
 
@@ -697,7 +898,11 @@ fn write_straddling_the_end_of_the_disk() {
     let g = Guest::new();
     g.write(HDR, &header(T_OUT, CAPACITY_SECTORS - 1));
     let out = g.parse(&[r(HDR, 16), r(DATA, 1024), w(STATUS, 1)], &limits());
-    let error = RequestError::OutOfRange { sector: CAPACITY_SECTORS - 1, bytes: 1024, capacity: CAPACITY };
+    let error = RequestError::OutOfRange {
+        sector: CAPACITY_SECTORS - 1,
+        bytes: 1024,
+        capacity: CAPACITY,
+    };
     g.assert_rejected(&out, IOERR, error, Some(STATUS));
 }
 
@@ -707,7 +912,11 @@ fn sector_times_512_overflows_u64() {
     let sector = u64::MAX / 512 + 1;
     g.write(HDR, &header(T_IN, sector));
     let out = g.parse(&[r(HDR, 16), w(DATA, 512), w(STATUS, 1)], &limits());
-    let error = RequestError::OutOfRange { sector, bytes: 512, capacity: CAPACITY };
+    let error = RequestError::OutOfRange {
+        sector,
+        bytes: 512,
+        capacity: CAPACITY,
+    };
     g.assert_rejected(&out, IOERR, error, Some(STATUS));
 }
 
@@ -718,7 +927,11 @@ fn offset_plus_length_overflows_u64() {
     let sector = u64::MAX / 512;
     g.write(HDR, &header(T_IN, sector));
     let out = g.parse(&[r(HDR, 16), w(DATA, 1024), w(STATUS, 1)], &limits());
-    let error = RequestError::OutOfRange { sector, bytes: 1024, capacity: CAPACITY };
+    let error = RequestError::OutOfRange {
+        sector,
+        bytes: 1024,
+        capacity: CAPACITY,
+    };
     g.assert_rejected(&out, IOERR, error, Some(STATUS));
 }
 
@@ -736,7 +949,12 @@ fn data_not_a_multiple_of_512() {
     // A 4-byte status descriptor leaves 3 extra bytes in the device-writable stream.
     g.write(HDR, &header(T_IN, 0));
     let out = g.parse(&[r(HDR, 16), w(DATA, 512), w(STATUS, 4)], &limits());
-    g.assert_rejected(&out, IOERR, RequestError::PartialSector(515), Some(STATUS + 3));
+    g.assert_rejected(
+        &out,
+        IOERR,
+        RequestError::PartialSector(515),
+        Some(STATUS + 3),
+    );
 }
 
 #[test]
@@ -744,7 +962,12 @@ fn read_with_readable_data() {
     let g = Guest::new();
     g.write(HDR, &header(T_IN, 0));
     let out = g.parse(&[r(HDR, 16), r(DATA, 512), w(STATUS, 1)], &limits());
-    g.assert_rejected(&out, IOERR, RequestError::WrongDirection("read"), Some(STATUS));
+    g.assert_rejected(
+        &out,
+        IOERR,
+        RequestError::WrongDirection("read"),
+        Some(STATUS),
+    );
 }
 
 #[test]
@@ -752,7 +975,12 @@ fn write_with_writable_data() {
     let g = Guest::new();
     g.write(HDR, &header(T_OUT, 0));
     let out = g.parse(&[r(HDR, 16), w(DATA, 512), w(STATUS, 1)], &limits());
-    g.assert_rejected(&out, IOERR, RequestError::WrongDirection("write"), Some(STATUS));
+    g.assert_rejected(
+        &out,
+        IOERR,
+        RequestError::WrongDirection("write"),
+        Some(STATUS),
+    );
 }
 
 #[test]
@@ -761,8 +989,16 @@ fn discard_and_write_zeroes_with_writable_data() {
         let g = Guest::new();
         g.write(HDR, &header(ty, 0));
         g.write(SEGS, &segment(0, 1, 0));
-        let out = g.parse(&[r(HDR, 16), r(SEGS, 16), w(DATA, 512), w(STATUS, 1)], &limits());
-        g.assert_rejected(&out, IOERR, RequestError::WrongDirection("discard/write-zeroes"), Some(STATUS));
+        let out = g.parse(
+            &[r(HDR, 16), r(SEGS, 16), w(DATA, 512), w(STATUS, 1)],
+            &limits(),
+        );
+        g.assert_rejected(
+            &out,
+            IOERR,
+            RequestError::WrongDirection("discard/write-zeroes"),
+            Some(STATUS),
+        );
     }
 }
 
@@ -771,15 +1007,29 @@ fn read_data_outside_guest_memory() {
     let g = Guest::new();
     g.write(HDR, &header(T_IN, 0));
     let out = g.parse(&[r(HDR, 16), w(OUTSIDE, 512), w(STATUS, 1)], &limits());
-    g.assert_rejected(&out, IOERR, RequestError::OutsideMemory { addr: OUTSIDE, len: 512 }, Some(STATUS));
+    g.assert_rejected(
+        &out,
+        IOERR,
+        RequestError::OutsideMemory {
+            addr: OUTSIDE,
+            len: 512,
+        },
+        Some(STATUS),
+    );
 }
 
 #[test]
 fn write_data_running_off_the_end_of_guest_memory() {
     let g = Guest::new();
     g.write(HDR, &header(T_OUT, 0));
-    let out = g.parse(&[r(HDR, 16), r(MEM_END - 512, 1024), w(STATUS, 1)], &limits());
-    let error = RequestError::OutsideMemory { addr: MEM_END - 512, len: 1024 };
+    let out = g.parse(
+        &[r(HDR, 16), r(MEM_END - 512, 1024), w(STATUS, 1)],
+        &limits(),
+    );
+    let error = RequestError::OutsideMemory {
+        addr: MEM_END - 512,
+        len: 1024,
+    };
     g.assert_rejected(&out, IOERR, error, Some(STATUS));
 }
 
@@ -787,7 +1037,15 @@ fn write_data_running_off_the_end_of_guest_memory() {
 fn header_outside_guest_memory() {
     let g = Guest::new();
     let out = g.parse(&[r(OUTSIDE, 16), w(STATUS, 1)], &limits());
-    g.assert_rejected(&out, IOERR, RequestError::OutsideMemory { addr: OUTSIDE, len: 16 }, Some(STATUS));
+    g.assert_rejected(
+        &out,
+        IOERR,
+        RequestError::OutsideMemory {
+            addr: OUTSIDE,
+            len: 16,
+        },
+        Some(STATUS),
+    );
 }
 
 #[test]
@@ -796,7 +1054,11 @@ fn header_and_data_address_wrapping_around() {
     let g = Guest::new();
     let out = g.parse(&[r(u64::MAX - 7, 16 + 512), w(STATUS, 1)], &limits());
     assert_eq!(out.rejection().code, IOERR);
-    assert!(matches!(out.rejection().error, RequestError::OutsideMemory { .. }), "{:?}", out.rejection());
+    assert!(
+        matches!(out.rejection().error, RequestError::OutsideMemory { .. }),
+        "{:?}",
+        out.rejection()
+    );
 }
 
 #[test]
@@ -804,7 +1066,15 @@ fn segment_list_outside_guest_memory() {
     let g = Guest::new();
     g.write(HDR, &header(T_DISCARD, 0));
     let out = g.parse(&[r(HDR, 16), r(OUTSIDE, 16), w(STATUS, 1)], &limits());
-    g.assert_rejected(&out, IOERR, RequestError::OutsideMemory { addr: OUTSIDE, len: 16 }, Some(STATUS));
+    g.assert_rejected(
+        &out,
+        IOERR,
+        RequestError::OutsideMemory {
+            addr: OUTSIDE,
+            len: 16,
+        },
+        Some(STATUS),
+    );
 }
 
 #[test]
@@ -812,21 +1082,35 @@ fn get_id_buffer_outside_guest_memory() {
     let g = Guest::new();
     g.write(HDR, &header(T_GET_ID, 0));
     let out = g.parse(&[r(HDR, 16), w(OUTSIDE, 20), w(STATUS, 1)], &limits());
-    g.assert_rejected(&out, IOERR, RequestError::OutsideMemory { addr: OUTSIDE, len: 20 }, Some(STATUS));
+    g.assert_rejected(
+        &out,
+        IOERR,
+        RequestError::OutsideMemory {
+            addr: OUTSIDE,
+            len: 20,
+        },
+        Some(STATUS),
+    );
 }
 
 #[test]
 fn read_with_more_data_descriptors_than_seg_max() {
     let g = Guest::new();
     g.write(HDR, &header(T_IN, 0));
-    let l = Limits { seg_max: 4, ..limits() };
+    let l = Limits {
+        seg_max: 4,
+        ..limits()
+    };
     let mut descs = vec![r(HDR, 16)];
     descs.extend((0..5).map(|i| w(DATA + i * 0x1000, 512)));
     descs.push(w(STATUS, 1));
     let out = g.parse(&descs, &l);
     let rejection = out.rejection();
     assert_eq!(rejection.code, IOERR);
-    assert!(matches!(rejection.error, RequestError::TooManySegments(_)), "{rejection:?}");
+    assert!(
+        matches!(rejection.error, RequestError::TooManySegments(_)),
+        "{rejection:?}"
+    );
     g.assert_status_at(rejection.status.expect("status"), STATUS, IOERR);
 }
 
@@ -834,14 +1118,20 @@ fn read_with_more_data_descriptors_than_seg_max() {
 fn write_with_more_data_descriptors_than_seg_max() {
     let g = Guest::new();
     g.write(HDR, &header(T_OUT, 0));
-    let l = Limits { seg_max: 4, ..limits() };
+    let l = Limits {
+        seg_max: 4,
+        ..limits()
+    };
     let mut descs = vec![r(HDR, 16)];
     descs.extend((0..5).map(|i| r(DATA + i * 0x1000, 512)));
     descs.push(w(STATUS, 1));
     let out = g.parse(&descs, &l);
     let rejection = out.rejection();
     assert_eq!(rejection.code, IOERR);
-    assert!(matches!(rejection.error, RequestError::TooManySegments(_)), "{rejection:?}");
+    assert!(
+        matches!(rejection.error, RequestError::TooManySegments(_)),
+        "{rejection:?}"
+    );
     g.assert_status_at(rejection.status.expect("status"), STATUS, IOERR);
 }
 
@@ -849,7 +1139,11 @@ fn write_with_more_data_descriptors_than_seg_max() {
 fn more_iovecs_than_max_iovecs() {
     let g = Guest::new();
     g.write(HDR, &header(T_IN, 0));
-    let l = Limits { seg_max: 32, max_iovecs: 4, ..limits() };
+    let l = Limits {
+        seg_max: 32,
+        max_iovecs: 4,
+        ..limits()
+    };
     let mut descs = vec![r(HDR, 16)];
     descs.extend((0..5).map(|i| w(DATA + i * 0x1000, 512)));
     descs.push(w(STATUS, 1));
@@ -861,7 +1155,10 @@ fn more_iovecs_than_max_iovecs() {
 fn one_descriptor_split_by_a_region_boundary_counts_two_iovecs() {
     let g = Guest::new();
     g.write(HDR, &header(T_OUT, 0));
-    let l = Limits { max_iovecs: 1, ..limits() };
+    let l = Limits {
+        max_iovecs: 1,
+        ..limits()
+    };
     let out = g.parse(&[r(HDR, 16), r(BOUNDARY - 512, 1024), w(STATUS, 1)], &l);
     g.assert_rejected(&out, IOERR, RequestError::TooManySegments(2), Some(STATUS));
     // The same request within one region fits.
@@ -871,7 +1168,10 @@ fn one_descriptor_split_by_a_region_boundary_counts_two_iovecs() {
 
 #[test]
 fn read_only_disk_refuses_writes_discards_and_write_zeroes() {
-    let l = Limits { read_only: true, ..limits() };
+    let l = Limits {
+        read_only: true,
+        ..limits()
+    };
     let g = Guest::new();
     g.write(HDR, &header(T_OUT, 0));
     let out = g.parse(&[r(HDR, 16), r(DATA, 512), w(STATUS, 1)], &l);
@@ -891,7 +1191,11 @@ fn read_only_disk_refuses_writes_discards_and_write_zeroes() {
 fn discard_or_write_zeroes_not_offered_is_unsupp() {
     let g = Guest::new();
     g.write(SEGS, &segment(0, 8, 0));
-    let l = Limits { discard: false, write_zeroes: false, ..limits() };
+    let l = Limits {
+        discard: false,
+        write_zeroes: false,
+        ..limits()
+    };
     for ty in [T_DISCARD, T_WRITE_ZEROES] {
         g.write(HDR, &header(ty, 0));
         let out = g.parse(&[r(HDR, 16), r(SEGS, 16), w(STATUS, 1)], &l);
@@ -899,11 +1203,33 @@ fn discard_or_write_zeroes_not_offered_is_unsupp() {
     }
     // Offering one does not offer the other.
     g.write(HDR, &header(T_DISCARD, 0));
-    let out = g.parse(&[r(HDR, 16), r(SEGS, 16), w(STATUS, 1)], &Limits { discard: false, ..limits() });
-    g.assert_rejected(&out, UNSUPP, RequestError::Unsupported(T_DISCARD), Some(STATUS));
+    let out = g.parse(
+        &[r(HDR, 16), r(SEGS, 16), w(STATUS, 1)],
+        &Limits {
+            discard: false,
+            ..limits()
+        },
+    );
+    g.assert_rejected(
+        &out,
+        UNSUPP,
+        RequestError::Unsupported(T_DISCARD),
+        Some(STATUS),
+    );
     g.write(HDR, &header(T_WRITE_ZEROES, 0));
-    let out = g.parse(&[r(HDR, 16), r(SEGS, 16), w(STATUS, 1)], &Limits { write_zeroes: false, ..limits() });
-    g.assert_rejected(&out, UNSUPP, RequestError::Unsupported(T_WRITE_ZEROES), Some(STATUS));
+    let out = g.parse(
+        &[r(HDR, 16), r(SEGS, 16), w(STATUS, 1)],
+        &Limits {
+            write_zeroes: false,
+            ..limits()
+        },
+    );
+    g.assert_rejected(
+        &out,
+        UNSUPP,
+        RequestError::Unsupported(T_WRITE_ZEROES),
+        Some(STATUS),
+    );
 }
 
 #[test]
@@ -912,13 +1238,22 @@ fn discard_with_the_unmap_flag_is_unsupp() {
     g.write(HDR, &header(T_DISCARD, 0));
     g.write(SEGS, &segment(0, 8, UNMAP));
     let out = g.parse(&[r(HDR, 16), r(SEGS, 16), w(STATUS, 1)], &limits());
-    g.assert_rejected(&out, UNSUPP, RequestError::SegmentFlags(UNMAP), Some(STATUS));
+    g.assert_rejected(
+        &out,
+        UNSUPP,
+        RequestError::SegmentFlags(UNMAP),
+        Some(STATUS),
+    );
 }
 
 #[test]
 fn unknown_segment_flags_are_unsupp() {
     let g = Guest::new();
-    for (ty, flags) in [(T_DISCARD, 2), (T_WRITE_ZEROES, 2), (T_WRITE_ZEROES, UNMAP | 0x8000_0000)] {
+    for (ty, flags) in [
+        (T_DISCARD, 2),
+        (T_WRITE_ZEROES, 2),
+        (T_WRITE_ZEROES, UNMAP | 0x8000_0000),
+    ] {
         g.write(HDR, &header(ty, 0));
         // A good segment first: one bad segment refuses the whole request.
         let mut list = Vec::new();
@@ -926,7 +1261,12 @@ fn unknown_segment_flags_are_unsupp() {
         list.extend(segment(16, 8, flags));
         g.write(SEGS, &list);
         let out = g.parse(&[r(HDR, 16), r(SEGS, 32), w(STATUS, 1)], &limits());
-        g.assert_rejected(&out, UNSUPP, RequestError::SegmentFlags(flags), Some(STATUS));
+        g.assert_rejected(
+            &out,
+            UNSUPP,
+            RequestError::SegmentFlags(flags),
+            Some(STATUS),
+        );
     }
 }
 
@@ -967,14 +1307,31 @@ fn segment_larger_than_max_zeroing_sectors() {
         g.write(HDR, &header(ty, 0));
         g.write(SEGS, &segment(0, 257, 0));
         let out = g.parse(&[r(HDR, 16), r(SEGS, 16), w(STATUS, 1)], &limits());
-        g.assert_rejected(&out, IOERR, RequestError::SegmentTooLarge(257), Some(STATUS));
+        g.assert_rejected(
+            &out,
+            IOERR,
+            RequestError::SegmentTooLarge(257),
+            Some(STATUS),
+        );
         g.write(SEGS, &segment(0, u32::MAX, 0));
         let out = g.parse(&[r(HDR, 16), r(SEGS, 16), w(STATUS, 1)], &limits());
-        g.assert_rejected(&out, IOERR, RequestError::SegmentTooLarge(u64::from(u32::MAX)), Some(STATUS));
+        g.assert_rejected(
+            &out,
+            IOERR,
+            RequestError::SegmentTooLarge(u64::from(u32::MAX)),
+            Some(STATUS),
+        );
         // Exactly the maximum is fine.
         g.write(SEGS, &segment(0, 256, 0));
         let out = g.parse(&[r(HDR, 16), r(SEGS, 16), w(STATUS, 1)], &limits());
-        assert_eq!(out.segments, vec![Segment { offset: 0, len: 256 * 512, unmap: false }]);
+        assert_eq!(
+            out.segments,
+            vec![Segment {
+                offset: 0,
+                len: 256 * 512,
+                unmap: false
+            }]
+        );
     }
 }
 
@@ -986,11 +1343,19 @@ fn segment_beyond_capacity() {
         g.write(SEGS, &segment(CAPACITY_SECTORS - 4, 8, 0));
         let out = g.parse(&[r(HDR, 16), r(SEGS, 16), w(STATUS, 1)], &limits());
         let sector = CAPACITY_SECTORS - 4;
-        let error = RequestError::OutOfRange { sector, bytes: 8 * 512, capacity: CAPACITY };
+        let error = RequestError::OutOfRange {
+            sector,
+            bytes: 8 * 512,
+            capacity: CAPACITY,
+        };
         g.assert_rejected(&out, IOERR, error, Some(STATUS));
         g.write(SEGS, &segment(u64::MAX, 1, 0));
         let out = g.parse(&[r(HDR, 16), r(SEGS, 16), w(STATUS, 1)], &limits());
-        let error = RequestError::OutOfRange { sector: u64::MAX, bytes: 512, capacity: CAPACITY };
+        let error = RequestError::OutOfRange {
+            sector: u64::MAX,
+            bytes: 512,
+            capacity: CAPACITY,
+        };
         g.assert_rejected(&out, IOERR, error, Some(STATUS));
     }
 }
@@ -999,9 +1364,16 @@ fn segment_beyond_capacity() {
 fn o_direct_unaligned_length() {
     let g = Guest::new();
     g.write(HDR, &header(T_IN, 0));
-    let l = Limits { offset_align: 4096, ..limits() };
+    let l = Limits {
+        offset_align: 4096,
+        ..limits()
+    };
     let out = g.parse(&[r(HDR, 16), w(DATA, 512), w(STATUS, 1)], &l);
-    let error = RequestError::Unaligned { offset: 0, len: 512, align: 4096 };
+    let error = RequestError::Unaligned {
+        offset: 0,
+        len: 512,
+        align: 4096,
+    };
     g.assert_rejected(&out, IOERR, error, Some(STATUS));
 }
 
@@ -1009,9 +1381,16 @@ fn o_direct_unaligned_length() {
 fn o_direct_unaligned_offset() {
     let g = Guest::new();
     g.write(HDR, &header(T_OUT, 1));
-    let l = Limits { offset_align: 4096, ..limits() };
+    let l = Limits {
+        offset_align: 4096,
+        ..limits()
+    };
     let out = g.parse(&[r(HDR, 16), r(DATA, 4096), w(STATUS, 1)], &l);
-    let error = RequestError::Unaligned { offset: 512, len: 4096, align: 4096 };
+    let error = RequestError::Unaligned {
+        offset: 512,
+        len: 4096,
+        align: 4096,
+    };
     g.assert_rejected(&out, IOERR, error, Some(STATUS));
 }
 
@@ -1029,9 +1408,16 @@ fn buffers_and_scratch_are_reused_cleanly() {
         vq.add_desc_chains(&table(descs), 0).expect("add chain");
         let mut queue: Queue = vq.create_queue().expect("queue");
         let chain = queue.pop_descriptor_chain(&g.mem).expect("a chain");
-        let bufs = Buffers { iovecs: &mut iovecs, segments: &mut segments };
+        let bufs = Buffers {
+            iovecs: &mut iovecs,
+            segments: &mut segments,
+        };
         let result = parse(chain, &g.mem, &limits(), &mut scratch, bufs);
-        (result.map(|r| r.kind).map_err(|r| r.error), iovecs.len(), segments.len())
+        (
+            result.map(|r| r.kind).map_err(|r| r.error),
+            iovecs.len(),
+            segments.len(),
+        )
     };
 
     g.write(HDR, &header(T_IN, 0));
@@ -1044,9 +1430,15 @@ fn buffers_and_scratch_are_reused_cleanly() {
 
     g.write(HDR + 0x100, &header(T_DISCARD, 0));
     g.write(SEGS, &segment(0, 1, 0));
-    assert_eq!(run(&[r(HDR + 0x100, 16), r(SEGS, 16), w(STATUS, 1)]), (Ok(RequestKind::Discard), 0, 1));
+    assert_eq!(
+        run(&[r(HDR + 0x100, 16), r(SEGS, 16), w(STATUS, 1)]),
+        (Ok(RequestKind::Discard), 0, 1)
+    );
 
     // A shorter chain after a longer one: no stale descriptors from the first.
     g.write(HDR + 0x200, &header(T_FLUSH, 0));
-    assert_eq!(run(&[r(HDR + 0x200, 16), w(STATUS, 1)]), (Ok(RequestKind::Flush), 0, 0));
+    assert_eq!(
+        run(&[r(HDR + 0x200, 16), w(STATUS, 1)]),
+        (Ok(RequestKind::Flush), 0, 0)
+    );
 }

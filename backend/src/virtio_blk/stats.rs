@@ -113,20 +113,22 @@ pub struct DeviceTotals {
 }
 
 pub fn totals(queues: &[QueueStats]) -> DeviceTotals {
-    queues.iter().fold(DeviceTotals::default(), |t, q| DeviceTotals {
-        requests: t.requests + q.requests.load(Ordering::Relaxed),
-        errors: t.errors + q.errors.load(Ordering::Relaxed),
-        bytes_read: t.bytes_read + q.bytes_read.load(Ordering::Relaxed),
-        bytes_written: t.bytes_written + q.bytes_written.load(Ordering::Relaxed),
-        polls: t.polls + q.polls.load(Ordering::Relaxed),
-        poll_hits: t.poll_hits + q.poll_hits.load(Ordering::Relaxed),
-        poll_ns: t.poll_ns + q.poll_ns.load(Ordering::Relaxed),
-        inline: t.inline + q.inline.load(Ordering::Relaxed),
-        kicks: t.kicks + q.kicks.load(Ordering::Relaxed),
-        calls: t.calls + q.calls.load(Ordering::Relaxed),
-        polling_epochs: t.polling_epochs + q.epochs[1].load(Ordering::Relaxed),
-        polling_epoch_ns: t.polling_epoch_ns + q.epoch_ns[1].load(Ordering::Relaxed),
-        sleeping_epochs: t.sleeping_epochs + q.epochs[0].load(Ordering::Relaxed),
-        sleeping_epoch_ns: t.sleeping_epoch_ns + q.epoch_ns[0].load(Ordering::Relaxed),
-    })
+    queues
+        .iter()
+        .fold(DeviceTotals::default(), |t, q| DeviceTotals {
+            requests: t.requests + q.requests.load(Ordering::Relaxed),
+            errors: t.errors + q.errors.load(Ordering::Relaxed),
+            bytes_read: t.bytes_read + q.bytes_read.load(Ordering::Relaxed),
+            bytes_written: t.bytes_written + q.bytes_written.load(Ordering::Relaxed),
+            polls: t.polls + q.polls.load(Ordering::Relaxed),
+            poll_hits: t.poll_hits + q.poll_hits.load(Ordering::Relaxed),
+            poll_ns: t.poll_ns + q.poll_ns.load(Ordering::Relaxed),
+            inline: t.inline + q.inline.load(Ordering::Relaxed),
+            kicks: t.kicks + q.kicks.load(Ordering::Relaxed),
+            calls: t.calls + q.calls.load(Ordering::Relaxed),
+            polling_epochs: t.polling_epochs + q.epochs[1].load(Ordering::Relaxed),
+            polling_epoch_ns: t.polling_epoch_ns + q.epoch_ns[1].load(Ordering::Relaxed),
+            sleeping_epochs: t.sleeping_epochs + q.epochs[0].load(Ordering::Relaxed),
+            sleeping_epoch_ns: t.sleeping_epoch_ns + q.epoch_ns[0].load(Ordering::Relaxed),
+        })
 }

@@ -102,7 +102,10 @@ impl Slot {
             pending: 0,
             errno: None,
             bounce: None,
-            bounce_iov: libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 },
+            bounce_iov: libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            },
             bounced: false,
             gate_byte: 0,
         }
@@ -124,7 +127,8 @@ impl Slot {
         self.remaining -= done;
         if self.bounced {
             // SAFETY: stays inside the bounce buffer: done <= remaining <= its length.
-            self.bounce_iov.iov_base = unsafe { self.bounce_iov.iov_base.cast::<u8>().add(done as usize) }.cast();
+            self.bounce_iov.iov_base =
+                unsafe { self.bounce_iov.iov_base.cast::<u8>().add(done as usize) }.cast();
             self.bounce_iov.iov_len -= done as usize;
             return;
         }
@@ -195,8 +199,16 @@ impl QueueWorker {
         // The test gate holds operations in the ring; inline ones would slip past it.
         let gated = device.test_gate.is_some();
         Ok(QueueWorker {
-            inline_read: if gated { InlineIo::Never } else { device.disk.inline_read },
-            inline_write: if gated { InlineIo::Never } else { device.disk.inline_write },
+            inline_read: if gated {
+                InlineIo::Never
+            } else {
+                device.disk.inline_read
+            },
+            inline_write: if gated {
+                InlineIo::Never
+            } else {
+                device.disk.inline_write
+            },
             device,
             ring,
             slots: (0..size).map(|_| Slot::new()).collect(),
@@ -352,7 +364,11 @@ impl QueueWorker {
         let memory = self.q.memory.current();
         let stats = self.device.stats.get(self.q.index);
         let outcome = loop {
-            match self.q.queue.avail_idx(memory.memory(), std::sync::atomic::Ordering::Acquire) {
+            match self
+                .q
+                .queue
+                .avail_idx(memory.memory(), std::sync::atomic::Ordering::Acquire)
+            {
                 Ok(idx) if idx.0 != self.q.queue.next_avail() => break Spin::Avail,
                 Ok(_) => {}
                 // Let the ring code find (and report) what is wrong.
@@ -391,11 +407,17 @@ impl QueueWorker {
                     self.arm_wake()?;
                     let regions = self.q.control.take_cancels();
                     if !regions.is_empty() {
-                        self.cancel_where(|slot| slot.regions.iter().any(|r| regions.iter().any(|c| Arc::ptr_eq(r, c))))?;
+                        self.cancel_where(|slot| {
+                            slot.regions
+                                .iter()
+                                .any(|r| regions.iter().any(|c| Arc::ptr_eq(r, c)))
+                        })?;
                     }
                 }
                 CANCEL => {}
-                gate if gate & GATE != 0 => self.complete_io((gate & !GATE) as usize, c.result(), true)?,
+                gate if gate & GATE != 0 => {
+                    self.complete_io((gate & !GATE) as usize, c.result(), true)?
+                }
                 slot => self.complete_io(slot as usize, c.result(), false)?,
             }
         }
@@ -437,7 +459,9 @@ impl QueueWorker {
             let Some(chain) = chain else { return };
             let head = chain.head_index();
             if head >= size {
-                return self.mark_broken(&format!("the driver made head {head} available in a ring of {size}"));
+                return self.mark_broken(&format!(
+                    "the driver made head {head} available in a ring of {size}"
+                ));
             }
             self.start_request(head, chain, &generation);
             self.notify_early();
@@ -449,7 +473,10 @@ impl QueueWorker {
     /// Like the kernel's vq_err: a driver that corrupts its ring loses the queue until it
     /// resets it; the daemon and every other queue carry on.
     fn mark_broken(&mut self, e: &dyn std::fmt::Display) {
-        tracing::error!("queue {}: the driver corrupted the ring ({e}); queue stopped until reset", self.q.index);
+        tracing::error!(
+            "queue {}: the driver corrupted the ring ({e}); queue stopped until reset",
+            self.q.index
+        );
         self.broken = true;
     }
 
@@ -467,7 +494,10 @@ impl QueueWorker {
             generation.memory(),
             &self.device.limits,
             &mut self.scratch,
-            Buffers { iovecs: &mut slot.iovecs, segments: &mut slot.segments },
+            Buffers {
+                iovecs: &mut slot.iovecs,
+                segments: &mut slot.segments,
+            },
         );
         slot.head = head;
         slot.pin = Some(generation.clone());
@@ -481,7 +511,10 @@ impl QueueWorker {
         };
         // Pin the status byte's region first: without it, not even a status may be written.
         let status = status.filter(|s| pin_region(&mut slot.regions, generation, s.as_ptr()));
-        let buffers_pinned = slot.iovecs.iter().all(|v| pin_region(&mut slot.regions, generation, v.iov_base as *const u8));
+        let buffers_pinned = slot
+            .iovecs
+            .iter()
+            .all(|v| pin_region(&mut slot.regions, generation, v.iov_base as *const u8));
         match parsed {
             Ok(req) if status.is_some() && buffers_pinned => {
                 slot.request = Some(req);
@@ -492,11 +525,18 @@ impl QueueWorker {
             }
             parsed => {
                 let (code, reason) = match &parsed {
-                    Ok(_) => (STATUS_IOERR, "guest gave buffers in memory being removed".to_string()),
+                    Ok(_) => (
+                        STATUS_IOERR,
+                        "guest gave buffers in memory being removed".to_string(),
+                    ),
                     Err(rejection) => (rejection.code, rejection.error.to_string()),
                 };
                 if let Some(suppressed) = self.guest_errors.check(Instant::now()) {
-                    tracing::warn!("queue {}: request {head} refused: {reason}{}", self.q.index, suppressed_note(suppressed));
+                    tracing::warn!(
+                        "queue {}: request {head} refused: {reason}{}",
+                        self.q.index,
+                        suppressed_note(suppressed)
+                    );
                 }
                 if let Some(stats) = self.device.stats.get(self.q.index) {
                     stats.record_refused();
@@ -525,7 +565,13 @@ impl QueueWorker {
                 for v in &slot.iovecs {
                     // SAFETY: the iovecs point into guest memory pinned by the slot; they total
                     // at most 20 bytes (the parser capped them), the size of `serial`.
-                    unsafe { std::ptr::copy_nonoverlapping(device.config.serial[at..].as_ptr(), v.iov_base.cast::<u8>(), v.iov_len) };
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            device.config.serial[at..].as_ptr(),
+                            v.iov_base.cast::<u8>(),
+                            v.iov_len,
+                        )
+                    };
                     at += v.iov_len;
                 }
                 self.finish(index, STATUS_OK);
@@ -546,7 +592,9 @@ impl QueueWorker {
                     self.finish(index, STATUS_OK);
                     return Ok(());
                 }
-                if device.disk.direct && misaligned(&slot.iovecs, device.disk.dio_align.memory as usize) {
+                if device.disk.direct
+                    && misaligned(&slot.iovecs, device.disk.dio_align.memory as usize)
+                {
                     self.prepare_bounce(index, req)?;
                 }
                 if self.try_inline(index, req.kind) {
@@ -561,7 +609,9 @@ impl QueueWorker {
             RequestKind::Discard => {
                 for i in 0..slot.segments.len() {
                     let s = self.slots[index].segments[i];
-                    let entry = self.ring.fallocate(uring::PUNCH_HOLE, s.offset, s.len, index as u64);
+                    let entry =
+                        self.ring
+                            .fallocate(uring::PUNCH_HOLE, s.offset, s.len, index as u64);
                     self.push_for(index, &entry)?;
                 }
             }
@@ -571,15 +621,26 @@ impl QueueWorker {
                     let s = self.slots[index].segments[i];
                     let user_data = index as u64;
                     if s.unmap && device.disk.punch_hole {
-                        let entry = self.ring.fallocate(uring::PUNCH_HOLE, s.offset, s.len, user_data);
+                        let entry =
+                            self.ring
+                                .fallocate(uring::PUNCH_HOLE, s.offset, s.len, user_data);
                         self.push_for(index, &entry)?;
                     } else if method == ZeroesMethod::PunchThenAllocate {
-                        let punch = uring::linked(self.ring.fallocate(uring::PUNCH_HOLE, s.offset, s.len, user_data));
+                        let punch = uring::linked(self.ring.fallocate(
+                            uring::PUNCH_HOLE,
+                            s.offset,
+                            s.len,
+                            user_data,
+                        ));
                         self.push_for(index, &punch)?;
-                        let allocate = self.ring.fallocate(uring::ALLOCATE, s.offset, s.len, user_data);
+                        let allocate =
+                            self.ring
+                                .fallocate(uring::ALLOCATE, s.offset, s.len, user_data);
                         self.push_for(index, &allocate)?;
                     } else {
-                        let entry = self.ring.fallocate(uring::ZERO_RANGE, s.offset, s.len, user_data);
+                        let entry =
+                            self.ring
+                                .fallocate(uring::ZERO_RANGE, s.offset, s.len, user_data);
                         self.push_for(index, &entry)?;
                     }
                 }
@@ -592,10 +653,21 @@ impl QueueWorker {
     /// the request is finished; otherwise what is left of it goes to io_uring.
     fn try_inline(&mut self, index: usize, kind: RequestKind) -> bool {
         let write = kind == RequestKind::Write;
-        let mode = if write { self.inline_write } else { self.inline_read };
-        let Some(fd) = self.backing_fd.filter(|_| mode != InlineIo::Never) else { return false };
+        let mode = if write {
+            self.inline_write
+        } else {
+            self.inline_read
+        };
+        let Some(fd) = self.backing_fd.filter(|_| mode != InlineIo::Never) else {
+            return false;
+        };
         let dsync = write && !self.device.config.writeback();
-        let mapping = self.device.disk.mapping.as_ref().filter(|m| mode == InlineIo::Memory && m.intact());
+        let mapping = self
+            .device
+            .disk
+            .mapping
+            .as_ref()
+            .filter(|m| mode == InlineIo::Memory && m.intact());
         if let Some(mapping) = mapping {
             let slot = &self.slots[index];
             // SAFETY: the iovecs point into guest memory the slot pins, never into the image.
@@ -606,7 +678,10 @@ impl QueueWorker {
             if !mapping.intact() {
                 // This copy found the file shrunk under the mapping (io/mapped.rs); later
                 // requests use system calls, which see the new size.
-                self.fail_inline(index, &io::Error::other("the image file was truncated while in use"));
+                self.fail_inline(
+                    index,
+                    &io::Error::other("the image file was truncated while in use"),
+                );
                 return true;
             }
         }
@@ -628,7 +703,11 @@ impl QueueWorker {
             }
             Attempt::WouldBlock => return false,
             Attempt::Unsupported => {
-                tracing::debug!("queue {}: {} refuses RWF_NOWAIT for {kind:?}s; using io_uring only", self.q.index, self.device.disk.name);
+                tracing::debug!(
+                    "queue {}: {} refuses RWF_NOWAIT for {kind:?}s; using io_uring only",
+                    self.q.index,
+                    self.device.disk.name
+                );
                 if write {
                     self.inline_write = InlineIo::Never;
                 } else {
@@ -664,26 +743,42 @@ impl QueueWorker {
         let slot = &mut self.slots[index];
         let len = req.len as usize;
         if slot.bounce.as_ref().is_none_or(|b| b.len() < len) {
-            slot.bounce = Some(AlignedBuf::new(len, align).ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?);
+            slot.bounce = Some(
+                AlignedBuf::new(len, align)
+                    .ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?,
+            );
         }
-        let Some(bounce) = slot.bounce.as_mut() else { unreachable!("allocated above") };
+        let Some(bounce) = slot.bounce.as_mut() else {
+            unreachable!("allocated above")
+        };
         if req.kind == RequestKind::Write {
             // SAFETY: the iovecs point into pinned guest memory and total `len` bytes.
             unsafe { bounce.gather(&slot.iovecs) };
         }
-        slot.bounce_iov = libc::iovec { iov_base: bounce.as_ptr().cast(), iov_len: len };
+        slot.bounce_iov = libc::iovec {
+            iov_base: bounce.as_ptr().cast(),
+            iov_len: len,
+        };
         slot.bounced = true;
         Ok(())
     }
 
     fn push_rw(&mut self, index: usize) -> io::Result<()> {
         let slot = &self.slots[index];
-        let Some(req) = slot.request else { return Ok(()) };
+        let Some(req) = slot.request else {
+            return Ok(());
+        };
         let (iov, count) = slot.io_vectors();
         let entry = if req.kind == RequestKind::Read {
             self.ring.readv(iov, count, slot.offset, index as u64)
         } else {
-            self.ring.writev(iov, count, slot.offset, !self.device.config.writeback(), index as u64)
+            self.ring.writev(
+                iov,
+                count,
+                slot.offset,
+                !self.device.config.writeback(),
+                index as u64,
+            )
         };
         self.push_for(index, &entry)
     }
@@ -691,7 +786,11 @@ impl QueueWorker {
     fn push_for(&mut self, index: usize, entry: &io_uring::squeue::Entry) -> io::Result<()> {
         if let Some(gate) = &self.device.test_gate {
             let byte: *mut u8 = &mut self.slots[index].gate_byte;
-            let read = uring::linked(Ring::read_byte(std::os::fd::AsRawFd::as_raw_fd(gate), byte, GATE | index as u64));
+            let read = uring::linked(Ring::read_byte(
+                std::os::fd::AsRawFd::as_raw_fd(gate),
+                byte,
+                GATE | index as u64,
+            ));
             // SAFETY: the byte lives in the slot, which is not reused before this completes.
             unsafe { self.ring.push(&read) }?;
             self.slots[index].pending += 1;
@@ -710,7 +809,11 @@ impl QueueWorker {
         if slot.errno.is_none() {
             slot.errno = Some(errno);
             if errno == libc::ECANCELED {
-                self.q.memory.stats().cancelled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.q
+                    .memory
+                    .stats()
+                    .cancelled
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
         }
     }
@@ -718,8 +821,9 @@ impl QueueWorker {
     /// Cancels the operations of every in-flight request `matches` picks; they complete with
     /// -ECANCELED and so with IOERR.
     fn cancel_where(&mut self, matches: impl Fn(&Slot) -> bool) -> io::Result<()> {
-        let targets: Vec<usize> =
-            (0..self.slots.len()).filter(|&i| self.slots[i].pending > 0 && matches(&self.slots[i])).collect();
+        let targets: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| self.slots[i].pending > 0 && matches(&self.slots[i]))
+            .collect();
         for index in targets {
             for target in [index as u64, GATE | index as u64] {
                 let entry = Ring::cancel_all(target, CANCEL);
@@ -734,7 +838,10 @@ impl QueueWorker {
     /// one); the request finishes with its last.
     fn complete_io(&mut self, index: usize, result: i32, gate: bool) -> io::Result<()> {
         if index >= self.slots.len() {
-            tracing::error!("queue {}: completion for unknown slot {index}", self.q.index);
+            tracing::error!(
+                "queue {}: completion for unknown slot {index}",
+                self.q.index
+            );
             return Ok(());
         }
         self.slots[index].pending = self.slots[index].pending.saturating_sub(1);
@@ -744,7 +851,11 @@ impl QueueWorker {
         }
         let slot = &mut self.slots[index];
         let kind = slot.request.map(|r| r.kind);
-        if result >= 0 && !gate && matches!(kind, Some(RequestKind::Read | RequestKind::Write)) && slot.errno.is_none() {
+        if result >= 0
+            && !gate
+            && matches!(kind, Some(RequestKind::Read | RequestKind::Write))
+            && slot.errno.is_none()
+        {
             let done = result as u64;
             if done == 0 && slot.remaining > 0 {
                 // End of file inside the capacity: the image shrank under us.
@@ -811,8 +922,15 @@ impl QueueWorker {
     fn release(&mut self, index: usize, used_len: u32) {
         let head = self.slots[index].head;
         self.done += 1;
-        if let Err(e) = self.q.queue.add_used(self.generation.memory(), head, used_len) {
-            tracing::error!("queue {}: cannot return request {head} to the driver: {e}", self.q.index);
+        if let Err(e) = self
+            .q
+            .queue
+            .add_used(self.generation.memory(), head, used_len)
+        {
+            tracing::error!(
+                "queue {}: cannot return request {head} to the driver: {e}",
+                self.q.index
+            );
         }
         self.used_added = true;
         // Status and used entry are written: now the regions may retire and the generation
@@ -874,7 +992,9 @@ impl QueueWorker {
             let submitted = if cancelled {
                 self.ring.submit(1).map(|_| true)
             } else {
-                let left = bound.saturating_sub(start.elapsed()).max(Duration::from_millis(1));
+                let left = bound
+                    .saturating_sub(start.elapsed())
+                    .max(Duration::from_millis(1));
                 self.ring.submit_timeout(1, left)
             };
             match submitted {
@@ -908,7 +1028,8 @@ impl QueueWorker {
                     CANCEL => {}
                     slot => {
                         let gate = slot & GATE != 0;
-                        if let Err(e) = self.complete_io((slot & !GATE) as usize, c.result(), gate) {
+                        if let Err(e) = self.complete_io((slot & !GATE) as usize, c.result(), gate)
+                        {
                             tracing::error!("queue {}: {e}", self.q.index);
                         }
                     }
@@ -923,7 +1044,9 @@ impl QueueWorker {
 
 /// Pins the region holding `ptr` for a request (once per region); `false` if it is retiring.
 fn pin_region(pinned: &mut Vec<Arc<RegionPin>>, generation: &Generation, ptr: *const u8) -> bool {
-    let Some(pin) = generation.pin_of(ptr) else { return false };
+    let Some(pin) = generation.pin_of(ptr) else {
+        return false;
+    };
     if pinned.iter().any(|p| Arc::ptr_eq(p, pin)) {
         return true;
     }
@@ -935,7 +1058,9 @@ fn pin_region(pinned: &mut Vec<Arc<RegionPin>>, generation: &Generation, ptr: *c
 }
 
 fn misaligned(iovecs: &[libc::iovec], align: usize) -> bool {
-    iovecs.iter().any(|v| (v.iov_base as usize) % align != 0 || v.iov_len % align != 0)
+    iovecs
+        .iter()
+        .any(|v| (v.iov_base as usize) % align != 0 || v.iov_len % align != 0)
 }
 
 fn suppressed_note(suppressed: u64) -> String {

@@ -59,7 +59,14 @@ fn send_stats(control: &OwnedFd, connections: &HashMap<u64, Connection>) {
 /// Serves connections from the control socket until there is nothing left to serve.
 pub fn run(control: OwnedFd) -> io::Result<()> {
     let epoll = epoll::create(true)?;
-    let watch = |fd: i32, data: u64| epoll::ctl(epoll, epoll::ControlOptions::EPOLL_CTL_ADD, fd, epoll::Event::new(epoll::Events::EPOLLIN, data));
+    let watch = |fd: i32, data: u64| {
+        epoll::ctl(
+            epoll,
+            epoll::ControlOptions::EPOLL_CTL_ADD,
+            fd,
+            epoll::Event::new(epoll::Events::EPOLLIN, data),
+        )
+    };
     let done = EventFd::new(EFD_NONBLOCK)?;
     watch(control.as_raw_fd(), EV_CONTROL)?;
     watch(done.as_raw_fd(), EV_DONE)?;
@@ -95,8 +102,16 @@ pub fn run(control: OwnedFd) -> io::Result<()> {
         for event in &events[..n] {
             match event.data {
                 EV_CONTROL => match handoff::recv::<ToWorker>(&control) {
-                    Ok(Some((ToWorker::Serve { connection, export, disk_fd_attached }, fds))) => {
-                        let _ = handoff::send(&control, &ToSupervisor::Accepted { connection }, &[]);
+                    Ok(Some((
+                        ToWorker::Serve {
+                            connection,
+                            export,
+                            disk_fd_attached,
+                        },
+                        fds,
+                    ))) => {
+                        let _ =
+                            handoff::send(&control, &ToSupervisor::Accepted { connection }, &[]);
                         let mut fds = fds.into_iter();
                         let (Some(stream), Some(pidfd)) = (fds.next(), fds.next()) else {
                             tracing::error!("supervisor sent a connection without its fds");
@@ -108,14 +123,33 @@ pub fn run(control: OwnedFd) -> io::Result<()> {
                         }
                         let disk_fd = if disk_fd_attached { fds.next() } else { None };
                         let cell = write_cache.get(&export.name).cloned();
-                        match start(connection, &export, cell, UnixStream::from(stream), disk_fd, &done, &ended_tx) {
+                        match start(
+                            connection,
+                            &export,
+                            cell,
+                            UnixStream::from(stream),
+                            disk_fd,
+                            &done,
+                            &ended_tx,
+                        ) {
                             Ok(c) => {
-                                write_cache.insert(export.name.clone(), c.device.config().writeback_cell());
+                                write_cache.insert(
+                                    export.name.clone(),
+                                    c.device.config().writeback_cell(),
+                                );
                                 connections.insert(connection, c);
                             }
                             Err(reason) => {
-                                vmm_line!(error, "refusing {} (connection {connection}): {reason}", export.name);
-                                let refused = ToSupervisor::Refused { connection, export: export.name.clone(), reason };
+                                vmm_line!(
+                                    error,
+                                    "refusing {} (connection {connection}): {reason}",
+                                    export.name
+                                );
+                                let refused = ToSupervisor::Refused {
+                                    connection,
+                                    export: export.name.clone(),
+                                    reason,
+                                };
                                 let _ = handoff::send(&control, &refused, &[]);
                             }
                         }
@@ -123,7 +157,12 @@ pub fn run(control: OwnedFd) -> io::Result<()> {
                     Ok(None) => {
                         tracing::info!("supervisor went away; stopping");
                         supervisor_gone = true;
-                        let _ = epoll::ctl(epoll, epoll::ControlOptions::EPOLL_CTL_DEL, control.as_raw_fd(), epoll::Event::new(epoll::Events::empty(), 0));
+                        let _ = epoll::ctl(
+                            epoll,
+                            epoll::ControlOptions::EPOLL_CTL_DEL,
+                            control.as_raw_fd(),
+                            epoll::Event::new(epoll::Events::empty(), 0),
+                        );
                         for c in connections.values() {
                             c.thread.shutdown();
                         }
@@ -137,14 +176,23 @@ pub fn run(control: OwnedFd) -> io::Result<()> {
                             c.thread.join();
                         }
                         if !supervisor_gone {
-                            let _ = handoff::send(&control, &ToSupervisor::Ended { connection: id }, &[]);
+                            let _ = handoff::send(
+                                &control,
+                                &ToSupervisor::Ended { connection: id },
+                                &[],
+                            );
                         }
                     }
                 }
                 EV_VMM => {
                     vmm_exited = true;
                     if let Some(fd) = &vmm_pidfd {
-                        let _ = epoll::ctl(epoll, epoll::ControlOptions::EPOLL_CTL_DEL, fd.as_raw_fd(), epoll::Event::new(epoll::Events::empty(), 0));
+                        let _ = epoll::ctl(
+                            epoll,
+                            epoll::ControlOptions::EPOLL_CTL_DEL,
+                            fd.as_raw_fd(),
+                            epoll::Event::new(epoll::Events::empty(), 0),
+                        );
                     }
                 }
                 _ => {}
@@ -164,12 +212,17 @@ fn start(
     ended: &mpsc::Sender<u64>,
 ) -> Result<Connection, String> {
     let disk = match (export.open_as, disk_fd, &export.disk) {
-        (OpenAs::Daemon, Some(fd), DiskSpec::Path(path)) => Disk::from_file(std::fs::File::from(fd), path, export.open),
-        (OpenAs::Daemon, None, DiskSpec::Path(_)) => return Err("open-as=daemon but no file from the supervisor".into()),
+        (OpenAs::Daemon, Some(fd), DiskSpec::Path(path)) => {
+            Disk::from_file(std::fs::File::from(fd), path, export.open)
+        }
+        (OpenAs::Daemon, None, DiskSpec::Path(_)) => {
+            return Err("open-as=daemon but no file from the supervisor".into())
+        }
         _ => Disk::open(&export.disk, export.open),
     }
     .map_err(|e| crate::error_line(&e))?;
-    let device = crate::virtio_blk::device_for(disk, export).map_err(|e| format!("cannot open the test I/O gate: {e}"))?;
+    let device = crate::virtio_blk::device_for(disk, export)
+        .map_err(|e| format!("cannot open the test I/O gate: {e}"))?;
     let device = Arc::new(device.with_write_cache(write_cache));
     let done = done.try_clone().map_err(|e| e.to_string())?;
     let ended = ended.clone();
@@ -185,5 +238,9 @@ fn start(
         }
     })?;
     vmm_line!(info, "serving {} (connection {connection})", export.name);
-    Ok(Connection { export: export.name.clone(), device, thread })
+    Ok(Connection {
+        export: export.name.clone(),
+        device,
+        thread,
+    })
 }

@@ -229,7 +229,11 @@ impl Daemon {
             if let Some(pid) = workers_of(daemon).into_iter().next() {
                 return pid;
             }
-            assert!(std::time::Instant::now() < deadline, "no worker process under daemon {daemon}\n{}", self.log());
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no worker process under daemon {daemon}\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -488,16 +492,28 @@ pub fn run_vublk(args: &[&str]) -> std::process::Output {
 /// The counters of the first device `vublk status` reports on `control` once `ready` accepts
 /// them (workers report once a second); panics after 10 s with the last answer.
 #[allow(dead_code)]
-pub fn device_totals(control: &Path, ready: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+pub fn device_totals(
+    control: &Path,
+    ready: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let out = run_vublk(&["status", "--json", "--control-socket", control.to_str().unwrap()]);
+        let out = run_vublk(&[
+            "status",
+            "--json",
+            "--control-socket",
+            control.to_str().unwrap(),
+        ]);
         let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
         let totals = status["vms"][0]["devices"][0].clone();
         if ready(&totals) {
             return totals;
         }
-        assert!(Instant::now() < deadline, "status never got there: {status}\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            Instant::now() < deadline,
+            "status never got there: {status}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -1045,11 +1061,19 @@ pub fn neg(e: Errno) -> i32 {
 pub fn workers_of(daemon: u32) -> Vec<u32> {
     let mut workers = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if ppid == Some(daemon) && cmdline.split(|b| *b == 0).any(|a| a == b"--worker-control-fd") {
+        if ppid == Some(daemon)
+            && cmdline
+                .split(|b| *b == 0)
+                .any(|a| a == b"--worker-control-fd")
+        {
             workers.push(pid);
         }
     }

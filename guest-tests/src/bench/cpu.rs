@@ -112,7 +112,10 @@ impl Steal {
         if fields.next()? != "cpu" {
             return None;
         }
-        let ticks: Vec<u64> = fields.take(8).map(|f| f.parse().ok()).collect::<Option<_>>()?;
+        let ticks: Vec<u64> = fields
+            .take(8)
+            .map(|f| f.parse().ok())
+            .collect::<Option<_>>()?;
         Some(Steal {
             total: ticks.iter().sum(),
             stolen: *ticks.get(7)?,
@@ -149,7 +152,13 @@ mod tests {
     fn steal_is_the_eighth_column_of_the_cpu_line() {
         let before = Steal::parse("cpu  100 0 50 800 20 0 5 25 0 0").unwrap();
         let after = Steal::parse("cpu  200 0 100 1500 20 0 5 175 10 0").unwrap();
-        assert_eq!(before, Steal { total: 1000, stolen: 25 });
+        assert_eq!(
+            before,
+            Steal {
+                total: 1000,
+                stolen: 25
+            }
+        );
         assert_eq!(before.share_until(&after), 150.0 / 1000.0);
         assert_eq!(after.share_until(&after), 0.0);
         assert_eq!(Steal::parse("cpu0 1 2 3 4 5 6 7 8"), None);

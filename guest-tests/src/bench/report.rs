@@ -244,7 +244,9 @@ pub fn ratios(rows: &[Row], samples: &[Sample], versus: System) -> Vec<Ratio> {
                 .iter()
                 .filter(|a| a.cell == r.cell && a.system == r.system)
                 .filter_map(|a| {
-                    let b = samples.iter().find(|b| b.cell == r.cell && b.system == versus && b.rep == a.rep)?;
+                    let b = samples
+                        .iter()
+                        .find(|b| b.cell == r.cell && b.system == versus && b.rep == a.rep)?;
                     Some((a, b))
                 })
                 .collect();
@@ -269,7 +271,10 @@ pub fn ratios(rows: &[Row], samples: &[Sample], versus: System) -> Vec<Ratio> {
                         / cpu(b.backend_cpu_per_mio(), b.total_cpu_per_mio())
                 }),
                 rounds: pairs.len(),
-                rounds_ahead: pairs.iter().filter(|(a, b)| a.load.iops > b.load.iops).count(),
+                rounds_ahead: pairs
+                    .iter()
+                    .filter(|(a, b)| a.load.iops > b.load.iops)
+                    .count(),
             })
         })
         .collect()
@@ -497,7 +502,10 @@ mod tests {
         assert!((r[0].cpu_per_io - 1.0 / 3.0).abs() < 1e-9);
         // Round by round: 300/100, 200/250, 900/80 → median 3.0; vublk ahead in 2 of 3. CPU per
         // I/O is the inverse of IOPS here (1 CPU second per round each).
-        assert_eq!((r[0].iops_by_round, r[0].rounds, r[0].rounds_ahead), (3.0, 3, 2));
+        assert_eq!(
+            (r[0].iops_by_round, r[0].rounds, r[0].rounds_ahead),
+            (3.0, 3, 2)
+        );
         assert!((r[0].cpu_per_io_by_round - 1.0 / 3.0).abs() < 1e-9, "{r:?}");
         assert!(ratios(&rows, &samples, System::IoUring).is_empty());
         let md = markdown(&rows, &samples, &[]);
@@ -505,7 +513,10 @@ mod tests {
             md.contains("| null | randread | 32 | 1 | interrupt | vublk | 300 |"),
             "{md}"
         );
-        assert!(md.contains("| vublk | 3.00× | 0.33× | 0.33× | 3.00× | 0.33× | 2 of 3 |"), "{md}");
+        assert!(
+            md.contains("| vublk | 3.00× | 0.33× | 0.33× | 3.00× | 0.33× | 2 of 3 |"),
+            "{md}"
+        );
         assert!(
             !md.contains("rate IOPS") && !md.contains("io_uring"),
             "{md}"
@@ -550,7 +561,10 @@ mod tests {
             md.contains("| io_uring | 600 | 1666.7 | 0.0 | 0.0 | – | – | 833.33 |"),
             "{md}"
         );
-        assert!(md.contains("| vublk | 0.50× | 2.00× | 6.00× | 0.50× | 6.00× | 0 of 1 |"), "{md}");
+        assert!(
+            md.contains("| vublk | 0.50× | 2.00× | 6.00× | 0.50× | 6.00× | 0 of 1 |"),
+            "{md}"
+        );
         assert!(md.contains("\n- a note\n"), "{md}");
         let doc = json(json!({}), &samples, &rows, &[]);
         assert!(doc["samples"][1]["backend_cpu_s"].is_null());

@@ -182,7 +182,7 @@ impl Plan {
             repetitions: a.repetitions.unwrap_or(if smoke { 1 } else { 3 }),
             image_size: a.image_mib.unwrap_or(if smoke { 64 } else { 1024 }) << 20,
             max_steal: match a.max_steal.unwrap_or(if smoke { 0.0 } else { 10.0 }) {
-                pct if pct == 0.0 => None,
+                0.0 => None,
                 pct if pct > 0.0 && pct < 100.0 => Some(pct / 100.0),
                 pct => bail!("bad --max-steal {pct} (a percentage, 0 to turn it off)"),
             },
