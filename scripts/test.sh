@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the whole workspace's test suite: unit tests, the protocol tests (a frontend in the test
+# Checks formatting, lints and docs, then runs the whole workspace's test suite: unit tests, the protocol tests (a frontend in the test
 # talking to the backend over a socket), and the end-to-end tests (vublk as a process, libblkio
 # as the frontend). Installs what is missing first (scripts/prereqs.sh). Exits non-zero if any
 # test fails; extra arguments go to `cargo test` (e.g. a test name filter).
@@ -13,6 +13,17 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 vublk_prereqs test
 
 status=0
+# The mechanical checks first: formatting, lints (warnings denied, SAFETY comments required),
+# and the docs' links. Skipped when a test filter is given.
+if (($# == 0)); then
+    if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+        rustup component add rustfmt clippy
+    fi
+    cargo fmt --all -- --check || status=$?
+    cargo clippy --workspace --all-targets -- -D warnings || status=$?
+    RUSTDOCFLAGS="-D warnings -A rustdoc::private-intra-doc-links" \
+        cargo doc --workspace --no-deps --document-private-items || status=$?
+fi
 timeout --kill-after=30s "${VUBLK_TEST_TIMEOUT:-15m}" \
     cargo test --workspace --no-fail-fast "$@" || status=$?
 # The lock-free memory pin protocol, model-checked with loom (its own build: --cfg loom).
