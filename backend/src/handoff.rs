@@ -1,5 +1,11 @@
-//! The channel between the supervisor and a worker: a SOCK_SEQPACKET socketpair carrying one
-//! JSON message per packet, with the file descriptors it hands over attached (SCM_RIGHTS).
+//! The channels between the supervisor and a worker, one per direction:
+//! - supervisor to worker ([`ToWorker`]): a SOCK_SEQPACKET socketpair carrying one JSON message
+//!   per packet, with the file descriptors it hands over attached (SCM_RIGHTS). The supervisor
+//!   shuts down its receiving side, so a worker cannot send anything back on it;
+//! - worker to supervisor ([`ToSupervisor`]): a pipe of newline-separated JSON ([`report`],
+//!   [`ReportReader`]). A pipe cannot carry descriptors: a worker (run by its tenant, who may
+//!   take it over) could otherwise hand the supervisor a file whose last close blocks (a
+//!   lingering TCP socket, a FUSE file), and stall it.
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
@@ -61,6 +67,8 @@ pub struct DeviceStatus {
     pub memory: crate::vhost_user::MemoryStatus,
 }
 
+/// Sends `message` with `fds` attached; on a non-blocking socket that is full, fails with
+/// `WouldBlock`.
 pub fn send<T: Serialize>(socket: impl AsFd, message: &T, fds: &[&OwnedFd]) -> io::Result<()> {
     let bytes = serde_json::to_vec(message).map_err(io::Error::other)?;
     let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
@@ -111,4 +119,165 @@ pub fn recv<T: for<'de> Deserialize<'de>>(
     let message = serde_json::from_slice(&buf[..received.bytes])
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     Ok(Some((message, fds)))
+}
+
+/// The worker's side of the report pipe: writes one message as a line (blocking).
+pub fn report(pipe: impl AsFd, message: &ToSupervisor) -> io::Result<()> {
+    let mut line = serde_json::to_vec(message).map_err(io::Error::other)?;
+    line.push(b'\n');
+    let mut rest = &line[..];
+    while !rest.is_empty() {
+        match rustix::io::write(&pipe, rest) {
+            Ok(n) => rest = &rest[n..],
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// The supervisor's side of a worker's report pipe (non-blocking): collects lines, at most
+/// [`MAX_MESSAGE`] bytes each, so a worker cannot make it hold more.
+#[derive(Default)]
+pub struct ReportReader {
+    partial: Vec<u8>,
+}
+
+/// What one read of a report pipe gave.
+#[derive(Debug)]
+pub struct Reports {
+    pub messages: Vec<ToSupervisor>,
+    /// The worker closed its end (it is exiting).
+    pub closed: bool,
+}
+
+impl ReportReader {
+    /// Reads what the pipe holds now, up to `max_messages` messages. A line that is too long
+    /// or not a message is an error: the worker is broken (or hostile).
+    pub fn read(&mut self, pipe: impl AsFd, max_messages: usize) -> io::Result<Reports> {
+        let mut reports = Reports {
+            messages: Vec::new(),
+            closed: false,
+        };
+        let mut buf = [0u8; 16 * 1024];
+        while reports.messages.len() < max_messages {
+            if let Some(end) = self.partial.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.partial.drain(..=end).collect();
+                let message = serde_json::from_slice(&line[..end])
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                reports.messages.push(message);
+                continue;
+            }
+            if self.partial.len() > MAX_MESSAGE {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "a report longer than 64 KiB",
+                ));
+            }
+            match rustix::io::read(&pipe, &mut buf) {
+                Ok(0) => {
+                    reports.closed = true;
+                    break;
+                }
+                Ok(n) => self.partial.extend_from_slice(&buf[..n]),
+                Err(rustix::io::Errno::INTR) => {}
+                Err(rustix::io::Errno::AGAIN) => break,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(reports)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pipe() -> (OwnedFd, OwnedFd) {
+        let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap();
+        rustix::io::ioctl_fionbio(&r, true).unwrap();
+        (r, w)
+    }
+
+    #[test]
+    fn reports_arrive_whole_in_order_and_the_end_is_seen() {
+        let (r, w) = pipe();
+        let mut reader = ReportReader::default();
+        for connection in 1..=3 {
+            report(&w, &ToSupervisor::Accepted { connection }).unwrap();
+        }
+        // Half a line stays until the rest comes.
+        rustix::io::write(&w, b"{\"Ended\":{\"connect").unwrap();
+        let got = reader.read(&r, 2).unwrap();
+        assert!(matches!(
+            got.messages[..],
+            [
+                ToSupervisor::Accepted { connection: 1 },
+                ToSupervisor::Accepted { connection: 2 }
+            ]
+        ));
+        let got = reader.read(&r, 16).unwrap();
+        assert!(
+            matches!(got.messages[..], [ToSupervisor::Accepted { connection: 3 }]) && !got.closed
+        );
+        rustix::io::write(&w, b"ion\":4}}\n").unwrap();
+        drop(w);
+        let got = reader.read(&r, 16).unwrap();
+        assert!(matches!(got.messages[..], [ToSupervisor::Ended { connection: 4 }]) && got.closed);
+    }
+
+    /// The supervisor shuts down its receiving side of the control socket: the worker's sends,
+    /// descriptors and all, fail instead of queueing files for the supervisor to close.
+    #[test]
+    fn a_worker_cannot_send_on_the_control_socket() {
+        use rustix::net::{socketpair, AddressFamily, SocketFlags, SocketType};
+        let (ours, theirs) = socketpair(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap();
+        rustix::net::shutdown(&ours, rustix::net::Shutdown::Read).unwrap();
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let fd = OwnedFd::from(file);
+        let sent = send(&theirs, &ToSupervisor::Accepted { connection: 1 }, &[&fd]);
+        assert_eq!(sent.unwrap_err().raw_os_error(), Some(libc::EPIPE));
+        // The other way still works.
+        send(&ours, &ToSupervisor::Accepted { connection: 2 }, &[&fd]).unwrap();
+        let (got, fds) = recv::<ToSupervisor>(&theirs).unwrap().unwrap();
+        assert!(matches!(got, ToSupervisor::Accepted { connection: 2 }) && fds.len() == 1);
+    }
+
+    #[test]
+    fn garbage_and_endless_lines_are_errors() {
+        let (r, w) = pipe();
+        rustix::io::write(&w, b"not json\n").unwrap();
+        assert_eq!(
+            ReportReader::default().read(&r, 16).unwrap_err().kind(),
+            io::ErrorKind::InvalidData
+        );
+        let (r, w) = pipe();
+        let mut reader = ReportReader::default();
+        let chunk = vec![b'x'; 16 * 1024];
+        let mut result = Ok(Reports {
+            messages: Vec::new(),
+            closed: false,
+        });
+        for _ in 0..6 {
+            rustix::io::write(&w, &chunk).unwrap();
+            result = reader.read(&r, 16);
+            if result.is_err() {
+                break;
+            }
+        }
+        assert_eq!(
+            result.err().map(|e| e.kind()),
+            Some(io::ErrorKind::InvalidData)
+        );
+        assert!(
+            reader.partial.len() <= MAX_MESSAGE + 16 * 1024,
+            "the reader holds at most one message and a read"
+        );
+    }
 }

@@ -60,10 +60,18 @@ pub fn run(mode: Mode) -> Result<(), Box<dyn Error + Send + Sync>> {
         }
         Mode::SingleProcess(endpoint, access, export) => run_single(endpoint, access, export),
         Mode::Worker(fd) => {
-            // SAFETY: the supervisor put the control socket at this fd for us alone.
-            let control = unsafe { supervisor::adopt_control(fd) };
+            // SAFETY: the supervisor put the control socket at this fd and the report pipe at
+            // the next one, for us alone.
+            let (control, reports) = unsafe { supervisor::adopt_channels(fd) };
+            // The worker runs as its tenant: keep the tenant from ptracing it (and from reading
+            // guest memory through a core dump).
+            if let Err(e) = rustix::process::set_dumpable_behavior(
+                rustix::process::DumpableBehavior::NotDumpable,
+            ) {
+                tracing::warn!("cannot make the worker non-dumpable: {e}");
+            }
             let _span = tracing::info_span!("worker", pid = std::process::id()).entered();
-            worker::run(control)?;
+            worker::run(control, reports)?;
             Ok(())
         }
     }

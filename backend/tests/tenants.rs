@@ -324,6 +324,16 @@ mod tenant {
                     let err = Command::new(program).args(words).exec();
                     say(&format!("FAILED exec {program}: {err}"));
                 }
+                Some("ptrace") => {
+                    let pid: libc::pid_t = words.next().expect("a pid").parse().expect("pid");
+                    // SAFETY: PTRACE_SEIZE with scalar arguments.
+                    let ret = unsafe { libc::ptrace(libc::PTRACE_SEIZE, pid, 0, 0) };
+                    if ret == 0 {
+                        say("PTRACE attached");
+                    } else {
+                        say(&format!("PTRACE {}", std::io::Error::last_os_error()));
+                    }
+                }
                 Some("exit") => break,
                 other => panic!("unknown command {other:?}"),
             }
@@ -974,6 +984,123 @@ fn running_out_of_descriptors_neither_spins_nor_stalls() {
     daemon.stop();
 }
 
+/// A worker that exited but cannot be reaped yet (a tracer holds it) does not stall the
+/// supervisor: its tenant cannot trace it at all (the worker is not dumpable), and when root
+/// does, another VM is served at once and the worker is reaped once the tracer lets go.
+#[test]
+fn a_traced_dead_worker_does_not_stall_the_supervisor() {
+    if !can_run() {
+        return;
+    }
+    let dir = shared_dir();
+    let mut daemon = Daemon::start(dir.path(), &["--null", "64M"]);
+    open_socket(&daemon.socket);
+    let socket = daemon.socket.clone();
+    let mut a = Tenant::start(dir.path(), "a", &Job::user(NOBODY));
+    let mut b = Tenant::start(dir.path(), "b", &Job::user(BYSTANDER));
+    assert_eq!(a.connect_raw(&socket, 1), 1);
+    wait_until("a worker for A", LOG_WITHIN, || {
+        !workers_of(daemon.pid()).is_empty()
+    });
+    let worker = workers_of(daemon.pid())[0];
+
+    a.send(&format!("ptrace {worker}"));
+    let answer = a.expect("PTRACE");
+    assert!(
+        answer.contains("Operation not permitted"),
+        "tenant A could trace its worker: {answer}"
+    );
+
+    // Root traces it (from a thread of its own: a tracer is a thread), kills it, and does not
+    // wait for it: the worker stays unreaped, and only its tracer could reap it now.
+    let (release, released) = mpsc::channel::<()>();
+    let (traced_tx, traced) = mpsc::channel::<bool>();
+    let tracer = std::thread::spawn(move || {
+        let pid = worker as libc::pid_t;
+        // SAFETY: ptrace and kill with scalar arguments, on a process of this test.
+        let attached = unsafe { libc::ptrace(libc::PTRACE_SEIZE, pid, 0, 0) } == 0
+            && unsafe { libc::kill(pid, libc::SIGKILL) } == 0;
+        traced_tx.send(attached).expect("report");
+        let _ = released.recv();
+        let mut status = 0;
+        // SAFETY: waits for the tracee's exit notification, as its tracer.
+        unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
+    });
+    assert!(
+        traced.recv().expect("tracer"),
+        "root could not trace and kill the worker"
+    );
+    let exited_line = format!("worker pid {worker} for VMM pid {} exited", a.pid());
+    wait_for_log(&mut daemon, &exited_line, LOG_WITHIN);
+    served(&mut b, &socket, "traced dead worker");
+
+    release.send(()).expect("release the tracer");
+    tracer.join().expect("tracer thread");
+    wait_until("the worker reaped", LOG_WITHIN, || {
+        std::fs::read_to_string(format!("/proc/{worker}/stat")).is_err()
+    });
+    a.kill();
+    b.finish();
+    daemon.stop();
+}
+
+/// A tenant that kills its worker and reconnects, again and again, gets a few workers and then
+/// none for a while: a worker that dies while its VMM lives counts as a failed start.
+#[test]
+fn a_worker_killed_in_a_loop_backs_off() {
+    if !can_run() {
+        return;
+    }
+    const LOOP: Duration = Duration::from_secs(5);
+    const MAX_STARTS: usize = 10;
+    let dir = shared_dir();
+    let mut cmd = Command::new(vublk_bin());
+    let socket = dir.path().join("vublk.sock");
+    cmd.arg("--socket-path")
+        .arg(&socket)
+        .args(["--null", "64M"])
+        .env("RUST_LOG", "info");
+    let mut daemon = Daemon::spawn(cmd, dir.path(), socket.clone(), true);
+    daemon.wait_for(&socket);
+    open_socket(&socket);
+    let mut a = Tenant::start(dir.path(), "a", &Job::user(NOBODY));
+    let mut b = Tenant::start(dir.path(), "b", &Job::user(BYSTANDER));
+    let start = Instant::now();
+    let mut kills = 0;
+    while start.elapsed() < LOOP {
+        a.connect_raw(&socket, 1);
+        let deadline = Instant::now() + Duration::from_millis(200);
+        while Instant::now() < deadline {
+            let workers = workers_of(daemon.pid());
+            if let Some(&w) = workers.first() {
+                // SAFETY: kill with scalar arguments, on a worker of this test's daemon.
+                unsafe { libc::kill(w as libc::pid_t, libc::SIGKILL) };
+                kills += 1;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    let log = daemon.log();
+    let starts = worker_starts(&log, a.pid());
+    eprintln!(
+        "MEASURED worker killed in a loop: {kills} kills, {starts} worker starts in {LOOP:?}"
+    );
+    assert!(
+        starts <= MAX_STARTS,
+        "{starts} workers started for VMM pid {} in {LOOP:?}",
+        a.pid()
+    );
+    assert!(
+        log.contains("worker starts failed in a row"),
+        "no line says the VMM's workers keep failing:\n{log}"
+    );
+    served(&mut b, &socket, "worker killed in a loop");
+    a.kill();
+    b.finish();
+    daemon.stop();
+}
+
 /// A tenant whose cgroup is frozen: the worker forked for it joins that cgroup and freezes
 /// before it can exec. The supervisor must not wait for it: another VM is served at once, and
 /// the frozen start is given up after its deadline.
@@ -1002,6 +1129,33 @@ fn frozen_cgroup_does_not_stall_other_vms() {
     served(&mut b, &socket, "frozen cgroup");
     let line = wait_for_log(&mut daemon, "did not start within", LOG_WITHIN);
     eprintln!("the frozen start: {line}");
+    // The child sits frozen before exec. It must not hold the supervisor's descriptors (the
+    // listener, other VMs' connections): only stdio, its own channels (control socket, report
+    // and exec-status pipes), the binary, and the cgroup.procs it was writing to.
+    let procs = std::fs::read_to_string(freezer.dir.join("cgroup.procs")).unwrap_or_default();
+    let child: Vec<u32> = procs
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .filter(|&pid| pid != a.pid())
+        .collect();
+    assert_eq!(
+        child.len(),
+        1,
+        "the frozen cgroup holds {procs:?} besides A"
+    );
+    let fds = fd_targets(child[0]);
+    let listener_inode = std::fs::read_link(format!("/proc/self/fd/{}", listener.as_raw_fd()))
+        .expect("the listener's fd link")
+        .to_string_lossy()
+        .into_owned();
+    eprintln!(
+        "MEASURED frozen cgroup: the frozen child holds {} fds: {fds:?}",
+        fds.len()
+    );
+    assert!(
+        !fds.contains(&listener_inode) && fds.len() <= 8,
+        "the frozen child holds the supervisor's descriptors ({listener_inode} is the listener): {fds:?}"
+    );
 
     drop(thaw);
     a.kill();

@@ -8,7 +8,9 @@
 //! The supervisor is single-threaded, so the forked child may run ordinary code (allocate,
 //! open files) before exec: no other thread can hold a lock it would need. The binary is
 //! executed through an fd opened at start-up (execveat AT_EMPTY_PATH), so the VMM's user needs
-//! no permission on the directories above it. Everything but fds 0-3 is close-on-exec.
+//! no permission on the directories above it. The child keeps fds 0-2, its control socket (3),
+//! its report pipe (4), and until exec its exec-status pipe and the binary; it closes the rest
+//! of the supervisor's descriptors before it does anything else.
 
 use std::ffi::CString;
 use std::io;
@@ -18,15 +20,22 @@ use rustix::net::{socketpair, AddressFamily, SocketFlags, SocketType};
 
 use crate::identity::{apply, peer::pidfd_open, VmmIdentity};
 
-/// The fd number the worker finds its control socket at.
+/// The fd number the worker finds its control socket at; its report pipe is the next one.
 pub const WORKER_CONTROL_FD: i32 = 3;
+const WORKER_REPORTS_FD: i32 = WORKER_CONTROL_FD + 1;
+/// Where the child keeps its exec-status pipe and the binary until exec (close-on-exec).
+const CHILD_ERRORS_FD: i32 = WORKER_CONTROL_FD + 2;
+const CHILD_EXE_FD: i32 = WORKER_CONTROL_FD + 3;
 
 /// A forked worker, seen from the supervisor.
 pub struct Spawned {
     pub pid: i32,
     pub pidfd: OwnedFd,
-    /// The supervisor's end of the control socket, non-blocking.
+    /// The supervisor's end of the control socket, non-blocking, send-only (its receiving side
+    /// is shut down).
     pub control: OwnedFd,
+    /// The read end of the worker's report pipe, non-blocking.
+    pub reports: OwnedFd,
     /// Readable once the child has exec'd (end of file) or failed (a message); non-blocking.
     pub exec_status: OwnedFd,
 }
@@ -94,8 +103,12 @@ pub fn spawn_worker(identity: &VmmIdentity, exe: &Executable) -> io::Result<Spaw
         SocketFlags::CLOEXEC,
         None,
     )?;
+    // The worker reports on a pipe: nothing it sends can carry a descriptor to us.
+    rustix::net::shutdown(&ours, rustix::net::Shutdown::Read)?;
+    let (reports_read, reports_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
     let (errors_read, errors_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
     rustix::io::ioctl_fionbio(&errors_read, true)?;
+    rustix::io::ioctl_fionbio(&reports_read, true)?;
     rustix::io::ioctl_fionbio(&ours, true)?;
     let argv: Vec<CString> = ["vublk", "--worker-control-fd", "3"]
         .iter()
@@ -123,20 +136,27 @@ pub fn spawn_worker(identity: &VmmIdentity, exe: &Executable) -> io::Result<Spaw
         return Err(io::Error::last_os_error());
     }
     if pid == 0 {
-        let failure = child(identity, supervisor, &theirs, exe, &argv_ptrs, &env_ptrs);
+        let sources = [&theirs, &reports_write, &errors_write, &exe.0].map(|fd| fd.as_raw_fd());
+        let (failure, errors) = match place_descriptors(sources) {
+            Err(e) => (
+                Box::new(e) as Box<dyn std::error::Error>,
+                errors_write.as_raw_fd(),
+            ),
+            Ok(()) => (
+                child(identity, supervisor, &argv_ptrs, &env_ptrs),
+                CHILD_ERRORS_FD,
+            ),
+        };
         let message = failure.to_string();
         // SAFETY: writes our own buffer to our pipe, then leaves without running destructors
         // or atexit handlers that belong to the supervisor.
         unsafe {
-            libc::write(
-                errors_write.as_raw_fd(),
-                message.as_ptr().cast(),
-                message.len(),
-            );
+            libc::write(errors, message.as_ptr().cast(), message.len());
             libc::_exit(127);
         }
     }
     drop(theirs);
+    drop(reports_write);
     drop(errors_write);
     // Our own unreaped child: the pid cannot have been recycled.
     let pidfd = match pidfd_open(pid) {
@@ -154,39 +174,60 @@ pub fn spawn_worker(identity: &VmmIdentity, exe: &Executable) -> io::Result<Spaw
         pid,
         pidfd,
         control: ours,
+        reports: reports_read,
         exec_status: errors_read,
     })
 }
 
-/// The child's side: only returns on failure.
+/// In the child: puts the control socket, the report pipe, the exec-status pipe and the
+/// binary at fds 3 to 6 and closes every other descriptor above 2 now, not at exec: a child that
+/// joins a frozen cgroup stops before exec, and must not keep other VMs' connections (or the
+/// listeners) open meanwhile.
+fn place_descriptors(sources: [i32; 4]) -> io::Result<()> {
+    let targets = [
+        WORKER_CONTROL_FD,
+        WORKER_REPORTS_FD,
+        CHILD_ERRORS_FD,
+        CHILD_EXE_FD,
+    ];
+    let check = |ret: i32| {
+        if ret < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(ret)
+        }
+    };
+    let mut above = [0; 4];
+    // SAFETY: fcntl, dup2 and close_range on descriptors of this (forked, single-threaded)
+    // process, which owns them all.
+    unsafe {
+        // First out of the way of the targets, so no dup2 below overwrites a source still needed.
+        for (high, source) in above.iter_mut().zip(sources) {
+            *high = check(libc::fcntl(source, libc::F_DUPFD_CLOEXEC, CHILD_EXE_FD + 1))?;
+        }
+        for (high, target) in above.into_iter().zip(targets) {
+            // dup2 clears close-on-exec on the target.
+            check(libc::dup2(high, target))?;
+        }
+        for only_until_exec in [CHILD_ERRORS_FD, CHILD_EXE_FD] {
+            check(libc::fcntl(
+                only_until_exec,
+                libc::F_SETFD,
+                libc::FD_CLOEXEC,
+            ))?;
+        }
+        check(libc::close_range(CHILD_EXE_FD as u32 + 1, u32::MAX, 0))?;
+    }
+    Ok(())
+}
+
+/// The child's side, once its descriptors are in place: only returns on failure.
 fn child(
     identity: &VmmIdentity,
     supervisor: i32,
-    control: &OwnedFd,
-    exe: &Executable,
     argv: &[*mut libc::c_char],
     env: &[*mut libc::c_char],
 ) -> Box<dyn std::error::Error> {
-    // The control socket becomes fd 3, kept across exec; everything else above it closes.
-    // SAFETY: dup2 and close_range on descriptors of this process.
-    unsafe {
-        if control.as_raw_fd() == WORKER_CONTROL_FD {
-            // dup2 onto itself does nothing, close-on-exec included: clear it by hand.
-            if libc::fcntl(WORKER_CONTROL_FD, libc::F_SETFD, 0) < 0 {
-                return Box::new(io::Error::last_os_error());
-            }
-        } else if libc::dup2(control.as_raw_fd(), WORKER_CONTROL_FD) < 0 {
-            return Box::new(io::Error::last_os_error());
-        }
-        if libc::close_range(
-            WORKER_CONTROL_FD as u32 + 1,
-            u32::MAX,
-            libc::CLOSE_RANGE_CLOEXEC as i32,
-        ) < 0
-        {
-            return Box::new(io::Error::last_os_error());
-        }
-    }
     match apply::apply(identity, supervisor) {
         Ok(applied) => {
             for note in applied.notes {
@@ -195,11 +236,11 @@ fn child(
         }
         Err(e) => return Box::new(e),
     }
-    // SAFETY: argv and env are NUL-terminated arrays of pointers to live CStrings; the exe fd
-    // is open. execveat only returns on failure.
+    // SAFETY: argv and env are NUL-terminated arrays of pointers to live CStrings; the binary
+    // is open at CHILD_EXE_FD. execveat only returns on failure.
     unsafe {
         libc::execveat(
-            exe.0.as_raw_fd(),
+            CHILD_EXE_FD,
             c"".as_ptr(),
             argv.as_ptr(),
             env.as_ptr(),
@@ -209,11 +250,13 @@ fn child(
     Box::new(io::Error::last_os_error())
 }
 
-/// Takes ownership of the control socket the supervisor put at fd 3.
+/// Takes ownership of the control socket the supervisor put at fd `fd` and the report pipe
+/// at the next one.
 ///
 /// # Safety
-/// Only in a worker process, once: fd `fd` must be the control socket nothing else owns.
-pub unsafe fn adopt_control(fd: i32) -> OwnedFd {
+/// Only in a worker process, once: fds `fd` and `fd + 1` must be the control socket and the
+/// report pipe, which nothing else owns.
+pub unsafe fn adopt_channels(fd: i32) -> (OwnedFd, OwnedFd) {
     // SAFETY: guaranteed by the caller.
-    unsafe { OwnedFd::from_raw_fd(fd) }
+    unsafe { (OwnedFd::from_raw_fd(fd), OwnedFd::from_raw_fd(fd + 1)) }
 }

@@ -42,7 +42,7 @@ struct Connection {
 /// How often the worker tells the supervisor what its devices served.
 const STATS_INTERVAL: Duration = Duration::from_secs(1);
 
-fn send_stats(control: &OwnedFd, connections: &HashMap<u64, Connection>) {
+fn send_stats(reports: &OwnedFd, connections: &HashMap<u64, Connection>) {
     let devices = connections
         .iter()
         .map(|(id, c)| DeviceStatus {
@@ -53,11 +53,12 @@ fn send_stats(control: &OwnedFd, connections: &HashMap<u64, Connection>) {
             memory: c.device.memory_status(),
         })
         .collect();
-    let _ = handoff::send(control, &ToSupervisor::Stats { devices }, &[]);
+    let _ = handoff::report(reports, &ToSupervisor::Stats { devices });
 }
 
-/// Serves connections from the control socket until there is nothing left to serve.
-pub fn run(control: OwnedFd) -> io::Result<()> {
+/// Serves connections from the control socket until there is nothing left to serve, telling
+/// the supervisor how it goes on the `reports` pipe.
+pub fn run(control: OwnedFd, reports: OwnedFd) -> io::Result<()> {
     let epoll = epoll::create(true)?;
     let watch = |fd: i32, data: u64| {
         epoll::ctl(
@@ -91,7 +92,7 @@ pub fn run(control: OwnedFd) -> io::Result<()> {
         // The count of lines left out is written even if the VMM has gone quiet.
         VMM_LOG.flush(Instant::now());
         if !supervisor_gone && last_stats.elapsed() >= STATS_INTERVAL {
-            send_stats(&control, &connections);
+            send_stats(&reports, &connections);
             last_stats = Instant::now();
         }
         let n = match epoll::wait(epoll, STATS_INTERVAL.as_millis() as i32, &mut events) {
@@ -110,8 +111,7 @@ pub fn run(control: OwnedFd) -> io::Result<()> {
                         },
                         fds,
                     ))) => {
-                        let _ =
-                            handoff::send(&control, &ToSupervisor::Accepted { connection }, &[]);
+                        let _ = handoff::report(&reports, &ToSupervisor::Accepted { connection });
                         let mut fds = fds.into_iter();
                         let (Some(stream), Some(pidfd)) = (fds.next(), fds.next()) else {
                             tracing::error!("supervisor sent a connection without its fds");
@@ -150,7 +150,7 @@ pub fn run(control: OwnedFd) -> io::Result<()> {
                                     export: export.name.clone(),
                                     reason,
                                 };
-                                let _ = handoff::send(&control, &refused, &[]);
+                                let _ = handoff::report(&reports, &refused);
                             }
                         }
                     }
@@ -176,11 +176,8 @@ pub fn run(control: OwnedFd) -> io::Result<()> {
                             c.thread.join();
                         }
                         if !supervisor_gone {
-                            let _ = handoff::send(
-                                &control,
-                                &ToSupervisor::Ended { connection: id },
-                                &[],
-                            );
+                            let _ =
+                                handoff::report(&reports, &ToSupervisor::Ended { connection: id });
                         }
                     }
                 }

@@ -1,0 +1,488 @@
+//! Workers' lives, seen from the supervisor: started without waiting for them (the exec-status
+//! pipe is watched, with a deadline), heard from on their report pipes, retired, reaped without
+//! blocking (a worker its tenant traces is reaped once the tracer lets go), and stopped.
+
+use std::collections::{HashSet, VecDeque};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use crate::handoff::{ReportReader, ToSupervisor};
+use crate::identity::{IdentityError, Peer, VmmIdentity};
+
+use super::spawn::{exec_outcome, spawn_worker, ExecOutcome};
+use super::vm::{exited, Handoff, Vm, WorkerState};
+use super::{
+    Level, Supervisor, EV_WORKER_EXIT, EV_WORKER_REPORTS, EV_WORKER_START, START_DEADLINE,
+    STOP_GRACE, WORKER_MIN_NOFILE,
+};
+
+/// Reports read per wake-up from one worker, so a chatty worker cannot hold the loop.
+const REPORTS_PER_WAKEUP: usize = 16;
+/// How often to try again to reap a worker that exited but could not be reaped yet (its
+/// tenant traces it).
+pub(super) const REAP_RETRY: Duration = Duration::from_secs(1);
+
+/// Why no worker was started for a connection.
+pub(super) enum StartError {
+    /// The VMM exited meanwhile: nothing to report.
+    Gone,
+    /// The VMM's doing (its identity, its limits, its cgroups): counted against it.
+    Vmm(String),
+    /// The supervisor's own shortage (descriptors, memory, processes): not counted.
+    Supervisor(String),
+}
+
+impl Supervisor {
+    /// Reads the VMM's identity, checks a worker can live with it, and forks the worker. It
+    /// does not wait for the child: `on_worker_start` and `expire` see how it went.
+    pub(super) fn start(&mut self, peer: &Peer) -> Result<u64, StartError> {
+        let identity = match VmmIdentity::read_for(peer) {
+            Ok(identity) => identity,
+            Err(IdentityError::Gone(_)) => return Err(StartError::Gone),
+            Err(IdentityError::Read { source, .. }) if is_shortage(&source) => {
+                return Err(StartError::Supervisor(source.to_string()))
+            }
+            Err(e) => return Err(StartError::Vmm(crate::error_line(&e))),
+        };
+        if let Some(nofile) = identity
+            .soft_limit(libc::RLIMIT_NOFILE)
+            .filter(|&n| n < WORKER_MIN_NOFILE)
+        {
+            return Err(StartError::Vmm(format!(
+                "RLIMIT_NOFILE {nofile} of VMM pid {} is below the {WORKER_MIN_NOFILE} a worker needs",
+                peer.pid
+            )));
+        }
+        let vmm_pidfd = peer
+            .pidfd
+            .try_clone()
+            .map_err(|e| StartError::Supervisor(e.to_string()))?;
+        let worker = spawn_worker(&identity, &self.exe)
+            .map_err(|e| StartError::Supervisor(format!("cannot fork a worker: {e}")))?;
+        let id = self.next_vm;
+        self.next_vm += 1;
+        let watched = self
+            .watch(worker.reports.as_raw_fd(), EV_WORKER_REPORTS | id)
+            .and_then(|()| self.watch(worker.pidfd.as_raw_fd(), EV_WORKER_EXIT | id))
+            .and_then(|()| self.watch(worker.exec_status.as_raw_fd(), EV_WORKER_START | id));
+        if let Err(e) = watched {
+            kill(&worker.pidfd);
+            self.unwatch(worker.reports.as_raw_fd());
+            self.unwatch(worker.pidfd.as_raw_fd());
+            self.unreaped.push((worker.pid, worker.pidfd));
+            return Err(StartError::Supervisor(format!(
+                "cannot watch the new worker: {e}"
+            )));
+        }
+        self.tenant_line(peer.uid, Level::Info, "worker-started", || {
+            format!(
+                "VMM pid {} (uid {} gid {}): worker pid {} started in {} cgroup(s)",
+                peer.pid,
+                identity.ids.uid[1],
+                identity.ids.gid[1],
+                worker.pid,
+                identity.cgroup_procs.len()
+            )
+        });
+        self.vms.insert(
+            id,
+            Vm {
+                vmm_pid: peer.pid,
+                vmm_key: (peer.pid, peer.start_time),
+                vmm_pidfd,
+                uid: peer.uid,
+                gid: peer.gid,
+                groups: peer.groups.clone(),
+                worker_pid: worker.pid,
+                worker_pidfd: worker.pidfd,
+                control: worker.control,
+                reports: worker.reports,
+                reader: ReportReader::default(),
+                state: WorkerState::Starting {
+                    exec_status: worker.exec_status,
+                    deadline: Instant::now() + START_DEADLINE,
+                },
+                live: HashSet::new(),
+                outbox: VecDeque::new(),
+                pending: Vec::new(),
+                took_one: false,
+                failure_counted: false,
+                watching_writable: false,
+                retry_send_at: None,
+                identity,
+                devices: Vec::new(),
+            },
+        );
+        Ok(id)
+    }
+
+    /// The exec-status pipe of a starting worker is readable: it exec'd, or failed.
+    pub(super) fn on_worker_start(&mut self, id: u64) {
+        let Some(vm) = self.vms.get_mut(&id) else {
+            return;
+        };
+        let WorkerState::Starting { exec_status, .. } = &vm.state else {
+            return;
+        };
+        match exec_outcome(exec_status) {
+            ExecOutcome::Pending => {}
+            ExecOutcome::Started => {
+                let starting = std::mem::replace(&mut vm.state, WorkerState::Running);
+                self.stop_watching_start(starting);
+                self.flush(id);
+            }
+            ExecOutcome::Failed(reason) => {
+                let reason = format!("worker pid {}: {reason}", vm.worker_pid);
+                self.fail_start(id, &reason);
+            }
+        }
+    }
+
+    fn stop_watching_start(&self, state: WorkerState) {
+        if let WorkerState::Starting { exec_status, .. } = state {
+            self.unwatch(exec_status.as_raw_fd());
+        }
+    }
+
+    /// What is due without an event: workers that have not exec'd by their deadline are
+    /// killed; sends the kernel had no memory for are tried again; exited workers that could
+    /// not be reaped are tried again.
+    pub(super) fn expire(&mut self, now: Instant) {
+        let due: Vec<(u64, bool)> = self
+            .vms
+            .iter()
+            .filter(|(_, vm)| vm.deadline().is_some_and(|d| d <= now))
+            .map(|(id, vm)| (*id, matches!(vm.state, WorkerState::Starting { .. })))
+            .collect();
+        for (id, starting) in due {
+            if !starting {
+                if let Some(vm) = self.vms.get_mut(&id) {
+                    vm.retry_send_at = None;
+                }
+                self.flush(id);
+                continue;
+            }
+            let Some(vm) = self.vms.get(&id) else {
+                continue;
+            };
+            kill(&vm.worker_pidfd);
+            let reason = format!(
+                "worker pid {} did not start within {} s (is the VMM's cgroup frozen?); killed",
+                vm.worker_pid,
+                START_DEADLINE.as_secs()
+            );
+            self.fail_start(id, &reason);
+        }
+        if self.reap_retry_at.is_some_and(|at| at <= now) {
+            self.reap_retry_at = None;
+            self.reap_unreaped();
+        }
+    }
+
+    /// A worker that will not start: retired, counted against its VMM, its connections closed.
+    fn fail_start(&mut self, id: u64, reason: &str) {
+        let Some(vm) = self.vms.get_mut(&id) else {
+            return;
+        };
+        let before = std::mem::replace(&mut vm.state, WorkerState::Retired);
+        vm.failure_counted = true;
+        let handoffs: Vec<Handoff> = vm.outbox.drain(..).chain(vm.pending.drain(..)).collect();
+        let (key, uid, pid) = (vm.vmm_key, vm.uid, vm.vmm_pid);
+        self.stop_watching_start(before);
+        self.start_failed(key, uid, pid, reason, handoffs);
+    }
+
+    /// The worker cannot take connections any more: the ones it was never sent go to a new
+    /// worker now (it may never die, if its tenant keeps it stopped); the ones it was sent wait
+    /// for it to take them or die.
+    pub(super) fn retire(&mut self, id: u64) {
+        let Some(vm) = self.vms.get_mut(&id) else {
+            return;
+        };
+        let before = std::mem::replace(&mut vm.state, WorkerState::Retired);
+        let unsent: Vec<Handoff> = vm.outbox.drain(..).collect();
+        let writable = std::mem::take(&mut vm.watching_writable);
+        vm.retry_send_at = None;
+        let control = vm.control.as_raw_fd();
+        if writable {
+            self.unwatch(control);
+        }
+        self.stop_watching_start(before);
+        for handoff in unsent {
+            self.dispatch(handoff);
+        }
+    }
+
+    /// The worker's report pipe is readable: take what it says. Returns whether there may be
+    /// more to read now (it stopped at [`REPORTS_PER_WAKEUP`]).
+    pub(super) fn on_reports(&mut self, id: u64) -> bool {
+        let only_connected = self.only_connected();
+        let Some(vm) = self.vms.get_mut(&id) else {
+            return false;
+        };
+        let read = vm.reader.read(&vm.reports, REPORTS_PER_WAKEUP);
+        let (worker, uid, pid) = (vm.worker_pid, vm.uid, vm.vmm_pid);
+        let reports = match read {
+            Ok(reports) => reports,
+            Err(e) => {
+                // A worker that cannot speak the protocol is broken or taken over: it goes.
+                self.tenant_line(uid, Level::Warn, "worker-broken", || {
+                    format!(
+                        "worker pid {worker} of VMM pid {pid} sent a bad report ({e}); killing it"
+                    )
+                });
+                if let Some(vm) = self.vms.get(&id) {
+                    kill(&vm.worker_pidfd);
+                    self.unwatch(vm.reports.as_raw_fd());
+                }
+                self.retire(id);
+                return false;
+            }
+        };
+        let more = reports.messages.len() == REPORTS_PER_WAKEUP && !reports.closed;
+        let mut ended_here = 0;
+        for message in reports.messages {
+            let Some(vm) = self.vms.get_mut(&id) else {
+                return false;
+            };
+            match message {
+                ToSupervisor::Stats { devices } => vm.devices = devices,
+                ToSupervisor::Accepted { connection } => {
+                    vm.pending.retain(|h| h.connection != connection);
+                    vm.took_one = true;
+                }
+                ToSupervisor::Ended { connection } => {
+                    tracing::debug!("connection {connection} ended (worker pid {worker})");
+                    // A worker can only end what it was given.
+                    if vm.live.remove(&connection) {
+                        ended_here += 1;
+                    }
+                }
+                ToSupervisor::Refused {
+                    connection,
+                    export,
+                    reason,
+                } => {
+                    if vm.live.remove(&connection) {
+                        ended_here += 1;
+                    }
+                    // The worker's words are the tenant's: quoted, so they cannot forge lines.
+                    self.tenant_line(uid, Level::Warn, "worker-refused", || {
+                        format!("{export:?}: worker pid {worker} refused connection {connection} of VMM pid {pid}: {reason:?}")
+                    });
+                }
+            }
+        }
+        if only_connected {
+            self.connected_left = self.connected_left.saturating_sub(ended_here);
+        }
+        if reports.closed {
+            // The worker is exiting; its pidfd reports when it is gone.
+            if let Some(vm) = self.vms.get(&id) {
+                self.unwatch(vm.reports.as_raw_fd());
+            }
+            self.retire(id);
+        }
+        more
+    }
+
+    /// The worker exited: reap it, count it against its VMM if that still lives, and hand
+    /// the connections it never took to a new worker.
+    pub(super) fn reap(&mut self, id: u64) {
+        // What it reported before it went (an Accepted still in the pipe must not send its
+        // connection to a second worker). Bounded: a process the worker forked may still hold
+        // the pipe and write to it.
+        for _ in 0..64 {
+            if !self.on_reports(id) {
+                break;
+            }
+        }
+        let Some(mut vm) = self.vms.remove(&id) else {
+            return;
+        };
+        self.unwatch(vm.worker_pidfd.as_raw_fd());
+        self.unwatch(vm.reports.as_raw_fd());
+        if vm.watching_writable {
+            self.unwatch(vm.control.as_raw_fd());
+        }
+        if let WorkerState::Starting { exec_status, .. } = &vm.state {
+            self.unwatch(exec_status.as_raw_fd());
+        }
+        let status = match try_reap(&vm.worker_pidfd) {
+            Some(status) => status,
+            None => {
+                // Exited but not ours to reap yet: its tenant traces it. Try again later.
+                self.unreaped.push((vm.worker_pid, vm.worker_pidfd));
+                self.reap_retry_at
+                    .get_or_insert(Instant::now() + REAP_RETRY);
+                "exited; not reaped yet (traced?)".into()
+            }
+        };
+        let (worker, pid, uid) = (vm.worker_pid, vm.vmm_pid, vm.uid);
+        self.tenant_line(uid, Level::Info, "worker-exited", || {
+            format!("worker pid {worker} for VMM pid {pid} exited ({status})")
+        });
+        // Connections it took and had not ended died with it.
+        let taken = vm.live.len().saturating_sub(vm.pending.len());
+        if self.only_connected() {
+            self.connected_left = self.connected_left.saturating_sub(taken);
+        }
+        let left: Vec<Handoff> = vm.pending.drain(..).chain(vm.outbox.drain(..)).collect();
+        let vmm_lives = !exited(&vm.vmm_pidfd);
+        if !vm.failure_counted && !vm.took_one {
+            // It died before taking a single connection: sending them to another worker would
+            // only start the same failure again.
+            let why = format!("worker pid {worker} exited before taking a connection ({status})");
+            return self.start_failed(vm.vmm_key, uid, pid, &why, left);
+        }
+        if !vm.failure_counted && vmm_lives {
+            // Workers follow their VMM; one that goes first crashed or was killed. Its VMM may
+            // reconnect, but a worker killed again and again backs off like a failed start.
+            let next = self.count_failure(vm.vmm_key);
+            self.tenant_line(uid, Level::Warn, "worker-died", || {
+                format!("worker pid {worker} died while VMM pid {pid} (uid {uid}) lives ({status}); {next}")
+            });
+        }
+        // Connections it never read: to a new worker, while their VMM lives.
+        for handoff in left {
+            if handoff.peer.exited() {
+                self.connected_done(handoff.export);
+                continue;
+            }
+            let connection = handoff.connection;
+            self.tenant_line(uid, Level::Info, "handed-again", || {
+                format!("connection {connection} was never taken by worker pid {worker}; handing it to a new worker")
+            });
+            self.dispatch(handoff);
+        }
+    }
+
+    /// Reaps what could not be reaped before; keeps trying while some are left.
+    fn reap_unreaped(&mut self) {
+        self.unreaped.retain(|(pid, pidfd)| match try_reap(pidfd) {
+            Some(status) => {
+                tracing::debug!("worker pid {pid} reaped ({status})");
+                false
+            }
+            None => true,
+        });
+        if !self.unreaped.is_empty() {
+            self.reap_retry_at = Some(Instant::now() + REAP_RETRY);
+        }
+    }
+
+    /// Closes every worker's control socket (workers stop their devices and exit), waits for
+    /// them a while, kills stragglers, and removes the sockets we created.
+    pub(super) fn stop(&mut self) {
+        let deadline = Instant::now() + STOP_GRACE;
+        let vms: Vec<Vm> = self.vms.drain().map(|(_, vm)| vm).collect();
+        for vm in &vms {
+            let _ = rustix::net::shutdown(&vm.control, rustix::net::Shutdown::Both);
+        }
+        let mut stragglers = Vec::new();
+        for vm in vms {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if wait_exit(&vm.worker_pidfd, left) {
+                let status = try_reap(&vm.worker_pidfd).unwrap_or_else(|| "not reaped".into());
+                tracing::info!("worker pid {} exited ({status})", vm.worker_pid);
+            } else {
+                tracing::warn!(
+                    "worker pid {} did not stop in time; killing it",
+                    vm.worker_pid
+                );
+                kill(&vm.worker_pidfd);
+                stragglers.push(vm);
+            }
+        }
+        // A child frozen in its cgroup dies only once thawed: wait a moment for them all, not
+        // for each.
+        let deadline = Instant::now() + Duration::from_secs(1);
+        for vm in stragglers {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match wait_exit(&vm.worker_pidfd, left)
+                .then(|| try_reap(&vm.worker_pidfd))
+                .flatten()
+            {
+                Some(status) => tracing::info!("worker pid {} exited ({status})", vm.worker_pid),
+                None => tracing::warn!(
+                    "worker pid {} is not gone after SIGKILL (frozen, or traced); leaving it",
+                    vm.worker_pid
+                ),
+            }
+        }
+        for export in &self.exports {
+            export.listener.cleanup();
+        }
+        if let Some(control) = &self.control {
+            control.cleanup();
+        }
+    }
+}
+
+/// Whether an error is the supervisor running short rather than something about the VMM.
+fn is_shortage(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::EAGAIN)
+    )
+}
+
+pub(super) fn kill(pidfd: &OwnedFd) {
+    // SAFETY: pidfd_send_signal with a valid pidfd and no siginfo.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+}
+
+/// Waits up to `timeout` for the process behind `pidfd` to exit.
+pub(super) fn wait_exit(pidfd: &OwnedFd, timeout: Duration) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: polls one valid pollfd.
+    let ready = unsafe {
+        libc::poll(
+            &mut pfd,
+            1,
+            timeout.as_millis().min(i32::MAX as u128) as i32,
+        )
+    };
+    ready > 0
+}
+
+/// Reaps our child behind `pidfd` if it can be reaped now (never waits: a child its tenant
+/// traces cannot be until the tracer lets go); describes how it ended.
+fn try_reap(pidfd: &OwnedFd) -> Option<String> {
+    // SAFETY: an all-zero siginfo_t is valid for waitid to fill.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid on our own child's pidfd, filling the local.
+    let ret = unsafe {
+        libc::waitid(
+            libc::P_PIDFD,
+            pidfd.as_raw_fd() as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG,
+        )
+    };
+    if ret != 0 {
+        return Some(format!("status unknown: {}", io::Error::last_os_error()));
+    }
+    // SAFETY: waitid filled a SIGCHLD siginfo, or left it zeroed (nothing to reap).
+    let (pid, code, status) = unsafe { (info.si_pid(), info.si_code, info.si_status()) };
+    if pid == 0 {
+        return None;
+    }
+    Some(match code {
+        libc::CLD_EXITED => format!("exit {status}"),
+        _ => format!("killed by signal {status}"),
+    })
+}
