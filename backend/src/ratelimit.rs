@@ -58,6 +58,11 @@ impl RateLimit {
         (self.suppressed > 0).then(|| std::mem::take(&mut self.suppressed))
     }
 
+    /// Nothing to remember: its window has ended and nothing is left to report.
+    pub fn idle(&self, now: Instant) -> bool {
+        self.suppressed == 0 && self.window_ended(now)
+    }
+
     fn window_ended(&self, now: Instant) -> bool {
         self.window_start
             .is_none_or(|start| now.duration_since(start) >= self.interval)

@@ -142,7 +142,13 @@ impl TenantLog {
     pub fn admit(&mut self, uid: u32, kind: &'static str, now: Instant) -> Option<u64> {
         let key = (uid, kind);
         if self.per_uid.len() >= MAX_UIDS && !self.per_uid.contains_key(&key) {
-            self.per_uid.clear();
+            // Forget the budgets with nothing to remember; if none, the new key shares the
+            // first one's (a flood of uids cannot reset everyone's budget).
+            self.per_uid.retain(|_, limit| !limit.idle(now));
+            if self.per_uid.len() >= MAX_UIDS {
+                let shared = *self.per_uid.keys().next().expect("full");
+                return self.per_uid.get_mut(&shared).expect("exists").check(now);
+            }
         }
         self.per_uid
             .entry(key)
