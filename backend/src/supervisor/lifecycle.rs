@@ -17,6 +17,9 @@ use super::{
     STOP_GRACE, WORKER_MIN_NOFILE,
 };
 
+/// A worker that served this long before it died was a success: its VMM's earlier failures
+/// are forgotten, and the crash is retried at once.
+const STABLE_AFTER: Duration = Duration::from_secs(60);
 /// Reports read per wake-up from one worker, so a chatty worker cannot hold the loop.
 const REPORTS_PER_WAKEUP: usize = 16;
 /// How often to try again to reap a worker that exited but could not be reaped yet (its
@@ -96,6 +99,7 @@ impl Supervisor {
                 groups: peer.groups.clone(),
                 worker_pid: worker.pid,
                 worker_pidfd: worker.pidfd,
+                started_at: Instant::now(),
                 control: worker.control,
                 reports: worker.reports,
                 reader: ReportReader::default(),
@@ -337,6 +341,9 @@ impl Supervisor {
             return self.start_failed(vm.vmm_key, uid, pid, &why, left);
         }
         if !vm.failure_counted && vmm_lives {
+            if vm.started_at.elapsed() >= STABLE_AFTER {
+                self.backoff.forget(vm.vmm_key);
+            }
             // Workers follow their VMM; one that goes first crashed or was killed. Its VMM may
             // reconnect, but a worker killed again and again backs off like a failed start.
             let next = self.count_failure(vm.vmm_key);

@@ -32,10 +32,11 @@ pub const DEFAULT_CONNECTIONS_PER_VMM: usize = 64;
 /// libvirt runs every VM of a host as one uid (`qemu`), so this must be generous.
 pub const DEFAULT_VMS_PER_UID: usize = 1024;
 
-/// The first wait after a failed start; it doubles with each further failure.
+/// The wait after a second failure in a row (the first is retried at once); it doubles with
+/// each further failure.
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 /// After this many failed starts in a row, the VMM's connections are closed for [`GIVE_UP`].
-pub const MAX_FAILED_STARTS: u32 = 4;
+pub const MAX_FAILED_STARTS: u32 = 5;
 /// How long a VMM whose workers keep failing is refused before one more try.
 pub const GIVE_UP: Duration = Duration::from_secs(60);
 /// A failure this long after the previous one starts a new count.
@@ -65,10 +66,13 @@ impl Failures {
         let (until, given_up) = if self.count >= MAX_FAILED_STARTS {
             (self.last + GIVE_UP, true)
         } else {
-            (
-                self.last + FIRST_BACKOFF * 2u32.pow(self.count.saturating_sub(1)),
-                false,
-            )
+            // The first failure is retried at once: a VMM whose worker crashed reconnects
+            // straight away, and must be served.
+            let wait = match self.count {
+                0 | 1 => Duration::ZERO,
+                n => FIRST_BACKOFF * 2u32.pow(n - 2),
+            };
+            (self.last + wait, false)
         };
         match (now < until, given_up) {
             (false, _) => Verdict::Start,
@@ -89,6 +93,11 @@ impl StartBackoff {
         self.vmms
             .get(&vmm)
             .map_or(Verdict::Start, |f| f.verdict(now))
+    }
+
+    /// Forgets VMM `vmm`'s failures (its worker ran long enough to count as a success).
+    pub fn forget(&mut self, vmm: (i32, u64)) {
+        self.vmms.remove(&vmm);
     }
 
     /// Records a failed start; returns the count in a row and what follows.
@@ -178,15 +187,17 @@ mod tests {
         let t0 = Instant::now();
         assert_eq!(b.check(VMM, t0), Verdict::Start);
         let ms = Duration::from_millis;
-        assert_eq!(b.failed(VMM, t0), (1, Verdict::Wait(t0 + ms(250))));
+        // The first failure is retried at once (a crashed worker's VMM reconnects at once).
+        assert_eq!(b.failed(VMM, t0), (1, Verdict::Start));
+        assert_eq!(b.failed(VMM, t0), (2, Verdict::Wait(t0 + ms(250))));
         assert_eq!(b.check(VMM, t0 + ms(249)), Verdict::Wait(t0 + ms(250)));
         assert_eq!(b.check(VMM, t0 + ms(250)), Verdict::Start);
         let t1 = t0 + ms(300);
-        assert_eq!(b.failed(VMM, t1), (2, Verdict::Wait(t1 + ms(500))));
+        assert_eq!(b.failed(VMM, t1), (3, Verdict::Wait(t1 + ms(500))));
         let t2 = t1 + ms(600);
-        assert_eq!(b.failed(VMM, t2), (3, Verdict::Wait(t2 + ms(1000))));
+        assert_eq!(b.failed(VMM, t2), (4, Verdict::Wait(t2 + ms(1000))));
         let t3 = t2 + ms(1100);
-        assert_eq!(b.failed(VMM, t3), (4, Verdict::GivenUp(t3 + GIVE_UP)));
+        assert_eq!(b.failed(VMM, t3), (5, Verdict::GivenUp(t3 + GIVE_UP)));
         assert_eq!(
             b.check(VMM, t3 + ms(59_999)),
             Verdict::GivenUp(t3 + GIVE_UP)
@@ -194,9 +205,12 @@ mod tests {
         // One more try after the pause; failing again gives up again at once.
         assert_eq!(b.check(VMM, t3 + GIVE_UP), Verdict::Start);
         let t4 = t3 + GIVE_UP + ms(1);
-        assert_eq!(b.failed(VMM, t4), (5, Verdict::GivenUp(t4 + GIVE_UP)));
+        assert_eq!(b.failed(VMM, t4), (6, Verdict::GivenUp(t4 + GIVE_UP)));
         // Other VMMs are not affected.
         assert_eq!(b.check((100, 6), t4), Verdict::Start);
+        // A worker that ran long enough wipes the slate.
+        b.forget(VMM);
+        assert_eq!(b.failed(VMM, t4), (1, Verdict::Start));
     }
 
     #[test]

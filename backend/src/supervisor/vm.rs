@@ -35,6 +35,8 @@ pub(super) struct Vm {
     pub groups: Vec<u32>,
     pub worker_pid: i32,
     pub worker_pidfd: OwnedFd,
+    /// When it was forked.
+    pub started_at: Instant,
     /// Send-only, non-blocking: connections go to the worker here.
     pub control: OwnedFd,
     /// The worker's report pipe, non-blocking, and what was read of it.
