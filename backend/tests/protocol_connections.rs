@@ -10,12 +10,13 @@
 use std::path::Path;
 use std::time::Duration;
 
-use vmm_glue::frontend::blk::{self, header, Readback, S_OK};
-use vmm_glue::frontend::fixture::{assert_bytes, pattern, write_image};
-use vmm_glue::frontend::memory::Arena;
-use vmm_glue::frontend::{
-    Daemon, Fixture, MemAnnounce, RegionSpec, Seg, Session, SessionConfig, Step,
+use vublk_test_support::frontend::blk::{self, header, Readback, S_OK};
+use vublk_test_support::frontend::fixture::{assert_bytes, pattern, write_image};
+use vublk_test_support::frontend::memory::Arena;
+use vublk_test_support::frontend::{
+    Fixture, MemAnnounce, RegionSpec, Seg, Session, SessionConfig, Step,
 };
+use vublk_test_support::Daemon;
 
 const VUBLK: &str = env!("CARGO_BIN_EXE_vublk");
 const MIB: u64 = 1 << 20;

@@ -10,12 +10,14 @@
 //! Odd but valid layouts (split header, data and status sharing a descriptor, indirect tables)
 //! must succeed: virtio 1.x drivers may frame a request any way they like.
 
-use vmm_glue::frontend::blk::{self, header, Readback, STATUS_UNTOUCHED, S_IOERR, S_OK, S_UNSUPP};
-use vmm_glue::frontend::fixture::{assert_bytes, pattern};
-use vmm_glue::frontend::virtqueue::{
+use vublk_test_support::frontend::blk::{
+    self, header, Readback, STATUS_UNTOUCHED, S_IOERR, S_OK, S_UNSUPP,
+};
+use vublk_test_support::frontend::fixture::{assert_bytes, pattern};
+use vublk_test_support::frontend::virtqueue::{
     desc, write_table, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE,
 };
-use vmm_glue::frontend::{Completion, Fixture, Seg, Session};
+use vublk_test_support::frontend::{Completion, Fixture, Seg, Session};
 
 const VUBLK: &str = env!("CARGO_BIN_EXE_vublk");
 const MIB: u64 = 1 << 20;

@@ -22,10 +22,12 @@ use std::path::PathBuf;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use vmm_glue::frontend::blk::{self, header, STATUS_UNTOUCHED, S_IOERR, S_OK};
-use vmm_glue::frontend::fixture::{assert_bytes, pattern};
-use vmm_glue::frontend::memory::Arena;
-use vmm_glue::frontend::{Fixture, RegionFile, RegionSpec, Seg, Session, SessionConfig, Step};
+use vublk_test_support::frontend::blk::{self, header, STATUS_UNTOUCHED, S_IOERR, S_OK};
+use vublk_test_support::frontend::fixture::{assert_bytes, pattern};
+use vublk_test_support::frontend::memory::Arena;
+use vublk_test_support::frontend::{
+    Fixture, RegionFile, RegionSpec, Seg, Session, SessionConfig, Step,
+};
 
 const VUBLK: &str = env!("CARGO_BIN_EXE_vublk");
 const MIB: u64 = 1 << 20;

@@ -6,9 +6,9 @@
 
 use std::time::Duration;
 
-use vmm_glue::frontend::blk::{header, Readback, S_OK, T_IN};
-use vmm_glue::frontend::fixture::{assert_bytes, pattern};
-use vmm_glue::frontend::{Fixture, Seg, Session};
+use vublk_test_support::frontend::blk::{header, Readback, S_OK, T_IN};
+use vublk_test_support::frontend::fixture::{assert_bytes, pattern};
+use vublk_test_support::frontend::{Fixture, Seg, Session};
 
 const VUBLK: &str = env!("CARGO_BIN_EXE_vublk");
 const MIB: u64 = 1 << 20;

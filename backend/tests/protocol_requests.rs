@@ -7,10 +7,11 @@
 use vhost::vhost_user::message::VhostUserConfigFlags;
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;
-use vmm_glue::frontend::blk::{self, header, Range, Readback, S_IOERR, S_OK};
-use vmm_glue::frontend::fixture::{assert_bytes, pattern};
-use vmm_glue::frontend::session::BLK_CONFIG_LEN;
-use vmm_glue::frontend::{BlkConfig, Daemon, Fixture, Seg, Session, SessionConfig, Step};
+use vublk_test_support::frontend::blk::{self, header, Range, Readback, S_IOERR, S_OK};
+use vublk_test_support::frontend::fixture::{assert_bytes, pattern};
+use vublk_test_support::frontend::session::BLK_CONFIG_LEN;
+use vublk_test_support::frontend::{BlkConfig, Fixture, Seg, Session, SessionConfig, Step};
+use vublk_test_support::Daemon;
 
 const VUBLK: &str = env!("CARGO_BIN_EXE_vublk");
 const MIB: u64 = 1 << 20;

@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use vhost::VhostBackend;
-use vmm_glue::frontend::{Fixture, SessionConfig, Step};
+use vublk_test_support::frontend::{Fixture, SessionConfig, Step};
 
 const VUBLK: &str = env!("CARGO_BIN_EXE_vublk");
 const MIB: u64 = 1 << 20;

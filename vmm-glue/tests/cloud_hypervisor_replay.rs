@@ -2,7 +2,7 @@
 //!
 //! cloud-hypervisor needs KVM, which this machine lacks, so its side is replayed from its source
 //! instead: the sequences, and the version and commits they were read from, are in
-//! `vmm_glue::frontend::cloud_hypervisor` (cloud-hypervisor v51: `virtio-devices/src/vhost_user/
+//! `vublk_test_support::frontend::cloud_hypervisor` (cloud-hypervisor v51: `virtio-devices/src/vhost_user/
 //! blk.rs`, `mod.rs`, `vu_common_ctrl.rs`). Each test starts vublk as deployed (supervisor and
 //! per-VM worker) on a patterned image and checks every reply cloud-hypervisor acts on: the
 //! virtio features (exactly what vublk offers), the protocol features (exactly MQ, CONFIG,
@@ -30,13 +30,14 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use vmm_glue::frontend::blk::{self, header, BLK_CONFIG_LEN_FULL};
-use vmm_glue::frontend::cloud_hypervisor::{self as ch, QUEUE_SIZE};
-use vmm_glue::frontend::fixture::{assert_bytes, pattern, START_TIMEOUT};
-use vmm_glue::frontend::session::BLK_CONFIG_LEN;
-use vmm_glue::frontend::{
-    BlkConfig, Daemon, Fixture, MemAnnounce, Readback, RegionSpec, Seg, Session, Step,
+use vublk_test_support::frontend::blk::{self, header, BLK_CONFIG_LEN_FULL};
+use vublk_test_support::frontend::cloud_hypervisor::{self as ch, QUEUE_SIZE};
+use vublk_test_support::frontend::fixture::{assert_bytes, pattern, START_TIMEOUT};
+use vublk_test_support::frontend::session::BLK_CONFIG_LEN;
+use vublk_test_support::frontend::{
+    BlkConfig, Fixture, MemAnnounce, Readback, RegionSpec, Seg, Session, Step,
 };
+use vublk_test_support::Daemon;
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;

@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 use common::{which, workspace};
-use vmm_glue::frontend::fixture::{assert_bytes, pattern, write_image};
+use vublk_test_support::frontend::fixture::{assert_bytes, pattern, write_image};
 
 const MIB: u64 = 1024 * 1024;
 const IMAGE_SIZE: u64 = 16 * MIB;

@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{vmm_glue, vublk, which};
-use vmm_glue::frontend::Daemon;
+use vublk_test_support::Daemon;
 
 /// vublk serving a null disk with `queues` queues on `sock`, once the socket exists.
 fn start_vublk(sock: &Path, queues: &str) -> Daemon {

@@ -22,8 +22,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{vublk, which, workspace};
-use vmm_glue::frontend::fixture::{assert_bytes, pattern, write_image};
-use vmm_glue::frontend::{Daemon, Session, SessionConfig, Step};
+use vublk_test_support::frontend::fixture::{assert_bytes, pattern, write_image};
+use vublk_test_support::frontend::{Session, SessionConfig, Step};
+use vublk_test_support::Daemon;
 
 fn unit(name: &str) -> String {
     let path = workspace().join("docs/systemd").join(name);

@@ -41,7 +41,7 @@ impl Daemon {
             unsafe {
                 cmd.pre_exec(move || {
                     for &(from, to) in &pairs {
-                        crate::inherit::place(from, to)?;
+                        vmm_glue::inherit::place(from, to)?;
                     }
                     Ok(())
                 });
@@ -157,7 +157,7 @@ impl Daemon {
     }
 
     /// Lines of the daemon's `/proc/PID/maps` that map the file with inode `inode` (e.g. a
-    /// guest memory memfd, see [`super::memory::RegionFile::inode`]).
+    /// guest memory memfd, see [`crate::frontend::memory::RegionFile::inode`]).
     pub fn mappings_of(&self, inode: u64) -> io::Result<Vec<String>> {
         mappings_of(self.pid(), inode)
     }

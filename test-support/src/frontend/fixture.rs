@@ -11,8 +11,8 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::daemon::Daemon;
 use super::session::{Session, SessionConfig, Step};
+use crate::daemon::Daemon;
 
 /// How long a daemon may take to come up.
 pub const START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -84,7 +84,7 @@ impl Fixture {
     /// args...`.
     pub fn start(program: &str, size: u64, args: &[&str]) -> Self {
         let dir = tempfile::Builder::new()
-            .prefix("vmm-glue-")
+            .prefix("vublk-fixture-")
             .tempdir()
             .expect("create temp dir");
         let image = dir.path().join("disk.img");

@@ -669,7 +669,7 @@ impl Session {
         let socket = self.socket.try_clone().map_err(SessionError::Socket)?;
         let sent = Instant::now();
         let thread = thread::Builder::new()
-            .name(format!("vmm-glue {what}"))
+            .name(format!("frontend {what}"))
             .spawn(move || {
                 if flag {
                     frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);

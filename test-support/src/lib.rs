@@ -1,0 +1,12 @@
+//! vublk-test-support: what vublk's tests (and its benchmark) share. Not published.
+//!
+//! - [`frontend`]: a scripted vhost-user-blk frontend that talks to the backend the way QEMU or
+//!   cloud-hypervisor would (and the way a hostile guest would not be allowed to).
+//! - [`daemon`]: the backend under test as a child process.
+//! - [`vublk_binary`]: the vublk binary of this workspace, found or built.
+
+pub mod daemon;
+pub mod frontend;
+pub mod vublk_binary;
+
+pub use daemon::Daemon;
