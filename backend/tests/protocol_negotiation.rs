@@ -16,9 +16,10 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vublk_test_support::frontend::blk::{self, BLK_CONFIG_LEN_FULL};
-use vublk_test_support::frontend::fixture::{assert_bytes, pattern};
+use vublk_test_support::frontend::fixture::image_pattern;
 use vublk_test_support::frontend::session::BLK_CONFIG_LEN;
 use vublk_test_support::frontend::{BlkConfig, Fixture, MemAnnounce, Session, SessionConfig, Step};
+use vublk_test_support::pattern::assert_same;
 
 const VUBLK: &str = env!("CARGO_BIN_EXE_vublk");
 const MIB: u64 = 1 << 20;
@@ -205,7 +206,7 @@ fn get_id_returns_the_serial_nul_padded() {
         assert_eq!(c.status(), blk::S_OK);
         let mut want = serial.as_bytes().to_vec();
         want.resize(blk::ID_BYTES, 0);
-        assert_bytes(&c.data, &want, &format!("GET_ID with --serial {serial:?}"));
+        assert_same(&c.data, &want, &format!("GET_ID with --serial {serial:?}"));
     }
 }
 
@@ -216,7 +217,7 @@ fn get_id_default_is_a_stable_nul_padded_string() {
     let first = s.blk(0).get_id().unwrap();
     let again = s.blk(0).get_id().unwrap();
     assert_eq!(first.status(), blk::S_OK);
-    assert_bytes(
+    assert_same(
         &first.data,
         &again.data,
         "GET_ID changed within one session",
@@ -255,21 +256,21 @@ fn exercise_io(fx: &Fixture, s: &mut Session, q: usize) {
     for sector in [0u64, 7, 16383] {
         let c = s.blk(q).read(sector, 512).unwrap();
         assert_eq!(c.status(), blk::S_OK, "read sector {sector} on queue {q}");
-        assert_bytes(
+        assert_same(
             &c.data,
-            &pattern(sector * 512, 512),
+            &image_pattern(sector * 512, 512),
             &format!("data of sector {sector}"),
         );
     }
     let data: Vec<u8> = (0..4096u32).map(|i| (i * 7 + q as u32) as u8).collect();
     let sector = 100 + 8 * q as u64;
     assert_eq!(s.blk(q).write(sector, &data).unwrap().status(), blk::S_OK);
-    assert_bytes(
+    assert_same(
         &s.blk(q).read(sector, 4096).unwrap().data,
         &data,
         "read data",
     );
-    assert_bytes(
+    assert_same(
         &fx.image_bytes(sector * 512, 4096),
         &data,
         "write did not reach the image",

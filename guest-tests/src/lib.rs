@@ -121,19 +121,3 @@ pub fn read_at(path: &Path, offset: u64, len: usize) -> Result<Vec<u8>> {
     f.read_exact_at(&mut buf, offset)?;
     Ok(buf)
 }
-
-/// `len` bytes of a deterministic pattern that differs for every seed and 8-byte position.
-pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 8);
-    let mut i = 0u64;
-    while out.len() < len {
-        // splitmix64
-        let mut z = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(i);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
-        i += 1;
-    }
-    out.truncate(len);
-    out
-}

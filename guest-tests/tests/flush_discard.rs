@@ -1,7 +1,8 @@
 //! Flush, discard and write-zeroes as a guest issues them.
 
 use anyhow::ensure;
-use guest_tests::{guest_test, pattern, read_at, sparse_image, write_at, Job, Vm, Vublk, MIB};
+use guest_tests::{guest_test, read_at, sparse_image, write_at, Job, Vm, Vublk, MIB};
+use vublk_test_support::pattern::pattern;
 
 const FSYNC_JOB: &str = "[global]
 filename=/dev/vda
@@ -67,7 +68,7 @@ fn discard_and_write_zeroes_read_back_as_zeroes() {
     guest_test("discard", |dir| {
         let img = dir.join("disk.img");
         sparse_image(&img, 32 * MIB)?;
-        let data = pattern(7, 16 * MIB as usize);
+        let data = pattern(7, 0, 16 * MIB as usize);
         write_at(&img, 0, &data)?;
         let vublk = Vublk::start(dir, "vublk", &["--blk-file", img.to_str().unwrap()])?;
         let boot = Vm::default().disk(&vublk.socket, 1).boot(

@@ -3,10 +3,13 @@
 //! - [`frontend`]: a scripted vhost-user-blk frontend that talks to the backend the way QEMU or
 //!   cloud-hypervisor would (and the way a hostile guest would not be allowed to).
 //! - [`daemon`]: the backend under test as a child process.
+//! - [`pattern`]: the data every test writes and checks, and the comparison that names the first
+//!   difference.
 //! - [`vublk_binary`]: the vublk binary of this workspace, found or built.
 
 pub mod daemon;
 pub mod frontend;
+pub mod pattern;
 pub mod vublk_binary;
 
 pub use daemon::Daemon;

@@ -32,11 +32,12 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vublk_test_support::frontend::blk::{self, header, BLK_CONFIG_LEN_FULL};
 use vublk_test_support::frontend::cloud_hypervisor::{self as ch, QUEUE_SIZE};
-use vublk_test_support::frontend::fixture::{assert_bytes, pattern, START_TIMEOUT};
+use vublk_test_support::frontend::fixture::{image_pattern, START_TIMEOUT};
 use vublk_test_support::frontend::session::BLK_CONFIG_LEN;
 use vublk_test_support::frontend::{
     BlkConfig, Fixture, MemAnnounce, Readback, RegionSpec, Seg, Session, Step,
 };
+use vublk_test_support::pattern::assert_same;
 use vublk_test_support::Daemon;
 
 const MIB: u64 = 1 << 20;
@@ -183,18 +184,18 @@ fn io_round(fx: &Fixture, s: &mut Session, q: usize, tag: u8) -> u64 {
     for sector in [0u64, 9, IMAGE / 512 - 1] {
         let c = s.blk(q).read(sector, 512).unwrap();
         assert_eq!(c.status(), blk::S_OK, "read sector {sector}, queue {q}");
-        assert_bytes(&c.data, &pattern(sector * 512, 512), "read data");
+        assert_same(&c.data, &image_pattern(sector * 512, 512), "read data");
     }
     let data: Vec<u8> = (0..8192u32).map(|i| (i * 13) as u8 ^ tag).collect();
     let sector = 64 + 32 * u64::from(tag) + 16 * q as u64;
     assert_eq!(s.blk(q).write(sector, &data).unwrap().status(), blk::S_OK);
-    assert_bytes(
+    assert_same(
         &s.blk(q).read(sector, 8192).unwrap().data,
         &data,
         "read back",
     );
     assert_eq!(s.blk(q).flush().unwrap().status(), blk::S_OK, "flush");
-    assert_bytes(&fx.image_bytes(sector * 512, 8192), &data, "image contents");
+    assert_same(&fx.image_bytes(sector * 512, 8192), &data, "image contents");
     sector
 }
 
@@ -226,9 +227,9 @@ fn big_indirect_read(s: &mut Session, q: usize, sector: u64, segs: usize) {
     s.publish(q, head).unwrap();
     let c = s.blk(q).finish(head, &rb).unwrap();
     assert_eq!(c.status(), blk::S_OK, "{segs}-segment indirect read");
-    assert_bytes(
+    assert_same(
         &c.data,
-        &pattern(sector * 512, segs * 512),
+        &image_pattern(sector * 512, segs * 512),
         "indirect read data",
     );
 }
@@ -302,7 +303,11 @@ fn memory_hotplug_and_the_cache_mode_switch() {
         )
         .unwrap();
     assert_eq!(c.status(), blk::S_OK, "read into hot-plugged RAM");
-    assert_bytes(&c.data, &pattern(33 * 512, 4096), "hot-plugged read data");
+    assert_same(
+        &c.data,
+        &image_pattern(33 * 512, 4096),
+        "hot-plugged read data",
+    );
 
     // The guest turns the write cache off: SET_CONFIG at the raw writeback offset (32), not at
     // 0x100 + 32 as cloud-hypervisor's GET_CONFIG was. vublk acks it (NEED_REPLY) ...
@@ -362,7 +367,7 @@ fn reconnects_after_the_worker_dies_and_after_vublk_restarts() {
     reconnect(&mut fx, &mut s, acked, acked_protocol);
     let c = s.blk(0).read(before, 8192).unwrap();
     assert_eq!(c.status(), blk::S_OK);
-    assert_bytes(
+    assert_same(
         &c.data,
         &fx.image_bytes(before * 512, 8192),
         "data written before the worker died",
@@ -395,7 +400,7 @@ fn reconnects_after_the_worker_dies_and_after_vublk_restarts() {
     ] {
         let c = s.blk(0).read(sector, 8192).unwrap();
         assert_eq!(c.status(), blk::S_OK);
-        assert_bytes(
+        assert_same(
             &c.data,
             &fx.image_bytes(sector * 512, 8192),
             &format!("data written {what}"),
@@ -417,7 +422,7 @@ fn reconnect_at_once_after_the_worker_dies() {
     let before = io_round(&fx, &mut s, 0, 1);
     kill_worker(&fx, &s);
     reconnect(&mut fx, &mut s, acked, acked_protocol);
-    assert_bytes(
+    assert_same(
         &s.blk(0).read(before, 8192).unwrap().data,
         &fx.image_bytes(before * 512, 8192),
         "data written before the worker died",

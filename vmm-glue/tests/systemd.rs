@@ -22,8 +22,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{vublk, which, workspace};
-use vublk_test_support::frontend::fixture::{assert_bytes, pattern, write_image};
+use vublk_test_support::frontend::fixture::{image_pattern, IMAGE_SEED};
 use vublk_test_support::frontend::{Session, SessionConfig, Step};
+use vublk_test_support::pattern::{assert_same, create_image};
 use vublk_test_support::Daemon;
 
 fn unit(name: &str) -> String {
@@ -121,7 +122,7 @@ fn socket_activation_hands_vublk_the_listening_fd() {
     };
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.img");
-    write_image(&image, 1 << 20);
+    create_image(&image, 1 << 20, IMAGE_SEED);
 
     // The unit's socket, moved into the temp dir, and its command line with the test's binary
     // and image.
@@ -162,9 +163,9 @@ fn socket_activation_hands_vublk_the_listening_fd() {
         .unwrap_or_else(|e| panic!("handshake: {e}\n{}", d.stderr()));
     let c = s.blk(0).read(8, 4096).unwrap();
     assert_eq!(c.status(), 0, "{}", d.stderr());
-    assert_bytes(
+    assert_same(
         &c.data,
-        &pattern(8 * 512, 4096),
+        &image_pattern(8 * 512, 4096),
         "read through the inherited socket",
     );
     drop(s);

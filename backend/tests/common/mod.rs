@@ -9,13 +9,12 @@
 //!   inside mapped regions, because the daemon must be able to mmap them).
 //! - [`Queue::run`] submits a batch of requests at once (so many are in flight), waits for every
 //!   completion and returns the per-request result, indexed like the batch.
-//! - Images are filled with a deterministic, position-dependent pattern, so any byte that lands in
-//!   the wrong place is detected.
+//! - Images are filled with the deterministic, position-dependent pattern of
+//!   `vublk_test_support::pattern`, so any byte that lands in the wrong place is detected.
 
 #![allow(dead_code)]
 
 use std::fs::File;
-use std::io::Write;
 use std::mem::MaybeUninit;
 use std::os::unix::io::RawFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -49,105 +48,10 @@ pub fn test_dir() -> tempfile::TempDir {
         .expect("create temp dir")
 }
 
-// ---------------------------------------------------------------------------------------------
-// Deterministic data
-// ---------------------------------------------------------------------------------------------
-
-fn mix(seed: u64, word: u64) -> u64 {
-    // splitmix64 of (seed, word index): every 8-byte word of every seed differs.
-    let mut z = seed
-        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        .wrapping_add(word)
-        .wrapping_add(0x632B_E59B_D9B4_E019);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// Fills `buf` with the pattern for `seed` as it would appear at byte `start` of a disk.
-pub fn fill_pattern(buf: &mut [u8], seed: u64, start: u64) {
-    let mut i = 0;
-    while i < buf.len() {
-        let pos = start + i as u64;
-        let word = mix(seed, pos / 8).to_le_bytes();
-        let k = (pos % 8) as usize;
-        let n = (8 - k).min(buf.len() - i);
-        buf[i..i + n].copy_from_slice(&word[k..k + n]);
-        i += n;
-    }
-}
-
-pub fn pattern(seed: u64, start: u64, len: usize) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    fill_pattern(&mut v, seed, start);
-    v
-}
-
-/// Writes a non-sparse image of `size` bytes holding `pattern(seed, 0, size)`.
-pub fn create_image(path: &Path, size: u64, seed: u64) -> Vec<u8> {
-    let data = pattern(seed, 0, size as usize);
-    let mut f = File::create(path).expect("create image");
-    f.write_all(&data).expect("write image");
-    f.sync_all().expect("sync image");
-    data
-}
-
-/// A small deterministic PRNG (xorshift64*) so failures reproduce.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(mix(seed, 0x5eed) | 1)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    /// Uniform-ish in `0..n`.
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-    pub fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len() as u64) as usize]
-    }
-    pub fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            let j = self.below(i as u64 + 1) as usize;
-            v.swap(i, j);
-        }
-    }
-}
-
-/// Describes where the first difference between two buffers is, for assertion messages.
-pub fn first_difference(got: &[u8], want: &[u8]) -> Option<String> {
-    if got == want {
-        // memcmp: the common case stays fast in unoptimised test builds.
-        return None;
-    }
-    if got.len() != want.len() {
-        return Some(format!("length {} != expected {}", got.len(), want.len()));
-    }
-    let i = got.iter().zip(want).position(|(a, b)| a != b)?;
-    let end = (i..got.len())
-        .find(|&j| got[j] == want[j])
-        .unwrap_or(got.len());
-    Some(format!(
-        "first difference at byte {i} (sector {}), differing run of {} bytes: got {:02x?} want {:02x?}",
-        i / 512,
-        end - i,
-        &got[i..(i + 16).min(got.len())],
-        &want[i..(i + 16).min(want.len())]
-    ))
-}
-
-#[track_caller]
-pub fn assert_same(got: &[u8], want: &[u8], what: &str) {
-    if let Some(diff) = first_difference(got, want) {
-        panic!("{what}: {diff}");
-    }
-}
+// The data pattern, the PRNG and the byte comparison every test shares (each test file uses
+// some of them).
+#[allow(unused_imports)]
+pub use vublk_test_support::pattern::{assert_same, create_image, first_difference, pattern, Rng};
 
 // ---------------------------------------------------------------------------------------------
 // The daemon
