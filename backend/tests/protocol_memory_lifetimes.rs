@@ -381,7 +381,7 @@ fn sentinel(f: &RegionFile) -> impl Fn(&str) + '_ {
 /// Lines of the daemon's log containing every one of `words` (case-insensitive).
 fn log_lines(fx: &Fixture, words: &[&str]) -> Vec<String> {
     fx.daemon
-        .stderr()
+        .log()
         .lines()
         .filter(|l| {
             let l = l.to_lowercase();
@@ -400,17 +400,17 @@ fn assert_logged(fx: &Fixture, words: &[&str]) {
     }
     assert!(
         !log_lines(fx, words).is_empty(),
-        "no log line containing {words:?}; stderr:\n{}",
-        fx.daemon.stderr()
+        "no log line containing {words:?}; log:\n{}",
+        fx.daemon.log()
     );
 }
 
 #[track_caller]
 fn assert_running(fx: &mut Fixture) {
     assert!(
-        matches!(fx.daemon.try_wait(), Ok(None)),
-        "vublk exited; stderr:\n{}",
-        fx.daemon.stderr()
+        fx.daemon.try_wait().is_none(),
+        "vublk exited; log:\n{}",
+        fx.daemon.log()
     );
 }
 

@@ -96,7 +96,7 @@ fn a_polling_queue_serves_chains_published_without_a_kick() {
         assert!(
             completes_within(&mut s, head, &rb, sector, Duration::from_secs(5)),
             "round {round}: a chain published without a kick was not served while polling\n{}",
-            fx.daemon.stderr()
+            fx.daemon.log()
         );
     }
 }

@@ -10,7 +10,7 @@
 //! paths.rs     where the cache and the vublk binary are (built if missing or stale)
 //! debian.rs    apt-get download + dpkg-deb: the kernel and busybox packages
 //! image.rs     kernel + base initramfs (cpio.rs), cached by a key of all inputs; init.sh is /init
-//! vublk.rs     vublk serving a socket, stopped with SIGTERM and checked
+//! vublk.rs     vublk serving a socket (the shared harness), stopped with SIGTERM and checked
 //! qemu.rs      one boot: job appended to the initramfs, QEMU with a timeout, KVM or TCG
 //! console.rs   the console split into the job's steps; kernel complaints
 //! fio.rs       fio's JSON report and whether the run passed
@@ -23,7 +23,6 @@ pub mod debian;
 pub mod fio;
 pub mod image;
 pub mod paths;
-mod process;
 pub mod qemu;
 pub mod vublk;
 
@@ -34,7 +33,8 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 pub use qemu::{Boot, Job, Vm};
-pub use vublk::Vublk;
+pub use vublk::start_vublk;
+pub use vublk_test_support::Daemon;
 
 pub const MIB: u64 = 1024 * 1024;
 

@@ -312,7 +312,7 @@ fn memory_hotplug_and_the_cache_mode_switch() {
     // The guest turns the write cache off: SET_CONFIG at the raw writeback offset (32), not at
     // 0x100 + 32 as cloud-hypervisor's GET_CONFIG was. vublk acks it (NEED_REPLY) ...
     s.step(&Step::cloud_hypervisor_v51_writeback(false))
-        .unwrap_or_else(|e| panic!("SET_CONFIG writeback=0: {e}\n{}", fx.daemon.stderr()));
+        .unwrap_or_else(|e| panic!("SET_CONFIG writeback=0: {e}\n{}", fx.daemon.log()));
     // ... and applies it: cloud-hypervisor does not read the config again, this check does.
     let after = s
         .get_config(
@@ -379,10 +379,9 @@ fn reconnects_after_the_worker_dies_and_after_vublk_restarts() {
     fx.daemon.signal(libc::SIGTERM).unwrap();
     let st = fx
         .daemon
-        .wait_timeout(Duration::from_secs(20))
-        .unwrap()
+        .wait_exit(Duration::from_secs(20))
         .expect("vublk did not stop on SIGTERM");
-    assert!(st.success(), "vublk exit {st}: {}", fx.daemon.stderr());
+    assert!(st.success(), "vublk exit {st}: {}", fx.daemon.log());
     assert!(s.wait_hangup(Duration::from_secs(5)).unwrap());
     let args: Vec<String> = [
         "--blk-file",
@@ -438,7 +437,7 @@ fn kill_worker(fx: &Fixture, s: &Session) {
     assert!(
         s.wait_hangup(Duration::from_secs(10)).unwrap(),
         "no hang-up after the worker died\n{}",
-        fx.daemon.stderr()
+        fx.daemon.log()
     );
     eprintln!("hang-up {:?} after the worker was killed", start.elapsed());
 }
@@ -450,7 +449,7 @@ fn wait_reaped(fx: &Fixture) {
         assert!(
             start.elapsed() < Duration::from_secs(10),
             "the supervisor did not reap its worker\n{}",
-            fx.daemon.stderr()
+            fx.daemon.log()
         );
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -467,11 +466,11 @@ fn reconnect(
     let stream = fx
         .daemon
         .connect(START_TIMEOUT)
-        .unwrap_or_else(|e| panic!("reconnect: {e}\n{}", fx.daemon.stderr()));
+        .unwrap_or_else(|e| panic!("reconnect: {e}\n{}", fx.daemon.log()));
     s.reconnect(stream).unwrap();
     let steps = Step::cloud_hypervisor_v51_reconnect(1, acked, acked_protocol);
     s.run(&steps)
-        .unwrap_or_else(|e| panic!("reconnect sequence: {e:?}\n{}", fx.daemon.stderr()));
+        .unwrap_or_else(|e| panic!("reconnect sequence: {e:?}\n{}", fx.daemon.log()));
     // GET_FEATURES is the only reply cloud-hypervisor gets (and ignores) on a reconnect; it
     // must still offer everything acked the first time, or SET_FEATURES would be refused.
     assert_eq!(

@@ -20,7 +20,7 @@ use clap::{Parser, Subcommand};
 use guest_tests::bench::load::{self, LoadSpec, Target};
 use guest_tests::bench::media::{self, Medium};
 use guest_tests::bench::report::{self, Sample};
-use guest_tests::bench::systems::{self, Backend, System};
+use guest_tests::bench::systems::{self, System};
 use guest_tests::bench::{svg, Cell, ClientMode, Rate, Rw};
 use serde_json::json;
 
@@ -531,14 +531,14 @@ fn measure(
         size: prepared.size,
     };
     let measured = if system.has_backend() {
-        let mut backend = Backend::start(system, prepared, cell.queues, dir, system.name())?;
+        let mut backend = systems::start(system, prepared, cell.queues, dir, system.name())?;
         let target = Target::VhostUser {
-            socket: backend.socket.clone(),
+            socket: backend.socket().to_path_buf(),
         };
         let measured = load::run(exe, &spec(target), Some(backend.pid()))
-            .with_context(|| format!("backend log:\n{}", backend.log_text()))?;
-        backend.check_running()?;
-        backend.stop()?;
+            .with_context(|| format!("backend log:\n{}", backend.log()))?;
+        backend.running()?;
+        backend.try_stop()?;
         measured
     } else {
         let target = Target::IoUring {

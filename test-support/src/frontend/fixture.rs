@@ -62,7 +62,7 @@ impl Fixture {
     pub fn stream(&mut self) -> UnixStream {
         self.daemon
             .connect(START_TIMEOUT)
-            .unwrap_or_else(|e| panic!("connect: {e}\nstderr:\n{}", self.daemon.stderr()))
+            .unwrap_or_else(|e| panic!("connect: {e}\nlog:\n{}", self.daemon.log()))
     }
 
     /// Connects and runs `steps`.
@@ -71,9 +71,9 @@ impl Fixture {
         match Session::connect(stream, config, steps) {
             Ok(s) => s,
             Err(e) => panic!(
-                "handshake failed: {e} ({:?})\nstderr:\n{}",
+                "handshake failed: {e} ({:?})\nlog:\n{}",
                 std::error::Error::source(&e).map(|s| s.to_string()),
-                self.daemon.stderr()
+                self.daemon.log()
             ),
         }
     }

@@ -84,17 +84,23 @@ impl Step {
             Step::SetFeatures,
             Step::WithReply(Box::new(Step::Memory(MemAnnounce::SetMemTable))),
         ];
-        for q in 0..num_queues {
-            v.extend([
-                Step::SetVringNum(q),
-                Step::SetVringBase(q),
-                Step::SetVringAddr(q),
-                Step::SetVringKick(q),
-                Step::SetVringCall(q),
-            ]);
-        }
-        v.extend((0..num_queues).map(|q| Step::SetVringEnable(q, true)));
+        v.extend(Step::vrings(num_queues));
         v
+    }
+
+    /// QEMU's vring setup: per queue NUM, BASE, ADDR, KICK and CALL, then every queue enabled.
+    fn vrings(num_queues: usize) -> impl Iterator<Item = Step> {
+        (0..num_queues)
+            .flat_map(|q| {
+                [
+                    Step::SetVringNum(q),
+                    Step::SetVringBase(q),
+                    Step::SetVringAddr(q),
+                    Step::SetVringKick(q),
+                    Step::SetVringCall(q),
+                ]
+            })
+            .chain((0..num_queues).map(|q| Step::SetVringEnable(q, true)))
     }
 
     /// cloud-hypervisor's vhost-user-blk: `Blk::new` (negotiate_features_vhost_user, queue
@@ -121,16 +127,7 @@ impl Step {
     /// Everything after negotiation needed to start all queues, announcing memory `how`.
     pub fn start(num_queues: usize, how: MemAnnounce) -> Vec<Step> {
         let mut v = vec![Step::SetFeatures, Step::Memory(how)];
-        for q in 0..num_queues {
-            v.extend([
-                Step::SetVringNum(q),
-                Step::SetVringBase(q),
-                Step::SetVringAddr(q),
-                Step::SetVringKick(q),
-                Step::SetVringCall(q),
-            ]);
-        }
-        v.extend((0..num_queues).map(|q| Step::SetVringEnable(q, true)));
+        v.extend(Step::vrings(num_queues));
         v
     }
 }
@@ -342,5 +339,36 @@ impl Session {
     /// Steps completed so far, in order.
     pub fn sent(&self) -> &[Step] {
         &self.sent
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qemu_sets_up_each_vring_in_turn_then_enables_them_all() {
+        let steps = Step::start(2, MemAnnounce::AddMemReg);
+        assert_eq!(
+            steps,
+            [
+                Step::SetFeatures,
+                Step::Memory(MemAnnounce::AddMemReg),
+                Step::SetVringNum(0),
+                Step::SetVringBase(0),
+                Step::SetVringAddr(0),
+                Step::SetVringKick(0),
+                Step::SetVringCall(0),
+                Step::SetVringNum(1),
+                Step::SetVringBase(1),
+                Step::SetVringAddr(1),
+                Step::SetVringKick(1),
+                Step::SetVringCall(1),
+                Step::SetVringEnable(0, true),
+                Step::SetVringEnable(1, true),
+            ]
+        );
+        let qemu = Step::qemu(2);
+        assert_eq!(qemu[qemu.len() - 12..], steps[2..]);
     }
 }
