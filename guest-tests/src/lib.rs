@@ -16,7 +16,6 @@
 //! fio.rs       fio's JSON report and whether the run passed
 //! ```
 
-pub mod bench;
 pub mod console;
 pub mod cpio;
 pub mod debian;

@@ -47,9 +47,9 @@ use blkio::{Blkio, Blkioq, Completion, Errno, ReqFlags};
 use serde_json::{json, Value};
 use vublk_test_support::process::die_with_parent;
 
-use super::cpu::{Snapshot, Steal};
-use super::histogram::Histogram;
-use super::{ClientMode, Rate, Rw, BLOCK};
+use crate::cpu::{Snapshot, Steal};
+use crate::histogram::Histogram;
+use crate::{ClientMode, Rate, Rw, BLOCK};
 
 /// How long the load generator keeps retrying to connect while the socket does not accept yet.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -24,11 +24,16 @@ use anyhow::{bail, Context, Error, Result};
 use vublk_test_support::daemon::{Options, SocketAtExit};
 use vublk_test_support::Daemon;
 
-use super::media::{Medium, Prepared};
-use crate::paths;
+use crate::media::{Medium, Prepared};
 
 /// How long a backend may take to create its socket, and to exit after SIGTERM.
 const TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The vublk binary of this workspace (`VUBLK_BIN` overrides it): next to this executable in
+/// the target directory, built if missing or stale (`vublk_test_support::vublk_binary`).
+fn vublk_bin() -> Result<PathBuf> {
+    vublk_test_support::vublk_binary::vublk().context("the vublk binary")
+}
 
 /// The QSD executable; `QSD_BIN` overrides it.
 pub fn qsd_bin() -> PathBuf {
@@ -81,7 +86,7 @@ impl System {
         let socket_str = socket.to_str().context("socket path is not UTF-8")?;
         Ok(match self {
             System::Vublk | System::VublkSingle => {
-                let mut cmd = Command::new(paths::vublk_bin()?);
+                let mut cmd = Command::new(vublk_bin()?);
                 cmd.arg("--socket-path").arg(socket);
                 cmd.args(["--num-queues", &queues.to_string()]);
                 match media.medium {
@@ -176,7 +181,7 @@ pub fn start(
 /// One line saying which version of `system` runs (for the report).
 pub fn version(system: System) -> String {
     let out = match system {
-        System::Vublk | System::VublkSingle => match paths::vublk_bin() {
+        System::Vublk | System::VublkSingle => match vublk_bin() {
             Ok(bin) => Command::new(bin).arg("--version").output(),
             Err(e) => return format!("unknown ({e:#})"),
         },
