@@ -16,7 +16,7 @@ use crate::daemon::Daemon;
 use crate::pattern::{create_image, pattern};
 
 /// How long a daemon may take to come up.
-pub const START_TIMEOUT: Duration = Duration::from_secs(10);
+pub const START_TIMEOUT: Duration = crate::daemon::DAEMON_TIMEOUT;
 
 /// The seed of a fixture image's [pattern](crate::pattern).
 pub const IMAGE_SEED: u64 = 0x5bd1_e995;
@@ -36,8 +36,8 @@ pub struct Fixture {
 }
 
 impl Fixture {
-    /// Writes a `size`-byte image of [`image_pattern`] and starts `program --socket-path S --blk-file IMG
-    /// args...`.
+    /// Writes a `size`-byte image of [`image_pattern`] and starts `program --socket-path S
+    /// --blk-file IMG args...`, killed when dropped.
     pub fn start(program: &str, size: u64, args: &[&str]) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("vublk-fixture-")
