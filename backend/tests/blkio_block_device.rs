@@ -40,8 +40,8 @@ fn loop_device_backing_serves_data_and_zeroing() {
     let size = 8 * MIB;
     let mut model = create_image(&img, size, 31);
     let dev = Loop::attach(&img);
-    let mut daemon = Daemon::start(dir.path(), &["--blk-file", &dev.0]);
-    let mut client = Client::connect(&daemon.socket, 1);
+    let mut daemon = Daemon::start(vublk_bin(), dir.path(), &["--blk-file", &dev.0]);
+    let mut client = Client::connect(daemon.socket(), 1);
     assert_eq!(client.prop_u64("capacity"), size, "capacity of {}", dev.0);
 
     let data = pattern(3100, MIB, 256 * KIB as usize);

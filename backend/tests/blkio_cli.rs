@@ -158,7 +158,11 @@ fn sigint_when_idle_exits_0_and_removes_the_socket() {
     let dir = test_dir();
     let img = dir.path().join("disk.img");
     create_image(&img, MIB, 31);
-    let mut daemon = Daemon::start(dir.path(), &["--blk-file", img.to_str().unwrap()]);
+    let mut daemon = Daemon::start(
+        vublk_bin(),
+        dir.path(),
+        &["--blk-file", img.to_str().unwrap()],
+    );
     let status = daemon.signal_and_wait(libc::SIGINT);
     daemon.check_clean_exit(status, "after SIGINT");
 }
@@ -169,10 +173,11 @@ fn sigterm_with_a_client_connected_exits_0() {
     let img = dir.path().join("disk.img");
     create_image(&img, 4 * MIB, 32);
     let mut daemon = Daemon::start(
+        vublk_bin(),
         dir.path(),
         &["--blk-file", img.to_str().unwrap(), "--num-queues", "2"],
     );
-    let mut client = Client::connect(&daemon.socket, 2);
+    let mut client = Client::connect(daemon.socket(), 2);
     let data = pattern(900, 0, 64 * KIB as usize);
     assert_eq!(client.q(1).write_at(0, &data), 0);
     assert_eq!(client.q(1).flush(), 0);
@@ -194,9 +199,13 @@ fn sigterm_with_io_in_flight_exits_0() {
     let img = dir.path().join("disk.img");
     let size = 64 * MIB;
     create_image(&img, size, 33);
-    let mut daemon = Daemon::start(dir.path(), &["--blk-file", img.to_str().unwrap()]);
+    let mut daemon = Daemon::start(
+        vublk_bin(),
+        dir.path(),
+        &["--blk-file", img.to_str().unwrap()],
+    );
     let mut client = Client::connect_with(
-        &daemon.socket,
+        daemon.socket(),
         ClientOpts {
             buf_per_queue: 64 * MIB as usize,
             ..Default::default()
@@ -222,6 +231,7 @@ fn socket_mode_and_group() {
     let dir = test_dir();
     let control = dir.path().join("control.sock");
     let mut daemon = Daemon::start(
+        vublk_bin(),
         dir.path(),
         &[
             "--null",
@@ -235,7 +245,7 @@ fn socket_mode_and_group() {
         ],
     );
     daemon.wait_for(&control);
-    let meta = std::fs::metadata(&daemon.socket).unwrap();
+    let meta = std::fs::metadata(daemon.socket()).unwrap();
     assert_eq!(meta.permissions().mode() & 0o7777, 0o660);
     assert_eq!(meta.gid(), 100);
     assert_eq!(
@@ -290,6 +300,7 @@ fn exports_take_the_daemon_wide_socket_mode_and_group() {
     let inherits = dir.path().join("inherits.sock");
     let own = dir.path().join("own.sock");
     let mut daemon = Daemon::start(
+        vublk_bin(),
         dir.path(),
         &[
             "--null",
@@ -314,7 +325,7 @@ fn exports_take_the_daemon_wide_socket_mode_and_group() {
         let meta = std::fs::symlink_metadata(path).unwrap();
         (meta.permissions().mode() & 0o7777, meta.gid())
     };
-    assert_eq!(access(&daemon.socket), (0o660, 100));
+    assert_eq!(access(daemon.socket()), (0o660, 100));
     assert_eq!(access(&inherits), (0o660, 100));
     assert_eq!(access(&own), (0o600, 0));
     daemon.stop();
@@ -385,6 +396,7 @@ fn open_as_daemon_refuses_a_replaced_image() {
     create_image(&img, MIB, 32);
     let uid = std::fs::metadata("/proc/self").unwrap().uid().to_string();
     let mut daemon = Daemon::start(
+        vublk_bin(),
         &base,
         &[
             "--blk-file",
@@ -395,14 +407,14 @@ fn open_as_daemon_refuses_a_replaced_image() {
             &uid,
         ],
     );
-    let client = Client::connect(&daemon.socket, 1);
+    let client = Client::connect(daemon.socket(), 1);
     assert_eq!(client.capacity(), MIB);
     drop(client);
 
     let replacement = base.join("new.img");
     create_image(&replacement, 2 * MIB, 33);
     std::fs::rename(&replacement, &img).unwrap();
-    let refused = Client::connect_with(&daemon.socket, ClientOpts::default());
+    let refused = Client::connect_with(daemon.socket(), ClientOpts::default());
     assert!(refused.is_err(), "served a replaced image");
     let expected = format!(
         "{} is no longer the file vublk started with (device and inode changed)",

@@ -43,11 +43,12 @@ fn read_only_serves_reads_and_refuses_writes() {
     let size = 4 * MIB;
     let model = create_image(&img, size, 20);
     let mut daemon = Daemon::start(
+        vublk_bin(),
         dir.path(),
         &["--blk-file", img.to_str().unwrap(), "--read-only"],
     );
 
-    let rw = Client::connect_with(&daemon.socket, ClientOpts::default());
+    let rw = Client::connect_with(daemon.socket(), ClientOpts::default());
     match rw {
         Ok(_) => {
             panic!("a read-write start succeeded: vublk --read-only does not offer VIRTIO_BLK_F_RO")
@@ -61,7 +62,7 @@ fn read_only_serves_reads_and_refuses_writes() {
     daemon.assert_running();
 
     let mut client = connect_opts(
-        &daemon.socket,
+        daemon.socket(),
         ClientOpts {
             read_only: true,
             ..Default::default()
@@ -118,8 +119,12 @@ fn capacity_matches_the_image() {
         let dir = test_dir();
         let img = dir.path().join("disk.img");
         let model = create_image(&img, size, 21 + i as u64);
-        let mut daemon = Daemon::start(dir.path(), &["--blk-file", img.to_str().unwrap()]);
-        let mut client = Client::connect(&daemon.socket, 1);
+        let mut daemon = Daemon::start(
+            vublk_bin(),
+            dir.path(),
+            &["--blk-file", img.to_str().unwrap()],
+        );
+        let mut client = Client::connect(daemon.socket(), 1);
         let cap = client.capacity();
         let (down, up) = (size / 512 * 512, size.next_multiple_of(512));
         assert!(
@@ -156,8 +161,8 @@ fn config_space_reflects_the_options() {
 
     // Defaults: 512-byte blocks, write cache on, one queue.
     {
-        let mut daemon = Daemon::start(dir.path(), &["--blk-file", img]);
-        let client = Client::connect(&daemon.socket, 1);
+        let mut daemon = Daemon::start(vublk_bin(), dir.path(), &["--blk-file", img]);
+        let client = Client::connect(daemon.socket(), 1);
         assert_eq!(
             client.prop_i32("request-alignment"),
             512,
@@ -185,6 +190,7 @@ fn config_space_reflects_the_options() {
     // --blk-size 4096 --write-cache off --num-queues 3
     {
         let mut daemon = Daemon::start(
+            vublk_bin(),
             dir.path(),
             &[
                 "--blk-file",
@@ -197,7 +203,7 @@ fn config_space_reflects_the_options() {
                 "3",
             ],
         );
-        let mut client = Client::connect(&daemon.socket, 3);
+        let mut client = Client::connect(daemon.socket(), 3);
         assert_eq!(
             client.prop_i32("request-alignment"),
             4096,
@@ -236,10 +242,14 @@ fn queue_size_limits_the_ring() {
     create_image(&img, MIB, 23);
     let img = img.to_str().unwrap();
 
-    let mut daemon = Daemon::start(dir.path(), &["--blk-file", img, "--queue-size", "256"]);
+    let mut daemon = Daemon::start(
+        vublk_bin(),
+        dir.path(),
+        &["--blk-file", img, "--queue-size", "256"],
+    );
     for (qs, ok) in [(256, true), (64, true), (512, false)] {
         let r = Client::connect_with(
-            &daemon.socket,
+            daemon.socket(),
             ClientOpts {
                 queue_size: Some(qs),
                 ..Default::default()
@@ -256,9 +266,9 @@ fn queue_size_limits_the_ring() {
     daemon.stop();
 
     // The default maximum is 1024.
-    let mut daemon = Daemon::start(dir.path(), &["--blk-file", img]);
+    let mut daemon = Daemon::start(vublk_bin(), dir.path(), &["--blk-file", img]);
     let mut c = connect_opts(
-        &daemon.socket,
+        daemon.socket(),
         ClientOpts {
             queue_size: Some(1024),
             ..Default::default()
@@ -267,7 +277,7 @@ fn queue_size_limits_the_ring() {
     assert!(c.q(0).read_at(0, 4096).is_ok());
     drop(c);
     let r = Client::connect_with(
-        &daemon.socket,
+        daemon.socket(),
         ClientOpts {
             queue_size: Some(2048),
             ..Default::default()
@@ -285,8 +295,8 @@ fn queue_size_limits_the_ring() {
 #[test]
 fn null_backing_reads_zeroes_and_drops_writes() {
     let dir = test_dir();
-    let mut daemon = Daemon::start(dir.path(), &["--null", "1G"]);
-    let mut client = Client::connect(&daemon.socket, 1);
+    let mut daemon = Daemon::start(vublk_bin(), dir.path(), &["--null", "1G"]);
+    let mut client = Client::connect(daemon.socket(), 1);
     let cap = client.capacity();
     assert_eq!(cap, GIB, "--null 1G capacity");
     let q = client.q(0);
@@ -325,8 +335,8 @@ fn null_sizes_and_spellings() {
     ];
     for (args, want) in cases {
         let dir = test_dir();
-        let mut daemon = Daemon::start(dir.path(), args);
-        let client = Client::connect(&daemon.socket, 1);
+        let mut daemon = Daemon::start(vublk_bin(), dir.path(), args);
+        let client = Client::connect(daemon.socket(), 1);
         assert_eq!(client.capacity(), *want, "capacity for {args:?}");
         drop(client);
         daemon.stop();

@@ -19,13 +19,14 @@ fn a_new_client_sees_the_previous_clients_data() {
     let size = 8 * MIB;
     let mut model = create_image(&img, size, 10);
     let mut daemon = Daemon::start(
+        vublk_bin(),
         dir.path(),
         &["--blk-file", img.to_str().unwrap(), "--num-queues", "2"],
     );
 
     let region = MIB;
     for (cycle, nq) in [2, 1, 2, 1].into_iter().enumerate() {
-        let mut client = Client::connect(&daemon.socket, nq);
+        let mut client = Client::connect(daemon.socket(), nq);
         assert_eq!(client.capacity(), size, "capacity on connection {cycle}");
         // Everything written so far is visible, through the last queue of this connection.
         let last = nq as usize - 1;
@@ -50,7 +51,7 @@ fn a_new_client_sees_the_previous_clients_data() {
         drop(client);
         daemon.assert_running();
     }
-    let mut client = Client::connect(&daemon.socket, 1);
+    let mut client = Client::connect(daemon.socket(), 1);
     assert_same(
         &client.q(0).read_range(0, size),
         &model,
@@ -69,13 +70,17 @@ fn disconnect_with_requests_in_flight_leaves_the_daemon_serving() {
     let img = dir.path().join("disk.img");
     let size = 48 * MIB;
     let model = create_image(&img, size, 11);
-    let mut daemon = Daemon::start(dir.path(), &["--blk-file", img.to_str().unwrap()]);
+    let mut daemon = Daemon::start(
+        vublk_bin(),
+        dir.path(),
+        &["--blk-file", img.to_str().unwrap()],
+    );
 
     // The abandoned writes all go to the first 32 MiB; the rest must stay untouched.
     let busy = 32 * MIB;
     for attempt in 0..3u64 {
         let mut client = Client::connect_with(
-            &daemon.socket,
+            daemon.socket(),
             ClientOpts {
                 buf_per_queue: 32 * MIB as usize,
                 ..Default::default()
@@ -98,7 +103,7 @@ fn disconnect_with_requests_in_flight_leaves_the_daemon_serving() {
         daemon.assert_running();
     }
 
-    let mut client = Client::connect(&daemon.socket, 1);
+    let mut client = Client::connect(daemon.socket(), 1);
     let q = client.q(0);
     let got = q.read_range(busy, size - busy);
     assert_same(
@@ -321,10 +326,14 @@ fn idle_and_failed_connections_do_not_disturb_the_daemon() {
     let dir = test_dir();
     let img = dir.path().join("disk.img");
     let model = create_image(&img, 2 * MIB, 14);
-    let mut daemon = Daemon::start(dir.path(), &["--blk-file", img.to_str().unwrap()]);
+    let mut daemon = Daemon::start(
+        vublk_bin(),
+        dir.path(),
+        &["--blk-file", img.to_str().unwrap()],
+    );
     let deadline = std::time::Instant::now() + DAEMON_TIMEOUT;
     loop {
-        match UnixStream::connect(&daemon.socket) {
+        match UnixStream::connect(daemon.socket()) {
             Ok(s) => {
                 drop(s);
                 break;
@@ -336,7 +345,7 @@ fn idle_and_failed_connections_do_not_disturb_the_daemon() {
         }
     }
     let bad = Client::connect_with(
-        &daemon.socket,
+        daemon.socket(),
         ClientOpts {
             num_queues: 2,
             ..Default::default()
@@ -344,7 +353,7 @@ fn idle_and_failed_connections_do_not_disturb_the_daemon() {
     );
     assert!(bad.is_err(), "two queues started on a one-queue vublk");
     daemon.assert_running();
-    let mut client = Client::connect(&daemon.socket, 1);
+    let mut client = Client::connect(daemon.socket(), 1);
     assert_same(&client.q(0).read_range(0, 2 * MIB), &model, "disk");
     drop(client);
     daemon.stop();
@@ -402,12 +411,13 @@ fn connections_release_fds_threads_and_guest_memory() {
     let size = 4 * MIB;
     let mut model = create_image(&img, size, 15);
     let mut daemon = Daemon::start(
+        vublk_bin(),
         dir.path(),
         &["--blk-file", img.to_str().unwrap(), "--num-queues", "4"],
     );
 
     // Warm up once (lazily created resources are not leaks), then take the baselines.
-    let first = Client::connect(&daemon.socket, 1);
+    let first = Client::connect(daemon.socket(), 1);
     let worker = daemon.serving_pid();
     drop(first);
     let supervisor = daemon.pid();
@@ -433,7 +443,7 @@ fn connections_release_fds_threads_and_guest_memory() {
         let nq = 1 + (cycle % 4) as i32;
         let poll = if nq < 4 && cycle % 2 == 1 { 1 } else { 0 };
         let mut client = Client::connect_with(
-            &daemon.socket,
+            daemon.socket(),
             ClientOpts {
                 num_queues: nq,
                 num_poll_queues: poll,
@@ -477,7 +487,7 @@ fn connections_release_fds_threads_and_guest_memory() {
             &format!("supervisor after connection {cycle}"),
         );
     }
-    let mut client = Client::connect(&daemon.socket, 1);
+    let mut client = Client::connect(daemon.socket(), 1);
     assert_same(&client.q(0).read_range(0, size), &model, "disk");
     drop(client);
     daemon.stop();
@@ -501,8 +511,12 @@ fn memory_regions_come_and_go_while_running() {
     let img = dir.path().join("disk.img");
     let size = 4 * MIB;
     let mut model = create_image(&img, size, 16);
-    let mut daemon = Daemon::start(dir.path(), &["--blk-file", img.to_str().unwrap()]);
-    let mut client = Client::connect(&daemon.socket, 1);
+    let mut daemon = Daemon::start(
+        vublk_bin(),
+        dir.path(),
+        &["--blk-file", img.to_str().unwrap()],
+    );
+    let mut client = Client::connect(daemon.socket(), 1);
     let worker = daemon.serving_pid();
     let mapped_before = footprint(worker).guest_mappings;
 
@@ -585,12 +599,13 @@ fn single_process_mode_serves_without_workers() {
     let img = dir.path().join("disk.img");
     create_image(&img, 4 * MIB, 17);
     let mut daemon = Daemon::start(
+        vublk_bin(),
         dir.path(),
         &["--blk-file", img.to_str().unwrap(), "--single-process"],
     );
     let data = pattern(1800, MIB, 64 * KIB as usize);
     {
-        let mut client = Client::connect(&daemon.socket, 1);
+        let mut client = Client::connect(daemon.socket(), 1);
         assert_eq!(client.q(0).write_at(MIB, &data), 0);
         assert_eq!(daemon.serving_pid(), daemon.pid());
         assert!(
@@ -598,7 +613,7 @@ fn single_process_mode_serves_without_workers() {
             "--single-process started a worker"
         );
     }
-    let mut client = Client::connect(&daemon.socket, 1);
+    let mut client = Client::connect(daemon.socket(), 1);
     assert_eq!(client.q(0).read_at(MIB, data.len()).unwrap(), data);
     drop(client);
     daemon.stop();

@@ -121,10 +121,10 @@ fn write_read_verify(
     let mut model = create_image(&img, size, 1);
     let mut args = vec!["--blk-file", img.to_str().unwrap()];
     args.extend_from_slice(extra_args);
-    let mut daemon = Daemon::start(dir.path(), &args);
+    let mut daemon = Daemon::start(vublk_bin(), dir.path(), &args);
 
     let mut client = Client::connect_with(
-        &daemon.socket,
+        daemon.socket(),
         ClientOpts {
             buf_per_queue: 32 * MIB as usize,
             ..Default::default()
@@ -228,6 +228,7 @@ fn the_polling_policy_measures_both_modes_and_reports_its_epochs() {
     create_image(&img, 4 * MIB, 3);
     let control = dir.path().join("control.sock");
     let mut daemon = Daemon::start(
+        vublk_bin(),
         dir.path(),
         &[
             "--blk-file",
@@ -237,7 +238,7 @@ fn the_polling_policy_measures_both_modes_and_reports_its_epochs() {
         ],
     );
     daemon.wait_for(&control);
-    let mut client = Client::connect(&daemon.socket, 1);
+    let mut client = Client::connect(daemon.socket(), 1);
     let q = client.q(0);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let mut offset = 0;
@@ -271,8 +272,12 @@ fn write_zeroes_and_discard_zero_exactly_their_range() {
     let img = dir.path().join("disk.img");
     let size = 16 * MIB;
     let mut model = create_image(&img, size, 2);
-    let mut daemon = Daemon::start(dir.path(), &["--blk-file", img.to_str().unwrap()]);
-    let mut client = Client::connect(&daemon.socket, 1);
+    let mut daemon = Daemon::start(
+        vublk_bin(),
+        dir.path(),
+        &["--blk-file", img.to_str().unwrap()],
+    );
+    let mut client = Client::connect(daemon.socket(), 1);
 
     let max_wz = client.prop_u64("max-write-zeroes-len");
     let max_discard = client.prop_u64("max-discard-len");
@@ -335,8 +340,12 @@ fn out_of_range_requests_fail_and_the_queue_keeps_working() {
     let img = dir.path().join("disk.img");
     let size = 4 * MIB;
     let model = create_image(&img, size, 3);
-    let mut daemon = Daemon::start(dir.path(), &["--blk-file", img.to_str().unwrap()]);
-    let mut client = Client::connect(&daemon.socket, 1);
+    let mut daemon = Daemon::start(
+        vublk_bin(),
+        dir.path(),
+        &["--blk-file", img.to_str().unwrap()],
+    );
+    let mut client = Client::connect(daemon.socket(), 1);
     let cap = client.capacity();
     assert_eq!(cap, size);
     let q = client.q(0);
@@ -438,13 +447,14 @@ fn parallel_queues(num_queues: usize) {
     let model = create_image(&img, size, 4);
     let nq = num_queues.to_string();
     let mut daemon = Daemon::start(
+        vublk_bin(),
         dir.path(),
         &["--blk-file", img.to_str().unwrap(), "--num-queues", &nq],
     );
 
     // More queues than offered must be refused.
     let too_many = Client::connect_with(
-        &daemon.socket,
+        daemon.socket(),
         ClientOpts {
             num_queues: num_queues as i32 + 1,
             ..Default::default()
@@ -459,7 +469,7 @@ fn parallel_queues(num_queues: usize) {
     }
 
     let mut client = Client::connect_with(
-        &daemon.socket,
+        daemon.socket(),
         ClientOpts {
             num_queues: num_queues as i32,
             buf_per_queue: 24 * MIB as usize,
@@ -546,9 +556,13 @@ fn requests_at_the_segment_limits() {
     let img = dir.path().join("disk.img");
     let size = 16 * MIB;
     let mut model = create_image(&img, size, 5);
-    let mut daemon = Daemon::start(dir.path(), &["--blk-file", img.to_str().unwrap()]);
+    let mut daemon = Daemon::start(
+        vublk_bin(),
+        dir.path(),
+        &["--blk-file", img.to_str().unwrap()],
+    );
     let mut client = Client::connect_with(
-        &daemon.socket,
+        daemon.socket(),
         ClientOpts {
             queue_size: Some(1024),
             buf_per_queue: 16 * MIB as usize,
@@ -653,8 +667,12 @@ fn malformed_lengths_fail_without_harm() {
     let img = dir.path().join("disk.img");
     let size = 4 * MIB;
     let model = create_image(&img, size, 6);
-    let mut daemon = Daemon::start(dir.path(), &["--blk-file", img.to_str().unwrap()]);
-    let mut client = Client::connect(&daemon.socket, 1);
+    let mut daemon = Daemon::start(
+        vublk_bin(),
+        dir.path(),
+        &["--blk-file", img.to_str().unwrap()],
+    );
+    let mut client = Client::connect(daemon.socket(), 1);
     let q = client.q(0);
     q.buf().fill(0x11);
 
@@ -689,9 +707,13 @@ fn ring_indexes_wrap_around() {
     let img = dir.path().join("disk.img");
     let size = 4 * MIB;
     let mut model = create_image(&img, size, 8);
-    let mut daemon = Daemon::start(dir.path(), &["--blk-file", img.to_str().unwrap()]);
+    let mut daemon = Daemon::start(
+        vublk_bin(),
+        dir.path(),
+        &["--blk-file", img.to_str().unwrap()],
+    );
     let mut client = Client::connect_with(
-        &daemon.socket,
+        daemon.socket(),
         ClientOpts {
             queue_size: Some(64),
             buf_per_queue: MIB as usize,
@@ -767,8 +789,12 @@ fn a_mapped_image_truncated_under_vublk_fails_requests_not_the_daemon() {
     let img = image_dir.path().join("disk.img");
     let size = 4 * MIB;
     let model = create_image(&img, size, 3);
-    let mut daemon = Daemon::start(dir.path(), &["--blk-file", img.to_str().unwrap()]);
-    let mut client = Client::connect(&daemon.socket, 1);
+    let mut daemon = Daemon::start(
+        vublk_bin(),
+        dir.path(),
+        &["--blk-file", img.to_str().unwrap()],
+    );
+    let mut client = Client::connect(daemon.socket(), 1);
     let q = client.q(0);
     assert_same(
         &q.read_at(3 * MIB, 4096).unwrap(),

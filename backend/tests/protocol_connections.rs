@@ -10,12 +10,14 @@
 use std::path::Path;
 use std::time::Duration;
 
-use vmm_glue::frontend::blk::{self, header, Readback, S_OK};
-use vmm_glue::frontend::fixture::{assert_bytes, pattern, write_image};
-use vmm_glue::frontend::memory::Arena;
-use vmm_glue::frontend::{
-    Daemon, Fixture, MemAnnounce, RegionSpec, Seg, Session, SessionConfig, Step,
+use vublk_test_support::frontend::blk::{self, header, Readback, S_OK};
+use vublk_test_support::frontend::fixture::{image_pattern, IMAGE_SEED};
+use vublk_test_support::frontend::memory::Arena;
+use vublk_test_support::frontend::{
+    Fixture, MemAnnounce, RegionSpec, Seg, Session, SessionConfig, Step,
 };
+use vublk_test_support::pattern::{assert_same, create_image};
+use vublk_test_support::Daemon;
 
 const VUBLK: &str = env!("CARGO_BIN_EXE_vublk");
 const MIB: u64 = 1 << 20;
@@ -93,13 +95,13 @@ fn second_connection_after_the_first_disconnects() {
         let mut s = fx.session();
         let c = s.blk(0).read(5, 4096).unwrap();
         assert_eq!(c.status(), S_OK, "connection {}", round + 2);
-        assert_bytes(
+        assert_same(
             &c.data,
             &data,
             &format!("connection {} sees the first one's write", round + 2),
         );
     }
-    assert!(matches!(fx.daemon.try_wait(), Ok(None)), "vublk exited");
+    assert!(fx.daemon.try_wait().is_none(), "vublk exited");
 }
 
 #[test]
@@ -121,7 +123,7 @@ fn disconnect_mid_handshake_then_reconnect() {
     let mut s = fx.session();
     let c = s.blk(0).read(1, 512).unwrap();
     assert_eq!(c.status(), S_OK);
-    assert_bytes(&c.data, &pattern(512, 512), "read data");
+    assert_same(&c.data, &image_pattern(512, 512), "read data");
 }
 
 #[test]
@@ -150,29 +152,29 @@ fn disconnect_with_requests_in_flight_then_reconnect() {
     let mut s = fx.session();
     let c = s.blk(0).read(300, 4096).unwrap();
     assert_eq!(c.status(), S_OK);
-    assert_bytes(&c.data, &pattern(300 * 512, 4096), "read data");
+    assert_same(&c.data, &image_pattern(300 * 512, 4096), "read data");
 }
 
 #[test]
 fn set_mem_table_adds_and_removes_regions_mid_session() {
     let mut fx = Fixture::start(VUBLK, 8 * MIB, &[]);
     let mut s = fx.session();
-    assert_bytes(
+    assert_same(
         &s.blk(0).read(0, 512).unwrap().data,
-        &pattern(0, 512),
+        &image_pattern(0, 512),
         "read data",
     );
     // Hot-plug 2 MiB at 4 GiB with a full SET_MEM_TABLE; use only the new region for buffers.
     let spec = RegionSpec::new(4 * GIB, 2 << 20);
     let mut hot = s.plug_region(spec, MemAnnounce::SetMemTable).unwrap();
-    assert_bytes(
+    assert_same(
         &read_via(&mut s, &mut hot, 17, 2048),
-        &pattern(17 * 512, 2048),
+        &image_pattern(17 * 512, 2048),
         "read into the hot-plugged region",
     );
     let data = vec![0x9d; 1024];
     write_via(&mut s, &mut hot, 19, &data);
-    assert_bytes(&fx.image_bytes(19 * 512, 1024), &data, "image contents");
+    assert_same(&fx.image_bytes(19 * 512, 1024), &data, "image contents");
     // Unplug it again with another SET_MEM_TABLE; buffers there are now outside guest memory.
     s.unplug_region(4 * GIB, MemAnnounce::SetMemTable).unwrap();
     let st = s.blk(0).alloc_status().unwrap();
@@ -193,9 +195,9 @@ fn set_mem_table_adds_and_removes_regions_mid_session() {
         .unwrap();
     assert_eq!(c.status(), blk::S_IOERR, "buffer in an unplugged region");
     // The original region (rings included) still works.
-    assert_bytes(
+    assert_same(
         &s.blk(0).read(21, 512).unwrap().data,
-        &pattern(21 * 512, 512),
+        &image_pattern(21 * 512, 512),
         "read data",
     );
 }
@@ -209,29 +211,29 @@ fn add_and_remove_mem_reg_mid_session() {
     let mut hot = s
         .plug_region(RegionSpec::new(8 * GIB, 1 << 20), MemAnnounce::AddMemReg)
         .unwrap();
-    assert_bytes(
+    assert_same(
         &read_via(&mut s, &mut hot, 23, 4096),
-        &pattern(23 * 512, 4096),
+        &image_pattern(23 * 512, 4096),
         "read into the hot-plugged region",
     );
     let mut hot2 = s
         .plug_region(RegionSpec::new(2 * GIB, 1 << 20), MemAnnounce::AddMemReg)
         .unwrap();
-    assert_bytes(
+    assert_same(
         &read_via(&mut s, &mut hot2, 29, 512),
-        &pattern(29 * 512, 512),
+        &image_pattern(29 * 512, 512),
         "read into the hot-plugged region",
     );
     s.unplug_region(8 * GIB, MemAnnounce::AddMemReg).unwrap();
     // The other hot-plugged region and the boot region still work.
-    assert_bytes(
+    assert_same(
         &read_via(&mut s, &mut hot2, 31, 512),
-        &pattern(31 * 512, 512),
+        &image_pattern(31 * 512, 512),
         "read into the hot-plugged region",
     );
-    assert_bytes(
+    assert_same(
         &s.blk(0).read(33, 512).unwrap().data,
-        &pattern(33 * 512, 512),
+        &image_pattern(33 * 512, 512),
         "read data",
     );
 }
@@ -258,22 +260,22 @@ fn regions_sharing_one_memfd_at_different_offsets() {
         steps.extend(Step::start(1, how));
         let mut s = fx.session_with(config.clone(), &steps);
         let mut high = Arena::over(RegionSpec::new(4 * GIB, 16 << 20));
-        assert_bytes(
+        assert_same(
             &read_via(&mut s, &mut high, base, 8192),
-            &pattern(base * 512, 8192),
+            &image_pattern(base * 512, 8192),
             &format!("{how:?}: read into the second region"),
         );
         let data: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
         write_via(&mut s, &mut high, base + 100, &data);
-        assert_bytes(
+        assert_same(
             &fx.image_bytes((base + 100) * 512, 4096),
             &data,
             &format!("{how:?}: write from the second region"),
         );
         // And the low region, where the rings live, alongside.
-        assert_bytes(
+        assert_same(
             &s.blk(0).read(base + 200, 512).unwrap().data,
-            &pattern((base + 200) * 512, 512),
+            &image_pattern((base + 200) * 512, 512),
             &format!("{how:?}: read into the first region"),
         );
     }
@@ -283,30 +285,22 @@ fn regions_sharing_one_memfd_at_different_offsets() {
 fn connected_fd_is_served_and_exit_is_zero_on_close() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.img");
-    write_image(&image, 8 * MIB);
+    create_image(&image, 8 * MIB, IMAGE_SEED);
     let args = vec!["--blk-file".to_string(), image.display().to_string()];
     let (mut daemon, stream) = Daemon::with_connected_fd(Path::new(VUBLK), &args).unwrap();
     let mut s = Session::connect(stream, SessionConfig::default(), &Step::qemu(1))
-        .unwrap_or_else(|e| panic!("handshake over --fd: {e}\nstderr:\n{}", daemon.stderr()));
+        .unwrap_or_else(|e| panic!("handshake over --fd: {e}\nlog:\n{}", daemon.log()));
     let c = s.blk(0).read(3, 1024).unwrap();
     assert_eq!(c.status(), S_OK);
-    assert_bytes(&c.data, &pattern(3 * 512, 1024), "read data");
+    assert_same(&c.data, &image_pattern(3 * 512, 1024), "read data");
     assert_eq!(s.blk(0).write(4, &[0x71; 512]).unwrap().status(), S_OK);
     assert_eq!(s.blk(0).flush().unwrap().status(), S_OK);
-    assert!(
-        matches!(daemon.try_wait(), Ok(None)),
-        "exited while connected"
-    );
+    assert!(daemon.try_wait().is_none(), "exited while connected");
     s.close();
     let status = daemon
-        .wait_timeout(Duration::from_secs(10))
-        .unwrap()
+        .wait_exit(Duration::from_secs(10))
         .unwrap_or_else(|| panic!("still running 10 s after the frontend closed"));
-    assert!(
-        status.success(),
-        "exit {status}\nstderr:\n{}",
-        daemon.stderr()
-    );
+    assert!(status.success(), "exit {status}\nlog:\n{}", daemon.log());
     let written = std::fs::read(&image).unwrap();
     assert_eq!(written[4 * 512..5 * 512], [0x71; 512]);
 }
@@ -315,17 +309,12 @@ fn connected_fd_is_served_and_exit_is_zero_on_close() {
 fn connected_fd_closed_before_any_message_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.img");
-    write_image(&image, MIB);
+    create_image(&image, MIB, IMAGE_SEED);
     let args = vec!["--blk-file".to_string(), image.display().to_string()];
     let (mut daemon, stream) = Daemon::with_connected_fd(Path::new(VUBLK), &args).unwrap();
     drop(stream);
     let status = daemon
-        .wait_timeout(Duration::from_secs(10))
-        .unwrap()
+        .wait_exit(Duration::from_secs(10))
         .unwrap_or_else(|| panic!("still running 10 s after the frontend closed"));
-    assert!(
-        status.success(),
-        "exit {status}\nstderr:\n{}",
-        daemon.stderr()
-    );
+    assert!(status.success(), "exit {status}\nlog:\n{}", daemon.log());
 }

@@ -10,12 +10,15 @@
 //! Odd but valid layouts (split header, data and status sharing a descriptor, indirect tables)
 //! must succeed: virtio 1.x drivers may frame a request any way they like.
 
-use vmm_glue::frontend::blk::{self, header, Readback, STATUS_UNTOUCHED, S_IOERR, S_OK, S_UNSUPP};
-use vmm_glue::frontend::fixture::{assert_bytes, pattern};
-use vmm_glue::frontend::virtqueue::{
+use vublk_test_support::frontend::blk::{
+    self, header, Readback, STATUS_UNTOUCHED, S_IOERR, S_OK, S_UNSUPP,
+};
+use vublk_test_support::frontend::fixture::image_pattern;
+use vublk_test_support::frontend::virtqueue::{
     desc, write_table, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE,
 };
-use vmm_glue::frontend::{Completion, Fixture, Seg, Session};
+use vublk_test_support::frontend::{Completion, Fixture, Seg, Session};
+use vublk_test_support::pattern::assert_same;
 
 const VUBLK: &str = env!("CARGO_BIN_EXE_vublk");
 const MIB: u64 = 1 << 20;
@@ -32,22 +35,20 @@ fn setup(args: &[&str]) -> (Fixture, Session) {
 
 /// A valid read at a sector the hostile chains never target, proving the queue still works.
 fn assert_still_serves(fx: &mut Fixture, s: &mut Session) {
-    let c = s.blk(0).read(42, 1024).unwrap_or_else(|e| {
-        panic!(
-            "queue stopped serving: {e}\nstderr:\n{}",
-            fx.daemon.stderr()
-        )
-    });
+    let c = s
+        .blk(0)
+        .read(42, 1024)
+        .unwrap_or_else(|e| panic!("queue stopped serving: {e}\nlog:\n{}", fx.daemon.log()));
     assert_eq!(c.status(), S_OK, "valid read after a bad chain");
-    assert_bytes(
+    assert_same(
         &c.data,
-        &pattern(42 * 512, 1024),
+        &image_pattern(42 * 512, 1024),
         "valid read after a bad chain",
     );
     assert!(
-        matches!(fx.daemon.try_wait(), Ok(None)),
+        fx.daemon.try_wait().is_none(),
         "vublk exited after a bad chain:\n{}",
-        fx.daemon.stderr()
+        fx.daemon.log()
     );
 }
 
@@ -149,7 +150,7 @@ fn sector_beyond_capacity() {
         let c = s.blk(0).write(sector, &vec![0x11; len as usize]).unwrap();
         assert_eq!(c.status(), S_IOERR, "write of {len} at sector {sector}");
     }
-    assert_bytes(
+    assert_same(
         &fx.image_bytes((CAPACITY - 1) * 512, 512),
         &before,
         "out-of-range write landed",
@@ -157,7 +158,7 @@ fn sector_beyond_capacity() {
     // The very last sector is fine.
     let c = s.blk(0).read(CAPACITY - 1, 512).unwrap();
     assert_eq!(c.status(), S_OK);
-    assert_bytes(&c.data, &before, "read data");
+    assert_same(&c.data, &before, "read data");
     assert_still_serves(&mut fx, &mut s);
 }
 
@@ -181,9 +182,9 @@ fn sector_plus_length_overflows_u64() {
             .unwrap();
         assert_error_status(&c, &format!("discard at sector {sector:#x}"));
     }
-    assert_bytes(
+    assert_same(
         &fx.image_bytes(0, 64 * 1024),
-        &pattern(0, 64 * 1024),
+        &image_pattern(0, 64 * 1024),
         "a wrapped write landed",
     );
     assert_still_serves(&mut fx, &mut s);
@@ -219,9 +220,9 @@ fn out_request_with_device_writable_data() {
     ];
     let c = run(&mut s, &segs, None, Some(b.status));
     assert_error_status(&c, "OUT with a writable data buffer");
-    assert_bytes(
+    assert_same(
         &fx.image_bytes(3 * 512, 512),
-        &pattern(3 * 512, 512),
+        &image_pattern(3 * 512, 512),
         "image changed",
     );
     assert_still_serves(&mut fx, &mut s);
@@ -258,9 +259,9 @@ fn descriptor_outside_guest_memory() {
     ];
     let c = run(&mut s, &segs, None, Some(b.status));
     assert_error_status(&c, "OUT data outside guest memory");
-    assert_bytes(
+    assert_same(
         &fx.image_bytes(5 * 512, 512),
-        &pattern(5 * 512, 512),
+        &image_pattern(5 * 512, 512),
         "image contents",
     );
     // Header outside RAM.
@@ -292,9 +293,9 @@ fn read_only_device_refuses_writes() {
     assert_error_status(&c, "write-zeroes to a --read-only device");
     let c = s.blk(0).discard(&[blk::Range::new(9, 8)]).unwrap();
     assert_error_status(&c, "discard on a --read-only device");
-    assert_bytes(
+    assert_same(
         &fx.image_bytes(9 * 512, 4096),
-        &pattern(9 * 512, 4096),
+        &image_pattern(9 * 512, 4096),
         "read-only image changed",
     );
     // Reads and flushes still work.
@@ -327,7 +328,7 @@ fn header_split_across_three_descriptors() {
     ];
     let c = run(&mut s, &segs, Some((b.data, 1024)), Some(b.status));
     assert_eq!(c.status(), S_OK, "split header is valid virtio 1.x framing");
-    assert_bytes(&c.data, &pattern(11 * 512, 1024), "read data");
+    assert_same(&c.data, &image_pattern(11 * 512, 1024), "read data");
     assert_eq!(c.used.len, 1025);
     // Same for a write whose header and data share descriptors.
     let data = vec![0x5a; 512];
@@ -342,7 +343,7 @@ fn header_split_across_three_descriptors() {
     ];
     let c = run(&mut s, &segs, None, Some(st));
     assert_eq!(c.status(), S_OK, "header+data in shared descriptors");
-    assert_bytes(&fx.image_bytes(12 * 512, 512), &data, "image contents");
+    assert_same(&fx.image_bytes(12 * 512, 512), &data, "image contents");
     assert_still_serves(&mut fx, &mut s);
 }
 
@@ -356,7 +357,11 @@ fn data_and_status_in_one_descriptor() {
         c.data[512], S_OK,
         "status is the last byte of the writable part"
     );
-    assert_bytes(&c.data[..512], &pattern(20 * 512, 512)[..], "read data");
+    assert_same(
+        &c.data[..512],
+        &image_pattern(20 * 512, 512)[..],
+        "read data",
+    );
     assert_eq!(c.used.len, 513);
     assert_still_serves(&mut fx, &mut s);
 }
@@ -377,7 +382,7 @@ fn data_spread_over_many_descriptors() {
     segs.push(Seg::writable(b.status, 1));
     let c = run(&mut s, &segs, Some((b.data, 4096)), Some(b.status));
     assert_eq!(c.status(), S_OK);
-    assert_bytes(&c.data, &pattern(30 * 512, 4096), "read data");
+    assert_same(&c.data, &image_pattern(30 * 512, 4096), "read data");
     assert_still_serves(&mut fx, &mut s);
 }
 
@@ -408,7 +413,7 @@ fn indirect_table_chain() {
         )
         .unwrap();
     assert_eq!(c.status(), S_OK, "indirect chain");
-    assert_bytes(&c.data, &pattern(40 * 512, 2048), "read data");
+    assert_same(&c.data, &image_pattern(40 * 512, 2048), "read data");
     assert_still_serves(&mut fx, &mut s);
 }
 
@@ -489,9 +494,9 @@ fn readable_descriptor_after_a_writable_one() {
     ];
     let c = run(&mut s, &segs, None, Some(st2));
     assert_error_status(&c, "OUT with readable data after a writable byte");
-    assert_bytes(
+    assert_same(
         &fx.image_bytes(51 * 512, 512),
-        &pattern(51 * 512, 512),
+        &image_pattern(51 * 512, 512),
         "image contents",
     );
     assert_still_serves(&mut fx, &mut s);
@@ -504,9 +509,9 @@ fn data_length_not_a_multiple_of_512() {
     assert_error_status(&c, "read of 100 bytes");
     let c = s.blk(0).write(60, &[0x66; 700]).unwrap();
     assert_error_status(&c, "write of 700 bytes");
-    assert_bytes(
+    assert_same(
         &fx.image_bytes(60 * 512, 1024),
-        &pattern(60 * 512, 1024),
+        &image_pattern(60 * 512, 1024),
         "image contents",
     );
     assert_still_serves(&mut fx, &mut s);

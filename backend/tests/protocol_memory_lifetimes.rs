@@ -22,10 +22,13 @@ use std::path::PathBuf;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use vmm_glue::frontend::blk::{self, header, STATUS_UNTOUCHED, S_IOERR, S_OK};
-use vmm_glue::frontend::fixture::{assert_bytes, pattern};
-use vmm_glue::frontend::memory::Arena;
-use vmm_glue::frontend::{Fixture, RegionFile, RegionSpec, Seg, Session, SessionConfig, Step};
+use vublk_test_support::frontend::blk::{self, header, STATUS_UNTOUCHED, S_IOERR, S_OK};
+use vublk_test_support::frontend::fixture::image_pattern;
+use vublk_test_support::frontend::memory::Arena;
+use vublk_test_support::frontend::{
+    Fixture, RegionFile, RegionSpec, Seg, Session, SessionConfig, Step,
+};
+use vublk_test_support::pattern::assert_same;
 
 const VUBLK: &str = env!("CARGO_BIN_EXE_vublk");
 const MIB: u64 = 1 << 20;
@@ -378,7 +381,7 @@ fn sentinel(f: &RegionFile) -> impl Fn(&str) + '_ {
 /// Lines of the daemon's log containing every one of `words` (case-insensitive).
 fn log_lines(fx: &Fixture, words: &[&str]) -> Vec<String> {
     fx.daemon
-        .stderr()
+        .log()
         .lines()
         .filter(|l| {
             let l = l.to_lowercase();
@@ -397,17 +400,17 @@ fn assert_logged(fx: &Fixture, words: &[&str]) {
     }
     assert!(
         !log_lines(fx, words).is_empty(),
-        "no log line containing {words:?}; stderr:\n{}",
-        fx.daemon.stderr()
+        "no log line containing {words:?}; log:\n{}",
+        fx.daemon.log()
     );
 }
 
 #[track_caller]
 fn assert_running(fx: &mut Fixture) {
     assert!(
-        matches!(fx.daemon.try_wait(), Ok(None)),
-        "vublk exited; stderr:\n{}",
-        fx.daemon.stderr()
+        fx.daemon.try_wait().is_none(),
+        "vublk exited; log:\n{}",
+        fx.daemon.log()
     );
 }
 
@@ -424,9 +427,9 @@ fn check_quiet_afterwards(
     wait_ok(s, &[], &id, PROMPT);
     let r = post_read(s, "read after the reply", low, 300, 4096);
     gate.release(1);
-    assert_bytes(
+    assert_same(
         &wait_ok(s, &[], &r, PROMPT),
-        &pattern(300 * 512, 4096),
+        &image_pattern(300 * 512, 4096),
         "read after the reply",
     );
     let w = post_write(s, "write after the reply", low, 310, &[0x42; 4096]);
@@ -481,9 +484,9 @@ fn rem_mem_reg_waits_for_a_pending_read_into_the_region() {
     assert!(reply.after >= HOLD, "replied after {:?}", reply.after);
     // Its status and used entry were written before the reply.
     let data = wait_ok(&mut s, &[&hot_file], &read, Duration::from_millis(100));
-    assert_bytes(
+    assert_same(
         &data,
-        &pattern(40 * 512, 8192),
+        &image_pattern(40 * 512, 8192),
         "data of the drained read, in the memfd",
     );
     let took = assert_unmapped_within(
@@ -623,11 +626,11 @@ fn set_mem_table_replacing_the_table_under_load() {
     // Let the operations through one at a time, whichever request the kernel hands each byte to:
     // the reply must come exactly when both requests on the hot region have completed.
     let expect: [(&Posted, Option<Vec<u8>>); 6] = [
-        (&a1, Some(pattern(100 * 512, 4096))),
+        (&a1, Some(image_pattern(100 * 512, 4096))),
         (&a2, None),
-        (&b1, Some(pattern(140 * 512, 4096))),
-        (&b2, Some(pattern(160 * 512, 8192))),
-        (&a3, Some(pattern(180 * 512, 2048))),
+        (&b1, Some(image_pattern(140 * 512, 4096))),
+        (&b2, Some(image_pattern(160 * 512, 8192))),
+        (&a3, Some(image_pattern(180 * 512, 2048))),
         (&a4, None),
     ];
     let mut open: Vec<u16> = expect.iter().map(|(p, _)| p.head).collect();
@@ -656,7 +659,7 @@ fn set_mem_table_replacing_the_table_under_load() {
                 .iter()
                 .flat_map(|&(a, l)| peek(&s, &files, a, l as usize))
                 .collect();
-            assert_bytes(&data, want, &p.what);
+            assert_same(&data, want, &p.what);
         }
         if open.contains(&b1.head) || open.contains(&b2.head) {
             thread::sleep(Duration::from_millis(50));
@@ -703,9 +706,9 @@ fn set_mem_table_replacing_the_table_under_load() {
         4096,
     );
     gate.release(1);
-    assert_bytes(
+    assert_same(
         &wait_ok(&mut s, &files, &c, PROMPT),
-        &pattern(220 * 512, 4096),
+        &image_pattern(220 * 512, 4096),
         "read into the new region",
     );
     // Once drained, the kept region is mapped once (whether vublk kept or remapped it).
@@ -757,9 +760,9 @@ fn a_region_kept_by_set_mem_table_still_drains_when_removed_later() {
     pending
         .wait(Duration::from_secs(5))
         .expect("REM_MEM_REG reply");
-    assert_bytes(
+    assert_same(
         &wait_ok(&mut s, &[&hot_file], &read, Duration::from_millis(100)),
-        &pattern(40 * 512, 4096),
+        &image_pattern(40 * 512, 4096),
         "read data",
     );
     assert_unmapped_within(
@@ -805,7 +808,11 @@ fn get_vring_base_waits_for_requests_in_flight() {
     );
     for (i, r) in reads.iter().enumerate() {
         let data = wait_ok(&mut s, &[], r, Duration::from_millis(100));
-        assert_bytes(&data, &pattern((500 + 16 * i as u64) * 512, 4096), &r.what);
+        assert_same(
+            &data,
+            &image_pattern((500 + 16 * i as u64) * 512, 4096),
+            &r.what,
+        );
     }
 
     // The ring starts again where it stopped.
@@ -824,9 +831,9 @@ fn get_vring_base_waits_for_requests_in_flight() {
         4096,
     );
     gate.release(1);
-    assert_bytes(
+    assert_same(
         &wait_ok(&mut s, &[], &r, PROMPT),
-        &pattern(600 * 512, 4096),
+        &image_pattern(600 * 512, 4096),
         "read after the restart",
     );
     assert_running(&mut fx);
@@ -890,9 +897,9 @@ fn get_vring_base_cancels_requests_past_the_bound() {
         4096,
     );
     gate.release(1);
-    assert_bytes(
+    assert_same(
         &wait_ok(&mut s, &[], &r, PROMPT),
-        &pattern(600 * 512, 4096),
+        &image_pattern(600 * 512, 4096),
         "read after the restart",
     );
     assert_running(&mut fx);
@@ -987,9 +994,9 @@ fn buffers_straddling_into_a_retiring_region_fail_and_the_queue_goes_on() {
         status,
     );
     wait_ioerr(&mut s, &files, &write, PROMPT);
-    assert_bytes(
+    assert_same(
         &fx.image_bytes(80 * 512, 1024),
-        &pattern(80 * 512, 1024),
+        &image_pattern(80 * 512, 1024),
         "image after a refused write",
     );
 
@@ -1023,9 +1030,9 @@ fn buffers_straddling_into_a_retiring_region_fail_and_the_queue_goes_on() {
     wait_ioerr(&mut s, &files, &gone, PROMPT);
     let r = post_read(&mut s, "read in the boot region", &mut low, 90, 4096);
     gate.release(1);
-    assert_bytes(
+    assert_same(
         &wait_ok(&mut s, &files, &r, PROMPT),
-        &pattern(90 * 512, 4096),
+        &image_pattern(90 * 512, 4096),
         "read in the boot region",
     );
     assert_running(&mut fx);
@@ -1066,9 +1073,9 @@ fn serves_a_new_connection(fx: &mut Fixture, gate: &Gate) {
     let mut low = low_arena(&mut s);
     let r = post_read(&mut s, "read on the next connection", &mut low, 700, 4096);
     gate.release(1);
-    assert_bytes(
+    assert_same(
         &wait_ok(&mut s, &[], &r, PROMPT),
-        &pattern(700 * 512, 4096),
+        &image_pattern(700 * 512, 4096),
         "read on the next connection",
     );
 }
@@ -1136,9 +1143,9 @@ fn frontend_gone_with_io_that_never_completes_is_cancelled_within_the_bound() {
     );
     assert_running(&mut fx);
     assert_logged(&fx, &["cancel"]);
-    assert_bytes(
+    assert_same(
         &fx.image_bytes(130 * 512, 4096),
-        &pattern(130 * 512, 4096),
+        &image_pattern(130 * 512, 4096),
         "the cancelled write never reached the image",
     );
     let low_quiet = sentinel(&low_file);

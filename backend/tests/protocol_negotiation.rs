@@ -15,10 +15,11 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use vmm_glue::frontend::blk::{self, BLK_CONFIG_LEN_FULL};
-use vmm_glue::frontend::fixture::{assert_bytes, pattern};
-use vmm_glue::frontend::session::BLK_CONFIG_LEN;
-use vmm_glue::frontend::{BlkConfig, Fixture, MemAnnounce, Session, SessionConfig, Step};
+use vublk_test_support::frontend::blk::{self, BLK_CONFIG_LEN_FULL};
+use vublk_test_support::frontend::fixture::image_pattern;
+use vublk_test_support::frontend::session::BLK_CONFIG_LEN;
+use vublk_test_support::frontend::{BlkConfig, Fixture, MemAnnounce, Session, SessionConfig, Step};
+use vublk_test_support::pattern::assert_same;
 
 const VUBLK: &str = env!("CARGO_BIN_EXE_vublk");
 const MIB: u64 = 1 << 20;
@@ -205,7 +206,7 @@ fn get_id_returns_the_serial_nul_padded() {
         assert_eq!(c.status(), blk::S_OK);
         let mut want = serial.as_bytes().to_vec();
         want.resize(blk::ID_BYTES, 0);
-        assert_bytes(&c.data, &want, &format!("GET_ID with --serial {serial:?}"));
+        assert_same(&c.data, &want, &format!("GET_ID with --serial {serial:?}"));
     }
 }
 
@@ -216,7 +217,7 @@ fn get_id_default_is_a_stable_nul_padded_string() {
     let first = s.blk(0).get_id().unwrap();
     let again = s.blk(0).get_id().unwrap();
     assert_eq!(first.status(), blk::S_OK);
-    assert_bytes(
+    assert_same(
         &first.data,
         &again.data,
         "GET_ID changed within one session",
@@ -239,7 +240,7 @@ fn get_id_default_depends_only_on_the_image_path() {
     let image = fx.image.clone();
     let socket2 = fx.dir.path().join("second.sock");
     let args = vec!["--blk-file".to_string(), image.display().to_string()];
-    let mut d2 = vmm_glue::frontend::Daemon::listen(std::path::Path::new(VUBLK), &socket2, &args)
+    let mut d2 = vublk_test_support::Daemon::listen(std::path::Path::new(VUBLK), &socket2, &args)
         .expect("spawn second vublk");
     let stream = d2.connect(std::time::Duration::from_secs(10)).unwrap();
     let mut s2 = Session::connect(stream, SessionConfig::default(), &Step::qemu(1)).unwrap();
@@ -255,21 +256,21 @@ fn exercise_io(fx: &Fixture, s: &mut Session, q: usize) {
     for sector in [0u64, 7, 16383] {
         let c = s.blk(q).read(sector, 512).unwrap();
         assert_eq!(c.status(), blk::S_OK, "read sector {sector} on queue {q}");
-        assert_bytes(
+        assert_same(
             &c.data,
-            &pattern(sector * 512, 512),
+            &image_pattern(sector * 512, 512),
             &format!("data of sector {sector}"),
         );
     }
     let data: Vec<u8> = (0..4096u32).map(|i| (i * 7 + q as u32) as u8).collect();
     let sector = 100 + 8 * q as u64;
     assert_eq!(s.blk(q).write(sector, &data).unwrap().status(), blk::S_OK);
-    assert_bytes(
+    assert_same(
         &s.blk(q).read(sector, 4096).unwrap().data,
         &data,
         "read data",
     );
-    assert_bytes(
+    assert_same(
         &fx.image_bytes(sector * 512, 4096),
         &data,
         "write did not reach the image",
@@ -336,15 +337,19 @@ fn every_queue_serves_io() {
 
 /// The descriptors of a read of `len` bytes at `sector` on queue 0, built by hand (nothing
 /// published, nothing read from the call eventfd); returns them and the status byte.
-fn read_segs(s: &mut Session, sector: u64, len: u32) -> ([vmm_glue::frontend::Seg; 3], u64) {
+fn read_segs(
+    s: &mut Session,
+    sector: u64,
+    len: u32,
+) -> ([vublk_test_support::frontend::Seg; 3], u64) {
     let mut b = s.blk(0);
     let hdr = b.alloc_bytes(&blk::header(blk::T_IN, sector)).unwrap();
     let data = b.alloc(len as usize, 0).unwrap();
     let status = b.alloc_status().unwrap();
     let segs = [
-        vmm_glue::frontend::Seg::readable(hdr, 16),
-        vmm_glue::frontend::Seg::writable(data, len),
-        vmm_glue::frontend::Seg::writable(status, 1),
+        vublk_test_support::frontend::Seg::readable(hdr, 16),
+        vublk_test_support::frontend::Seg::writable(data, len),
+        vublk_test_support::frontend::Seg::writable(status, 1),
     ];
     (segs, status)
 }
@@ -358,7 +363,7 @@ fn a_batch_gets_one_call() {
     for event_idx in [true, false] {
         // No polling: the thread sleeps until the kick and takes the whole batch at once.
         let mut fx = Fixture::start(VUBLK, 8 * MIB, &["--poll-max-us", "0"]);
-        let mut features = vmm_glue::frontend::session::DRIVER_FEATURES;
+        let mut features = vublk_test_support::frontend::session::DRIVER_FEATURES;
         if !event_idx {
             features &= !bit(VIRTIO_RING_F_EVENT_IDX);
         }
@@ -421,7 +426,7 @@ fn a_batch_gets_one_call() {
 fn works_without_event_idx_and_indirect() {
     let mut fx = Fixture::start(VUBLK, 8 * MIB, &[]);
     let config = SessionConfig {
-        features: vmm_glue::frontend::session::DRIVER_FEATURES
+        features: vublk_test_support::frontend::session::DRIVER_FEATURES
             & !bit(VIRTIO_RING_F_EVENT_IDX)
             & !bit(VIRTIO_RING_F_INDIRECT_DESC),
         ..SessionConfig::default()
@@ -435,7 +440,7 @@ fn works_without_event_idx_and_indirect() {
 fn completions_are_signalled_on_the_call_eventfd() {
     for event_idx in [true, false] {
         let mut fx = Fixture::start(VUBLK, 8 * MIB, &[]);
-        let mut features = vmm_glue::frontend::session::DRIVER_FEATURES;
+        let mut features = vublk_test_support::frontend::session::DRIVER_FEATURES;
         if !event_idx {
             features &= !bit(VIRTIO_RING_F_EVENT_IDX);
         }

@@ -6,9 +6,10 @@
 
 use std::time::Duration;
 
-use vmm_glue::frontend::blk::{header, Readback, S_OK, T_IN};
-use vmm_glue::frontend::fixture::{assert_bytes, pattern};
-use vmm_glue::frontend::{Fixture, Seg, Session};
+use vublk_test_support::frontend::blk::{header, Readback, S_OK, T_IN};
+use vublk_test_support::frontend::fixture::image_pattern;
+use vublk_test_support::frontend::{Fixture, Seg, Session};
+use vublk_test_support::pattern::assert_same;
 
 const VUBLK: &str = env!("CARGO_BIN_EXE_vublk");
 const MIB: u64 = 1 << 20;
@@ -71,9 +72,9 @@ fn completes_within(
     match s.blk(0).timeout(wait).finish(head, rb) {
         Ok(c) => {
             assert_eq!(c.status(), S_OK);
-            assert_bytes(
+            assert_same(
                 &c.data,
-                &pattern(sector * 512, 4096),
+                &image_pattern(sector * 512, 4096),
                 "data of the kickless read",
             );
             true
@@ -95,7 +96,7 @@ fn a_polling_queue_serves_chains_published_without_a_kick() {
         assert!(
             completes_within(&mut s, head, &rb, sector, Duration::from_secs(5)),
             "round {round}: a chain published without a kick was not served while polling\n{}",
-            fx.daemon.stderr()
+            fx.daemon.log()
         );
     }
 }

@@ -7,10 +7,12 @@
 use vhost::vhost_user::message::VhostUserConfigFlags;
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;
-use vmm_glue::frontend::blk::{self, header, Range, Readback, S_IOERR, S_OK};
-use vmm_glue::frontend::fixture::{assert_bytes, pattern};
-use vmm_glue::frontend::session::BLK_CONFIG_LEN;
-use vmm_glue::frontend::{BlkConfig, Daemon, Fixture, Seg, Session, SessionConfig, Step};
+use vublk_test_support::frontend::blk::{self, header, Range, Readback, S_IOERR, S_OK};
+use vublk_test_support::frontend::fixture::image_pattern;
+use vublk_test_support::frontend::session::BLK_CONFIG_LEN;
+use vublk_test_support::frontend::{BlkConfig, Fixture, Seg, Session, SessionConfig, Step};
+use vublk_test_support::pattern::assert_same;
+use vublk_test_support::Daemon;
 
 const VUBLK: &str = env!("CARGO_BIN_EXE_vublk");
 const MIB: u64 = 1 << 20;
@@ -24,20 +26,20 @@ fn write_zeroes_zeroes_and_discard_succeeds() {
         .write_zeroes(&[Range::new(8, 8), Range::new(100, 3)])
         .unwrap();
     assert_eq!(c.status(), S_OK, "WRITE_ZEROES");
-    assert_bytes(&fx.image_bytes(8 * 512, 4096), &[0; 4096], "zeroed range 1");
-    assert_bytes(
+    assert_same(&fx.image_bytes(8 * 512, 4096), &[0; 4096], "zeroed range 1");
+    assert_same(
         &fx.image_bytes(100 * 512, 1536),
         &[0; 1536],
         "zeroed range 2",
     );
-    assert_bytes(
+    assert_same(
         &fx.image_bytes(16 * 512, 512),
-        &pattern(16 * 512, 512),
+        &image_pattern(16 * 512, 512),
         "after range 1",
     );
-    assert_bytes(
+    assert_same(
         &fx.image_bytes(7 * 512, 512),
-        &pattern(7 * 512, 512),
+        &image_pattern(7 * 512, 512),
         "before range 1",
     );
     let c = s
@@ -45,7 +47,7 @@ fn write_zeroes_zeroes_and_discard_succeeds() {
         .write_zeroes(&[Range::new(200, 8).unmap()])
         .unwrap();
     assert_eq!(c.status(), S_OK, "WRITE_ZEROES with UNMAP");
-    assert_bytes(
+    assert_same(
         &s.blk(0).read(200, 4096).unwrap().data,
         &[0; 4096],
         "unmapped zeroes",
@@ -54,9 +56,9 @@ fn write_zeroes_zeroes_and_discard_succeeds() {
     assert_eq!(c.status(), S_OK, "DISCARD");
     assert_eq!(s.blk(0).flush().unwrap().status(), S_OK);
     // Neighbours of the discarded range are untouched.
-    assert_bytes(
+    assert_same(
         &fx.image_bytes(364 * 512, 512),
-        &pattern(364 * 512, 512),
+        &image_pattern(364 * 512, 512),
         "after discard",
     );
 }
@@ -68,9 +70,9 @@ fn discard_and_write_zeroes_respect_capacity() {
     let cap = 8 * MIB / 512;
     let c = s.blk(0).write_zeroes(&[Range::new(cap - 4, 8)]).unwrap();
     assert_eq!(c.status(), S_IOERR, "WRITE_ZEROES across the end");
-    assert_bytes(
+    assert_same(
         &fx.image_bytes((cap - 4) * 512, 2048),
-        &pattern((cap - 4) * 512, 2048),
+        &image_pattern((cap - 4) * 512, 2048),
         "tail after a refused WRITE_ZEROES",
     );
     let c = s.blk(0).discard(&[Range::new(cap, 1)]).unwrap();
@@ -90,7 +92,7 @@ fn null_backing_reads_zeroes_and_drops_writes() {
     assert_eq!(s.blk(0).write(10, &[0x99; 4096]).unwrap().status(), S_OK);
     let c = s.blk(0).read(10, 4096).unwrap();
     assert_eq!(c.status(), S_OK);
-    assert_bytes(&c.data, &[0; 4096], "null read after write");
+    assert_same(&c.data, &[0; 4096], "null read after write");
     assert_eq!(
         s.blk(0).read(64 * MIB / 512, 512).unwrap().status(),
         S_IOERR
@@ -139,9 +141,9 @@ fn a_full_queue_published_at_once_completes_every_head() {
         assert_eq!(used.len, len + 1, "used.len of head {head}");
         let mem = s.mem();
         assert_eq!(mem.read(st, 1).unwrap()[0], S_OK, "status of head {head}");
-        assert_bytes(
+        assert_same(
             &mem.read(data, len as usize).unwrap(),
-            &pattern(sector * 512, len as usize),
+            &image_pattern(sector * 512, len as usize),
             &format!("data of head {head} (sector {sector})"),
         );
     }
@@ -173,7 +175,7 @@ fn chains_longer_than_seg_max_complete() {
         )
         .unwrap();
     match c.status() {
-        S_OK => assert_bytes(&c.data, &pattern(0, 512 * nseg), "long chain data"),
+        S_OK => assert_same(&c.data, &image_pattern(0, 512 * nseg), "long chain data"),
         S_IOERR => {}
         other => panic!("{nseg} data segments (seg_max {seg_max}): status {other:#x}"),
     }

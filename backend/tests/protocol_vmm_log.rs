@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use vhost::VhostBackend;
-use vmm_glue::frontend::{Fixture, SessionConfig, Step};
+use vublk_test_support::frontend::{Fixture, SessionConfig, Step};
 
 const VUBLK: &str = env!("CARGO_BIN_EXE_vublk");
 const MIB: u64 = 1 << 20;
@@ -20,13 +20,13 @@ const INTERVAL: Duration = Duration::from_secs(10);
 /// sockets, they stop their devices and exit) and returns everything it logged.
 fn stop_and_read_log(fx: &mut Fixture) -> String {
     fx.daemon.signal(libc::SIGTERM).unwrap();
-    let status = fx.daemon.wait_timeout(Duration::from_secs(20)).unwrap();
+    let status = fx.daemon.wait_exit(Duration::from_secs(20));
     assert!(
         status.is_some(),
-        "vublk did not stop after SIGTERM\nstderr:\n{}",
-        fx.daemon.stderr()
+        "vublk did not stop after SIGTERM\nlog:\n{}",
+        fx.daemon.log()
     );
-    fx.daemon.stderr()
+    fx.daemon.log()
 }
 
 /// Lines containing `what`.

@@ -846,11 +846,12 @@ fn stopped_worker_does_not_stall_other_vms() {
     // The per-VMM connection limit (64 by default) would close A's connections before they
     // reach the queue of hand-offs: lift it, so the queue's own bound is what is tested.
     let mut daemon = Daemon::start(
+        vublk_bin(),
         dir.path(),
         &["--null", "64M", "--max-connections-per-vmm", "1000"],
     );
-    open_socket(&daemon.socket);
-    let socket = daemon.socket.clone();
+    open_socket(daemon.socket());
+    let socket = daemon.socket().to_path_buf();
     let mut b = Tenant::start(dir.path(), "b", &Job::user(BYSTANDER));
     let mut a = Tenant::start(dir.path(), "a", &Job::user(NOBODY));
 
@@ -1173,9 +1174,9 @@ fn idle_connections_are_capped() {
     const CAP: usize = 64;
     const OPENED: usize = 600;
     let dir = shared_dir();
-    let mut daemon = Daemon::start(dir.path(), &["--null", "64M"]);
-    open_socket(&daemon.socket);
-    let socket = daemon.socket.clone();
+    let mut daemon = Daemon::start(vublk_bin(), dir.path(), &["--null", "64M"]);
+    open_socket(daemon.socket());
+    let socket = daemon.socket().to_path_buf();
     let mut b = Tenant::start(dir.path(), "b", &Job::user(BYSTANDER));
     let mut a = Tenant::start(dir.path(), "a", &Job::user(NOBODY));
 
@@ -1227,11 +1228,12 @@ fn connection_cap_follows_its_option() {
     }
     let dir = shared_dir();
     let mut daemon = Daemon::start(
+        vublk_bin(),
         dir.path(),
         &["--null", "64M", "--max-connections-per-vmm", "2"],
     );
-    open_socket(&daemon.socket);
-    let socket = daemon.socket.clone();
+    open_socket(daemon.socket());
+    let socket = daemon.socket().to_path_buf();
     let mut a = Tenant::start(dir.path(), "a", &Job::user(NOBODY));
     assert_eq!(a.connect_raw(&socket, 3), 3);
     let deadline = Instant::now() + LOG_WITHIN;
@@ -1258,9 +1260,13 @@ fn vms_per_uid_are_capped() {
         return;
     }
     let dir = shared_dir();
-    let mut daemon = Daemon::start(dir.path(), &["--null", "64M", "--max-vms-per-uid", "1"]);
-    open_socket(&daemon.socket);
-    let socket = daemon.socket.clone();
+    let mut daemon = Daemon::start(
+        vublk_bin(),
+        dir.path(),
+        &["--null", "64M", "--max-vms-per-uid", "1"],
+    );
+    open_socket(daemon.socket());
+    let socket = daemon.socket().to_path_buf();
     let mut first = Tenant::start(dir.path(), "first", &Job::user(BYSTANDER));
     served(&mut first, &socket, "the uid's first VM");
     let mut second = Tenant::start(dir.path(), "second", &Job::user(BYSTANDER));
@@ -1454,11 +1460,12 @@ fn peers_outside_the_allow_list_are_closed() {
         b_sock.display()
     );
     let mut daemon = Daemon::start(
+        vublk_bin(),
         dir.path(),
         &["--null", "64M", "--allow-uids", "1234", "--export", &export],
     );
     daemon.wait_for(&b_sock);
-    let main_sock = daemon.socket.clone();
+    let main_sock = daemon.socket().to_path_buf();
     open_socket(&main_sock);
     open_socket(&b_sock);
 
@@ -1530,6 +1537,7 @@ fn open_as_daemon_refuses_swapped_files() {
     let (secret, secret_data) = root_only("secret.img", 2);
     let (other, other_data) = root_only("other.img", 3);
     let mut daemon = Daemon::start(
+        vublk_bin(),
         dir.path(),
         &[
             "--blk-file",
@@ -1540,8 +1548,8 @@ fn open_as_daemon_refuses_swapped_files() {
             "65534",
         ],
     );
-    open_socket(&daemon.socket);
-    let socket = daemon.socket.clone();
+    open_socket(daemon.socket());
+    let socket = daemon.socket().to_path_buf();
 
     // nobody cannot open the 0600 root image itself; through the daemon it works.
     let mut first = Tenant::start(dir.path(), "first", &Job::user(NOBODY));
@@ -1649,11 +1657,12 @@ fn socket_mode_and_group_per_export() {
         e_sock.display()
     );
     let mut daemon = Daemon::start(
+        vublk_bin(),
         dir.path(),
         &["--null", "1M", "--socket-mode", "0600", "--export", &export],
     );
     daemon.wait_for(&e_sock);
-    let main = std::fs::metadata(&daemon.socket).expect("stat the main socket");
+    let main = std::fs::metadata(daemon.socket()).expect("stat the main socket");
     assert_eq!(main.mode() & 0o7777, 0o600, "mode of the main socket");
     let e = std::fs::metadata(&e_sock).expect("stat e.sock");
     assert_eq!(e.mode() & 0o7777, 0o660, "mode of e.sock");

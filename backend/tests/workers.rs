@@ -994,12 +994,13 @@ fn worker_carries_the_vmm_identity() {
     let img = dir.path().join("nobody.img");
     private_image(&img, 8 * MIB, 7, NOBODY, NOBODY);
     let mut daemon = Daemon::start(
+        vublk_bin(),
         dir.path(),
         &["--blk-file", img.to_str().unwrap(), "--num-queues", "2"],
     );
-    open_socket(&daemon.socket);
+    open_socket(daemon.socket());
 
-    let mut job = Job::new(&[&daemon.socket], NOBODY, NOBODY, &[NOBODY, USERS_GID]);
+    let mut job = Job::new(&[daemon.socket()], NOBODY, NOBODY, &[NOBODY, USERS_GID]);
     job.nofile = Some((512, 1024));
     job.nproc = Some((200, 300));
     job.nice = Some(5);
@@ -1162,14 +1163,15 @@ fn workers_per_uid_and_image_permissions() {
         img_b.display()
     );
     let mut daemon = Daemon::start(
+        vublk_bin(),
         dir.path(),
         &["--blk-file", img_a.to_str().unwrap(), "--export", &export_b],
     );
     wait_until("second socket", DAEMON_TIMEOUT, || sock_b.exists());
-    open_socket(&daemon.socket);
+    open_socket(daemon.socket());
     open_socket(&sock_b);
 
-    let mut job_a = Job::new(&[&daemon.socket], NOBODY, NOBODY, &[NOBODY]);
+    let mut job_a = Job::new(&[daemon.socket()], NOBODY, NOBODY, &[NOBODY]);
     job_a.seed = 31;
     let mut a = vmm(dir.path(), "a", job_a, &daemon);
     let mut job_b = Job::new(&[&sock_b], OTHER, OTHER, &[OTHER]);
@@ -1198,7 +1200,7 @@ fn workers_per_uid_and_image_permissions() {
     }
 
     // uid 1234 asks for nobody's image: refused, clearly.
-    let mut job_c = Job::new(&[&daemon.socket], OTHER, OTHER, &[OTHER]);
+    let mut job_c = Job::new(&[daemon.socket()], OTHER, OTHER, &[OTHER]);
     job_c.expect_failure = true;
     let mut c = vmm(dir.path(), "c", job_c, &daemon);
     let failure = c.expect("CONNECT-FAILED", &daemon);
@@ -1213,7 +1215,7 @@ fn workers_per_uid_and_image_permissions() {
         .unwrap_or_else(|| panic!("no refusal naming the permission problem in the log:\n{log}"));
     assert!(
         refusal.contains(img_a.to_str().unwrap())
-            || refusal.contains(daemon.socket.to_str().unwrap()),
+            || refusal.contains(daemon.socket().to_str().unwrap()),
         "the refusal names neither the image nor the export: {refusal}"
     );
     assert!(
@@ -1259,18 +1261,19 @@ fn thread_limits_fail_the_device_not_the_daemon() {
     create_image(&img, 4 * MIB, 40);
     set_mode(&img, 0o666);
     let mut daemon = Daemon::start(
+        vublk_bin(),
         dir.path(),
         &["--blk-file", img.to_str().unwrap(), "--num-queues", "4"],
     );
-    open_socket(&daemon.socket);
+    open_socket(daemon.socket());
 
-    let mut other_job = Job::new(&[&daemon.socket], NOBODY, NOBODY, &[NOBODY]);
+    let mut other_job = Job::new(&[daemon.socket()], NOBODY, NOBODY, &[NOBODY]);
     other_job.seed = 41;
     let mut other = vmm(dir.path(), "other", other_job, &daemon);
     let other_worker = daemon.serving_pid();
 
     // pids.max: the frontend's own tasks, the worker, its connection thread and two queues.
-    let mut job = Job::new(&[&daemon.socket], 1235, 1235, &[1235]);
+    let mut job = Job::new(&[daemon.socket()], 1235, 1235, &[1235]);
     job.num_queues = 4;
     job.wait_before_connect = true;
     job.expect_failure = true;
@@ -1296,7 +1299,7 @@ fn thread_limits_fail_the_device_not_the_daemon() {
     );
 
     // RLIMIT_NPROC: uid 1236 has no other process; the same headroom.
-    let mut job = Job::new(&[&daemon.socket], 1236, 1236, &[1236]);
+    let mut job = Job::new(&[daemon.socket()], 1236, 1236, &[1236]);
     job.num_queues = 4;
     job.nproc_headroom = Some(4);
     job.expect_failure = true;
@@ -1305,7 +1308,7 @@ fn thread_limits_fail_the_device_not_the_daemon() {
 
     // RLIMIT_NPROC with room for the worker alone: not even the connection's thread fits, and
     // the connection is refused with a line naming the limit.
-    let mut job = Job::new(&[&daemon.socket], 1237, 1237, &[1237]);
+    let mut job = Job::new(&[daemon.socket()], 1237, 1237, &[1237]);
     job.nproc_headroom = Some(1);
     job.expect_failure = true;
     let mut starved = vmm(dir.path(), "starved", job, &daemon);
@@ -1416,16 +1419,17 @@ fn killed_vmm_leaves_nothing_behind() {
     let img = dir.path().join("busy.img");
     private_image(&img, 8 * MIB, 51, NOBODY, NOBODY);
     let mut daemon = Daemon::start(
+        vublk_bin(),
         dir.path(),
         &["--blk-file", img.to_str().unwrap(), "--num-queues", "2"],
     );
-    open_socket(&daemon.socket);
+    open_socket(daemon.socket());
     wait_for_log(&daemon, "listening", DAEMON_TIMEOUT);
     let sup = daemon.pid();
     let fds_before = fd_targets(sup);
 
     for round in 0..2 {
-        let mut job = Job::new(&[&daemon.socket], NOBODY, NOBODY, &[NOBODY]);
+        let mut job = Job::new(&[daemon.socket()], NOBODY, NOBODY, &[NOBODY]);
         job.num_queues = 2;
         job.seed = 52 + round;
         let mut frontend = vmm(dir.path(), &format!("killed{round}"), job, &daemon);
@@ -1481,9 +1485,9 @@ fn killed_supervisor_takes_its_workers_and_a_new_one_serves() {
     let img = dir.path().join("survivor.img");
     private_image(&img, 8 * MIB, 61, NOBODY, NOBODY);
     let args = ["--blk-file", img.to_str().unwrap()];
-    let mut first = Daemon::start(dir.path(), &args);
-    open_socket(&first.socket);
-    let mut job = Job::new(&[&first.socket], NOBODY, NOBODY, &[NOBODY]);
+    let mut first = Daemon::start(vublk_bin(), dir.path(), &args);
+    open_socket(first.socket());
+    let mut job = Job::new(&[first.socket()], NOBODY, NOBODY, &[NOBODY]);
     job.seed = 62;
     let mut frontend = vmm(dir.path(), "survivor", job, &first);
     let worker = first.serving_pid();
@@ -1514,18 +1518,18 @@ fn killed_supervisor_takes_its_workers_and_a_new_one_serves() {
         || exited(worker),
     );
     assert!(
-        first.socket.exists(),
+        first.socket().exists(),
         "the dead supervisor's socket should still be there (stale)"
     );
 
-    let mut second = Daemon::start(dir.path(), &args);
+    let mut second = Daemon::start(vublk_bin(), dir.path(), &args);
     wait_for_log(&second, "listening", DAEMON_TIMEOUT);
     assert!(
         second.log().contains("stale"),
         "the new supervisor did not say it replaced the stale socket:\n{}",
         second.log()
     );
-    open_socket(&second.socket);
+    open_socket(second.socket());
     frontend.send("reconnect");
     frontend.expect("READY", &second);
     let new_worker = worker_with_uid(&second, NOBODY);
@@ -1561,14 +1565,15 @@ fn one_worker_serves_all_disks_of_a_vm() {
         img2.display()
     );
     let mut daemon = Daemon::start(
+        vublk_bin(),
         dir.path(),
         &["--blk-file", img1.to_str().unwrap(), "--export", &export2],
     );
     wait_until("second socket", DAEMON_TIMEOUT, || sock2.exists());
-    open_socket(&daemon.socket);
+    open_socket(daemon.socket());
     open_socket(&sock2);
 
-    let mut job = Job::new(&[&daemon.socket, &sock2], NOBODY, NOBODY, &[NOBODY]);
+    let mut job = Job::new(&[daemon.socket(), &sock2], NOBODY, NOBODY, &[NOBODY]);
     job.seed = 80;
     let mut frontend = vmm(dir.path(), "twodisks", job, &daemon);
     let workers = workers_of(daemon.pid());

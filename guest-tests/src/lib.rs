@@ -10,20 +10,18 @@
 //! paths.rs     where the cache and the vublk binary are (built if missing or stale)
 //! debian.rs    apt-get download + dpkg-deb: the kernel and busybox packages
 //! image.rs     kernel + base initramfs (cpio.rs), cached by a key of all inputs; init.sh is /init
-//! vublk.rs     vublk serving a socket, stopped with SIGTERM and checked
+//! vublk.rs     vublk serving a socket (the shared harness), stopped with SIGTERM and checked
 //! qemu.rs      one boot: job appended to the initramfs, QEMU with a timeout, KVM or TCG
 //! console.rs   the console split into the job's steps; kernel complaints
 //! fio.rs       fio's JSON report and whether the run passed
 //! ```
 
-pub mod bench;
 pub mod console;
 pub mod cpio;
 pub mod debian;
 pub mod fio;
 pub mod image;
 pub mod paths;
-mod process;
 pub mod qemu;
 pub mod vublk;
 
@@ -34,7 +32,8 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 pub use qemu::{Boot, Job, Vm};
-pub use vublk::Vublk;
+pub use vublk::start_vublk;
+pub use vublk_test_support::Daemon;
 
 pub const MIB: u64 = 1024 * 1024;
 
@@ -120,20 +119,4 @@ pub fn read_at(path: &Path, offset: u64, len: usize) -> Result<Vec<u8>> {
     let mut buf = vec![0; len];
     f.read_exact_at(&mut buf, offset)?;
     Ok(buf)
-}
-
-/// `len` bytes of a deterministic pattern that differs for every seed and 8-byte position.
-pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 8);
-    let mut i = 0u64;
-    while out.len() < len {
-        // splitmix64
-        let mut z = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(i);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
-        i += 1;
-    }
-    out.truncate(len);
-    out
 }

@@ -1,10 +1,10 @@
 //! Where things are: the cargo target directory, the guest cache, the vublk binary under test
-//! (found, or built, by `vmm_glue::vublk_binary`; `VUBLK_BIN` overrides it).
+//! (found, or built, by `vublk_test_support::vublk_binary`; `VUBLK_BIN` overrides it).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use vmm_glue::vublk_binary;
+use vublk_test_support::vublk_binary;
 
 /// The cargo target directory, if this executable runs from one.
 pub fn target_dir() -> Option<PathBuf> {

@@ -13,10 +13,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use vublk_test_support::process::die_with_parent;
 
 use crate::console::{self, Parsed, Step};
 use crate::image::{self, GuestImage};
-use crate::process::die_with_parent;
 use crate::{fio, paths};
 
 /// The accelerator QEMU uses.

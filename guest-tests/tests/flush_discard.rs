@@ -1,7 +1,8 @@
 //! Flush, discard and write-zeroes as a guest issues them.
 
 use anyhow::ensure;
-use guest_tests::{guest_test, pattern, read_at, sparse_image, write_at, Job, Vm, Vublk, MIB};
+use guest_tests::{guest_test, read_at, sparse_image, start_vublk, write_at, Job, Vm, MIB};
+use vublk_test_support::pattern::pattern;
 
 const FSYNC_JOB: &str = "[global]
 filename=/dev/vda
@@ -22,8 +23,8 @@ fn fsync_writes_flush() {
     guest_test("flush", |dir| {
         let img = dir.join("disk.img");
         sparse_image(&img, 32 * MIB)?;
-        let vublk = Vublk::start(dir, "vublk", &["--blk-file", img.to_str().unwrap()])?;
-        let boot = Vm::default().disk(&vublk.socket, 1).boot(
+        let mut vublk = start_vublk(dir, "vublk", &["--blk-file", img.to_str().unwrap()])?;
+        let boot = Vm::default().disk(vublk.socket(), 1).boot(
             dir,
             "flush",
             Job::new()
@@ -46,7 +47,7 @@ fn fsync_writes_flush() {
             r.total(|j| j.syncs)
         );
         boot.check_kernel(&[])?;
-        vublk.stop()
+        Ok(vublk.try_stop()?)
     });
 }
 
@@ -67,10 +68,10 @@ fn discard_and_write_zeroes_read_back_as_zeroes() {
     guest_test("discard", |dir| {
         let img = dir.join("disk.img");
         sparse_image(&img, 32 * MIB)?;
-        let data = pattern(7, 16 * MIB as usize);
+        let data = pattern(7, 0, 16 * MIB as usize);
         write_at(&img, 0, &data)?;
-        let vublk = Vublk::start(dir, "vublk", &["--blk-file", img.to_str().unwrap()])?;
-        let boot = Vm::default().disk(&vublk.socket, 1).boot(
+        let mut vublk = start_vublk(dir, "vublk", &["--blk-file", img.to_str().unwrap()])?;
+        let boot = Vm::default().disk(vublk.socket(), 1).boot(
             dir,
             "discard",
             Job::new().sh("discard", DISCARD),
@@ -103,6 +104,6 @@ fn discard_and_write_zeroes_read_back_as_zeroes() {
             "write-zeroes changed data after 12 MiB"
         );
         boot.check_kernel(&[])?;
-        vublk.stop()
+        Ok(vublk.try_stop()?)
     });
 }

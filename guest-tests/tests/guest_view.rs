@@ -2,7 +2,7 @@
 //! queues, serial, cache mode, read-only flag, for two differently configured disks in one VM.
 
 use anyhow::ensure;
-use guest_tests::{guest_test, sparse_image, Job, Vm, Vublk, MIB};
+use guest_tests::{guest_test, sparse_image, start_vublk, Job, Vm, MIB};
 
 const SCRIPT: &str = "for d in /sys/block/vd*; do
     echo \"$(cat $d/serial)|$(cat $d/size)|$(cat $d/queue/logical_block_size)|$(ls $d/mq | wc -l)|$(cat $d/ro)|$(cat $d/queue/write_cache)\"
@@ -20,7 +20,7 @@ fn guest_sees_size_block_size_queues_and_serial() {
         let size_b = 33 * MIB + 3 * 512;
         sparse_image(&img_b, size_b)?;
         let serial_b = "ABCDEFGHIJ0123456789";
-        let a = Vublk::start(
+        let mut a = start_vublk(
             dir,
             "a",
             &[
@@ -36,15 +36,15 @@ fn guest_sees_size_block_size_queues_and_serial() {
                 "off",
             ],
         )?;
-        let b = Vublk::start(
+        let mut b = start_vublk(
             dir,
             "b",
             &["--blk-file", img_b.to_str().unwrap(), "--serial", serial_b],
         )?;
         let boot = Vm::default()
             .cpus(2)
-            .disk(&a.socket, 2)
-            .disk(&b.socket, 1)
+            .disk(a.socket(), 2)
+            .disk(b.socket(), 1)
             .boot(dir, "view", Job::new().sh("view", SCRIPT))?;
         let out = boot.ok("view")?;
         let mut seen: Vec<&str> = out.lines().map(str::trim).collect();
@@ -58,7 +58,7 @@ fn guest_sees_size_block_size_queues_and_serial() {
             "serial|sectors|block size|queues|ro|cache\nguest: {seen:#?}\nexport: {want:#?}"
         );
         boot.check_kernel(&[])?;
-        a.stop()?;
-        b.stop()
+        a.try_stop()?;
+        Ok(b.try_stop()?)
     });
 }

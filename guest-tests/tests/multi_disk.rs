@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
-use guest_tests::{guest_test, read_at, sparse_image, Boot, Job, Vm, Vublk, MIB};
+use guest_tests::{guest_test, read_at, sparse_image, start_vublk, Boot, Daemon, Job, Vm, MIB};
 use serde_json::Value;
 
 /// Where the stamps go: after the region fio uses.
@@ -59,7 +59,7 @@ fn job(serials: &[&str]) -> Job {
 /// (vublk, [(serial, socket, image); 2], control socket).
 type Exports<'a> = [(&'a str, PathBuf, PathBuf); 2];
 
-fn two_exports<'a>(dir: &Path, a: &'a str, b: &'a str) -> Result<(Vublk, Exports<'a>, PathBuf)> {
+fn two_exports<'a>(dir: &Path, a: &'a str, b: &'a str) -> Result<(Daemon, Exports<'a>, PathBuf)> {
     let (img_a, img_b) = (dir.join(format!("{a}.img")), dir.join(format!("{b}.img")));
     sparse_image(&img_a, 64 * MIB)?;
     sparse_image(&img_b, 64 * MIB)?;
@@ -69,7 +69,7 @@ fn two_exports<'a>(dir: &Path, a: &'a str, b: &'a str) -> Result<(Vublk, Exports
         sock_b.display(),
         img_b.display()
     );
-    let v = Vublk::start(
+    let v = start_vublk(
         dir,
         "vublk",
         &[
@@ -83,14 +83,14 @@ fn two_exports<'a>(dir: &Path, a: &'a str, b: &'a str) -> Result<(Vublk, Exports
             control.to_str().unwrap(),
         ],
     )?;
-    let sock_a = v.socket.clone();
+    let sock_a = v.socket().to_path_buf();
     Ok((v, [(a, sock_a, img_a), (b, sock_b, img_b)], control))
 }
 
 /// Runs `guests` while polling `vublk status`; returns their boots and every status snapshot
 /// that showed a VM.
 fn with_status<T: Send>(
-    vublk: &Vublk,
+    vublk: &Daemon,
     control: &Path,
     guests: impl FnOnce() -> T + Send,
 ) -> Result<(T, Vec<Value>)> {
@@ -168,7 +168,7 @@ fn sock(e: &(&str, PathBuf, PathBuf)) -> String {
 #[test]
 fn two_disks_in_one_vm_share_a_worker() {
     guest_test("two-disks", |dir| {
-        let (vublk, exports, control) = two_exports(dir, "disk-a", "disk-b")?;
+        let (mut vublk, exports, control) = two_exports(dir, "disk-a", "disk-b")?;
         let vm = Vm::default().disk(&exports[0].1, 1).disk(&exports[1].1, 1);
         let (boot, snapshots) = with_status(&vublk, &control, || {
             vm.boot(dir, "vm", &job(&["disk-a", "disk-b"]))
@@ -186,14 +186,14 @@ fn two_disks_in_one_vm_share_a_worker() {
             snapshots.iter().any(|s| vms(s)[0].2 == both),
             "no status showed one worker serving both disks: {snapshots:#?}"
         );
-        vublk.stop()
+        Ok(vublk.try_stop()?)
     });
 }
 
 #[test]
 fn two_vms_side_by_side_get_a_worker_each() {
     guest_test("two-vms", |dir| {
-        let (vublk, exports, control) = two_exports(dir, "vm1-disk", "vm2-disk")?;
+        let (mut vublk, exports, control) = two_exports(dir, "vm1-disk", "vm2-disk")?;
         let run = |i: usize| {
             let e = &exports[i];
             Vm::default()
@@ -232,6 +232,6 @@ fn two_vms_side_by_side_get_a_worker_each() {
             v[0].2 != v[1].2,
             "the two VMs were given the same export: {v:?}"
         );
-        vublk.stop()
+        Ok(vublk.try_stop()?)
     });
 }

@@ -3,7 +3,7 @@
 //! counts of the two request queues show vublk completed requests on both.
 
 use anyhow::ensure;
-use guest_tests::{guest_test, sparse_image, Job, Vm, Vublk, MIB};
+use guest_tests::{guest_test, sparse_image, start_vublk, Job, Vm, MIB};
 
 const JOB: &str = "[global]
 filename=/dev/vda
@@ -39,12 +39,12 @@ fn two_queues_two_jobs_randrw_verify() {
     guest_test("multiqueue", |dir| {
         let img = dir.join("disk.img");
         sparse_image(&img, 64 * MIB)?;
-        let vublk = Vublk::start(
+        let mut vublk = start_vublk(
             dir,
             "vublk",
             &["--blk-file", img.to_str().unwrap(), "--num-queues", "2"],
         )?;
-        let vm = Vm::default().cpus(2).disk(&vublk.socket, 2);
+        let vm = Vm::default().cpus(2).disk(vublk.socket(), 2);
         let boot = vm.boot(
             dir,
             "mq",
@@ -83,6 +83,6 @@ fn two_queues_two_jobs_randrw_verify() {
             "both queues should have completed the I/O of one job each:\n{irqs}"
         );
         boot.check_kernel(&[])?;
-        vublk.stop()
+        Ok(vublk.try_stop()?)
     });
 }

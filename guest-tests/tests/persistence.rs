@@ -3,7 +3,7 @@
 //! host corrupts one block must fail verification, which shows the verify pass reads the disk.
 
 use anyhow::ensure;
-use guest_tests::{guest_test, sparse_image, write_at, Job, Vm, Vublk, MIB};
+use guest_tests::{guest_test, sparse_image, start_vublk, write_at, Job, Vm, MIB};
 
 const REGION: u64 = 32 * MIB;
 
@@ -38,8 +38,8 @@ fn random_writes_survive_a_reboot_and_corruption_is_caught() {
         let img = dir.join("disk.img");
         sparse_image(&img, 64 * MIB)?;
         let img_arg = img.to_str().unwrap();
-        let vublk = Vublk::start(dir, "vublk", &["--blk-file", img_arg])?;
-        let vm = Vm::default().disk(&vublk.socket, 1);
+        let mut vublk = start_vublk(dir, "vublk", &["--blk-file", img_arg])?;
+        let vm = Vm::default().disk(vublk.socket(), 1);
 
         // Boot 1: write (and verify along the way, verify_backlog, and at the end).
         let boot = vm.boot(dir, "write", Job::new().fio("write", &job(false)))?;
@@ -87,6 +87,6 @@ fn random_writes_survive_a_reboot_and_corruption_is_caught() {
             "fio failed, but not with a verify error:\n{}",
             step.stderr
         );
-        vublk.stop()
+        Ok(vublk.try_stop()?)
     });
 }

@@ -2,7 +2,8 @@
 //! the guest's own block layer (EPERM), so they never reach vublk. The image stays as it was.
 
 use anyhow::ensure;
-use guest_tests::{guest_test, pattern, sparse_image, write_at, Job, Vm, Vublk, MIB};
+use guest_tests::{guest_test, sparse_image, start_vublk, write_at, Job, Vm, MIB};
+use vublk_test_support::pattern::pattern;
 
 const SIGNATURE: &[u8] = b"vublk read-only export";
 
@@ -22,16 +23,16 @@ fn guest_sees_read_only_disk_and_cannot_write() {
         let img = dir.join("disk.img");
         sparse_image(&img, 16 * MIB)?;
         write_at(&img, 0, SIGNATURE)?;
-        write_at(&img, MIB, &pattern(3, MIB as usize))?;
+        write_at(&img, MIB, &pattern(3, 0, MIB as usize))?;
         let before = std::fs::read(&img)?;
-        let vublk = Vublk::start(
+        let mut vublk = start_vublk(
             dir,
             "vublk",
             &["--blk-file", img.to_str().unwrap(), "--read-only"],
         )?;
         let boot =
             Vm::default()
-                .disk(&vublk.socket, 1)
+                .disk(vublk.socket(), 1)
                 .boot(dir, "ro", Job::new().sh("ro", SCRIPT))?;
         let out = boot.ok("ro")?;
         let line = |key: &str| {
@@ -66,6 +67,6 @@ fn guest_sees_read_only_disk_and_cannot_write() {
             std::fs::read(&img)? == before,
             "the read-only image changed"
         );
-        vublk.stop()
+        Ok(vublk.try_stop()?)
     });
 }

@@ -6,19 +6,15 @@
 //!   (`share/qemu/vhost-user/50-vublk.json`), checked against `vublk --print-capabilities`.
 //! - [`launch`]: vublk and a VMM started together on a socket vmm-glue creates, stopped
 //!   together.
-//! - [`frontend`]: a scripted vhost-user-blk frontend the protocol tests use to talk to the
-//!   backend the way QEMU or cloud-hypervisor would (and the way a hostile guest would not be
-//!   allowed to).
-//! - [`vublk_binary`]: the vublk binary of this workspace, for tests and tools.
-//! - [`inherit`]: a descriptor handed to a child process at a fixed number (launch, the
-//!   frontend's daemon, vublk's own tests).
+//! - [`inherit`]: a descriptor handed to a child process at a fixed number (launch, and the
+//!   test harness in `vublk-test-support`).
 //!
-//! The `vmm-glue` binary (`src/main.rs`) is a thin command line over the first three.
+//! The `vmm-glue` binary (`src/main.rs`) is a thin command line over the first three. The
+//! scripted vhost-user frontend the protocol tests drive vublk with lives in the
+//! `vublk-test-support` crate (`test-support/`).
 
 pub mod cmdline;
 pub mod descriptor;
-pub mod frontend;
 pub mod inherit;
 pub mod install;
 pub mod launch;
-pub mod vublk_binary;

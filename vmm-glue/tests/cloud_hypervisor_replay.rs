@@ -2,7 +2,7 @@
 //!
 //! cloud-hypervisor needs KVM, which this machine lacks, so its side is replayed from its source
 //! instead: the sequences, and the version and commits they were read from, are in
-//! `vmm_glue::frontend::cloud_hypervisor` (cloud-hypervisor v51: `virtio-devices/src/vhost_user/
+//! `vublk_test_support::frontend::cloud_hypervisor` (cloud-hypervisor v51: `virtio-devices/src/vhost_user/
 //! blk.rs`, `mod.rs`, `vu_common_ctrl.rs`). Each test starts vublk as deployed (supervisor and
 //! per-VM worker) on a patterned image and checks every reply cloud-hypervisor acts on: the
 //! virtio features (exactly what vublk offers), the protocol features (exactly MQ, CONFIG,
@@ -30,13 +30,15 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use vmm_glue::frontend::blk::{self, header, BLK_CONFIG_LEN_FULL};
-use vmm_glue::frontend::cloud_hypervisor::{self as ch, QUEUE_SIZE};
-use vmm_glue::frontend::fixture::{assert_bytes, pattern, START_TIMEOUT};
-use vmm_glue::frontend::session::BLK_CONFIG_LEN;
-use vmm_glue::frontend::{
-    BlkConfig, Daemon, Fixture, MemAnnounce, Readback, RegionSpec, Seg, Session, Step,
+use vublk_test_support::frontend::blk::{self, header, BLK_CONFIG_LEN_FULL};
+use vublk_test_support::frontend::cloud_hypervisor::{self as ch, QUEUE_SIZE};
+use vublk_test_support::frontend::fixture::{image_pattern, START_TIMEOUT};
+use vublk_test_support::frontend::session::BLK_CONFIG_LEN;
+use vublk_test_support::frontend::{
+    BlkConfig, Fixture, MemAnnounce, Readback, RegionSpec, Seg, Session, Step,
 };
+use vublk_test_support::pattern::assert_same;
+use vublk_test_support::Daemon;
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -182,18 +184,18 @@ fn io_round(fx: &Fixture, s: &mut Session, q: usize, tag: u8) -> u64 {
     for sector in [0u64, 9, IMAGE / 512 - 1] {
         let c = s.blk(q).read(sector, 512).unwrap();
         assert_eq!(c.status(), blk::S_OK, "read sector {sector}, queue {q}");
-        assert_bytes(&c.data, &pattern(sector * 512, 512), "read data");
+        assert_same(&c.data, &image_pattern(sector * 512, 512), "read data");
     }
     let data: Vec<u8> = (0..8192u32).map(|i| (i * 13) as u8 ^ tag).collect();
     let sector = 64 + 32 * u64::from(tag) + 16 * q as u64;
     assert_eq!(s.blk(q).write(sector, &data).unwrap().status(), blk::S_OK);
-    assert_bytes(
+    assert_same(
         &s.blk(q).read(sector, 8192).unwrap().data,
         &data,
         "read back",
     );
     assert_eq!(s.blk(q).flush().unwrap().status(), blk::S_OK, "flush");
-    assert_bytes(&fx.image_bytes(sector * 512, 8192), &data, "image contents");
+    assert_same(&fx.image_bytes(sector * 512, 8192), &data, "image contents");
     sector
 }
 
@@ -225,9 +227,9 @@ fn big_indirect_read(s: &mut Session, q: usize, sector: u64, segs: usize) {
     s.publish(q, head).unwrap();
     let c = s.blk(q).finish(head, &rb).unwrap();
     assert_eq!(c.status(), blk::S_OK, "{segs}-segment indirect read");
-    assert_bytes(
+    assert_same(
         &c.data,
-        &pattern(sector * 512, segs * 512),
+        &image_pattern(sector * 512, segs * 512),
         "indirect read data",
     );
 }
@@ -301,12 +303,16 @@ fn memory_hotplug_and_the_cache_mode_switch() {
         )
         .unwrap();
     assert_eq!(c.status(), blk::S_OK, "read into hot-plugged RAM");
-    assert_bytes(&c.data, &pattern(33 * 512, 4096), "hot-plugged read data");
+    assert_same(
+        &c.data,
+        &image_pattern(33 * 512, 4096),
+        "hot-plugged read data",
+    );
 
     // The guest turns the write cache off: SET_CONFIG at the raw writeback offset (32), not at
     // 0x100 + 32 as cloud-hypervisor's GET_CONFIG was. vublk acks it (NEED_REPLY) ...
     s.step(&Step::cloud_hypervisor_v51_writeback(false))
-        .unwrap_or_else(|e| panic!("SET_CONFIG writeback=0: {e}\n{}", fx.daemon.stderr()));
+        .unwrap_or_else(|e| panic!("SET_CONFIG writeback=0: {e}\n{}", fx.daemon.log()));
     // ... and applies it: cloud-hypervisor does not read the config again, this check does.
     let after = s
         .get_config(
@@ -361,7 +367,7 @@ fn reconnects_after_the_worker_dies_and_after_vublk_restarts() {
     reconnect(&mut fx, &mut s, acked, acked_protocol);
     let c = s.blk(0).read(before, 8192).unwrap();
     assert_eq!(c.status(), blk::S_OK);
-    assert_bytes(
+    assert_same(
         &c.data,
         &fx.image_bytes(before * 512, 8192),
         "data written before the worker died",
@@ -373,10 +379,9 @@ fn reconnects_after_the_worker_dies_and_after_vublk_restarts() {
     fx.daemon.signal(libc::SIGTERM).unwrap();
     let st = fx
         .daemon
-        .wait_timeout(Duration::from_secs(20))
-        .unwrap()
+        .wait_exit(Duration::from_secs(20))
         .expect("vublk did not stop on SIGTERM");
-    assert!(st.success(), "vublk exit {st}: {}", fx.daemon.stderr());
+    assert!(st.success(), "vublk exit {st}: {}", fx.daemon.log());
     assert!(s.wait_hangup(Duration::from_secs(5)).unwrap());
     let args: Vec<String> = [
         "--blk-file",
@@ -394,7 +399,7 @@ fn reconnects_after_the_worker_dies_and_after_vublk_restarts() {
     ] {
         let c = s.blk(0).read(sector, 8192).unwrap();
         assert_eq!(c.status(), blk::S_OK);
-        assert_bytes(
+        assert_same(
             &c.data,
             &fx.image_bytes(sector * 512, 8192),
             &format!("data written {what}"),
@@ -416,7 +421,7 @@ fn reconnect_at_once_after_the_worker_dies() {
     let before = io_round(&fx, &mut s, 0, 1);
     kill_worker(&fx, &s);
     reconnect(&mut fx, &mut s, acked, acked_protocol);
-    assert_bytes(
+    assert_same(
         &s.blk(0).read(before, 8192).unwrap().data,
         &fx.image_bytes(before * 512, 8192),
         "data written before the worker died",
@@ -432,7 +437,7 @@ fn kill_worker(fx: &Fixture, s: &Session) {
     assert!(
         s.wait_hangup(Duration::from_secs(10)).unwrap(),
         "no hang-up after the worker died\n{}",
-        fx.daemon.stderr()
+        fx.daemon.log()
     );
     eprintln!("hang-up {:?} after the worker was killed", start.elapsed());
 }
@@ -444,7 +449,7 @@ fn wait_reaped(fx: &Fixture) {
         assert!(
             start.elapsed() < Duration::from_secs(10),
             "the supervisor did not reap its worker\n{}",
-            fx.daemon.stderr()
+            fx.daemon.log()
         );
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -461,11 +466,11 @@ fn reconnect(
     let stream = fx
         .daemon
         .connect(START_TIMEOUT)
-        .unwrap_or_else(|e| panic!("reconnect: {e}\n{}", fx.daemon.stderr()));
+        .unwrap_or_else(|e| panic!("reconnect: {e}\n{}", fx.daemon.log()));
     s.reconnect(stream).unwrap();
     let steps = Step::cloud_hypervisor_v51_reconnect(1, acked, acked_protocol);
     s.run(&steps)
-        .unwrap_or_else(|e| panic!("reconnect sequence: {e:?}\n{}", fx.daemon.stderr()));
+        .unwrap_or_else(|e| panic!("reconnect sequence: {e:?}\n{}", fx.daemon.log()));
     // GET_FEATURES is the only reply cloud-hypervisor gets (and ignores) on a reconnect; it
     // must still offer everything acked the first time, or SET_FEATURES would be refused.
     assert_eq!(

@@ -41,7 +41,8 @@ use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 use common::{which, workspace};
-use vmm_glue::frontend::fixture::{assert_bytes, pattern, write_image};
+use vublk_test_support::frontend::fixture::{image_pattern, IMAGE_SEED};
+use vublk_test_support::pattern::{assert_same, create_image};
 
 const MIB: u64 = 1024 * 1024;
 const IMAGE_SIZE: u64 = 16 * MIB;
@@ -269,7 +270,7 @@ fn write_seccomp_profile(path: &Path) {
 }
 
 /// A temp dir with the two directories the container mounts: `sock/` (the socket directory,
-/// /run/vublk inside) and `images/` (/images) holding `disk.img`, filled with [`pattern`].
+/// /run/vublk inside) and `images/` (/images) holding `disk.img`, filled with [`image_pattern`].
 /// The directories are open to everyone, so that a VMM running as nobody reaches the socket.
 struct Dirs {
     dir: tempfile::TempDir,
@@ -294,7 +295,7 @@ impl Dirs {
         let dirs = Dirs { dir };
         // Owner root, group nogroup, 0660: the root VMM's worker has no capabilities left, so
         // it opens the image as its owner, and nobody's as a member of its group.
-        write_image(&dirs.image(), IMAGE_SIZE);
+        create_image(&dirs.image(), IMAGE_SIZE, IMAGE_SEED);
         std::os::unix::fs::chown(dirs.image(), Some(0), Some(NOBODY)).expect("chown image");
         std::fs::set_permissions(dirs.image(), std::fs::Permissions::from_mode(0o660))
             .expect("chmod image");
@@ -616,24 +617,24 @@ impl Vmm {
         let data = written(offset);
         self.write(offset, &data);
         self.flush();
-        assert_bytes(
+        assert_same(
             &self.read(offset, IO_LEN),
             &data,
             "read back after the write",
         );
         let untouched = 12 * MIB;
-        assert_bytes(
+        assert_same(
             &self.read(untouched, IO_LEN),
-            &pattern(untouched, IO_LEN),
+            &image_pattern(untouched, IO_LEN),
             "a range nobody wrote",
         );
         data
     }
 }
 
-/// What a VMM writes at `offset`: unlike the image's own [`pattern`] there.
+/// What a VMM writes at `offset`: unlike the image's own [`image_pattern`] there.
 fn written(offset: u64) -> Vec<u8> {
-    pattern(offset + (1 << 40), IO_LEN)
+    image_pattern(offset + (1 << 40), IO_LEN)
 }
 
 /// A VMM running as nobody: this test binary again, copied where nobody can execute it, with
@@ -770,7 +771,7 @@ fn supervisor_serves_host_vmms() {
         )
     });
     let ours = vmm.write_and_check(ROOT_OFFSET);
-    assert_bytes(
+    assert_same(
         &dirs.image_bytes(ROOT_OFFSET, IO_LEN),
         &ours,
         "the image file on the host, where the root VMM wrote",
@@ -813,7 +814,7 @@ fn supervisor_serves_host_vmms() {
         "nobody's worker (pid {other_worker}) is not in its VMM's cgroups"
     );
     other.finish();
-    assert_bytes(
+    assert_same(
         &dirs.image_bytes(NOBODY_OFFSET, IO_LEN),
         &written(NOBODY_OFFSET),
         "the image file on the host, where nobody's VMM wrote",
@@ -873,7 +874,7 @@ fn single_process_needs_no_host_namespaces() {
         )
     });
     let data = vmm.write_and_check(ROOT_OFFSET);
-    assert_bytes(
+    assert_same(
         &dirs.image_bytes(ROOT_OFFSET, IO_LEN),
         &data,
         "the image file on the host",

@@ -8,13 +8,11 @@
 mod common;
 
 use std::io::Write;
-use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use common::{vmm_glue, vublk, which};
-use vmm_glue::frontend::Daemon;
+use vublk_test_support::Daemon;
 
 /// vublk serving a null disk with `queues` queues on `sock`, once the socket exists.
 fn start_vublk(sock: &Path, queues: &str) -> Daemon {
@@ -24,18 +22,7 @@ fn start_vublk(sock: &Path, queues: &str) -> Daemon {
         &["--null", "64M", "--num-queues", queues].map(String::from),
     )
     .expect("spawn vublk");
-    let start = Instant::now();
-    while !std::fs::metadata(sock).is_ok_and(|m| m.file_type().is_socket()) {
-        if let Some(st) = d.try_wait().unwrap() {
-            panic!("vublk exited ({st}): {}", d.stderr());
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "no socket: {}",
-            d.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    d.wait_for(sock);
     d
 }
 
@@ -106,11 +93,7 @@ fn qemu_attaches_the_export_with_the_printed_options() {
             assert!(out.contains("queue-size = 256 (0x100)"), "{out}");
         }
     }
-    assert!(
-        d.try_wait().unwrap().is_none(),
-        "vublk died: {}",
-        d.stderr()
-    );
+    assert!(d.try_wait().is_none(), "vublk died: {}", d.log());
 }
 
 /// What `--backend-queues` refuses is what QEMU itself refuses once it meets the export.

@@ -22,8 +22,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{vublk, which, workspace};
-use vmm_glue::frontend::fixture::{assert_bytes, pattern, write_image};
-use vmm_glue::frontend::{Daemon, Session, SessionConfig, Step};
+use vublk_test_support::daemon::Options;
+use vublk_test_support::frontend::fixture::{image_pattern, IMAGE_SEED};
+use vublk_test_support::frontend::{Session, SessionConfig, Step};
+use vublk_test_support::pattern::{assert_same, create_image};
 
 fn unit(name: &str) -> String {
     let path = workspace().join("docs/systemd").join(name);
@@ -120,7 +122,7 @@ fn socket_activation_hands_vublk_the_listening_fd() {
     };
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.img");
-    write_image(&image, 1 << 20);
+    create_image(&image, 1 << 20, IMAGE_SEED);
 
     // The unit's socket, moved into the temp dir, and its command line with the test's binary
     // and image.
@@ -142,14 +144,18 @@ fn socket_activation_hands_vublk_the_listening_fd() {
 
     let mut args = vec!["-l".to_string(), sock.display().to_string()];
     args.extend(words);
-    let mut d = Daemon::spawn(&activate, &args, Vec::new()).expect("spawn systemd-socket-activate");
+    let mut cmd = Command::new(&activate);
+    cmd.args(&args);
+    let mut d = Options::default()
+        .spawn(cmd)
+        .expect("spawn systemd-socket-activate");
 
     let start = Instant::now();
     let stream = loop {
         match UnixStream::connect(&sock) {
             Ok(s) => break s,
             Err(e) => {
-                assert!(d.try_wait().unwrap().is_none(), "exited: {}", d.stderr());
+                assert!(d.try_wait().is_none(), "exited: {}", d.log());
                 assert!(start.elapsed() < Duration::from_secs(10), "connect: {e}");
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -158,26 +164,25 @@ fn socket_activation_hands_vublk_the_listening_fd() {
     let config = SessionConfig::default();
     let steps = Step::qemu(config.num_queues);
     let mut s = Session::connect(stream, config, &steps)
-        .unwrap_or_else(|e| panic!("handshake: {e}\n{}", d.stderr()));
+        .unwrap_or_else(|e| panic!("handshake: {e}\n{}", d.log()));
     let c = s.blk(0).read(8, 4096).unwrap();
-    assert_eq!(c.status(), 0, "{}", d.stderr());
-    assert_bytes(
+    assert_eq!(c.status(), 0, "{}", d.log());
+    assert_same(
         &c.data,
-        &pattern(8 * 512, 4096),
+        &image_pattern(8 * 512, 4096),
         "read through the inherited socket",
     );
     drop(s);
 
-    let log = d.stderr();
+    let log = d.log();
     assert!(
         log.contains("--fd 3"),
         "systemd-socket-activate exec'd the unit's command: {log}"
     );
     d.signal(libc::SIGTERM).unwrap();
     let st = d
-        .wait_timeout(Duration::from_secs(15))
-        .unwrap()
-        .unwrap_or_else(|| panic!("vublk did not stop on SIGTERM: {}", d.stderr()));
-    assert!(st.success(), "vublk exit {st}: {}", d.stderr());
+        .wait_exit(Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("vublk did not stop on SIGTERM: {}", d.log()));
+    assert!(st.success(), "vublk exit {st}: {}", d.log());
     assert!(sock.exists(), "vublk must not remove a socket it inherited");
 }

@@ -1,33 +1,28 @@
 //! Shared harness for the end-to-end tests: runs `vublk` as a child process and drives it with
 //! libblkio's `virtio-blk-vhost-user` driver as the frontend.
 //!
-//! - [`Daemon`] spawns the binary with a socket in a test's own temp dir, keeps its stderr in a
-//!   file (printed when a test fails), and stops it with SIGTERM on drop, checking that it exits 0
-//!   and removes the socket it created.
+//! - [`Daemon`] (vublk_test_support's harness) spawns the binary with a socket in a test's own
+//!   temp dir, keeps its stderr in a file (printed when a test fails), and stops it with SIGTERM
+//!   on drop, checking that it exits 0 and removes the socket it created.
 //! - [`Client`] connects with N queues and hands out one [`Queue`] per virtqueue, each owning a
 //!   private slice of one shared memory region (libblkio's vhost-user driver only accepts buffers
 //!   inside mapped regions, because the daemon must be able to mmap them).
 //! - [`Queue::run`] submits a batch of requests at once (so many are in flight), waits for every
 //!   completion and returns the per-request result, indexed like the batch.
-//! - Images are filled with a deterministic, position-dependent pattern, so any byte that lands in
-//!   the wrong place is detected.
+//! - Images are filled with the deterministic, position-dependent pattern of
+//!   `vublk_test_support::pattern`, so any byte that lands in the wrong place is detected.
 
 #![allow(dead_code)]
 
-use std::fs::File;
-use std::io::Write;
 use std::mem::MaybeUninit;
-use std::os::unix::io::RawFd;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Blkioq, Completion, Errno, ReqFlags};
 
 /// How long a daemon may take to start listening or to exit after SIGTERM.
-pub const DAEMON_TIMEOUT: Duration = Duration::from_secs(10);
+pub use vublk_test_support::daemon::DAEMON_TIMEOUT;
 /// How long a batch of requests may take to complete before the test gives up.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -49,444 +44,26 @@ pub fn test_dir() -> tempfile::TempDir {
         .expect("create temp dir")
 }
 
-// ---------------------------------------------------------------------------------------------
-// Deterministic data
-// ---------------------------------------------------------------------------------------------
-
-fn mix(seed: u64, word: u64) -> u64 {
-    // splitmix64 of (seed, word index): every 8-byte word of every seed differs.
-    let mut z = seed
-        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        .wrapping_add(word)
-        .wrapping_add(0x632B_E59B_D9B4_E019);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// Fills `buf` with the pattern for `seed` as it would appear at byte `start` of a disk.
-pub fn fill_pattern(buf: &mut [u8], seed: u64, start: u64) {
-    let mut i = 0;
-    while i < buf.len() {
-        let pos = start + i as u64;
-        let word = mix(seed, pos / 8).to_le_bytes();
-        let k = (pos % 8) as usize;
-        let n = (8 - k).min(buf.len() - i);
-        buf[i..i + n].copy_from_slice(&word[k..k + n]);
-        i += n;
-    }
-}
-
-pub fn pattern(seed: u64, start: u64, len: usize) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    fill_pattern(&mut v, seed, start);
-    v
-}
-
-/// Writes a non-sparse image of `size` bytes holding `pattern(seed, 0, size)`.
-pub fn create_image(path: &Path, size: u64, seed: u64) -> Vec<u8> {
-    let data = pattern(seed, 0, size as usize);
-    let mut f = File::create(path).expect("create image");
-    f.write_all(&data).expect("write image");
-    f.sync_all().expect("sync image");
-    data
-}
-
-/// A small deterministic PRNG (xorshift64*) so failures reproduce.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(mix(seed, 0x5eed) | 1)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    /// Uniform-ish in `0..n`.
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-    pub fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len() as u64) as usize]
-    }
-    pub fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            let j = self.below(i as u64 + 1) as usize;
-            v.swap(i, j);
-        }
-    }
-}
-
-/// Describes where the first difference between two buffers is, for assertion messages.
-pub fn first_difference(got: &[u8], want: &[u8]) -> Option<String> {
-    if got == want {
-        // memcmp: the common case stays fast in unoptimised test builds.
-        return None;
-    }
-    if got.len() != want.len() {
-        return Some(format!("length {} != expected {}", got.len(), want.len()));
-    }
-    let i = got.iter().zip(want).position(|(a, b)| a != b)?;
-    let end = (i..got.len())
-        .find(|&j| got[j] == want[j])
-        .unwrap_or(got.len());
-    Some(format!(
-        "first difference at byte {i} (sector {}), differing run of {} bytes: got {:02x?} want {:02x?}",
-        i / 512,
-        end - i,
-        &got[i..(i + 16).min(got.len())],
-        &want[i..(i + 16).min(want.len())]
-    ))
-}
-
-#[track_caller]
-pub fn assert_same(got: &[u8], want: &[u8], what: &str) {
-    if let Some(diff) = first_difference(got, want) {
-        panic!("{what}: {diff}");
-    }
-}
+// The data pattern, the PRNG and the byte comparison every test shares (each test file uses
+// some of them).
+#[allow(unused_imports)]
+pub use vublk_test_support::pattern::{assert_same, create_image, first_difference, pattern, Rng};
 
 // ---------------------------------------------------------------------------------------------
-// The daemon
+// The daemon: vublk_test_support's harness, started with `Daemon::start(vublk_bin(), ...)`
 // ---------------------------------------------------------------------------------------------
 
-/// A running `vublk`.
-pub struct Daemon {
-    child: Option<Child>,
-    /// True once the child has been reaped; held while the watchdog signals it, so the watchdog
-    /// can never signal a recycled pid.
-    reaped: Arc<Mutex<bool>>,
-    /// The socket clients connect to.
-    pub socket: PathBuf,
-    /// Whether vublk created the socket itself (and so must remove it on exit).
-    owns_socket: bool,
-    log: PathBuf,
-    status: Option<ExitStatus>,
-}
-
-impl Daemon {
-    /// `vublk --socket-path DIR/vublk.sock ARGS...`, waiting until the socket file appears.
-    pub fn start(dir: &Path, args: &[&str]) -> Daemon {
-        let socket = dir.join("vublk.sock");
-        let mut cmd = Command::new(vublk_bin());
-        cmd.arg("--socket-path").arg(&socket).args(args);
-        let mut d = Daemon::spawn(cmd, dir, socket, true);
-        d.wait_for_socket();
-        d
-    }
-
-    /// Spawns `cmd` with stdout and stderr going to DIR/vublk.log. `socket` is the path clients
-    /// will use; `owns_socket` says whether vublk is expected to create (and remove) it.
-    pub fn spawn(mut cmd: Command, dir: &Path, socket: PathBuf, owns_socket: bool) -> Daemon {
-        let log = dir.join(format!(
-            "vublk-{}.log",
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        ));
-        let out = File::create(&log).expect("create log file");
-        let err = out.try_clone().expect("dup log file");
-        // A command that sets RUST_LOG itself (e.g. `info`, to count lines) keeps it.
-        let own_log_level = cmd.get_envs().any(|(key, _)| key == "RUST_LOG");
-        if !own_log_level && std::env::var_os("RUST_LOG").is_none() {
-            cmd.env("RUST_LOG", "debug");
-        }
-        cmd.env("NO_COLOR", "1");
-        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
-        die_with_parent(&mut cmd);
-        let child = cmd.spawn().expect("spawn vublk");
-        let reaped = Arc::new(Mutex::new(false));
-        spawn_watchdog(child.id(), Arc::clone(&reaped));
-        Daemon {
-            child: Some(child),
-            reaped,
-            socket,
-            owns_socket,
-            log,
-            status: None,
-        }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("daemon already reaped").id()
-    }
-
-    /// The per-VM worker the supervisor started for the current client (a child of the daemon
-    /// running `--worker-control-fd`); the daemon itself when it runs `--single-process`.
-    /// Waits up to 5 s for it to appear.
-    pub fn serving_pid(&self) -> u32 {
-        let daemon = self.pid();
-        let cmdline = std::fs::read(format!("/proc/{daemon}/cmdline")).unwrap_or_default();
-        if cmdline.split(|b| *b == 0).any(|a| a == b"--single-process") {
-            return daemon;
-        }
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            if let Some(pid) = workers_of(daemon).into_iter().next() {
-                return pid;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no worker process under daemon {daemon}\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Everything vublk wrote to stdout and stderr so far.
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_else(|e| format!("<cannot read log: {e}>"))
-    }
-
-    fn wait_for_socket(&mut self) {
-        let socket = self.socket.clone();
-        self.wait_for(&socket);
-    }
-
-    /// Waits until vublk has created `path` (a socket it makes, such as --control-socket's).
-    pub fn wait_for(&mut self, path: &Path) {
-        let deadline = Instant::now() + DAEMON_TIMEOUT;
-        while !path.exists() {
-            if let Some(status) = self.try_wait() {
-                panic!(
-                    "vublk exited with {status} before creating {}; log:\n{}",
-                    path.display(),
-                    self.log()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "vublk did not create {} within {DAEMON_TIMEOUT:?}; log:\n{}",
-                path.display(),
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// The exit status if vublk has exited.
-    pub fn try_wait(&mut self) -> Option<ExitStatus> {
-        if self.status.is_none() {
-            if let Some(child) = self.child.as_mut() {
-                let mut reaped = self.reaped.lock().unwrap_or_else(|e| e.into_inner());
-                self.status = child.try_wait().expect("waitpid");
-                *reaped = self.status.is_some();
-            }
-        }
-        self.status
-    }
-
-    /// Waits up to `timeout` for vublk to exit on its own.
-    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(s) = self.try_wait() {
-                return Some(s);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Panics (with the log) unless vublk is still running.
-    #[track_caller]
-    pub fn assert_running(&mut self) {
-        if let Some(status) = self.try_wait() {
-            panic!(
-                "vublk exited unexpectedly with {status}; log:\n{}",
-                self.log()
-            );
-        }
-    }
-
-    /// Sends `sig` to vublk and waits for its exit status, panicking after [`DAEMON_TIMEOUT`].
-    pub fn signal_and_wait(&mut self, sig: libc::c_int) -> ExitStatus {
-        if let Some(s) = self.try_wait() {
-            panic!("vublk had already exited with {s}; log:\n{}", self.log());
-        }
-        // SAFETY: kill(2) only sends a signal; `pid` is our own unreaped child.
-        unsafe { libc::kill(self.pid() as libc::pid_t, sig) };
-        self.wait_exit(DAEMON_TIMEOUT).unwrap_or_else(|| {
-            panic!(
-                "vublk did not exit within {DAEMON_TIMEOUT:?} of signal {sig}; log:\n{}",
-                self.log()
-            )
-        })
-    }
-
-    /// Sends SIGTERM and waits for the exit status (SIGKILL after [`DAEMON_TIMEOUT`]).
-    pub fn terminate(&mut self) -> ExitStatus {
-        if let Some(s) = self.try_wait() {
-            return s;
-        }
-        let pid = self.pid() as libc::pid_t;
-        // SAFETY: kill(2) only sends a signal; `pid` is our own unreaped child, so the pid cannot
-        // have been reused for another process.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        if let Some(s) = self.wait_exit(DAEMON_TIMEOUT) {
-            return s;
-        }
-        let child = self.child.as_mut().unwrap();
-        let mut reaped = self.reaped.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = child.kill();
-        let s = child.wait().expect("waitpid");
-        *reaped = true;
-        drop(reaped);
-        self.status = Some(s);
-        panic!(
-            "vublk did not exit within {DAEMON_TIMEOUT:?} of SIGTERM (killed: {s}); log:\n{}",
-            self.log()
-        );
-    }
-
-    /// SIGTERM, then checks the contract for a clean stop: exit status 0, and the socket removed
-    /// if vublk created it (or left in place if it did not).
-    #[track_caller]
-    pub fn stop(&mut self) {
-        let status = self.terminate();
-        self.check_clean_exit(status, "after SIGTERM");
-    }
-
-    #[track_caller]
-    pub fn check_clean_exit(&self, status: ExitStatus, when: &str) {
-        assert!(
-            status.success(),
-            "vublk exited with {status} (signal {:?}) {when}; log:\n{}",
-            status.signal(),
-            self.log()
-        );
-        let log = self.log();
-        assert!(
-            !log.contains("panicked"),
-            "vublk panicked {when}; log:\n{log}"
-        );
-        if self.owns_socket {
-            assert!(
-                !self.socket.exists(),
-                "vublk left its socket {} behind {when}",
-                self.socket.display()
-            );
-        } else {
-            assert!(
-                self.socket.exists(),
-                "vublk removed {}, a socket it did not create, {when}",
-                self.socket.display()
-            );
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            // The test already failed: make sure the daemon goes away and show what it said.
-            if let Some(child) = self.child.as_mut() {
-                if self.status.is_none() {
-                    let mut reaped = self.reaped.lock().unwrap_or_else(|e| e.into_inner());
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    *reaped = true;
-                }
-            }
-            eprintln!(
-                "----- vublk log ({}) -----\n{}",
-                self.log.display(),
-                self.log()
-            );
-            return;
-        }
-        if self.child.is_some() {
-            let already_exited = self.status.is_some();
-            let status = self.terminate();
-            if !already_exited {
-                self.check_clean_exit(status, "after SIGTERM at the end of the test");
-            }
-        }
-    }
-}
-
-/// How long any one daemon may live. A hung vublk would otherwise hang libblkio (which blocks
-/// on replies without a timeout) and the whole test run; killing it turns that into an error.
-pub const DAEMON_LIFETIME: Duration = Duration::from_secs(120);
-
-fn spawn_watchdog(pid: u32, reaped: Arc<Mutex<bool>>) {
-    std::thread::spawn(move || {
-        let deadline = Instant::now() + DAEMON_LIFETIME;
-        while Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(200));
-            if *reaped.lock().unwrap_or_else(|e| e.into_inner()) {
-                return;
-            }
-        }
-        let reaped = reaped.lock().unwrap_or_else(|e| e.into_inner());
-        if !*reaped {
-            eprintln!(
-                "watchdog: vublk (pid {pid}) still running after {DAEMON_LIFETIME:?}; killing it"
-            );
-            // SAFETY: kill(2) only sends a signal; the child is not reaped (checked under the
-            // lock the reaping code holds), so `pid` is still our child.
-            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-        }
-    });
-}
-
-/// Has the kernel SIGKILL the child when the thread that spawned it exits, so a test process
-/// that dies without unwinding (abort, SIGKILL) leaves no daemons behind. Daemons never outlive
-/// the test function (its thread) that starts them.
-pub fn die_with_parent(cmd: &mut Command) {
-    // SAFETY: the closure only calls prctl(2), which is async-signal-safe.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
-
-/// Makes `fd` (open in the parent) appear as `target` in the child, without FD_CLOEXEC.
-pub fn pass_fd(cmd: &mut Command, fd: RawFd, target: RawFd) {
-    // SAFETY: a pre_exec closure that only calls vmm-glue's async-signal-safe `place`; the
-    // caller keeps `fd` open until the command is spawned.
-    unsafe {
-        cmd.pre_exec(move || vmm_glue::inherit::place(fd, target));
-    }
-}
+#[allow(unused_imports)]
+pub use vublk_test_support::daemon::{workers_of, Daemon};
+#[allow(unused_imports)]
+pub use vublk_test_support::process::{die_with_parent, pass_fd};
 
 /// Runs vublk to completion (for command-line tests) with a timeout.
 pub fn run_vublk(args: &[&str]) -> std::process::Output {
     let mut cmd = Command::new(vublk_bin());
-    die_with_parent(&mut cmd);
-    let mut child = cmd
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn vublk");
-    let deadline = Instant::now() + DAEMON_TIMEOUT;
-    loop {
-        if child.try_wait().expect("waitpid").is_some() {
-            return child.wait_with_output().expect("collect output");
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("collect output");
-            panic!(
-                "vublk {args:?} did not exit within {DAEMON_TIMEOUT:?}; stderr:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    cmd.args(args);
+    vublk_test_support::process::run(cmd, DAEMON_TIMEOUT)
+        .unwrap_or_else(|e| panic!("vublk {args:?}: {e}"))
 }
 
 /// The counters of the first device `vublk status` reports on `control` once `ready` accepts
@@ -1055,27 +632,4 @@ pub fn split_segments(
 /// Errno helper for comparing request results.
 pub fn neg(e: Errno) -> i32 {
     -e.raw_os_error()
-}
-
-/// The worker processes (children running `--worker-control-fd`) of `daemon`.
-pub fn workers_of(daemon: u32) -> Vec<u32> {
-    let mut workers = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if ppid == Some(daemon)
-            && cmdline
-                .split(|b| *b == 0)
-                .any(|a| a == b"--worker-control-fd")
-        {
-            workers.push(pid);
-        }
-    }
-    workers
 }

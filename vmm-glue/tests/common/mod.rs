@@ -1,7 +1,7 @@
 //! Shared by vmm-glue's integration tests: the two binaries under test and optional host tools.
 //!
 //! vmm-glue is built by cargo for its own tests (`CARGO_BIN_EXE_vmm-glue`). vublk belongs to
-//! another package, so cargo does not name it here: `vmm_glue::vublk_binary` finds it (or
+//! another package, so cargo does not name it here: `vublk_test_support::vublk_binary` finds it (or
 //! builds it), as it does for guest-tests.
 
 #![allow(dead_code)] // each test file uses part of this
@@ -13,7 +13,7 @@ pub const VMM_GLUE: &str = env!("CARGO_BIN_EXE_vmm-glue");
 
 /// The workspace root.
 pub fn workspace() -> PathBuf {
-    vmm_glue::vublk_binary::workspace_dir()
+    vublk_test_support::vublk_binary::workspace_dir()
 }
 
 /// `tool` on PATH, if installed; tests that need it print why they skip.
@@ -38,7 +38,7 @@ pub fn vmm_glue(args: &[&str]) -> (i32, String, String) {
     )
 }
 
-/// The vublk binary (`vmm_glue::vublk_binary`). Built at most once per test process.
+/// The vublk binary (`vublk_test_support::vublk_binary`). Built at most once per test process.
 pub fn vublk() -> PathBuf {
-    vmm_glue::vublk_binary::vublk().unwrap_or_else(|e| panic!("the vublk binary: {e}"))
+    vublk_test_support::vublk_binary::vublk().unwrap_or_else(|e| panic!("the vublk binary: {e}"))
 }

@@ -1,6 +1,6 @@
 //! vublk-bench: vublk against qemu-storage-daemon under the same libblkio load, side by side.
 //!
-//!   cargo run --release -p guest-tests --bin vublk-bench -- --media tmpfs,null --iodepth 1,32 \
+//!   cargo run --release -p vublk-bench -- --media tmpfs,null --iodepth 1,32 \
 //!       --queues 1 --rw randread --client interrupt --json results.json --svg results.svg
 //!
 //! For each cell of the matrix (medium × rw × iodepth × queues × client mode × rate) the systems
@@ -9,7 +9,7 @@
 //! The `io_uring` system has no backend: the load generator opens the image itself. The medians
 //! per cell and system are printed as a Markdown table with the ratios of vublk to QSD and to
 //! io_uring, written as JSON with every sample, and drawn as an SVG chart (`--svg`). See
-//! docs/benchmarks.md and `guest_tests::bench`.
+//! docs/benchmarks.md and `vublk_bench` (the library, `bench/src/lib.rs`).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -17,12 +17,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use guest_tests::bench::load::{self, LoadSpec, Target};
-use guest_tests::bench::media::{self, Medium};
-use guest_tests::bench::report::{self, Sample};
-use guest_tests::bench::systems::{self, Backend, System};
-use guest_tests::bench::{svg, Cell, ClientMode, Rate, Rw};
 use serde_json::json;
+use vublk_bench::load::{self, LoadSpec, Target};
+use vublk_bench::media::{self, Medium};
+use vublk_bench::report::{self, Sample};
+use vublk_bench::systems::{self, System};
+use vublk_bench::{svg, Cell, ClientMode, Rate, Rw};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -272,7 +272,7 @@ impl Plan {
             "image_size": self.image_size,
             "max_steal": self.max_steal,
             "steal_retries": self.steal_retries,
-            "block_size": guest_tests::bench::BLOCK,
+            "block_size": vublk_bench::BLOCK,
         })
     }
 }
@@ -455,7 +455,7 @@ fn run_matrix(
     notes.push(format!(
         "host steal in the measured windows: median {:.1}%, at most {:.1}%; {rerun} of {rounds} \
          rounds run again for steal over {}",
-        guest_tests::bench::median(&steal),
+        vublk_bench::median(&steal),
         steal.iter().copied().fold(0.0, f64::max),
         plan.max_steal
             .map_or("(off)".to_string(), |m| format!("{:.0}%", m * 100.0)),
@@ -531,14 +531,14 @@ fn measure(
         size: prepared.size,
     };
     let measured = if system.has_backend() {
-        let mut backend = Backend::start(system, prepared, cell.queues, dir, system.name())?;
+        let mut backend = systems::start(system, prepared, cell.queues, dir, system.name())?;
         let target = Target::VhostUser {
-            socket: backend.socket.clone(),
+            socket: backend.socket().to_path_buf(),
         };
         let measured = load::run(exe, &spec(target), Some(backend.pid()))
-            .with_context(|| format!("backend log:\n{}", backend.log_text()))?;
-        backend.check_running()?;
-        backend.stop()?;
+            .with_context(|| format!("backend log:\n{}", backend.log()))?;
+        backend.running()?;
+        backend.try_stop()?;
         measured
     } else {
         let target = Target::IoUring {

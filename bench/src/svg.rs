@@ -22,9 +22,9 @@
 
 use std::fmt::Write;
 
-use super::report::Row;
-use super::systems::System;
-use super::{Cell, Rate};
+use crate::report::Row;
+use crate::systems::System;
+use crate::{Cell, Rate};
 
 const MARGIN_LEFT: f64 = 64.0;
 const MARGIN_RIGHT: f64 = 16.0;
@@ -440,8 +440,8 @@ pub fn chart(rows: &[Row], title: &str, subtitle: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::media::Medium;
-    use crate::bench::{ClientMode, Rw};
+    use crate::media::Medium;
+    use crate::{ClientMode, Rw};
 
     fn row(medium: Medium, system: System, iops: f64) -> Row {
         Row {

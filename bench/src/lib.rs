@@ -21,7 +21,9 @@
 //! svg.rs      the chart: median IOPS and CPU per I/O per cell, a bar per system
 //! ```
 //!
-//! The binary (`src/bin/vublk-bench.rs`) holds the command line and the loop over the matrix.
+//! The binary (`src/main.rs`) holds the command line and the loop over the matrix. Backends
+//! run on the tests' process harness and the media are filled with their data pattern
+//! (`vublk-test-support`).
 
 pub mod cpu;
 pub mod histogram;

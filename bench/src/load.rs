@@ -45,11 +45,11 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use blkio::{Blkio, Blkioq, Completion, Errno, ReqFlags};
 use serde_json::{json, Value};
+use vublk_test_support::process::die_with_parent;
 
-use super::cpu::{Snapshot, Steal};
-use super::histogram::Histogram;
-use super::{ClientMode, Rate, Rw, BLOCK};
-use crate::process::die_with_parent;
+use crate::cpu::{Snapshot, Steal};
+use crate::histogram::Histogram;
+use crate::{ClientMode, Rate, Rw, BLOCK};
 
 /// How long the load generator keeps retrying to connect while the socket does not accept yet.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

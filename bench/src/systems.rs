@@ -10,24 +10,30 @@
 //!   driver (`direct=true` on the real disk) and submits to the kernel itself: what the medium
 //!   costs without vhost-user in between. It has no null medium (there is no file to open).
 //!
-//! The backends see the same medium and the same number of queues. Logs go to a file next to the socket
-//! (vublk at `RUST_LOG=warn` unless set, so logging costs nothing on the data path).
+//! The backends see the same medium and the same number of queues. They run on the tests' process
+//! harness ([`vublk_test_support::Daemon`]); logs go to a file next to the socket (vublk at
+//! `RUST_LOG=warn` unless set, so logging costs nothing on the data path).
 
 use std::fmt;
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::str::FromStr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Error, Result};
+use vublk_test_support::daemon::{Options, SocketAtExit};
+use vublk_test_support::Daemon;
 
-use super::media::{Medium, Prepared};
-use crate::paths;
-use crate::process::die_with_parent;
+use crate::media::{Medium, Prepared};
 
 /// How long a backend may take to create its socket, and to exit after SIGTERM.
 const TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The vublk binary of this workspace (`VUBLK_BIN` overrides it): next to this executable in
+/// the target directory, built if missing or stale (`vublk_test_support::vublk_binary`).
+fn vublk_bin() -> Result<PathBuf> {
+    vublk_test_support::vublk_binary::vublk().context("the vublk binary")
+}
 
 /// The QSD executable; `QSD_BIN` overrides it.
 pub fn qsd_bin() -> PathBuf {
@@ -80,7 +86,7 @@ impl System {
         let socket_str = socket.to_str().context("socket path is not UTF-8")?;
         Ok(match self {
             System::Vublk | System::VublkSingle => {
-                let mut cmd = Command::new(paths::vublk_bin()?);
+                let mut cmd = Command::new(vublk_bin()?);
                 cmd.arg("--socket-path").arg(socket);
                 cmd.args(["--num-queues", &queues.to_string()]);
                 match media.medium {
@@ -149,121 +155,33 @@ impl fmt::Display for System {
     }
 }
 
-/// A running backend. Dropping it kills it; [`Backend::stop`] stops it cleanly.
-pub struct Backend {
-    pub system: System,
-    pub socket: PathBuf,
-    pub log: PathBuf,
-    child: Option<Child>,
-}
-
-impl Backend {
-    /// Starts `system` serving `media` with `queues` queues on `<dir>/<name>.sock` and waits for
-    /// the socket to appear (clients still retry connecting until it accepts).
-    pub fn start(
-        system: System,
-        media: &Prepared,
-        queues: u16,
-        dir: &Path,
-        name: &str,
-    ) -> Result<Backend> {
-        let socket = dir.join(format!("{name}.sock"));
-        let log = dir.join(format!("{name}.log"));
-        let _ = std::fs::remove_file(&socket);
-        let mut cmd = system.command(media, queues, &socket)?;
-        let out = File::create(&log)?;
-        cmd.stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out);
-        die_with_parent(&mut cmd);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("start {system} ({:?})", cmd.get_program()))?;
-        let mut b = Backend {
-            system,
-            socket,
-            log,
-            child: Some(child),
-        };
-        let deadline = Instant::now() + TIMEOUT;
-        while !b.socket.exists() {
-            if let Some(status) = b.child_mut().try_wait()? {
-                bail!(
-                    "{system} exited ({status}) before creating its socket:\n{}",
-                    b.log_text()
-                );
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "{system} did not create {} within {TIMEOUT:?}:\n{}",
-                    b.socket.display(),
-                    b.log_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        Ok(b)
-    }
-
-    fn child_mut(&mut self) -> &mut Child {
-        self.child.as_mut().expect("backend is running")
-    }
-
-    /// The pid of the backend's root process (its workers are its descendants).
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("backend is running").id()
-    }
-
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Fails (with the log) if the backend has exited.
-    pub fn check_running(&mut self) -> Result<()> {
-        if let Some(status) = self.child_mut().try_wait()? {
-            bail!(
-                "{} exited unexpectedly ({status}):\n{}",
-                self.system,
-                self.log_text()
-            );
-        }
-        Ok(())
-    }
-
-    /// SIGTERM, and waits for a successful exit.
-    pub fn stop(mut self) -> Result<()> {
-        let mut child = self.child.take().expect("backend is running");
-        let Some(status) = crate::process::terminate(&mut child, TIMEOUT)? else {
-            bail!(
-                "{} did not exit within {TIMEOUT:?} of SIGTERM:\n{}",
-                self.system,
-                self.log_text()
-            );
-        };
-        if !status.success() {
-            bail!(
-                "{} exited with {status} after SIGTERM:\n{}",
-                self.system,
-                self.log_text()
-            );
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+/// Starts `system` serving `media` with `queues` queues on `<dir>/<name>.sock`, its log in
+/// `<dir>/<name>.log`, and waits for the socket to appear (clients still retry connecting until
+/// it accepts). Dropping the backend kills it; [`Daemon::try_stop`] stops it cleanly (exit 0).
+pub fn start(
+    system: System,
+    media: &Prepared,
+    queues: u16,
+    dir: &Path,
+    name: &str,
+) -> Result<Daemon> {
+    let socket = dir.join(format!("{name}.sock"));
+    let _ = std::fs::remove_file(&socket);
+    let cmd = system.command(media, queues, &socket)?;
+    let mut backend = Options::default()
+        .name(system.name())
+        .log_file(dir.join(format!("{name}.log")))
+        .socket(socket.clone(), SocketAtExit::Unchecked)
+        .timeout(TIMEOUT)
+        .spawn(cmd)?;
+    backend.try_wait_for(&socket)?;
+    Ok(backend)
 }
 
 /// One line saying which version of `system` runs (for the report).
 pub fn version(system: System) -> String {
     let out = match system {
-        System::Vublk | System::VublkSingle => match paths::vublk_bin() {
+        System::Vublk | System::VublkSingle => match vublk_bin() {
             Ok(bin) => Command::new(bin).arg("--version").output(),
             Err(e) => return format!("unknown ({e:#})"),
         },

@@ -14,9 +14,9 @@
 
 use serde_json::{json, Value};
 
-use super::load::LoadResult;
-use super::systems::System;
-use super::{median, Cell, Rate};
+use crate::load::LoadResult;
+use crate::systems::System;
+use crate::{median, Cell, Rate};
 
 /// One measurement: one system, one cell, one repetition.
 #[derive(Clone, Debug)]
@@ -446,8 +446,8 @@ pub fn json(setup: Value, samples: &[Sample], rows: &[Row], notes: &[String]) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::media::Medium;
-    use crate::bench::{ClientMode, Rw};
+    use crate::media::Medium;
+    use crate::{ClientMode, Rw};
 
     fn cell(rate: Rate) -> Cell {
         Cell {

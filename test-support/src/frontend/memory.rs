@@ -440,7 +440,7 @@ impl Arena {
 }
 
 fn memfd(size: u64) -> Result<File, MemoryError> {
-    let fd = rustix::fs::memfd_create("vmm-glue-guest-ram", MemfdFlags::CLOEXEC)
+    let fd = rustix::fs::memfd_create("test-frontend-guest-ram", MemfdFlags::CLOEXEC)
         .map_err(MemoryError::Memfd)?;
     rustix::fs::ftruncate(&fd, size).map_err(|source| MemoryError::Truncate { size, source })?;
     Ok(File::from(fd))

@@ -19,7 +19,7 @@ use std::time::SystemTime;
 pub fn workspace_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
-        .expect("vmm-glue lives in the workspace")
+        .expect("vublk-test-support lives in the workspace")
         .to_path_buf()
 }
 

@@ -1,9 +1,9 @@
 //! A ready-made test bed: a temp dir, a raw image with known contents, the backend listening on a
 //! socket in that dir, and sessions connected to it.
 //!
-//! Test code, so failures panic with context instead of returning errors. The image is filled
-//! with [`pattern`], which differs at every 8-byte word, so data landing in the wrong place or
-//! coming from the wrong offset is caught.
+//! Test code, so failures panic with context instead of returning errors. The image holds the
+//! [pattern](crate::pattern) of [`IMAGE_SEED`] ([`image_pattern`]), which differs at every
+//! 8-byte word, so data landing in the wrong place or coming from the wrong offset is caught.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -11,63 +11,19 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::daemon::Daemon;
 use super::session::{Session, SessionConfig, Step};
+use crate::daemon::Daemon;
+use crate::pattern::{create_image, pattern};
 
 /// How long a daemon may take to come up.
-pub const START_TIMEOUT: Duration = Duration::from_secs(10);
+pub const START_TIMEOUT: Duration = crate::daemon::DAEMON_TIMEOUT;
 
-/// The deterministic contents of byte range `[offset, offset + len)` of a fixture image.
-pub fn pattern(offset: u64, len: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len);
-    let mut pos = offset;
-    while out.len() < len {
-        let word = pos / 8;
-        let mut z = word.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5bd1_e995;
-        z = (z ^ (z >> 29)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z ^= z >> 32;
-        let bytes = z.to_le_bytes();
-        let from = (pos % 8) as usize;
-        let take = (8 - from).min(len - out.len());
-        out.extend_from_slice(&bytes[from..from + take]);
-        pos += take as u64;
-    }
-    out
-}
+/// The seed of a fixture image's [pattern](crate::pattern).
+pub const IMAGE_SEED: u64 = 0x5bd1_e995;
 
-/// Panics unless `got == want`, naming the first differing byte instead of dumping both buffers.
-#[track_caller]
-pub fn assert_bytes(got: &[u8], want: &[u8], what: &str) {
-    if got == want {
-        return;
-    }
-    let at = got
-        .iter()
-        .zip(want)
-        .position(|(a, b)| a != b)
-        .unwrap_or(got.len().min(want.len()));
-    let show = |b: &[u8]| format!("{:02x?}", &b[at.min(b.len())..(at + 16).min(b.len())]);
-    panic!(
-        "{what}: {} bytes vs {} expected, first difference at byte {at}: got {} want {}",
-        got.len(),
-        want.len(),
-        show(got),
-        show(want)
-    );
-}
-
-/// Writes an image of `size` bytes filled with [`pattern`].
-pub fn write_image(path: &Path, size: u64) {
-    let mut f = File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
-    let chunk = 1 << 20;
-    let mut off = 0u64;
-    while off < size {
-        let n = chunk.min((size - off) as usize);
-        f.write_all(&pattern(off, n))
-            .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
-        off += n as u64;
-    }
-    f.sync_all().ok();
+/// Bytes `[offset, offset + len)` of a fixture image as it was written.
+pub fn image_pattern(offset: u64, len: usize) -> Vec<u8> {
+    pattern(IMAGE_SEED, offset, len)
 }
 
 /// A backend serving one image from a temp dir.
@@ -80,15 +36,15 @@ pub struct Fixture {
 }
 
 impl Fixture {
-    /// Writes a `size`-byte patterned image and starts `program --socket-path S --blk-file IMG
-    /// args...`.
+    /// Writes a `size`-byte image of [`image_pattern`] and starts `program --socket-path S
+    /// --blk-file IMG args...`, killed when dropped.
     pub fn start(program: &str, size: u64, args: &[&str]) -> Self {
         let dir = tempfile::Builder::new()
-            .prefix("vmm-glue-")
+            .prefix("vublk-fixture-")
             .tempdir()
             .expect("create temp dir");
         let image = dir.path().join("disk.img");
-        write_image(&image, size);
+        create_image(&image, size, IMAGE_SEED);
         let socket = dir.path().join("vhost.sock");
         let mut all = vec!["--blk-file".to_string(), image.display().to_string()];
         all.extend(args.iter().map(|s| s.to_string()));
@@ -106,7 +62,7 @@ impl Fixture {
     pub fn stream(&mut self) -> UnixStream {
         self.daemon
             .connect(START_TIMEOUT)
-            .unwrap_or_else(|e| panic!("connect: {e}\nstderr:\n{}", self.daemon.stderr()))
+            .unwrap_or_else(|e| panic!("connect: {e}\nlog:\n{}", self.daemon.log()))
     }
 
     /// Connects and runs `steps`.
@@ -115,9 +71,9 @@ impl Fixture {
         match Session::connect(stream, config, steps) {
             Ok(s) => s,
             Err(e) => panic!(
-                "handshake failed: {e} ({:?})\nstderr:\n{}",
+                "handshake failed: {e} ({:?})\nlog:\n{}",
                 std::error::Error::source(&e).map(|s| s.to_string()),
-                self.daemon.stderr()
+                self.daemon.log()
             ),
         }
     }

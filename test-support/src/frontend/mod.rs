@@ -2,8 +2,8 @@
 //!
 //! It plays the VMM: guest RAM in memfds ([`memory`]), split virtqueues it drives by hand and can
 //! corrupt on purpose ([`virtqueue`]), the vhost-user handshake as replayable steps
-//! ([`session`]), virtio-blk requests ([`blk`]), and the backend under test as a child process
-//! ([`daemon`]) with a ready-made test bed around it ([`fixture`]). [`cloud_hypervisor`] holds
+//! ([`session`]), virtio-blk requests ([`blk`]), and a ready-made test bed around the backend under
+//! test as a child process ([`fixture`], over [`crate::daemon`]). [`cloud_hypervisor`] holds
 //! cloud-hypervisor's message sequence, cited from its source, for replay tests.
 //!
 //! ```text
@@ -15,14 +15,12 @@
 
 pub mod blk;
 pub mod cloud_hypervisor;
-pub mod daemon;
 pub mod fixture;
 pub mod memory;
 pub mod session;
 pub mod virtqueue;
 
 pub use blk::{BlkConfig, BlkQueue, Completion, Range, Readback};
-pub use daemon::Daemon;
 pub use fixture::Fixture;
 pub use memory::{Arena, GuestMemory, RegionFile, RegionSpec, RemovedRegion};
 pub use session::{

@@ -100,7 +100,7 @@ pub fn prepare(medium: Medium, size: u64, disk_dir: &Path) -> Result<Prepared> {
     let mut f = File::create(&image).with_context(|| format!("create {}", image.display()))?;
     // One chunk of pattern, stamped with its index so no two chunks are alike (nothing on the
     // way can deduplicate or compress them).
-    let mut chunk = crate::pattern(0xbe7c, CHUNK);
+    let mut chunk = vublk_test_support::pattern::pattern(0xbe7c, 0, CHUNK);
     for i in 0..size / CHUNK as u64 {
         chunk[..8].copy_from_slice(&i.to_le_bytes());
         f.write_all(&chunk)
