@@ -994,9 +994,9 @@ fn a_traced_dead_worker_does_not_stall_the_supervisor() {
         return;
     }
     let dir = shared_dir();
-    let mut daemon = Daemon::start(dir.path(), &["--null", "64M"]);
-    open_socket(&daemon.socket);
-    let socket = daemon.socket.clone();
+    let mut daemon = Daemon::start(vublk_bin(), dir.path(), &["--null", "64M"]);
+    open_socket(daemon.socket());
+    let socket = daemon.socket().to_path_buf();
     let mut a = Tenant::start(dir.path(), "a", &Job::user(NOBODY));
     let mut b = Tenant::start(dir.path(), "b", &Job::user(BYSTANDER));
     assert_eq!(a.connect_raw(&socket, 1), 1);
