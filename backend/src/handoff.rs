@@ -17,7 +17,7 @@ use rustix::net::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::cli::ExportSpec;
+use crate::export::ExportSpec;
 use crate::virtio_blk::stats::DeviceTotals;
 
 /// Largest message; exports are small.

@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod daemon;
 pub mod disk;
+pub mod export;
 mod handoff;
 pub mod identity;
 pub mod io;
@@ -19,9 +20,9 @@ pub mod worker;
 use std::error::Error;
 use std::sync::Arc;
 
-use cli::ExportSpec;
 use daemon::{Endpoint, SocketAccess};
 use disk::Disk;
+use export::{ExportSpec, OpenAs};
 
 /// How the process runs.
 pub enum Mode {
@@ -47,7 +48,7 @@ pub fn run(mode: Mode) -> Result<(), Box<dyn Error + Send + Sync>> {
             // now.
             for (_, export) in &mut exports {
                 if let disk::DiskSpec::Path(path) = &export.disk {
-                    if export.open_as == cli::OpenAs::Daemon {
+                    if export.open_as == OpenAs::Daemon {
                         let (_, id) = Disk::open_for_daemon(path, export.open, None)?;
                         export.daemon_file = Some(id);
                     } else {

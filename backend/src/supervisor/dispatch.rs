@@ -5,8 +5,8 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use crate::cli::OpenAs;
 use crate::disk::{Disk, DiskSpec};
+use crate::export::OpenAs;
 use crate::handoff::{self, ToWorker};
 
 use super::lifecycle::StartError;

@@ -41,8 +41,8 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::cli::ExportSpec;
 use crate::daemon::{DaemonError, Endpoint, Listener, SocketAccess};
+use crate::export::ExportSpec;
 use crate::identity::Peer;
 use crate::ratelimit::RateLimit;
 

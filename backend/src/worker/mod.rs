@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::cli::{ExportSpec, OpenAs};
 use crate::disk::{Disk, DiskSpec};
+use crate::export::{ExportSpec, OpenAs};
 use crate::handoff::{self, DeviceStatus, ToSupervisor, ToWorker};
 use crate::ratelimit::{vmm_line, VMM_LOG};
 use crate::vhost_user::ConnectionThread;
