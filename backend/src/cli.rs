@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::daemon::{Endpoint, SocketAccess};
 use crate::disk::{DiskSpec, OpenOptions};
+use crate::endpoint::{Endpoint, SocketAccess};
 use crate::export::{AllowList, ExportSpec, OpenAs};
 use crate::supervisor::{TenantLimits, DEFAULT_CONNECTIONS_PER_VMM, DEFAULT_VMS_PER_UID};
 use crate::virtio_blk::DeviceOptions;
@@ -381,10 +381,7 @@ impl Cli {
             (None, Some(size)) => DiskSpec::Null { size },
             _ => return Err("exactly one of --blk-file and --null is required".into()),
         };
-        let name = match &endpoint {
-            Endpoint::Path(path) => path.display().to_string(),
-            Endpoint::Fd(fd) => format!("fd:{fd}"),
-        };
+        let name = endpoint.name();
         Ok((
             endpoint,
             ExportSpec {

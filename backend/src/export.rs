@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 
-use crate::daemon::SocketAccess;
 use crate::disk::{DiskSpec, FileId, OpenOptions};
+use crate::endpoint::SocketAccess;
 use crate::virtio_blk::DeviceOptions;
 
 /// Who opens an export's image.

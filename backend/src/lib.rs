@@ -1,17 +1,27 @@
 //! vublk: a vhost-user virtio-blk backend.
 //!
-//! The request path, by module: [`daemon`] accepts a frontend connection; [`vhost_user`]
-//! speaks the protocol, maps guest memory and starts a thread per virtqueue; [`virtio_blk`]
-//! turns descriptor chains into requests and requests into [`io`] on the [`disk`].
+//! The request path, by module: [`endpoint`] is where a frontend connects; the [`supervisor`]
+//! hands the connection to its VM's [`worker`]; [`vhost_user`] speaks the protocol, maps guest
+//! memory and starts a queue thread per virtqueue; [`virtio_blk`] turns descriptor chains into
+//! requests and requests into [`io`] on the [`disk`].
+//!
+//! Words with one meaning each: the *daemon* is the vublk process an operator starts (the
+//! supervisor, or with `--single-process` the process serving one export itself); the
+//! *supervisor* is its default mode ([`supervisor`]); a *worker* is a per-VM process the
+//! supervisor starts ([`worker`]); a *queue thread* serves one virtqueue inside a worker (or
+//! the single-process daemon).
 
 pub mod cli;
-pub mod daemon;
 pub mod disk;
+pub mod endpoint;
+mod event_loop;
 pub mod export;
 mod handoff;
 pub mod identity;
 pub mod io;
 mod ratelimit;
+mod signals;
+pub mod single_process;
 pub mod supervisor;
 pub mod vhost_user;
 pub mod virtio_blk;
@@ -20,8 +30,8 @@ pub mod worker;
 use std::error::Error;
 use std::sync::Arc;
 
-use daemon::{Endpoint, SocketAccess};
 use disk::Disk;
+use endpoint::{Endpoint, SocketAccess};
 use export::{ExportSpec, OpenAs};
 
 /// How the process runs.
@@ -108,7 +118,7 @@ fn run_single(
             ", write-through"
         },
     );
-    daemon::run(endpoint, access, device)?;
+    single_process::run(endpoint, access, device)?;
     Ok(())
 }
 

@@ -2,7 +2,7 @@
 //! a new one, through a bounded outbox and a non-blocking control socket.
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
 use crate::disk::{Disk, DiskSpec};
@@ -12,7 +12,7 @@ use crate::handoff::{self, ToWorker};
 use super::lifecycle::StartError;
 use super::tenants::{Verdict, GIVE_UP};
 use super::vm::{Handoff, WorkerState};
-use super::{Level, Supervisor, EV_WORKER_WRITABLE, MAX_WAITING};
+use super::{Event, Level, Supervisor, MAX_WAITING};
 
 /// How long to wait before sending again after the kernel ran short of memory.
 const SEND_RETRY: Duration = Duration::from_millis(100);
@@ -226,9 +226,12 @@ impl Supervisor {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if !vm.watching_writable {
+                        // Watched only until it has room again: nothing is ever read from it
+                        // (its receiving side is shut down).
                         vm.watching_writable = true;
-                        let fd = vm.control.as_raw_fd();
-                        self.watch_writable(fd, id, true);
+                        let _ = self
+                            .events
+                            .watch_writable(&vm.control, Event::WorkerWritable(id));
                     }
                     return;
                 }
@@ -252,29 +255,16 @@ impl Supervisor {
         if let Some(vm) = self.vms.get_mut(&id) {
             if vm.watching_writable {
                 vm.watching_writable = false;
-                let fd = vm.control.as_raw_fd();
-                self.watch_writable(fd, id, false);
+                self.events.unwatch(&vm.control);
             }
         }
-    }
-
-    /// Starts or stops watching a control socket for room to send. It is not watched
-    /// otherwise: nothing is ever read from it (its receiving side is shut down).
-    fn watch_writable(&self, fd: i32, id: u64, writable: bool) {
-        let event = epoll::Event::new(epoll::Events::EPOLLOUT, EV_WORKER_WRITABLE | id);
-        let op = if writable {
-            epoll::ControlOptions::EPOLL_CTL_ADD
-        } else {
-            epoll::ControlOptions::EPOLL_CTL_DEL
-        };
-        let _ = epoll::ctl(self.epoll, op, fd, event);
     }
 
     /// A connection of `export` will not be served (counts down a `--fd` connected socket).
     pub(super) fn connected_done(&mut self, export: usize) {
         if matches!(
             self.exports[export].listener,
-            crate::daemon::Listener::Connected(_)
+            crate::endpoint::Listener::Connected(_)
         ) {
             self.connected_left = self.connected_left.saturating_sub(1);
         }

@@ -12,10 +12,7 @@ use crate::identity::{IdentityError, Peer, VmmIdentity};
 
 use super::spawn::{exec_outcome, spawn_worker, ExecOutcome};
 use super::vm::{exited, Handoff, Vm, WorkerState};
-use super::{
-    Level, Supervisor, EV_WORKER_EXIT, EV_WORKER_REPORTS, EV_WORKER_START, START_DEADLINE,
-    STOP_GRACE, WORKER_MIN_NOFILE,
-};
+use super::{Event, Level, Supervisor, START_DEADLINE, STOP_GRACE, WORKER_MIN_NOFILE};
 
 /// Reports read per wake-up from one worker, so a chatty worker cannot hold the loop.
 const REPORTS_PER_WAKEUP: usize = 16;
@@ -63,13 +60,17 @@ impl Supervisor {
         let id = self.next_vm;
         self.next_vm += 1;
         let watched = self
-            .watch(worker.reports.as_raw_fd(), EV_WORKER_REPORTS | id)
-            .and_then(|()| self.watch(worker.pidfd.as_raw_fd(), EV_WORKER_EXIT | id))
-            .and_then(|()| self.watch(worker.exec_status.as_raw_fd(), EV_WORKER_START | id));
+            .events
+            .watch(&worker.reports, Event::WorkerReports(id))
+            .and_then(|()| self.events.watch(&worker.pidfd, Event::WorkerExit(id)))
+            .and_then(|()| {
+                self.events
+                    .watch(&worker.exec_status, Event::WorkerStart(id))
+            });
         if let Err(e) = watched {
             kill(&worker.pidfd);
-            self.unwatch(worker.reports.as_raw_fd());
-            self.unwatch(worker.pidfd.as_raw_fd());
+            self.events.unwatch(&worker.reports);
+            self.events.unwatch(&worker.pidfd);
             self.unreaped.push((worker.pid, worker.pidfd));
             return Err(StartError::Supervisor(format!(
                 "cannot watch the new worker: {e}"
@@ -141,7 +142,7 @@ impl Supervisor {
 
     fn stop_watching_start(&self, state: WorkerState) {
         if let WorkerState::Starting { exec_status, .. } = state {
-            self.unwatch(exec_status.as_raw_fd());
+            self.events.unwatch(&exec_status);
         }
     }
 
@@ -202,11 +203,9 @@ impl Supervisor {
         };
         let before = std::mem::replace(&mut vm.state, WorkerState::Retired);
         let unsent: Vec<Handoff> = vm.outbox.drain(..).collect();
-        let writable = std::mem::take(&mut vm.watching_writable);
         vm.retry_send_at = None;
-        let control = vm.control.as_raw_fd();
-        if writable {
-            self.unwatch(control);
+        if std::mem::take(&mut vm.watching_writable) {
+            self.events.unwatch(&vm.control);
         }
         self.stop_watching_start(before);
         for handoff in unsent {
@@ -234,7 +233,7 @@ impl Supervisor {
                 });
                 if let Some(vm) = self.vms.get(&id) {
                     kill(&vm.worker_pidfd);
-                    self.unwatch(vm.reports.as_raw_fd());
+                    self.events.unwatch(&vm.reports);
                 }
                 self.retire(id);
                 return false;
@@ -280,7 +279,7 @@ impl Supervisor {
         if reports.closed {
             // The worker is exiting; its pidfd reports when it is gone.
             if let Some(vm) = self.vms.get(&id) {
-                self.unwatch(vm.reports.as_raw_fd());
+                self.events.unwatch(&vm.reports);
             }
             self.retire(id);
         }
@@ -301,13 +300,13 @@ impl Supervisor {
         let Some(mut vm) = self.vms.remove(&id) else {
             return;
         };
-        self.unwatch(vm.worker_pidfd.as_raw_fd());
-        self.unwatch(vm.reports.as_raw_fd());
+        self.events.unwatch(&vm.worker_pidfd);
+        self.events.unwatch(&vm.reports);
         if vm.watching_writable {
-            self.unwatch(vm.control.as_raw_fd());
+            self.events.unwatch(&vm.control);
         }
         if let WorkerState::Starting { exec_status, .. } = &vm.state {
-            self.unwatch(exec_status.as_raw_fd());
+            self.events.unwatch(exec_status);
         }
         let status = match try_reap(&vm.worker_pidfd) {
             Some(status) => status,

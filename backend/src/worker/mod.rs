@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::AtomicBool;
 use std::sync::mpsc;
@@ -23,15 +23,38 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::disk::{Disk, DiskSpec};
+use crate::event_loop::{self, EventLoop, Token};
 use crate::export::{ExportSpec, OpenAs};
 use crate::handoff::{self, DeviceStatus, ToSupervisor, ToWorker};
 use crate::ratelimit::{vmm_line, VMM_LOG};
 use crate::vhost_user::ConnectionThread;
 use crate::virtio_blk::BlockDevice;
 
-const EV_CONTROL: u64 = 0;
-const EV_DONE: u64 = 1;
-const EV_VMM: u64 = 2;
+/// What a worker's main thread waits on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Event {
+    /// A message from the supervisor, or the supervisor gone.
+    Control,
+    /// A connection thread ended.
+    Done,
+    /// The VMM exited (its pidfd).
+    Vmm,
+}
+
+impl Token for Event {
+    fn to_raw(self) -> u64 {
+        event_loop::pack(self as u8, 0)
+    }
+
+    fn from_raw(raw: u64) -> Option<Event> {
+        match event_loop::unpack(raw) {
+            (0, 0) => Some(Event::Control),
+            (1, 0) => Some(Event::Done),
+            (2, 0) => Some(Event::Vmm),
+            _ => None,
+        }
+    }
+}
 
 struct Connection {
     export: String,
@@ -59,18 +82,10 @@ fn send_stats(reports: &OwnedFd, connections: &HashMap<u64, Connection>) {
 /// Serves connections from the control socket until there is nothing left to serve, telling
 /// the supervisor how it goes on the `reports` pipe.
 pub fn run(control: OwnedFd, reports: OwnedFd) -> io::Result<()> {
-    let epoll = epoll::create(true)?;
-    let watch = |fd: i32, data: u64| {
-        epoll::ctl(
-            epoll,
-            epoll::ControlOptions::EPOLL_CTL_ADD,
-            fd,
-            epoll::Event::new(epoll::Events::EPOLLIN, data),
-        )
-    };
+    let events = EventLoop::new()?;
     let done = EventFd::new(EFD_NONBLOCK)?;
-    watch(control.as_raw_fd(), EV_CONTROL)?;
-    watch(done.as_raw_fd(), EV_DONE)?;
+    events.watch(&control, Event::Control)?;
+    events.watch(&done, Event::Done)?;
     let (ended_tx, ended_rx) = mpsc::channel::<u64>();
     let mut connections: HashMap<u64, Connection> = HashMap::new();
     // The write cache the guest last chose per export (SET_CONFIG of `writeback`): device
@@ -81,7 +96,6 @@ pub fn run(control: OwnedFd, reports: OwnedFd) -> io::Result<()> {
     let mut vmm_exited = false;
     let mut supervisor_gone = false;
 
-    let mut events = [epoll::Event::new(epoll::Events::empty(), 0); 4];
     let mut last_stats = Instant::now();
     loop {
         if (vmm_exited || supervisor_gone) && connections.is_empty() {
@@ -95,14 +109,9 @@ pub fn run(control: OwnedFd, reports: OwnedFd) -> io::Result<()> {
             send_stats(&reports, &connections);
             last_stats = Instant::now();
         }
-        let n = match epoll::wait(epoll, STATS_INTERVAL.as_millis() as i32, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        for event in &events[..n] {
-            match event.data {
-                EV_CONTROL => match handoff::recv::<ToWorker>(&control) {
+        for event in events.wait(Some(STATS_INTERVAL))? {
+            match event {
+                Event::Control => match handoff::recv::<ToWorker>(&control) {
                     Ok(Some((
                         ToWorker::Serve {
                             connection,
@@ -118,7 +127,7 @@ pub fn run(control: OwnedFd, reports: OwnedFd) -> io::Result<()> {
                             continue;
                         };
                         if vmm_pidfd.is_none() {
-                            watch(pidfd.as_raw_fd(), EV_VMM)?;
+                            events.watch(&pidfd, Event::Vmm)?;
                             vmm_pidfd = Some(pidfd);
                         }
                         let disk_fd = if disk_fd_attached { fds.next() } else { None };
@@ -157,19 +166,14 @@ pub fn run(control: OwnedFd, reports: OwnedFd) -> io::Result<()> {
                     Ok(None) => {
                         tracing::info!("supervisor went away; stopping");
                         supervisor_gone = true;
-                        let _ = epoll::ctl(
-                            epoll,
-                            epoll::ControlOptions::EPOLL_CTL_DEL,
-                            control.as_raw_fd(),
-                            epoll::Event::new(epoll::Events::empty(), 0),
-                        );
+                        events.unwatch(&control);
                         for c in connections.values() {
                             c.thread.shutdown();
                         }
                     }
                     Err(e) => tracing::error!("bad message from the supervisor: {e}"),
                 },
-                EV_DONE => {
+                Event::Done => {
                     let _ = done.read();
                     while let Ok(id) = ended_rx.try_recv() {
                         if let Some(c) = connections.remove(&id) {
@@ -181,18 +185,12 @@ pub fn run(control: OwnedFd, reports: OwnedFd) -> io::Result<()> {
                         }
                     }
                 }
-                EV_VMM => {
+                Event::Vmm => {
                     vmm_exited = true;
                     if let Some(fd) = &vmm_pidfd {
-                        let _ = epoll::ctl(
-                            epoll,
-                            epoll::ControlOptions::EPOLL_CTL_DEL,
-                            fd.as_raw_fd(),
-                            epoll::Event::new(epoll::Events::empty(), 0),
-                        );
+                        events.unwatch(fd);
                     }
                 }
-                _ => {}
             }
         }
     }

@@ -1,55 +1,18 @@
-//! Where frontends come from: a socket path we create, or an inherited fd (QEMU's "backend
-//! program conventions", systemd socket activation, a launcher's socketpair).
+//! `--socket-path`: the socket vublk creates, with the mode and group the export asks for, set
+//! so that nobody else can connect before they are and no other file gets them.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use rustix::fs::{FileType, Mode, OFlags};
-use rustix::net::sockopt;
 
-use super::DaemonError;
+use super::{EndpointError, Listener, SocketAccess};
 
-/// What the command line names.
-#[derive(Debug, Clone)]
-pub enum Endpoint {
-    Path(PathBuf),
-    Fd(RawFd),
-}
-
-/// Who may connect to a socket we create: its mode and group (default: the umask's mode, our
-/// group). A VMM running as another user needs write permission on the socket.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct SocketAccess {
-    pub mode: Option<u32>,
-    pub group: Option<u32>,
-}
-
-/// An open endpoint.
-pub enum Listener {
-    /// Accept frontends one after another. `created` is the path to remove on exit (only a
-    /// socket we created ourselves).
-    Listening {
-        listener: UnixListener,
-        created: Option<PathBuf>,
-    },
-    /// Serve this one connection, then exit.
-    Connected(UnixStream),
-}
-
-impl Endpoint {
-    pub fn open(&self, access: SocketAccess) -> Result<Listener, DaemonError> {
-        match self {
-            Endpoint::Path(path) => bind(path, access),
-            Endpoint::Fd(fd) => adopt(*fd),
-        }
-    }
-}
-
-fn bind(path: &Path, access: SocketAccess) -> Result<Listener, DaemonError> {
-    let bind_err = |source| DaemonError::Bind {
+pub(super) fn bind(path: &Path, access: SocketAccess) -> Result<Listener, EndpointError> {
+    let bind_err = |source| EndpointError::Bind {
         path: path.to_owned(),
         source,
     };
@@ -63,7 +26,7 @@ fn bind(path: &Path, access: SocketAccess) -> Result<Listener, DaemonError> {
         }
         match UnixStream::connect(path) {
             Ok(_) => {
-                return Err(DaemonError::SocketInUse {
+                return Err(EndpointError::SocketInUse {
                     path: path.to_owned(),
                 })
             }
@@ -165,53 +128,6 @@ fn set_access(socket: &OwnedFd, mode: u32, group: Option<u32>) -> io::Result<()>
     })
 }
 
-fn adopt(fd: RawFd) -> Result<Listener, DaemonError> {
-    let bad = |source| DaemonError::BadFd { fd, source };
-    // SAFETY: F_GETFD only inspects the descriptor table.
-    if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-        return Err(bad(io::Error::from_raw_os_error(libc::EBADF)));
-    }
-    // SAFETY: the fd is open (checked above) and --fd hands it to us: nothing else in this
-    // process uses it, so the OwnedFd may own it.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    let is_unix_stream = sockopt::socket_domain(&owned)
-        .is_ok_and(|d| d == rustix::net::AddressFamily::UNIX)
-        && sockopt::socket_type(&owned).is_ok_and(|t| t == rustix::net::SocketType::STREAM);
-    if !is_unix_stream {
-        return Err(DaemonError::NotUnixStream { fd });
-    }
-    // Inherited without O_CLOEXEC perhaps; it must not leak into anything we might exec.
-    rustix::io::fcntl_setfd(&owned, rustix::io::FdFlags::CLOEXEC).map_err(|e| bad(e.into()))?;
-    if sockopt::socket_acceptconn(&owned).map_err(|e| bad(e.into()))? {
-        tracing::info!("listening on inherited fd {}", owned.as_raw_fd());
-        Ok(Listener::Listening {
-            listener: UnixListener::from(owned),
-            created: None,
-        })
-    } else {
-        tracing::info!(
-            "serving the connection on inherited fd {}",
-            owned.as_raw_fd()
-        );
-        Ok(Listener::Connected(UnixStream::from(owned)))
-    }
-}
-
-impl Listener {
-    /// Removes the socket we created, if any.
-    pub fn cleanup(&self) {
-        if let Listener::Listening {
-            created: Some(path),
-            ..
-        } = self
-        {
-            if let Err(e) = std::fs::remove_file(path) {
-                tracing::warn!("cannot remove {}: {e}", path.display());
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -222,7 +138,7 @@ mod tests {
     /// `bind` changes the process's umask for a moment: tests that bind take turns.
     static UMASK: Mutex<()> = Mutex::new(());
 
-    fn bound(path: &Path, access: SocketAccess) -> Result<UnixListener, DaemonError> {
+    fn bound(path: &Path, access: SocketAccess) -> Result<UnixListener, EndpointError> {
         match bind(path, access)? {
             Listener::Listening { listener, .. } => Ok(listener),
             Listener::Connected(_) => unreachable!(),
