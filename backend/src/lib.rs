@@ -30,9 +30,14 @@ pub mod worker;
 use std::error::Error;
 use std::sync::Arc;
 
-use disk::Disk;
+use thiserror::Error;
+
+use disk::{Disk, DiskError};
 use endpoint::{Endpoint, SocketAccess};
 use export::{ExportSpec, OpenAs};
+use single_process::SingleProcessError;
+use supervisor::SupervisorError;
+use worker::WorkerError;
 
 /// How the process runs.
 pub enum Mode {
@@ -49,7 +54,22 @@ pub enum Mode {
     Worker(std::os::fd::RawFd),
 }
 
-pub fn run(mode: Mode) -> Result<(), Box<dyn Error + Send + Sync>> {
+/// Why [`run`] failed; `main` prints it on one line with its causes ([`error_line`]).
+#[derive(Debug, Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    #[error("cannot open the test I/O gate")]
+    TestIoGate(#[source] std::io::Error),
+    #[error(transparent)]
+    Supervisor(#[from] SupervisorError),
+    #[error(transparent)]
+    SingleProcess(#[from] SingleProcessError),
+    #[error(transparent)]
+    Worker(#[from] WorkerError),
+}
+
+pub fn run(mode: Mode) -> Result<(), RunError> {
     match mode {
         Mode::Supervisor(mut exports, limits, control_socket) => {
             // Check every image before taking connections, so a typo fails at start-up rather
@@ -93,9 +113,9 @@ fn run_single(
     endpoint: Endpoint,
     access: SocketAccess,
     export: ExportSpec,
-) -> Result<(), Box<dyn Error + Send + Sync>> {
+) -> Result<(), RunError> {
     let disk = Disk::open(&export.disk, export.open)?;
-    let device = Arc::new(virtio_blk::device_for(disk, &export)?);
+    let device = Arc::new(virtio_blk::device_for(disk, &export).map_err(RunError::TestIoGate)?);
     let config = device.config();
     tracing::info!(
         "serving {}: {} bytes, {} queue(s), {}{}{}",

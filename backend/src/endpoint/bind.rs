@@ -8,21 +8,45 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 
 use rustix::fs::{FileType, Mode, OFlags};
+use thiserror::Error;
 
 use super::{EndpointError, Listener, SocketAccess};
 
+/// Why the socket could not be created as asked (the cause of [`EndpointError::Bind`]).
+#[derive(Debug, Error)]
+pub enum BindError {
+    #[error("a file that is not a socket is in the way")]
+    NotASocket,
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    #[error("cannot open the new socket to set its mode and group")]
+    OpenBound(#[source] io::Error),
+    #[error("the new socket was replaced by {0} before its mode and group were set")]
+    Replaced(&'static str),
+    #[error("cannot set its group to {gid}")]
+    Group {
+        gid: u32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot set its mode to {mode:04o}")]
+    Mode {
+        mode: u32,
+        #[source]
+        source: io::Error,
+    },
+}
+
 pub(super) fn bind(path: &Path, access: SocketAccess) -> Result<Listener, EndpointError> {
-    let bind_err = |source| EndpointError::Bind {
+    let bind_err = |source: BindError| EndpointError::Bind {
         path: path.to_owned(),
         source,
     };
+    let io_err = |e: io::Error| bind_err(e.into());
     // A socket left behind by a daemon that died is replaced; a live one is not stolen.
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
-            return Err(bind_err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                "a file that is not a socket is in the way",
-            )));
+            return Err(bind_err(BindError::NotASocket));
         }
         match UnixStream::connect(path) {
             Ok(_) => {
@@ -32,9 +56,9 @@ pub(super) fn bind(path: &Path, access: SocketAccess) -> Result<Listener, Endpoi
             }
             Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
                 tracing::info!("removing stale socket {}", path.display());
-                std::fs::remove_file(path).map_err(bind_err)?;
+                std::fs::remove_file(path).map_err(io_err)?;
             }
-            Err(e) => return Err(bind_err(e)),
+            Err(e) => return Err(io_err(e)),
         }
     }
     // Created owner-only, so that nobody else can connect before the mode and group below are
@@ -43,7 +67,7 @@ pub(super) fn bind(path: &Path, access: SocketAccess) -> Result<Listener, Endpoi
     let umask = rustix::process::umask(Mode::from_raw_mode(0o177));
     let bound = UnixListener::bind(path);
     rustix::process::umask(umask);
-    let listener = bound.map_err(bind_err)?;
+    let listener = bound.map_err(io_err)?;
     // Without --socket-mode, what the umask would have given: the default is unchanged.
     let mode = access.mode.unwrap_or(0o777 & !umask.bits());
     let socket = open_bound(path).map_err(bind_err)?;
@@ -68,36 +92,26 @@ pub(super) fn bind(path: &Path, access: SocketAccess) -> Result<Listener, Endpoi
 ///
 /// No connection is made to check it further: the socket exists, and a frontend may already
 /// be connecting to it.
-fn open_bound(path: &Path) -> io::Result<OwnedFd> {
-    let replaced = |what: &str| {
-        io::Error::other(format!(
-            "the new socket was replaced by {what} before its mode and group were set"
-        ))
-    };
+fn open_bound(path: &Path) -> Result<OwnedFd, BindError> {
     let fd = rustix::fs::open(
         path,
         OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::empty(),
     )
-    .map_err(|e| {
-        io::Error::new(
-            io::Error::from(e).kind(),
-            format!("cannot open the new socket to set its mode and group: {e}"),
-        )
-    })?;
-    let stat = rustix::fs::fstat(&fd)?;
+    .map_err(|e| BindError::OpenBound(e.into()))?;
+    let stat = rustix::fs::fstat(&fd).map_err(io::Error::from)?;
     if FileType::from_raw_mode(stat.st_mode) != FileType::Socket {
-        return Err(replaced("something that is not a socket"));
+        return Err(BindError::Replaced("something that is not a socket"));
     }
     if stat.st_uid != rustix::process::geteuid().as_raw() {
-        return Err(replaced("another user's socket"));
+        return Err(BindError::Replaced("another user's socket"));
     }
     Ok(fd)
 }
 
 /// Sets the group (if any), then the mode of the socket `socket` holds: in this order because a
 /// change of group may clear the set-group-ID bit.
-fn set_access(socket: &OwnedFd, mode: u32, group: Option<u32>) -> io::Result<()> {
+fn set_access(socket: &OwnedFd, mode: u32, group: Option<u32>) -> Result<(), BindError> {
     if let Some(gid) = group {
         rustix::fs::chownat(
             socket,
@@ -106,11 +120,9 @@ fn set_access(socket: &OwnedFd, mode: u32, group: Option<u32>) -> io::Result<()>
             Some(rustix::fs::Gid::from_raw(gid)),
             rustix::fs::AtFlags::EMPTY_PATH,
         )
-        .map_err(|e| {
-            io::Error::new(
-                io::Error::from(e).kind(),
-                format!("cannot set its group to {gid}: {e}"),
-            )
+        .map_err(|e| BindError::Group {
+            gid,
+            source: e.into(),
         })?;
     }
     // fchmod does not take an O_PATH descriptor; its /proc link leads to the same inode.
@@ -120,11 +132,9 @@ fn set_access(socket: &OwnedFd, mode: u32, group: Option<u32>) -> io::Result<()>
         Mode::from_raw_mode(mode),
         rustix::fs::AtFlags::empty(),
     )
-    .map_err(|e| {
-        io::Error::new(
-            io::Error::from(e).kind(),
-            format!("cannot set its mode to {mode:04o}: {e}"),
-        )
+    .map_err(|e| BindError::Mode {
+        mode,
+        source: e.into(),
     })
 }
 

@@ -12,6 +12,8 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
+pub use bind::BindError;
+
 #[derive(Debug, Error)]
 pub enum EndpointError {
     #[error("{path} is in use by another process")]
@@ -20,7 +22,7 @@ pub enum EndpointError {
     Bind {
         path: PathBuf,
         #[source]
-        source: io::Error,
+        source: BindError,
     },
     #[error("--fd {fd} is not usable")]
     BadFd {

@@ -20,15 +20,46 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use thiserror::Error;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::disk::{Disk, DiskSpec};
+use crate::disk::{Disk, DiskError, DiskSpec};
 use crate::event_loop::{self, EventLoop, Token};
 use crate::export::{ExportSpec, OpenAs};
 use crate::handoff::{self, DeviceStatus, ToSupervisor, ToWorker};
 use crate::ratelimit::{vmm_line, VMM_LOG};
 use crate::vhost_user::ConnectionThread;
 use crate::virtio_blk::BlockDevice;
+
+/// Why a worker stopped serving altogether.
+#[derive(Debug, Error)]
+pub enum WorkerError {
+    #[error("cannot set up the event loop")]
+    EventLoop(#[source] io::Error),
+    #[error("cannot watch the VMM's pidfd")]
+    WatchVmm(#[source] io::Error),
+    #[error("waiting for events failed")]
+    Wait(#[source] io::Error),
+}
+
+/// Why one connection is refused; the supervisor gets it as text (`ToSupervisor::Refused`).
+#[derive(Debug, Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    #[error("open-as=daemon but no file from the supervisor")]
+    NoDiskFile,
+    #[error("cannot open the test I/O gate")]
+    TestIoGate(#[source] io::Error),
+    #[error(
+        "cannot create a thread: the VMM's thread limit (RLIMIT_NPROC or pids.max) is reached"
+    )]
+    ThreadLimit(#[source] io::Error),
+    #[error("cannot create a thread")]
+    Thread(#[source] io::Error),
+    #[error("cannot duplicate the worker's \"done\" eventfd")]
+    DoneFd(#[source] io::Error),
+}
 
 /// What a worker's main thread waits on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,11 +112,15 @@ fn send_stats(reports: &OwnedFd, connections: &HashMap<u64, Connection>) {
 
 /// Serves connections from the control socket until there is nothing left to serve, telling
 /// the supervisor how it goes on the `reports` pipe.
-pub fn run(control: OwnedFd, reports: OwnedFd) -> io::Result<()> {
-    let events = EventLoop::new()?;
-    let done = EventFd::new(EFD_NONBLOCK)?;
-    events.watch(&control, Event::Control)?;
-    events.watch(&done, Event::Done)?;
+pub fn run(control: OwnedFd, reports: OwnedFd) -> Result<(), WorkerError> {
+    let events = EventLoop::new().map_err(WorkerError::EventLoop)?;
+    let done = EventFd::new(EFD_NONBLOCK).map_err(WorkerError::EventLoop)?;
+    events
+        .watch(&control, Event::Control)
+        .map_err(WorkerError::EventLoop)?;
+    events
+        .watch(&done, Event::Done)
+        .map_err(WorkerError::EventLoop)?;
     let (ended_tx, ended_rx) = mpsc::channel::<u64>();
     let mut connections: HashMap<u64, Connection> = HashMap::new();
     // The write cache the guest last chose per export (SET_CONFIG of `writeback`): device
@@ -109,7 +144,10 @@ pub fn run(control: OwnedFd, reports: OwnedFd) -> io::Result<()> {
             send_stats(&reports, &connections);
             last_stats = Instant::now();
         }
-        for event in events.wait(Some(STATS_INTERVAL))? {
+        for event in events
+            .wait(Some(STATS_INTERVAL))
+            .map_err(WorkerError::Wait)?
+        {
             match event {
                 Event::Control => match handoff::recv::<ToWorker>(&control) {
                     Ok(Some((
@@ -127,7 +165,9 @@ pub fn run(control: OwnedFd, reports: OwnedFd) -> io::Result<()> {
                             continue;
                         };
                         if vmm_pidfd.is_none() {
-                            events.watch(&pidfd, Event::Vmm)?;
+                            events
+                                .watch(&pidfd, Event::Vmm)
+                                .map_err(WorkerError::WatchVmm)?;
                             vmm_pidfd = Some(pidfd);
                         }
                         let disk_fd = if disk_fd_attached { fds.next() } else { None };
@@ -148,7 +188,8 @@ pub fn run(control: OwnedFd, reports: OwnedFd) -> io::Result<()> {
                                 );
                                 connections.insert(connection, c);
                             }
-                            Err(reason) => {
+                            Err(e) => {
+                                let reason = crate::error_line(&e);
                                 vmm_line!(
                                     error,
                                     "refusing {} (connection {connection}): {reason}",
@@ -205,31 +246,33 @@ fn start(
     disk_fd: Option<OwnedFd>,
     done: &EventFd,
     ended: &mpsc::Sender<u64>,
-) -> Result<Connection, String> {
+) -> Result<Connection, ServeError> {
     let disk = match (export.open_as, disk_fd, &export.disk) {
         (OpenAs::Daemon, Some(fd), DiskSpec::Path(path)) => {
-            Disk::from_file(std::fs::File::from(fd), path, export.open)
+            Disk::from_file(std::fs::File::from(fd), path, export.open)?
         }
-        (OpenAs::Daemon, None, DiskSpec::Path(_)) => {
-            return Err("open-as=daemon but no file from the supervisor".into())
-        }
-        _ => Disk::open(&export.disk, export.open),
-    }
-    .map_err(|e| crate::error_line(&e))?;
-    let device = crate::virtio_blk::device_for(disk, export)
-        .map_err(|e| format!("cannot open the test I/O gate: {e}"))?;
+        (OpenAs::Daemon, None, DiskSpec::Path(_)) => return Err(ServeError::NoDiskFile),
+        _ => Disk::open(&export.disk, export.open)?,
+    };
+    let device = crate::virtio_blk::device_for(disk, export).map_err(ServeError::TestIoGate)?;
     let device = Arc::new(device.with_write_cache(write_cache));
-    let done = done.try_clone().map_err(|e| e.to_string())?;
+    let done = done.try_clone().map_err(ServeError::DoneFd)?;
     let ended = ended.clone();
-    let thread = ConnectionThread::spawn(connection, &export.name, stream, device.clone(), move || {
-        let _ = ended.send(connection);
-        let _ = done.write(1);
-    })
+    let thread = ConnectionThread::spawn(
+        connection,
+        &export.name,
+        stream,
+        device.clone(),
+        move || {
+            let _ = ended.send(connection);
+            let _ = done.write(1);
+        },
+    )
     .map_err(|e| {
         if e.raw_os_error() == Some(libc::EAGAIN) {
-            format!("cannot create a thread: the VMM's thread limit (RLIMIT_NPROC or pids.max) is reached ({e})")
+            ServeError::ThreadLimit(e)
         } else {
-            format!("cannot create a thread: {e}")
+            ServeError::Thread(e)
         }
     })?;
     vmm_line!(info, "serving {} (connection {connection})", export.name);
