@@ -177,3 +177,16 @@ fn spawn_connection<D: VirtioDevice>(
         let _ = done.write(1);
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_tokens_round_trip() {
+        for event in [Event::Signal, Event::Listener, Event::Done] {
+            assert_eq!(Event::from_raw(event.to_raw()), Some(event), "{event:?}");
+        }
+        assert_eq!(Event::from_raw(event_loop::pack(3, 0)), None);
+    }
+}

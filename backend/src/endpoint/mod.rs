@@ -131,3 +131,27 @@ impl AcceptFailure {
         matches!(self, AcceptFailure::NoDescriptors | AcceptFailure::NoMemory)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_failures_by_errno() {
+        let of = |errno| AcceptFailure::of(&io::Error::from_raw_os_error(errno));
+        for (errno, class) in [
+            (libc::EMFILE, AcceptFailure::NoDescriptors),
+            (libc::ENFILE, AcceptFailure::NoDescriptors),
+            (libc::ENOMEM, AcceptFailure::NoMemory),
+            (libc::ENOBUFS, AcceptFailure::NoMemory),
+            (libc::EAGAIN, AcceptFailure::Nothing),
+            (libc::EINTR, AcceptFailure::Nothing),
+            (libc::ECONNABORTED, AcceptFailure::Nothing),
+            (libc::EPROTO, AcceptFailure::Other),
+        ] {
+            assert_eq!(of(errno), class, "errno {errno}");
+        }
+        assert!(of(libc::EMFILE).is_shortage() && of(libc::ENOBUFS).is_shortage());
+        assert!(!of(libc::EAGAIN).is_shortage() && !of(libc::EPROTO).is_shortage());
+    }
+}

@@ -505,3 +505,30 @@ fn open_reserve() -> Option<OwnedFd> {
     )
     .ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every variant comes back as itself, whatever its id: two watched descriptors never
+    /// share a token.
+    #[test]
+    fn event_tokens_round_trip() {
+        let ids = [0, 1, u64::from(u32::MAX) + 1, (1 << 56) - 1];
+        let mut events = vec![Event::Signal, Event::Control];
+        for id in ids {
+            events.extend([
+                Event::Listener(id as usize),
+                Event::WorkerReports(id),
+                Event::WorkerExit(id),
+                Event::WorkerStart(id),
+                Event::WorkerWritable(id),
+            ]);
+        }
+        for event in events {
+            assert_eq!(Event::from_raw(event.to_raw()), Some(event), "{event:?}");
+        }
+        assert_eq!(Event::from_raw(event_loop::pack(0, 1)), None);
+        assert_eq!(Event::from_raw(event_loop::pack(7, 0)), None);
+    }
+}

@@ -282,3 +282,16 @@ fn start(
         thread,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_tokens_round_trip() {
+        for event in [Event::Control, Event::Done, Event::Vmm] {
+            assert_eq!(Event::from_raw(event.to_raw()), Some(event), "{event:?}");
+        }
+        assert_eq!(Event::from_raw(event_loop::pack(3, 0)), None);
+    }
+}
