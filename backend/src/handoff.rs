@@ -16,8 +16,9 @@ use rustix::net::{
     SendAncillaryMessage, SendFlags,
 };
 use serde::{Deserialize, Serialize};
+use thiserror::Error;
 
-use crate::cli::ExportSpec;
+use crate::export::ExportSpec;
 use crate::virtio_blk::stats::DeviceTotals;
 
 /// Largest message; exports are small.
@@ -136,6 +137,17 @@ pub fn report(pipe: impl AsFd, message: &ToSupervisor) -> io::Result<()> {
     Ok(())
 }
 
+/// Why a worker's report pipe cannot be read any more: the worker is broken (or hostile).
+#[derive(Debug, Error)]
+pub enum ReportError {
+    #[error("cannot read the pipe")]
+    Read(#[source] io::Error),
+    #[error("a report longer than 64 KiB")]
+    TooLong,
+    #[error("a report that is not a message")]
+    NotAMessage(#[source] serde_json::Error),
+}
+
 /// The supervisor's side of a worker's report pipe (non-blocking): collects lines, at most
 /// [`MAX_MESSAGE`] bytes each, so a worker cannot make it hold more.
 #[derive(Default)]
@@ -154,7 +166,7 @@ pub struct Reports {
 impl ReportReader {
     /// Reads what the pipe holds now, up to `max_messages` messages. A line that is too long
     /// or not a message is an error: the worker is broken (or hostile).
-    pub fn read(&mut self, pipe: impl AsFd, max_messages: usize) -> io::Result<Reports> {
+    pub fn read(&mut self, pipe: impl AsFd, max_messages: usize) -> Result<Reports, ReportError> {
         let mut reports = Reports {
             messages: Vec::new(),
             closed: false,
@@ -163,16 +175,13 @@ impl ReportReader {
         while reports.messages.len() < max_messages {
             if let Some(end) = self.partial.iter().position(|&b| b == b'\n') {
                 let line: Vec<u8> = self.partial.drain(..=end).collect();
-                let message = serde_json::from_slice(&line[..end])
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                let message =
+                    serde_json::from_slice(&line[..end]).map_err(ReportError::NotAMessage)?;
                 reports.messages.push(message);
                 continue;
             }
             if self.partial.len() > MAX_MESSAGE {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "a report longer than 64 KiB",
-                ));
+                return Err(ReportError::TooLong);
             }
             match rustix::io::read(&pipe, &mut buf) {
                 Ok(0) => {
@@ -182,7 +191,7 @@ impl ReportReader {
                 Ok(n) => self.partial.extend_from_slice(&buf[..n]),
                 Err(rustix::io::Errno::INTR) => {}
                 Err(rustix::io::Errno::AGAIN) => break,
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(ReportError::Read(e.into())),
             }
         }
         Ok(reports)
@@ -253,10 +262,10 @@ mod tests {
     fn garbage_and_endless_lines_are_errors() {
         let (r, w) = pipe();
         rustix::io::write(&w, b"not json\n").unwrap();
-        assert_eq!(
-            ReportReader::default().read(&r, 16).unwrap_err().kind(),
-            io::ErrorKind::InvalidData
-        );
+        assert!(matches!(
+            ReportReader::default().read(&r, 16),
+            Err(ReportError::NotAMessage(_))
+        ));
         let (r, w) = pipe();
         let mut reader = ReportReader::default();
         let chunk = vec![b'x'; 16 * 1024];
@@ -271,10 +280,7 @@ mod tests {
                 break;
             }
         }
-        assert_eq!(
-            result.err().map(|e| e.kind()),
-            Some(io::ErrorKind::InvalidData)
-        );
+        assert!(matches!(result, Err(ReportError::TooLong)));
         assert!(
             reader.partial.len() <= MAX_MESSAGE + 16 * 1024,
             "the reader holds at most one message and a read"

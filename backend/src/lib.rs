@@ -1,16 +1,27 @@
 //! vublk: a vhost-user virtio-blk backend.
 //!
-//! The request path, by module: [`daemon`] accepts a frontend connection; [`vhost_user`]
-//! speaks the protocol, maps guest memory and starts a thread per virtqueue; [`virtio_blk`]
-//! turns descriptor chains into requests and requests into [`io`] on the [`disk`].
+//! The request path, by module: [`endpoint`] is where a frontend connects; the [`supervisor`]
+//! hands the connection to its VM's [`worker`]; [`vhost_user`] speaks the protocol, maps guest
+//! memory and starts a queue thread per virtqueue; [`virtio_blk`] turns descriptor chains into
+//! requests and requests into [`io`] on the [`disk`].
+//!
+//! Words with one meaning each: the *daemon* is the vublk process an operator starts (the
+//! supervisor, or with `--single-process` the process serving one export itself); the
+//! *supervisor* is its default mode ([`supervisor`]); a *worker* is a per-VM process the
+//! supervisor starts ([`worker`]); a *queue thread* serves one virtqueue inside a worker (or
+//! the single-process daemon).
 
 pub mod cli;
-pub mod daemon;
 pub mod disk;
+pub mod endpoint;
+mod event_loop;
+pub mod export;
 mod handoff;
 pub mod identity;
 pub mod io;
 mod ratelimit;
+mod signals;
+pub mod single_process;
 pub mod supervisor;
 pub mod vhost_user;
 pub mod virtio_blk;
@@ -19,9 +30,14 @@ pub mod worker;
 use std::error::Error;
 use std::sync::Arc;
 
-use cli::ExportSpec;
-use daemon::{Endpoint, SocketAccess};
-use disk::Disk;
+use thiserror::Error;
+
+use disk::{Disk, DiskError};
+use endpoint::{Endpoint, SocketAccess};
+use export::{ExportSpec, OpenAs};
+use single_process::SingleProcessError;
+use supervisor::SupervisorError;
+use worker::WorkerError;
 
 /// How the process runs.
 pub enum Mode {
@@ -38,7 +54,24 @@ pub enum Mode {
     Worker(std::os::fd::RawFd),
 }
 
-pub fn run(mode: Mode) -> Result<(), Box<dyn Error + Send + Sync>> {
+/// Why [`run`] failed; `main` prints it on one line with its causes ([`error_line`]).
+#[derive(Debug, Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    #[error("cannot open the test I/O gate")]
+    TestIoGate(#[source] std::io::Error),
+    #[error(transparent)]
+    Supervisor(#[from] SupervisorError),
+    #[error(transparent)]
+    SingleProcess(#[from] SingleProcessError),
+    #[error(transparent)]
+    Worker(#[from] WorkerError),
+    #[error("the worker is traced by pid {0} (its tenant attached before it became non-dumpable); it will not serve")]
+    Traced(u32),
+}
+
+pub fn run(mode: Mode) -> Result<(), RunError> {
     match mode {
         Mode::Supervisor(mut exports, limits, control_socket) => {
             // Check every image before taking connections, so a typo fails at start-up rather
@@ -47,7 +80,7 @@ pub fn run(mode: Mode) -> Result<(), Box<dyn Error + Send + Sync>> {
             // now.
             for (_, export) in &mut exports {
                 if let disk::DiskSpec::Path(path) = &export.disk {
-                    if export.open_as == cli::OpenAs::Daemon {
+                    if export.open_as == OpenAs::Daemon {
                         let (_, id) = Disk::open_for_daemon(path, export.open, None)?;
                         export.daemon_file = Some(id);
                     } else {
@@ -70,6 +103,11 @@ pub fn run(mode: Mode) -> Result<(), Box<dyn Error + Send + Sync>> {
             ) {
                 tracing::warn!("cannot make the worker non-dumpable: {e}");
             }
+            // exec made it dumpable again for a moment: a tracer that attached then stays. No
+            // new one can attach now; one that did gets a worker that will not serve.
+            if let Some(tracer) = tracer_of_self() {
+                return Err(RunError::Traced(tracer));
+            }
             let _span = tracing::info_span!("worker", pid = std::process::id()).entered();
             worker::run(control, reports)?;
             Ok(())
@@ -77,14 +115,26 @@ pub fn run(mode: Mode) -> Result<(), Box<dyn Error + Send + Sync>> {
     }
 }
 
+/// The pid tracing this process, if any (`TracerPid` of /proc/self/status).
+fn tracer_of_self() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let tracer: u32 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("TracerPid:"))?
+        .trim()
+        .parse()
+        .ok()?;
+    (tracer != 0).then_some(tracer)
+}
+
 /// Opens the disk and serves it in this process until stopped.
 fn run_single(
     endpoint: Endpoint,
     access: SocketAccess,
     export: ExportSpec,
-) -> Result<(), Box<dyn Error + Send + Sync>> {
+) -> Result<(), RunError> {
     let disk = Disk::open(&export.disk, export.open)?;
-    let device = Arc::new(virtio_blk::device_for(disk, &export)?);
+    let device = Arc::new(virtio_blk::device_for(disk, &export).map_err(RunError::TestIoGate)?);
     let config = device.config();
     tracing::info!(
         "serving {}: {} bytes, {} queue(s), {}{}{}",
@@ -107,7 +157,7 @@ fn run_single(
             ", write-through"
         },
     );
-    daemon::run(endpoint, access, device)?;
+    single_process::run(endpoint, access, device)?;
     Ok(())
 }
 

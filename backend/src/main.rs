@@ -70,7 +70,7 @@ fn main() -> ExitCode {
     match vublk::run(mode) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("vublk: {}", vublk::error_line(e.as_ref()));
+            eprintln!("vublk: {}", vublk::error_line(&e));
             ExitCode::from(1)
         }
     }

@@ -1004,6 +1004,11 @@ fn a_traced_dead_worker_does_not_stall_the_supervisor() {
         !workers_of(daemon.pid()).is_empty()
     });
     let worker = workers_of(daemon.pid())[0];
+    // The files in a non-dumpable process's /proc directory belong to root. (Between its exec and that
+    // point a tracer could attach; the worker then refuses to serve: see lib.rs.)
+    wait_until("the worker makes itself non-dumpable", LOG_WITHIN, || {
+        std::fs::metadata(format!("/proc/{worker}/status")).is_ok_and(|m| m.uid() == 0)
+    });
 
     a.send(&format!("ptrace {worker}"));
     let answer = a.expect("PTRACE");

@@ -7,32 +7,97 @@
 //! 4. supplementary groups, gid, uid;
 //! 5. parent-death signal (the uid change clears it), no_new_privs, no capabilities left.
 
-use std::fmt;
+use std::borrow::Cow;
 use std::io;
+use std::path::PathBuf;
+
+use thiserror::Error;
 
 use super::VmmIdentity;
 
-/// A step that failed, and why.
-#[derive(Debug)]
-pub struct ApplyError {
-    pub step: String,
-    pub source: io::Error,
+/// The step that failed (in the order above), and why.
+#[derive(Debug, Error)]
+pub enum ApplyError {
+    #[error("becoming uid {uid} gid {gid} (the supervisor runs as uid {euid}, not root)")]
+    NotRoot {
+        uid: u32,
+        gid: u32,
+        euid: u32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("joining {}", path.display())]
+    JoinCgroup {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("setting the CPU affinity")]
+    Affinity(#[source] io::Error),
+    #[error("setting nice {nice}")]
+    Nice {
+        nice: i32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("setting io priority {ioprio:#x}")]
+    IoPriority {
+        ioprio: i32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("reading {name}")]
+    ReadLimit {
+        name: Cow<'static, str>,
+        #[source]
+        source: io::Error,
+    },
+    #[error("setting {name}")]
+    SetLimit {
+        name: Cow<'static, str>,
+        #[source]
+        source: io::Error,
+    },
+    #[error("dropping capability {cap} from the bounding set")]
+    BoundingSet {
+        cap: u32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("setting groups {groups:?}")]
+    Groups {
+        groups: Vec<u32>,
+        #[source]
+        source: io::Error,
+    },
+    #[error("setting gid {gid}")]
+    Gid {
+        gid: u32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("setting uid {uid}")]
+    Uid {
+        uid: u32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("arming the parent-death signal")]
+    ParentDeathSignal(#[source] io::Error),
+    #[error("checking the supervisor is alive")]
+    SupervisorGone(#[source] io::Error),
+    #[error("setting no_new_privs")]
+    NoNewPrivs(#[source] io::Error),
+    #[error("clearing ambient capabilities")]
+    AmbientCapabilities(#[source] io::Error),
+    #[error("dropping capabilities")]
+    Capabilities(#[source] io::Error),
 }
 
-impl fmt::Display for ApplyError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.step, self.source)
-    }
-}
-
-impl std::error::Error for ApplyError {}
-
-fn check(ret: libc::c_long, step: impl FnOnce() -> String) -> Result<(), ApplyError> {
+/// A system call's return value: below zero, the step failed with errno.
+fn check(ret: libc::c_long, step: impl FnOnce(io::Error) -> ApplyError) -> Result<(), ApplyError> {
     if ret < 0 {
-        Err(ApplyError {
-            step: step(),
-            source: io::Error::last_os_error(),
-        })
+        Err(step(io::Error::last_os_error()))
     } else {
         Ok(())
     }
@@ -68,18 +133,17 @@ pub fn apply(identity: &VmmIdentity, parent: i32) -> Result<Applied, ApplyError>
     let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
     let privileged = euid == 0;
     if !privileged && (identity.ids.uid[1] != euid || identity.ids.gid[1] != egid) {
-        return Err(ApplyError {
-            step: format!(
-                "becoming uid {} gid {} (the supervisor runs as uid {euid}, not root)",
-                identity.ids.uid[1], identity.ids.gid[1]
-            ),
+        return Err(ApplyError::NotRoot {
+            uid: identity.ids.uid[1],
+            gid: identity.ids.gid[1],
+            euid,
             source: io::Error::from_raw_os_error(libc::EPERM),
         });
     }
 
     for path in &identity.cgroup_procs {
-        std::fs::write(path, b"0").map_err(|source| ApplyError {
-            step: format!("joining {}", path.display()),
+        std::fs::write(path, b"0").map_err(|source| ApplyError::JoinCgroup {
+            path: path.clone(),
             source,
         })?;
     }
@@ -94,11 +158,14 @@ pub fn apply(identity: &VmmIdentity, parent: i32) -> Result<Applied, ApplyError>
         // SAFETY: reads the set we own.
         let ret =
             unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
-        check(ret.into(), || "setting the CPU affinity".into())?;
+        check(ret.into(), ApplyError::Affinity)?;
     }
     // SAFETY: scalar arguments only.
     let ret = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, identity.nice) };
-    check(ret.into(), || format!("setting nice {}", identity.nice))?;
+    check(ret.into(), |source| ApplyError::Nice {
+        nice: identity.nice,
+        source,
+    })?;
     // SAFETY: scalar arguments only.
     let ret = unsafe {
         libc::syscall(
@@ -108,8 +175,9 @@ pub fn apply(identity: &VmmIdentity, parent: i32) -> Result<Applied, ApplyError>
             identity.ioprio as libc::c_long,
         )
     };
-    check(ret, || {
-        format!("setting io priority {:#x}", identity.ioprio)
+    check(ret, |source| ApplyError::IoPriority {
+        ioprio: identity.ioprio,
+        source,
     })?;
 
     for limit in &identity.limits {
@@ -119,7 +187,10 @@ pub fn apply(identity: &VmmIdentity, parent: i32) -> Result<Applied, ApplyError>
         };
         // SAFETY: getrlimit writes into the local.
         let ret = unsafe { libc::getrlimit(limit.resource as _, &mut ours) };
-        check(ret.into(), || format!("reading {}", limit.name))?;
+        check(ret.into(), |source| ApplyError::ReadLimit {
+            name: limit.name.clone(),
+            source,
+        })?;
         let want_hard = limit.hard.unwrap_or(libc::RLIM_INFINITY);
         let want_soft = limit.soft.unwrap_or(libc::RLIM_INFINITY);
         // Without CAP_SYS_RESOURCE a hard limit can only go down: keep ours where it is lower.
@@ -138,7 +209,10 @@ pub fn apply(identity: &VmmIdentity, parent: i32) -> Result<Applied, ApplyError>
         };
         // SAFETY: reads the local.
         let ret = unsafe { libc::setrlimit(limit.resource as _, &new) };
-        check(ret.into(), || format!("setting {}", limit.name))?;
+        check(ret.into(), |source| ApplyError::SetLimit {
+            name: limit.name.clone(),
+            source,
+        })?;
     }
 
     let ids = &identity.ids;
@@ -148,21 +222,25 @@ pub fn apply(identity: &VmmIdentity, parent: i32) -> Result<Applied, ApplyError>
         for cap in 0..=last_cap() {
             // SAFETY: prctl with scalar arguments.
             let ret = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
-            check(ret.into(), || {
-                format!("dropping capability {cap} from the bounding set")
-            })?;
+            check(ret.into(), |source| ApplyError::BoundingSet { cap, source })?;
         }
         let groups: Vec<libc::gid_t> = ids.groups.clone();
         // SAFETY: setgroups reads `groups.len()` entries from the vector.
         let ret = unsafe { libc::setgroups(groups.len(), groups.as_ptr()) };
-        check(ret.into(), || format!("setting groups {groups:?}"))?;
+        check(ret.into(), |source| ApplyError::Groups { groups, source })?;
     }
     // SAFETY: scalar arguments only.
     let ret = unsafe { libc::setresgid(ids.gid[0], ids.gid[1], ids.gid[2]) };
-    check(ret.into(), || format!("setting gid {}", ids.gid[1]))?;
+    check(ret.into(), |source| ApplyError::Gid {
+        gid: ids.gid[1],
+        source,
+    })?;
     // SAFETY: scalar arguments only.
     let ret = unsafe { libc::setresuid(ids.uid[0], ids.uid[1], ids.uid[2]) };
-    check(ret.into(), || format!("setting uid {}", ids.uid[1]))?;
+    check(ret.into(), |source| ApplyError::Uid {
+        uid: ids.uid[1],
+        source,
+    })?;
 
     // SAFETY: prctl and getppid with scalar arguments.
     unsafe {
@@ -175,17 +253,16 @@ pub fn apply(identity: &VmmIdentity, parent: i32) -> Result<Applied, ApplyError>
                 0,
             )
             .into(),
-            || "arming the parent-death signal".into(),
+            ApplyError::ParentDeathSignal,
         )?;
         if libc::getppid() != parent {
-            return Err(ApplyError {
-                step: "checking the supervisor is alive".into(),
-                source: io::Error::from_raw_os_error(libc::ESRCH),
-            });
+            return Err(ApplyError::SupervisorGone(io::Error::from_raw_os_error(
+                libc::ESRCH,
+            )));
         }
         check(
             libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0).into(),
-            || "setting no_new_privs".into(),
+            ApplyError::NoNewPrivs,
         )?;
         check(
             libc::prctl(
@@ -196,7 +273,7 @@ pub fn apply(identity: &VmmIdentity, parent: i32) -> Result<Applied, ApplyError>
                 0,
             )
             .into(),
-            || "clearing ambient capabilities".into(),
+            ApplyError::AmbientCapabilities,
         )?;
     }
     // A VMM running as root keeps uid 0: take its capabilities away explicitly.
@@ -212,7 +289,7 @@ pub fn apply(identity: &VmmIdentity, parent: i32) -> Result<Applied, ApplyError>
     // SAFETY: capset reads the header and two data structs, all live locals.
     let ret =
         unsafe { libc::syscall(libc::SYS_capset, &header as *const CapHeader, data.as_ptr()) };
-    check(ret, || "dropping capabilities".into())?;
+    check(ret, ApplyError::Capabilities)?;
 
     Ok(Applied { notes })
 }

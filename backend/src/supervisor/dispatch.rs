@@ -2,36 +2,83 @@
 //! a new one, through a bounded outbox and a non-blocking control socket.
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
-use crate::cli::OpenAs;
-use crate::disk::{Disk, DiskSpec};
+use thiserror::Error;
+
+use crate::disk::{Disk, DiskError, DiskSpec};
+use crate::export::OpenAs;
 use crate::handoff::{self, ToWorker};
 
-use super::lifecycle::StartError;
+use super::lifecycle::{StartError, WorkerFailure};
 use super::tenants::{Verdict, GIVE_UP};
 use super::vm::{Handoff, WorkerState};
-use super::{Level, Supervisor, EV_WORKER_WRITABLE, MAX_WAITING};
+use super::{Event, Level, Supervisor, MAX_WAITING};
 
 /// How long to wait before sending again after the kernel ran short of memory.
 const SEND_RETRY: Duration = Duration::from_millis(100);
 
+/// Why a connection is closed instead of served.
+#[derive(Debug, Error)]
+pub(super) enum Refusal {
+    #[error("it has {limit} connections, the most a VMM may have (--max-connections-per-vmm)")]
+    ConnectionCap { limit: usize },
+    #[error("the VMM changed its credentials since it connected first (its worker carries uid {uid} gid {gid})")]
+    CredentialsChanged { uid: u32, gid: u32 },
+    #[error("worker pid {worker} has {waiting} connections waiting to be taken")]
+    Waiting { worker: i32, waiting: usize },
+    /// `open-as=daemon`: the supervisor cannot open the image.
+    #[error(transparent)]
+    Image(DiskError),
+    #[error("its last worker failed; next try in {ms} ms")]
+    Backoff { ms: u128 },
+    #[error("its workers keep failing; next try in {s} s")]
+    GivenUp { s: u64 },
+    #[error("uid {uid} has {limit} VMs, the most a uid may have (--max-vms-per-uid)")]
+    VmCap { uid: u32, limit: usize },
+    #[error("the VMM exited")]
+    Gone,
+    /// The supervisor's own shortage (descriptors, memory, processes): not the VMM's failure.
+    #[error("the supervisor cannot start a worker now")]
+    Shortage(#[source] StartError),
+}
+
+impl Refusal {
+    /// The log budget its lines are charged to (each kind has its own, so routine lines
+    /// cannot hide a refusal of another kind).
+    fn kind(&self) -> &'static str {
+        match self {
+            Refusal::ConnectionCap { .. } => "connection-cap",
+            Refusal::CredentialsChanged { .. } => "credentials",
+            Refusal::Waiting { .. } => "waiting",
+            Refusal::Image(_) => "image",
+            Refusal::Backoff { .. } | Refusal::GivenUp { .. } => "backoff",
+            Refusal::VmCap { .. } => "vm-cap",
+            Refusal::Gone => "gone",
+            Refusal::Shortage(_) => "supervisor",
+        }
+    }
+
+    fn level(&self) -> Level {
+        match self {
+            // Nothing to act on: the VMM went away, or the failure behind the backoff was
+            // explained once, when it happened.
+            Refusal::Gone | Refusal::Backoff { .. } | Refusal::GivenUp { .. } => Level::Debug,
+            _ => Level::Warn,
+        }
+    }
+}
+
 impl Supervisor {
     /// Closes a connection that will not be served, with a line charged to its VMM's uid.
-    pub(super) fn refuse(
-        &mut self,
-        handoff: Handoff,
-        level: Level,
-        kind: &'static str,
-        why: impl FnOnce() -> String,
-    ) {
+    pub(super) fn refuse(&mut self, handoff: Handoff, why: Refusal) {
         let name = self.exports[handoff.export].spec.name.clone();
         let (connection, pid, uid) = (handoff.connection, handoff.peer.pid, handoff.peer.uid);
-        self.tenant_line(uid, level, kind, || {
+        self.tenant_line(uid, why.level(), why.kind(), || {
             format!(
                 "{name}: connection {connection} of VMM pid {pid} (uid {uid}) closed: {}",
-                why()
+                crate::error_line(&why)
             )
         });
         self.connected_done(handoff.export);
@@ -51,9 +98,7 @@ impl Supervisor {
             .sum();
         if held >= self.limits.connections_per_vmm {
             let limit = self.limits.connections_per_vmm;
-            return self.refuse(handoff, Level::Warn, "connection-cap", || {
-                format!("it has {limit} connections, the most a VMM may have (--max-connections-per-vmm)")
-            });
+            return self.refuse(handoff, Refusal::ConnectionCap { limit });
         }
         let live = self
             .vms
@@ -71,18 +116,14 @@ impl Supervisor {
                 );
                 if ours != theirs {
                     let (uid, gid) = (vm.uid, vm.gid);
-                    return self.refuse(handoff, Level::Warn, "credentials", || {
-                        format!("the VMM changed its credentials since it connected first (its worker carries uid {uid} gid {gid})")
-                    });
+                    return self.refuse(handoff, Refusal::CredentialsChanged { uid, gid });
                 }
                 if vm.waiting() >= MAX_WAITING {
                     let (worker, waiting) = (vm.worker_pid, vm.waiting());
-                    return self.refuse(handoff, Level::Warn, "waiting", || {
-                        format!("worker pid {worker} has {waiting} connections waiting to be taken")
-                    });
+                    return self.refuse(handoff, Refusal::Waiting { worker, waiting });
                 }
-                if let Err(why) = self.open_disk(&mut handoff) {
-                    return self.refuse(handoff, Level::Warn, "image", || why);
+                if let Err(e) = self.open_disk(&mut handoff) {
+                    return self.refuse(handoff, Refusal::Image(e));
                 }
                 id
             }
@@ -92,15 +133,11 @@ impl Supervisor {
                     // The failure was explained once, when it happened.
                     Verdict::Wait(until) => {
                         let ms = until.saturating_duration_since(Instant::now()).as_millis();
-                        return self.refuse(handoff, Level::Debug, "backoff", || {
-                            format!("its last worker failed; next try in {ms} ms")
-                        });
+                        return self.refuse(handoff, Refusal::Backoff { ms });
                     }
                     Verdict::GivenUp(until) => {
                         let s = until.saturating_duration_since(Instant::now()).as_secs();
-                        return self.refuse(handoff, Level::Debug, "backoff", || {
-                            format!("its workers keep failing; next try in {s} s")
-                        });
+                        return self.refuse(handoff, Refusal::GivenUp { s });
                     }
                 }
                 let uid = handoff.peer.uid;
@@ -108,29 +145,22 @@ impl Supervisor {
                 let vms_of_uid = self.vms.values().filter(|vm| vm.uid == uid).count();
                 if vms_of_uid >= self.limits.vms_per_uid {
                     let limit = self.limits.vms_per_uid;
-                    return self.refuse(handoff, Level::Warn, "vm-cap", || {
-                        format!("uid {uid} has {limit} VMs, the most a uid may have (--max-vms-per-uid)")
-                    });
+                    return self.refuse(handoff, Refusal::VmCap { uid, limit });
                 }
                 // Before a worker exists: an image that cannot be opened needs none.
-                if let Err(why) = self.open_disk(&mut handoff) {
-                    return self.refuse(handoff, Level::Warn, "image", || why);
+                if let Err(e) = self.open_disk(&mut handoff) {
+                    return self.refuse(handoff, Refusal::Image(e));
                 }
                 match self.start(&handoff.peer) {
                     Ok(id) => id,
-                    Err(StartError::Gone) => {
-                        return self
-                            .refuse(handoff, Level::Debug, "gone", || "the VMM exited".into())
+                    Err(StartError::Gone) => return self.refuse(handoff, Refusal::Gone),
+                    Err(e) if e.is_supervisors() => {
+                        return self.refuse(handoff, Refusal::Shortage(e))
                     }
-                    // Our own shortage (descriptors, memory, processes): not the VMM's failure.
-                    Err(StartError::Supervisor(why)) => {
-                        return self.refuse(handoff, Level::Warn, "supervisor", || {
-                            format!("the supervisor cannot start a worker now: {why}")
-                        })
-                    }
-                    Err(StartError::Vmm(reason)) => {
+                    Err(e) => {
                         let (uid, pid) = (handoff.peer.uid, handoff.peer.pid);
-                        return self.start_failed(key, uid, pid, &reason, vec![handoff]);
+                        let failure = WorkerFailure::Start(e);
+                        return self.start_failed(key, uid, pid, &failure, vec![handoff]);
                     }
                 }
             }
@@ -143,11 +173,10 @@ impl Supervisor {
 
     /// With `open-as=daemon`, opens the export's image for `handoff` (as root, without following
     /// symlinks, and only the file seen at start).
-    fn open_disk(&self, handoff: &mut Handoff) -> Result<(), String> {
+    fn open_disk(&self, handoff: &mut Handoff) -> Result<(), DiskError> {
         let spec = &self.exports[handoff.export].spec;
         if let (OpenAs::Daemon, DiskSpec::Path(path)) = (spec.open_as, &spec.disk) {
-            let (file, _) = Disk::open_for_daemon(path, spec.open, spec.daemon_file)
-                .map_err(|e| crate::error_line(&e))?;
+            let (file, _) = Disk::open_for_daemon(path, spec.open, spec.daemon_file)?;
             handoff.disk = Some(OwnedFd::from(file));
         }
         Ok(())
@@ -160,12 +189,13 @@ impl Supervisor {
         key: (i32, u64),
         uid: u32,
         pid: i32,
-        reason: &str,
+        failure: &WorkerFailure,
         handoffs: Vec<Handoff>,
     ) {
         let next = self.count_failure(key);
         let closed = handoffs.len();
         self.tenant_line(uid, Level::Warn, "start-failed", || {
+            let reason = crate::error_line(failure);
             format!("cannot start a worker for VMM pid {pid} (uid {uid}): {reason}; {next}; {closed} connection(s) closed")
         });
         for handoff in handoffs {
@@ -226,9 +256,12 @@ impl Supervisor {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if !vm.watching_writable {
+                        // Watched only until it has room again: nothing is ever read from it
+                        // (its receiving side is shut down).
                         vm.watching_writable = true;
-                        let fd = vm.control.as_raw_fd();
-                        self.watch_writable(fd, id, true);
+                        let _ = self
+                            .events
+                            .watch_writable(&vm.control, Event::WorkerWritable(id));
                     }
                     return;
                 }
@@ -252,29 +285,16 @@ impl Supervisor {
         if let Some(vm) = self.vms.get_mut(&id) {
             if vm.watching_writable {
                 vm.watching_writable = false;
-                let fd = vm.control.as_raw_fd();
-                self.watch_writable(fd, id, false);
+                self.events.unwatch(&vm.control);
             }
         }
-    }
-
-    /// Starts or stops watching a control socket for room to send. It is not watched
-    /// otherwise: nothing is ever read from it (its receiving side is shut down).
-    fn watch_writable(&self, fd: i32, id: u64, writable: bool) {
-        let event = epoll::Event::new(epoll::Events::EPOLLOUT, EV_WORKER_WRITABLE | id);
-        let op = if writable {
-            epoll::ControlOptions::EPOLL_CTL_ADD
-        } else {
-            epoll::ControlOptions::EPOLL_CTL_DEL
-        };
-        let _ = epoll::ctl(self.epoll, op, fd, event);
     }
 
     /// A connection of `export` will not be served (counts down a `--fd` connected socket).
     pub(super) fn connected_done(&mut self, export: usize) {
         if matches!(
             self.exports[export].listener,
-            crate::daemon::Listener::Connected(_)
+            crate::endpoint::Listener::Connected(_)
         ) {
             self.connected_left = self.connected_left.saturating_sub(1);
         }

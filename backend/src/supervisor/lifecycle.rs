@@ -3,19 +3,19 @@
 //! blocking (a worker its tenant traces is reaped once the tracer lets go), and stopped.
 
 use std::collections::{HashSet, VecDeque};
+use std::fmt;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
+use thiserror::Error;
+
 use crate::handoff::{ReportReader, ToSupervisor};
 use crate::identity::{IdentityError, Peer, VmmIdentity};
 
-use super::spawn::{exec_outcome, spawn_worker, ExecOutcome};
+use super::spawn::{exec_outcome, spawn_worker, ExecFailure, ExecOutcome, SpawnError};
 use super::vm::{exited, Handoff, Vm, WorkerState};
-use super::{
-    Level, Supervisor, EV_WORKER_EXIT, EV_WORKER_REPORTS, EV_WORKER_START, START_DEADLINE,
-    STOP_GRACE, WORKER_MIN_NOFILE,
-};
+use super::{Event, Level, Supervisor, START_DEADLINE, STOP_GRACE, WORKER_MIN_NOFILE};
 
 /// A worker that served this long before it died was a success: its VMM's earlier failures
 /// are forgotten, and the crash is retried at once.
@@ -27,13 +27,81 @@ const REPORTS_PER_WAKEUP: usize = 16;
 pub(super) const REAP_RETRY: Duration = Duration::from_secs(1);
 
 /// Why no worker was started for a connection.
+#[derive(Debug, Error)]
 pub(super) enum StartError {
     /// The VMM exited meanwhile: nothing to report.
+    #[error("the VMM exited")]
     Gone,
-    /// The VMM's doing (its identity, its limits, its cgroups): counted against it.
-    Vmm(String),
-    /// The supervisor's own shortage (descriptors, memory, processes): not counted.
-    Supervisor(String),
+    /// The VMM's identity cannot be read or is not one a worker may take on (its credentials
+    /// changed, say).
+    #[error(transparent)]
+    Identity(IdentityError),
+    #[error(
+        "RLIMIT_NOFILE {nofile} of VMM pid {pid} is below the {WORKER_MIN_NOFILE} a worker needs"
+    )]
+    TooFewFiles { nofile: u64, pid: i32 },
+    /// The supervisor had no descriptor or memory left to read the VMM's identity with.
+    #[error(transparent)]
+    IdentityUnread(IdentityError),
+    #[error("cannot duplicate the VMM's pidfd")]
+    VmmPidfd(#[source] io::Error),
+    #[error("cannot fork a worker")]
+    Spawn(#[source] SpawnError),
+    #[error("cannot watch the new worker")]
+    Watch(#[source] io::Error),
+}
+
+impl StartError {
+    /// Whether the supervisor ran short (descriptors, memory, processes) rather than the VMM
+    /// being at fault: such a failure does not count against the VMM.
+    pub fn is_supervisors(&self) -> bool {
+        matches!(
+            self,
+            StartError::IdentityUnread(_)
+                | StartError::VmmPidfd(_)
+                | StartError::Spawn(_)
+                | StartError::Watch(_)
+        )
+    }
+}
+
+/// Why a VMM's worker failed; counted against the VMM.
+#[derive(Debug, Error)]
+pub(super) enum WorkerFailure {
+    #[error(transparent)]
+    Start(StartError),
+    #[error("worker pid {pid}")]
+    Exec {
+        pid: i32,
+        #[source]
+        failure: ExecFailure,
+    },
+    #[error("worker pid {pid} did not start within {} s (is the VMM's cgroup frozen?); killed", START_DEADLINE.as_secs())]
+    StartTimeout { pid: i32 },
+    #[error("worker pid {pid} exited before taking a connection ({exit})")]
+    DiedFirst { pid: i32, exit: Exit },
+}
+
+/// How a worker ended, as far as the supervisor can tell.
+#[derive(Debug)]
+pub(super) enum Exit {
+    Code(i32),
+    Signal(i32),
+    /// `waitid` failed.
+    Unknown(io::Error),
+    /// It exited, but its tracer has not let go of it, so it cannot be reaped yet.
+    NotReapedYet,
+}
+
+impl fmt::Display for Exit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Exit::Code(code) => write!(f, "exit {code}"),
+            Exit::Signal(signal) => write!(f, "killed by signal {signal}"),
+            Exit::Unknown(e) => write!(f, "status unknown: {e}"),
+            Exit::NotReapedYet => write!(f, "exited; not reaped yet (traced?)"),
+        }
+    }
 }
 
 impl Supervisor {
@@ -43,40 +111,38 @@ impl Supervisor {
         let identity = match VmmIdentity::read_for(peer) {
             Ok(identity) => identity,
             Err(IdentityError::Gone(_)) => return Err(StartError::Gone),
-            Err(IdentityError::Read { source, .. }) if is_shortage(&source) => {
-                return Err(StartError::Supervisor(source.to_string()))
+            Err(e @ IdentityError::Read { .. }) if is_shortage(&e) => {
+                return Err(StartError::IdentityUnread(e))
             }
-            Err(e) => return Err(StartError::Vmm(crate::error_line(&e))),
+            Err(e) => return Err(StartError::Identity(e)),
         };
         if let Some(nofile) = identity
             .soft_limit(libc::RLIMIT_NOFILE)
             .filter(|&n| n < WORKER_MIN_NOFILE)
         {
-            return Err(StartError::Vmm(format!(
-                "RLIMIT_NOFILE {nofile} of VMM pid {} is below the {WORKER_MIN_NOFILE} a worker needs",
-                peer.pid
-            )));
+            return Err(StartError::TooFewFiles {
+                nofile,
+                pid: peer.pid,
+            });
         }
-        let vmm_pidfd = peer
-            .pidfd
-            .try_clone()
-            .map_err(|e| StartError::Supervisor(e.to_string()))?;
-        let worker = spawn_worker(&identity, &self.exe)
-            .map_err(|e| StartError::Supervisor(format!("cannot fork a worker: {e}")))?;
+        let vmm_pidfd = peer.pidfd.try_clone().map_err(StartError::VmmPidfd)?;
+        let worker = spawn_worker(&identity, &self.exe).map_err(StartError::Spawn)?;
         let id = self.next_vm;
         self.next_vm += 1;
         let watched = self
-            .watch(worker.reports.as_raw_fd(), EV_WORKER_REPORTS | id)
-            .and_then(|()| self.watch(worker.pidfd.as_raw_fd(), EV_WORKER_EXIT | id))
-            .and_then(|()| self.watch(worker.exec_status.as_raw_fd(), EV_WORKER_START | id));
+            .events
+            .watch(&worker.reports, Event::WorkerReports(id))
+            .and_then(|()| self.events.watch(&worker.pidfd, Event::WorkerExit(id)))
+            .and_then(|()| {
+                self.events
+                    .watch(&worker.exec_status, Event::WorkerStart(id))
+            });
         if let Err(e) = watched {
             kill(&worker.pidfd);
-            self.unwatch(worker.reports.as_raw_fd());
-            self.unwatch(worker.pidfd.as_raw_fd());
+            self.events.unwatch(&worker.reports);
+            self.events.unwatch(&worker.pidfd);
             self.unreaped.push((worker.pid, worker.pidfd));
-            return Err(StartError::Supervisor(format!(
-                "cannot watch the new worker: {e}"
-            )));
+            return Err(StartError::Watch(e));
         }
         self.tenant_line(peer.uid, Level::Info, "worker-started", || {
             format!(
@@ -136,16 +202,16 @@ impl Supervisor {
                 self.stop_watching_start(starting);
                 self.flush(id);
             }
-            ExecOutcome::Failed(reason) => {
-                let reason = format!("worker pid {}: {reason}", vm.worker_pid);
-                self.fail_start(id, &reason);
+            ExecOutcome::Failed(failure) => {
+                let pid = vm.worker_pid;
+                self.fail_start(id, WorkerFailure::Exec { pid, failure });
             }
         }
     }
 
     fn stop_watching_start(&self, state: WorkerState) {
         if let WorkerState::Starting { exec_status, .. } = state {
-            self.unwatch(exec_status.as_raw_fd());
+            self.events.unwatch(&exec_status);
         }
     }
 
@@ -171,12 +237,8 @@ impl Supervisor {
                 continue;
             };
             kill(&vm.worker_pidfd);
-            let reason = format!(
-                "worker pid {} did not start within {} s (is the VMM's cgroup frozen?); killed",
-                vm.worker_pid,
-                START_DEADLINE.as_secs()
-            );
-            self.fail_start(id, &reason);
+            let pid = vm.worker_pid;
+            self.fail_start(id, WorkerFailure::StartTimeout { pid });
         }
         if self.reap_retry_at.is_some_and(|at| at <= now) {
             self.reap_retry_at = None;
@@ -185,7 +247,7 @@ impl Supervisor {
     }
 
     /// A worker that will not start: retired, counted against its VMM, its connections closed.
-    fn fail_start(&mut self, id: u64, reason: &str) {
+    fn fail_start(&mut self, id: u64, failure: WorkerFailure) {
         let Some(vm) = self.vms.get_mut(&id) else {
             return;
         };
@@ -194,7 +256,7 @@ impl Supervisor {
         let handoffs: Vec<Handoff> = vm.outbox.drain(..).chain(vm.pending.drain(..)).collect();
         let (key, uid, pid) = (vm.vmm_key, vm.uid, vm.vmm_pid);
         self.stop_watching_start(before);
-        self.start_failed(key, uid, pid, reason, handoffs);
+        self.start_failed(key, uid, pid, &failure, handoffs);
     }
 
     /// The worker cannot take connections any more: the ones it was never sent go to a new
@@ -206,11 +268,9 @@ impl Supervisor {
         };
         let before = std::mem::replace(&mut vm.state, WorkerState::Retired);
         let unsent: Vec<Handoff> = vm.outbox.drain(..).collect();
-        let writable = std::mem::take(&mut vm.watching_writable);
         vm.retry_send_at = None;
-        let control = vm.control.as_raw_fd();
-        if writable {
-            self.unwatch(control);
+        if std::mem::take(&mut vm.watching_writable) {
+            self.events.unwatch(&vm.control);
         }
         self.stop_watching_start(before);
         for handoff in unsent {
@@ -233,12 +293,13 @@ impl Supervisor {
                 // A worker that cannot speak the protocol is broken or taken over: it goes.
                 self.tenant_line(uid, Level::Warn, "worker-broken", || {
                     format!(
-                        "worker pid {worker} of VMM pid {pid} sent a bad report ({e}); killing it"
+                        "worker pid {worker} of VMM pid {pid} sent a bad report ({}); killing it",
+                        crate::error_line(&e)
                     )
                 });
                 if let Some(vm) = self.vms.get(&id) {
                     kill(&vm.worker_pidfd);
-                    self.unwatch(vm.reports.as_raw_fd());
+                    self.events.unwatch(&vm.reports);
                 }
                 self.retire(id);
                 return false;
@@ -284,7 +345,7 @@ impl Supervisor {
         if reports.closed {
             // The worker is exiting; its pidfd reports when it is gone.
             if let Some(vm) = self.vms.get(&id) {
-                self.unwatch(vm.reports.as_raw_fd());
+                self.events.unwatch(&vm.reports);
             }
             self.retire(id);
         }
@@ -305,13 +366,13 @@ impl Supervisor {
         let Some(mut vm) = self.vms.remove(&id) else {
             return;
         };
-        self.unwatch(vm.worker_pidfd.as_raw_fd());
-        self.unwatch(vm.reports.as_raw_fd());
+        self.events.unwatch(&vm.worker_pidfd);
+        self.events.unwatch(&vm.reports);
         if vm.watching_writable {
-            self.unwatch(vm.control.as_raw_fd());
+            self.events.unwatch(&vm.control);
         }
         if let WorkerState::Starting { exec_status, .. } = &vm.state {
-            self.unwatch(exec_status.as_raw_fd());
+            self.events.unwatch(exec_status);
         }
         let status = match try_reap(&vm.worker_pidfd) {
             Some(status) => status,
@@ -320,7 +381,7 @@ impl Supervisor {
                 self.unreaped.push((vm.worker_pid, vm.worker_pidfd));
                 self.reap_retry_at
                     .get_or_insert(Instant::now() + REAP_RETRY);
-                "exited; not reaped yet (traced?)".into()
+                Exit::NotReapedYet
             }
         };
         let (worker, pid, uid) = (vm.worker_pid, vm.vmm_pid, vm.uid);
@@ -337,7 +398,10 @@ impl Supervisor {
         if !vm.failure_counted && !vm.took_one {
             // It died before taking a single connection: sending them to another worker would
             // only start the same failure again.
-            let why = format!("worker pid {worker} exited before taking a connection ({status})");
+            let why = WorkerFailure::DiedFirst {
+                pid: worker,
+                exit: status,
+            };
             return self.start_failed(vm.vmm_key, uid, pid, &why, left);
         }
         if !vm.failure_counted && vmm_lives {
@@ -391,8 +455,12 @@ impl Supervisor {
         for vm in vms {
             let left = deadline.saturating_duration_since(Instant::now());
             if wait_exit(&vm.worker_pidfd, left) {
-                let status = try_reap(&vm.worker_pidfd).unwrap_or_else(|| "not reaped".into());
-                tracing::info!("worker pid {} exited ({status})", vm.worker_pid);
+                match try_reap(&vm.worker_pidfd) {
+                    Some(status) => {
+                        tracing::info!("worker pid {} exited ({status})", vm.worker_pid)
+                    }
+                    None => tracing::info!("worker pid {} exited (not reaped)", vm.worker_pid),
+                }
             } else {
                 tracing::warn!(
                     "worker pid {} did not stop in time; killing it",
@@ -427,11 +495,15 @@ impl Supervisor {
     }
 }
 
-/// Whether an error is the supervisor running short rather than something about the VMM.
-fn is_shortage(e: &io::Error) -> bool {
+/// Whether reading the VMM's identity failed for the supervisor running short rather than
+/// for something about the VMM.
+fn is_shortage(e: &IdentityError) -> bool {
     matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::EAGAIN)
+        e,
+        IdentityError::Read { source, .. } if matches!(
+            source.raw_os_error(),
+            Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::EAGAIN)
+        )
     )
 }
 
@@ -468,7 +540,7 @@ pub(super) fn wait_exit(pidfd: &OwnedFd, timeout: Duration) -> bool {
 
 /// Reaps our child behind `pidfd` if it can be reaped now (never waits: a child its tenant
 /// traces cannot be until the tracer lets go); describes how it ended.
-fn try_reap(pidfd: &OwnedFd) -> Option<String> {
+fn try_reap(pidfd: &OwnedFd) -> Option<Exit> {
     // SAFETY: an all-zero siginfo_t is valid for waitid to fill.
     let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
     // SAFETY: waitid on our own child's pidfd, filling the local.
@@ -481,7 +553,7 @@ fn try_reap(pidfd: &OwnedFd) -> Option<String> {
         )
     };
     if ret != 0 {
-        return Some(format!("status unknown: {}", io::Error::last_os_error()));
+        return Some(Exit::Unknown(io::Error::last_os_error()));
     }
     // SAFETY: waitid filled a SIGCHLD siginfo, or left it zeroed (nothing to reap).
     let (pid, code, status) = unsafe { (info.si_pid(), info.si_code, info.si_status()) };
@@ -489,7 +561,7 @@ fn try_reap(pidfd: &OwnedFd) -> Option<String> {
         return None;
     }
     Some(match code {
-        libc::CLD_EXITED => format!("exit {status}"),
-        _ => format!("killed by signal {status}"),
+        libc::CLD_EXITED => Exit::Code(status),
+        _ => Exit::Signal(status),
     })
 }

@@ -36,15 +36,19 @@ mod vm;
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::cli::ExportSpec;
-use crate::daemon::{DaemonError, Endpoint, Listener, SocketAccess};
+use thiserror::Error;
+
+use crate::endpoint::{AcceptFailure, Endpoint, EndpointError, Listener, SocketAccess};
+use crate::event_loop::{self, EventLoop, Token};
+use crate::export::ExportSpec;
 use crate::identity::Peer;
 use crate::ratelimit::RateLimit;
+use crate::signals::Signals;
 
 use spawn::Executable;
 pub use spawn::{adopt_channels, WORKER_CONTROL_FD};
@@ -53,15 +57,67 @@ use tenants::{left_out, StartBackoff, TenantLog};
 pub use tenants::{TenantLimits, DEFAULT_CONNECTIONS_PER_VMM, DEFAULT_VMS_PER_UID};
 use vm::{Handoff, Vm};
 
-/// epoll tokens: the signalfd, listeners (by export index), workers (by VM id).
-const EV_SIGNAL: u64 = 0;
-const EV_LISTENER: u64 = 1 << 32;
-const EV_WORKER_REPORTS: u64 = 2 << 32;
-const EV_WORKER_EXIT: u64 = 3 << 32;
-const EV_CONTROL: u64 = 4 << 32;
-const EV_WORKER_START: u64 = 5 << 32;
-const EV_WORKER_WRITABLE: u64 = 6 << 32;
-const TOKEN_MASK: u64 = (1 << 32) - 1;
+/// Why the supervisor could not start, or its loop failed.
+#[derive(Debug, Error)]
+pub enum SupervisorError {
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+    #[error("cannot set up the event loop")]
+    EventLoop(#[source] io::Error),
+    #[error("cannot open the running binary (/proc/self/exe) to start workers from")]
+    Executable(#[source] io::Error),
+    #[error("cannot serve the connection on the inherited fd")]
+    Connected(#[source] io::Error),
+    #[error("waiting for events failed")]
+    Wait(#[source] io::Error),
+}
+
+/// What the supervisor's loop waits on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Event {
+    /// SIGINT or SIGTERM.
+    Signal,
+    /// A frontend connecting to the export at this index.
+    Listener(usize),
+    /// `vublk status` connecting to the control socket.
+    Control,
+    /// The report pipe of VM `id`'s worker is readable.
+    WorkerReports(u64),
+    /// The worker of VM `id` exited (its pidfd).
+    WorkerExit(u64),
+    /// The starting worker of VM `id` exec'd or failed (its exec-status pipe).
+    WorkerStart(u64),
+    /// The full control socket of VM `id`'s worker has room again, or the worker closed it
+    /// (watched only while it is full).
+    WorkerWritable(u64),
+}
+
+impl Token for Event {
+    fn to_raw(self) -> u64 {
+        match self {
+            Event::Signal => event_loop::pack(0, 0),
+            Event::Listener(index) => event_loop::pack(1, index as u64),
+            Event::WorkerReports(id) => event_loop::pack(2, id),
+            Event::WorkerExit(id) => event_loop::pack(3, id),
+            Event::Control => event_loop::pack(4, 0),
+            Event::WorkerStart(id) => event_loop::pack(5, id),
+            Event::WorkerWritable(id) => event_loop::pack(6, id),
+        }
+    }
+
+    fn from_raw(raw: u64) -> Option<Event> {
+        Some(match event_loop::unpack(raw) {
+            (0, 0) => Event::Signal,
+            (1, index) => Event::Listener(index as usize),
+            (2, id) => Event::WorkerReports(id),
+            (3, id) => Event::WorkerExit(id),
+            (4, 0) => Event::Control,
+            (5, id) => Event::WorkerStart(id),
+            (6, id) => Event::WorkerWritable(id),
+            _ => return None,
+        })
+    }
+}
 
 /// How long workers get to stop their devices when the supervisor is told to stop.
 const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -85,19 +141,21 @@ pub fn run(
     exports: Vec<(Endpoint, ExportSpec)>,
     limits: TenantLimits,
     control_socket: Option<PathBuf>,
-) -> Result<(), DaemonError> {
-    let signals = crate::daemon::Signals::block_and_watch().map_err(DaemonError::EventLoop)?;
+) -> Result<(), SupervisorError> {
+    let signals = Signals::block_and_watch().map_err(SupervisorError::EventLoop)?;
     raise_nofile_limit();
-    let exe = Executable::current().map_err(DaemonError::EventLoop)?;
+    let exe = Executable::current().map_err(SupervisorError::Executable)?;
     let (open, control) = open_sockets(exports, control_socket)?;
     let mut supervisor = Supervisor::new(open, exe, limits)?;
     supervisor
-        .watch(signals.as_raw_fd(), EV_SIGNAL)
-        .map_err(DaemonError::EventLoop)?;
+        .events
+        .watch(&signals, Event::Signal)
+        .map_err(SupervisorError::EventLoop)?;
     if let Some(Listener::Listening { listener, .. }) = &control {
         supervisor
-            .watch(listener.as_raw_fd(), EV_CONTROL)
-            .map_err(DaemonError::EventLoop)?;
+            .events
+            .watch(listener, Event::Control)
+            .map_err(SupervisorError::EventLoop)?;
     }
     supervisor.control = control;
     let result = supervisor.serve(&signals);
@@ -143,9 +201,9 @@ fn raise_nofile_limit() {
 fn open_sockets(
     exports: Vec<(Endpoint, ExportSpec)>,
     control_socket: Option<PathBuf>,
-) -> Result<(Vec<Export>, Option<Listener>), DaemonError> {
+) -> Result<(Vec<Export>, Option<Listener>), EndpointError> {
     let mut open = Vec::new();
-    let bind_all = || -> Result<Option<Listener>, DaemonError> {
+    let bind_all = || -> Result<Option<Listener>, EndpointError> {
         for (endpoint, spec) in exports {
             open.push(Export {
                 listener: endpoint.open(spec.socket)?,
@@ -179,7 +237,7 @@ enum Level {
 }
 
 struct Supervisor {
-    epoll: i32,
+    events: EventLoop<Event>,
     exports: Vec<Export>,
     exe: Executable,
     vms: HashMap<u64, Vm>,
@@ -208,10 +266,10 @@ impl Supervisor {
         exports: Vec<Export>,
         exe: Executable,
         limits: TenantLimits,
-    ) -> Result<Supervisor, DaemonError> {
-        let epoll = epoll::create(true).map_err(DaemonError::EventLoop)?;
+    ) -> Result<Supervisor, SupervisorError> {
+        let events = EventLoop::new().map_err(SupervisorError::EventLoop)?;
         let mut supervisor = Supervisor {
-            epoll,
+            events,
             exports,
             exe,
             vms: HashMap::new(),
@@ -228,49 +286,24 @@ impl Supervisor {
             reap_retry_at: None,
         };
         for index in 0..supervisor.exports.len() {
-            let fd = match &supervisor.exports[index].listener {
+            let stream = match &supervisor.exports[index].listener {
                 Listener::Listening { listener, .. } => {
                     // Level-triggered: a connection that went away before accept must not block it.
                     listener
                         .set_nonblocking(true)
-                        .map_err(DaemonError::EventLoop)?;
-                    Some(listener.as_raw_fd())
+                        .map_err(SupervisorError::EventLoop)?;
+                    supervisor
+                        .events
+                        .watch(listener, Event::Listener(index))
+                        .map_err(SupervisorError::EventLoop)?;
+                    continue;
                 }
-                Listener::Connected(_) => None,
+                Listener::Connected(s) => s.try_clone().map_err(SupervisorError::Connected)?,
             };
-            match fd {
-                Some(fd) => supervisor
-                    .watch(fd, EV_LISTENER | index as u64)
-                    .map_err(DaemonError::EventLoop)?,
-                None => {
-                    supervisor.connected_left += 1;
-                    let stream = match &supervisor.exports[index].listener {
-                        Listener::Connected(s) => s.try_clone().map_err(DaemonError::EventLoop)?,
-                        Listener::Listening { .. } => unreachable!("matched above"),
-                    };
-                    supervisor.hand_over(index, stream);
-                }
-            }
+            supervisor.connected_left += 1;
+            supervisor.hand_over(index, stream);
         }
         Ok(supervisor)
-    }
-
-    fn watch(&self, fd: i32, token: u64) -> io::Result<()> {
-        epoll::ctl(
-            self.epoll,
-            epoll::ControlOptions::EPOLL_CTL_ADD,
-            fd,
-            epoll::Event::new(epoll::Events::EPOLLIN, token),
-        )
-    }
-
-    fn unwatch(&self, fd: i32) {
-        let _ = epoll::ctl(
-            self.epoll,
-            epoll::ControlOptions::EPOLL_CTL_DEL,
-            fd,
-            epoll::Event::new(epoll::Events::empty(), 0),
-        );
     }
 
     fn only_connected(&self) -> bool {
@@ -313,41 +346,30 @@ impl Supervisor {
             .min()
     }
 
-    fn serve(&mut self, signals: &crate::daemon::Signals) -> Result<(), DaemonError> {
-        let mut events = [epoll::Event::new(epoll::Events::empty(), 0); 16];
+    fn serve(&mut self, signals: &Signals) -> Result<(), SupervisorError> {
         loop {
             if self.only_connected() && self.connected_left == 0 {
                 return Ok(());
             }
-            let timeout = self.next_deadline().map_or(-1, |d| {
-                d.saturating_duration_since(Instant::now())
-                    .as_millis()
-                    .min(i32::MAX as u128) as i32
-                    + 1
-            });
-            let n = match epoll::wait(self.epoll, timeout, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(DaemonError::EventLoop(e)),
-            };
-            for event in events[..n].iter().copied() {
-                let token = event.data;
-                let id = token & TOKEN_MASK;
-                match token & !TOKEN_MASK {
-                    EV_SIGNAL if token == EV_SIGNAL => {
+            let timeout = self
+                .next_deadline()
+                .map(|d| d.saturating_duration_since(Instant::now()));
+            let ready = self.events.wait(timeout).map_err(SupervisorError::Wait)?;
+            for event in ready {
+                match event {
+                    Event::Signal => {
                         tracing::info!("{} received, stopping", signals.read());
                         return Ok(());
                     }
-                    EV_LISTENER => self.accept(id as usize),
-                    EV_WORKER_REPORTS => {
+                    Event::Listener(index) => self.accept(index),
+                    Event::WorkerReports(id) => {
                         self.on_reports(id);
                     }
                     // Room to send, or the worker's end closed (flush then retires it).
-                    EV_WORKER_WRITABLE => self.flush(id),
-                    EV_WORKER_START => self.on_worker_start(id),
-                    EV_WORKER_EXIT => self.reap(id),
-                    EV_CONTROL => self.answer_status(),
-                    _ => {}
+                    Event::WorkerWritable(id) => self.flush(id),
+                    Event::WorkerStart(id) => self.on_worker_start(id),
+                    Event::WorkerExit(id) => self.reap(id),
+                    Event::Control => self.answer_status(),
                 }
             }
             self.expire(Instant::now());
@@ -360,16 +382,8 @@ impl Supervisor {
         };
         match listener.accept() {
             Ok((stream, _)) => self.hand_over(index, stream),
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
-                self.shed(index)
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::Interrupted
-                        | io::ErrorKind::ConnectionAborted
-                ) => {}
+            Err(e) if AcceptFailure::of(&e) == AcceptFailure::NoDescriptors => self.shed(index),
+            Err(e) if AcceptFailure::of(&e) == AcceptFailure::Nothing => {}
             Err(e) => {
                 if let Some(suppressed) = self.overload_log.check(Instant::now()) {
                     tracing::warn!(
@@ -490,4 +504,31 @@ fn open_reserve() -> Option<OwnedFd> {
         rustix::fs::Mode::empty(),
     )
     .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every variant comes back as itself, whatever its id: two watched descriptors never
+    /// share a token.
+    #[test]
+    fn event_tokens_round_trip() {
+        let ids = [0, 1, u64::from(u32::MAX) + 1, (1 << 56) - 1];
+        let mut events = vec![Event::Signal, Event::Control];
+        for id in ids {
+            events.extend([
+                Event::Listener(id as usize),
+                Event::WorkerReports(id),
+                Event::WorkerExit(id),
+                Event::WorkerStart(id),
+                Event::WorkerWritable(id),
+            ]);
+        }
+        for event in events {
+            assert_eq!(Event::from_raw(event.to_raw()), Some(event), "{event:?}");
+        }
+        assert_eq!(Event::from_raw(event_loop::pack(0, 1)), None);
+        assert_eq!(Event::from_raw(event_loop::pack(7, 0)), None);
+    }
 }

@@ -17,8 +17,10 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use rustix::net::{socketpair, AddressFamily, SocketFlags, SocketType};
+use thiserror::Error;
 
-use crate::identity::{apply, peer::pidfd_open, VmmIdentity};
+use crate::identity::apply::{self, ApplyError};
+use crate::identity::{peer::pidfd_open, VmmIdentity};
 
 /// The fd number the worker finds its control socket at; its report pipe is the next one.
 pub const WORKER_CONTROL_FD: i32 = 3;
@@ -40,15 +42,53 @@ pub struct Spawned {
     pub exec_status: OwnedFd,
 }
 
+/// Why no worker could be forked: the supervisor's own trouble (descriptors, memory,
+/// processes), not the VMM's.
+#[derive(Debug, Error)]
+pub enum SpawnError {
+    /// fork() in a multi-threaded process may deadlock the child; the supervisor is
+    /// single-threaded by design, so this is a bug, not a runtime condition.
+    #[error("the supervisor has more than one thread; refusing to fork")]
+    MultiThreaded,
+    #[error("cannot create its channels")]
+    Channels(#[source] io::Error),
+    #[error(transparent)]
+    Fork(io::Error),
+    #[error("cannot open its pidfd")]
+    Pidfd(#[source] io::Error),
+}
+
+/// Why a forked child did not become a worker, as it tells the supervisor on the exec-status
+/// pipe (one line with the causes: the supervisor reads text, not this type).
+#[derive(Debug, Error)]
+enum ChildError {
+    #[error("cannot put the worker's descriptors in place")]
+    Descriptors(#[source] io::Error),
+    #[error(transparent)]
+    Identity(#[from] ApplyError),
+    #[error("cannot exec the worker")]
+    Exec(#[source] io::Error),
+}
+
 /// What the exec-status pipe says.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum ExecOutcome {
     /// Nothing yet.
     Pending,
     /// The child exec'd the worker.
     Started,
-    /// The child failed before exec: the step and why.
-    Failed(String),
+    /// The child failed before exec.
+    Failed(ExecFailure),
+}
+
+/// Why a child did not exec.
+#[derive(Debug, Error)]
+pub enum ExecFailure {
+    /// In the child's words: the step and why (a `ChildError` on one line).
+    #[error("{0}")]
+    Child(String),
+    #[error("cannot read the exec status")]
+    Unreadable(#[source] io::Error),
 }
 
 /// Reads the exec-status pipe without blocking. The child writes its one message (shorter
@@ -57,9 +97,11 @@ pub fn exec_outcome(exec_status: &OwnedFd) -> ExecOutcome {
     let mut buf = [0u8; 2048];
     match rustix::io::read(exec_status, &mut buf) {
         Ok(0) => ExecOutcome::Started,
-        Ok(n) => ExecOutcome::Failed(String::from_utf8_lossy(&buf[..n]).into_owned()),
+        Ok(n) => ExecOutcome::Failed(ExecFailure::Child(
+            String::from_utf8_lossy(&buf[..n]).into_owned(),
+        )),
         Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => ExecOutcome::Pending,
-        Err(e) => ExecOutcome::Failed(format!("cannot read the exec status: {e}")),
+        Err(e) => ExecOutcome::Failed(ExecFailure::Unreadable(e.into())),
     }
 }
 
@@ -89,27 +131,18 @@ fn threads_of_self() -> usize {
 }
 
 /// Forks a worker that carries `identity`, without waiting for it to exec.
-pub fn spawn_worker(identity: &VmmIdentity, exe: &Executable) -> io::Result<Spawned> {
+pub fn spawn_worker(identity: &VmmIdentity, exe: &Executable) -> Result<Spawned, SpawnError> {
     if threads_of_self() != 1 {
-        // fork() in a multi-threaded process may deadlock the child; the supervisor is
-        // single-threaded by design, so this is a bug, not a runtime condition.
-        return Err(io::Error::other(
-            "the supervisor has more than one thread; refusing to fork",
-        ));
+        return Err(SpawnError::MultiThreaded);
     }
-    let (ours, theirs) = socketpair(
-        AddressFamily::UNIX,
-        SocketType::SEQPACKET,
-        SocketFlags::CLOEXEC,
-        None,
-    )?;
-    // The worker reports on a pipe: nothing it sends can carry a descriptor to us.
-    rustix::net::shutdown(&ours, rustix::net::Shutdown::Read)?;
-    let (reports_read, reports_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
-    let (errors_read, errors_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
-    rustix::io::ioctl_fionbio(&errors_read, true)?;
-    rustix::io::ioctl_fionbio(&reports_read, true)?;
-    rustix::io::ioctl_fionbio(&ours, true)?;
+    let Channels {
+        ours,
+        theirs,
+        reports_read,
+        reports_write,
+        errors_read,
+        errors_write,
+    } = Channels::new().map_err(SpawnError::Channels)?;
     let argv: Vec<CString> = ["vublk", "--worker-control-fd", "3"]
         .iter()
         .map(|a| CString::new(*a).expect("no NUL in constant arguments"))
@@ -133,21 +166,18 @@ pub fn spawn_worker(identity: &VmmIdentity, exe: &Executable) -> io::Result<Spaw
     // SAFETY: the process is single-threaded (checked above), so the child may run any code.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
-        return Err(io::Error::last_os_error());
+        return Err(SpawnError::Fork(io::Error::last_os_error()));
     }
     if pid == 0 {
         let sources = [&theirs, &reports_write, &errors_write, &exe.0].map(|fd| fd.as_raw_fd());
         let (failure, errors) = match place_descriptors(sources) {
-            Err(e) => (
-                Box::new(e) as Box<dyn std::error::Error>,
-                errors_write.as_raw_fd(),
-            ),
+            Err(e) => (ChildError::Descriptors(e), errors_write.as_raw_fd()),
             Ok(()) => (
                 child(identity, supervisor, &argv_ptrs, &env_ptrs),
                 CHILD_ERRORS_FD,
             ),
         };
-        let message = failure.to_string();
+        let message = crate::error_line(&failure);
         // SAFETY: writes our own buffer to our pipe, then leaves without running destructors
         // or atexit handlers that belong to the supervisor.
         unsafe {
@@ -167,7 +197,7 @@ pub fn spawn_worker(identity: &VmmIdentity, exe: &Executable) -> io::Result<Spaw
                 libc::kill(pid, libc::SIGKILL);
                 libc::waitpid(pid, std::ptr::null_mut(), 0);
             }
-            return Err(e);
+            return Err(SpawnError::Pidfd(e));
         }
     };
     Ok(Spawned {
@@ -177,6 +207,45 @@ pub fn spawn_worker(identity: &VmmIdentity, exe: &Executable) -> io::Result<Spaw
         reports: reports_read,
         exec_status: errors_read,
     })
+}
+
+/// Both ends of a new worker's channels: the control socket (ours send-only and
+/// non-blocking), the report pipe and the exec-status pipe (our read ends non-blocking).
+struct Channels {
+    ours: OwnedFd,
+    theirs: OwnedFd,
+    reports_read: OwnedFd,
+    reports_write: OwnedFd,
+    errors_read: OwnedFd,
+    errors_write: OwnedFd,
+}
+
+impl Channels {
+    fn new() -> io::Result<Channels> {
+        let (ours, theirs) = socketpair(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC,
+            None,
+        )?;
+        // The worker reports on a pipe: nothing it sends can carry a descriptor to us.
+        rustix::net::shutdown(&ours, rustix::net::Shutdown::Read)?;
+        let (reports_read, reports_write) =
+            rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+        let (errors_read, errors_write) =
+            rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+        rustix::io::ioctl_fionbio(&errors_read, true)?;
+        rustix::io::ioctl_fionbio(&reports_read, true)?;
+        rustix::io::ioctl_fionbio(&ours, true)?;
+        Ok(Channels {
+            ours,
+            theirs,
+            reports_read,
+            reports_write,
+            errors_read,
+            errors_write,
+        })
+    }
 }
 
 /// In the child: puts the control socket, the report pipe, the exec-status pipe and the
@@ -227,14 +296,14 @@ fn child(
     supervisor: i32,
     argv: &[*mut libc::c_char],
     env: &[*mut libc::c_char],
-) -> Box<dyn std::error::Error> {
+) -> ChildError {
     match apply::apply(identity, supervisor) {
         Ok(applied) => {
             for note in applied.notes {
                 tracing::info!("worker for VMM pid {}: {note}", identity.pid);
             }
         }
-        Err(e) => return Box::new(e),
+        Err(e) => return ChildError::Identity(e),
     }
     // SAFETY: argv and env are NUL-terminated arrays of pointers to live CStrings; the binary
     // is open at CHILD_EXE_FD. execveat only returns on failure.
@@ -247,7 +316,7 @@ fn child(
             libc::AT_EMPTY_PATH,
         );
     }
-    Box::new(io::Error::last_os_error())
+    ChildError::Exec(io::Error::last_os_error())
 }
 
 /// Takes ownership of the control socket the supervisor put at fd `fd` and the report pipe

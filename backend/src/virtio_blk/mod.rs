@@ -16,7 +16,7 @@ pub use device::BlockDevice;
 /// The device an export describes, with the daemon-wide settings the export carries.
 pub fn device_for(
     disk: crate::disk::Disk,
-    export: &crate::cli::ExportSpec,
+    export: &crate::export::ExportSpec,
 ) -> std::io::Result<BlockDevice> {
     let gate = match &export.test_io_gate {
         Some(path) => Some(

@@ -13,25 +13,79 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::AtomicBool;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use thiserror::Error;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::cli::{ExportSpec, OpenAs};
-use crate::disk::{Disk, DiskSpec};
+use crate::disk::{Disk, DiskError, DiskSpec};
+use crate::event_loop::{self, EventLoop, Token};
+use crate::export::{ExportSpec, OpenAs};
 use crate::handoff::{self, DeviceStatus, ToSupervisor, ToWorker};
 use crate::ratelimit::{vmm_line, VMM_LOG};
 use crate::vhost_user::ConnectionThread;
 use crate::virtio_blk::BlockDevice;
 
-const EV_CONTROL: u64 = 0;
-const EV_DONE: u64 = 1;
-const EV_VMM: u64 = 2;
+/// Why a worker stopped serving altogether.
+#[derive(Debug, Error)]
+pub enum WorkerError {
+    #[error("cannot set up the event loop")]
+    EventLoop(#[source] io::Error),
+    #[error("cannot watch the VMM's pidfd")]
+    WatchVmm(#[source] io::Error),
+    #[error("waiting for events failed")]
+    Wait(#[source] io::Error),
+}
+
+/// Why one connection is refused; the supervisor gets it as text (`ToSupervisor::Refused`).
+#[derive(Debug, Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    #[error("open-as=daemon but no file from the supervisor")]
+    NoDiskFile,
+    #[error("cannot open the test I/O gate")]
+    TestIoGate(#[source] io::Error),
+    #[error(
+        "cannot create a thread: the VMM's thread limit (RLIMIT_NPROC or pids.max) is reached"
+    )]
+    ThreadLimit(#[source] io::Error),
+    #[error("cannot create a thread")]
+    Thread(#[source] io::Error),
+    #[error("cannot duplicate the worker's \"done\" eventfd")]
+    DoneFd(#[source] io::Error),
+}
+
+/// What a worker's main thread waits on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Event {
+    /// A message from the supervisor, or the supervisor gone.
+    Control,
+    /// A connection thread ended.
+    Done,
+    /// The VMM exited (its pidfd).
+    Vmm,
+}
+
+impl Token for Event {
+    fn to_raw(self) -> u64 {
+        event_loop::pack(self as u8, 0)
+    }
+
+    fn from_raw(raw: u64) -> Option<Event> {
+        match event_loop::unpack(raw) {
+            (0, 0) => Some(Event::Control),
+            (1, 0) => Some(Event::Done),
+            (2, 0) => Some(Event::Vmm),
+            _ => None,
+        }
+    }
+}
 
 struct Connection {
     export: String,
@@ -58,19 +112,15 @@ fn send_stats(reports: &OwnedFd, connections: &HashMap<u64, Connection>) {
 
 /// Serves connections from the control socket until there is nothing left to serve, telling
 /// the supervisor how it goes on the `reports` pipe.
-pub fn run(control: OwnedFd, reports: OwnedFd) -> io::Result<()> {
-    let epoll = epoll::create(true)?;
-    let watch = |fd: i32, data: u64| {
-        epoll::ctl(
-            epoll,
-            epoll::ControlOptions::EPOLL_CTL_ADD,
-            fd,
-            epoll::Event::new(epoll::Events::EPOLLIN, data),
-        )
-    };
-    let done = EventFd::new(EFD_NONBLOCK)?;
-    watch(control.as_raw_fd(), EV_CONTROL)?;
-    watch(done.as_raw_fd(), EV_DONE)?;
+pub fn run(control: OwnedFd, reports: OwnedFd) -> Result<(), WorkerError> {
+    let events = EventLoop::new().map_err(WorkerError::EventLoop)?;
+    let done = EventFd::new(EFD_NONBLOCK).map_err(WorkerError::EventLoop)?;
+    events
+        .watch(&control, Event::Control)
+        .map_err(WorkerError::EventLoop)?;
+    events
+        .watch(&done, Event::Done)
+        .map_err(WorkerError::EventLoop)?;
     let (ended_tx, ended_rx) = mpsc::channel::<u64>();
     let mut connections: HashMap<u64, Connection> = HashMap::new();
     // The write cache the guest last chose per export (SET_CONFIG of `writeback`): device
@@ -81,7 +131,6 @@ pub fn run(control: OwnedFd, reports: OwnedFd) -> io::Result<()> {
     let mut vmm_exited = false;
     let mut supervisor_gone = false;
 
-    let mut events = [epoll::Event::new(epoll::Events::empty(), 0); 4];
     let mut last_stats = Instant::now();
     loop {
         if (vmm_exited || supervisor_gone) && connections.is_empty() {
@@ -95,14 +144,12 @@ pub fn run(control: OwnedFd, reports: OwnedFd) -> io::Result<()> {
             send_stats(&reports, &connections);
             last_stats = Instant::now();
         }
-        let n = match epoll::wait(epoll, STATS_INTERVAL.as_millis() as i32, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        for event in &events[..n] {
-            match event.data {
-                EV_CONTROL => match handoff::recv::<ToWorker>(&control) {
+        for event in events
+            .wait(Some(STATS_INTERVAL))
+            .map_err(WorkerError::Wait)?
+        {
+            match event {
+                Event::Control => match handoff::recv::<ToWorker>(&control) {
                     Ok(Some((
                         ToWorker::Serve {
                             connection,
@@ -118,7 +165,9 @@ pub fn run(control: OwnedFd, reports: OwnedFd) -> io::Result<()> {
                             continue;
                         };
                         if vmm_pidfd.is_none() {
-                            watch(pidfd.as_raw_fd(), EV_VMM)?;
+                            events
+                                .watch(&pidfd, Event::Vmm)
+                                .map_err(WorkerError::WatchVmm)?;
                             vmm_pidfd = Some(pidfd);
                         }
                         let disk_fd = if disk_fd_attached { fds.next() } else { None };
@@ -139,7 +188,8 @@ pub fn run(control: OwnedFd, reports: OwnedFd) -> io::Result<()> {
                                 );
                                 connections.insert(connection, c);
                             }
-                            Err(reason) => {
+                            Err(e) => {
+                                let reason = crate::error_line(&e);
                                 vmm_line!(
                                     error,
                                     "refusing {} (connection {connection}): {reason}",
@@ -157,19 +207,14 @@ pub fn run(control: OwnedFd, reports: OwnedFd) -> io::Result<()> {
                     Ok(None) => {
                         tracing::info!("supervisor went away; stopping");
                         supervisor_gone = true;
-                        let _ = epoll::ctl(
-                            epoll,
-                            epoll::ControlOptions::EPOLL_CTL_DEL,
-                            control.as_raw_fd(),
-                            epoll::Event::new(epoll::Events::empty(), 0),
-                        );
+                        events.unwatch(&control);
                         for c in connections.values() {
                             c.thread.shutdown();
                         }
                     }
                     Err(e) => tracing::error!("bad message from the supervisor: {e}"),
                 },
-                EV_DONE => {
+                Event::Done => {
                     let _ = done.read();
                     while let Ok(id) = ended_rx.try_recv() {
                         if let Some(c) = connections.remove(&id) {
@@ -181,18 +226,12 @@ pub fn run(control: OwnedFd, reports: OwnedFd) -> io::Result<()> {
                         }
                     }
                 }
-                EV_VMM => {
+                Event::Vmm => {
                     vmm_exited = true;
                     if let Some(fd) = &vmm_pidfd {
-                        let _ = epoll::ctl(
-                            epoll,
-                            epoll::ControlOptions::EPOLL_CTL_DEL,
-                            fd.as_raw_fd(),
-                            epoll::Event::new(epoll::Events::empty(), 0),
-                        );
+                        events.unwatch(fd);
                     }
                 }
-                _ => {}
             }
         }
     }
@@ -207,31 +246,33 @@ fn start(
     disk_fd: Option<OwnedFd>,
     done: &EventFd,
     ended: &mpsc::Sender<u64>,
-) -> Result<Connection, String> {
+) -> Result<Connection, ServeError> {
     let disk = match (export.open_as, disk_fd, &export.disk) {
         (OpenAs::Daemon, Some(fd), DiskSpec::Path(path)) => {
-            Disk::from_file(std::fs::File::from(fd), path, export.open)
+            Disk::from_file(std::fs::File::from(fd), path, export.open)?
         }
-        (OpenAs::Daemon, None, DiskSpec::Path(_)) => {
-            return Err("open-as=daemon but no file from the supervisor".into())
-        }
-        _ => Disk::open(&export.disk, export.open),
-    }
-    .map_err(|e| crate::error_line(&e))?;
-    let device = crate::virtio_blk::device_for(disk, export)
-        .map_err(|e| format!("cannot open the test I/O gate: {e}"))?;
+        (OpenAs::Daemon, None, DiskSpec::Path(_)) => return Err(ServeError::NoDiskFile),
+        _ => Disk::open(&export.disk, export.open)?,
+    };
+    let device = crate::virtio_blk::device_for(disk, export).map_err(ServeError::TestIoGate)?;
     let device = Arc::new(device.with_write_cache(write_cache));
-    let done = done.try_clone().map_err(|e| e.to_string())?;
+    let done = done.try_clone().map_err(ServeError::DoneFd)?;
     let ended = ended.clone();
-    let thread = ConnectionThread::spawn(connection, &export.name, stream, device.clone(), move || {
-        let _ = ended.send(connection);
-        let _ = done.write(1);
-    })
+    let thread = ConnectionThread::spawn(
+        connection,
+        &export.name,
+        stream,
+        device.clone(),
+        move || {
+            let _ = ended.send(connection);
+            let _ = done.write(1);
+        },
+    )
     .map_err(|e| {
         if e.raw_os_error() == Some(libc::EAGAIN) {
-            format!("cannot create a thread: the VMM's thread limit (RLIMIT_NPROC or pids.max) is reached ({e})")
+            ServeError::ThreadLimit(e)
         } else {
-            format!("cannot create a thread: {e}")
+            ServeError::Thread(e)
         }
     })?;
     vmm_line!(info, "serving {} (connection {connection})", export.name);
@@ -240,4 +281,17 @@ fn start(
         device,
         thread,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_tokens_round_trip() {
+        for event in [Event::Control, Event::Done, Event::Vmm] {
+            assert_eq!(Event::from_raw(event.to_raw()), Some(event), "{event:?}");
+        }
+        assert_eq!(Event::from_raw(event_loop::pack(3, 0)), None);
+    }
 }

@@ -1,49 +1,57 @@
-//! The daemon around a device: where connections come from (a socket path, or an inherited
-//! fd that is listening or already connected), serving them one at a time, and stopping
-//! cleanly on SIGINT/SIGTERM.
-
-mod endpoint;
-mod signals;
+//! `--single-process`: the daemon serves one export itself, one frontend at a time, with no
+//! supervisor and no workers. Its main thread waits on the signalfd, the listening socket and
+//! a "done" eventfd; a connection thread serves the frontend; SIGINT or SIGTERM stops it
+//! cleanly.
 
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use thiserror::Error;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::endpoint::{AcceptFailure, Endpoint, EndpointError, Listener, SocketAccess};
+use crate::event_loop::{self, EventLoop, Token};
+use crate::signals::Signals;
 use crate::vhost_user::{ConnectionThread, VirtioDevice};
 
-pub use endpoint::{Endpoint, Listener, SocketAccess};
-pub use signals::Signals;
-
 #[derive(Debug, Error)]
-pub enum DaemonError {
-    #[error("{path} is in use by another process")]
-    SocketInUse { path: PathBuf },
-    #[error("cannot listen on {path}")]
-    Bind {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("--fd {fd} is not usable")]
-    BadFd {
-        fd: i32,
-        #[source]
-        source: io::Error,
-    },
-    #[error("--fd {fd} is not a unix stream socket")]
-    NotUnixStream { fd: i32 },
+pub enum SingleProcessError {
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
     #[error("cannot set up the event loop")]
     EventLoop(#[source] io::Error),
+    #[error("cannot serve the connection on the inherited fd")]
+    Connected(#[source] io::Error),
+    #[error("waiting for events failed")]
+    Wait(#[source] io::Error),
 }
 
-const EV_SIGNAL: u64 = 0;
-const EV_LISTENER: u64 = 1;
-const EV_DONE: u64 = 2;
+/// What the main thread waits on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Event {
+    /// SIGINT or SIGTERM.
+    Signal,
+    /// A frontend is connecting (watched only while none is being served).
+    Listener,
+    /// The connection thread ended.
+    Done,
+}
+
+impl Token for Event {
+    fn to_raw(self) -> u64 {
+        event_loop::pack(self as u8, 0)
+    }
+
+    fn from_raw(raw: u64) -> Option<Event> {
+        match event_loop::unpack(raw) {
+            (0, 0) => Some(Event::Signal),
+            (1, 0) => Some(Event::Listener),
+            (2, 0) => Some(Event::Done),
+            _ => None,
+        }
+    }
+}
 
 /// Serves `device` on `endpoint` until a signal arrives (or, for a connected fd, until that
 /// connection ends).
@@ -51,49 +59,41 @@ pub fn run<D: VirtioDevice>(
     endpoint: Endpoint,
     access: SocketAccess,
     device: Arc<D>,
-) -> Result<(), DaemonError> {
+) -> Result<(), SingleProcessError> {
     // Block the signals before any thread exists, so every thread inherits the mask and they
     // arrive only through the signalfd.
-    let signals = Signals::block_and_watch().map_err(DaemonError::EventLoop)?;
+    let signals = Signals::block_and_watch().map_err(SingleProcessError::EventLoop)?;
     let listener = endpoint.open(access)?;
-    let done = EventFd::new(EFD_NONBLOCK).map_err(DaemonError::EventLoop)?;
-    let epoll = epoll::create(true).map_err(DaemonError::EventLoop)?;
-    let watch = |fd: i32, data: u64| {
-        epoll::ctl(
-            epoll,
-            epoll::ControlOptions::EPOLL_CTL_ADD,
-            fd,
-            epoll::Event::new(epoll::Events::EPOLLIN, data),
-        )
-    };
-    watch(signals.as_raw_fd(), EV_SIGNAL).map_err(DaemonError::EventLoop)?;
-    watch(done.as_raw_fd(), EV_DONE).map_err(DaemonError::EventLoop)?;
+    let done = EventFd::new(EFD_NONBLOCK).map_err(SingleProcessError::EventLoop)?;
+    let events = EventLoop::new().map_err(SingleProcessError::EventLoop)?;
+    events
+        .watch(&signals, Event::Signal)
+        .map_err(SingleProcessError::EventLoop)?;
+    events
+        .watch(&done, Event::Done)
+        .map_err(SingleProcessError::EventLoop)?;
 
     let mut active = None;
     let mut connections = 0u64;
     match &listener {
         Listener::Listening { listener, .. } => {
-            watch(listener.as_raw_fd(), EV_LISTENER).map_err(DaemonError::EventLoop)?;
+            events
+                .watch(listener, Event::Listener)
+                .map_err(SingleProcessError::EventLoop)?;
         }
         Listener::Connected(stream) => {
-            let stream = stream.try_clone().map_err(DaemonError::EventLoop)?;
+            let stream = stream.try_clone().map_err(SingleProcessError::Connected)?;
             active = Some(
                 spawn_connection(stream, device.clone(), &done, 1, &endpoint)
-                    .map_err(DaemonError::EventLoop)?,
+                    .map_err(SingleProcessError::Connected)?,
             );
         }
     }
 
-    let mut events = [epoll::Event::new(epoll::Events::empty(), 0); 4];
     loop {
-        let n = match epoll::wait(epoll, -1, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(DaemonError::EventLoop(e)),
-        };
-        for event in &events[..n] {
-            match event.data {
-                EV_SIGNAL => {
+        for event in events.wait(None).map_err(SingleProcessError::Wait)? {
+            match event {
+                Event::Signal => {
                     let signal = signals.read();
                     tracing::info!("{signal} received, stopping");
                     if let Some(active) = active.take() {
@@ -103,7 +103,7 @@ pub fn run<D: VirtioDevice>(
                     listener.cleanup();
                     return Ok(());
                 }
-                EV_DONE => {
+                Event::Done => {
                     let _ = done.read();
                     if let Some(active) = active.take() {
                         active.join();
@@ -115,23 +115,20 @@ pub fn run<D: VirtioDevice>(
                         }
                         Listener::Listening { listener: l, .. } => {
                             // Take the next frontend (a VM reboot or a VMM restart).
-                            watch(l.as_raw_fd(), EV_LISTENER).map_err(DaemonError::EventLoop)?;
+                            events
+                                .watch(l, Event::Listener)
+                                .map_err(SingleProcessError::EventLoop)?;
                         }
                     }
                 }
-                EV_LISTENER => {
+                Event::Listener => {
                     let Listener::Listening { listener: l, .. } = &listener else {
                         continue;
                     };
                     match l.accept() {
                         Ok((stream, _)) => {
                             // One frontend at a time: stop watching until this one is gone.
-                            let _ = epoll::ctl(
-                                epoll,
-                                epoll::ControlOptions::EPOLL_CTL_DEL,
-                                l.as_raw_fd(),
-                                epoll::Event::new(epoll::Events::empty(), 0),
-                            );
+                            events.unwatch(l);
                             connections += 1;
                             match spawn_connection(
                                 stream,
@@ -144,24 +141,21 @@ pub fn run<D: VirtioDevice>(
                                 Err(e) => {
                                     // The stream is dropped: the frontend sees the connection close.
                                     tracing::error!("cannot serve a new frontend: {e}");
-                                    watch(l.as_raw_fd(), EV_LISTENER)
-                                        .map_err(DaemonError::EventLoop)?;
+                                    events
+                                        .watch(l, Event::Listener)
+                                        .map_err(SingleProcessError::EventLoop)?;
                                 }
                             }
                         }
                         Err(e) => {
                             crate::ratelimit::vmm_line!(warn, "accept failed: {e}");
-                            if matches!(
-                                e.raw_os_error(),
-                                Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOBUFS)
-                            ) {
+                            if AcceptFailure::of(&e).is_shortage() {
                                 // One frontend at a time: nobody else waits on this loop.
                                 std::thread::sleep(std::time::Duration::from_millis(100));
                             }
                         }
                     }
                 }
-                _ => {}
             }
         }
     }
@@ -179,11 +173,20 @@ fn spawn_connection<D: VirtioDevice>(
         .unwrap_or_else(|_| "unknown peer".to_string());
     crate::ratelimit::vmm_line!(info, "frontend connected ({peer}), connection {id}");
     let done = done.try_clone()?;
-    let name = match endpoint {
-        Endpoint::Path(path) => path.display().to_string(),
-        Endpoint::Fd(fd) => format!("fd:{fd}"),
-    };
-    ConnectionThread::spawn(id, &name, stream, device, move || {
+    ConnectionThread::spawn(id, &endpoint.name(), stream, device, move || {
         let _ = done.write(1);
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_tokens_round_trip() {
+        for event in [Event::Signal, Event::Listener, Event::Done] {
+            assert_eq!(Event::from_raw(event.to_raw()), Some(event), "{event:?}");
+        }
+        assert_eq!(Event::from_raw(event_loop::pack(3, 0)), None);
+    }
 }

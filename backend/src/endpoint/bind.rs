@@ -1,77 +1,64 @@
-//! Where frontends come from: a socket path we create, or an inherited fd (QEMU's "backend
-//! program conventions", systemd socket activation, a launcher's socketpair).
+//! `--socket-path`: the socket vublk creates, with the mode and group the export asks for, set
+//! so that nobody else can connect before they are and no other file gets them.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use rustix::fs::{FileType, Mode, OFlags};
-use rustix::net::sockopt;
+use thiserror::Error;
 
-use super::DaemonError;
+use super::{EndpointError, Listener, SocketAccess};
 
-/// What the command line names.
-#[derive(Debug, Clone)]
-pub enum Endpoint {
-    Path(PathBuf),
-    Fd(RawFd),
-}
-
-/// Who may connect to a socket we create: its mode and group (default: the umask's mode, our
-/// group). A VMM running as another user needs write permission on the socket.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct SocketAccess {
-    pub mode: Option<u32>,
-    pub group: Option<u32>,
-}
-
-/// An open endpoint.
-pub enum Listener {
-    /// Accept frontends one after another. `created` is the path to remove on exit (only a
-    /// socket we created ourselves).
-    Listening {
-        listener: UnixListener,
-        created: Option<PathBuf>,
+/// Why the socket could not be created as asked (the cause of [`EndpointError::Bind`]).
+#[derive(Debug, Error)]
+pub enum BindError {
+    #[error("a file that is not a socket is in the way")]
+    NotASocket,
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    #[error("cannot open the new socket to set its mode and group")]
+    OpenBound(#[source] io::Error),
+    #[error("the new socket was replaced by {0} before its mode and group were set")]
+    Replaced(&'static str),
+    #[error("cannot set its group to {gid}")]
+    Group {
+        gid: u32,
+        #[source]
+        source: io::Error,
     },
-    /// Serve this one connection, then exit.
-    Connected(UnixStream),
+    #[error("cannot set its mode to {mode:04o}")]
+    Mode {
+        mode: u32,
+        #[source]
+        source: io::Error,
+    },
 }
 
-impl Endpoint {
-    pub fn open(&self, access: SocketAccess) -> Result<Listener, DaemonError> {
-        match self {
-            Endpoint::Path(path) => bind(path, access),
-            Endpoint::Fd(fd) => adopt(*fd),
-        }
-    }
-}
-
-fn bind(path: &Path, access: SocketAccess) -> Result<Listener, DaemonError> {
-    let bind_err = |source| DaemonError::Bind {
+pub(super) fn bind(path: &Path, access: SocketAccess) -> Result<Listener, EndpointError> {
+    let bind_err = |source: BindError| EndpointError::Bind {
         path: path.to_owned(),
         source,
     };
+    let io_err = |e: io::Error| bind_err(e.into());
     // A socket left behind by a daemon that died is replaced; a live one is not stolen.
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
-            return Err(bind_err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                "a file that is not a socket is in the way",
-            )));
+            return Err(bind_err(BindError::NotASocket));
         }
         match UnixStream::connect(path) {
             Ok(_) => {
-                return Err(DaemonError::SocketInUse {
+                return Err(EndpointError::SocketInUse {
                     path: path.to_owned(),
                 })
             }
             Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
                 tracing::info!("removing stale socket {}", path.display());
-                std::fs::remove_file(path).map_err(bind_err)?;
+                std::fs::remove_file(path).map_err(io_err)?;
             }
-            Err(e) => return Err(bind_err(e)),
+            Err(e) => return Err(io_err(e)),
         }
     }
     // Created owner-only, so that nobody else can connect before the mode and group below are
@@ -80,7 +67,7 @@ fn bind(path: &Path, access: SocketAccess) -> Result<Listener, DaemonError> {
     let umask = rustix::process::umask(Mode::from_raw_mode(0o177));
     let bound = UnixListener::bind(path);
     rustix::process::umask(umask);
-    let listener = bound.map_err(bind_err)?;
+    let listener = bound.map_err(io_err)?;
     // Without --socket-mode, what the umask would have given: the default is unchanged.
     let mode = access.mode.unwrap_or(0o777 & !umask.bits());
     let socket = open_bound(path).map_err(bind_err)?;
@@ -105,36 +92,26 @@ fn bind(path: &Path, access: SocketAccess) -> Result<Listener, DaemonError> {
 ///
 /// No connection is made to check it further: the socket exists, and a frontend may already
 /// be connecting to it.
-fn open_bound(path: &Path) -> io::Result<OwnedFd> {
-    let replaced = |what: &str| {
-        io::Error::other(format!(
-            "the new socket was replaced by {what} before its mode and group were set"
-        ))
-    };
+fn open_bound(path: &Path) -> Result<OwnedFd, BindError> {
     let fd = rustix::fs::open(
         path,
         OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::empty(),
     )
-    .map_err(|e| {
-        io::Error::new(
-            io::Error::from(e).kind(),
-            format!("cannot open the new socket to set its mode and group: {e}"),
-        )
-    })?;
-    let stat = rustix::fs::fstat(&fd)?;
+    .map_err(|e| BindError::OpenBound(e.into()))?;
+    let stat = rustix::fs::fstat(&fd).map_err(io::Error::from)?;
     if FileType::from_raw_mode(stat.st_mode) != FileType::Socket {
-        return Err(replaced("something that is not a socket"));
+        return Err(BindError::Replaced("something that is not a socket"));
     }
     if stat.st_uid != rustix::process::geteuid().as_raw() {
-        return Err(replaced("another user's socket"));
+        return Err(BindError::Replaced("another user's socket"));
     }
     Ok(fd)
 }
 
 /// Sets the group (if any), then the mode of the socket `socket` holds: in this order because a
 /// change of group may clear the set-group-ID bit.
-fn set_access(socket: &OwnedFd, mode: u32, group: Option<u32>) -> io::Result<()> {
+fn set_access(socket: &OwnedFd, mode: u32, group: Option<u32>) -> Result<(), BindError> {
     if let Some(gid) = group {
         rustix::fs::chownat(
             socket,
@@ -143,11 +120,9 @@ fn set_access(socket: &OwnedFd, mode: u32, group: Option<u32>) -> io::Result<()>
             Some(rustix::fs::Gid::from_raw(gid)),
             rustix::fs::AtFlags::EMPTY_PATH,
         )
-        .map_err(|e| {
-            io::Error::new(
-                io::Error::from(e).kind(),
-                format!("cannot set its group to {gid}: {e}"),
-            )
+        .map_err(|e| BindError::Group {
+            gid,
+            source: e.into(),
         })?;
     }
     // fchmod does not take an O_PATH descriptor; its /proc link leads to the same inode.
@@ -157,59 +132,10 @@ fn set_access(socket: &OwnedFd, mode: u32, group: Option<u32>) -> io::Result<()>
         Mode::from_raw_mode(mode),
         rustix::fs::AtFlags::empty(),
     )
-    .map_err(|e| {
-        io::Error::new(
-            io::Error::from(e).kind(),
-            format!("cannot set its mode to {mode:04o}: {e}"),
-        )
+    .map_err(|e| BindError::Mode {
+        mode,
+        source: e.into(),
     })
-}
-
-fn adopt(fd: RawFd) -> Result<Listener, DaemonError> {
-    let bad = |source| DaemonError::BadFd { fd, source };
-    // SAFETY: F_GETFD only inspects the descriptor table.
-    if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-        return Err(bad(io::Error::from_raw_os_error(libc::EBADF)));
-    }
-    // SAFETY: the fd is open (checked above) and --fd hands it to us: nothing else in this
-    // process uses it, so the OwnedFd may own it.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    let is_unix_stream = sockopt::socket_domain(&owned)
-        .is_ok_and(|d| d == rustix::net::AddressFamily::UNIX)
-        && sockopt::socket_type(&owned).is_ok_and(|t| t == rustix::net::SocketType::STREAM);
-    if !is_unix_stream {
-        return Err(DaemonError::NotUnixStream { fd });
-    }
-    // Inherited without O_CLOEXEC perhaps; it must not leak into anything we might exec.
-    rustix::io::fcntl_setfd(&owned, rustix::io::FdFlags::CLOEXEC).map_err(|e| bad(e.into()))?;
-    if sockopt::socket_acceptconn(&owned).map_err(|e| bad(e.into()))? {
-        tracing::info!("listening on inherited fd {}", owned.as_raw_fd());
-        Ok(Listener::Listening {
-            listener: UnixListener::from(owned),
-            created: None,
-        })
-    } else {
-        tracing::info!(
-            "serving the connection on inherited fd {}",
-            owned.as_raw_fd()
-        );
-        Ok(Listener::Connected(UnixStream::from(owned)))
-    }
-}
-
-impl Listener {
-    /// Removes the socket we created, if any.
-    pub fn cleanup(&self) {
-        if let Listener::Listening {
-            created: Some(path),
-            ..
-        } = self
-        {
-            if let Err(e) = std::fs::remove_file(path) {
-                tracing::warn!("cannot remove {}: {e}", path.display());
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -222,7 +148,7 @@ mod tests {
     /// `bind` changes the process's umask for a moment: tests that bind take turns.
     static UMASK: Mutex<()> = Mutex::new(());
 
-    fn bound(path: &Path, access: SocketAccess) -> Result<UnixListener, DaemonError> {
+    fn bound(path: &Path, access: SocketAccess) -> Result<UnixListener, EndpointError> {
         match bind(path, access)? {
             Listener::Listening { listener, .. } => Ok(listener),
             Listener::Connected(_) => unreachable!(),
