@@ -596,6 +596,21 @@ fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// `vublk --null 64M` on DIR/vublk.sock (open to every user) logging at info, as an operator
+/// runs it: for tests that count its lines.
+fn daemon_logging_info(dir: &Path) -> (Daemon, PathBuf) {
+    let mut cmd = Command::new(vublk_bin());
+    let socket = dir.join("vublk.sock");
+    cmd.arg("--socket-path")
+        .arg(&socket)
+        .args(["--null", "64M"])
+        .env("RUST_LOG", "info");
+    let mut daemon = Daemon::spawn(cmd, dir, socket.clone(), true);
+    daemon.wait_for(&socket);
+    open_socket(&socket);
+    (daemon, socket)
+}
+
 /// How many workers the daemon started for the VMM with pid `vmm`.
 fn worker_starts(log: &str, vmm: u32) -> usize {
     let vmm = format!("VMM pid {vmm} (");
@@ -1060,15 +1075,7 @@ fn a_worker_killed_in_a_loop_backs_off() {
     const LOOP: Duration = Duration::from_secs(5);
     const MAX_STARTS: usize = 10;
     let dir = shared_dir();
-    let mut cmd = Command::new(vublk_bin());
-    let socket = dir.path().join("vublk.sock");
-    cmd.arg("--socket-path")
-        .arg(&socket)
-        .args(["--null", "64M"])
-        .env("RUST_LOG", "info");
-    let mut daemon = Daemon::spawn(cmd, dir.path(), socket.clone(), true);
-    daemon.wait_for(&socket);
-    open_socket(&socket);
+    let (mut daemon, socket) = daemon_logging_info(dir.path());
     let mut a = Tenant::start(dir.path(), "a", &Job::user(NOBODY));
     let mut b = Tenant::start(dir.path(), "b", &Job::user(BYSTANDER));
     let start = Instant::now();
@@ -1303,15 +1310,7 @@ fn spawn_storm_is_bounded() {
     const MAX_STARTS: usize = 10;
     const MAX_LINES: usize = 50;
     let dir = shared_dir();
-    let mut cmd = Command::new(vublk_bin());
-    let socket = dir.path().join("vublk.sock");
-    cmd.arg("--socket-path")
-        .arg(&socket)
-        .args(["--null", "64M"])
-        .env("RUST_LOG", "info");
-    let mut daemon = Daemon::spawn(cmd, dir.path(), socket.clone(), true);
-    daemon.wait_for(&socket);
-    open_socket(&socket);
+    let (mut daemon, socket) = daemon_logging_info(dir.path());
     let mut b = Tenant::start(dir.path(), "b", &Job::user(BYSTANDER));
     let mut job = Job::user(NOBODY);
     job.nofile = Some(4);
