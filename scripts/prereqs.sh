@@ -3,15 +3,17 @@
 # and testing) vublk needs on Debian 12, and does nothing when it is all there.
 #
 #   build   a C linker and libc (Rust links through `cc`) and a Rust toolchain
-#   test    the same, plus TEST_PACKAGES
+#   test    the same, plus VUBLK_TEST_PACKAGES and QEMU (VUBLK_QEMU_PACKAGES)
 #
-# apt-get runs only when a package is missing, so a prepared machine (CI) pays nothing. When not
-# root and something is missing, it says what to install and fails.
+# apt-get runs only when a package is missing (or QEMU is older than VUBLK_QEMU_MIN), so a
+# prepared machine (CI) pays nothing. When not root and something is missing, it says what to
+# install and fails.
 
-# Debian packages the test suite needs beyond a Rust toolchain (the end-to-end tests drive vublk
-# with libblkio, a crate linked into them). For the guest tests (guest-tests/, docs/testing.md):
-#   qemu-system-x86  runs the guests
-#   fio              copied into the guest with the libraries it links (the guest's fio)
+# Debian packages the test suite needs beyond a Rust toolchain and QEMU (the end-to-end tests
+# drive vublk with libblkio, a crate linked into them). For the guest tests (guest-tests/,
+# docs/testing.md):
+#   fio              copied into the guest with the libraries it links (the guest's fio); on the
+#                    host, the disk's own limit in vublk-bench
 #   xz-utils         unpacks Debian's kernel so QEMU boots it without its slow decompressor
 #   systemd          systemd-analyze verify and systemd-socket-activate for the unit files (vmm-glue)
 #   podman runc      build and run the container image (vmm-glue/tests/container.rs); runc named
@@ -20,8 +22,37 @@
 #                    libvirt domain in docs/deploy.md (vmm-glue)
 # The guest's kernel and busybox are not installed: the tests fetch their .debs with
 # `apt-get download` at run time and cache them under target/guest-cache.
-VUBLK_TEST_PACKAGES=(qemu-system-x86 fio xz-utils systemd podman runc libvirt-clients libxml2-utils)
+VUBLK_TEST_PACKAGES=(fio xz-utils systemd podman runc libvirt-clients libxml2-utils)
 VUBLK_BUILD_PACKAGES=(gcc libc6-dev)
+
+# QEMU, the current release rather than Debian 12's 7.2 (three years old): the guest tests boot
+# qemu-system-x86_64 and vublk-bench measures against qemu-storage-daemon, and both should be the
+# peer users run today. On Debian 12 they come from bookworm-backports (same archive, one more
+# apt source: VUBLK_BACKPORTS_LIST), which has 10.0; elsewhere from the distribution as it is.
+#   qemu-system-x86  qemu-system-x86_64 (and qemu-system-common with it)
+#   qemu-utils       qemu-storage-daemon (Debian 12 ships it in qemu-system-common; the 10.0
+#                    packages in qemu-utils)
+# qemu-block-extra is not needed: it holds the network block drivers (curl, iSCSI, NFS, RBD,
+# ...); the file driver with aio=io_uring and null-co that the bench uses are built in.
+VUBLK_QEMU_PACKAGES=(qemu-system-x86 qemu-utils)
+VUBLK_QEMU_MIN=1:10.0
+VUBLK_BACKPORTS_LIST=/etc/apt/sources.list.d/vublk-bookworm-backports.list
+
+# Whether this is Debian 12, where QEMU comes from bookworm-backports.
+vublk_is_bookworm() {
+    local codename
+    codename=$(. /etc/os-release 2>/dev/null && echo "${VERSION_CODENAME:-}")
+    [[ $codename == bookworm ]]
+}
+
+# Adds bookworm-backports to apt's sources (a file of its own) unless a source already has it.
+vublk_add_backports() {
+    if grep -rqsE '^[^#]*bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        return 0
+    fi
+    echo "adding bookworm-backports to apt's sources ($VUBLK_BACKPORTS_LIST) for QEMU 10" >&2
+    echo 'deb http://deb.debian.org/debian bookworm-backports main' >"$VUBLK_BACKPORTS_LIST"
+}
 
 # The oldest toolchain the workspace builds with (rust-version in Cargo.toml); Debian 12's own
 # cargo is older, so the toolchain comes from rustup.
@@ -47,10 +78,14 @@ vublk_prereqs() {
         packages+=(curl ca-certificates)
     fi
 
-    local missing=() p
+    local qemu_packages=()
+    [[ ${1:-build} == test ]] && qemu_packages=("${VUBLK_QEMU_PACKAGES[@]}")
+
+    local missing=() qemu_missing=() p
     if ! command -v dpkg-query >/dev/null; then
         # Not Debian: the packages are the user's business; the build says what is missing.
         packages=()
+        qemu_packages=()
     fi
     for p in ${packages[@]+"${packages[@]}"}; do
         # Only a fully installed package reports "install ok installed".
@@ -58,15 +93,49 @@ vublk_prereqs() {
             missing+=("$p")
         fi
     done
-    if ((${#missing[@]})); then
+    local backports=
+    vublk_is_bookworm && backports=1
+    for p in ${qemu_packages[@]+"${qemu_packages[@]}"}; do
+        # On Debian 12, Debian's own 7.2 counts as missing.
+        if [[ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" != "install ok installed" ]] ||
+            { [[ -n $backports ]] && dpkg --compare-versions \
+                "$(dpkg-query -W -f='${Version}' "$p")" lt "$VUBLK_QEMU_MIN"; }; then
+            qemu_missing+=("$p")
+        fi
+    done
+    if ((${#missing[@]} + ${#qemu_missing[@]})); then
         if [[ $(id -u) -ne 0 ]]; then
-            echo "vublk needs these Debian packages: ${missing[*]}" >&2
-            echo "install them with: sudo apt-get install -y ${missing[*]}" >&2
+            local all=("${missing[@]}" "${qemu_missing[@]}")
+            echo "vublk needs these Debian packages: ${all[*]}" >&2
+            if ((${#missing[@]})); then
+                echo "install them with: sudo apt-get install -y ${missing[*]}" >&2
+            fi
+            if ((${#qemu_missing[@]})) && [[ -n $backports ]]; then
+                echo "and QEMU ${VUBLK_QEMU_MIN#*:} or later from bookworm-backports: add" \
+                    "'deb http://deb.debian.org/debian bookworm-backports main' to apt's sources," \
+                    "then: sudo apt-get update &&" \
+                    "sudo apt-get install -y -t bookworm-backports ${qemu_missing[*]}" >&2
+            elif ((${#qemu_missing[@]})); then
+                echo "install them with: sudo apt-get install -y ${qemu_missing[*]}" >&2
+            fi
             return 1
         fi
-        echo "installing ${missing[*]}" >&2
-        DEBIAN_FRONTEND=noninteractive apt-get update -q
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+        if ((${#qemu_missing[@]})) && [[ -n $backports ]]; then
+            vublk_add_backports
+        fi
+        local apt=(env DEBIAN_FRONTEND=noninteractive apt-get -q)
+        "${apt[@]}" update
+        if ((${#missing[@]})); then
+            echo "installing ${missing[*]}" >&2
+            "${apt[@]}" install -y --no-install-recommends "${missing[@]}"
+        fi
+        if ((${#qemu_missing[@]})); then
+            # -t only for QEMU (and what it depends on): everything else stays on Debian 12's
+            # own versions.
+            echo "installing ${qemu_missing[*]}${backports:+ from bookworm-backports}" >&2
+            "${apt[@]}" install -y --no-install-recommends ${backports:+-t bookworm-backports} \
+                "${qemu_missing[@]}"
+        fi
     fi
 
     if [[ -n $need_rustup ]]; then

@@ -94,6 +94,32 @@ impl Histogram {
         }
         unreachable!("rank {rank} <= total {}", self.total)
     }
+
+    /// The histogram as JSON for the parent process, which merges the VMs of a cell: the
+    /// non-empty buckets as `[index, count]` pairs (a run fills a few hundred of the 3776) and
+    /// the exact sum.
+    pub fn to_json(&self) -> serde_json::Value {
+        let buckets: Vec<[u64; 2]> = self
+            .counts
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| **c > 0)
+            .map(|(i, c)| [i as u64, *c])
+            .collect();
+        serde_json::json!({ "buckets": buckets, "sum_ns": self.sum_ns.to_string() })
+    }
+
+    /// The inverse of [`Histogram::to_json`]; `None` if it is not one.
+    pub fn from_json(v: &serde_json::Value) -> Option<Histogram> {
+        let mut h = Histogram::new();
+        for pair in v["buckets"].as_array()? {
+            let (i, c) = (pair[0].as_u64()? as usize, pair[1].as_u64()?);
+            *h.counts.get_mut(i)? += c;
+            h.total += c;
+        }
+        h.sum_ns = v["sum_ns"].as_str()?.parse().ok()?;
+        Some(h)
+    }
 }
 
 #[cfg(test)]
@@ -143,5 +169,17 @@ mod tests {
         h.merge(&other);
         assert_eq!(h.count(), 1001);
         assert_eq!(h.quantile_ns(0.0), 5.0);
+    }
+
+    #[test]
+    fn json_round_trip() {
+        let mut h = Histogram::new();
+        for v in [3u64, 3, 900, 45_000, 45_100, u64::MAX / 2] {
+            h.record(v);
+        }
+        let back = Histogram::from_json(&h.to_json()).unwrap();
+        assert_eq!(back.counts, h.counts);
+        assert_eq!((back.total, back.sum_ns), (h.total, h.sum_ns));
+        assert!(Histogram::from_json(&serde_json::json!({"buckets": [[99999, 1]]})).is_none());
     }
 }

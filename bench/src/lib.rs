@@ -5,16 +5,23 @@
 //! queue) for a warm-up and then a measured window. The systems alternate (A B A B ...) within
 //! each cell of the matrix, and each cell's figures are the medians of its repetitions.
 //!
-//! A third system, `io_uring`, is the reference without vhost-user: the load generator opens the
-//! image itself with libblkio's `io_uring` driver, so there is no backend process and the
-//! generator's own CPU is the whole cost.
+//! Two references have no vhost-user in between: `io_uring`, where the load generator opens the
+//! image itself with libblkio's `io_uring` driver, and `fio` (the disk's own limit, on the disk
+//! medium), fio's io_uring engine with O_DIRECT. There is no backend process and the client's
+//! own CPU is the whole cost.
+//!
+//! A cell may have several VMs (`--vms`): as many load generator processes, each a VM with an
+//! export (and image) of its own on one daemon, measured over a common window; the cell reports
+//! their total IOPS and how evenly they were served (Jain's index over the per-VM IOPS).
 //!
 //! ```text
-//! media.rs    the backing: a filled image on tmpfs, a filled image on the real disk (O_DIRECT), null
-//! systems.rs  the system under test: vublk (supervisor + worker, or --single-process) or
-//!             qemu-storage-daemon as a child process serving one socket, or io_uring (none)
-//! load.rs     the load generator (runs in its own process), closed loop or paced at a fixed
-//!             rate, and the parent's side of it
+//! media.rs    the backing: filled images on tmpfs, filled images on the real disk (O_DIRECT), null
+//! systems.rs  the system under test: vublk (supervisor + a worker per VM, or --single-process)
+//!             or qemu-storage-daemon as a child process serving an export per VM, or a
+//!             reference without a backend (io_uring, fio)
+//! load.rs     the load generator (runs in its own process, one per VM), closed loop or paced
+//!             at a fixed rate, and the parent's side of it
+//! fio.rs      the fio reference: its job file, the run, its JSON report
 //! histogram.rs  per-request latencies in fixed memory, for p50/p99/p99.9
 //! cpu.rs      CPU seconds of the backend's process tree over the measured window, from /proc
 //! report.rs   medians, the Markdown tables with the ratios to QSD and io_uring, the JSON document
@@ -26,6 +33,7 @@
 //! (`vublk-test-support`).
 
 pub mod cpu;
+pub mod fio;
 pub mod histogram;
 pub mod load;
 pub mod media;
@@ -175,10 +183,15 @@ impl fmt::Display for Rate {
 pub struct Cell {
     pub medium: media::Medium,
     pub rw: Rw,
+    /// Per queue of each VM.
     pub iodepth: u32,
+    /// Per VM.
     pub queues: u16,
     pub client: ClientMode,
+    /// Over all VMs and queues.
     pub rate: Rate,
+    /// VMs on the one backend: load generator processes, each with an export of its own.
+    pub vms: u16,
 }
 
 impl fmt::Display for Cell {
@@ -188,11 +201,28 @@ impl fmt::Display for Cell {
             "{} {} iodepth {} queues {} {}",
             self.medium, self.rw, self.iodepth, self.queues, self.client
         )?;
+        if self.vms > 1 {
+            write!(f, " {} VMs", self.vms)?;
+        }
         if let Rate::Iops(n) = self.rate {
             write!(f, " at {n} IOPS")?;
         }
         Ok(())
     }
+}
+
+/// Jain's fairness index of `values` (per-VM IOPS): (Σx)² ÷ (n·Σx²), 1 when all are equal, 1/n
+/// when one gets everything. NaN for fewer than two values (nothing to share) or all zero.
+pub fn jain(values: &[f64]) -> f64 {
+    if values.len() < 2 {
+        return f64::NAN;
+    }
+    let sum: f64 = values.iter().sum();
+    let squares: f64 = values.iter().map(|x| x * x).sum();
+    if squares == 0.0 {
+        return f64::NAN;
+    }
+    sum * sum / (values.len() as f64 * squares)
 }
 
 /// The median of `values` (the mean of the two middle ones for an even count); 0 when empty.
@@ -230,6 +260,16 @@ mod tests {
             assert_eq!(m.name().parse::<ClientMode>().unwrap(), m);
         }
         assert!("seqread".parse::<Rw>().is_err());
+    }
+
+    #[test]
+    fn jain_index() {
+        assert_eq!(jain(&[5.0, 5.0, 5.0, 5.0]), 1.0);
+        assert!((jain(&[1.0, 0.0, 0.0, 0.0]) - 0.25).abs() < 1e-12);
+        // Two VMs, one with twice the other's IOPS: 9 / (2 × 5) = 0.9.
+        assert!((jain(&[2.0, 1.0]) - 0.9).abs() < 1e-12);
+        assert!(jain(&[7.0]).is_nan());
+        assert!(jain(&[0.0, 0.0]).is_nan());
     }
 
     #[test]

@@ -26,10 +26,16 @@
 //! Timeline, announced on stdout so the parent can sample the backend's CPU at the same moments:
 //!
 //! ```text
-//! connect, start, map memory   warm-up            measured window        drain, disconnect
-//! ---------------------------|------------------|----------------------|------------------
-//!                            threads start      "measure-start"        "measure-end"  "result {json}"
+//! connect, start, map memory   (wait)    warm-up        measured window        drain, disconnect
+//! ---------------------------|---------|--------------|----------------------|------------------
+//!                      "ready"   "go" on stdin,      "measure-start"        "measure-end"
+//!                                threads start                              "result {json}"
 //! ```
+//!
+//! A cell with several VMs runs a generator process per VM (each a separate client, so vublk
+//! gives each a worker). The parent says "go" once all of them are ready, so their windows open
+//! together; it sums their completions and merges their latency histograms (sent with the
+//! result), and keeps each VM's IOPS for the fairness index.
 //!
 //! Only completions seen inside the measured window count, for IOPS and for latency (the time
 //! from the `read`/`write` call to the `do_io` that returned it; a paced request waiting for a
@@ -207,7 +213,11 @@ impl LoadResult {
 
 /// A load run as the parent saw it.
 pub struct Measured {
+    /// All VMs together: their completions, IOPS and client CPU added up, latencies from their
+    /// merged histograms, the window the mean of theirs.
     pub load: LoadResult,
+    /// Each VM's own figures, in VM order.
+    pub per_vm: Vec<LoadResult>,
     /// CPU seconds of `backend_pid`'s process tree over the measured window; `None` without a
     /// backend.
     pub backend_cpu_s: Option<f64>,
@@ -215,90 +225,185 @@ pub struct Measured {
     pub host_steal: f64,
 }
 
-/// Runs the load generator (`exe load SPEC`) against a backend whose root process is
-/// `backend_pid` (if there is one), sampling the backend's CPU when the generator opens and
-/// closes its window.
-pub fn run(exe: &Path, spec: &LoadSpec, backend_pid: Option<u32>) -> Result<Measured> {
-    let mut cmd = Command::new(exe);
-    cmd.arg("load")
-        .arg(spec.to_json().to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    die_with_parent(&mut cmd);
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("run {}", exe.display()))?;
+/// What one load generator process said, as its lines arrive.
+enum Line {
+    /// Connected and set up, waiting for "go" on its stdin.
+    Ready,
+    MeasureStart,
+    MeasureEnd,
+    Result(String),
+    /// Its stdout closed.
+    Gone,
+}
 
-    let stdout = child.stdout.take().expect("piped");
-    let mut stderr = child.stderr.take().expect("piped");
-    let err_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
+/// Runs a load generator (`exe load SPEC`) per spec, one per VM, against a backend whose root
+/// process is `backend_pid` (if there is one). They connect and set up first; when all are
+/// ready the parent tells them to go, so their warm-ups and measured windows start together.
+/// The backend's CPU and the host's steal are sampled when the first of them opens its window
+/// and when the first closes it.
+pub fn run(exe: &Path, specs: &[LoadSpec], backend_pid: Option<u32>) -> Result<Measured> {
+    let spec = specs.first().context("no load to run")?;
     let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-
-    let deadline = Instant::now() + spec.warmup + spec.duration + CONNECT_TIMEOUT + IO_TIMEOUT;
-    let mut start = None;
-    let mut end = None;
-    let mut result = None;
-    while result.is_none() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) if line == "measure-start" => {
-                start = Some((backend_pid.map(Snapshot::take), Steal::take()))
-            }
-            Ok(line) if line == "measure-end" => {
-                end = Some((backend_pid.map(Snapshot::take), Steal::take()))
-            }
-            Ok(line) => {
-                if let Some(json) = line.strip_prefix("result ") {
-                    result = Some(json.to_string());
+    let mut children = Vec::new();
+    for (vm, spec) in specs.iter().enumerate() {
+        let mut cmd = Command::new(exe);
+        cmd.arg("load")
+            .arg(spec.to_json().to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        die_with_parent(&mut cmd);
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("run {}", exe.display()))?;
+        let stdout = child.stdout.take().expect("piped");
+        let mut stderr = child.stderr.take().expect("piped");
+        let err_reader = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stderr.read_to_string(&mut s);
+            s
+        });
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let parsed = match line.as_str() {
+                    "ready" => Line::Ready,
+                    "measure-start" => Line::MeasureStart,
+                    "measure-end" => Line::MeasureEnd,
+                    _ => match line.strip_prefix("result ") {
+                        Some(json) => Line::Result(json.to_string()),
+                        None => continue,
+                    },
+                };
+                if tx.send((vm, parsed)).is_err() {
+                    return;
                 }
             }
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!("the load generator did not finish in time");
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            let _ = tx.send((vm, Line::Gone));
+        });
+        children.push((child, err_reader));
+    }
+    drop(tx);
+
+    // Connecting takes longer with many VMs on a busy machine (a worker is forked for each).
+    let deadline = Instant::now()
+        + spec.warmup
+        + spec.duration
+        + CONNECT_TIMEOUT * specs.len().min(4) as u32
+        + IO_TIMEOUT;
+    let (mut ready, mut gone) = (0, 0);
+    let mut start = None;
+    let mut end = None;
+    let mut results: Vec<Option<String>> = vec![None; specs.len()];
+    let outcome = loop {
+        if gone == specs.len() {
+            break Ok(());
         }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok((_, Line::Ready)) => {
+                ready += 1;
+                if ready == specs.len() {
+                    for (child, _) in &mut children {
+                        // Dropping stdin after the line: the generator reads no more.
+                        if let Some(mut stdin) = child.stdin.take() {
+                            let _ = stdin.write_all(b"go\n");
+                        }
+                    }
+                }
+            }
+            Ok((_, Line::MeasureStart)) if start.is_none() => {
+                start = Some((backend_pid.map(Snapshot::take), Steal::take()))
+            }
+            Ok((_, Line::MeasureEnd)) if end.is_none() => {
+                end = Some((backend_pid.map(Snapshot::take), Steal::take()))
+            }
+            Ok((_, Line::MeasureStart | Line::MeasureEnd)) => {}
+            Ok((vm, Line::Result(json))) => results[vm] = Some(json),
+            Ok((vm, Line::Gone)) => {
+                gone += 1;
+                // One that quits before the others are ready would leave them waiting.
+                if ready < specs.len() && results[vm].is_none() {
+                    break Err(anyhow!("load generator {vm} ended before it was ready"));
+                }
+            }
+            Err(_) => break Err(anyhow!("the load generators did not finish in time")),
+        }
+    };
+
+    let mut failures = Vec::new();
+    let mut per_vm = Vec::new();
+    let mut hist = Histogram::new();
+    for (vm, (mut child, err_reader)) in children.into_iter().enumerate() {
+        if outcome.is_err() {
+            let _ = child.kill();
+        }
+        let status = child.wait()?;
+        let errors = err_reader.join().unwrap_or_default();
+        let who = if specs.len() == 1 {
+            "the load generator".to_string()
+        } else {
+            format!("load generator {vm}")
+        };
+        if !status.success() {
+            failures.push(format!("{who} failed ({status}): {}", errors.trim()));
+            continue;
+        }
+        let Some(json) = &results[vm] else {
+            failures.push(format!("{who} printed no result: {}", errors.trim()));
+            continue;
+        };
+        let doc: Value = serde_json::from_str(json)?;
+        per_vm.push(LoadResult::from_json(&doc)?);
+        hist.merge(
+            &Histogram::from_json(&doc["histogram"])
+                .with_context(|| format!("{who}: no latency histogram"))?,
+        );
     }
-    let status = child.wait()?;
-    let errors = err_reader.join().unwrap_or_default();
-    if !status.success() {
-        bail!("the load generator failed ({status}): {}", errors.trim());
+    outcome?;
+    if !failures.is_empty() {
+        bail!("{}", failures.join("\n"));
     }
-    let result =
-        result.ok_or_else(|| anyhow!("the load generator printed no result: {}", errors.trim()))?;
     let (Some(start), Some(end)) = (start, end) else {
         bail!("the load generator did not announce its measured window");
     };
     Ok(Measured {
-        load: LoadResult::from_json(&serde_json::from_str(&result)?)?,
+        load: aggregate(&per_vm, &hist),
+        per_vm,
         backend_cpu_s: start.0.zip(end.0).map(|(s, e)| s.seconds_until(&e)),
         host_steal: start.1.share_until(&end.1),
     })
+}
+
+/// The VMs of a cell as one: completions, IOPS and client CPU added up; latencies from `hist`,
+/// their merged histograms.
+fn aggregate(per_vm: &[LoadResult], hist: &Histogram) -> LoadResult {
+    let n = per_vm.len().max(1) as f64;
+    LoadResult {
+        ios: per_vm.iter().map(|r| r.ios).sum(),
+        seconds: per_vm.iter().map(|r| r.seconds).sum::<f64>() / n,
+        iops: per_vm.iter().map(|r| r.iops).sum(),
+        mean_us: hist.mean_ns() / 1e3,
+        p50_us: hist.quantile_ns(0.5) / 1e3,
+        p99_us: hist.quantile_ns(0.99) / 1e3,
+        p999_us: hist.quantile_ns(0.999) / 1e3,
+        client_cpu_s: per_vm.iter().map(|r| r.client_cpu_s).sum(),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
 // The load generator process
 // ---------------------------------------------------------------------------------------------
 
-/// The `load` subcommand: runs `spec` (JSON) and prints the timeline and the result on stdout.
+/// The `load` subcommand: runs `spec` (JSON), starting when "go" arrives on stdin, and prints
+/// the timeline and the result (with its latency histogram) on stdout.
 pub fn main(spec: &str) -> Result<()> {
     let spec = LoadSpec::from_json(&serde_json::from_str(spec).context("load spec is not JSON")?)?;
-    let result = generate(&spec, &mut std::io::stdout())?;
-    println!("result {}", result.to_json());
+    let (result, hist) = generate(&spec, &mut std::io::stdout(), &mut std::io::stdin().lock())?;
+    let mut doc = result.to_json();
+    doc["histogram"] = hist.to_json();
+    println!("result {doc}");
     Ok(())
 }
 
@@ -357,9 +462,14 @@ fn connect(socket: &Path) -> Result<Blkio> {
     }
 }
 
-/// Connects, runs the warm-up and the measured window on every queue, announcing the window on
-/// `out`, and returns what the queues measured.
-pub fn generate(spec: &LoadSpec, out: &mut impl Write) -> Result<LoadResult> {
+/// Connects, says "ready" on `out` and waits for "go" on `go`, runs the warm-up and the measured
+/// window on every queue, announcing the window on `out`, and returns what the queues measured
+/// and their merged latencies.
+pub fn generate(
+    spec: &LoadSpec,
+    out: &mut impl Write,
+    go: &mut impl BufRead,
+) -> Result<(LoadResult, Histogram)> {
     if spec.iodepth == 0 || spec.queues == 0 {
         bail!("iodepth and queues must be at least 1");
     }
@@ -389,6 +499,15 @@ pub fn generate(spec: &LoadSpec, out: &mut impl Write) -> Result<LoadResult> {
     let total = (per_queue * spec.queues as usize).div_ceil(align) * align;
     let region = blkio.alloc_mem_region(total)?;
     blkio.map_mem_region(&region)?;
+
+    // Every VM of the cell is connected and set up: start together.
+    writeln!(out, "ready")?;
+    out.flush()?;
+    let mut line = String::new();
+    go.read_line(&mut line).context("wait for go")?;
+    if line.trim() != "go" {
+        bail!("the parent went away before saying go");
+    }
 
     let t0 = Instant::now() + spec.warmup;
     let t1 = t0 + spec.duration;
@@ -440,7 +559,7 @@ pub fn generate(spec: &LoadSpec, out: &mut impl Write) -> Result<LoadResult> {
     }
 
     let seconds = spec.duration.as_secs_f64();
-    Ok(LoadResult {
+    let result = LoadResult {
         ios: hist.count(),
         seconds,
         iops: hist.count() as f64 / seconds,
@@ -449,7 +568,8 @@ pub fn generate(spec: &LoadSpec, out: &mut impl Write) -> Result<LoadResult> {
         p99_us: hist.quantile_ns(0.99) / 1e3,
         p999_us: hist.quantile_ns(0.999) / 1e3,
         client_cpu_s: cpu_start.seconds_until(&cpu_end),
-    })
+    };
+    Ok((result, hist))
 }
 
 fn sleep_until(t: Instant) {
@@ -637,5 +757,26 @@ mod tests {
             client_cpu_s: 1.5,
         };
         assert_eq!(LoadResult::from_json(&r.to_json()).unwrap(), r);
+    }
+
+    #[test]
+    fn vms_add_up_and_their_latencies_merge() {
+        let vm = |ios: u64, cpu: f64| LoadResult {
+            ios,
+            seconds: 2.0,
+            iops: ios as f64 / 2.0,
+            client_cpu_s: cpu,
+            ..Default::default()
+        };
+        let mut hist = Histogram::new();
+        for ns in [10_000, 10_000, 10_000, 90_000] {
+            hist.record(ns);
+        }
+        let all = aggregate(&[vm(3000, 0.5), vm(1000, 0.25)], &hist);
+        assert_eq!((all.ios, all.seconds, all.iops), (4000, 2.0, 2000.0));
+        assert_eq!(all.client_cpu_s, 0.75);
+        assert!((all.p50_us - 10.0).abs() < 0.2, "{all:?}");
+        assert!((all.p99_us - 90.0).abs() < 1.5, "{all:?}");
+        assert!((all.mean_us - 30.0).abs() < 1e-9, "{all:?}");
     }
 }

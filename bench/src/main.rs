@@ -6,10 +6,12 @@
 //! For each cell of the matrix (medium × rw × iodepth × queues × client mode × rate) the systems
 //! run in turn, A B A B, for `--repetitions` rounds; each run starts a fresh backend, runs the
 //! load generator in its own process (warm-up, then the measured window) and stops the backend.
-//! The `io_uring` system has no backend: the load generator opens the image itself. The medians
-//! per cell and system are printed as a Markdown table with the ratios of vublk to QSD and to
-//! io_uring, written as JSON with every sample, and drawn as an SVG chart (`--svg`). See
-//! docs/benchmarks.md and `vublk_bench` (the library, `bench/src/lib.rs`).
+//! The `io_uring` and `fio` systems have no backend: the load generator (or fio) opens the image
+//! itself. A cell with several VMs (`--vms`) runs a load generator per VM against an export per
+//! VM of one backend. The medians per cell and system are printed as a Markdown table with the
+//! ratios of vublk to QSD, io_uring and fio, written as JSON with every sample, and drawn as an
+//! SVG chart (`--svg`). See docs/benchmarks.md and `vublk_bench` (the library,
+//! `bench/src/lib.rs`).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -32,8 +34,10 @@ use vublk_bench::{svg, Cell, ClientMode, Rate, Rw};
     args_conflicts_with_subcommands = true
 )]
 struct Args {
-    /// Systems to compare, in the order they alternate (vublk, vublk-single, qsd, io_uring;
-    /// io_uring is libblkio's io_uring driver on the image, no backend, not on null).
+    /// Systems to compare, in the order they alternate (vublk, vublk-single, qsd, io_uring, fio;
+    /// io_uring is libblkio's io_uring driver on the image, no backend, not on null; fio is fio's
+    /// io_uring engine with O_DIRECT, the disk's own limit: disk medium and interrupt-driven
+    /// clients only).
     #[arg(long, value_delimiter = ',')]
     systems: Option<Vec<System>>,
     /// Media: tmpfs (filled image in /dev/shm), disk (filled image in --disk-dir, O_DIRECT),
@@ -46,15 +50,20 @@ struct Args {
     /// Requests in flight per queue.
     #[arg(long, value_delimiter = ',')]
     iodepth: Option<Vec<u32>>,
-    /// Queues (the load generator runs one thread per queue; the backend gets as many).
+    /// Queues per VM (the load generator runs one thread per queue; the backend gets as many).
     #[arg(long, value_delimiter = ',')]
     queues: Option<Vec<u16>>,
+    /// VMs on one backend: a load generator process per VM, each with an export (and an image
+    /// of its own, the --image-mib split between them) on the one daemon (vublk: a worker per
+    /// VM; QSD: an iothread per export). 8,16 for the many-VM cells [default: 1]
+    #[arg(long, value_delimiter = ',')]
+    vms: Option<Vec<u16>>,
     /// Client queues: interrupt (completion fd) or poll (libblkio poll queues).
     #[arg(long, value_delimiter = ',')]
     client: Option<Vec<ClientMode>>,
-    /// Load: max (closed loop, iodepth always in flight) or a total rate in IOPS over all queues
-    /// (20000, 20k, 1.5M), paced with at most iodepth in flight per queue, so every system does
-    /// the same work and CPU per I/O compares at equal load.
+    /// Load: max (closed loop, iodepth always in flight) or a total rate in IOPS over all VMs and
+    /// queues (20000, 20k, 1.5M), paced with at most iodepth in flight per queue, so every system
+    /// does the same work and CPU per I/O compares at equal load.
     #[arg(long, value_delimiter = ',')]
     rate: Option<Vec<Rate>>,
     /// Measured seconds per run.
@@ -66,7 +75,8 @@ struct Args {
     /// Rounds of A B per cell; the medians are reported.
     #[arg(long)]
     repetitions: Option<usize>,
-    /// Image size in MiB (tmpfs and disk images are filled; the null disk is as large).
+    /// Image size in MiB (tmpfs and disk images are filled; the null disk is as large); several
+    /// VMs share it, an equal part each.
     #[arg(long)]
     image_mib: Option<u64>,
     /// Re-run a round (all its systems) when the hypervisor stole more than this percentage of
@@ -113,6 +123,7 @@ struct Plan {
     queues: Vec<u16>,
     client: Vec<ClientMode>,
     rate: Vec<Rate>,
+    vms: Vec<u16>,
     duration: Duration,
     warmup: Duration,
     repetitions: usize,
@@ -143,7 +154,7 @@ impl Plan {
             systems: a
                 .systems
                 .clone()
-                .unwrap_or_else(|| vec![System::Vublk, System::Qsd, System::IoUring]),
+                .unwrap_or_else(|| vec![System::Vublk, System::Qsd, System::IoUring, System::Fio]),
             media: a.media.clone().unwrap_or_else(|| {
                 if smoke {
                     vec![Medium::Tmpfs, Medium::Null]
@@ -177,6 +188,7 @@ impl Plan {
                 }
             }),
             rate: a.rate.clone().unwrap_or_else(|| vec![Rate::Max]),
+            vms: a.vms.clone().unwrap_or_else(|| vec![1]),
             duration: pick(&a.duration, 5.0, 0.5)?,
             warmup: pick(&a.warmup, 1.0, 0.1)?,
             repetitions: a.repetitions.unwrap_or(if smoke { 1 } else { 3 }),
@@ -195,12 +207,26 @@ impl Plan {
             || plan.queues.is_empty()
             || plan.client.is_empty()
             || plan.rate.is_empty()
+            || plan.vms.is_empty()
             || plan.repetitions == 0
         {
             bail!("the matrix is empty");
         }
-        if plan.iodepth.contains(&0) || plan.queues.contains(&0) {
-            bail!("iodepth and queues must be at least 1");
+        if plan.iodepth.contains(&0) || plan.queues.contains(&0) || plan.vms.contains(&0) {
+            bail!("iodepth, queues and vms must be at least 1");
+        }
+        for &vms in &plan.vms {
+            if media::share(plan.image_size, vms) == 0 {
+                bail!(
+                    "{} MiB cannot be shared by {vms} VMs (at least 1 MiB each)",
+                    plan.image_size >> 20
+                );
+            }
+            for &rate in &plan.rate {
+                if rate.iops().is_some_and(|n| n < u32::from(vms)) {
+                    bail!("a rate of {rate} IOPS is less than one per VM with {vms} VMs");
+                }
+            }
         }
         if plan.runs() == 0 {
             bail!("no system can run on these media");
@@ -217,7 +243,8 @@ impl Plan {
         }
     }
 
-    fn cells(&self, medium: Medium) -> Vec<Cell> {
+    /// The cells on `medium` with `vms` VMs (the media are prepared per medium and VM count).
+    fn cells(&self, medium: Medium, vms: u16) -> Vec<Cell> {
         let mut cells = Vec::new();
         for &rw in &self.rw {
             for &queues in &self.queues {
@@ -231,6 +258,7 @@ impl Plan {
                                 queues,
                                 client,
                                 rate,
+                                vms,
                             });
                         }
                     }
@@ -240,19 +268,29 @@ impl Plan {
         cells
     }
 
-    /// The systems that run on `medium`, in order.
-    fn systems_on(&self, medium: Medium) -> impl Iterator<Item = System> + '_ {
+    /// Every cell, in the order they run.
+    fn all_cells(&self) -> Vec<Cell> {
+        let mut cells = Vec::new();
+        for &medium in &self.media {
+            for &vms in &self.vms {
+                cells.extend(self.cells(medium, vms));
+            }
+        }
+        cells
+    }
+
+    /// The systems that run in `cell`, in order.
+    fn systems_on<'a>(&'a self, cell: &'a Cell) -> impl Iterator<Item = System> + 'a {
         self.systems
             .iter()
             .copied()
-            .filter(move |s| s.unsupported(medium).is_none())
+            .filter(move |s| s.unsupported(cell).is_none())
     }
 
     fn runs(&self) -> usize {
-        let per_medium = self.cells(Medium::Null).len() * self.repetitions;
-        self.media
+        self.all_cells()
             .iter()
-            .map(|m| per_medium * self.systems_on(*m).count())
+            .map(|c| self.systems_on(c).count() * self.repetitions)
             .sum()
     }
 
@@ -266,6 +304,7 @@ impl Plan {
             "queues": self.queues,
             "client": names(self.client.iter().map(|s| s.to_string()).collect()),
             "rate": self.rate.iter().map(|r| r.iops()).collect::<Vec<_>>(),
+            "vms": self.vms,
             "duration_s": self.duration.as_secs_f64(),
             "warmup_s": self.warmup.as_secs_f64(),
             "repetitions": self.repetitions,
@@ -325,15 +364,24 @@ fn run(args: Args) -> Result<()> {
         "plan": plan.to_json(),
     });
 
-    // Systems left out of a medium, said once in the report.
-    let mut notes = Vec::new();
-    for &medium in &plan.media {
+    // Systems left out of a cell, each reason said once in the report.
+    let mut notes: Vec<String> = Vec::new();
+    for cell in plan.all_cells() {
         for &system in &plan.systems {
-            if let Some(why) = system.unsupported(medium) {
-                eprintln!("vublk-bench: {why}; skipped");
-                notes.push(why.to_string());
+            if let Some(why) = system.unsupported(&cell) {
+                if !notes.iter().any(|n| n == why) {
+                    eprintln!("vublk-bench: {why}; skipped");
+                    notes.push(why.to_string());
+                }
             }
         }
+    }
+    if plan.systems.contains(&System::Qsd) {
+        let v = &setup["versions"]["qsd"];
+        eprintln!(
+            "vublk-bench: {}",
+            v.as_str().unwrap_or("qsd: version unknown")
+        );
     }
 
     let dir = tempfile::Builder::new().prefix("vublk-bench-").tempdir()?;
@@ -412,13 +460,24 @@ fn run_matrix(
         runs: 0,
     };
     let (mut rounds, mut rerun) = (0, 0);
-    for &medium in &plan.media {
-        eprintln!(
-            "vublk-bench: preparing {medium} ({} MiB)",
-            plan.image_size >> 20
-        );
-        let prepared = media::prepare(medium, plan.image_size, disk_dir)?;
-        for cell in plan.cells(medium) {
+    for (&medium, &vms) in plan
+        .media
+        .iter()
+        .flat_map(|m| plan.vms.iter().map(move |v| (m, v)))
+    {
+        if vms == 1 {
+            eprintln!(
+                "vublk-bench: preparing {medium} ({} MiB)",
+                plan.image_size >> 20
+            );
+        } else {
+            eprintln!(
+                "vublk-bench: preparing {medium} for {vms} VMs ({} MiB each)",
+                media::share(plan.image_size, vms) >> 20
+            );
+        }
+        let prepared = media::prepare(medium, plan.image_size, vms, disk_dir)?;
+        for cell in plan.cells(medium, vms) {
             for rep in 0..plan.repetitions {
                 rounds += 1;
                 for attempt in 0.. {
@@ -482,7 +541,7 @@ fn run_round(
     progress: &mut Progress,
 ) -> Result<Vec<Sample>> {
     let mut round = Vec::new();
-    for system in plan.systems_on(prepared.medium) {
+    for system in plan.systems_on(&cell) {
         let sample = measure(exe, prepared, cell, system, rep, plan, dir)
             .with_context(|| format!("{cell}, {system}, repetition {}", rep + 1))?;
         progress.runs += 1;
@@ -491,9 +550,14 @@ fn run_round(
         } else {
             format!("client {:.2}", sample.client_cpu_per_mio())
         };
+        let fairness = if sample.per_vm_iops.len() > 1 {
+            format!(", Jain {:.3}", vublk_bench::jain(&sample.per_vm_iops))
+        } else {
+            String::new()
+        };
         eprintln!(
-            "[{}/{} {:.0} s] {cell} {system} #{}: {:.0} IOPS, p50 {:.1} µs, p99 {:.1} µs, {cpu} \
-             CPU s / M I/O, host steal {:.0}%",
+            "[{}/{} {:.0} s] {cell} {system} #{}: {:.0} IOPS{fairness}, p50 {:.1} µs, \
+             p99 {:.1} µs, {cpu} CPU s / M I/O, host steal {:.0}%",
             progress.runs,
             progress.total,
             progress.started.elapsed().as_secs_f64(),
@@ -508,8 +572,8 @@ fn run_round(
     Ok(round)
 }
 
-/// One run: a fresh backend, the load generator against it, a clean stop. For io_uring, the load
-/// generator alone on the image.
+/// One run: a fresh backend, a load generator per VM against it, a clean stop. For io_uring, the
+/// load generators alone on the images; for fio, fio alone.
 fn measure(
     exe: &Path,
     prepared: &media::Prepared,
@@ -519,36 +583,57 @@ fn measure(
     plan: &Plan,
     dir: &Path,
 ) -> Result<Sample> {
+    // The cell's rate is the total over its VMs: each VM's generator gets its share.
+    let rate = match cell.rate {
+        Rate::Max => Rate::Max,
+        Rate::Iops(n) => Rate::Iops((n / u32::from(cell.vms)).max(1)),
+    };
     let spec = |target| LoadSpec {
         target,
         rw: cell.rw,
         iodepth: cell.iodepth,
         queues: cell.queues,
         client: cell.client,
-        rate: cell.rate,
+        rate,
         warmup: plan.warmup,
         duration: plan.duration,
         size: prepared.size,
     };
-    let measured = if system.has_backend() {
-        let mut backend = systems::start(system, prepared, cell.queues, dir, system.name())?;
-        let target = Target::VhostUser {
-            socket: backend.socket().to_path_buf(),
-        };
-        let measured = load::run(exe, &spec(target), Some(backend.pid()))
-            .with_context(|| format!("backend log:\n{}", backend.log()))?;
-        backend.running()?;
-        backend.try_stop()?;
-        measured
-    } else {
-        let target = Target::IoUring {
-            path: prepared
-                .image
-                .clone()
-                .context("io_uring needs an image file")?,
-            direct: prepared.medium.direct(),
-        };
-        load::run(exe, &spec(target), None)?
+    let measured = match system {
+        System::Fio => vublk_bench::fio::run(&cell, prepared, plan.warmup, plan.duration, dir)?,
+        System::IoUring => {
+            if prepared.images.is_empty() {
+                bail!("io_uring needs image files");
+            }
+            let specs: Vec<LoadSpec> = prepared
+                .images
+                .iter()
+                .map(|path| {
+                    spec(Target::IoUring {
+                        path: path.clone(),
+                        direct: prepared.medium.direct(),
+                    })
+                })
+                .collect();
+            load::run(exe, &specs, None)?
+        }
+        System::Vublk | System::VublkSingle | System::Qsd => {
+            let mut backend = systems::start(system, prepared, cell.queues, dir, system.name())?;
+            let specs: Vec<LoadSpec> = backend
+                .sockets
+                .iter()
+                .map(|socket| {
+                    spec(Target::VhostUser {
+                        socket: socket.clone(),
+                    })
+                })
+                .collect();
+            let measured = load::run(exe, &specs, Some(backend.daemon.pid()))
+                .with_context(|| format!("backend log:\n{}", backend.daemon.log()))?;
+            backend.daemon.running()?;
+            backend.daemon.try_stop()?;
+            measured
+        }
     };
     if measured.load.ios == 0 {
         bail!("no I/O completed in the measured window");
@@ -557,6 +642,7 @@ fn measure(
         cell,
         system,
         rep,
+        per_vm_iops: measured.per_vm.iter().map(|r| r.iops).collect(),
         load: measured.load,
         backend_cpu_s: measured.backend_cpu_s,
         host_steal: measured.host_steal,
@@ -600,6 +686,62 @@ mod tests {
         assert_eq!(p.after_round(0.20, 0), RoundVerdict::Keep);
         assert_eq!(p.after_round(0.30, 0), RoundVerdict::Again);
         assert_eq!(p.after_round(0.30, 1), RoundVerdict::KeepStolen);
+    }
+
+    #[test]
+    fn each_system_runs_where_it_can() {
+        let p = plan(&[
+            "--systems",
+            "vublk,vublk-single,qsd,io_uring,fio",
+            "--media",
+            "tmpfs,disk,null",
+            "--vms",
+            "1,8",
+            "--client",
+            "interrupt,poll",
+            "--iodepth",
+            "8",
+            "--queues",
+            "1",
+            "--rw",
+            "randread",
+        ]);
+        let names = |c: &Cell| -> Vec<&str> { p.systems_on(c).map(|s| s.name()).collect() };
+        let cells = p.all_cells();
+        // Media, then VM counts, then the rest.
+        assert_eq!(cells.len(), 3 * 2 * 2);
+        assert_eq!((cells[0].medium, cells[0].vms), (Medium::Tmpfs, 1));
+        assert_eq!((cells[2].medium, cells[2].vms), (Medium::Tmpfs, 8));
+        let find = |m: Medium, vms: u16, client: ClientMode| {
+            *cells
+                .iter()
+                .find(|c| c.medium == m && c.vms == vms && c.client == client)
+                .unwrap()
+        };
+        use ClientMode::{Interrupt, Poll};
+        assert_eq!(
+            names(&find(Medium::Disk, 1, Interrupt)),
+            ["vublk", "vublk-single", "qsd", "io_uring", "fio"]
+        );
+        assert_eq!(
+            names(&find(Medium::Disk, 8, Poll)),
+            ["vublk", "qsd", "io_uring"]
+        );
+        assert_eq!(names(&find(Medium::Null, 8, Interrupt)), ["vublk", "qsd"]);
+        assert_eq!(names(&find(Medium::Tmpfs, 1, Poll)).len(), 4);
+        // tmpfs 4+4+3+3, disk 5+4+4+3, null 3+3+2+2; three rounds.
+        assert_eq!(p.runs(), (14 + 16 + 10) * 3);
+    }
+
+    #[test]
+    fn vm_counts_must_fit_the_image_and_the_rate() {
+        let bad = |args: &[&str]| {
+            Plan::new(&Args::parse_from([&["vublk-bench"], args].concat())).is_err()
+        };
+        assert!(bad(&["--vms", "0"]));
+        assert!(bad(&["--vms", "16", "--image-mib", "8"]));
+        assert!(bad(&["--vms", "8", "--rate", "4"]));
+        assert!(!bad(&["--vms", "16", "--image-mib", "16", "--rate", "16"]));
     }
 
     #[test]

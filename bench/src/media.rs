@@ -1,7 +1,12 @@
-//! The backings a benchmark runs on, prepared once per bench run and shared by every system.
+//! The backings a benchmark runs on, prepared once per medium and number of VMs and shared by
+//! every system.
 //!
 //! Images are filled with data first: a sparse image lets every backend answer reads of holes
 //! without touching storage, which flatters them all and hides the difference between them.
+//!
+//! A cell with several VMs gets an image per VM (each VM its own disk, as in a real host), and
+//! the images split the size one VM would get: 8 VMs on a 1 GiB medium have 128 MiB each, so
+//! every cell works over the same amount of data (and 16 VMs do not need 16 GiB of tmpfs).
 
 use std::fmt;
 use std::fs::File;
@@ -56,36 +61,68 @@ impl fmt::Display for Medium {
     }
 }
 
-/// A medium ready to serve: the image (none for null) and the disk size. Dropping it removes the
-/// image.
+/// A medium ready to serve `vms` VMs: an image per VM (none for null) and the size of each
+/// VM's disk. Dropping it removes the images.
 pub struct Prepared {
     pub medium: Medium,
-    /// The image file; `None` for the null backing.
-    pub image: Option<PathBuf>,
+    /// The image file of each VM; empty for the null backing.
+    pub images: Vec<PathBuf>,
+    pub vms: u16,
+    /// Bytes per VM's disk.
     pub size: u64,
     _dir: Option<tempfile::TempDir>,
 }
 
 impl Prepared {
-    /// The image path as a string, for command lines.
-    pub fn image_str(&self) -> Option<&str> {
-        self.image.as_deref().and_then(Path::to_str)
+    /// VM `vm`'s image path as a string, for command lines; `None` for null.
+    pub fn image_str(&self, vm: usize) -> Option<&str> {
+        self.images.get(vm).and_then(|p| p.to_str())
+    }
+
+    /// Images that are only named (nothing is created or removed), for unit tests.
+    #[cfg(test)]
+    pub(crate) fn for_test(medium: Medium, images: Vec<PathBuf>, size: u64) -> Prepared {
+        Prepared {
+            medium,
+            vms: images.len().max(1) as u16,
+            images,
+            size,
+            _dir: None,
+        }
     }
 }
 
-/// Prepares `medium` of `size` bytes (a multiple of 1 MiB). Images go to a fresh directory under
-/// /dev/shm (tmpfs) or under `disk_dir` (disk), which must be on a filesystem with O_DIRECT.
-pub fn prepare(medium: Medium, size: u64, disk_dir: &Path) -> Result<Prepared> {
-    const CHUNK: usize = 1 << 20;
+/// The bytes each of `vms` VMs gets of `size`: an equal share, rounded down to whole MiB.
+pub fn share(size: u64, vms: u16) -> u64 {
+    size / u64::from(vms.max(1)) / CHUNK as u64 * CHUNK as u64
+}
+
+const CHUNK: usize = 1 << 20;
+
+/// Prepares `medium` for `vms` VMs sharing `size` bytes (a multiple of 1 MiB, at least 1 MiB
+/// per VM). Images go to a fresh directory under /dev/shm (tmpfs) or under `disk_dir` (disk),
+/// which must be on a filesystem with O_DIRECT.
+pub fn prepare(medium: Medium, size: u64, vms: u16, disk_dir: &Path) -> Result<Prepared> {
     if size == 0 || size % CHUNK as u64 != 0 {
         bail!("image size {size} is not a positive multiple of 1 MiB");
+    }
+    if vms == 0 {
+        bail!("no VMs to prepare {medium} for");
+    }
+    let each = share(size, vms);
+    if each == 0 {
+        bail!(
+            "{} MiB cannot be shared by {vms} VMs (at least 1 MiB each)",
+            size >> 20
+        );
     }
     let parent = match medium {
         Medium::Null => {
             return Ok(Prepared {
                 medium,
-                image: None,
-                size,
+                images: Vec::new(),
+                vms,
+                size: each,
                 _dir: None,
             })
         }
@@ -96,24 +133,34 @@ pub fn prepare(medium: Medium, size: u64, disk_dir: &Path) -> Result<Prepared> {
         .prefix("vublk-bench-")
         .tempdir_in(parent)
         .with_context(|| format!("create a directory under {}", parent.display()))?;
-    let image = dir.path().join(format!("{medium}.img"));
-    let mut f = File::create(&image).with_context(|| format!("create {}", image.display()))?;
-    // One chunk of pattern, stamped with its index so no two chunks are alike (nothing on the
-    // way can deduplicate or compress them).
+    // One chunk of pattern, stamped with its image and index so no two chunks are alike (nothing
+    // on the way can deduplicate or compress them).
     let mut chunk = vublk_test_support::pattern::pattern(0xbe7c, 0, CHUNK);
-    for i in 0..size / CHUNK as u64 {
-        chunk[..8].copy_from_slice(&i.to_le_bytes());
-        f.write_all(&chunk)
-            .with_context(|| format!("fill {}", image.display()))?;
-    }
-    f.sync_all()?;
-    if medium == Medium::Disk {
-        check_direct(&image)?;
+    let mut images = Vec::new();
+    for vm in 0..vms {
+        let image = if vms == 1 {
+            dir.path().join(format!("{medium}.img"))
+        } else {
+            dir.path().join(format!("{medium}-vm{vm}.img"))
+        };
+        let mut f = File::create(&image).with_context(|| format!("create {}", image.display()))?;
+        for i in 0..each / CHUNK as u64 {
+            chunk[..8].copy_from_slice(&i.to_le_bytes());
+            chunk[8..10].copy_from_slice(&vm.to_le_bytes());
+            f.write_all(&chunk)
+                .with_context(|| format!("fill {}", image.display()))?;
+        }
+        f.sync_all()?;
+        if medium == Medium::Disk {
+            check_direct(&image)?;
+        }
+        images.push(image);
     }
     Ok(Prepared {
         medium,
-        image: Some(image),
-        size,
+        images,
+        vms,
+        size: each,
         _dir: Some(dir),
     })
 }

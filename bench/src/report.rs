@@ -1,10 +1,14 @@
 //! From samples to the published figures: medians per cell and system, the Markdown tables with
-//! the ratios of vublk to QSD and to io_uring, and the JSON document (every sample, the medians,
-//! the ratios, the setup).
+//! the ratios of vublk to QSD, to io_uring and to fio, and the JSON document (every sample, the
+//! medians, the ratios, the setup).
 //!
 //! Against QSD the CPU ratio compares the backends (both drive the same client the same way).
-//! Against io_uring, which has no backend, it compares the whole cost of an I/O: backend plus
-//! load generator for vublk, the load generator alone for io_uring.
+//! Against io_uring and fio, which have no backend, it compares the whole cost of an I/O: backend
+//! plus load generator for vublk, the client alone for the reference.
+//!
+//! A cell with several VMs reports them together (their IOPS added up, their latencies merged,
+//! CPU per I/O over all their I/O) and how evenly the backend served them: Jain's fairness index
+//! over the per-VM IOPS, 1 when every VM got the same, 1/n when one got everything.
 //!
 //! Next to the ratio of the medians, each ratio is also taken round by round: the systems of a
 //! round ran one right after the other, so on a medium whose speed drifts (the build machine's
@@ -25,7 +29,10 @@ pub struct Sample {
     pub system: System,
     /// 0-based repetition.
     pub rep: usize,
+    /// All the cell's VMs together.
     pub load: LoadResult,
+    /// Each VM's IOPS (empty for fio, which reports its jobs as one).
+    pub per_vm_iops: Vec<f64>,
     /// CPU seconds of the backend's processes in the measured window; `None` for io_uring,
     /// which has no backend.
     pub backend_cpu_s: Option<f64>,
@@ -56,12 +63,19 @@ impl Sample {
         self.backend_cpu_s.unwrap_or(f64::NAN) / self.load.seconds
     }
 
+    /// Jain's index over the VMs' IOPS; NaN with fewer than two.
+    pub fn jain(&self) -> f64 {
+        crate::jain(&self.per_vm_iops)
+    }
+
     pub fn to_json(&self) -> Value {
         json!({
             "cell": cell_json(&self.cell),
             "system": self.system.name(),
             "rep": self.rep,
             "load": self.load.to_json(),
+            "per_vm_iops": self.per_vm_iops,
+            "jain": self.jain(),
             "backend_cpu_s": self.backend_cpu_s,
             "backend_cpu_s_per_mio": self.backend_cpu_per_mio(),
             "total_cpu_s_per_mio": self.total_cpu_per_mio(),
@@ -86,6 +100,7 @@ fn cell_json(c: &Cell) -> Value {
         "queues": c.queues,
         "client": c.client.name(),
         "rate": c.rate.iops(),
+        "vms": c.vms,
     })
 }
 
@@ -105,6 +120,8 @@ pub struct Row {
     pub client_cpu_per_mio: f64,
     /// Backend plus load generator.
     pub total_cpu_per_mio: f64,
+    /// Jain's index over the VMs' IOPS (NaN with one VM, and for fio).
+    pub jain: f64,
 }
 
 impl Row {
@@ -121,6 +138,7 @@ impl Row {
             "backend_cores": self.backend_cores,
             "client_cpu_s_per_mio": self.client_cpu_per_mio,
             "total_cpu_s_per_mio": self.total_cpu_per_mio,
+            "jain": self.jain,
         })
     }
 }
@@ -168,6 +186,7 @@ pub fn summarize(samples: &[Sample]) -> Vec<Row> {
                 backend_cores: m(|s| s.backend_cores()),
                 client_cpu_per_mio: m(|s| s.client_cpu_per_mio()),
                 total_cpu_per_mio: m(|s| s.total_cpu_per_mio()),
+                jain: m(|s| s.jain()),
             });
         }
     }
@@ -281,7 +300,7 @@ pub fn ratios(rows: &[Row], samples: &[Sample], versus: System) -> Vec<Ratio> {
 }
 
 /// The references vublk is compared with, in the order of their tables.
-pub const REFERENCES: [System; 2] = [System::Qsd, System::IoUring];
+pub const REFERENCES: [System; 3] = [System::Qsd, System::IoUring, System::Fio];
 
 /// A paced row whose IOPS fell short of its rate by more than this fraction did not keep up.
 const SHORTFALL: f64 = 0.03;
@@ -306,30 +325,50 @@ fn num(x: f64, decimals: usize) -> String {
     }
 }
 
-/// The cell's columns of a table row, ending with "| " (the rate column only if `paced`).
-fn cell_columns(c: &Cell, paced: bool) -> String {
-    let mut s = format!(
-        "| {} | {} | {} | {} | {} | ",
-        c.medium, c.rw, c.iodepth, c.queues, c.client
-    );
-    if paced {
-        s.push_str(&format!("{} | ", c.rate));
-    }
-    s
+/// Which optional columns a table has: the rate when some cell is paced, the VMs (and Jain's
+/// index) when some cell has several. Tables without such cells keep the columns they had.
+#[derive(Clone, Copy)]
+struct Columns {
+    paced: bool,
+    many: bool,
 }
 
-/// The cell's header columns and their alignment row, matching [`cell_columns`].
-fn cell_header(paced: bool) -> (&'static str, &'static str) {
-    if paced {
-        (
-            "| medium | rw | iodepth | queues | client | rate IOPS | ",
-            "|---|---|---:|---:|---|---:|",
-        )
-    } else {
-        (
-            "| medium | rw | iodepth | queues | client | ",
-            "|---|---|---:|---:|---|",
-        )
+impl Columns {
+    fn of(rows: &[Row]) -> Columns {
+        Columns {
+            paced: rows.iter().any(|r| r.cell.rate != Rate::Max),
+            many: rows.iter().any(|r| r.cell.vms > 1),
+        }
+    }
+
+    /// The cell's columns of a table row, ending with "| ".
+    fn cell(self, c: &Cell) -> String {
+        let mut s = format!(
+            "| {} | {} | {} | {} | {} | ",
+            c.medium, c.rw, c.iodepth, c.queues, c.client
+        );
+        if self.many {
+            s.push_str(&format!("{} | ", c.vms));
+        }
+        if self.paced {
+            s.push_str(&format!("{} | ", c.rate));
+        }
+        s
+    }
+
+    /// The cell's header columns and their alignment row, matching [`Columns::cell`].
+    fn header(self) -> (String, String) {
+        let mut head = "| medium | rw | iodepth | queues | client | ".to_string();
+        let mut align = "|---|---|---:|---:|---|".to_string();
+        if self.many {
+            head.push_str("VMs | ");
+            align.push_str("---:|");
+        }
+        if self.paced {
+            head.push_str("rate IOPS | ");
+            align.push_str("---:|");
+        }
+        (head, align)
     }
 }
 
@@ -337,20 +376,27 @@ fn cell_header(paced: bool) -> (&'static str, &'static str) {
 /// notes (paced runs that fell short of their rate, `notes` from the caller).
 pub fn markdown(rows: &[Row], samples: &[Sample], notes: &[String]) -> String {
     let mut out = String::new();
-    // The rate column only appears when some cell is paced: closed-loop tables stay as they were.
-    let paced = rows.iter().any(|r| r.cell.rate != Rate::Max);
-    let (head, align) = cell_header(paced);
-    out.push_str(head);
+    let cols = Columns::of(rows);
+    let (head, align) = cols.header();
+    out.push_str(&head);
     out.push_str(
         "system | IOPS | p50 µs | p99 µs | p99.9 µs \
-         | backend CPU s / M I/O | backend cores | client CPU s / M I/O |\n",
+         | backend CPU s / M I/O | backend cores | client CPU s / M I/O |",
     );
-    out.push_str(align);
-    out.push_str("---|---:|---:|---:|---:|---:|---:|---:|\n");
+    if cols.many {
+        out.push_str(" Jain |");
+    }
+    out.push('\n');
+    out.push_str(&align);
+    out.push_str("---|---:|---:|---:|---:|---:|---:|---:|");
+    if cols.many {
+        out.push_str("---:|");
+    }
+    out.push('\n');
     for r in rows {
-        out.push_str(&cell_columns(&r.cell, paced));
+        out.push_str(&cols.cell(&r.cell));
         out.push_str(&format!(
-            "{} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "{} | {} | {} | {} | {} | {} | {} | {} |",
             r.system,
             num(r.iops, 0),
             num(r.p50_us, 1),
@@ -360,6 +406,10 @@ pub fn markdown(rows: &[Row], samples: &[Sample], notes: &[String]) -> String {
             num(r.backend_cores, 2),
             num(r.client_cpu_per_mio, 2),
         ));
+        if cols.many {
+            out.push_str(&format!(" {} |", num(r.jain, 3)));
+        }
+        out.push('\n');
     }
     for versus in REFERENCES {
         let ratios = ratios(rows, samples, versus);
@@ -368,18 +418,19 @@ pub fn markdown(rows: &[Row], samples: &[Sample], notes: &[String]) -> String {
         }
         let (name, cpu) = match versus {
             System::Qsd => ("QSD", "CPU per I/O ÷ QSD"),
+            System::Fio => ("fio", "total CPU per I/O ÷ fio"),
             _ => ("io_uring", "total CPU per I/O ÷ io_uring"),
         };
         out.push('\n');
-        out.push_str(head);
+        out.push_str(&head);
         out.push_str(&format!(
             "system | IOPS ÷ {name} | p50 ÷ {name} | {cpu} \
              | by round: IOPS ÷ | by round: CPU ÷ | rounds with more IOPS |\n"
         ));
-        out.push_str(align);
+        out.push_str(&align);
         out.push_str("---|---:|---:|---:|---:|---:|---:|\n");
         for r in &ratios {
-            out.push_str(&cell_columns(&r.cell, paced));
+            out.push_str(&cols.cell(&r.cell));
             out.push_str(&format!(
                 "{} | {}× | {}× | {}× | {}× | {}× | {} of {} |\n",
                 r.system,
@@ -416,12 +467,14 @@ fn all_notes(rows: &[Row], extra: &[String]) -> Vec<String> {
             r.cell.rate
         ));
     }
-    if rows.iter().any(|r| !r.system.has_backend()) {
-        notes.push(
-            "io_uring has no backend: its CPU per I/O is the load generator's (client) column, \
-             and the io_uring ratios compare backend + client CPU with it"
-                .to_string(),
-        );
+    for reference in [System::IoUring, System::Fio] {
+        if rows.iter().any(|r| r.system == reference) {
+            notes.push(format!(
+                "{reference} has no backend: its CPU per I/O is the client column (the load \
+                 generator's, or fio's), and the {reference} ratios compare backend + client CPU \
+                 with it"
+            ));
+        }
     }
     notes
 }
@@ -457,6 +510,7 @@ mod tests {
             queues: 1,
             client: ClientMode::Interrupt,
             rate,
+            vms: 1,
         }
     }
 
@@ -473,6 +527,7 @@ mod tests {
                 client_cpu_s: 1.0,
                 ..Default::default()
             },
+            per_vm_iops: vec![iops],
             backend_cpu_s: system.has_backend().then_some(cpu),
             host_steal: 0.0,
         }
@@ -571,6 +626,51 @@ mod tests {
         assert!(doc["medians"][1]["backend_cpu_s_per_mio"].is_null());
         assert_eq!(doc["ratios"][0]["versus"], "io_uring");
         assert_eq!(doc["ratios"][0]["cpu_basis"], "backend+client");
+    }
+
+    #[test]
+    fn many_vm_cells_get_a_vms_column_and_jain_index() {
+        let mut samples = vec![
+            sample(System::Vublk, 0, 800.0, 1.0),
+            sample(System::Qsd, 0, 400.0, 1.0),
+            sample(System::Fio, 0, 1000.0, 0.0),
+        ];
+        for s in &mut samples {
+            s.cell.vms = 4;
+        }
+        samples[0].per_vm_iops = vec![200.0; 4];
+        // One VM got half of it: 400² / (4 × (200² + 100² + 50² + 50²)) = 0.727.
+        samples[1].per_vm_iops = vec![200.0, 100.0, 50.0, 50.0];
+        samples[2].per_vm_iops = vec![];
+        let rows = summarize(&samples);
+        assert_eq!(rows[0].jain, 1.0);
+        assert!((rows[1].jain - 400.0 * 400.0 / (4.0 * 55_000.0)).abs() < 1e-9);
+        assert!(rows[2].jain.is_nan());
+        let md = markdown(&rows, &samples, &[]);
+        assert!(
+            md.starts_with("| medium | rw | iodepth | queues | client | VMs | system |"),
+            "{md}"
+        );
+        assert!(md.contains("| interrupt | 4 | vublk | 800 |"), "{md}");
+        assert!(md.contains(" | 1.000 |\n"), "{md}");
+        assert!(md.contains(" | 0.727 |\n"), "{md}");
+        // fio is a reference like io_uring: vublk's total CPU per I/O against fio's client.
+        assert!(md.contains("| IOPS ÷ fio |"), "{md}");
+        assert!(
+            md.contains("| 4 | vublk | 0.80× |"),
+            "vublk has 0.8 of the disk's limit: {md}"
+        );
+        assert!(md.contains("- fio has no backend"), "{md}");
+        let doc = json(json!({}), &samples, &rows, &[]);
+        assert_eq!(doc["samples"][1]["per_vm_iops"][3], 50.0);
+        assert_eq!(doc["medians"][0]["jain"], 1.0);
+        assert!(doc["medians"][2]["jain"].is_null());
+        assert_eq!(doc["medians"][0]["cell"]["vms"], 4);
+        assert!(doc["ratios"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["versus"] == "fio" && r["cpu_basis"] == "backend+client"));
     }
 
     #[test]

@@ -17,8 +17,9 @@
 //! image viewers draw it alike. Each panel is a `<g class="panel" data-panel="iops|cpu">`, each
 //! cell a `<g class="cell" data-cell="...">` in it, each bar a `<rect class="bar"
 //! data-system="..." data-value="...">` with a `<title>` (the tooltip); the smoke test reads the
-//! chart back through these. A system that did not run in a cell (io_uring on null) gets an
-//! "n/a" where its bar would be.
+//! chart back through these. A system that did not run in a cell (io_uring on null, fio off the
+//! disk) gets an "n/a" where its bar would be. A cell with several VMs says how many under its
+//! group, and its IOPS tooltips give Jain's index.
 
 use std::fmt::Write;
 
@@ -47,6 +48,7 @@ fn color(system: System) -> &'static str {
         System::VublkSingle => "#7c3aed",
         System::Qsd => "#ea580c",
         System::IoUring => "#059669",
+        System::Fio => "#6b7280",
     }
 }
 
@@ -179,9 +181,14 @@ fn cell_label(c: &Cell) -> [String; LABEL_LINES] {
         Rate::Max => c.client.to_string(),
         Rate::Iops(n) => format!("{} · {} IOPS", c.client, tick(f64::from(n))),
     };
+    let vms = if c.vms > 1 {
+        format!(" · {} VMs", c.vms)
+    } else {
+        String::new()
+    };
     [
         format!("{} · {}", c.medium, c.rw),
-        format!("iodepth {} · {} {queues}", c.iodepth, c.queues),
+        format!("iodepth {} · {} {queues}{vms}", c.iodepth, c.queues),
         third,
     ]
 }
@@ -356,8 +363,12 @@ pub fn chart(rows: &[Row], title: &str, subtitle: &[String]) -> String {
                     continue;
                 }
                 let top = axis.y(value);
+                let fairness = match find(c, *s).map(|r| r.jain) {
+                    Some(j) if j.is_finite() => format!(", Jain's index {j:.3}"),
+                    _ => String::new(),
+                };
                 let tip = match (pi, inner) {
-                    (0, _) => format!("{}: {value:.0} IOPS", s.name()),
+                    (0, _) => format!("{}: {value:.0} IOPS{fairness}", s.name()),
                     (_, Some(b)) if b.is_finite() => {
                         format!("{}: {value:.2} CPU s per M I/O ({b:.2} backend)", s.name())
                     }
@@ -452,6 +463,7 @@ mod tests {
                 queues: 1,
                 client: ClientMode::Interrupt,
                 rate: Rate::Max,
+                vms: 1,
             },
             system,
             reps: 1,
@@ -463,6 +475,7 @@ mod tests {
             backend_cores: 0.5,
             client_cpu_per_mio: 1.0,
             total_cpu_per_mio: 3.0,
+            jain: f64::NAN,
         }
     }
 

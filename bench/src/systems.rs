@@ -1,17 +1,28 @@
-//! The systems under test: the backends, each a child process serving one vhost-user-blk socket,
-//! and the reference without one.
+//! The systems under test: the backends, each a child process serving a vhost-user-blk socket per
+//! VM, and the references without one.
 //!
-//! - `vublk`: the default mode, a supervisor that forks a per-VM worker for the connection (the
-//!   worker serves the queues; both are counted for CPU).
-//! - `vublk-single`: `vublk --single-process`, serving from the daemon itself.
+//! - `vublk`: the default mode, a supervisor that forks a worker per VM (per client process:
+//!   the workers serve the queues; all are counted for CPU). Several VMs get an export each
+//!   (`--export`) on the one daemon.
+//! - `vublk-single`: `vublk --single-process`, serving from the daemon itself (one VM: it serves
+//!   one export to one frontend at a time).
 //! - `qsd`: qemu-storage-daemon, `driver=file` with `aio=io_uring` (plus `cache.direct=on` on
-//!   the real disk) or `driver=null-co,read-zeroes=on`, exported as vhost-user-blk.
+//!   the real disk) or `driver=null-co,read-zeroes=on`, exported as vhost-user-blk: a block node,
+//!   an export and an iothread per VM. QSD serves all queues of an export from one thread (an
+//!   iothread, or the main loop without one); without iothreads every export of the daemon
+//!   would share the main loop's one thread, where vublk gives each VM a worker of its own. The
+//!   iothread (QEMU's defaults: adaptive polling up to 32 µs) is how QSD is meant to serve a
+//!   disk that matters, so one VM gets one too.
 //! - `io_uring`: no backend at all. The load generator opens the image with libblkio's `io_uring`
 //!   driver (`direct=true` on the real disk) and submits to the kernel itself: what the medium
 //!   costs without vhost-user in between. It has no null medium (there is no file to open).
+//! - `fio`: the disk's own limit, measured by the usual tool: fio's io_uring engine with
+//!   O_DIRECT on the disk medium's images, a job per queue of each VM at the cell's block size
+//!   and depth (`fio.rs`). Only the disk, and only interrupt-driven cells: fio has no
+//!   counterpart of a busy-polling client there.
 //!
-//! The backends see the same medium and the same number of queues. They run on the tests' process
-//! harness ([`vublk_test_support::Daemon`]); logs go to a file next to the socket (vublk at
+//! The backends see the same media and the same number of queues. They run on the tests' process
+//! harness ([`vublk_test_support::Daemon`]); logs go to a file next to the sockets (vublk at
 //! `RUST_LOG=warn` unless set, so logging costs nothing on the data path).
 
 use std::fmt;
@@ -25,6 +36,7 @@ use vublk_test_support::daemon::{Options, SocketAtExit};
 use vublk_test_support::Daemon;
 
 use crate::media::{Medium, Prepared};
+use crate::{Cell, ClientMode};
 
 /// How long a backend may take to create its socket, and to exit after SIGTERM.
 const TIMEOUT: Duration = Duration::from_secs(15);
@@ -49,6 +61,8 @@ pub enum System {
     Qsd,
     /// libblkio's `io_uring` driver on the image, in the load generator's process.
     IoUring,
+    /// fio's io_uring engine with O_DIRECT on the disk: the disk's own limit.
+    Fio,
 }
 
 impl System {
@@ -58,6 +72,7 @@ impl System {
             System::VublkSingle => "vublk-single",
             System::Qsd => "qsd",
             System::IoUring => "io_uring",
+            System::Fio => "fio",
         }
     }
 
@@ -65,40 +80,73 @@ impl System {
         matches!(self, System::Vublk | System::VublkSingle)
     }
 
-    /// Whether a backend process serves the I/O (every system but `io_uring`).
+    /// Whether a backend process serves the I/O (`vublk`, `vublk-single`, `qsd`), or the client
+    /// does it all (`io_uring`, `fio`).
     pub fn has_backend(self) -> bool {
-        self != System::IoUring
+        !matches!(self, System::IoUring | System::Fio)
     }
 
-    /// Whether the system can serve `medium`; `None` if it can, or why not.
-    pub fn unsupported(self, medium: Medium) -> Option<&'static str> {
-        (self == System::IoUring && medium == Medium::Null)
-            .then_some("io_uring does not run on the null medium: there is no file to open")
+    /// Whether the system can run `cell`; `None` if it can, or why not.
+    pub fn unsupported(self, cell: &Cell) -> Option<&'static str> {
+        match self {
+            System::IoUring if cell.medium == Medium::Null => {
+                Some("io_uring does not run on the null medium: there is no file to open")
+            }
+            System::Fio if cell.medium != Medium::Disk => {
+                Some("fio is the disk's own limit: it runs on the disk medium only")
+            }
+            System::Fio if cell.client == ClientMode::Poll => Some(
+                "fio does not run with polled clients: its io_uring engine cannot busy-poll \
+                 completions on these media",
+            ),
+            System::VublkSingle if cell.vms > 1 => Some(
+                "vublk-single runs with one VM only: --single-process serves one export to one \
+                 frontend at a time",
+            ),
+            _ => None,
+        }
     }
 
-    /// The command line serving `media` on `socket` with `queues` virtqueues.
-    fn command(self, media: &Prepared, queues: u16, socket: &Path) -> Result<Command> {
-        let image = || {
+    /// The command line serving `media` (a VM each) on `sockets` with `queues` virtqueues each.
+    fn command(self, media: &Prepared, queues: u16, sockets: &[PathBuf]) -> Result<Command> {
+        let image = |vm: usize| {
             media
-                .image_str()
+                .image_str(vm)
                 .context("the medium has no image path (or it is not UTF-8)")
         };
-        let socket_str = socket.to_str().context("socket path is not UTF-8")?;
+        let socket_str = |vm: usize| -> Result<&str> {
+            sockets[vm].to_str().context("socket path is not UTF-8")
+        };
         Ok(match self {
             System::Vublk | System::VublkSingle => {
                 let mut cmd = Command::new(vublk_bin()?);
-                cmd.arg("--socket-path").arg(socket);
+                cmd.arg("--socket-path").arg(&sockets[0]);
                 cmd.args(["--num-queues", &queues.to_string()]);
                 match media.medium {
                     Medium::Null => {
                         cmd.args(["--null", &media.size.to_string()]);
                     }
                     Medium::Tmpfs | Medium::Disk => {
-                        cmd.args(["--blk-file", image()?]);
+                        cmd.args(["--blk-file", image(0)?]);
                     }
                 }
                 if media.medium.direct() {
                     cmd.arg("--direct");
+                }
+                // The other VMs' exports: the same options.
+                for vm in 1..sockets.len() {
+                    let mut export = format!("socket-path={}", socket_str(vm)?);
+                    match media.medium {
+                        Medium::Null => export.push_str(&format!(",null={}", media.size)),
+                        Medium::Tmpfs | Medium::Disk => {
+                            export.push_str(&format!(",blk-file={}", image(vm)?))
+                        }
+                    }
+                    export.push_str(&format!(",num-queues={queues}"));
+                    if media.medium.direct() {
+                        export.push_str(",direct");
+                    }
+                    cmd.args(["--export", &export]);
                 }
                 if self == System::VublkSingle {
                     cmd.arg("--single-process");
@@ -110,28 +158,34 @@ impl System {
                 cmd
             }
             System::Qsd => {
-                let blockdev = match media.medium {
-                    Medium::Null => format!(
-                        "driver=null-co,node-name=f,size={},read-zeroes=on",
-                        media.size
-                    ),
-                    Medium::Tmpfs => {
-                        format!("driver=file,node-name=f,filename={},aio=io_uring", image()?)
-                    }
-                    Medium::Disk => format!(
-                        "driver=file,node-name=f,filename={},aio=io_uring,cache.direct=on",
-                        image()?
-                    ),
-                };
-                let export = format!(
-                    "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={socket_str},\
-                     writable=on,num-queues={queues}"
-                );
                 let mut cmd = Command::new(qsd_bin());
-                cmd.args(["--blockdev", &blockdev, "--export", &export]);
+                for vm in 0..sockets.len() {
+                    let blockdev = match media.medium {
+                        Medium::Null => format!(
+                            "driver=null-co,node-name=f{vm},size={},read-zeroes=on",
+                            media.size
+                        ),
+                        Medium::Tmpfs => format!(
+                            "driver=file,node-name=f{vm},filename={},aio=io_uring",
+                            image(vm)?
+                        ),
+                        Medium::Disk => format!(
+                            "driver=file,node-name=f{vm},filename={},aio=io_uring,\
+                             cache.direct=on",
+                            image(vm)?
+                        ),
+                    };
+                    let export = format!(
+                        "type=vhost-user-blk,id=e{vm},node-name=f{vm},iothread=io{vm},\
+                         addr.type=unix,addr.path={},writable=on,num-queues={queues}",
+                        socket_str(vm)?
+                    );
+                    cmd.args(["--object", &format!("iothread,id=io{vm}")]);
+                    cmd.args(["--blockdev", &blockdev, "--export", &export]);
+                }
                 cmd
             }
-            System::IoUring => bail!("io_uring has no backend process"),
+            System::IoUring | System::Fio => bail!("{self} has no backend process"),
         })
     }
 }
@@ -144,7 +198,8 @@ impl FromStr for System {
             "vublk-single" => System::VublkSingle,
             "qsd" => System::Qsd,
             "io_uring" | "io-uring" | "iouring" => System::IoUring,
-            _ => bail!("unknown system {s:?} (vublk, vublk-single, qsd, io_uring)"),
+            "fio" => System::Fio,
+            _ => bail!("unknown system {s:?} (vublk, vublk-single, qsd, io_uring, fio)"),
         })
     }
 }
@@ -155,27 +210,45 @@ impl fmt::Display for System {
     }
 }
 
-/// Starts `system` serving `media` with `queues` queues on `<dir>/<name>.sock`, its log in
-/// `<dir>/<name>.log`, and waits for the socket to appear (clients still retry connecting until
-/// it accepts). Dropping the backend kills it; [`Daemon::try_stop`] stops it cleanly (exit 0).
+/// A backend serving an export per VM.
+pub struct Backend {
+    pub daemon: Daemon,
+    /// VM `i`'s socket.
+    pub sockets: Vec<PathBuf>,
+}
+
+/// Starts `system` serving `media` (an export per VM) with `queues` queues each on
+/// `<dir>/<name>.sock` (one VM) or `<dir>/<name>-<i>.sock`, its log in `<dir>/<name>.log`, and
+/// waits for the sockets to appear (clients still retry connecting until they accept). Dropping
+/// the backend kills it; [`Daemon::try_stop`] stops it cleanly (exit 0).
 pub fn start(
     system: System,
     media: &Prepared,
     queues: u16,
     dir: &Path,
     name: &str,
-) -> Result<Daemon> {
-    let socket = dir.join(format!("{name}.sock"));
-    let _ = std::fs::remove_file(&socket);
-    let cmd = system.command(media, queues, &socket)?;
-    let mut backend = Options::default()
+) -> Result<Backend> {
+    let sockets: Vec<PathBuf> = if media.vms == 1 {
+        vec![dir.join(format!("{name}.sock"))]
+    } else {
+        (0..media.vms)
+            .map(|vm| dir.join(format!("{name}-{vm}.sock")))
+            .collect()
+    };
+    for s in &sockets {
+        let _ = std::fs::remove_file(s);
+    }
+    let cmd = system.command(media, queues, &sockets)?;
+    let mut daemon = Options::default()
         .name(system.name())
         .log_file(dir.join(format!("{name}.log")))
-        .socket(socket.clone(), SocketAtExit::Unchecked)
+        .socket(sockets[0].clone(), SocketAtExit::Unchecked)
         .timeout(TIMEOUT)
         .spawn(cmd)?;
-    backend.try_wait_for(&socket)?;
-    Ok(backend)
+    for s in &sockets {
+        daemon.try_wait_for(s)?;
+    }
+    Ok(Backend { daemon, sockets })
 }
 
 /// One line saying which version of `system` runs (for the report).
@@ -186,6 +259,9 @@ pub fn version(system: System) -> String {
             Err(e) => return format!("unknown ({e:#})"),
         },
         System::Qsd => Command::new(qsd_bin()).arg("--version").output(),
+        System::Fio => Command::new(crate::fio::fio_bin())
+            .arg("--version")
+            .output(),
         System::IoUring => {
             let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
             return format!("libblkio io_uring driver, Linux {}", kernel.trim());

@@ -1,8 +1,9 @@
 //! vublk-bench in smoke mode, so the benchmark does not rot: it must run every system (vublk, QSD,
-//! and io_uring where it applies), print a well-formed Markdown table, write a well-formed JSON
-//! document with non-zero IOPS for every system in every cell, and draw a well-formed SVG chart
-//! with a group of bars per cell. No speed is asserted: benchmarks are not tests. (A paced run
-//! is checked not to exceed its rate, which holds however slow the machine is.)
+//! and io_uring and fio where they apply), with one VM and with several, print a well-formed
+//! Markdown table, write a well-formed JSON document with non-zero IOPS for every system in every
+//! cell, and draw a well-formed SVG chart with a group of bars per cell. No speed is asserted:
+//! benchmarks are not tests. (A paced run is checked not to exceed its rate, which holds however
+//! slow the machine is.)
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -102,18 +103,20 @@ fn col(header: &str, name: &str) -> usize {
         .unwrap_or_else(|| panic!("no column {name:?} in {header}"))
 }
 
-/// The systems expected on `medium`: io_uring has no null medium.
+/// The systems expected on `medium` (interrupt-driven clients): io_uring has no null medium, fio
+/// runs on the disk only.
 fn systems_on(medium: &str, systems: &[&'static str]) -> Vec<&'static str> {
     systems
         .iter()
         .copied()
         .filter(|s| !(*s == "io_uring" && medium == "null"))
+        .filter(|s| !(*s == "fio" && medium != "disk"))
         .collect()
 }
 
 /// Checks the table, the JSON and the chart of one smoke run over `media` with `systems`, one
-/// cell per medium.
-fn check(out: &Output, media: &[&str], systems: &[&'static str]) {
+/// cell per medium, each with `vms` VMs.
+fn check(out: &Output, media: &[&str], systems: &[&'static str], vms: u16) {
     let Output {
         stdout,
         md,
@@ -146,7 +149,7 @@ fn check(out: &Output, media: &[&str], systems: &[&'static str]) {
             assert!(n(iops) > 0.0, "{s} on {m} did no I/O: {row:?}");
             assert!(n(p50) > 0.0 && n(p50) <= n(p99), "{row:?}");
             assert!(n(client) >= 0.0, "{row:?}");
-            if s == "io_uring" {
+            if s == "io_uring" || s == "fio" {
                 // No backend: its CPU is the client column's.
                 assert_eq!(
                     (row[backend].as_str(), row[cores].as_str()),
@@ -168,7 +171,11 @@ fn check(out: &Output, media: &[&str], systems: &[&'static str]) {
             })
             .count()
     };
-    for (heading, reference) in [("IOPS ÷ QSD", "qsd"), ("IOPS ÷ io_uring", "io_uring")] {
+    for (heading, reference) in [
+        ("IOPS ÷ QSD", "qsd"),
+        ("IOPS ÷ io_uring", "io_uring"),
+        ("IOPS ÷ fio", "fio"),
+    ] {
         let expected = vublk_cells(reference);
         if expected == 0 {
             assert!(!md.contains(heading), "{md}");
@@ -216,14 +223,46 @@ fn check(out: &Output, media: &[&str], systems: &[&'static str]) {
     assert_eq!(samples.len(), runs);
     for s in samples {
         assert!(s["load"]["ios"].as_u64().unwrap() > 0, "{s}");
+        assert_eq!(s["cell"]["vms"], vms, "{s}");
         let steal = s["host_steal"].as_f64().expect("host_steal");
         assert!((0.0..1.0).contains(&steal), "{s}");
-        if s["system"] == "io_uring" {
+        if s["system"] == "io_uring" || s["system"] == "fio" {
             assert!(s["backend_cpu_s"].is_null(), "{s}");
         } else {
             assert!(s["backend_cpu_s"].as_f64().unwrap() >= 0.0, "{s}");
         }
+        // A load generator per VM, each with its own IOPS, adding up to the cell's (fio reports
+        // its jobs as one).
+        let per_vm: Vec<f64> = s["per_vm_iops"]
+            .as_array()
+            .expect("per_vm_iops")
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        if s["system"] == "fio" {
+            assert!(per_vm.is_empty(), "{s}");
+        } else {
+            assert_eq!(per_vm.len(), usize::from(vms), "{s}");
+            assert!(per_vm.iter().all(|x| *x > 0.0), "a VM did no I/O: {s}");
+            let total = s["load"]["iops"].as_f64().unwrap();
+            assert!(
+                (per_vm.iter().sum::<f64>() - total).abs() <= 1e-6 * total,
+                "{s}"
+            );
+        }
+        if vms > 1 && s["system"] != "fio" {
+            let jain = s["jain"].as_f64().expect("Jain's index");
+            assert!(
+                jain > 1.0 / f64::from(vms) - 1e-9 && jain <= 1.0 + 1e-9,
+                "{s}"
+            );
+        } else {
+            assert!(s["jain"].is_null(), "{s}");
+        }
     }
+    // The VMs column and Jain's index appear when a cell has several VMs.
+    assert_eq!(header.contains("| VMs |"), vms > 1, "{header}");
+    assert_eq!(header.contains("| Jain |"), vms > 1, "{header}");
     let medians = doc["medians"].as_array().expect("medians");
     assert_eq!(medians.len(), rows.len());
     for (m, row) in medians.iter().zip(&rows) {
@@ -240,7 +279,7 @@ fn check(out: &Output, media: &[&str], systems: &[&'static str]) {
         assert!(0.0 < p50 && p50 <= p99 && p99 <= p999, "{m}");
     }
     let ratio_docs = doc["ratios"].as_array().expect("ratios");
-    for reference in ["qsd", "io_uring"] {
+    for reference in ["qsd", "io_uring", "fio"] {
         let n = ratio_docs
             .iter()
             .filter(|r| r["versus"] == reference)
@@ -317,12 +356,64 @@ fn smoke_matrix_gives_a_table_json_and_chart_for_every_system() {
     // The default smoke matrix: tmpfs and null, random reads, interrupt-driven, one queue, every
     // system (io_uring has no null medium).
     let out = smoke(dir.path(), "default", &[]);
-    check(&out, &["tmpfs", "null"], &["vublk", "qsd", "io_uring"]);
+    check(&out, &["tmpfs", "null"], &["vublk", "qsd", "io_uring"], 1);
     assert_eq!(out.doc["samples"][0]["cell"]["client"], "interrupt");
     assert!(out.doc["samples"][0]["cell"]["rate"].is_null());
     assert!(
         !out.md.contains("rate IOPS"),
         "closed loop has no rate column"
+    );
+    assert!(
+        out.md.contains("- fio is the disk's own limit"),
+        "fio (a default system) is said to be left out of tmpfs and null:\n{}",
+        out.md
+    );
+    // The peer is current QSD (scripts/prereqs.sh installs 10.0 from bookworm-backports), and
+    // the report says which.
+    let qsd = out.doc["setup"]["versions"]["qsd"].as_str().unwrap();
+    let major: u32 = qsd
+        .strip_prefix("qemu-storage-daemon version ")
+        .and_then(|v| v.split('.').next())
+        .and_then(|m| m.parse().ok())
+        .unwrap_or_else(|| panic!("not a QSD version: {qsd}"));
+    assert!(major >= 10, "QSD {qsd} is older than 10.0");
+}
+
+#[test]
+fn smoke_many_vms_on_one_daemon() {
+    // Two VMs: a load generator each against an export each of one vublk (a worker per VM) or
+    // one QSD (an iothread per export), and two io_uring generators on two images.
+    let dir = tempfile::tempdir().unwrap();
+    let out = smoke(dir.path(), "vms", &["--vms", "2"]);
+    check(&out, &["tmpfs", "null"], &["vublk", "qsd", "io_uring"], 2);
+    assert!(out.md.contains("| interrupt | 2 | vublk |"), "{}", out.md);
+    assert!(
+        out.svg.contains("iodepth 4 · 1 queue · 2 VMs"),
+        "the chart says how many VMs"
+    );
+}
+
+#[test]
+fn smoke_fio_is_the_disks_own_limit() {
+    // fio on the disk medium's image (O_DIRECT), next to the systems it is the limit for.
+    let dir = tempfile::tempdir().unwrap();
+    let disk_dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let args = [
+        "--media",
+        "disk",
+        "--disk-dir",
+        disk_dir.path().to_str().unwrap(),
+        "--systems",
+        "vublk,io_uring,fio",
+    ];
+    let out = smoke(dir.path(), "fio", &args);
+    check(&out, &["disk"], &["vublk", "io_uring", "fio"], 1);
+    assert!(
+        out.doc["setup"]["versions"]["fio"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("fio-")),
+        "{}",
+        out.doc["setup"]["versions"]
     );
 }
 
@@ -342,7 +433,7 @@ fn smoke_polled_multiqueue_mixed() {
         "2",
     ];
     let out = smoke(dir.path(), "poll", &args);
-    check(&out, &["tmpfs", "null"], &["vublk", "qsd", "io_uring"]);
+    check(&out, &["tmpfs", "null"], &["vublk", "qsd", "io_uring"], 1);
     assert_eq!(out.doc["samples"][0]["cell"]["client"], "poll");
     assert_eq!(out.doc["samples"][0]["cell"]["queues"], 2);
 }

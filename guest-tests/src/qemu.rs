@@ -9,7 +9,7 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -135,8 +135,10 @@ impl Vm {
         };
         let boot = self.boot_with(&image, accel, dir, name, job)?;
         eprintln!(
-            "guest-tests: boot {name}: {:.1} s under {accel:?}, init started at {} s guest time",
+            "guest-tests: boot {name}: {:.1} s under {accel:?} ({}), init started at {} s guest \
+             time",
             boot.elapsed.as_secs_f64(),
+            qemu_version(),
             boot.parsed
                 .booted_at
                 .map_or("?".into(), |t| format!("{t:.1}"))
@@ -279,6 +281,25 @@ impl Vm {
     }
 }
 
+/// "QEMU 10.0.2 (Debian ...)", from the first line of `qemu-system-x86_64 --version`, for the
+/// boot lines and reports: scripts/prereqs.sh installs QEMU 10.0 (bookworm-backports on Debian
+/// 12), and a log should show which QEMU a failure ran on.
+pub fn qemu_version() -> &'static str {
+    static VERSION: OnceLock<String> = OnceLock::new();
+    VERSION.get_or_init(|| {
+        let out = Command::new("qemu-system-x86_64").arg("--version").output();
+        match out {
+            Ok(o) => String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("QEMU of unknown version")
+                .trim()
+                .replace("QEMU emulator version ", "QEMU "),
+            Err(e) => format!("qemu-system-x86_64 --version: {e}"),
+        }
+    })
+}
+
 /// The result of one boot.
 #[derive(Debug)]
 pub struct Boot {
@@ -346,7 +367,8 @@ impl Boot {
         let lines: Vec<&str> = self.console.lines().collect();
         let from = lines.len().saturating_sub(TAIL);
         let mut s = format!(
-            "---- guest console ({:?}, {:.1} s, {}{}) ----\n",
+            "---- guest console ({}, {:?}, {:.1} s, {}{}) ----\n",
+            qemu_version(),
             self.accel,
             self.elapsed.as_secs_f64(),
             self.console_path.display(),

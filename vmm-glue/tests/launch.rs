@@ -1,6 +1,6 @@
 //! `vmm-glue launch`: vublk and a VMM started on a socket vmm-glue creates, and stopped together.
 //!
-//! With the QEMU installed here (7.2, TCG, paused with `-S`, no guest kernel; the HMP monitor on
+//! With the QEMU installed here (10.0, TCG, paused with `-S`, no guest kernel; the HMP monitor on
 //! a unix socket): vublk gets the listening socket as fd 3, QEMU connects through it (vublk logs
 //! the connection from QEMU's pid; `info qtree` shows the device), and the pair ends together
 //! whichever way it ends. Where QEMU cannot show something (an exit code of our choosing, a VMM

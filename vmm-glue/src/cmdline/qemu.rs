@@ -8,20 +8,22 @@
 //! -device vhost-user-blk-pci,chardev=vublk0,num-queues=Q[,queue-size=Z]
 //! ```
 //!
-//! What depends on the QEMU version (checked against QEMU 7.2 here with `qemu-system-x86_64
+//! What depends on the QEMU version (checked against QEMU 7.2 and 10.0 with `qemu-system-x86_64
 //! -device vhost-user-blk-pci,help` and `-chardev socket,help`, and against QEMU's
 //! `docs/about/deprecated.rst` and `removed-features.rst` for later ones):
 //!
 //! - Reconnecting: the chardev option `reconnect=SECONDS` (since 2.2) was deprecated in 9.2 for
-//!   `reconnect-ms=MILLISECONDS` and removed in 10.2, so 9.2 and later get `reconnect-ms`.
-//! - `num-queues` defaults to the number of vCPUs in recent QEMU (7.2 prints the "auto" value
-//!   65535); an export offering fewer queues than the guest has vCPUs would then fail to attach,
-//!   so `num-queues` is always given.
-//! - `queue-size` defaults to 128 for vhost-user-blk-pci (7.2); it is given only when asked for.
+//!   `reconnect-ms=MILLISECONDS` and removed in 10.2, so 9.2 and later get `reconnect-ms` (10.0
+//!   takes both).
+//! - `num-queues` defaults to the number of vCPUs in recent QEMU (7.2 and 10.0 print the "auto"
+//!   value 65535); an export offering fewer queues than the guest has vCPUs would then fail to
+//!   attach, so `num-queues` is always given.
+//! - `queue-size` defaults to 128 for vhost-user-blk-pci (7.2, 10.0); it is given only when asked
+//!   for.
 //!
-//! The memory size must be given with `-m` too: QEMU 7.2 refuses NUMA nodes whose memory does not
-//! add up to `-m` ("total memory for NUMA nodes ... should equal RAM size"), and the default `-m`
-//! is 128M.
+//! The memory size must be given with `-m` too: QEMU (7.2, 10.0) refuses NUMA nodes whose memory
+//! does not add up to `-m` ("total memory for NUMA nodes ... should equal RAM size"), and the
+//! default `-m` is 128M.
 
 use std::fmt;
 use std::path::Path;
