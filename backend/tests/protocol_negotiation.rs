@@ -349,7 +349,7 @@ fn read_segs(s: &mut Session, sector: u64, len: u32) -> ([vmm_glue::frontend::Se
     (segs, status)
 }
 
-/// Early calls (worker.rs) stay one per wait of the driver: a batch published with one index
+/// Early calls (virtio_blk/queue.rs) stay one per wait of the driver: a batch published with one index
 /// update and one kick gets one call, with EVENT_IDX (the driver asked for a call at the first
 /// completion, and not again) and without it (one per round of the queue thread).
 #[test]

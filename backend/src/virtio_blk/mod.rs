@@ -8,7 +8,7 @@ mod poll;
 pub mod request;
 pub mod spec;
 pub mod stats;
-mod worker;
+mod queue;
 
 pub use config::{BlockConfig, DeviceOptions};
 pub use device::BlockDevice;

@@ -84,7 +84,7 @@ struct Slot {
 }
 
 // SAFETY: the raw pointers in a slot point into guest memory pinned by `pin` (or into `bounce`);
-// a slot is only ever used by the queue thread that owns the worker.
+// a slot is only ever used by the queue thread that owns the server.
 unsafe impl Send for Slot {}
 
 impl Slot {
@@ -148,7 +148,7 @@ impl Slot {
     }
 }
 
-pub struct QueueWorker {
+pub struct QueueServer {
     device: Arc<BlockDevice>,
     q: RunningQueue,
     ring: Ring,
@@ -184,8 +184,8 @@ pub struct QueueWorker {
     io_errors: RateLimit,
 }
 
-impl QueueWorker {
-    pub fn new(device: Arc<BlockDevice>, q: RunningQueue) -> io::Result<QueueWorker> {
+impl QueueServer {
+    pub fn new(device: Arc<BlockDevice>, q: RunningQueue) -> io::Result<QueueServer> {
         let size = usize::from(q.queue.size());
         let backing = match &device.disk.backing {
             Backing::File { file, .. } => Some(std::os::fd::AsRawFd::as_raw_fd(file)),
@@ -198,7 +198,7 @@ impl QueueWorker {
         let poll_max = device.poll_max;
         // The test gate holds operations in the ring; inline ones would slip past it.
         let gated = device.test_gate.is_some();
-        Ok(QueueWorker {
+        Ok(QueueServer {
             inline_read: if gated {
                 InlineIo::Never
             } else {
@@ -235,7 +235,7 @@ impl QueueWorker {
 
     fn arm_kick(&mut self) -> io::Result<()> {
         let entry = Ring::read_eventfd(&self.q.kick, &mut self.eventfd_bufs[0], KICK);
-        // SAFETY: eventfd_bufs is boxed and lives as long as the worker, which cancels both
+        // SAFETY: eventfd_bufs is boxed and lives as long as the server, which cancels both
         // eventfd reads and reaps them before it is dropped (see `shutdown`).
         unsafe { self.ring.push(&entry) }
     }
@@ -254,7 +254,7 @@ impl QueueWorker {
         if self.shutdown() {
             return self.q.queue;
         }
-        // The ring could not be drained: the kernel may still write into what this worker
+        // The ring could not be drained: the kernel may still write into what this server
         // owns (slot iovecs and bounce buffers, eventfd counters, guest memory its slots pin).
         // Leak all of it rather than free it under the kernel.
         let queue = std::mem::take(&mut self.q.queue);
@@ -972,7 +972,7 @@ impl QueueWorker {
     }
 
     /// Completes everything in flight, then cancels the eventfd reads so nothing the kernel
-    /// holds points into this worker when it is dropped. `false` if the ring failed and that
+    /// holds points into this server when it is dropped. `false` if the ring failed and that
     /// cannot be known.
     fn shutdown(&mut self) -> bool {
         let mut outstanding_reads = 2;
