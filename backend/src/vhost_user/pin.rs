@@ -17,6 +17,7 @@
 use loom::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
 #[cfg(not(loom))]
 use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 /// The in-flight requests using one region, and whether it is being retired.
 #[derive(Debug)]
@@ -38,7 +39,7 @@ impl RegionPin {
     }
 
     /// Pins the region for one request; `false` (and no pin) once it is retiring.
-    pub fn try_pin(&self) -> bool {
+    pub(super) fn try_pin(&self) -> bool {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         fence(Ordering::SeqCst);
         if self.retiring.load(Ordering::Relaxed) {
@@ -49,7 +50,7 @@ impl RegionPin {
     }
 
     /// Drops a pin taken by [`RegionPin::try_pin`], after the request's completion is written.
-    pub fn unpin(&self) {
+    pub(super) fn unpin(&self) {
         self.in_flight.fetch_sub(1, Ordering::Release);
     }
 
@@ -63,6 +64,27 @@ impl RegionPin {
     pub fn retire(&self) {
         self.retiring.store(true, Ordering::Relaxed);
         fence(Ordering::SeqCst);
+    }
+}
+
+/// One request's pin on one region, taken by [`Pin::take`] and released when dropped.
+#[derive(Debug)]
+pub(super) struct Pin(Arc<RegionPin>);
+
+impl Pin {
+    /// Pins `region`; `None` once it is retiring.
+    pub(super) fn take(region: &Arc<RegionPin>) -> Option<Pin> {
+        region.try_pin().then(|| Pin(region.clone()))
+    }
+
+    pub(super) fn region(&self) -> &Arc<RegionPin> {
+        &self.0
+    }
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        self.0.unpin();
     }
 }
 
@@ -103,7 +125,8 @@ mod loom_tests {
 
 #[cfg(all(test, not(loom)))]
 mod tests {
-    use super::RegionPin;
+    use super::{Pin, RegionPin};
+    use std::sync::Arc;
 
     #[test]
     fn pins_fail_once_retiring_and_counts_balance() {
@@ -117,5 +140,22 @@ mod tests {
         pin.unpin();
         pin.unpin();
         assert_eq!(pin.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_pin_unpins_when_dropped() {
+        let region = Arc::new(RegionPin::new(0, 4096));
+        let first = Pin::take(&region).expect("a live region pins");
+        let second = Pin::take(&region).expect("a live region pins");
+        assert_eq!(region.in_flight(), 2);
+        drop(first);
+        assert_eq!(region.in_flight(), 1);
+        region.retire();
+        assert!(
+            Pin::take(&region).is_none(),
+            "a retiring region takes no new pins"
+        );
+        drop(second);
+        assert_eq!(region.in_flight(), 0);
     }
 }

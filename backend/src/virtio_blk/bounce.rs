@@ -17,8 +17,9 @@ impl AlignedBuf {
     /// allocation fails.
     pub fn new(len: usize, align: usize) -> Option<AlignedBuf> {
         let layout = Layout::from_size_align(len.max(1), align.max(4096)).ok()?;
-        // SAFETY: the layout has a non-zero size.
-        let ptr = NonNull::new(unsafe { alloc::alloc(layout) })?;
+        // SAFETY: the layout has a non-zero size. Zeroed, so the bytes are initialized and can
+        // be handed out as slices; a buffer is allocated once per slot, not per request.
+        let ptr = NonNull::new(unsafe { alloc::alloc_zeroed(layout) })?;
         Some(AlignedBuf { ptr, layout })
     }
 
@@ -30,42 +31,15 @@ impl AlignedBuf {
         self.ptr.as_ptr()
     }
 
-    /// Copies the data of `iovecs` into the buffer (a write's payload).
-    ///
-    /// # Safety
-    /// The iovecs must point to live memory (pinned guest memory) totalling at most `len()`.
-    pub unsafe fn gather(&mut self, iovecs: &[libc::iovec]) {
-        let mut at = 0;
-        for v in iovecs {
-            // SAFETY: the caller guarantees the source; `at + iov_len <= len()` by the total.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    v.iov_base as *const u8,
-                    self.as_ptr().add(at),
-                    v.iov_len,
-                )
-            };
-            at += v.iov_len;
-        }
+    /// The buffer's bytes (zeroed when allocated).
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: `len()` bytes allocated (and zeroed) in `new`, owned by this value.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len()) }
     }
 
-    /// Copies the buffer out to `iovecs` (a read's data).
-    ///
-    /// # Safety
-    /// As for [`AlignedBuf::gather`].
-    pub unsafe fn scatter(&self, iovecs: &[libc::iovec]) {
-        let mut at = 0;
-        for v in iovecs {
-            // SAFETY: as for gather, in the other direction.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    self.as_ptr().add(at),
-                    v.iov_base as *mut u8,
-                    v.iov_len,
-                )
-            };
-            at += v.iov_len;
-        }
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in as_slice; `&mut self` makes this the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len()) }
     }
 }
 

@@ -8,9 +8,9 @@ use crate::disk::Disk;
 use crate::vhost_user::{GuestMemoryHandle, MemoryStatus, QueueLoop, RunningQueue, VirtioDevice};
 
 use super::config::{self, BlockConfig, DeviceOptions};
+use super::queue::QueueServer;
 use super::request::Limits;
 use super::stats::{self, DeviceTotals, QueueStats};
-use super::queue::QueueServer;
 
 pub struct BlockDevice {
     pub(super) config: BlockConfig,

@@ -5,10 +5,10 @@ mod bounce;
 pub mod config;
 mod device;
 mod poll;
+mod queue;
 pub mod request;
 pub mod spec;
 pub mod stats;
-mod queue;
 
 pub use config::{BlockConfig, DeviceOptions};
 pub use device::BlockDevice;

@@ -29,7 +29,7 @@ use crate::disk::{Backing, ZeroesMethod};
 use crate::io::inline::{self, Attempt, InlineIo};
 use crate::io::uring::{self, Completion, Ring};
 use crate::ratelimit::RateLimit;
-use crate::vhost_user::{Generation, RegionPin, RunningQueue};
+use crate::vhost_user::{Generation, GuestBuffers, RawBuffers, RunningQueue};
 
 use super::bounce::AlignedBuf;
 use super::device::BlockDevice;
@@ -63,14 +63,12 @@ const STATUS_IOERR: u8 = spec::VIRTIO_BLK_S_IOERR as u8;
 struct Slot {
     head: u16,
     request: Option<Request>,
-    /// Keeps the guest memory this request points into mapped.
-    pin: Option<Arc<Generation>>,
-    /// The regions it uses, pinned against retirement (memory.rs) until it is complete.
-    regions: Vec<Arc<RegionPin>>,
-    iovecs: Vec<libc::iovec>,
+    /// Its guest buffers, pinned until it is complete (vhost_user/buffers.rs).
+    buffers: Option<GuestBuffers>,
+    /// A finished request's buffers, kept for their capacity.
+    spare: RawBuffers,
     segments: Vec<Segment>,
-    /// For a read or write: the first iovec not yet fully done, where, and how much is left.
-    next_iov: usize,
+    /// For a read or write: where, and how much is left.
     offset: u64,
     remaining: u64,
     /// SQEs whose completions are outstanding.
@@ -83,8 +81,8 @@ struct Slot {
     gate_byte: u8,
 }
 
-// SAFETY: the raw pointers in a slot point into guest memory pinned by `pin` (or into `bounce`);
-// a slot is only ever used by the queue thread that owns the server.
+// SAFETY: `bounce_iov` points into `bounce`, owned by the slot; a slot is only ever used by the
+// queue thread that owns the server.
 unsafe impl Send for Slot {}
 
 impl Slot {
@@ -92,11 +90,9 @@ impl Slot {
         Slot {
             head: 0,
             request: None,
-            pin: None,
-            regions: Vec::new(),
-            iovecs: Vec::new(),
+            buffers: None,
+            spare: RawBuffers::default(),
             segments: Vec::new(),
-            next_iov: 0,
             offset: 0,
             remaining: 0,
             pending: 0,
@@ -113,11 +109,12 @@ impl Slot {
 
     /// The iovecs the next SQE should use.
     fn io_vectors(&self) -> (*const libc::iovec, u32) {
-        if self.bounced {
-            (&self.bounce_iov, 1)
-        } else {
-            let rest = &self.iovecs[self.next_iov..];
-            (rest.as_ptr(), rest.len() as u32)
+        match &self.buffers {
+            Some(buffers) if !self.bounced => {
+                let rest = buffers.iovecs();
+                (rest.as_ptr(), rest.len() as u32)
+            }
+            _ => (&self.bounce_iov, 1),
         }
     }
 
@@ -132,18 +129,8 @@ impl Slot {
             self.bounce_iov.iov_len -= done as usize;
             return;
         }
-        let mut left = done as usize;
-        while left > 0 {
-            let v = &mut self.iovecs[self.next_iov];
-            if left >= v.iov_len {
-                left -= v.iov_len;
-                self.next_iov += 1;
-            } else {
-                // SAFETY: stays inside this iovec's buffer: left < iov_len.
-                v.iov_base = unsafe { v.iov_base.cast::<u8>().add(left) }.cast();
-                v.iov_len -= left;
-                left = 0;
-            }
+        if let Some(buffers) = &mut self.buffers {
+            buffers.advance(done);
         }
     }
 }
@@ -408,9 +395,7 @@ impl QueueServer {
                     let regions = self.q.control.take_cancels();
                     if !regions.is_empty() {
                         self.cancel_where(|slot| {
-                            slot.regions
-                                .iter()
-                                .any(|r| regions.iter().any(|c| Arc::ptr_eq(r, c)))
+                            slot.buffers.as_ref().is_some_and(|b| b.uses_any(&regions))
                         })?;
                     }
                 }
@@ -489,18 +474,18 @@ impl QueueServer {
         let Some(index) = self.free.pop() else { return };
         let index = index as usize;
         let slot = &mut self.slots[index];
+        let mut raw = std::mem::take(&mut slot.spare);
         let parsed = request::parse(
             chain,
             generation.memory(),
             &self.device.limits,
             &mut self.scratch,
             Buffers {
-                iovecs: &mut slot.iovecs,
+                iovecs: raw.iovecs_mut(),
                 segments: &mut slot.segments,
             },
         );
         slot.head = head;
-        slot.pin = Some(generation.clone());
         slot.errno = None;
         slot.pending = 0;
         slot.bounced = false;
@@ -509,14 +494,11 @@ impl QueueServer {
             Ok(req) => Some(req.status),
             Err(rejection) => rejection.status,
         };
-        // Pin the status byte's region first: without it, not even a status may be written.
-        let status = status.filter(|s| pin_region(&mut slot.regions, generation, s.as_ptr()));
-        let buffers_pinned = slot
-            .iovecs
-            .iter()
-            .all(|v| pin_region(&mut slot.regions, generation, v.iov_base as *const u8));
+        let buffers = generation.pin(raw, status.map(|s| s.as_ptr()));
+        let complete = buffers.is_complete();
+        slot.buffers = Some(buffers);
         match parsed {
-            Ok(req) if status.is_some() && buffers_pinned => {
+            Ok(req) if complete => {
                 slot.request = Some(req);
                 if let Err(e) = self.submit_request(index, req) {
                     self.log_io_error(index, &e);
@@ -541,15 +523,8 @@ impl QueueServer {
                 if let Some(stats) = self.device.stats.get(self.q.index) {
                     stats.record_refused();
                 }
-                let used_len = match status {
-                    Some(status) => {
-                        // SAFETY: the slot pins the generation and the status byte's region.
-                        unsafe { status.write(code) };
-                        1
-                    }
-                    None => 0,
-                };
-                self.release(index, used_len);
+                let written = slot.buffers.as_mut().is_some_and(|b| b.write_status(code));
+                self.release(index, u32::from(written));
             }
         }
     }
@@ -561,31 +536,20 @@ impl QueueServer {
         let slot = &mut self.slots[index];
         match req.kind {
             RequestKind::GetId => {
-                let mut at = 0;
-                for v in &slot.iovecs {
-                    // SAFETY: the iovecs point into guest memory pinned by the slot; they total
-                    // at most 20 bytes (the parser capped them), the size of `serial`.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            device.config.serial[at..].as_ptr(),
-                            v.iov_base.cast::<u8>(),
-                            v.iov_len,
-                        )
-                    };
-                    at += v.iov_len;
+                if let Some(buffers) = &mut slot.buffers {
+                    // The parser capped the buffers at the serial's 20 bytes.
+                    buffers.copy_in(&device.config.serial);
                 }
                 self.finish(index, STATUS_OK);
             }
             RequestKind::Read if null => {
-                for v in &slot.iovecs {
-                    // SAFETY: guest memory pinned by the slot, inside the descriptor's range.
-                    unsafe { std::ptr::write_bytes(v.iov_base.cast::<u8>(), 0, v.iov_len) };
+                if let Some(buffers) = &mut slot.buffers {
+                    buffers.zero();
                 }
                 self.finish(index, STATUS_OK);
             }
             _ if null => self.finish(index, STATUS_OK),
             RequestKind::Read | RequestKind::Write => {
-                slot.next_iov = 0;
                 slot.offset = req.offset;
                 slot.remaining = req.len;
                 if req.len == 0 {
@@ -593,7 +557,9 @@ impl QueueServer {
                     return Ok(());
                 }
                 if device.disk.direct
-                    && misaligned(&slot.iovecs, device.disk.dio_align.memory as usize)
+                    && slot.buffers.as_ref().is_some_and(|b| {
+                        misaligned(b.iovecs(), device.disk.dio_align.memory as usize)
+                    })
                 {
                     self.prepare_bounce(index, req)?;
                 }
@@ -670,8 +636,10 @@ impl QueueServer {
             .filter(|m| mode == InlineIo::Memory && m.intact());
         if let Some(mapping) = mapping {
             let slot = &self.slots[index];
-            // SAFETY: the iovecs point into guest memory the slot pins, never into the image.
-            if unsafe { mapping.copy(write, &slot.iovecs[slot.next_iov..], slot.offset) } {
+            let iovecs = slot.buffers.as_ref().map_or(&[][..], |b| b.iovecs());
+            // SAFETY: the iovecs point into guest memory the slot's buffers pin, never into
+            // the image.
+            if unsafe { mapping.copy(write, iovecs, slot.offset) } {
                 self.finish_inline(index);
                 return true;
             }
@@ -687,8 +655,8 @@ impl QueueServer {
         }
         let slot = &mut self.slots[index];
         let (iov, count) = slot.io_vectors();
-        // SAFETY: the iovecs live in the slot and point into guest memory the slot pins; the
-        // call is synchronous.
+        // SAFETY: the iovecs live in the slot's buffers and point into guest memory they pin
+        // (or into its bounce buffer); the call is synchronous.
         let attempt = unsafe { inline::transfer(fd, write, iov, count, slot.offset, mode, dsync) };
         let error = match attempt {
             Attempt::Done(done) if done as u64 >= slot.remaining => {
@@ -752,8 +720,9 @@ impl QueueServer {
             unreachable!("allocated above")
         };
         if req.kind == RequestKind::Write {
-            // SAFETY: the iovecs point into pinned guest memory and total `len` bytes.
-            unsafe { bounce.gather(&slot.iovecs) };
+            if let Some(buffers) = &slot.buffers {
+                buffers.copy_out(&mut bounce.as_mut_slice()[..len]);
+            }
         }
         slot.bounce_iov = libc::iovec {
             iov_base: bounce.as_ptr().cast(),
@@ -871,9 +840,9 @@ impl QueueServer {
         let status = match slot.errno {
             None => {
                 if kind == Some(RequestKind::Read) && slot.bounced {
-                    if let Some(bounce) = &slot.bounce {
-                        // SAFETY: the iovecs point into guest memory pinned by the slot.
-                        unsafe { bounce.scatter(&slot.iovecs) };
+                    if let (Some(bounce), Some(buffers)) = (&slot.bounce, &mut slot.buffers) {
+                        let len = buffers.len() as usize;
+                        buffers.copy_in(&bounce.as_slice()[..len]);
                     }
                 }
                 STATUS_OK
@@ -904,13 +873,14 @@ impl QueueServer {
 
     /// Writes the status of a request and returns its chain to the driver.
     fn finish(&mut self, index: usize, status: u8) {
-        let slot = &self.slots[index];
+        let slot = &mut self.slots[index];
         let Some(req) = slot.request else { return };
         if let Some(stats) = self.device.stats.get(self.q.index) {
             stats.record(req.kind, req.len, status == STATUS_OK);
         }
-        // SAFETY: the slot still holds the pin of the generation `req.status` points into.
-        unsafe { req.status.write(status) };
+        if let Some(buffers) = &mut slot.buffers {
+            buffers.write_status(status);
+        }
         // Bytes the device wrote into the driver's writable buffers, status included.
         let written = match req.kind {
             RequestKind::Read | RequestKind::GetId => req.len as u32 + 1,
@@ -937,11 +907,9 @@ impl QueueServer {
         // unmap.
         let slot = &mut self.slots[index];
         slot.request = None;
-        slot.iovecs.clear();
-        for region in slot.regions.drain(..) {
-            region.unpin();
+        if let Some(buffers) = slot.buffers.take() {
+            slot.spare = buffers.release();
         }
-        slot.pin = None;
         self.free.push(index as u32);
         self.in_flight -= 1;
     }
@@ -1040,21 +1008,6 @@ impl QueueServer {
         self.notify();
         true
     }
-}
-
-/// Pins the region holding `ptr` for a request (once per region); `false` if it is retiring.
-fn pin_region(pinned: &mut Vec<Arc<RegionPin>>, generation: &Generation, ptr: *const u8) -> bool {
-    let Some(pin) = generation.pin_of(ptr) else {
-        return false;
-    };
-    if pinned.iter().any(|p| Arc::ptr_eq(p, pin)) {
-        return true;
-    }
-    if !pin.try_pin() {
-        return false;
-    }
-    pinned.push(pin.clone());
-    true
 }
 
 fn misaligned(iovecs: &[libc::iovec], align: usize) -> bool {
