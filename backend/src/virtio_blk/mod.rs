@@ -1,7 +1,6 @@
 //! The virtio-blk device: configuration, request parsing, and the queue loop that turns
 //! requests into I/O on the disk. It knows sectors, not sockets.
 
-mod bounce;
 pub mod config;
 mod device;
 mod poll;

@@ -1,48 +1,43 @@
-//! The queue loop: one thread and one io_uring per virtqueue.
+//! The queue loop: one thread per virtqueue, between the virtqueue and the queue's I/O engine.
 //!
 //! ```text
-//!  kick ─▶ pop chains ─▶ parse (request.rs) ─▶ SQEs ─┐
-//!                         └▶ rejected: status now     │ one io_uring_enter submits the whole
-//!  CQEs ◀─────────────────────────────────────────────┘ batch and waits for the next event
-//!   └▶ status byte ─▶ used ring ─▶ call, if EVENT_IDX says the driver wants one
+//!  kick ─▶ pop chains ─▶ parse (request.rs) ─▶ pin (GuestBuffers) ─▶ engine.submit ─┐
+//!                         └▶ rejected: status now                                    │
+//!  engine completions ◀──────────────────────────────────────────────────────────────┘
+//!   └▶ status byte ─▶ used ring ─▶ release the buffers ─▶ call, if the driver wants one
 //! ```
 //!
+//! The engine (io/engine.rs) does the I/O and owns each request's buffers until its completion;
+//! this loop only knows virtqueues and requests. The kick and control eventfds are watched
+//! through the engine too, so a single system call (`io_uring_enter`) both submits a batch and
+//! sleeps until the next kick, control change or completion.
+//!
 //! With EVENT_IDX the call goes out right after a chain completes on this thread (or after the
-//! batch of io_uring completions just reaped), before the rest of the avail ring is served: the
-//! driver wakes up while this thread works, and has chains back in the avail ring by the time it
-//! is done (QEMU's virtio-blk also notifies per completion). The driver asks for one call per
+//! batch of completions just reaped), before the rest of the avail ring is served: the driver
+//! wakes up while this thread works, and has chains back in the avail ring by the time it is
+//! done (QEMU's virtio-blk also notifies per completion). The driver asks for one call per
 //! wait, so this adds no interrupts. Without EVENT_IDX every check would be an interrupt, so
 //! there is one per round.
-//!
-//! The kick and control eventfds are read through the ring too, so a single
-//! `io_uring_enter` both submits a batch and sleeps until the next kick or completion.
-//! Every in-flight request holds a pin on the memory generation it was parsed against; its
-//! host pointers stay valid until its completion has been written back.
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
-use crate::disk::{Backing, ZeroesMethod};
-use crate::io::inline::{self, Attempt, InlineIo};
-use crate::io::uring::{self, Completion, Ring};
+use crate::io::{Completion, Engine, Event, Operation, Tag};
 use crate::ratelimit::RateLimit;
 use crate::vhost_user::{Generation, GuestBuffers, RawBuffers, RunningQueue};
 
-use super::bounce::AlignedBuf;
 use super::device::BlockDevice;
 use super::poll::PollPolicy;
 use super::request::{self, Buffers, Request, RequestKind, Scratch, Segment};
 use super::spec;
 
-/// user_data tags that are not request slots.
-const KICK: u64 = 1 << 62;
-const WAKE: u64 = KICK + 1;
-const CANCEL: u64 = KICK + 2;
-/// Tags the test gate's read in front of a slot's operation.
-const GATE: u64 = 1 << 61;
+/// Watch tokens of the kick and control eventfds.
+const KICK: u32 = 0;
+const WAKE: u32 = 1;
 
 /// Chains taken from the ring per wakeup before completions get a turn (vhost's weight).
 const BUDGET: usize = 256;
@@ -59,93 +54,26 @@ enum Spin {
 const STATUS_OK: u8 = spec::VIRTIO_BLK_S_OK as u8;
 const STATUS_IOERR: u8 = spec::VIRTIO_BLK_S_IOERR as u8;
 
-/// One request in flight.
+/// One request: its head, and what it asked; its index is the engine's tag.
+#[derive(Default)]
 struct Slot {
     head: u16,
+    /// Set while the request is in flight (its buffers are then the engine's).
     request: Option<Request>,
-    /// Its guest buffers, pinned until it is complete (vhost_user/buffers.rs).
-    buffers: Option<GuestBuffers>,
     /// A finished request's buffers, kept for their capacity.
     spare: RawBuffers,
     segments: Vec<Segment>,
-    /// For a read or write: where, and how much is left.
-    offset: u64,
-    remaining: u64,
-    /// SQEs whose completions are outstanding.
-    pending: u32,
-    errno: Option<i32>,
-    bounce: Option<AlignedBuf>,
-    bounce_iov: libc::iovec,
-    bounced: bool,
-    /// Where the test gate's byte lands.
-    gate_byte: u8,
-}
-
-// SAFETY: `bounce_iov` points into `bounce`, owned by the slot; a slot is only ever used by the
-// queue thread that owns the server.
-unsafe impl Send for Slot {}
-
-impl Slot {
-    fn new() -> Slot {
-        Slot {
-            head: 0,
-            request: None,
-            buffers: None,
-            spare: RawBuffers::default(),
-            segments: Vec::new(),
-            offset: 0,
-            remaining: 0,
-            pending: 0,
-            errno: None,
-            bounce: None,
-            bounce_iov: libc::iovec {
-                iov_base: std::ptr::null_mut(),
-                iov_len: 0,
-            },
-            bounced: false,
-            gate_byte: 0,
-        }
-    }
-
-    /// The iovecs the next SQE should use.
-    fn io_vectors(&self) -> (*const libc::iovec, u32) {
-        match &self.buffers {
-            Some(buffers) if !self.bounced => {
-                let rest = buffers.iovecs();
-                (rest.as_ptr(), rest.len() as u32)
-            }
-            _ => (&self.bounce_iov, 1),
-        }
-    }
-
-    /// Moves past `done` bytes after a short read or write.
-    fn advance(&mut self, done: u64) {
-        self.offset += done;
-        self.remaining -= done;
-        if self.bounced {
-            // SAFETY: stays inside the bounce buffer: done <= remaining <= its length.
-            self.bounce_iov.iov_base =
-                unsafe { self.bounce_iov.iov_base.cast::<u8>().add(done as usize) }.cast();
-            self.bounce_iov.iov_len -= done as usize;
-            return;
-        }
-        if let Some(buffers) = &mut self.buffers {
-            buffers.advance(done);
-        }
-    }
 }
 
 pub struct QueueServer {
     device: Arc<BlockDevice>,
     q: RunningQueue,
-    ring: Ring,
+    engine: Box<dyn Engine>,
     slots: Vec<Slot>,
-    free: Vec<u32>,
+    free: Vec<Tag>,
     in_flight: usize,
     scratch: Scratch,
-    completions: Vec<Completion>,
-    /// Where the ring reads the kick and control eventfds' counters.
-    eventfd_bufs: Box<[u64; 2]>,
+    events: Vec<Event>,
     /// The generation the ring itself (descriptor table, avail, used) is accessed through.
     generation: Arc<Generation>,
     kicked: bool,
@@ -162,48 +90,35 @@ pub struct QueueServer {
     poll: PollPolicy,
     /// Requests completed so far, for the polling policy's epochs.
     done: u64,
-    /// Whether this thread reads and writes the backing itself first (io/inline.rs); a
-    /// filesystem that refuses RWF_NOWAIT for writes turns that off at the first refusal.
-    inline_read: InlineIo,
-    inline_write: InlineIo,
-    backing_fd: Option<std::os::fd::RawFd>,
     guest_errors: RateLimit,
     io_errors: RateLimit,
 }
 
 impl QueueServer {
+    /// The loop of `q`, with the engine the device's disk calls for (`io::engine_for`).
     pub fn new(device: Arc<BlockDevice>, q: RunningQueue) -> io::Result<QueueServer> {
-        let size = usize::from(q.queue.size());
-        let backing = match &device.disk.backing {
-            Backing::File { file, .. } => Some(std::os::fd::AsRawFd::as_raw_fd(file)),
-            Backing::Null => None,
-        };
-        // Room for a full ring of requests plus the two eventfd reads; requests with several
-        // SQEs (discard segments) submit early when it fills.
-        let ring = Ring::new((size as u32 + 2).next_power_of_two().max(8), backing)?;
+        let gate = device.test_gate.as_ref();
+        let engine = crate::io::engine_for(&device.disk, gate, q.queue.size())?;
+        Ok(QueueServer::with_engine(device, q, engine))
+    }
+
+    /// The loop of `q` over `engine`, which must serve tags up to the queue's size.
+    pub fn with_engine(
+        device: Arc<BlockDevice>,
+        q: RunningQueue,
+        engine: Box<dyn Engine>,
+    ) -> QueueServer {
+        let size = q.queue.size();
         let generation = q.memory.current();
         let poll_max = device.poll_max;
-        // The test gate holds operations in the ring; inline ones would slip past it.
-        let gated = device.test_gate.is_some();
-        Ok(QueueServer {
-            inline_read: if gated {
-                InlineIo::Never
-            } else {
-                device.disk.inline_read
-            },
-            inline_write: if gated {
-                InlineIo::Never
-            } else {
-                device.disk.inline_write
-            },
+        QueueServer {
             device,
-            ring,
-            slots: (0..size).map(|_| Slot::new()).collect(),
-            free: (0..size as u32).rev().collect(),
+            engine,
+            slots: (0..size).map(|_| Slot::default()).collect(),
+            free: (0..size).rev().collect(),
             in_flight: 0,
             scratch: Scratch::default(),
-            completions: Vec::with_capacity(size + 2),
-            eventfd_bufs: Box::new([0; 2]),
+            events: Vec::with_capacity(usize::from(size) + 2),
             generation,
             q,
             kicked: true,
@@ -214,45 +129,40 @@ impl QueueServer {
             kicks_on: false,
             poll: PollPolicy::new(poll_max),
             done: 0,
-            backing_fd: backing,
             guest_errors: RateLimit::new(10, Duration::from_secs(5)),
             io_errors: RateLimit::new(10, Duration::from_secs(5)),
-        })
+        }
     }
 
-    fn arm_kick(&mut self) -> io::Result<()> {
-        let entry = Ring::read_eventfd(&self.q.kick, &mut self.eventfd_bufs[0], KICK);
-        // SAFETY: eventfd_bufs is boxed and lives as long as the server, which cancels both
-        // eventfd reads and reaps them before it is dropped (see `shutdown`).
-        unsafe { self.ring.push(&entry) }
+    fn watch_kick(&mut self) -> io::Result<()> {
+        self.engine.watch(self.q.kick.as_raw_fd(), 8, KICK)
     }
 
-    fn arm_wake(&mut self) -> io::Result<()> {
-        let entry = Ring::read_eventfd(self.q.control.wake_fd(), &mut self.eventfd_bufs[1], WAKE);
-        // SAFETY: as in arm_kick.
-        unsafe { self.ring.push(&entry) }
+    fn watch_wake(&mut self) -> io::Result<()> {
+        let fd = self.q.control.wake_fd().as_raw_fd();
+        self.engine.watch(fd, 8, WAKE)
     }
 
     /// Serves the queue until told to stop; returns it with every taken request completed.
     pub fn run(mut self) -> Queue {
         if let Err(e) = self.serve() {
-            tracing::error!("queue {} stopped: io_uring failed: {e}", self.q.index);
+            tracing::error!("queue {} stopped: its I/O engine failed: {e}", self.q.index);
         }
-        if self.shutdown() {
-            return self.q.queue;
+        if !self.shutdown() {
+            // Dropping the engine leaks what the kernel may still use (io/engine.rs).
+            tracing::error!(
+                "queue {}: {} request(s) left in flight",
+                self.q.index,
+                self.in_flight
+            );
         }
-        // The ring could not be drained: the kernel may still write into what this server
-        // owns (slot iovecs and bounce buffers, eventfd counters, guest memory its slots pin).
-        // Leak all of it rather than free it under the kernel.
-        let queue = std::mem::take(&mut self.q.queue);
-        std::mem::forget(self);
-        queue
+        std::mem::take(&mut self.q.queue)
     }
 
     fn serve(&mut self) -> io::Result<()> {
-        self.ring.enable()?;
-        self.arm_kick()?;
-        self.arm_wake()?;
+        self.engine.start()?;
+        self.watch_kick()?;
+        self.watch_wake()?;
         loop {
             // Submit what the last round queued, and sleep until something happens unless
             // there is work to do already (or polling found some).
@@ -263,7 +173,7 @@ impl QueueServer {
                 idle_since = Some(Instant::now());
                 ready = self.idle()?;
             }
-            self.ring.submit(usize::from(!(runnable && ready)))?;
+            self.engine.enter(!(runnable && ready))?;
             let now = Instant::now();
             if let Some(since) = idle_since {
                 self.poll.after_idle(now.duration_since(since));
@@ -312,7 +222,7 @@ impl QueueServer {
         let window = self.poll.window();
         if !window.is_zero() && !self.kicks_on && self.in_flight == 0 {
             // Start the I/O this round queued before spinning on its completion.
-            self.ring.submit(0)?;
+            self.engine.enter(false)?;
             match self.spin(window) {
                 Spin::Avail => {
                     self.kicked = true;
@@ -361,7 +271,7 @@ impl QueueServer {
                 // Let the ring code find (and report) what is wrong.
                 Err(_) => break Spin::Avail,
             }
-            if self.ring.has_events() || self.q.control.stop_requested() {
+            if self.engine.has_events() || self.q.control.stop_requested() {
                 break Spin::Event;
             }
             if start.elapsed() >= window {
@@ -375,39 +285,48 @@ impl QueueServer {
         outcome
     }
 
-    /// Handles every ready completion: request I/O, kicks, control wakeups.
+    /// Handles every ready event: completions, kicks, control wakeups. Every event is handled
+    /// even if re-arming a watch fails; that error is returned after.
     fn reap(&mut self) -> io::Result<()> {
-        let mut completions = std::mem::take(&mut self.completions);
-        self.ring.completions(&mut completions);
-        for c in &completions {
-            match c.user_data() {
-                KICK => {
+        let mut events = std::mem::take(&mut self.events);
+        self.engine.reap(&mut events);
+        let mut result = Ok(());
+        for event in events.drain(..) {
+            let handled = match event {
+                Event::Completed(done) => {
+                    self.complete(done);
+                    Ok(())
+                }
+                Event::Watch { token: KICK, .. } => {
                     self.kicked = true;
                     if let Some(stats) = self.device.stats.get(self.q.index) {
                         stats.record_kick();
                     }
-                    self.arm_kick()?;
+                    self.watch_kick()
                 }
-                WAKE => {
+                Event::Watch { token: WAKE, .. } => {
                     // Enabled, stopping or cancelling: look at the ring again either way.
                     self.kicked = true;
-                    self.arm_wake()?;
-                    let regions = self.q.control.take_cancels();
-                    if !regions.is_empty() {
-                        self.cancel_where(|slot| {
-                            slot.buffers.as_ref().is_some_and(|b| b.uses_any(&regions))
-                        })?;
-                    }
+                    let rearmed = self.watch_wake();
+                    rearmed.and(self.cancel_retiring())
                 }
-                CANCEL => {}
-                gate if gate & GATE != 0 => {
-                    self.complete_io((gate & !GATE) as usize, c.result(), true)?
-                }
-                slot => self.complete_io(slot as usize, c.result(), false)?,
+                Event::Watch { .. } => Ok(()),
+            };
+            if result.is_ok() {
+                result = handled;
             }
         }
-        self.completions = completions;
-        Ok(())
+        self.events = events;
+        result
+    }
+
+    /// Cancels the requests that pin a region the session is waiting for (memory.md).
+    fn cancel_retiring(&mut self) -> io::Result<()> {
+        let regions = self.q.control.take_cancels();
+        if regions.is_empty() {
+            return Ok(());
+        }
+        self.engine.cancel(&|buffers| buffers.uses_any(&regions))
     }
 
     /// Takes chains from the avail ring, parses them and starts their I/O. Kicks stay off
@@ -465,14 +384,16 @@ impl QueueServer {
         self.broken = true;
     }
 
+    /// Parses a chain, pins its buffers and hands it to the engine; a chain that fails either
+    /// is completed at once, with no I/O.
     fn start_request(
         &mut self,
         head: u16,
         chain: virtio_queue::DescriptorChain<&vm_memory::GuestMemoryMmap>,
         generation: &Arc<Generation>,
     ) {
-        let Some(index) = self.free.pop() else { return };
-        let index = index as usize;
+        let Some(tag) = self.free.pop() else { return };
+        let index = usize::from(tag);
         let slot = &mut self.slots[index];
         let mut raw = std::mem::take(&mut slot.spare);
         let parsed = request::parse(
@@ -486,24 +407,16 @@ impl QueueServer {
             },
         );
         slot.head = head;
-        slot.errno = None;
-        slot.pending = 0;
-        slot.bounced = false;
         self.in_flight += 1;
         let status = match &parsed {
             Ok(req) => Some(req.status),
             Err(rejection) => rejection.status,
         };
-        let buffers = generation.pin(raw, status.map(|s| s.as_ptr()));
-        let complete = buffers.is_complete();
-        slot.buffers = Some(buffers);
+        let mut buffers = generation.pin(raw, status.map(|s| s.as_ptr()));
         match parsed {
-            Ok(req) if complete => {
+            Ok(req) if buffers.is_complete() => {
                 slot.request = Some(req);
-                if let Err(e) = self.submit_request(index, req) {
-                    self.log_io_error(index, &e);
-                    self.finish(index, STATUS_IOERR);
-                }
+                self.submit(tag, req, buffers);
             }
             parsed => {
                 let (code, reason) = match &parsed {
@@ -523,348 +436,77 @@ impl QueueServer {
                 if let Some(stats) = self.device.stats.get(self.q.index) {
                     stats.record_refused();
                 }
-                let written = slot.buffers.as_mut().is_some_and(|b| b.write_status(code));
-                self.release(index, u32::from(written));
+                let written = buffers.write_status(code);
+                self.release(index, u32::from(written), buffers);
             }
         }
     }
 
-    /// Starts the I/O of a parsed request, or completes it at once when there is none to do.
-    fn submit_request(&mut self, index: usize, req: Request) -> io::Result<()> {
-        let device = self.device.clone();
-        let null = matches!(device.disk.backing, Backing::Null);
-        let slot = &mut self.slots[index];
-        match req.kind {
+    /// Hands a parsed request to the engine, or completes it here when it needs no I/O.
+    fn submit(&mut self, tag: Tag, req: Request, mut buffers: GuestBuffers) {
+        let index = usize::from(tag);
+        let segments = &self.slots[index].segments;
+        let operation = match req.kind {
             RequestKind::GetId => {
-                if let Some(buffers) = &mut slot.buffers {
-                    // The parser capped the buffers at the serial's 20 bytes.
-                    buffers.copy_in(&device.config.serial);
-                }
-                self.finish(index, STATUS_OK);
+                // The parser capped the buffers at the serial's 20 bytes.
+                buffers.copy_in(&self.device.config.serial);
+                return self.finish(index, STATUS_OK, buffers);
             }
-            RequestKind::Read if null => {
-                if let Some(buffers) = &mut slot.buffers {
-                    buffers.zero();
-                }
-                self.finish(index, STATUS_OK);
-            }
-            _ if null => self.finish(index, STATUS_OK),
-            RequestKind::Read | RequestKind::Write => {
-                slot.offset = req.offset;
-                slot.remaining = req.len;
-                if req.len == 0 {
-                    self.finish(index, STATUS_OK);
-                    return Ok(());
-                }
-                if device.disk.direct
-                    && slot.buffers.as_ref().is_some_and(|b| {
-                        misaligned(b.iovecs(), device.disk.dio_align.memory as usize)
-                    })
-                {
-                    self.prepare_bounce(index, req)?;
-                }
-                if self.try_inline(index, req.kind) {
-                    return Ok(());
-                }
-                self.push_rw(index)?;
-            }
-            RequestKind::Flush => {
-                let entry = self.ring.fdatasync(index as u64);
-                self.push_for(index, &entry)?;
-            }
-            RequestKind::Discard => {
-                for i in 0..slot.segments.len() {
-                    let s = self.slots[index].segments[i];
-                    let entry =
-                        self.ring
-                            .fallocate(uring::PUNCH_HOLE, s.offset, s.len, index as u64);
-                    self.push_for(index, &entry)?;
-                }
-            }
-            RequestKind::WriteZeroes => {
-                let method = device.disk.write_zeroes.unwrap_or(ZeroesMethod::ZeroRange);
-                for i in 0..slot.segments.len() {
-                    let s = self.slots[index].segments[i];
-                    let user_data = index as u64;
-                    if s.unmap && device.disk.punch_hole {
-                        let entry =
-                            self.ring
-                                .fallocate(uring::PUNCH_HOLE, s.offset, s.len, user_data);
-                        self.push_for(index, &entry)?;
-                    } else if method == ZeroesMethod::PunchThenAllocate {
-                        let punch = uring::linked(self.ring.fallocate(
-                            uring::PUNCH_HOLE,
-                            s.offset,
-                            s.len,
-                            user_data,
-                        ));
-                        self.push_for(index, &punch)?;
-                        let allocate =
-                            self.ring
-                                .fallocate(uring::ALLOCATE, s.offset, s.len, user_data);
-                        self.push_for(index, &allocate)?;
-                    } else {
-                        let entry =
-                            self.ring
-                                .fallocate(uring::ZERO_RANGE, s.offset, s.len, user_data);
-                        self.push_for(index, &entry)?;
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Does a read or write on this thread if the disk allows it (io/inline.rs). `true` when
-    /// the request is finished; otherwise what is left of it goes to io_uring.
-    fn try_inline(&mut self, index: usize, kind: RequestKind) -> bool {
-        let write = kind == RequestKind::Write;
-        let mode = if write {
-            self.inline_write
-        } else {
-            self.inline_read
+            RequestKind::Read => Operation::Read { offset: req.offset },
+            RequestKind::Write => Operation::Write {
+                offset: req.offset,
+                dsync: !self.device.config.writeback(),
+            },
+            RequestKind::Flush => Operation::Flush,
+            RequestKind::Discard => Operation::Discard(segments),
+            RequestKind::WriteZeroes => Operation::WriteZeroes(segments),
         };
-        let Some(fd) = self.backing_fd.filter(|_| mode != InlineIo::Never) else {
-            return false;
-        };
-        let dsync = write && !self.device.config.writeback();
-        let mapping = self
-            .device
-            .disk
-            .mapping
-            .as_ref()
-            .filter(|m| mode == InlineIo::Memory && m.intact());
-        if let Some(mapping) = mapping {
-            let slot = &self.slots[index];
-            let iovecs = slot.buffers.as_ref().map_or(&[][..], |b| b.iovecs());
-            // SAFETY: the iovecs point into guest memory the slot's buffers pin, never into
-            // the image.
-            if unsafe { mapping.copy(write, iovecs, slot.offset) } {
-                self.finish_inline(index);
-                return true;
-            }
-            if !mapping.intact() {
-                // This copy found the file shrunk under the mapping (io/mapped.rs); later
-                // requests use system calls, which see the new size.
-                self.fail_inline(
-                    index,
-                    &io::Error::other("the image file was truncated while in use"),
-                );
-                return true;
-            }
-        }
-        let slot = &mut self.slots[index];
-        let (iov, count) = slot.io_vectors();
-        // SAFETY: the iovecs live in the slot's buffers and point into guest memory they pin
-        // (or into its bounce buffer); the call is synchronous.
-        let attempt = unsafe { inline::transfer(fd, write, iov, count, slot.offset, mode, dsync) };
-        let error = match attempt {
-            Attempt::Done(done) if done as u64 >= slot.remaining => {
-                self.finish_inline(index);
-                return true;
-            }
-            // End of file inside the capacity: the image shrank under us.
-            Attempt::Done(0) => io::Error::from_raw_os_error(libc::EIO),
-            Attempt::Done(done) => {
-                slot.advance(done as u64);
-                return false;
-            }
-            Attempt::WouldBlock => return false,
-            Attempt::Unsupported => {
-                tracing::debug!(
-                    "queue {}: {} refuses RWF_NOWAIT for {kind:?}s; using io_uring only",
-                    self.q.index,
-                    self.device.disk.name
-                );
-                if write {
-                    self.inline_write = InlineIo::Never;
-                } else {
-                    self.inline_read = InlineIo::Never;
-                }
-                return false;
-            }
-            Attempt::Failed(e) => e,
-        };
-        self.fail_inline(index, &error);
-        true
-    }
-
-    /// Finishes a read or write done on this thread. (Never a bounced one: inline I/O is
-    /// off with O_DIRECT, the only reason to bounce.)
-    fn finish_inline(&mut self, index: usize) {
-        if let Some(stats) = self.device.stats.get(self.q.index) {
-            stats.record_inline();
-        }
-        self.finish(index, STATUS_OK);
-    }
-
-    /// Fails a read or write done on this thread with `error` (EIO when it has no errno).
-    fn fail_inline(&mut self, index: usize, error: &io::Error) {
-        self.slots[index].errno = error.raw_os_error().or(Some(libc::EIO));
-        self.log_io_error(index, error);
-        self.finish(index, STATUS_IOERR);
-    }
-
-    /// O_DIRECT with guest buffers that are not aligned: go through an aligned copy.
-    fn prepare_bounce(&mut self, index: usize, req: Request) -> io::Result<()> {
-        let align = self.device.disk.dio_align.memory as usize;
-        let slot = &mut self.slots[index];
-        let len = req.len as usize;
-        if slot.bounce.as_ref().is_none_or(|b| b.len() < len) {
-            slot.bounce = Some(
-                AlignedBuf::new(len, align)
-                    .ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?,
-            );
-        }
-        let Some(bounce) = slot.bounce.as_mut() else {
-            unreachable!("allocated above")
-        };
-        if req.kind == RequestKind::Write {
-            if let Some(buffers) = &slot.buffers {
-                buffers.copy_out(&mut bounce.as_mut_slice()[..len]);
-            }
-        }
-        slot.bounce_iov = libc::iovec {
-            iov_base: bounce.as_ptr().cast(),
-            iov_len: len,
-        };
-        slot.bounced = true;
-        Ok(())
-    }
-
-    fn push_rw(&mut self, index: usize) -> io::Result<()> {
-        let slot = &self.slots[index];
-        let Some(req) = slot.request else {
-            return Ok(());
-        };
-        let (iov, count) = slot.io_vectors();
-        let entry = if req.kind == RequestKind::Read {
-            self.ring.readv(iov, count, slot.offset, index as u64)
-        } else {
-            self.ring.writev(
-                iov,
-                count,
-                slot.offset,
-                !self.device.config.writeback(),
-                index as u64,
-            )
-        };
-        self.push_for(index, &entry)
-    }
-
-    fn push_for(&mut self, index: usize, entry: &io_uring::squeue::Entry) -> io::Result<()> {
-        if let Some(gate) = &self.device.test_gate {
-            let byte: *mut u8 = &mut self.slots[index].gate_byte;
-            let read = uring::linked(Ring::read_byte(
-                std::os::fd::AsRawFd::as_raw_fd(gate),
-                byte,
-                GATE | index as u64,
-            ));
-            // SAFETY: the byte lives in the slot, which is not reused before this completes.
-            unsafe { self.ring.push(&read) }?;
-            self.slots[index].pending += 1;
-        }
-        // SAFETY: the entry points at the slot's iovec array (or bounce buffer) and, through
-        // it, at guest memory pinned by the slot; the slot is neither reused nor unpinned
-        // until `pending` drops to zero, i.e. until this entry's completion is reaped.
-        unsafe { self.ring.push(entry) }?;
-        self.slots[index].pending += 1;
-        Ok(())
-    }
-
-    /// Records a request's first error; a cancellation is counted once per request.
-    fn note_error(&mut self, index: usize, errno: i32) {
-        let slot = &mut self.slots[index];
-        if slot.errno.is_none() {
-            slot.errno = Some(errno);
-            if errno == libc::ECANCELED {
-                self.q
-                    .memory
-                    .stats()
-                    .cancelled
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
+        if let Some(done) = self.engine.submit(tag, operation, buffers) {
+            self.complete(done);
         }
     }
 
-    /// Cancels the operations of every in-flight request `matches` picks; they complete with
-    /// -ECANCELED and so with IOERR.
-    fn cancel_where(&mut self, matches: impl Fn(&Slot) -> bool) -> io::Result<()> {
-        let targets: Vec<usize> = (0..self.slots.len())
-            .filter(|&i| self.slots[i].pending > 0 && matches(&self.slots[i]))
-            .collect();
-        for index in targets {
-            for target in [index as u64, GATE | index as u64] {
-                let entry = Ring::cancel_all(target, CANCEL);
-                // SAFETY: a cancel request points at no memory.
-                unsafe { self.ring.push(&entry) }?;
-            }
-        }
-        Ok(())
-    }
-
-    /// One completion of a request's operations (`gate`: the test gate's read in front of
-    /// one); the request finishes with its last.
-    fn complete_io(&mut self, index: usize, result: i32, gate: bool) -> io::Result<()> {
-        if index >= self.slots.len() {
+    /// A request the engine finished: its status follows from the result.
+    fn complete(&mut self, done: Completion) {
+        let index = usize::from(done.tag);
+        let Some(req) = self.slots.get(index).and_then(|s| s.request) else {
             tracing::error!(
-                "queue {}: completion for unknown slot {index}",
+                "queue {}: completion for unknown request {index}",
                 self.q.index
             );
-            return Ok(());
-        }
-        self.slots[index].pending = self.slots[index].pending.saturating_sub(1);
-        if result < 0 {
-            // A linked SQE cancelled because its predecessor failed keeps the first error.
-            self.note_error(index, -result);
-        }
-        let slot = &mut self.slots[index];
-        let kind = slot.request.map(|r| r.kind);
-        if result >= 0
-            && !gate
-            && matches!(kind, Some(RequestKind::Read | RequestKind::Write))
-            && slot.errno.is_none()
-        {
-            let done = result as u64;
-            if done == 0 && slot.remaining > 0 {
-                // End of file inside the capacity: the image shrank under us.
-                slot.errno = Some(libc::EIO);
-            } else if done < slot.remaining {
-                slot.advance(done);
-                return self.push_rw(index);
-            }
-        }
-        if slot.pending > 0 {
-            return Ok(());
-        }
-        let status = match slot.errno {
-            None => {
-                if kind == Some(RequestKind::Read) && slot.bounced {
-                    if let (Some(bounce), Some(buffers)) = (&slot.bounce, &mut slot.buffers) {
-                        let len = buffers.len() as usize;
-                        buffers.copy_in(&bounce.as_slice()[..len]);
+            return;
+        };
+        let status = match &done.result {
+            Ok(()) => {
+                if done.inline {
+                    if let Some(stats) = self.device.stats.get(self.q.index) {
+                        stats.record_inline();
                     }
                 }
                 STATUS_OK
             }
-            Some(errno) => {
-                let e = io::Error::from_raw_os_error(errno);
-                self.log_io_error(index, &e);
+            Err(e) => {
+                if e.raw_os_error() == Some(libc::ECANCELED) {
+                    self.q
+                        .memory
+                        .stats()
+                        .cancelled
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                self.log_io_error(&req, e);
                 STATUS_IOERR
             }
         };
-        self.finish(index, status);
-        Ok(())
+        self.finish(index, status, done.buffers);
     }
 
-    fn log_io_error(&mut self, index: usize, e: &io::Error) {
-        let slot = &self.slots[index];
+    fn log_io_error(&mut self, req: &Request, e: &io::Error) {
         if let Some(suppressed) = self.io_errors.check(Instant::now()) {
             tracing::warn!(
                 "queue {}: {:?} at byte {} failed on {}: {e}{}",
                 self.q.index,
-                slot.request.map(|r| r.kind),
-                slot.offset,
+                req.kind,
+                req.offset,
                 self.device.disk.name,
                 suppressed_note(suppressed)
             );
@@ -872,24 +514,23 @@ impl QueueServer {
     }
 
     /// Writes the status of a request and returns its chain to the driver.
-    fn finish(&mut self, index: usize, status: u8) {
-        let slot = &mut self.slots[index];
-        let Some(req) = slot.request else { return };
+    fn finish(&mut self, index: usize, status: u8, mut buffers: GuestBuffers) {
+        let Some(req) = self.slots[index].request else {
+            return;
+        };
         if let Some(stats) = self.device.stats.get(self.q.index) {
             stats.record(req.kind, req.len, status == STATUS_OK);
         }
-        if let Some(buffers) = &mut slot.buffers {
-            buffers.write_status(status);
-        }
+        buffers.write_status(status);
         // Bytes the device wrote into the driver's writable buffers, status included.
         let written = match req.kind {
             RequestKind::Read | RequestKind::GetId => req.len as u32 + 1,
             _ => 1,
         };
-        self.release(index, written);
+        self.release(index, written, buffers);
     }
 
-    fn release(&mut self, index: usize, used_len: u32) {
+    fn release(&mut self, index: usize, used_len: u32, buffers: GuestBuffers) {
         let head = self.slots[index].head;
         self.done += 1;
         if let Err(e) = self
@@ -907,10 +548,8 @@ impl QueueServer {
         // unmap.
         let slot = &mut self.slots[index];
         slot.request = None;
-        if let Some(buffers) = slot.buffers.take() {
-            slot.spare = buffers.release();
-        }
-        self.free.push(index as u32);
+        slot.spare = buffers.release();
+        self.free.push(index as Tag);
         self.in_flight -= 1;
     }
 
@@ -939,15 +578,13 @@ impl QueueServer {
         }
     }
 
-    /// Completes everything in flight, then cancels the eventfd reads so nothing the kernel
-    /// holds points into this server when it is dropped. `false` if the ring failed and that
-    /// cannot be known.
+    /// Completes everything in flight, then cancels the watches, so the engine holds nothing
+    /// the kernel may use when it is dropped. `false` if the engine failed and that cannot be
+    /// known.
     fn shutdown(&mut self) -> bool {
-        let mut outstanding_reads = 2;
-        let cancels = [Ring::cancel(KICK, CANCEL), Ring::cancel(WAKE, CANCEL)];
-        for entry in &cancels {
-            // SAFETY: a cancel request points at no memory.
-            if unsafe { self.ring.push(entry) }.is_err() {
+        let mut outstanding_watches = 2;
+        for token in [KICK, WAKE] {
+            if self.engine.unwatch(token).is_err() {
                 break;
             }
         }
@@ -956,16 +593,16 @@ impl QueueServer {
         let bound = self.device.retire_timeout;
         let start = Instant::now();
         let mut cancelled = false;
-        while self.in_flight > 0 || outstanding_reads > 0 {
-            let submitted = if cancelled {
-                self.ring.submit(1).map(|_| true)
+        while self.in_flight > 0 || outstanding_watches > 0 {
+            let entered = if cancelled {
+                self.engine.enter(true).map(|()| true)
             } else {
                 let left = bound
                     .saturating_sub(start.elapsed())
                     .max(Duration::from_millis(1));
-                self.ring.submit_timeout(1, left)
+                self.engine.enter_timeout(left)
             };
-            match submitted {
+            match entered {
                 Ok(true) => {}
                 Ok(false) => {
                     cancelled = true;
@@ -976,44 +613,34 @@ impl QueueServer {
                             self.in_flight,
                             start.elapsed().as_millis()
                         );
-                        if let Err(e) = self.cancel_where(|_| true) {
+                        if let Err(e) = self.engine.cancel(&|_| true) {
                             tracing::error!("queue {}: cannot cancel: {e}", self.q.index);
                         }
                     }
                     continue;
                 }
                 Err(e) => {
-                    tracing::error!("queue {}: cannot drain the ring: {e}", self.q.index);
+                    tracing::error!("queue {}: cannot drain the engine: {e}", self.q.index);
                     return false;
                 }
             }
             self.generation = self.q.memory.current();
-            let mut completions = std::mem::take(&mut self.completions);
-            self.ring.completions(&mut completions);
-            for c in &completions {
-                match c.user_data() {
-                    KICK | WAKE => outstanding_reads -= 1,
-                    CANCEL => {}
-                    slot => {
-                        let gate = slot & GATE != 0;
-                        if let Err(e) = self.complete_io((slot & !GATE) as usize, c.result(), gate)
-                        {
-                            tracing::error!("queue {}: {e}", self.q.index);
-                        }
-                    }
+            let mut events = std::mem::take(&mut self.events);
+            self.engine.reap(&mut events);
+            for event in events.drain(..) {
+                match event {
+                    Event::Watch {
+                        token: KICK | WAKE, ..
+                    } => outstanding_watches -= 1,
+                    Event::Watch { .. } => {}
+                    Event::Completed(done) => self.complete(done),
                 }
             }
-            self.completions = completions;
+            self.events = events;
         }
         self.notify();
         true
     }
-}
-
-fn misaligned(iovecs: &[libc::iovec], align: usize) -> bool {
-    iovecs
-        .iter()
-        .any(|v| (v.iov_base as usize) % align != 0 || v.iov_len % align != 0)
 }
 
 fn suppressed_note(suppressed: u64) -> String {

@@ -32,13 +32,8 @@ pub enum RequestKind {
     WriteZeroes,
 }
 
-/// One discard or write-zeroes range, in bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Segment {
-    pub offset: u64,
-    pub len: u64,
-    pub unmap: bool,
-}
+/// One discard or write-zeroes range, in bytes: what the engine is asked to do.
+pub use crate::io::Segment;
 
 /// The status byte of a request, as a host address in guest memory. Only an address: the
 /// request's [`GuestBuffers`](crate::vhost_user::GuestBuffers) pin it and write it.
