@@ -45,7 +45,7 @@ pub struct Ring {
     disabled: bool,
     /// Where watches read to; nothing reads it back.
     sink: ManuallyDrop<Box<UnsafeCell<u64>>>,
-    /// Watches pushed whose completion has not been reaped (see [`Ring::watched`]).
+    /// Watches pushed whose completion has not been reaped (see [`Ring::classify`]).
     watching: usize,
 }
 
