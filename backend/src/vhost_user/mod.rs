@@ -23,3 +23,6 @@ pub use memory::{
 };
 pub use session::Session;
 pub use vring::{CallFd, QueueControl, RunningQueue};
+
+#[cfg(test)]
+pub(crate) use memory::test_memory;

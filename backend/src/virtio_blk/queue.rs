@@ -650,3 +650,7 @@ fn suppressed_note(suppressed: u64) -> String {
         format!(" ({suppressed} similar messages suppressed)")
     }
 }
+
+#[cfg(test)]
+#[path = "queue_tests.rs"]
+mod tests;
