@@ -15,46 +15,23 @@
 //! copies in and out of guest memory, zeroing and the status byte are safe methods; only the
 //! iovecs handed to the kernel (io_uring, `preadv2`) need `unsafe`, at that edge.
 //!
-//! The iovecs and the pin list are vectors reused from request to request ([`RawBuffers`]), so
-//! the steady state allocates nothing.
+//! The value is one pointer to a heap block that goes from request to request ([`RawBuffers`]
+//! between them), vectors and all: moving a request's buffers to the engine and back copies a
+//! pointer, and the steady state allocates nothing.
 
 use std::ptr::NonNull;
 use std::sync::Arc;
 
 use super::memory::Generation;
-use super::pin::{Pin, RegionPin};
+use super::pin::RegionPin;
 
-/// Host iovecs of a parsed chain, not yet pinned: plain addresses that nothing dereferences.
-/// Also what a released [`GuestBuffers`] gives back, so its vectors are reused.
+/// What both states share, on the heap.
 #[derive(Debug, Default)]
-pub struct RawBuffers {
-    iovecs: Vec<libc::iovec>,
-    /// Always empty: kept for its capacity.
-    pins: Vec<Pin>,
-}
-
-// SAFETY: the iovecs are addresses only; nothing dereferences them until `Generation::pin`
-// checks them against a generation it keeps alive, and the pin vector is empty.
-unsafe impl Send for RawBuffers {}
-
-impl RawBuffers {
-    /// The vector the parser fills with a chain's host iovecs.
-    pub fn iovecs_mut(&mut self) -> &mut Vec<libc::iovec> {
-        &mut self.iovecs
-    }
-}
-
-/// The guest memory a request reads or writes: pinned from [`Generation::pin`] until dropped or
-/// [released](GuestBuffers::release).
-///
-/// Invariant: every iovec (from `next` on) and the status byte lie inside regions of
-/// `generation` that `pins` pins. When any buffer could not be pinned the iovecs are empty, so
-/// nothing but the status byte can be written.
-#[derive(Debug)]
-pub struct GuestBuffers {
-    /// Declared before `generation`: fields drop in order, so the regions are unpinned while
-    /// still mapped.
-    pins: Vec<Pin>,
+struct Parts {
+    /// Indices of the regions (in `generation`) pinned for the request, each once; unpinned on
+    /// drop, before the generation (and maybe the mappings) goes. An index rather than an `Arc`
+    /// of the pin: the generation keeps the pins alive.
+    pinned: Vec<u16>,
     iovecs: Vec<libc::iovec>,
     /// The first iovec not yet consumed by [`GuestBuffers::advance`].
     next: usize,
@@ -62,13 +39,52 @@ pub struct GuestBuffers {
     len: u64,
     status: Option<NonNull<u8>>,
     complete: bool,
-    generation: Arc<Generation>,
+    /// `Some` while pinned (a [`GuestBuffers`]), `None` in [`RawBuffers`].
+    generation: Option<Arc<Generation>>,
 }
 
-// SAFETY: the pointers are into guest memory kept mapped by `generation` and pinned by `pins`,
-// both owned by this value; whoever holds the value (one queue thread, or the kernel through an
-// engine that holds it) is the only user of the buffers.
-unsafe impl Send for GuestBuffers {}
+// SAFETY: while `generation` is `None` the pointers are addresses nothing dereferences; while
+// it is `Some`, they point into guest memory that generation keeps mapped and `pinned` pins,
+// both owned here, and whoever owns the value (one queue thread, or an engine holding it for
+// the kernel) is the only user of the buffers.
+unsafe impl Send for Parts {}
+
+impl Parts {
+    fn unpin(&mut self) {
+        if let Some(generation) = &self.generation {
+            for index in self.pinned.drain(..) {
+                generation.region_pin(usize::from(index)).unpin();
+            }
+        }
+    }
+}
+
+impl Drop for Parts {
+    fn drop(&mut self) {
+        self.unpin();
+    }
+}
+
+/// Host iovecs of a parsed chain, not yet pinned: plain addresses that nothing dereferences.
+/// Also what a released [`GuestBuffers`] gives back, so its allocations are reused.
+#[derive(Debug, Default)]
+pub struct RawBuffers(Box<Parts>);
+
+impl RawBuffers {
+    /// The vector the parser fills with a chain's host iovecs.
+    pub fn iovecs_mut(&mut self) -> &mut Vec<libc::iovec> {
+        &mut self.0.iovecs
+    }
+}
+
+/// The guest memory a request reads or writes: pinned from [`Generation::pin`] until dropped or
+/// [released](GuestBuffers::release).
+///
+/// Invariant: `generation` is `Some`, and every iovec (from `next` on) and the status byte lie
+/// inside regions of it listed in `pinned`, each pinned once by this value. When any buffer
+/// could not be pinned the iovecs are empty, so nothing but the status byte can be written.
+#[derive(Debug)]
+pub struct GuestBuffers(Box<Parts>);
 
 impl GuestBuffers {
     /// Pins what `raw` and `status` point at in `generation` (see [`Generation::pin`]).
@@ -77,69 +93,59 @@ impl GuestBuffers {
         raw: RawBuffers,
         status: Option<*const u8>,
     ) -> GuestBuffers {
-        let RawBuffers {
-            mut iovecs,
-            mut pins,
-        } = raw;
-        debug_assert!(pins.is_empty());
+        let mut parts = raw.0;
+        debug_assert!(parts.pinned.is_empty() && parts.generation.is_none());
+        parts.generation = Some(generation.clone());
+        let Parts { pinned, iovecs, .. } = &mut *parts;
         // The status byte first: without it not even a status may be written.
         let status = status
-            .filter(|&at| pin_range(generation, &mut pins, at as usize, 1))
+            .filter(|&at| pin_range(generation, pinned, at as usize, 1))
             .and_then(|at| NonNull::new(at.cast_mut()));
         let complete = status.is_some()
             && iovecs
                 .iter()
-                .all(|v| pin_range(generation, &mut pins, v.iov_base as usize, v.iov_len));
+                .all(|v| pin_range(generation, pinned, v.iov_base as usize, v.iov_len));
         if !complete {
             iovecs.clear();
         }
-        let len = iovecs.iter().map(|v| v.iov_len as u64).sum();
-        GuestBuffers {
-            pins,
-            iovecs,
-            next: 0,
-            len,
-            status,
-            complete,
-            generation: generation.clone(),
-        }
+        parts.len = parts.iovecs.iter().map(|v| v.iov_len as u64).sum();
+        parts.next = 0;
+        parts.status = status;
+        parts.complete = complete;
+        GuestBuffers(parts)
     }
 
     /// Whether the status byte and every buffer are pinned: the request may go ahead. When
     /// not, the buffers are empty and only the status byte (if pinned) can be written.
     pub fn is_complete(&self) -> bool {
-        self.complete
-    }
-
-    /// The generation the buffers were found in.
-    pub fn generation(&self) -> &Arc<Generation> {
-        &self.generation
+        self.0.complete
     }
 
     /// Bytes left in the buffers.
     pub fn len(&self) -> u64 {
-        self.len
+        self.0.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.0.len == 0
     }
 
     /// The iovecs left, for the kernel. They stay valid, and their array stays where it is,
     /// while this value lives (moving it does not move the array).
     pub fn iovecs(&self) -> &[libc::iovec] {
-        &self.iovecs[self.next..]
+        &self.0.iovecs[self.0.next..]
     }
 
     /// Moves past `done` bytes (a short read or write), at most what is left.
     pub fn advance(&mut self, done: u64) {
-        let mut left = done.min(self.len);
-        self.len -= left;
+        let parts = &mut *self.0;
+        let mut left = done.min(parts.len);
+        parts.len -= left;
         while left > 0 {
-            let v = &mut self.iovecs[self.next];
+            let v = &mut parts.iovecs[parts.next];
             if left >= v.iov_len as u64 {
                 left -= v.iov_len as u64;
-                self.next += 1;
+                parts.next += 1;
             } else {
                 v.iov_base = v.iov_base.cast::<u8>().wrapping_add(left as usize).cast();
                 v.iov_len -= left as usize;
@@ -152,11 +158,11 @@ impl GuestBuffers {
     /// copied (fewer than `data` when the buffers are shorter).
     pub fn copy_in(&mut self, data: &[u8]) -> usize {
         let mut at = 0;
-        for v in &self.iovecs[self.next..] {
+        for v in self.iovecs() {
             let n = v.iov_len.min(data.len() - at);
-            // SAFETY: the iovec lies in guest memory that `generation` keeps mapped and `pins`
-            // pins (the type's invariant); `n` is within both it and `data`, which is ours and
-            // so not guest memory.
+            // SAFETY: the iovec lies in guest memory that the generation keeps mapped and the
+            // pins pin (the type's invariant); `n` is within both it and `data`, which is ours
+            // and so not guest memory.
             unsafe { std::ptr::copy_nonoverlapping(data[at..].as_ptr(), v.iov_base.cast(), n) };
             at += n;
             if at == data.len() {
@@ -170,7 +176,7 @@ impl GuestBuffers {
     /// copied.
     pub fn copy_out(&self, out: &mut [u8]) -> usize {
         let mut at = 0;
-        for v in &self.iovecs[self.next..] {
+        for v in self.iovecs() {
             let n = v.iov_len.min(out.len() - at);
             // SAFETY: as in copy_in, in the other direction.
             unsafe {
@@ -186,7 +192,7 @@ impl GuestBuffers {
 
     /// Fills what is left of the buffers with zeroes.
     pub fn zero(&mut self) {
-        for v in &self.iovecs[self.next..] {
+        for v in self.iovecs() {
             // SAFETY: guest memory kept mapped and pinned by this value (the invariant).
             unsafe { std::ptr::write_bytes(v.iov_base.cast::<u8>(), 0, v.iov_len) };
         }
@@ -194,47 +200,58 @@ impl GuestBuffers {
 
     /// Writes the request's status byte; `false` when the chain has none this value could pin.
     pub fn write_status(&mut self, status: u8) -> bool {
-        let Some(at) = self.status else { return false };
-        // SAFETY: the status byte lies in a region `pins` pins, of the generation this value
-        // keeps mapped; the parser took it from a device-writable descriptor.
+        let Some(at) = self.0.status else {
+            return false;
+        };
+        // SAFETY: the status byte lies in a region this value pins, of the generation it keeps
+        // mapped; the parser took it from a device-writable descriptor.
         unsafe { at.as_ptr().write_volatile(status) };
         true
     }
 
     /// Whether the buffers or the status byte lie in any of `regions`.
     pub fn uses_any(&self, regions: &[Arc<RegionPin>]) -> bool {
-        self.pins
-            .iter()
-            .any(|p| regions.iter().any(|r| Arc::ptr_eq(p.region(), r)))
+        let Some(generation) = &self.0.generation else {
+            return false;
+        };
+        self.0.pinned.iter().any(|&i| {
+            let pin = generation.region_pin(usize::from(i));
+            regions.iter().any(|r| Arc::ptr_eq(pin, r))
+        })
     }
 
-    /// Unpins everything and lets the generation go; returns the vectors for the next request.
-    /// Call it once the request's status and used entry are written.
-    pub fn release(mut self) -> RawBuffers {
-        let mut iovecs = std::mem::take(&mut self.iovecs);
-        let mut pins = std::mem::take(&mut self.pins);
-        iovecs.clear();
-        pins.clear();
-        RawBuffers { iovecs, pins }
+    /// Unpins everything and lets the generation go; returns the allocations for the next
+    /// request. Call it once the request's status and used entry are written.
+    pub fn release(self) -> RawBuffers {
+        let mut parts = self.0;
+        parts.unpin();
+        parts.iovecs.clear();
+        parts.next = 0;
+        parts.len = 0;
+        parts.status = None;
+        parts.complete = false;
+        parts.generation = None;
+        RawBuffers(parts)
     }
 }
 
-/// Pins the region of `generation` holding `[start, start + len)` into `pins` (once per
-/// region); `false` if no region holds it all or the region is retiring.
-fn pin_range(generation: &Generation, pins: &mut Vec<Pin>, start: usize, len: usize) -> bool {
-    let Some(region) = generation.region_of(start, len) else {
+/// Pins the region of `generation` holding `[start, start + len)` for a request, recording it
+/// in `pinned` (once per region); `false` if no region holds it all or the region is retiring.
+fn pin_range(generation: &Generation, pinned: &mut Vec<u16>, start: usize, len: usize) -> bool {
+    let Some(index) = generation
+        .region_index(start, len)
+        .and_then(|i| u16::try_from(i).ok())
+    else {
         return false;
     };
-    if pins.iter().any(|p| Arc::ptr_eq(p.region(), region)) {
+    if pinned.contains(&index) {
         return true;
     }
-    match Pin::take(region) {
-        Some(pin) => {
-            pins.push(pin);
-            true
-        }
-        None => false,
+    if !generation.region_pin(usize::from(index)).try_pin() {
+        return false;
     }
+    pinned.push(index);
+    true
 }
 
 #[cfg(test)]
@@ -281,9 +298,10 @@ mod tests {
         assert!(buffers.uses_any(&[generation.pins()[1].clone()]));
         let raw = buffers.release();
         assert_eq!(in_flight(&generation), [0, 0]);
-        assert!(raw.iovecs.is_empty() && raw.pins.is_empty());
+        assert!(raw.0.iovecs.is_empty() && raw.0.pinned.is_empty());
+        assert!(raw.0.generation.is_none(), "the generation is let go");
         assert!(
-            raw.iovecs.capacity() >= 3,
+            raw.0.iovecs.capacity() >= 3,
             "the vectors are kept for the next request"
         );
     }

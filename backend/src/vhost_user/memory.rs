@@ -127,14 +127,20 @@ impl Generation {
         self.regions.is_empty()
     }
 
-    /// The pin of the region whose mapping holds host addresses `[start, start + len)`.
-    pub(super) fn region_of(&self, start: usize, len: usize) -> Option<&Arc<RegionPin>> {
-        self.regions.iter().find_map(|r| {
+    /// The index of the region whose mapping holds host addresses `[start, start + len)`.
+    pub(super) fn region_index(&self, start: usize, len: usize) -> Option<usize> {
+        self.regions.iter().position(|r| {
             let base = r.mapping.as_ptr() as usize;
-            let offset = start.checked_sub(base)?;
-            let end = offset.checked_add(len)?;
-            (offset < r.size as usize && end <= r.size as usize).then_some(&r.pin)
+            start
+                .checked_sub(base)
+                .and_then(|offset| Some((offset, offset.checked_add(len)?)))
+                .is_some_and(|(offset, end)| offset < r.size as usize && end <= r.size as usize)
         })
+    }
+
+    /// The pin of region `index` (from [`Generation::region_index`]).
+    pub(super) fn region_pin(&self, index: usize) -> &Arc<RegionPin> {
+        &self.regions[index].pin
     }
 
     /// Pins what a parsed chain points at, for one request: the regions holding the status

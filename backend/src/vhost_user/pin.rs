@@ -12,12 +12,14 @@
 //! flag, or the session sees the request's increment. The decrement releases what the request
 //! did to guest memory; the session's load that sees it acquires it. So no request touches the
 //! region after the session stopped waiting.
+//!
+//! A request's pins are held by its [`GuestBuffers`](super::GuestBuffers), which unpin when
+//! dropped or released, so no code path can forget to unpin or unpin twice.
 
 #[cfg(loom)]
 use loom::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
 #[cfg(not(loom))]
 use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
 
 /// The in-flight requests using one region, and whether it is being retired.
 #[derive(Debug)]
@@ -67,27 +69,6 @@ impl RegionPin {
     }
 }
 
-/// One request's pin on one region, taken by [`Pin::take`] and released when dropped.
-#[derive(Debug)]
-pub(super) struct Pin(Arc<RegionPin>);
-
-impl Pin {
-    /// Pins `region`; `None` once it is retiring.
-    pub(super) fn take(region: &Arc<RegionPin>) -> Option<Pin> {
-        region.try_pin().then(|| Pin(region.clone()))
-    }
-
-    pub(super) fn region(&self) -> &Arc<RegionPin> {
-        &self.0
-    }
-}
-
-impl Drop for Pin {
-    fn drop(&mut self) {
-        self.0.unpin();
-    }
-}
-
 #[cfg(all(test, loom))]
 mod loom_tests {
     use super::RegionPin;
@@ -125,8 +106,7 @@ mod loom_tests {
 
 #[cfg(all(test, not(loom)))]
 mod tests {
-    use super::{Pin, RegionPin};
-    use std::sync::Arc;
+    use super::RegionPin;
 
     #[test]
     fn pins_fail_once_retiring_and_counts_balance() {
@@ -140,22 +120,5 @@ mod tests {
         pin.unpin();
         pin.unpin();
         assert_eq!(pin.in_flight(), 0);
-    }
-
-    #[test]
-    fn a_pin_unpins_when_dropped() {
-        let region = Arc::new(RegionPin::new(0, 4096));
-        let first = Pin::take(&region).expect("a live region pins");
-        let second = Pin::take(&region).expect("a live region pins");
-        assert_eq!(region.in_flight(), 2);
-        drop(first);
-        assert_eq!(region.in_flight(), 1);
-        region.retire();
-        assert!(
-            Pin::take(&region).is_none(),
-            "a retiring region takes no new pins"
-        );
-        drop(second);
-        assert_eq!(region.in_flight(), 0);
     }
 }

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
-use crate::io::{Completion, Engine, Event, Operation, Tag};
+use crate::io::{Completion, DiskEngine, Engine, Event, Operation, Tag};
 use crate::ratelimit::RateLimit;
 use crate::vhost_user::{Generation, GuestBuffers, RawBuffers, RunningQueue};
 
@@ -60,15 +60,16 @@ struct Slot {
     head: u16,
     /// Set while the request is in flight (its buffers are then the engine's).
     request: Option<Request>,
-    /// A finished request's buffers, kept for their capacity.
-    spare: RawBuffers,
+    /// A finished request's buffers, kept for their allocations.
+    spare: Option<RawBuffers>,
     segments: Vec<Segment>,
 }
 
-pub struct QueueServer {
+/// The loop of one queue over its engine: the disk's (`io::engine_for`), or a test's.
+pub struct QueueServer<E = DiskEngine> {
     device: Arc<BlockDevice>,
     q: RunningQueue,
-    engine: Box<dyn Engine>,
+    engine: E,
     slots: Vec<Slot>,
     free: Vec<Tag>,
     in_flight: usize,
@@ -101,13 +102,11 @@ impl QueueServer {
         let engine = crate::io::engine_for(&device.disk, gate, q.queue.size())?;
         Ok(QueueServer::with_engine(device, q, engine))
     }
+}
 
+impl<E: Engine> QueueServer<E> {
     /// The loop of `q` over `engine`, which must serve tags up to the queue's size.
-    pub fn with_engine(
-        device: Arc<BlockDevice>,
-        q: RunningQueue,
-        engine: Box<dyn Engine>,
-    ) -> QueueServer {
+    pub fn with_engine(device: Arc<BlockDevice>, q: RunningQueue, engine: E) -> QueueServer<E> {
         let size = q.queue.size();
         let generation = q.memory.current();
         let poll_max = device.poll_max;
@@ -395,7 +394,7 @@ impl QueueServer {
         let Some(tag) = self.free.pop() else { return };
         let index = usize::from(tag);
         let slot = &mut self.slots[index];
-        let mut raw = std::mem::take(&mut slot.spare);
+        let mut raw = slot.spare.take().unwrap_or_default();
         let parsed = request::parse(
             chain,
             generation.memory(),
@@ -548,7 +547,7 @@ impl QueueServer {
         // unmap.
         let slot = &mut self.slots[index];
         slot.request = None;
-        slot.spare = buffers.release();
+        slot.spare = Some(buffers.release());
         self.free.push(index as Tag);
         self.in_flight -= 1;
     }
