@@ -2,10 +2,9 @@
 //!
 //! The VMM may take guest memory back at any time: REM_MEM_REG (memory hot-unplug), a
 //! SET_MEM_TABLE that drops a region, GET_VRING_BASE (a stopped ring), disconnect. These tests
-//! hold requests in flight on purpose, with `--test-io-gate FIFO`: every I/O operation vublk
-//! submits for a request is linked behind a one-byte read from that FIFO, so it is a real
-//! pending io_uring request until the test writes a byte (one byte releases one operation, in
-//! submission order). Then they check, from outside the daemon:
+//! hold requests in flight on purpose, with `--test-io-gate FIFO`: every request that needs I/O
+//! waits behind a one-byte read from that FIFO, a real pending io_uring request, until the test
+//! writes a byte (one byte releases one request). Then they check, from outside the daemon:
 //!
 //! - when the reply to the message arrives (in a background thread, [`Session::
 //!   remove_region_in_background`] and friends), against what the gate let through;
@@ -81,7 +80,7 @@ impl Gate {
         }
     }
 
-    /// Lets `n` more operations through.
+    /// Lets `n` more requests through.
     fn release(&self, n: usize) {
         (&self.fifo)
             .write_all(&vec![b'g'; n])
@@ -1157,9 +1156,9 @@ fn frontend_gone_with_io_that_never_completes_is_cancelled_within_the_bound() {
     assert_running(&mut fx);
 }
 
-/// The gate itself (the other tests lean on it): one byte lets exactly one operation through
+/// The gate itself (the other tests lean on it): one byte lets exactly one request through
 /// (which one is up to the kernel: the gate's reads wait on the FIFO in no set order), and
-/// every held operation gets through in the end.
+/// every held request gets through in the end.
 #[test]
 fn test_io_gate_releases_one_operation_per_byte() {
     let gate = Gate::new();
@@ -1175,7 +1174,7 @@ fn test_io_gate_releases_one_operation_per_byte() {
     let mut order = Vec::new();
     for _ in 0..heads.len() {
         gate.release(1);
-        let used = s.wait_used(0, PROMPT).expect("one operation per byte");
+        let used = s.wait_used(0, PROMPT).expect("one request per byte");
         order.push(
             heads
                 .iter()
@@ -1186,7 +1185,7 @@ fn test_io_gate_releases_one_operation_per_byte() {
         assert_eq!(
             used_idx(&s) as usize,
             order.len(),
-            "one byte let more than one operation through"
+            "one byte let more than one request through"
         );
     }
     order.sort_unstable();

@@ -354,7 +354,7 @@ fn read_segs(
     (segs, status)
 }
 
-/// Early calls (worker.rs) stay one per wait of the driver: a batch published with one index
+/// Early calls (virtio_blk/queue.rs) stay one per wait of the driver: a batch published with one index
 /// update and one kick gets one call, with EVENT_IDX (the driver asked for a call at the first
 /// completion, and not again) and without it (one per round of the queue thread).
 #[test]

@@ -10,6 +10,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -72,8 +73,9 @@ pub struct Disk {
     /// (io/inline.rs); never with O_DIRECT.
     pub inline_read: InlineIo,
     pub inline_write: InlineIo,
-    /// The image mapped, on memory filesystems (io/mapped.rs): requests become copies.
-    pub mapping: Option<MappedImage>,
+    /// The image mapped, on memory filesystems (io/mapped.rs): requests become copies. Shared
+    /// with the queues' engines.
+    pub mapping: Option<Arc<MappedImage>>,
     /// A human name for logs and the default serial.
     pub name: String,
 }
@@ -274,6 +276,7 @@ impl Disk {
                     tracing::debug!("{}: not mapped ({e}); using system calls", path.display())
                 })
                 .ok()
+                .map(Arc::new)
         } else {
             None
         };

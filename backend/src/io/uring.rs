@@ -1,12 +1,15 @@
 //! A queue thread's io_uring: the backing file registered as fixed file 0, helpers that build
-//! the operations virtio-blk needs, and submission that never loses an entry when the
-//! submission queue is full.
+//! the operations virtio-blk needs, one-shot reads of eventfds (watches), and submission that
+//! never loses an entry when the submission queue is full.
 //!
-//! Callers pass raw pointers (iovec arrays, guest buffers, eventfd read buffers); every `push`
-//! is `unsafe` because the kernel uses them until the matching completion is reaped.
+//! Callers pass raw pointers (iovec arrays, guest buffers); every `push` is `unsafe` because
+//! the kernel uses them until the matching completion is reaped. Watches read into a sink the
+//! ring owns, which it leaks rather than frees while one may still be pending.
 
+use std::cell::UnsafeCell;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::mem::ManuallyDrop;
+use std::os::fd::RawFd;
 
 use io_uring::{opcode, squeue, types, IoUring};
 
@@ -20,10 +23,30 @@ pub const ALLOCATE: i32 = libc::FALLOC_FL_KEEP_SIZE;
 /// The fixed-file slot of the backing.
 const BACKING: types::Fixed = types::Fixed(0);
 
+/// user_data of watches (the token in the low 32 bits) and of cancel requests. Operations carry
+/// the caller's user_data, which must be below both.
+const WATCH: u64 = 1 << 62;
+const CANCEL: u64 = 1 << 63;
+
+/// What a completion was for (see [`Ring::classify`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reaped {
+    /// An operation, with the caller's user_data and the result.
+    Op(u64, i32),
+    /// A watch, with its token and the read's result.
+    Watch(u32, i32),
+    /// A cancel request.
+    Cancel,
+}
+
 pub struct Ring {
     ring: IoUring,
     has_backing: bool,
     disabled: bool,
+    /// Where watches read to; nothing reads it back.
+    sink: ManuallyDrop<Box<UnsafeCell<u64>>>,
+    /// Watches pushed whose completion has not been reaped (see [`Ring::classify`]).
+    watching: usize,
 }
 
 impl Ring {
@@ -52,6 +75,8 @@ impl Ring {
             ring,
             has_backing: backing.is_some(),
             disabled,
+            sink: ManuallyDrop::new(Box::new(UnsafeCell::new(0))),
+            watching: 0,
         })
     }
 
@@ -169,32 +194,58 @@ impl Ring {
             .user_data(user_data)
     }
 
-    /// Reads an eventfd's 8-byte counter into `buf`.
-    pub fn read_eventfd(fd: &impl AsRawFd, buf: *mut u64, user_data: u64) -> squeue::Entry {
-        opcode::Read::new(types::Fd(fd.as_raw_fd()), buf.cast(), 8)
+    /// Queues a one-shot read of `len` bytes (at most 8) from `fd` into the ring's sink; its
+    /// completion is [`Reaped::Watch`] with `token`.
+    pub fn watch(&mut self, fd: RawFd, len: u32, token: u32) -> io::Result<()> {
+        let entry = opcode::Read::new(types::Fd(fd), self.sink.get().cast(), len.min(8))
             .build()
-            .user_data(user_data)
+            .user_data(WATCH | u64::from(token));
+        // SAFETY: the sink is 8 bytes on the heap, owned by the ring and never read; the ring
+        // frees it only when no watch is outstanding (Drop), and leaks it otherwise.
+        unsafe { self.push(&entry) }?;
+        self.watching += 1;
+        Ok(())
     }
 
-    /// Cancels the pending operation tagged `target`.
-    pub fn cancel(target: u64, user_data: u64) -> squeue::Entry {
-        opcode::AsyncCancel::new(target)
+    /// Cancels the watch `token` (it completes with -ECANCELED if still pending).
+    pub fn unwatch(&mut self, token: u32) -> io::Result<()> {
+        let entry = opcode::AsyncCancel::new(WATCH | u64::from(token))
             .build()
-            .user_data(user_data)
+            .user_data(CANCEL);
+        // SAFETY: a cancel request points at no memory.
+        unsafe { self.push(&entry) }
     }
 
-    /// Cancels every pending operation tagged `target` (Linux 5.19+).
-    pub fn cancel_all(target: u64, user_data: u64) -> squeue::Entry {
-        opcode::AsyncCancel2::new(types::CancelBuilder::user_data(target).all())
+    /// Cancels every pending operation with `user_data` (Linux 5.19+); they complete with
+    /// -ECANCELED.
+    pub fn cancel_ops(&mut self, user_data: u64) -> io::Result<()> {
+        let entry = opcode::AsyncCancel2::new(types::CancelBuilder::user_data(user_data).all())
             .build()
-            .user_data(user_data)
+            .user_data(CANCEL);
+        // SAFETY: a cancel request points at no memory.
+        unsafe { self.push(&entry) }
     }
 
-    /// Reads one byte from `fd` into `buf` (the test I/O gate).
-    pub fn read_byte(fd: RawFd, buf: *mut u8, user_data: u64) -> squeue::Entry {
-        opcode::Read::new(types::Fd(fd), buf, 1)
-            .build()
-            .user_data(user_data)
+    /// What `cqe` was for; a watch's completion counts as reaped.
+    pub fn classify(&mut self, cqe: &Completion) -> Reaped {
+        match cqe.user_data() {
+            CANCEL => Reaped::Cancel,
+            watch if watch & WATCH != 0 => {
+                self.watching = self.watching.saturating_sub(1);
+                Reaped::Watch((watch & !WATCH) as u32, cqe.result())
+            }
+            user_data => Reaped::Op(user_data, cqe.result()),
+        }
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        if self.watching == 0 {
+            // SAFETY: no read into the sink is outstanding, and it is not used again.
+            unsafe { ManuallyDrop::drop(&mut self.sink) };
+        }
+        // Otherwise the kernel may still write the sink: leave it allocated.
     }
 }
 

@@ -1,17 +1,18 @@
 //! Guest memory tables as generations, and regions with explicit lifetimes.
 //!
 //! Every memory table the frontend installs (SET_MEM_TABLE, ADD_MEM_REG, REM_MEM_REG) becomes a
-//! new [`Generation`] with its own id. Queue threads load the current generation and keep an
-//! `Arc` of it in every request they parse until its completion is written back: that `Arc` is
-//! the pin. A mapping is unmapped when the last generation holding its region is dropped, so it
-//! can never go away under an in-flight I/O.
+//! new [`Generation`] with its own id. Queue threads load the current generation and parse each
+//! chain against it; [`Generation::pin`] turns what the parser found into the request's
+//! [`GuestBuffers`] (buffers.rs), which keep an `Arc` of the generation until the request's
+//! completion is written back. A mapping is unmapped when the last generation holding its
+//! region is dropped, so it can never go away under an in-flight I/O.
 //!
 //! On top of that, each region has a [`RegionPin`]: a count of the in-flight requests whose
 //! buffers (or status byte) lie in it, and a `retiring` flag. It is what makes retiring
 //! memory wait for exactly the requests that use it:
 //!
-//! - a request pins every region it touches with [`RegionPin::try_pin`], which fails once the
-//!   region is retiring (the kernel's `mmget_not_zero`): increment, then check the flag;
+//! - a request pins every region it touches (`RegionPin::try_pin`, through
+//!   [`Generation::pin`]), which fails once the region is retiring (the kernel's `mmget_not_zero`): increment, then check the flag;
 //! - the session retiring a region (REM_MEM_REG, a SET_MEM_TABLE that drops it, disconnect)
 //!   sets the flag, then waits for the count to reach zero: set, then check the count.
 //!
@@ -27,6 +28,7 @@ use thiserror::Error;
 use vhost::vhost_user::message::VhostUserMemoryRegion;
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
+pub use super::buffers::{GuestBuffers, RawBuffers};
 pub use super::pin::RegionPin;
 
 #[derive(Debug, Error)]
@@ -125,13 +127,35 @@ impl Generation {
         self.regions.is_empty()
     }
 
-    /// The pin of the region holding host address `ptr` (a pointer into one of our mappings).
-    pub fn pin_of(&self, ptr: *const u8) -> Option<&Arc<RegionPin>> {
-        let addr = ptr as usize;
-        self.regions.iter().find_map(|r| {
-            let start = r.mapping.as_ptr() as usize;
-            (addr >= start && addr - start < r.size as usize).then_some(&r.pin)
+    /// The index of the region whose mapping holds host addresses `[start, start + len)`.
+    pub(super) fn region_index(&self, start: usize, len: usize) -> Option<usize> {
+        self.regions.iter().position(|r| {
+            let base = r.mapping.as_ptr() as usize;
+            start
+                .checked_sub(base)
+                .and_then(|offset| Some((offset, offset.checked_add(len)?)))
+                .is_some_and(|(offset, end)| offset < r.size as usize && end <= r.size as usize)
         })
+    }
+
+    /// The pin of region `index` (from [`Generation::region_index`]).
+    pub(super) fn region_pin(&self, index: usize) -> &Arc<RegionPin> {
+        &self.regions[index].pin
+    }
+
+    /// Pins what a parsed chain points at, for one request: the regions holding the status
+    /// byte at `status` and every iovec of `raw` (host addresses inside this generation's
+    /// mappings), which must not be retiring. The result keeps this generation and the pins
+    /// until it is released; [`GuestBuffers::is_complete`] says whether everything was
+    /// pinned.
+    pub fn pin(self: &Arc<Self>, raw: RawBuffers, status: Option<*const u8>) -> GuestBuffers {
+        GuestBuffers::pin(self, raw, status)
+    }
+
+    /// The pins of the regions, in guest address order.
+    #[cfg(test)]
+    pub(crate) fn pins(&self) -> Vec<Arc<RegionPin>> {
+        self.regions.iter().map(|r| r.pin.clone()).collect()
     }
 
     /// Translates a frontend virtual address (as in SET_VRING_ADDR) into a guest address.
@@ -317,4 +341,23 @@ impl GuestMemoryHandle {
             cancelled: self.stats.cancelled.load(Ordering::Relaxed),
         }
     }
+}
+
+/// Guest memory for unit tests: regions `(guest address, size)` backed by files in /dev/shm,
+/// installed with SET_MEM_TABLE's path. The frontend addresses are made up (0x7f00_0000_0000
+/// plus the guest address).
+#[cfg(test)]
+pub(crate) fn test_memory(regions: &[(u64, u64)]) -> GuestMemoryHandle {
+    let handle = GuestMemoryHandle::default();
+    let (table, files): (Vec<_>, Vec<_>) = regions
+        .iter()
+        .map(|&(gpa, size)| {
+            let file = tempfile::tempfile_in("/dev/shm").expect("a file in /dev/shm");
+            file.set_len(size).expect("size the region's file");
+            let region = VhostUserMemoryRegion::new(gpa, size, 0x7f00_0000_0000 + gpa, 0);
+            (region, file)
+        })
+        .unzip();
+    handle.set_table(&table, files).expect("install the table");
+    handle
 }

@@ -8,6 +8,7 @@
 //! is that handler, and owning it is also what lets us control when memory is retired and when
 //! a stopped ring's in-flight requests have finished.
 
+mod buffers;
 mod connection;
 mod device;
 mod memory;
@@ -17,6 +18,11 @@ mod vring;
 
 pub use connection::{serve_connection, ConnectionEnd, ConnectionThread};
 pub use device::{QueueLoop, VirtioDevice};
-pub use memory::{Generation, GuestMemoryHandle, MemoryStatus, RegionPin};
+pub use memory::{
+    Generation, GuestBuffers, GuestMemoryHandle, MemoryStatus, RawBuffers, RegionPin,
+};
 pub use session::Session;
 pub use vring::{CallFd, QueueControl, RunningQueue};
+
+#[cfg(test)]
+pub(crate) use memory::test_memory;

@@ -12,6 +12,9 @@
 //! flag, or the session sees the request's increment. The decrement releases what the request
 //! did to guest memory; the session's load that sees it acquires it. So no request touches the
 //! region after the session stopped waiting.
+//!
+//! A request's pins are held by its [`GuestBuffers`](super::GuestBuffers), which unpin when
+//! dropped or released, so no code path can forget to unpin or unpin twice.
 
 #[cfg(loom)]
 use loom::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
@@ -38,7 +41,7 @@ impl RegionPin {
     }
 
     /// Pins the region for one request; `false` (and no pin) once it is retiring.
-    pub fn try_pin(&self) -> bool {
+    pub(super) fn try_pin(&self) -> bool {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         fence(Ordering::SeqCst);
         if self.retiring.load(Ordering::Relaxed) {
@@ -49,7 +52,7 @@ impl RegionPin {
     }
 
     /// Drops a pin taken by [`RegionPin::try_pin`], after the request's completion is written.
-    pub fn unpin(&self) {
+    pub(super) fn unpin(&self) {
         self.in_flight.fetch_sub(1, Ordering::Release);
     }
 

@@ -43,7 +43,7 @@ pub struct QueueControl {
 }
 
 impl QueueControl {
-    fn new(enabled: bool) -> io::Result<QueueControl> {
+    pub(crate) fn new(enabled: bool) -> io::Result<QueueControl> {
         Ok(QueueControl {
             wake: EventFd::new(EFD_NONBLOCK)?,
             stop: AtomicBool::new(false),
@@ -70,7 +70,8 @@ impl QueueControl {
         std::mem::take(&mut *self.cancel.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    fn request_cancel(&self, pins: &[Arc<RegionPin>]) {
+    /// Asks the thread to cancel its requests that pin any of `pins`.
+    pub(crate) fn request_cancel(&self, pins: &[Arc<RegionPin>]) {
         self.cancel
             .lock()
             .unwrap_or_else(|e| e.into_inner())

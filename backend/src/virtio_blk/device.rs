@@ -8,9 +8,9 @@ use crate::disk::Disk;
 use crate::vhost_user::{GuestMemoryHandle, MemoryStatus, QueueLoop, RunningQueue, VirtioDevice};
 
 use super::config::{self, BlockConfig, DeviceOptions};
+use super::queue::QueueServer;
 use super::request::Limits;
 use super::stats::{self, DeviceTotals, QueueStats};
-use super::worker::QueueWorker;
 
 pub struct BlockDevice {
     pub(super) config: BlockConfig,
@@ -142,7 +142,7 @@ impl VirtioDevice for BlockDevice {
     }
 
     fn prepare_queue(self: Arc<Self>, queue: RunningQueue) -> io::Result<QueueLoop> {
-        let worker = QueueWorker::new(self, queue)?;
-        Ok(Box::new(move || worker.run()))
+        let server = QueueServer::new(self, queue)?;
+        Ok(Box::new(move || server.run()))
     }
 }

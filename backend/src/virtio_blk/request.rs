@@ -32,36 +32,22 @@ pub enum RequestKind {
     WriteZeroes,
 }
 
-/// One discard or write-zeroes range, in bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Segment {
-    pub offset: u64,
-    pub len: u64,
-    pub unmap: bool,
-}
+/// One discard or write-zeroes range, in bytes: what the engine is asked to do.
+pub use crate::io::Segment;
 
-/// The status byte of a request, as a host pointer into guest memory.
+/// The status byte of a request, as a host address in guest memory. Only an address: the
+/// request's [`GuestBuffers`](crate::vhost_user::GuestBuffers) pin it and write it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StatusByte(NonNull<u8>);
 
-// SAFETY: a StatusByte is a pointer into guest memory that is only dereferenced by the queue
-// thread that holds the request (and its generation pin); moving it between threads is fine.
+// SAFETY: a StatusByte is never dereferenced (see above); moving the address between threads
+// is fine.
 unsafe impl Send for StatusByte {}
 
 impl StatusByte {
-    /// Where it is, to find the memory region it lies in.
+    /// Where it is, to pin the memory region it lies in.
     pub fn as_ptr(self) -> *const u8 {
         self.0.as_ptr()
-    }
-
-    /// Writes the status.
-    ///
-    /// # Safety
-    /// The memory generation the request was parsed against must still be pinned.
-    pub unsafe fn write(self, status: u8) {
-        // SAFETY: the caller guarantees the mapping is alive; the pointer came from a guest
-        // region lookup of a writable descriptor's last byte.
-        unsafe { self.0.as_ptr().write_volatile(status) }
     }
 }
 

@@ -257,7 +257,7 @@ impl Guest {
         );
         let before = self.read_byte(addr - 1);
         // SAFETY: `self.mem`, the mapping the chain was parsed against, is alive and borrowed.
-        unsafe { status.write(code) };
+        unsafe { status.as_ptr().cast_mut().write_volatile(code) };
         assert_eq!(self.read_byte(addr), code, "status byte in guest memory");
         assert_eq!(
             self.read_byte(addr - 1),

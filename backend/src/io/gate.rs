@@ -1,0 +1,172 @@
+//! The test I/O gate (`--test-io-gate FIFO`, hidden): a wrapper engine that holds every request
+//! until it has read one byte from a FIFO, then hands it to the engine it wraps. The protocol
+//! tests use it to keep requests in flight for as long as they like (docs/memory.md): a held
+//! request owns its pinned buffers, and its pending read is a real io_uring operation the
+//! queue's retirement bound can cancel.
+//!
+//! Being a wrapper, it costs the engines it does not wrap nothing.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::Duration;
+
+use crate::vhost_user::GuestBuffers;
+
+use super::engine::{Completion, Engine, Event, Operation, Segment, Tag};
+
+/// Watch tokens of the gate's reads: this plus the request's tag, above the queue loop's own.
+const GATE: u32 = 1 << 16;
+
+#[derive(Debug, Clone, Copy)]
+enum Held {
+    Read { offset: u64 },
+    Write { offset: u64, dsync: bool },
+    Flush,
+    Discard,
+    WriteZeroes,
+}
+
+/// A request waiting for its byte.
+struct Waiting {
+    held: Held,
+    /// Discard and write-zeroes ranges (the vector is reused).
+    segments: Vec<Segment>,
+    buffers: Option<GuestBuffers>,
+}
+
+pub struct Gated<E> {
+    inner: E,
+    fifo: File,
+    waiting: Vec<Waiting>,
+    scratch: Vec<Event>,
+}
+
+impl<E: Engine> Gated<E> {
+    /// Holds each request of `inner` (serving up to `depth` at once) for a byte of `fifo`.
+    pub fn new(inner: E, fifo: File, depth: u16) -> Gated<E> {
+        Gated {
+            inner,
+            fifo,
+            waiting: (0..depth)
+                .map(|_| Waiting {
+                    held: Held::Flush,
+                    segments: Vec::new(),
+                    buffers: None,
+                })
+                .collect(),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// The byte for `tag` came (`result` >= 0) or its read failed: pass the request on, or
+    /// fail it.
+    fn open(&mut self, tag: Tag, result: i32) -> Option<Completion> {
+        let waiting = self.waiting.get_mut(usize::from(tag))?;
+        let buffers = waiting.buffers.take()?;
+        if result < 0 {
+            let error = io::Error::from_raw_os_error(-result);
+            return Some(Completion::new(tag, Err(error), buffers));
+        }
+        let operation = match waiting.held {
+            Held::Read { offset } => Operation::Read { offset },
+            Held::Write { offset, dsync } => Operation::Write { offset, dsync },
+            Held::Flush => Operation::Flush,
+            Held::Discard => Operation::Discard(&waiting.segments),
+            Held::WriteZeroes => Operation::WriteZeroes(&waiting.segments),
+        };
+        self.inner.submit(tag, operation, buffers)
+    }
+}
+
+impl<E: Engine> Engine for Gated<E> {
+    fn start(&mut self) -> io::Result<()> {
+        self.inner.start()
+    }
+
+    fn submit(
+        &mut self,
+        tag: Tag,
+        operation: Operation<'_>,
+        buffers: GuestBuffers,
+    ) -> Option<Completion> {
+        let Some(waiting) = self
+            .waiting
+            .get_mut(usize::from(tag))
+            .filter(|w| w.buffers.is_none())
+        else {
+            let error = io::Error::from_raw_os_error(libc::EINVAL);
+            return Some(Completion::new(tag, Err(error), buffers));
+        };
+        waiting.segments.clear();
+        waiting.held = match operation {
+            Operation::Read { offset } => Held::Read { offset },
+            Operation::Write { offset, dsync } => Held::Write { offset, dsync },
+            Operation::Flush => Held::Flush,
+            Operation::Discard(segments) => {
+                waiting.segments.extend_from_slice(segments);
+                Held::Discard
+            }
+            Operation::WriteZeroes(segments) => {
+                waiting.segments.extend_from_slice(segments);
+                Held::WriteZeroes
+            }
+        };
+        match self
+            .inner
+            .watch(self.fifo.as_raw_fd(), 1, GATE + u32::from(tag))
+        {
+            Ok(()) => {
+                waiting.buffers = Some(buffers);
+                None
+            }
+            Err(e) => Some(Completion::new(tag, Err(e), buffers)),
+        }
+    }
+
+    fn cancel(&mut self, which: &dyn Fn(&GuestBuffers) -> bool) -> io::Result<()> {
+        for (tag, waiting) in self.waiting.iter().enumerate() {
+            if waiting.buffers.as_ref().is_some_and(which) {
+                self.inner.unwatch(GATE + tag as u32)?;
+            }
+        }
+        self.inner.cancel(which)
+    }
+
+    fn watch(&mut self, fd: RawFd, len: u32, token: u32) -> io::Result<()> {
+        debug_assert!(token < GATE, "watch token {token} is the gate's");
+        self.inner.watch(fd, len, token)
+    }
+
+    fn unwatch(&mut self, token: u32) -> io::Result<()> {
+        self.inner.unwatch(token)
+    }
+
+    fn enter(&mut self, wait: bool) -> io::Result<()> {
+        self.inner.enter(wait)
+    }
+
+    fn enter_timeout(&mut self, timeout: Duration) -> io::Result<bool> {
+        self.inner.enter_timeout(timeout)
+    }
+
+    fn has_events(&mut self) -> bool {
+        self.inner.has_events()
+    }
+
+    fn reap(&mut self, events: &mut Vec<Event>) {
+        let mut inner = std::mem::take(&mut self.scratch);
+        self.inner.reap(&mut inner);
+        for event in inner.drain(..) {
+            match event {
+                Event::Watch { token, result } if token >= GATE => {
+                    if let Some(done) = self.open((token - GATE) as Tag, result) {
+                        events.push(Event::Completed(done));
+                    }
+                }
+                other => events.push(other),
+            }
+        }
+        self.scratch = inner;
+    }
+}

@@ -1,0 +1,655 @@
+//! The queue loop: one thread per virtqueue, between the virtqueue and the queue's I/O engine.
+//!
+//! ```text
+//!  kick ─▶ pop chains ─▶ parse (request.rs) ─▶ pin (GuestBuffers) ─▶ engine.submit ─┐
+//!                         └▶ rejected: status now                                    │
+//!  engine completions ◀──────────────────────────────────────────────────────────────┘
+//!   └▶ status byte ─▶ used ring ─▶ release the buffers ─▶ call, if the driver wants one
+//! ```
+//!
+//! The engine (io/engine.rs) does the I/O and owns each request's buffers until its completion;
+//! this loop only knows virtqueues and requests. The kick and control eventfds are watched
+//! through the engine too, so a single system call (`io_uring_enter`) both submits a batch and
+//! sleeps until the next kick, control change or completion.
+//!
+//! With EVENT_IDX the call goes out right after a chain completes on this thread (or after the
+//! batch of completions just reaped), before the rest of the avail ring is served: the driver
+//! wakes up while this thread works, and has chains back in the avail ring by the time it is
+//! done (QEMU's virtio-blk also notifies per completion). The driver asks for one call per
+//! wait, so this adds no interrupts. Without EVENT_IDX every check would be an interrupt, so
+//! there is one per round.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+
+use crate::io::{Completion, DiskEngine, Engine, Event, Operation, Tag};
+use crate::ratelimit::RateLimit;
+use crate::vhost_user::{Generation, GuestBuffers, RawBuffers, RunningQueue};
+
+use super::device::BlockDevice;
+use super::poll::PollPolicy;
+use super::request::{self, Buffers, Request, RequestKind, Scratch, Segment};
+use super::spec;
+
+/// Watch tokens of the kick and control eventfds.
+const KICK: u32 = 0;
+const WAKE: u32 = 1;
+
+/// Chains taken from the ring per wakeup before completions get a turn (vhost's weight).
+const BUDGET: usize = 256;
+
+/// What ended a spell of polling.
+enum Spin {
+    /// The driver made chains available.
+    Avail,
+    /// Completions (or task work that makes them), or a control request.
+    Event,
+    Timeout,
+}
+
+const STATUS_OK: u8 = spec::VIRTIO_BLK_S_OK as u8;
+const STATUS_IOERR: u8 = spec::VIRTIO_BLK_S_IOERR as u8;
+
+/// One request: its head, and what it asked; its index is the engine's tag.
+#[derive(Default)]
+struct Slot {
+    head: u16,
+    /// Set while the request is in flight (its buffers are then the engine's).
+    request: Option<Request>,
+    /// A finished request's buffers, kept for their allocations.
+    spare: Option<RawBuffers>,
+    segments: Vec<Segment>,
+}
+
+/// The loop of one queue over its engine: the disk's (`io::engine_for`), or a test's.
+pub struct QueueServer<E = DiskEngine> {
+    device: Arc<BlockDevice>,
+    q: RunningQueue,
+    engine: E,
+    slots: Vec<Slot>,
+    free: Vec<Tag>,
+    in_flight: usize,
+    scratch: Scratch,
+    events: Vec<Event>,
+    /// The generation the ring itself (descriptor table, avail, used) is accessed through.
+    generation: Arc<Generation>,
+    kicked: bool,
+    /// Every slot is in flight: take more chains once a completion frees one.
+    starved: bool,
+    /// Chains were left in the ring (budget spent or no free slot): look again without a kick.
+    backlog: bool,
+    used_added: bool,
+    /// The driver corrupted the ring (avail index jump): stop touching it until reset.
+    broken: bool,
+    /// The driver is told to kick (avail_event or flags are current); off while the thread
+    /// works or polls, so a busy driver does not kick at all.
+    kicks_on: bool,
+    poll: PollPolicy,
+    /// Requests completed so far, for the polling policy's epochs.
+    done: u64,
+    guest_errors: RateLimit,
+    io_errors: RateLimit,
+}
+
+impl QueueServer {
+    /// The loop of `q`, with the engine the device's disk calls for (`io::engine_for`).
+    pub fn new(device: Arc<BlockDevice>, q: RunningQueue) -> io::Result<QueueServer> {
+        let gate = device.test_gate.as_ref();
+        let engine = crate::io::engine_for(&device.disk, gate, q.queue.size())?;
+        Ok(QueueServer::with_engine(device, q, engine))
+    }
+}
+
+impl<E: Engine> QueueServer<E> {
+    /// The loop of `q` over `engine`, which must serve tags up to the queue's size.
+    pub fn with_engine(device: Arc<BlockDevice>, q: RunningQueue, engine: E) -> QueueServer<E> {
+        let size = q.queue.size();
+        let generation = q.memory.current();
+        let poll_max = device.poll_max;
+        QueueServer {
+            device,
+            engine,
+            slots: (0..size).map(|_| Slot::default()).collect(),
+            free: (0..size).rev().collect(),
+            in_flight: 0,
+            scratch: Scratch::default(),
+            events: Vec::with_capacity(usize::from(size) + 2),
+            generation,
+            q,
+            kicked: true,
+            starved: false,
+            backlog: false,
+            used_added: false,
+            broken: false,
+            kicks_on: false,
+            poll: PollPolicy::new(poll_max),
+            done: 0,
+            guest_errors: RateLimit::new(10, Duration::from_secs(5)),
+            io_errors: RateLimit::new(10, Duration::from_secs(5)),
+        }
+    }
+
+    fn watch_kick(&mut self) -> io::Result<()> {
+        self.engine.watch(self.q.kick.as_raw_fd(), 8, KICK)
+    }
+
+    fn watch_wake(&mut self) -> io::Result<()> {
+        let fd = self.q.control.wake_fd().as_raw_fd();
+        self.engine.watch(fd, 8, WAKE)
+    }
+
+    /// Serves the queue until told to stop; returns it with every taken request completed.
+    pub fn run(mut self) -> Queue {
+        if let Err(e) = self.serve() {
+            tracing::error!("queue {} stopped: its I/O engine failed: {e}", self.q.index);
+        }
+        if !self.shutdown() {
+            // Dropping the engine leaks what the kernel may still use (io/engine.rs).
+            tracing::error!(
+                "queue {}: {} request(s) left in flight",
+                self.q.index,
+                self.in_flight
+            );
+        }
+        std::mem::take(&mut self.q.queue)
+    }
+
+    fn serve(&mut self) -> io::Result<()> {
+        self.engine.start()?;
+        self.watch_kick()?;
+        self.watch_wake()?;
+        loop {
+            // Submit what the last round queued, and sleep until something happens unless
+            // there is work to do already (or polling found some).
+            let runnable = self.q.control.enabled() && !self.broken;
+            let mut idle_since = None;
+            let mut ready = self.ready();
+            if runnable && !ready {
+                idle_since = Some(Instant::now());
+                ready = self.idle()?;
+            }
+            self.engine.enter(!(runnable && ready))?;
+            let now = Instant::now();
+            if let Some(since) = idle_since {
+                self.poll.after_idle(now.duration_since(since));
+            }
+            if let Some(epoch) = self.poll.tick(now, self.done) {
+                if let Some(stats) = self.device.stats.get(self.q.index) {
+                    stats.record_epoch(epoch);
+                }
+            }
+            self.generation = self.q.memory.current();
+            self.reap()?;
+            self.notify_early();
+            if self.q.control.stop_requested() {
+                return Ok(());
+            }
+            if self.ready() && self.q.control.enabled() && !self.broken {
+                self.kicked = false;
+                self.process_avail();
+            }
+            self.notify();
+        }
+    }
+
+    /// Whether the avail ring has work this thread can take now.
+    fn ready(&self) -> bool {
+        self.backlog || self.kicked || (self.starved && !self.free.is_empty())
+    }
+
+    /// Nothing to do: poll for a while (the adaptive window), then turn kicks back on.
+    /// `true` if there is work after all, so the thread must not sleep.
+    fn idle(&mut self) -> io::Result<bool> {
+        if self.starved {
+            // Chains are waiting but every slot is in flight: only a completion helps, and
+            // it wakes the ring anyway.
+            return Ok(false);
+        }
+        // Poll only for new requests: with requests in flight on the ring, their completion
+        // wakes the thread anyway, and spinning through a device's latency (a disk read is
+        // ~100 µs) would cost a core for nothing the driver sees.
+        //
+        // Nor after such a sleep (kicks are on then): a driver waiting on a slow device wakes
+        // up slowly too, and the thread would spin through that. Measured at iodepth 1 on the
+        // disk (docs/benchmarks.md), polling after each completion cost 1.2-1.3x the CPU per
+        // I/O of sleeping until the kick, for no gain in IOPS; yielding the CPU in the spin
+        // (the driver is often woken on this CPU) did not win it back and slowed the null disk.
+        let window = self.poll.window();
+        if !window.is_zero() && !self.kicks_on && self.in_flight == 0 {
+            // Start the I/O this round queued before spinning on its completion.
+            self.engine.enter(false)?;
+            match self.spin(window) {
+                Spin::Avail => {
+                    self.kicked = true;
+                    return Ok(true);
+                }
+                Spin::Event => return Ok(true),
+                Spin::Timeout => {}
+            }
+        }
+        if self.kicks_on {
+            return Ok(false);
+        }
+        // Re-enable kicks, then look once more: a chain made available just before would
+        // otherwise wait for a kick the driver never sends.
+        let memory = self.q.memory.current();
+        match self.q.queue.enable_notification(memory.memory()) {
+            Ok(true) => {
+                self.kicked = true;
+                Ok(true)
+            }
+            Ok(false) => {
+                self.kicks_on = true;
+                Ok(false)
+            }
+            Err(e) => {
+                self.mark_broken(&e);
+                Ok(false)
+            }
+        }
+    }
+
+    /// Busy-polls the avail index, the completion queue and the control flags for up to
+    /// `window`. The driver does not kick meanwhile: its notifications are off.
+    fn spin(&mut self, window: Duration) -> Spin {
+        let start = Instant::now();
+        let memory = self.q.memory.current();
+        let stats = self.device.stats.get(self.q.index);
+        let outcome = loop {
+            match self
+                .q
+                .queue
+                .avail_idx(memory.memory(), std::sync::atomic::Ordering::Acquire)
+            {
+                Ok(idx) if idx.0 != self.q.queue.next_avail() => break Spin::Avail,
+                Ok(_) => {}
+                // Let the ring code find (and report) what is wrong.
+                Err(_) => break Spin::Avail,
+            }
+            if self.engine.has_events() || self.q.control.stop_requested() {
+                break Spin::Event;
+            }
+            if start.elapsed() >= window {
+                break Spin::Timeout;
+            }
+            std::hint::spin_loop();
+        };
+        if let Some(stats) = stats {
+            stats.record_poll(start.elapsed(), !matches!(outcome, Spin::Timeout));
+        }
+        outcome
+    }
+
+    /// Handles every ready event: completions, kicks, control wakeups. Every event is handled
+    /// even if re-arming a watch fails; that error is returned after.
+    fn reap(&mut self) -> io::Result<()> {
+        let mut events = std::mem::take(&mut self.events);
+        self.engine.reap(&mut events);
+        let mut result = Ok(());
+        for event in events.drain(..) {
+            let handled = match event {
+                Event::Completed(done) => {
+                    self.complete(done);
+                    Ok(())
+                }
+                Event::Watch { token: KICK, .. } => {
+                    self.kicked = true;
+                    if let Some(stats) = self.device.stats.get(self.q.index) {
+                        stats.record_kick();
+                    }
+                    self.watch_kick()
+                }
+                Event::Watch { token: WAKE, .. } => {
+                    // Enabled, stopping or cancelling: look at the ring again either way.
+                    self.kicked = true;
+                    let rearmed = self.watch_wake();
+                    rearmed.and(self.cancel_retiring())
+                }
+                Event::Watch { .. } => Ok(()),
+            };
+            if result.is_ok() {
+                result = handled;
+            }
+        }
+        self.events = events;
+        result
+    }
+
+    /// Cancels the requests that pin a region the session is waiting for (memory.md).
+    fn cancel_retiring(&mut self) -> io::Result<()> {
+        let regions = self.q.control.take_cancels();
+        if regions.is_empty() {
+            return Ok(());
+        }
+        self.engine.cancel(&|buffers| buffers.uses_any(&regions))
+    }
+
+    /// Takes chains from the avail ring, parses them and starts their I/O. Kicks stay off
+    /// until the thread is about to sleep (see `idle`).
+    fn process_avail(&mut self) {
+        self.backlog = false;
+        self.starved = false;
+        let mut generation = self.generation.clone();
+        let size = self.q.queue.size();
+        if self.kicks_on {
+            if let Err(e) = self.q.queue.disable_notification(generation.memory()) {
+                return self.mark_broken(&e);
+            }
+            self.kicks_on = false;
+        }
+        for _ in 0..BUDGET {
+            if self.free.is_empty() {
+                // Only a driver that reuses heads still in flight gets here: wait for
+                // completions to free a slot.
+                self.starved = true;
+                return;
+            }
+            // Each chain is parsed against the newest memory table (the frontend may have
+            // replaced it since the last chain), never a retired one.
+            let latest = self.q.memory.current();
+            if !Arc::ptr_eq(&latest, &generation) {
+                generation = latest;
+                self.generation = generation.clone();
+            }
+            let chain = match self.q.queue.iter(generation.memory()) {
+                Ok(mut iter) => iter.next(),
+                Err(e) => return self.mark_broken(&e),
+            };
+            let Some(chain) = chain else { return };
+            let head = chain.head_index();
+            if head >= size {
+                return self.mark_broken(&format!(
+                    "the driver made head {head} available in a ring of {size}"
+                ));
+            }
+            self.start_request(head, chain, &generation);
+            self.notify_early();
+        }
+        // Let completions and other queues have a turn; come back without a kick.
+        self.backlog = true;
+    }
+
+    /// Like the kernel's vq_err: a driver that corrupts its ring loses the queue until it
+    /// resets it; the daemon and every other queue carry on.
+    fn mark_broken(&mut self, e: &dyn std::fmt::Display) {
+        tracing::error!(
+            "queue {}: the driver corrupted the ring ({e}); queue stopped until reset",
+            self.q.index
+        );
+        self.broken = true;
+    }
+
+    /// Parses a chain, pins its buffers and hands it to the engine; a chain that fails either
+    /// is completed at once, with no I/O.
+    fn start_request(
+        &mut self,
+        head: u16,
+        chain: virtio_queue::DescriptorChain<&vm_memory::GuestMemoryMmap>,
+        generation: &Arc<Generation>,
+    ) {
+        let Some(tag) = self.free.pop() else { return };
+        let index = usize::from(tag);
+        let slot = &mut self.slots[index];
+        let mut raw = slot.spare.take().unwrap_or_default();
+        let parsed = request::parse(
+            chain,
+            generation.memory(),
+            &self.device.limits,
+            &mut self.scratch,
+            Buffers {
+                iovecs: raw.iovecs_mut(),
+                segments: &mut slot.segments,
+            },
+        );
+        slot.head = head;
+        self.in_flight += 1;
+        let status = match &parsed {
+            Ok(req) => Some(req.status),
+            Err(rejection) => rejection.status,
+        };
+        let mut buffers = generation.pin(raw, status.map(|s| s.as_ptr()));
+        match parsed {
+            Ok(req) if buffers.is_complete() => {
+                slot.request = Some(req);
+                self.submit(tag, req, buffers);
+            }
+            parsed => {
+                let (code, reason) = match &parsed {
+                    Ok(_) => (
+                        STATUS_IOERR,
+                        "guest gave buffers in memory being removed".to_string(),
+                    ),
+                    Err(rejection) => (rejection.code, rejection.error.to_string()),
+                };
+                if let Some(suppressed) = self.guest_errors.check(Instant::now()) {
+                    tracing::warn!(
+                        "queue {}: request {head} refused: {reason}{}",
+                        self.q.index,
+                        suppressed_note(suppressed)
+                    );
+                }
+                if let Some(stats) = self.device.stats.get(self.q.index) {
+                    stats.record_refused();
+                }
+                let written = buffers.write_status(code);
+                self.release(index, u32::from(written), buffers);
+            }
+        }
+    }
+
+    /// Hands a parsed request to the engine, or completes it here when it needs no I/O.
+    fn submit(&mut self, tag: Tag, req: Request, mut buffers: GuestBuffers) {
+        let index = usize::from(tag);
+        let segments = &self.slots[index].segments;
+        let operation = match req.kind {
+            RequestKind::GetId => {
+                // The parser capped the buffers at the serial's 20 bytes.
+                buffers.copy_in(&self.device.config.serial);
+                return self.finish(index, STATUS_OK, buffers);
+            }
+            RequestKind::Read => Operation::Read { offset: req.offset },
+            RequestKind::Write => Operation::Write {
+                offset: req.offset,
+                dsync: !self.device.config.writeback(),
+            },
+            RequestKind::Flush => Operation::Flush,
+            RequestKind::Discard => Operation::Discard(segments),
+            RequestKind::WriteZeroes => Operation::WriteZeroes(segments),
+        };
+        if let Some(done) = self.engine.submit(tag, operation, buffers) {
+            self.complete(done);
+        }
+    }
+
+    /// A request the engine finished: its status follows from the result.
+    fn complete(&mut self, done: Completion) {
+        let index = usize::from(done.tag);
+        let Some(req) = self.slots.get(index).and_then(|s| s.request) else {
+            tracing::error!(
+                "queue {}: completion for unknown request {index}",
+                self.q.index
+            );
+            return;
+        };
+        let status = match &done.result {
+            Ok(()) => {
+                if done.inline {
+                    if let Some(stats) = self.device.stats.get(self.q.index) {
+                        stats.record_inline();
+                    }
+                }
+                STATUS_OK
+            }
+            Err(e) => {
+                if e.raw_os_error() == Some(libc::ECANCELED) {
+                    self.q
+                        .memory
+                        .stats()
+                        .cancelled
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                self.log_io_error(&req, e);
+                STATUS_IOERR
+            }
+        };
+        self.finish(index, status, done.buffers);
+    }
+
+    fn log_io_error(&mut self, req: &Request, e: &io::Error) {
+        if let Some(suppressed) = self.io_errors.check(Instant::now()) {
+            tracing::warn!(
+                "queue {}: {:?} at byte {} failed on {}: {e}{}",
+                self.q.index,
+                req.kind,
+                req.offset,
+                self.device.disk.name,
+                suppressed_note(suppressed)
+            );
+        }
+    }
+
+    /// Writes the status of a request and returns its chain to the driver.
+    fn finish(&mut self, index: usize, status: u8, mut buffers: GuestBuffers) {
+        let Some(req) = self.slots[index].request else {
+            return;
+        };
+        if let Some(stats) = self.device.stats.get(self.q.index) {
+            stats.record(req.kind, req.len, status == STATUS_OK);
+        }
+        buffers.write_status(status);
+        // Bytes the device wrote into the driver's writable buffers, status included.
+        let written = match req.kind {
+            RequestKind::Read | RequestKind::GetId => req.len as u32 + 1,
+            _ => 1,
+        };
+        self.release(index, written, buffers);
+    }
+
+    fn release(&mut self, index: usize, used_len: u32, buffers: GuestBuffers) {
+        let head = self.slots[index].head;
+        self.done += 1;
+        if let Err(e) = self
+            .q
+            .queue
+            .add_used(self.generation.memory(), head, used_len)
+        {
+            tracing::error!(
+                "queue {}: cannot return request {head} to the driver: {e}",
+                self.q.index
+            );
+        }
+        self.used_added = true;
+        // Status and used entry are written: now the regions may retire and the generation
+        // unmap.
+        let slot = &mut self.slots[index];
+        slot.request = None;
+        slot.spare = Some(buffers.release());
+        self.free.push(index as Tag);
+        self.in_flight -= 1;
+    }
+
+    /// Interrupts now, mid-batch, if the driver wants one and EVENT_IDX keeps that to one
+    /// per wait of the driver (see the module comment).
+    fn notify_early(&mut self) {
+        if self.q.queue.event_idx_enabled() {
+            self.notify();
+        }
+    }
+
+    /// One interrupt for everything completed since the last, if the driver wants one.
+    fn notify(&mut self) {
+        if !std::mem::take(&mut self.used_added) {
+            return;
+        }
+        match self.q.queue.needs_notification(self.generation.memory()) {
+            Ok(false) => {}
+            // When in doubt, interrupt: a spurious interrupt costs less than a hung guest.
+            Ok(true) | Err(_) => {
+                self.q.call.signal();
+                if let Some(stats) = self.device.stats.get(self.q.index) {
+                    stats.record_call();
+                }
+            }
+        }
+    }
+
+    /// Completes everything in flight, then cancels the watches, so the engine holds nothing
+    /// the kernel may use when it is dropped. `false` if the engine failed and that cannot be
+    /// known.
+    fn shutdown(&mut self) -> bool {
+        let mut outstanding_watches = 2;
+        for token in [KICK, WAKE] {
+            if self.engine.unwatch(token).is_err() {
+                break;
+            }
+        }
+        // Requests get the device's bound to complete; then they are cancelled, and the
+        // cancellations are waited for: nothing may write guest memory after this returns.
+        let bound = self.device.retire_timeout;
+        let start = Instant::now();
+        let mut cancelled = false;
+        while self.in_flight > 0 || outstanding_watches > 0 {
+            let entered = if cancelled {
+                self.engine.enter(true).map(|()| true)
+            } else {
+                let left = bound
+                    .saturating_sub(start.elapsed())
+                    .max(Duration::from_millis(1));
+                self.engine.enter_timeout(left)
+            };
+            match entered {
+                Ok(true) => {}
+                Ok(false) => {
+                    cancelled = true;
+                    if self.in_flight > 0 {
+                        tracing::warn!(
+                            "queue {}: stopping with {} request(s) still in flight after {} ms; cancelling them",
+                            self.q.index,
+                            self.in_flight,
+                            start.elapsed().as_millis()
+                        );
+                        if let Err(e) = self.engine.cancel(&|_| true) {
+                            tracing::error!("queue {}: cannot cancel: {e}", self.q.index);
+                        }
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!("queue {}: cannot drain the engine: {e}", self.q.index);
+                    return false;
+                }
+            }
+            self.generation = self.q.memory.current();
+            let mut events = std::mem::take(&mut self.events);
+            self.engine.reap(&mut events);
+            for event in events.drain(..) {
+                match event {
+                    Event::Watch {
+                        token: KICK | WAKE, ..
+                    } => outstanding_watches -= 1,
+                    Event::Watch { .. } => {}
+                    Event::Completed(done) => self.complete(done),
+                }
+            }
+            self.events = events;
+        }
+        self.notify();
+        true
+    }
+}
+
+fn suppressed_note(suppressed: u64) -> String {
+    if suppressed == 0 {
+        String::new()
+    } else {
+        format!(" ({suppressed} similar messages suppressed)")
+    }
+}
+
+#[cfg(test)]
+#[path = "queue_tests.rs"]
+mod tests;
