@@ -229,18 +229,28 @@ impl GuestMemoryHandle {
         &self.stats
     }
 
-    fn install(&self, regions: Vec<RegionInfo>) -> Result<Arc<Generation>, MemoryError> {
+    /// Builds the next generation from `regions`, checking the layout; nothing changes yet.
+    fn build(&self, regions: Vec<RegionInfo>) -> Result<Arc<Generation>, MemoryError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let generation = Arc::new(Generation::build(id, regions)?);
+        Ok(Arc::new(Generation::build(id, regions)?))
+    }
+
+    /// Makes a built generation the current one.
+    fn publish(&self, generation: Arc<Generation>) -> Arc<Generation> {
         self.current.store(generation.clone());
         let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
         live.retain(|g| g.strong_count() > 0);
         live.push(Arc::downgrade(&generation));
-        Ok(generation)
+        generation
+    }
+
+    fn install(&self, regions: Vec<RegionInfo>) -> Result<Arc<Generation>, MemoryError> {
+        Ok(self.publish(self.build(regions)?))
     }
 
     /// SET_MEM_TABLE: a whole new table. Old regions not in it (same guest address, size and
-    /// frontend address) retire.
+    /// frontend address) retire. The new table is checked whole (every region mapped, the
+    /// layout valid) before anything retires: a refused table leaves the current one serving.
     pub fn set_table(
         &self,
         regions: &[VhostUserMemoryRegion],
@@ -263,6 +273,7 @@ impl GuestMemoryHandle {
                 region.pin = kept.pin.clone();
             }
         }
+        let generation = self.build(mapped)?;
         let retiring: Vec<_> = old
             .regions
             .iter()
@@ -272,8 +283,7 @@ impl GuestMemoryHandle {
         for pin in &retiring {
             pin.retire();
         }
-        let generation = self.install(mapped)?;
-        Ok((generation, Retiring { pins: retiring }))
+        Ok((self.publish(generation), Retiring { pins: retiring }))
     }
 
     /// ADD_MEM_REG: the current table plus one region.
@@ -303,10 +313,10 @@ impl GuestMemoryHandle {
             });
         };
         let removed = regions.remove(at);
+        let generation = self.build(regions)?;
         removed.pin.retire();
-        let generation = self.install(regions)?;
         Ok((
-            generation,
+            self.publish(generation),
             Retiring {
                 pins: vec![removed.pin],
             },
@@ -360,4 +370,88 @@ pub(crate) fn test_memory(regions: &[(u64, u64)]) -> GuestMemoryHandle {
         .unzip();
     handle.set_table(&table, files).expect("install the table");
     handle
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    /// A region of `size` bytes at `gpa` in a /dev/shm file of `file_len` bytes.
+    fn region(gpa: u64, size: u64, file_len: u64) -> (VhostUserMemoryRegion, File) {
+        let file = tempfile::tempfile_in("/dev/shm").expect("a file in /dev/shm");
+        file.set_len(file_len).expect("size the region's file");
+        let region = VhostUserMemoryRegion::new(gpa, size, 0x7f00_0000_0000 + gpa, 0);
+        (region, file)
+    }
+
+    fn table(regions: &[(u64, u64)]) -> (Vec<VhostUserMemoryRegion>, Vec<File>) {
+        regions
+            .iter()
+            .map(|&(gpa, size)| region(gpa, size, size))
+            .unzip()
+    }
+
+    /// Whether the current generation still serves guest address `gpa`: its region is there
+    /// and can be pinned (not retiring).
+    fn serves(handle: &GuestMemoryHandle, gpa: u64) -> bool {
+        let current = handle.current();
+        let Some(r) = current
+            .regions
+            .iter()
+            .find(|r| (r.guest_phys_addr..r.guest_phys_addr + r.size).contains(&gpa))
+        else {
+            return false;
+        };
+        let pinned = r.pin.try_pin();
+        if pinned {
+            r.pin.unpin();
+        }
+        pinned
+    }
+
+    #[test]
+    fn a_refused_table_leaves_the_current_one_serving() {
+        let handle = test_memory(&[(0, MIB), (4 * MIB, MIB)]);
+        let before = handle.current().id();
+        // Overlapping regions: the new table is refused...
+        let (regions, files) = table(&[(0, 2 * MIB), (MIB, MIB)]);
+        assert!(matches!(
+            handle.set_table(&regions, files),
+            Err(MemoryError::Layout(_))
+        ));
+        // ...and the old one is untouched: same generation, every region still pinnable.
+        assert_eq!(handle.current().id(), before);
+        assert!(serves(&handle, 0), "the kept region serves");
+        assert!(
+            serves(&handle, 4 * MIB),
+            "the region the table dropped serves"
+        );
+        // A valid table still replaces it, retiring what it drops.
+        let (regions, files) = table(&[(0, MIB)]);
+        let (generation, retiring) = handle.set_table(&regions, files).unwrap();
+        assert_ne!(generation.id(), before);
+        assert_eq!(retiring.pins.len(), 1);
+        assert_eq!(retiring.pins[0].guest_phys_addr, 4 * MIB);
+        assert!(serves(&handle, 0));
+        assert!(!serves(&handle, 4 * MIB));
+    }
+
+    #[test]
+    fn a_refused_region_leaves_the_table_as_it_was() {
+        let handle = test_memory(&[(0, MIB)]);
+        let before = handle.current().id();
+        let (overlapping, file) = region(MIB / 2, MIB, MIB);
+        assert!(handle.add_region(&overlapping, file).is_err());
+        assert_eq!(handle.current().id(), before);
+        assert!(serves(&handle, 0));
+        let (zero, file) = region(8 * MIB, 0, MIB);
+        assert!(matches!(
+            handle.add_region(&zero, file),
+            Err(MemoryError::BadRegion { .. })
+        ));
+        assert_eq!(handle.current().id(), before);
+        assert!(serves(&handle, 0));
+    }
 }
