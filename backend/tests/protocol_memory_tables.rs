@@ -1,7 +1,12 @@
 //! Protocol tests, layer 2: memory tables the backend must refuse, and what a refusal leaves.
 //!
 //! A refused SET_MEM_TABLE or ADD_MEM_REG (NACKed: the session acks REPLY_ACK and asks for a
-//! reply) must leave the table that was there serving, every region of it.
+//! reply) must leave the table that was there serving, every region of it; and a region whose
+//! file is shorter than the range the frontend declares must be refused when it arrives, not
+//! found out later by a SIGBUS in the serving process (`--single-process` here, so that would
+//! be the daemon itself).
+
+use std::os::fd::AsRawFd;
 
 use vhost::vhost_user::message::VhostUserHeaderFlag;
 use vhost::vhost_user::VhostUserFrontend;
@@ -76,6 +81,15 @@ fn add_mem_region(s: &mut Session, region: &VhostUserMemoryRegionInfo) -> bool {
     result.is_ok()
 }
 
+/// A memfd of `len` bytes.
+fn memfd(len: u64) -> std::fs::File {
+    let fd = rustix::fs::memfd_create("short-region", rustix::fs::MemfdFlags::CLOEXEC)
+        .expect("memfd_create");
+    let file = std::fs::File::from(fd);
+    file.set_len(len).expect("size the memfd");
+    file
+}
+
 #[test]
 fn a_refused_table_leaves_the_old_one_serving() {
     let (fx, mut s) = start();
@@ -105,4 +119,44 @@ fn a_refused_region_leaves_the_table_serving() {
     overlapping.guest_phys_addr += MIB;
     assert!(!add_mem_region(&mut s, &overlapping));
     read_into(&fx, &mut s, HIGH.guest_addr, 8);
+}
+
+#[test]
+fn a_region_longer_than_its_file_is_refused() {
+    let (fx, mut s) = start();
+    // 2 MiB declared over a 1 MiB memfd: touching the second half would raise SIGBUS.
+    let short = memfd(MIB);
+    let region = VhostUserMemoryRegionInfo {
+        guest_phys_addr: 8 * GIB,
+        memory_size: 2 * MIB,
+        userspace_addr: 0x7f00_0000_0000,
+        mmap_offset: 0,
+        mmap_handle: short.as_raw_fd(),
+        ..Default::default()
+    };
+    let mut table = s.mem().region_infos().unwrap();
+    table.push(region);
+    assert!(
+        !set_mem_table(&mut s, &table),
+        "a region past the end of its file must be refused\nlog:\n{}",
+        fx.daemon.log()
+    );
+    assert!(!add_mem_region(&mut s, &region));
+    // The offset counts too: 1 MiB at offset 512 KiB of the 1 MiB file.
+    let offset = VhostUserMemoryRegionInfo {
+        memory_size: MIB,
+        mmap_offset: MIB / 2,
+        ..region
+    };
+    assert!(!add_mem_region(&mut s, &offset));
+    // What was there still serves, and the daemon is alive.
+    read_into(&fx, &mut s, HIGH.guest_addr, 8);
+    read_into(&fx, &mut s, LOW.guest_addr + 8 * MIB, 16);
+    // A region its file covers is taken.
+    let fits = VhostUserMemoryRegionInfo {
+        memory_size: MIB / 2,
+        mmap_offset: MIB / 2,
+        ..region
+    };
+    assert!(add_mem_region(&mut s, &fits), "{}", fx.daemon.log());
 }

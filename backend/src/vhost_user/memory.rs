@@ -48,6 +48,17 @@ pub enum MemoryError {
     UnmappedVmmAddress(u64),
     #[error("the region at guest address {gpa:#x} has size 0 or wraps around")]
     BadRegion { gpa: u64 },
+    #[error("cannot stat the file of the region at guest address {gpa:#x}")]
+    Stat {
+        gpa: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "the region at guest address {gpa:#x} ends at byte {end:#x} of its file, \
+         which has {file_len:#x} bytes"
+    )]
+    ShortFile { gpa: u64, end: u64, file_len: u64 },
 }
 
 /// How one region appears to the frontend, to translate the vring addresses it sends (its own
@@ -176,6 +187,7 @@ fn map_region(region: &VhostUserMemoryRegion, file: File) -> Result<RegionInfo, 
     {
         return Err(MemoryError::BadRegion { gpa });
     }
+    check_file_covers(region, &file)?;
     let mmap = region
         .mmap_region(file)
         .map_err(|source| MemoryError::Map {
@@ -192,6 +204,29 @@ fn map_region(region: &VhostUserMemoryRegion, file: File) -> Result<RegionInfo, 
         mapping: Arc::new(mapping),
         pin: Arc::new(RegionPin::new(gpa, region.memory_size)),
     })
+}
+
+/// A region's file must hold every byte the region maps: a mapping past the end of a file
+/// raises SIGBUS when touched, in whichever thread touches it first. Only regular files have
+/// a size to check (memfd, hugetlbfs and tmpfs files are regular).
+fn check_file_covers(region: &VhostUserMemoryRegion, file: &File) -> Result<(), MemoryError> {
+    let gpa = region.guest_phys_addr;
+    let stat = rustix::fs::fstat(file).map_err(|e| MemoryError::Stat {
+        gpa,
+        source: e.into(),
+    })?;
+    if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::RegularFile {
+        return Ok(());
+    }
+    let end = region
+        .mmap_offset
+        .checked_add(region.memory_size)
+        .ok_or(MemoryError::BadRegion { gpa })?;
+    let file_len = u64::try_from(stat.st_size).unwrap_or(0);
+    if file_len < end {
+        return Err(MemoryError::ShortFile { gpa, end, file_len });
+    }
+    Ok(())
 }
 
 /// The current generation of one device's guest memory, shared by its session and its queue
@@ -453,5 +488,42 @@ mod tests {
         ));
         assert_eq!(handle.current().id(), before);
         assert!(serves(&handle, 0));
+    }
+
+    #[test]
+    fn a_region_past_the_end_of_its_file_is_refused() {
+        let handle = test_memory(&[(0, MIB)]);
+        let before = handle.current().id();
+        let (short, file) = region(8 * MIB, 2 * MIB, MIB);
+        assert!(matches!(
+            handle.add_region(&short, file),
+            Err(MemoryError::ShortFile {
+                end, file_len, ..
+            }) if end == 2 * MIB && file_len == MIB
+        ));
+        // The offset counts: 1 MiB at offset 512 KiB of a 1 MiB file.
+        let (mut offset, file) = region(8 * MIB, MIB, MIB);
+        offset.mmap_offset = MIB / 2;
+        assert!(matches!(
+            handle.add_region(&offset, file),
+            Err(MemoryError::ShortFile { .. })
+        ));
+        let (regions, files) = table(&[(0, MIB)]);
+        let (short, file) = region(8 * MIB, 2 * MIB, MIB);
+        let mut regions = regions;
+        regions.push(short);
+        let mut files = files;
+        files.push(file);
+        assert!(matches!(
+            handle.set_table(&regions, files),
+            Err(MemoryError::ShortFile { .. })
+        ));
+        assert_eq!(handle.current().id(), before);
+        assert!(serves(&handle, 0));
+        // Exactly covered is fine.
+        let (mut fits, file) = region(8 * MIB, MIB / 2, MIB);
+        fits.mmap_offset = MIB / 2;
+        handle.add_region(&fits, file).unwrap();
+        assert!(serves(&handle, 8 * MIB));
     }
 }
