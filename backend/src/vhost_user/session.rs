@@ -427,10 +427,11 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Session<D> {
             return Err(self.frontend_error("polling mode (no kick fd) is not supported"));
         };
         let vring = self.vring(u32::from(index))?;
-        if vring.is_started() {
-            // A new kick fd for a running ring: restart it with the new one.
-            vring.stop();
-        }
+        // A new kick fd for a running ring: restart its thread with the new one. The call and
+        // error fds stay: the frontend does not send them again (QEMU re-sends only the kick
+        // when it switches the ring's notifier), and dropping the call fd would lose every
+        // interrupt until it did.
+        vring.stop_thread();
         vring.kick = Some(eventfd_from_file(fd));
         self.start_ring(usize::from(index))
     }
@@ -441,8 +442,9 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Session<D> {
         Ok(())
     }
 
-    fn set_vring_err(&mut self, index: u8, _fd: Option<File>) -> VhostUserResult<()> {
-        self.vring(u32::from(index))?;
+    fn set_vring_err(&mut self, index: u8, fd: Option<File>) -> VhostUserResult<()> {
+        let vring = self.vring(u32::from(index))?;
+        vring.set_err(fd.map(eventfd_from_file));
         Ok(())
     }
 

@@ -14,13 +14,15 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::memory::{GuestMemoryHandle, RegionPin};
 
-/// The call eventfd of a ring, replaceable while the ring runs (SET_VRING_CALL may come at any
-/// time, e.g. when the frontend masks interrupts).
+/// An eventfd the frontend gave a ring to be signalled on — its call eventfd (SET_VRING_CALL)
+/// or its error eventfd (SET_VRING_ERR) — replaceable while the ring runs (SET_VRING_CALL may
+/// come at any time, e.g. when the frontend masks interrupts).
 #[derive(Default)]
 pub struct CallFd(Mutex<Option<EventFd>>);
 
 impl CallFd {
-    /// Interrupts the driver.
+    /// Interrupts the driver (the call eventfd), or tells the frontend the ring failed (the
+    /// error eventfd).
     pub fn signal(&self) {
         if let Some(fd) = self.0.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             // A full counter means the frontend has a notification pending already.
@@ -96,6 +98,8 @@ pub struct RunningQueue {
     pub queue: Queue,
     pub kick: EventFd,
     pub call: Arc<CallFd>,
+    /// Signalled when the driver corrupted the ring (the kernel's `vq_err`).
+    pub err: Arc<CallFd>,
     pub control: Arc<QueueControl>,
     pub memory: GuestMemoryHandle,
 }
@@ -115,6 +119,7 @@ pub(super) struct Vring {
     pub base: u16,
     pub kick: Option<EventFd>,
     pub call: Arc<CallFd>,
+    pub err: Arc<CallFd>,
     pub enabled: bool,
     started: Option<Started>,
 }
@@ -129,6 +134,7 @@ impl Vring {
             base: 0,
             kick: None,
             call: Arc::new(CallFd::default()),
+            err: Arc::new(CallFd::default()),
             enabled: false,
             started: None,
         }
@@ -140,6 +146,10 @@ impl Vring {
 
     pub fn set_call(&self, fd: Option<EventFd>) {
         self.call.set(fd);
+    }
+
+    pub fn set_err(&self, fd: Option<EventFd>) {
+        self.err.set(fd);
     }
 
     pub fn set_enabled(&mut self, enabled: bool) {
@@ -165,6 +175,7 @@ impl Vring {
             queue,
             kick,
             call: self.call.clone(),
+            err: self.err.clone(),
             control: control.clone(),
             memory,
         })?;
@@ -186,10 +197,21 @@ impl Vring {
         }
     }
 
-    /// Stops the queue thread, which completes what it has in flight first (or cancels it
-    /// past the device's bound), and remembers where the ring stands. Returns the next avail
-    /// index.
+    /// Stops the ring (GET_VRING_BASE, disconnect): stops its thread ([`Vring::stop_thread`])
+    /// and forgets its eventfds, which the frontend sends again before it starts the ring
+    /// again. Returns the next avail index.
     pub fn stop(&mut self) -> u16 {
+        self.stop_thread();
+        self.kick = None;
+        self.set_call(None);
+        self.set_err(None);
+        self.base
+    }
+
+    /// Stops the queue thread, which completes what it has in flight first (or cancels it
+    /// past the device's bound), and remembers where the ring stands; the eventfds stay (a
+    /// new kick fd restarts the ring with the call and error fds it had).
+    pub fn stop_thread(&mut self) {
         if let Some(started) = self.started.take() {
             started.control.request_stop();
             match started.thread.join() {
@@ -197,8 +219,5 @@ impl Vring {
                 Err(_) => tracing::error!("queue thread panicked; ring position lost"),
             }
         }
-        self.kick = None;
-        self.set_call(None);
-        self.base
     }
 }

@@ -381,6 +381,8 @@ impl<E: Engine> QueueServer<E> {
             self.q.index
         );
         self.broken = true;
+        // The kernel's vq_err signals the error eventfd too: QEMU logs it.
+        self.q.err.signal();
     }
 
     /// Parses a chain, pins its buffers and hands it to the engine; a chain that fails either

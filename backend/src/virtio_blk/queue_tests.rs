@@ -193,6 +193,7 @@ impl Harness {
             queue,
             kick: EventFd::new(EFD_NONBLOCK).expect("an eventfd"),
             call: Arc::new(CallFd::default()),
+            err: Arc::new(CallFd::default()),
             control: control.clone(),
             memory: memory.clone(),
         };
@@ -728,6 +729,7 @@ fn per_request_cost() {
         queue: split_queue(SIZE, desc, avail, used),
         kick: EventFd::new(EFD_NONBLOCK).unwrap(),
         call: Arc::new(CallFd::default()),
+        err: Arc::new(CallFd::default()),
         control: Arc::new(QueueControl::new(true).unwrap()),
         memory: memory.clone(),
     };
