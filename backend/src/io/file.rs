@@ -9,6 +9,7 @@
 //!        └─▶ READV/WRITEV on the ring; a short one is advanced and resubmitted until done
 //!  flush ─▶ FSYNC(DATASYNC)        discard ─▶ FALLOCATE(PUNCH_HOLE) per segment
 //!  write-zeroes ─▶ ZERO_RANGE, or PUNCH_HOLE (UNMAP), or PUNCH_HOLE linked to ALLOCATE
+//!  write-through discard, write-zeroes ─▶ the above, then FSYNC(DATASYNC) once they are done
 //! ```
 //!
 //! Each request's state lives in a slot indexed by its tag, so io_uring's user_data is the tag
@@ -45,6 +46,10 @@ struct Slot {
     buffers: Option<GuestBuffers>,
     kind: Kind,
     dsync: bool,
+    /// A discard or write-zeroes that must be durable: FSYNC(DATASYNC) once its operations
+    /// are done (they may go to the kernel in several submissions, so a link cannot order
+    /// them).
+    sync_after: bool,
     /// For a read or write: where the rest goes, and how much is left.
     offset: u64,
     remaining: u64,
@@ -68,6 +73,7 @@ impl Slot {
             buffers: None,
             kind: Kind::Other,
             dsync: false,
+            sync_after: false,
             offset: 0,
             remaining: 0,
             pending: 0,
@@ -132,6 +138,9 @@ pub struct FileEngine {
     punch_hole: bool,
     zeroes: ZeroesMethod,
     cqes: Vec<uring::Completion>,
+    /// The opcode of every operation queued on the ring, for the tests.
+    #[cfg(test)]
+    pub(super) queued: Vec<u8>,
 }
 
 impl FileEngine {
@@ -159,6 +168,8 @@ impl FileEngine {
             punch_hole: disk.punch_hole,
             zeroes: disk.write_zeroes.unwrap_or(ZeroesMethod::ZeroRange),
             cqes: Vec::with_capacity(usize::from(depth) + 2),
+            #[cfg(test)]
+            queued: Vec::new(),
         })
     }
 
@@ -194,6 +205,8 @@ impl FileEngine {
         match unsafe { self.ring.push(entry) } {
             Ok(()) => {
                 self.slots[index].pending += 1;
+                #[cfg(test)]
+                self.queued.push(entry.get_opcode() as u8);
                 true
             }
             Err(e) => {
@@ -341,6 +354,13 @@ impl FileEngine {
         if slot.pending > 0 {
             return None;
         }
+        if std::mem::take(&mut slot.sync_after) && slot.errno.is_none() {
+            let entry = self.ring.fdatasync(index as u64);
+            if self.push(index, &entry) {
+                return None;
+            }
+        }
+        let slot = &mut self.slots[index];
         if slot.errno.is_none() && slot.kind == Kind::Read && slot.bounced {
             if let (Some(bounce), Some(buffers)) = (&slot.bounce, &mut slot.buffers) {
                 let len = buffers.len() as usize;
@@ -372,6 +392,7 @@ impl Engine for FileEngine {
         slot.errno = None;
         slot.bounced = false;
         slot.kind = Kind::Other;
+        slot.sync_after = false;
         match operation {
             Operation::Read { offset } | Operation::Write { offset, .. } => {
                 slot.kind = if matches!(operation, Operation::Read { .. }) {
@@ -402,8 +423,9 @@ impl Engine for FileEngine {
                 let entry = self.ring.fdatasync(index as u64);
                 self.push(index, &entry);
             }
-            Operation::Discard(segments) => {
+            Operation::Discard { segments, dsync } => {
                 slot.buffers = Some(buffers);
+                slot.sync_after = dsync;
                 for s in segments {
                     let entry =
                         self.ring
@@ -413,8 +435,9 @@ impl Engine for FileEngine {
                     }
                 }
             }
-            Operation::WriteZeroes(segments) => {
+            Operation::WriteZeroes { segments, dsync } => {
                 slot.buffers = Some(buffers);
+                slot.sync_after = dsync;
                 for s in segments {
                     if !self.push_zeroes(index, s.offset, s.len, s.unmap) {
                         break;
@@ -498,3 +521,7 @@ fn misaligned(iovecs: &[libc::iovec], align: usize) -> bool {
         .iter()
         .any(|v| (v.iov_base as usize) % align != 0 || v.iov_len % align != 0)
 }
+
+#[cfg(test)]
+#[path = "file_tests.rs"]
+mod tests;

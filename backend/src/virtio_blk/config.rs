@@ -133,9 +133,19 @@ impl BlockConfig {
         self.writeback = cell;
     }
 
-    /// Whether writes may complete before they are durable (a flush makes them so).
+    /// The write-cache setting: the command line's, or the driver's choice (the `writeback`
+    /// field of the config space, which shows it).
     pub fn writeback(&self) -> bool {
         self.writeback.load(Ordering::Relaxed)
+    }
+
+    /// Whether writes, discards and write-zeroes must be durable when they complete: the
+    /// write cache is off, or the driver did not negotiate VIRTIO_BLK_F_FLUSH — a driver
+    /// that cannot flush gets a write-through device (virtio 1.2, 5.2.5.2 and 5.2.6.2; Linux
+    /// assumes no write cache then).
+    pub fn write_through(&self) -> bool {
+        let flush = self.acked_features.load(Ordering::Relaxed) & bit(spec::VIRTIO_BLK_F_FLUSH);
+        !self.writeback() || flush == 0
     }
 
     /// The configuration space, `struct virtio_blk_config`, little-endian.
@@ -273,6 +283,22 @@ mod tests {
         config.write_config(off::WRITEBACK as u32, &[0]).unwrap();
         assert!(!config.writeback());
         assert!(config.write_config(0, &[0; 8]).is_err());
+    }
+
+    #[test]
+    fn write_through_unless_the_cache_is_on_and_flush_negotiated() {
+        let disk = Disk::open(&DiskSpec::Null { size: 1 << 20 }, OpenOptions::default()).unwrap();
+        let config = BlockConfig::new(&disk, &options());
+        // Features not negotiated yet: nothing may be left volatile.
+        assert!(config.write_through());
+        config.set_acked_features(config.features());
+        assert!(!config.write_through());
+        config.set_acked_features(config.features() & !bit(spec::VIRTIO_BLK_F_FLUSH));
+        assert!(config.write_through(), "a driver that cannot flush");
+        assert!(config.writeback(), "the setting itself is unchanged");
+        config.set_acked_features(config.features());
+        config.write_config(off::WRITEBACK as u32, &[0]).unwrap();
+        assert!(config.write_through(), "the driver chose write-through");
     }
 
     #[test]

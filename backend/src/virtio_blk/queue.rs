@@ -447,6 +447,7 @@ impl<E: Engine> QueueServer<E> {
     fn submit(&mut self, tag: Tag, req: Request, mut buffers: GuestBuffers) {
         let index = usize::from(tag);
         let segments = &self.slots[index].segments;
+        let dsync = self.device.config.write_through();
         let operation = match req.kind {
             RequestKind::GetId => {
                 // The parser capped the buffers at the serial's 20 bytes.
@@ -456,11 +457,11 @@ impl<E: Engine> QueueServer<E> {
             RequestKind::Read => Operation::Read { offset: req.offset },
             RequestKind::Write => Operation::Write {
                 offset: req.offset,
-                dsync: !self.device.config.writeback(),
+                dsync,
             },
             RequestKind::Flush => Operation::Flush,
-            RequestKind::Discard => Operation::Discard(segments),
-            RequestKind::WriteZeroes => Operation::WriteZeroes(segments),
+            RequestKind::Discard => Operation::Discard { segments, dsync },
+            RequestKind::WriteZeroes => Operation::WriteZeroes { segments, dsync },
         };
         if let Some(done) = self.engine.submit(tag, operation, buffers) {
             self.complete(done);
