@@ -132,7 +132,6 @@ fn a_region_longer_than_its_file_is_refused() {
         userspace_addr: 0x7f00_0000_0000,
         mmap_offset: 0,
         mmap_handle: short.as_raw_fd(),
-        ..Default::default()
     };
     let mut table = s.mem().region_infos().unwrap();
     table.push(region);
