@@ -4,7 +4,8 @@
 //! reply) must leave the table that was there serving, every region of it; and a region whose
 //! file is shorter than the range the frontend declares must be refused when it arrives, not
 //! found out later by a SIGBUS in the serving process (`--single-process` here, so that would
-//! be the daemon itself).
+//! be the daemon itself). A file the frontend truncates *after* its region was accepted must
+//! not kill it either: the pages it lost read as zeroes.
 
 use std::os::fd::AsRawFd;
 
@@ -158,4 +159,47 @@ fn a_region_longer_than_its_file_is_refused() {
         ..region
     };
     assert!(add_mem_region(&mut s, &fits), "{}", fx.daemon.log());
+}
+
+#[test]
+fn a_region_truncated_after_it_was_accepted_does_not_kill_the_daemon() {
+    let (mut fx, mut s) = start();
+    let file = memfd(2 * MIB);
+    let region = VhostUserMemoryRegionInfo {
+        guest_phys_addr: 8 * GIB,
+        memory_size: 2 * MIB,
+        userspace_addr: 0x7f00_0000_0000,
+        mmap_offset: 0,
+        mmap_handle: file.as_raw_fd(),
+    };
+    assert!(add_mem_region(&mut s, &region), "{}", fx.daemon.log());
+    file.set_len(0).expect("truncate the region's memfd");
+    // GET_ID copies the serial into the buffer on the queue thread itself, so the backend
+    // touches the lost page in user space (a read's data would be written by the kernel,
+    // which reports EFAULT instead).
+    let mut b = s.blk(0);
+    let hdr = b.alloc_bytes(&header(blk::T_GET_ID, 0)).unwrap();
+    let status = b.alloc_status().unwrap();
+    let data = 8 * GIB + MIB;
+    let head = s
+        .submit(
+            0,
+            &[
+                Seg::readable(hdr, 16),
+                Seg::writable(data, 20),
+                Seg::writable(status, 1),
+            ],
+        )
+        .unwrap();
+    let done = s.wait_head(0, head, std::time::Duration::from_secs(5));
+    assert!(
+        done.is_ok(),
+        "GET_ID into a truncated region never completed: {done:?}\nlog:\n{}",
+        fx.daemon.log()
+    );
+    if let Err(e) = fx.daemon.running() {
+        panic!("{e}");
+    }
+    // Everything else still serves.
+    read_into(&fx, &mut s, HIGH.guest_addr, 8);
 }

@@ -26,7 +26,9 @@ use std::sync::{Arc, Mutex, Weak};
 use arc_swap::ArcSwap;
 use thiserror::Error;
 use vhost::vhost_user::message::VhostUserMemoryRegion;
-use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{GuestAddress, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap};
+
+use crate::ratelimit::vmm_line;
 
 pub use super::buffers::{GuestBuffers, RawBuffers};
 pub use super::pin::RegionPin;
@@ -68,8 +70,40 @@ struct RegionInfo {
     guest_phys_addr: u64,
     size: u64,
     user_addr: u64,
+    /// Declared before `mapping`: the last `RegionInfo` holding both unregisters the range
+    /// from the SIGBUS handler before it unmaps it.
+    guard: Arc<RegionGuard>,
     mapping: Arc<GuestRegionMmap>,
     pin: Arc<RegionPin>,
+}
+
+/// A region's mapping registered with the SIGBUS handler (`sigbus.rs`): the frontend may
+/// truncate the file under it after SET_MEM_TABLE was checked, and an access past the new end
+/// must not kill the process. The missing pages read as zeroes from then on.
+#[derive(Debug)]
+struct RegionGuard {
+    gpa: u64,
+    /// `None` when the handler's table is full: the region is served unguarded.
+    guard: Option<crate::sigbus::Guard>,
+}
+
+impl RegionGuard {
+    fn intact(&self) -> bool {
+        self.guard.as_ref().is_none_or(|g| g.intact())
+    }
+}
+
+impl Drop for RegionGuard {
+    fn drop(&mut self) {
+        if !self.intact() {
+            vmm_line!(
+                warn,
+                "the frontend truncated the file of guest memory region {:#x} while it was \
+                 mapped; its missing pages were replaced with zeroes",
+                self.gpa
+            );
+        }
+    }
 }
 
 impl RegionInfo {
@@ -149,6 +183,11 @@ impl Generation {
         })
     }
 
+    /// False once an access found a region's file truncated under its mapping.
+    pub fn intact(&self) -> bool {
+        self.regions.iter().all(|r| r.guard.intact())
+    }
+
     /// The pin of region `index` (from [`Generation::region_index`]).
     pub(super) fn region_pin(&self, index: usize) -> &Arc<RegionPin> {
         &self.regions[index].pin
@@ -187,7 +226,7 @@ fn map_region(region: &VhostUserMemoryRegion, file: File) -> Result<RegionInfo, 
     {
         return Err(MemoryError::BadRegion { gpa });
     }
-    check_file_covers(region, &file)?;
+    let page = check_file_covers(region, &file)?;
     let mmap = region
         .mmap_region(file)
         .map_err(|source| MemoryError::Map {
@@ -197,10 +236,16 @@ fn map_region(region: &VhostUserMemoryRegion, file: File) -> Result<RegionInfo, 
         })?;
     let mapping =
         GuestRegionMmap::new(mmap, GuestAddress(gpa)).ok_or(MemoryError::BadRegion { gpa })?;
+    let guard =
+        crate::sigbus::Guard::register(mapping.as_ptr() as usize, mapping.len() as usize, page);
+    if guard.is_none() {
+        tracing::warn!("guest memory region {gpa:#x} is not guarded against SIGBUS (table full)");
+    }
     Ok(RegionInfo {
         guest_phys_addr: gpa,
         size: region.memory_size,
         user_addr: region.user_addr,
+        guard: Arc::new(RegionGuard { gpa, guard }),
         mapping: Arc::new(mapping),
         pin: Arc::new(RegionPin::new(gpa, region.memory_size)),
     })
@@ -208,15 +253,20 @@ fn map_region(region: &VhostUserMemoryRegion, file: File) -> Result<RegionInfo, 
 
 /// A region's file must hold every byte the region maps: a mapping past the end of a file
 /// raises SIGBUS when touched, in whichever thread touches it first. Only regular files have
-/// a size to check (memfd, hugetlbfs and tmpfs files are regular).
-fn check_file_covers(region: &VhostUserMemoryRegion, file: &File) -> Result<(), MemoryError> {
+/// a size to check (memfd, hugetlbfs and tmpfs files are regular). Returns the file's page
+/// size (a huge page on hugetlbfs), which the SIGBUS handler patches in.
+fn check_file_covers(region: &VhostUserMemoryRegion, file: &File) -> Result<usize, MemoryError> {
     let gpa = region.guest_phys_addr;
     let stat = rustix::fs::fstat(file).map_err(|e| MemoryError::Stat {
         gpa,
         source: e.into(),
     })?;
+    let page = usize::try_from(stat.st_blksize)
+        .ok()
+        .filter(|p| p.is_power_of_two() && *p >= 4096)
+        .unwrap_or(4096);
     if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::RegularFile {
-        return Ok(());
+        return Ok(page);
     }
     let end = region
         .mmap_offset
@@ -226,7 +276,7 @@ fn check_file_covers(region: &VhostUserMemoryRegion, file: &File) -> Result<(), 
     if file_len < end {
         return Err(MemoryError::ShortFile { gpa, end, file_len });
     }
-    Ok(())
+    Ok(page)
 }
 
 /// The current generation of one device's guest memory, shared by its session and its queue
@@ -488,6 +538,35 @@ mod tests {
         ));
         assert_eq!(handle.current().id(), before);
         assert!(serves(&handle, 0));
+    }
+
+    /// The frontend shrinks a region's file after the table was accepted: touching the lost
+    /// pages must not kill the process (without the guard this test binary dies of SIGBUS).
+    #[test]
+    fn a_file_truncated_under_its_mapping_reads_as_zeroes() {
+        use std::os::unix::fs::FileExt;
+        use vm_memory::Bytes;
+        let handle = GuestMemoryHandle::default();
+        let (region, file) = region(0, MIB, MIB);
+        let ours = file.try_clone().unwrap();
+        ours.write_all_at(&0x1122_3344_u64.to_le_bytes(), 8192)
+            .unwrap();
+        handle.set_table(&[region], vec![file]).unwrap();
+        let current = handle.current();
+        let read = |at: u64| current.memory().read_obj::<u64>(GuestAddress(at)).unwrap();
+        assert_eq!(read(8192), 0x1122_3344);
+        assert!(current.intact());
+        ours.set_len(4096).unwrap();
+        assert_eq!(read(0), 0, "the page the file still has");
+        assert_eq!(read(8192), 0, "a page past the new end reads as zeroes");
+        current
+            .memory()
+            .write_obj(7u64, GuestAddress(MIB - 8))
+            .unwrap();
+        assert!(!current.intact());
+        drop(current);
+        // The broken range leaves the handler's table with its mapping.
+        handle.clear();
     }
 
     #[test]
