@@ -33,6 +33,10 @@ use crate::ratelimit::vmm_line;
 pub use super::buffers::{GuestBuffers, RawBuffers};
 pub use super::pin::RegionPin;
 
+/// The memory slots we accept with CONFIGURE_MEM_SLOTS (the kernel's vhost limit, which QEMU
+/// and cloud-hypervisor are used to): ADD_MEM_REG past it is refused.
+pub const MAX_MEM_SLOTS: usize = 509;
+
 #[derive(Debug, Error)]
 pub enum MemoryError {
     #[error("cannot map guest memory region at guest address {gpa:#x} ({size:#x} bytes)")]
@@ -50,6 +54,8 @@ pub enum MemoryError {
     UnmappedVmmAddress(u64),
     #[error("the region at guest address {gpa:#x} has size 0 or wraps around")]
     BadRegion { gpa: u64 },
+    #[error("the table has {MAX_MEM_SLOTS} regions already, the most we offered")]
+    TooManyRegions,
     #[error("cannot stat the file of the region at guest address {gpa:#x}")]
     Stat {
         gpa: u64,
@@ -239,7 +245,10 @@ fn map_region(region: &VhostUserMemoryRegion, file: File) -> Result<RegionInfo, 
     let guard =
         crate::sigbus::Guard::register(mapping.as_ptr() as usize, mapping.len() as usize, page);
     if guard.is_none() {
-        tracing::warn!("guest memory region {gpa:#x} is not guarded against SIGBUS (table full)");
+        vmm_line!(
+            warn,
+            "guest memory region {gpa:#x} is not guarded against SIGBUS (table full)"
+        );
     }
     Ok(RegionInfo {
         guest_phys_addr: gpa,
@@ -378,6 +387,9 @@ impl GuestMemoryHandle {
         file: File,
     ) -> Result<Arc<Generation>, MemoryError> {
         let mut regions = self.current().regions.clone();
+        if regions.len() >= MAX_MEM_SLOTS {
+            return Err(MemoryError::TooManyRegions);
+        }
         regions.push(map_region(region, file)?);
         self.install(regions)
     }
@@ -567,6 +579,21 @@ mod tests {
         drop(current);
         // The broken range leaves the handler's table with its mapping.
         handle.clear();
+    }
+
+    #[test]
+    fn add_mem_reg_stops_at_the_slots_offered() {
+        let handle = GuestMemoryHandle::default();
+        for i in 0..MAX_MEM_SLOTS as u64 {
+            let (r, file) = region(i * MIB, 4096, 4096);
+            handle.add_region(&r, file).unwrap();
+        }
+        let (r, file) = region(1 << 40, 4096, 4096);
+        assert!(matches!(
+            handle.add_region(&r, file),
+            Err(MemoryError::TooManyRegions)
+        ));
+        assert_eq!(handle.current().regions.len(), MAX_MEM_SLOTS);
     }
 
     #[test]

@@ -29,13 +29,10 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device::VirtioDevice;
-use super::memory::{GuestMemoryHandle, RegionPin, Retiring};
+use super::memory::{GuestMemoryHandle, RegionPin, Retiring, MAX_MEM_SLOTS};
 use super::vring::Vring;
 use crate::ratelimit::vmm_line;
 
-/// The memory slots we accept with CONFIGURE_MEM_SLOTS (the kernel's vhost limit, which QEMU
-/// and cloud-hypervisor are used to).
-const MAX_MEM_SLOTS: u64 = 509;
 /// Where frontends address the device config space. QEMU counts from 0; rust-vmm frontends
 /// (cloud-hypervisor, crosvm) count from VHOST_USER_CONFIG_OFFSET (0x100, where virtio-mmio
 /// puts it), up to VHOST_USER_CONFIG_SIZE. A config space is smaller than 0x100 bytes, so the
@@ -525,7 +522,7 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Session<D> {
     }
 
     fn get_max_mem_slots(&mut self) -> VhostUserResult<u64> {
-        Ok(MAX_MEM_SLOTS)
+        Ok(MAX_MEM_SLOTS as u64)
     }
 
     fn add_mem_region(
