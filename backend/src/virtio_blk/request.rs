@@ -67,8 +67,10 @@ pub struct Request {
 pub struct Limits {
     pub capacity: u64,
     pub read_only: bool,
-    /// Data descriptors per request.
+    /// Data descriptors per request (`seg_max`).
     pub seg_max: usize,
+    /// Bytes of data per descriptor (`size_max`).
+    pub size_max: u64,
     /// Host iovecs per request.
     pub max_iovecs: usize,
     pub discard: bool,
@@ -92,6 +94,8 @@ pub enum RequestError {
     OutsideMemory { addr: u64, len: u64 },
     #[error("guest gave {0} data segments, more than the device allows")]
     TooManySegments(usize),
+    #[error("guest gave a data segment of {len} bytes, more than the device's size_max of {max}")]
+    SegmentTooLong { len: u64, max: u64 },
     #[error("guest gave a {0} request with data in the wrong direction")]
     WrongDirection(&'static str),
     #[error("guest asked for sectors {sector}+{bytes} bytes, beyond the disk's {capacity} bytes")]
@@ -425,7 +429,8 @@ pub fn parse<M: GuestMemoryBackend>(
     }
 }
 
-/// seg_max counts the descriptors that carry data, not those holding only header or status.
+/// seg_max counts the descriptors that carry data, not those holding only header or status;
+/// size_max bounds the data each carries.
 fn check_segments(
     descs: &[Desc],
     skip: u64,
@@ -433,7 +438,13 @@ fn check_segments(
     limits: &Limits,
 ) -> Result<(), RequestError> {
     let mut count = 0;
-    for_range(descs, skip, take, |_, _| {
+    for_range(descs, skip, take, |_, len| {
+        if len > limits.size_max {
+            return Err(RequestError::SegmentTooLong {
+                len,
+                max: limits.size_max,
+            });
+        }
         count += 1;
         Ok(())
     })?;

@@ -52,6 +52,7 @@ fn limits() -> Limits {
         capacity: CAPACITY,
         read_only: false,
         seg_max: 8,
+        size_max: 1 << 20,
         max_iovecs: 16,
         discard: true,
         write_zeroes: true,
@@ -1133,6 +1134,62 @@ fn write_with_more_data_descriptors_than_seg_max() {
         "{rejection:?}"
     );
     g.assert_status_at(rejection.status.expect("status"), STATUS, IOERR);
+}
+
+#[test]
+fn data_segments_longer_than_size_max_are_refused() {
+    let g = Guest::new();
+    let l = Limits {
+        size_max: 4096,
+        ..limits()
+    };
+    // At the limit, in both directions: served.
+    g.write(HDR, &header(T_IN, 0));
+    let out = g.parse(&[r(HDR, 16), w(DATA, 4096), w(STATUS, 1)], &l);
+    assert_eq!(out.request().len, 4096);
+    g.write(HDR, &header(T_OUT, 0));
+    let out = g.parse(&[r(HDR, 16), r(DATA, 4096), w(STATUS, 1)], &l);
+    assert_eq!(out.request().len, 4096);
+    // One sector more, in the middle of a chain of short ones: refused, whatever direction.
+    let too_long = RequestError::SegmentTooLong {
+        len: 4608,
+        max: 4096,
+    };
+    g.write(HDR, &header(T_IN, 0));
+    let out = g.parse(
+        &[
+            r(HDR, 16),
+            w(DATA, 512),
+            w(DATA, 4608),
+            w(DATA, 512),
+            w(STATUS, 1),
+        ],
+        &l,
+    );
+    g.assert_rejected(&out, IOERR, too_long.clone(), Some(STATUS));
+    g.write(HDR, &header(T_OUT, 0));
+    let out = g.parse(&[r(HDR, 16), r(DATA, 4608), w(STATUS, 1)], &l);
+    g.assert_rejected(&out, IOERR, too_long.clone(), Some(STATUS));
+    // The data in the header's descriptor counts too, and an indirect table changes nothing.
+    let out = g.parse_indirect(&[r(HDR, 16 + 4608), w(STATUS, 1)], &l);
+    g.assert_rejected(&out, IOERR, too_long, Some(STATUS));
+}
+
+#[test]
+fn a_segment_aliased_many_times_counts_every_time() {
+    // Descriptors may all point at the same guest buffer: seg_max bounds them, not the guest's
+    // memory.
+    let g = Guest::new();
+    g.write(HDR, &header(T_IN, 0));
+    let l = Limits {
+        seg_max: 4,
+        ..limits()
+    };
+    let mut descs = vec![r(HDR, 16)];
+    descs.extend((0..5).map(|_| w(DATA, 4096)));
+    descs.push(w(STATUS, 1));
+    let out = g.parse_indirect(&descs, &l);
+    g.assert_rejected(&out, IOERR, RequestError::TooManySegments(5), Some(STATUS));
 }
 
 #[test]
