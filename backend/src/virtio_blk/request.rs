@@ -104,6 +104,8 @@ pub enum RequestError {
         bytes: u64,
         capacity: u64,
     },
+    #[error("guest gave {0} bytes of data, more than a used ring entry can report")]
+    TooLong(u64),
     #[error("guest gave {0} bytes of data, not a multiple of 512")]
     PartialSector(u64),
     #[error("guest request at byte {offset} (+{len}) is not aligned to the {align}-byte blocks O_DIRECT needs")]
@@ -454,8 +456,25 @@ fn check_segments(
     Ok(())
 }
 
-/// Checks a read or write: whole sectors, inside the disk, aligned for O_DIRECT.
+/// Bytes the device wrote into the driver's writable buffers, status byte included: what the
+/// used ring entry reports. Saturates rather than wraps; `parse` refuses requests it would
+/// saturate for.
+pub fn used_len(kind: RequestKind, len: u64) -> u32 {
+    match kind {
+        RequestKind::Read | RequestKind::GetId => {
+            u32::try_from(len.saturating_add(1)).unwrap_or(u32::MAX)
+        }
+        _ => 1,
+    }
+}
+
+/// Checks a read or write: a length a used entry can report, whole sectors, inside the disk,
+/// aligned for O_DIRECT.
 fn check_data(sector: u64, len: u64, limits: &Limits) -> Result<u64, RequestError> {
+    // used.len is 32 bits and counts the status byte too.
+    if len >= u64::from(u32::MAX) {
+        return Err(RequestError::TooLong(len));
+    }
     if len % SECTOR_SIZE != 0 {
         return Err(RequestError::PartialSector(len));
     }
