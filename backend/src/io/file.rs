@@ -187,13 +187,18 @@ impl FileEngine {
     /// Queues one operation of the request in `index`; `false` (and the error noted) if the
     /// ring failed.
     fn push(&mut self, index: usize, entry: &squeue::Entry) -> bool {
-        // SAFETY: the entry points at no memory, or at the slot's iovecs (in its buffers, whose
+        self.push_all(index, std::slice::from_ref(entry))
+    }
+
+    /// Queues operations of the request in `index` together (a linked chain), or none of them.
+    fn push_all(&mut self, index: usize, entries: &[squeue::Entry]) -> bool {
+        // SAFETY: the entries point at no memory, or at the slot's iovecs (in its buffers, whose
         // array does not move while the slot holds them, or its bounce iovec) and through them
         // at guest memory the buffers pin or at the bounce buffer. The slot keeps all of it
-        // until `pending` is back to zero, i.e. until this entry's completion is reaped.
-        match unsafe { self.ring.push(entry) } {
+        // until `pending` is back to zero, i.e. until these entries' completions are reaped.
+        match unsafe { self.ring.push_all(entries) } {
             Ok(()) => {
-                self.slots[index].pending += 1;
+                self.slots[index].pending += entries.len() as u32;
                 true
             }
             Err(e) => {
@@ -223,7 +228,7 @@ impl FileEngine {
         if self.zeroes == ZeroesMethod::PunchThenAllocate {
             let punch = self.ring.fallocate(uring::PUNCH_HOLE, offset, len, tag);
             let allocate = self.ring.fallocate(uring::ALLOCATE, offset, len, tag);
-            return self.push(index, &uring::linked(punch)) && self.push(index, &allocate);
+            return self.push_all(index, &[uring::linked(punch), allocate]);
         }
         let zero = self.ring.fallocate(uring::ZERO_RANGE, offset, len, tag);
         self.push(index, &zero)
@@ -498,3 +503,7 @@ fn misaligned(iovecs: &[libc::iovec], align: usize) -> bool {
         .iter()
         .any(|v| (v.iov_base as usize) % align != 0 || v.iov_len % align != 0)
 }
+
+#[cfg(test)]
+#[path = "file_tests.rs"]
+mod tests;
