@@ -1,7 +1,8 @@
 //! Unit tests of the file engine on a real io_uring and a real file, with failures injected
 //! into its ring (uring.rs `faults`): whatever fails, a request completes exactly once, only
 //! after every operation of it that reached the ring has completed, and leaves nothing queued
-//! that could complete (or be linked to) the next request of its slot.
+//! that could complete (or be linked to) the next request of its slot. And bounce buffers stay
+//! within their bounds (bounce.rs) whatever the length of a request.
 
 use std::sync::Arc;
 
@@ -9,10 +10,11 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::*;
 use crate::disk::{DiskSpec, OpenOptions};
+use crate::io::bounce::{CHUNK, KEEP};
 use crate::io::Segment;
 use crate::vhost_user::{test_memory, Generation, GuestMemoryHandle, RawBuffers};
 
-const IMAGE: usize = 1 << 20;
+const IMAGE: usize = 4 << 20;
 /// Guest memory: one region of 8 MiB; the status byte at 0, data from 4 KiB on.
 const STATUS: u64 = 0;
 const DATA: u64 = 0x1000;
@@ -24,7 +26,7 @@ struct Setup {
     memory: GuestMemoryHandle,
 }
 
-/// A 1 MiB image of a byte pattern, and guest memory.
+/// A 4 MiB image of a byte pattern, and guest memory.
 fn setup() -> Setup {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let path = dir.path().join("disk.img");
@@ -231,4 +233,117 @@ fn a_short_read_whose_resubmission_fails_is_not_left_in_flight() {
     assert_eq!(s.guest(DATA, 4096), pattern(IMAGE - 4096, 4096));
     drop(done);
     assert_idle(&mut engine);
+}
+
+/// An engine that bounces misaligned buffers, as for O_DIRECT on a 4 KiB-block disk (the file
+/// itself is buffered: the bounce is what is tested).
+fn bouncing(s: &Setup) -> FileEngine {
+    let mut engine = s.engine();
+    engine.direct = true;
+    engine.align = 4096;
+    engine
+}
+
+#[test]
+fn a_long_misaligned_read_bounces_in_bounded_pieces_and_gives_the_buffer_back() {
+    let s = setup();
+    let mut engine = bouncing(&s);
+    // 3.5 MiB into a buffer 512 bytes off a page: more than three pieces.
+    let len = (7 << 20) / 2;
+    let offset = 4096;
+    guest_fill(&s, DATA + 512, len, 0xee);
+    let early = engine.submit(
+        0,
+        Operation::Read { offset },
+        s.buffers(&[(DATA + 512, len)]),
+    );
+    assert!(early.is_none());
+    let held = engine.slots[0].bounce.as_ref().map_or(0, |b| b.len());
+    assert!(
+        held <= CHUNK,
+        "a {len}-byte request holds a {held}-byte bounce buffer"
+    );
+    let done = wait(&mut engine, 0);
+    assert!(done.result.is_ok(), "{:?}", done.result);
+    assert_eq!(
+        s.guest(DATA + 512, len),
+        pattern(offset as usize, len),
+        "data"
+    );
+    drop(done);
+    assert!(
+        engine.slots[0].bounce.is_none(),
+        "a large bounce buffer outlives its request"
+    );
+    assert_idle(&mut engine);
+}
+
+#[test]
+fn a_long_misaligned_write_bounces_in_bounded_pieces() {
+    let s = setup();
+    let mut engine = bouncing(&s);
+    let len = (5 << 20) / 2;
+    let offset = 1 << 20;
+    let data: Vec<u8> = (0..len).map(|i| (i % 13) as u8).collect();
+    s.generation()
+        .memory()
+        .write_slice(&data, GuestAddress(DATA + 8))
+        .unwrap();
+    let early = engine.submit(
+        1,
+        Operation::Write {
+            offset,
+            dsync: false,
+        },
+        s.buffers(&[(DATA + 8, len)]),
+    );
+    assert!(early.is_none());
+    assert!(engine.slots[1]
+        .bounce
+        .as_ref()
+        .is_some_and(|b| b.len() <= CHUNK));
+    let done = wait(&mut engine, 1);
+    assert!(done.result.is_ok(), "{:?}", done.result);
+    drop(done);
+    let image = s.image();
+    assert_eq!(image[offset as usize..offset as usize + len], data[..]);
+    assert_eq!(image[..offset as usize], pattern(0, offset as usize)[..]);
+    assert!(engine.slots[1].bounce.is_none());
+}
+
+#[test]
+fn a_short_misaligned_request_keeps_its_bounce_buffer_for_the_next() {
+    let s = setup();
+    let mut engine = bouncing(&s);
+    for round in 0..2 {
+        let offset = 8192 * (round + 1);
+        let early = engine.submit(
+            2,
+            Operation::Read { offset },
+            s.buffers(&[(DATA + 512, 4096), (DATA + 8192, 4096)]),
+        );
+        assert!(early.is_none());
+        let done = wait(&mut engine, 2);
+        assert!(done.result.is_ok(), "{:?}", done.result);
+        drop(done);
+        assert_eq!(s.guest(DATA + 512, 4096), pattern(offset as usize, 4096));
+        assert_eq!(
+            s.guest(DATA + 8192, 4096),
+            pattern(offset as usize + 4096, 4096)
+        );
+        assert!(
+            engine.slots[2]
+                .bounce
+                .as_ref()
+                .is_some_and(|b| b.len() <= KEEP),
+            "a small buffer is kept (round {round})"
+        );
+    }
+}
+
+fn guest_fill(s: &Setup, gpa: u64, len: usize, byte: u8) {
+    s.generation()
+        .memory()
+        .write_slice(&vec![byte; len], GuestAddress(gpa))
+        .unwrap();
 }
