@@ -20,8 +20,12 @@ pub struct DeviceOptions {
     pub write_cache: bool,
 }
 
-/// Largest data segment, in bytes (VIRTIO_BLK_F_SIZE_MAX).
+/// Largest data segment, in bytes (VIRTIO_BLK_F_SIZE_MAX); a request with a longer one is
+/// refused.
 pub const SIZE_MAX: u32 = 1 << 20;
+/// The ring size `seg_max` is sized for: QEMU's vhost-user-blk and cloud-hypervisor set up
+/// rings of 128 entries by default, and the driver reads `seg_max` before any ring exists.
+pub const SEG_MAX_RING: u16 = 128;
 /// Discard and write-zeroes: sectors per segment and segments per request.
 pub const MAX_ZEROING_SECTORS: u32 = 1 << 22;
 pub const MAX_ZEROING_SEGMENTS: u32 = 32;
@@ -50,6 +54,18 @@ pub struct BlockConfig {
 
 fn bit(b: u32) -> u64 {
     1u64 << b
+}
+
+/// Data segments per request: what fits in a chain as long as the ring, less the header and
+/// status descriptors (the spec bounds a chain by the queue size, and a Linux driver without
+/// indirect descriptors cannot queue a longer one at all), for the smaller of `max_queue_size`
+/// and [`SEG_MAX_RING`]. The config space is read before the driver sets any ring's size, so
+/// this cannot follow the ring; a frontend that sets smaller rings still has longer chains
+/// served through indirect descriptors.
+pub fn seg_max(max_queue_size: u16) -> u32 {
+    u32::from(max_queue_size.min(SEG_MAX_RING))
+        .saturating_sub(2)
+        .max(1)
 }
 
 impl BlockConfig {
@@ -97,10 +113,7 @@ impl BlockConfig {
         BlockConfig {
             capacity: disk.capacity,
             blk_size,
-            // Two descriptors of a chain carry the header and the status.
-            seg_max: u32::from(options.max_queue_size.min(256))
-                .saturating_sub(2)
-                .max(1),
+            seg_max: seg_max(options.max_queue_size),
             num_queues: options.num_queues,
             max_queue_size: options.max_queue_size,
             discard,
@@ -272,6 +285,29 @@ mod tests {
         assert_eq!(u16::from_le_bytes(part), 4);
         assert_eq!(&config.serial[..4], b"abc\0");
         assert!(config.features() & bit(spec::VIRTIO_BLK_F_RO) == 0);
+    }
+
+    #[test]
+    fn seg_max_fits_the_rings_frontends_set_up() {
+        let disk = Disk::open(&DiskSpec::Null { size: 1 << 20 }, OpenOptions::default()).unwrap();
+        // QEMU's vhost-user-blk and cloud-hypervisor use rings of 128 entries by default: a
+        // request of seg_max data segments plus its header and status must fit one.
+        for (max_queue_size, expected) in [(1024, 126), (256, 126), (128, 126), (64, 62), (2, 1)] {
+            let config = BlockConfig::new(
+                &disk,
+                &DeviceOptions {
+                    max_queue_size,
+                    ..options()
+                },
+            );
+            assert_eq!(config.seg_max, expected, "--queue-size {max_queue_size}");
+            let mut c = [0u8; 4];
+            config.read_config(off::SEG_MAX as u32, &mut c);
+            assert_eq!(u32::from_le_bytes(c), expected);
+        }
+        let mut c = [0u8; 4];
+        BlockConfig::new(&disk, &options()).read_config(off::SIZE_MAX as u32, &mut c);
+        assert_eq!(u32::from_le_bytes(c), SIZE_MAX);
     }
 
     #[test]

@@ -38,6 +38,7 @@ impl BlockDevice {
             capacity: disk.capacity,
             read_only: disk.read_only,
             seg_max: config.seg_max as usize,
+            size_max: u64::from(config::SIZE_MAX),
             max_iovecs: config::MAX_IOVECS,
             discard: config.discard,
             write_zeroes: config.write_zeroes,

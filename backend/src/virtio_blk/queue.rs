@@ -524,12 +524,7 @@ impl<E: Engine> QueueServer<E> {
             stats.record(req.kind, req.len, status == STATUS_OK);
         }
         buffers.write_status(status);
-        // Bytes the device wrote into the driver's writable buffers, status included.
-        let written = match req.kind {
-            RequestKind::Read | RequestKind::GetId => req.len as u32 + 1,
-            _ => 1,
-        };
-        self.release(index, written, buffers);
+        self.release(index, request::used_len(req.kind, req.len), buffers);
     }
 
     fn release(&mut self, index: usize, used_len: u32, buffers: GuestBuffers) {

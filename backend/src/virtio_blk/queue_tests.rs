@@ -62,6 +62,8 @@ struct Fake {
     refuse: bool,
     /// Complete every request at once, successfully (as the null disk does).
     at_once: bool,
+    /// Fail every request at once, as an engine whose ring refuses the request's operations.
+    fail_at_once: bool,
     submitted: Vec<(Tag, Op)>,
     /// Requests in flight, with their buffers.
     held: Vec<(Tag, GuestBuffers)>,
@@ -100,6 +102,10 @@ impl Engine for FakeEngine {
         fake.submitted.push((tag, op));
         if fake.at_once {
             return Some(Completion::new(tag, Ok(()), buffers));
+        }
+        if fake.fail_at_once {
+            let error = io::Error::from_raw_os_error(libc::ENOMEM);
+            return Some(Completion::new(tag, Err(error), buffers));
         }
         fake.held.push((tag, buffers));
         None
@@ -562,6 +568,32 @@ fn engine_errors_become_ioerr_and_cancellations_are_counted() {
     assert_eq!(used, expected);
     assert_eq!(h.memory.status().cancelled, 1, "one cancellation counted");
     assert_eq!(h.server.device.totals().errors, 2);
+}
+
+#[test]
+fn requests_the_engine_cannot_start_are_not_left_in_flight() {
+    // Stopping a queue waits for every request in flight: one the engine failed to start must
+    // be completed, and its slot freed, at once.
+    let mut h = Harness::new(Fake {
+        fail_at_once: true,
+        ..Fake::default()
+    });
+    let data = h.alloc_low(4096);
+    let read = h.post_read(0, data, 512);
+    let header = h.header(T_DISCARD, 0);
+    let (segments, len) = h.segments(&[(0, 8, 0), (64, 8, 0)]);
+    let status = h.status();
+    let discard = h.post(&[r(header, 16), r(segments, len), w(status, 1)], status);
+    h.server.process_avail();
+    assert_eq!(h.status_of(&read), STATUS_IOERR);
+    assert_eq!(h.status_of(&discard), STATUS_IOERR);
+    assert_eq!(h.used().len(), 2);
+    assert_eq!(
+        h.server.in_flight, 0,
+        "counted in flight with nothing to complete it"
+    );
+    assert_eq!(h.server.free.len(), usize::from(QUEUE_SIZE));
+    assert_eq!(h.region_pins_in_use(), [0, 0]);
 }
 
 #[test]
