@@ -181,6 +181,30 @@ fn reads_mark_their_data_status_and_the_used_ring() {
 }
 
 #[test]
+fn stopping_a_ring_while_logging_marks_its_whole_used_ring() {
+    let mut fx = Fixture::start(VUBLK, 8 * MIB, &[]);
+    let mut s = session(&mut fx);
+    let log = Log::new(LOG_BYTES);
+    start_logging(&mut s, &log);
+    let (head, read) = post(&mut s, T_IN, 16, None);
+    finish(&mut s, head, &read);
+    // QEMU's last sync comes after GET_VRING_BASE: the ring's flags and avail_event (written
+    // when the thread turned notifications on and off) must be marked by then.
+    log.clear();
+    s.step(&Step::GetVringBase(0)).expect("GET_VRING_BASE");
+    let q = &s.vring(0).unwrap().queue;
+    let (start, len) = (q.used_ring(), 4 + 8 * u64::from(q.size()) + 2);
+    let pages: Vec<u64> = (start / PAGE..=(start + len - 1) / PAGE)
+        .map(|p| p * PAGE)
+        .collect();
+    assert_eq!(
+        log.marked_pages(),
+        pages,
+        "the used ring's pages, and only them"
+    );
+}
+
+#[test]
 fn nothing_is_marked_while_logging_is_off() {
     let mut fx = Fixture::start(VUBLK, 8 * MIB, &[]);
     let mut s = session(&mut fx);
