@@ -269,6 +269,21 @@ fn a_log_too_small_for_guest_memory_is_refused_and_the_connection_closed() {
     assert_eq!(c.status(), S_OK);
 }
 
+#[test]
+fn set_log_fd_is_refused_by_closing_the_connection() {
+    use std::os::fd::AsRawFd;
+    use vhost::VhostBackend;
+    let mut fx = Fixture::start(VUBLK, 8 * MIB, &[]);
+    let mut s = session(&mut fx);
+    // The vhost crate's backend handler has no SET_LOG_FD hook (0.18): it refuses the message
+    // as invalid, which ends the connection; the daemon serves the next frontend.
+    let efd = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+    let _ = s.frontend().set_log_fd(efd.as_raw_fd());
+    assert!(s.wait_hangup(Duration::from_secs(5)).unwrap());
+    let mut s = session(&mut fx);
+    assert_eq!(s.blk(0).read(0, 512).unwrap().status(), S_OK);
+}
+
 /// The FIFO behind `--test-io-gate`: each byte written lets one I/O operation through.
 struct Gate {
     path: PathBuf,
