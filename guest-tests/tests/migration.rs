@@ -156,7 +156,9 @@ fn fio_verify_runs_across_a_live_migration() {
         let dirty_syncs = info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0);
         eprintln!(
             "migration: completed in {total} ms, downtime {downtime} ms, {dirty_syncs} dirty \
-             bitmap syncs"
+             bitmap syncs ({:?}, {})",
+            prepared.accel,
+            guest_tests::qemu::qemu_version()
         );
         // The source stays paused (postmigrate) until told to quit.
         let _ = src.execute("quit", Value::Null);
