@@ -194,6 +194,23 @@ impl Generation {
         self.regions.iter().all(|r| r.guard.intact())
     }
 
+    /// The guest address of host address `host`, inside one of this generation's mappings.
+    pub(super) fn host_to_guest(&self, host: usize) -> Option<u64> {
+        self.regions.iter().find_map(|r| {
+            let offset = host.checked_sub(r.mapping.as_ptr() as usize)? as u64;
+            (offset < r.size).then(|| r.guest_phys_addr + offset)
+        })
+    }
+
+    /// The end of the highest region: the guest addresses a dirty log must cover.
+    pub fn end(&self) -> u64 {
+        self.regions
+            .iter()
+            .map(|r| r.guest_phys_addr + r.size)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// The pin of region `index` (from [`Generation::region_index`]).
     pub(super) fn region_pin(&self, index: usize) -> &Arc<RegionPin> {
         &self.regions[index].pin

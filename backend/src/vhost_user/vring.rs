@@ -4,7 +4,7 @@
 //! stops on GET_VRING_BASE, and between the two is enabled or disabled by SET_VRING_ENABLE.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -12,7 +12,11 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::dirty_log::DirtyLog;
 use super::memory::{GuestMemoryHandle, RegionPin};
+
+/// No used-ring log address (`QueueControl::used_log`).
+const NO_LOG: u64 = u64::MAX;
 
 /// An eventfd the frontend gave a ring to be signalled on — its call eventfd (SET_VRING_CALL)
 /// or its error eventfd (SET_VRING_ERR) — replaceable while the ring runs (SET_VRING_CALL may
@@ -42,6 +46,9 @@ pub struct QueueControl {
     enabled: AtomicBool,
     /// Regions whose in-flight requests the thread must cancel.
     cancel: Mutex<Vec<Arc<RegionPin>>>,
+    /// Where writes to the used ring are logged (SET_VRING_ADDR with VHOST_VRING_F_LOG), or
+    /// [`NO_LOG`]. Changes while the ring runs: QEMU sets it when a migration starts.
+    used_log: AtomicU64,
 }
 
 impl QueueControl {
@@ -51,7 +58,18 @@ impl QueueControl {
             stop: AtomicBool::new(false),
             enabled: AtomicBool::new(enabled),
             cancel: Mutex::new(Vec::new()),
+            used_log: AtomicU64::new(NO_LOG),
         })
+    }
+
+    /// The guest address the used ring's writes are logged at, if the frontend asked for it.
+    pub fn used_log(&self) -> Option<u64> {
+        Some(self.used_log.load(Ordering::Relaxed)).filter(|&a| a != NO_LOG)
+    }
+
+    pub(crate) fn set_used_log(&self, addr: Option<u64>) {
+        self.used_log
+            .store(addr.unwrap_or(NO_LOG), Ordering::Relaxed);
     }
 
     /// The eventfd the queue thread must watch; readable after any change.
@@ -102,6 +120,8 @@ pub struct RunningQueue {
     pub err: Arc<CallFd>,
     pub control: Arc<QueueControl>,
     pub memory: GuestMemoryHandle,
+    /// The session's dirty log: what the thread writes is marked in it while logging is on.
+    pub log: DirtyLog,
 }
 
 struct Started {
@@ -121,6 +141,8 @@ pub(super) struct Vring {
     pub call: Arc<CallFd>,
     pub err: Arc<CallFd>,
     pub enabled: bool,
+    /// The used ring's log address (SET_VRING_ADDR with VHOST_VRING_F_LOG).
+    used_log: Option<u64>,
     started: Option<Started>,
 }
 
@@ -136,7 +158,16 @@ impl Vring {
             call: Arc::new(CallFd::default()),
             err: Arc::new(CallFd::default()),
             enabled: false,
+            used_log: None,
             started: None,
+        }
+    }
+
+    /// Where the used ring's writes are logged from now on (`None`: not logged).
+    pub fn set_used_log(&mut self, addr: Option<u64>) {
+        self.used_log = addr;
+        if let Some(started) = &self.started {
+            started.control.set_used_log(addr);
         }
     }
 
@@ -167,9 +198,11 @@ impl Vring {
         kick: EventFd,
         index: usize,
         memory: GuestMemoryHandle,
+        log: DirtyLog,
         spawn: impl FnOnce(RunningQueue) -> io::Result<JoinHandle<Queue>>,
     ) -> io::Result<()> {
         let control = Arc::new(QueueControl::new(self.enabled)?);
+        control.set_used_log(self.used_log);
         let thread = spawn(RunningQueue {
             index,
             queue,
@@ -178,6 +211,7 @@ impl Vring {
             err: self.err.clone(),
             control: control.clone(),
             memory,
+            log,
         })?;
         self.started = Some(Started { control, thread });
         Ok(())

@@ -22,7 +22,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::*;
 use crate::disk::{Disk, DiskSpec, OpenOptions};
 use crate::io::Segment;
-use crate::vhost_user::{test_memory, CallFd, GuestMemoryHandle, QueueControl};
+use crate::vhost_user::{test_memory, CallFd, DirtyLog, GuestMemoryHandle, QueueControl};
 use crate::virtio_blk::DeviceOptions;
 
 const QUEUE_SIZE: u16 = 64;
@@ -202,6 +202,7 @@ impl Harness {
             err: Arc::new(CallFd::default()),
             control: control.clone(),
             memory: memory.clone(),
+            log: DirtyLog::default(),
         };
         let disk = Disk::open(&DiskSpec::Null { size: CAPACITY }, OpenOptions::default())
             .expect("a null disk");
@@ -770,6 +771,7 @@ fn per_request_cost() {
         err: Arc::new(CallFd::default()),
         control: Arc::new(QueueControl::new(true).unwrap()),
         memory: memory.clone(),
+        log: DirtyLog::default(),
     };
     let spec = match std::env::var_os("VUBLK_COST_IMAGE") {
         Some(path) => DiskSpec::Path(path.into()),
