@@ -54,6 +54,11 @@ pub enum ToSupervisor {
     Ended { connection: u64 },
     /// What each device of this worker has served so far (sent about once a second).
     Stats { devices: Vec<DeviceStatus> },
+    /// The worker's sandbox, once it is on (sent once, before anything else).
+    Sandbox(crate::sandbox::SandboxStatus),
+    /// The worker made system call `syscall`, which its filter forbids; it is dying of SIGSYS
+    /// (sent by the SIGSYS handler, sandbox/seccomp.rs).
+    Forbidden { syscall: i64 },
 }
 
 /// One device of a worker, for `vublk status`.
