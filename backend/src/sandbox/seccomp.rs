@@ -6,7 +6,7 @@
 //! whose flags a filter can check (clone3 passes them in memory).
 //!
 //! The list was found by running the workers through the test suites under strace. To allow a
-//! call, add it to [`ALLOWED`] (with the comment naming who makes it); [`NAMES`] gives the
+//! call, add it to [`ALLOWED`] (with the comment naming who makes it); [`name_of`] gives the
 //! supervisor the names of the calls it logs.
 //!
 //! Only x86_64 and aarch64 have the tables; elsewhere the worker runs without the filter and
