@@ -82,6 +82,18 @@ fn every_layer_is_on_in_a_serving_worker() {
     let sandbox = &vm["sandbox"];
     eprintln!("MEASURED sandbox of worker {worker}: {vm}");
 
+    // `vublk status` prints it for people too.
+    let out = run_vublk(&["status", "--control-socket", control.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("sandbox:"))
+        .unwrap_or_else(|| panic!("no sandbox line in vublk status:\n{text}"));
+    assert!(
+        line.contains("seccomp filter (filter (") && line.contains("not dumpable"),
+        "{line}"
+    );
+
     // Not dumpable: its tenant can neither ptrace it nor take its fds (tenants.rs has a tenant
     // try).
     assert_eq!(sandbox["dumpable"], false, "{vm}");

@@ -61,9 +61,10 @@ mod sys {
         SYS_newfstatat as newfstatat, SYS_openat as openat, SYS_openat2 as openat2,
         SYS_ppoll as ppoll, SYS_prctl as prctl, SYS_pread64 as pread64, SYS_preadv as preadv,
         SYS_preadv2 as preadv2, SYS_prlimit64 as prlimit64, SYS_pwrite64 as pwrite64,
-        SYS_pwritev as pwritev, SYS_pwritev2 as pwritev2, SYS_read as read, SYS_readv as readv,
-        SYS_recvfrom as recvfrom, SYS_recvmsg as recvmsg, SYS_restart_syscall as restart_syscall,
-        SYS_rseq as rseq, SYS_rt_sigaction as rt_sigaction, SYS_rt_sigprocmask as rt_sigprocmask,
+        SYS_pwritev as pwritev, SYS_pwritev2 as pwritev2, SYS_read as read,
+        SYS_readlinkat as readlinkat, SYS_readv as readv, SYS_recvfrom as recvfrom,
+        SYS_recvmsg as recvmsg, SYS_restart_syscall as restart_syscall, SYS_rseq as rseq,
+        SYS_rt_sigaction as rt_sigaction, SYS_rt_sigprocmask as rt_sigprocmask,
         SYS_rt_sigreturn as rt_sigreturn, SYS_sched_getaffinity as sched_getaffinity,
         SYS_sched_yield as sched_yield, SYS_sendmsg as sendmsg, SYS_sendto as sendto,
         SYS_set_robust_list as set_robust_list, SYS_shutdown as shutdown,
@@ -72,10 +73,10 @@ mod sys {
         SYS_write as write, SYS_writev as writev,
     };
     #[cfg(target_arch = "x86_64")]
-    pub use libc::{SYS_epoll_wait as epoll_wait, SYS_poll as poll};
+    pub use libc::{SYS_epoll_wait as epoll_wait, SYS_poll as poll, SYS_readlink as readlink};
     // aarch64 has only the newer calls, already listed under their own names.
     #[cfg(not(target_arch = "x86_64"))]
-    pub use libc::{SYS_epoll_pwait as epoll_wait, SYS_ppoll as poll};
+    pub use libc::{SYS_epoll_pwait as epoll_wait, SYS_ppoll as poll, SYS_readlinkat as readlink};
     // Forbidden, named so the supervisor's line says which.
     pub use libc::{
         SYS_bind as bind, SYS_bpf as bpf, SYS_connect as connect, SYS_execve as execve,
@@ -167,7 +168,10 @@ pub const ALLOWED: &[(&str, i64)] = syscalls![
     rt_sigreturn,
     sigaltstack,
     restart_syscall,
-    // Leaving.
+    // Leaving; a panicking thread's backtrace finds the binary with readlink(/proc/self/exe)
+    // (reading it is up to landlock), and the worker goes on without that thread.
+    readlink,
+    readlinkat,
     exit,
     exit_group,
 ];

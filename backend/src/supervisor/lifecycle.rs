@@ -372,12 +372,12 @@ impl Supervisor {
                     }
                 }
                 ToSupervisor::Forbidden { syscall } => {
+                    // It is dying of SIGSYS, which its exit status will show (not killed here,
+                    // so it does). A worker that says so and lives harms only its own VM.
                     let name = crate::sandbox::seccomp::name_of(syscall).unwrap_or("unknown");
                     self.tenant_line(uid, Level::Warn, "worker-forbidden", || {
                         format!("worker pid {worker} of VMM pid {pid} (uid {uid}) made system call {syscall} ({name}), which its seccomp filter forbids; it dies of SIGSYS")
                     });
-                    self.kill_broken(id);
-                    return false;
                 }
             }
         }
@@ -394,8 +394,8 @@ impl Supervisor {
         more
     }
 
-    /// Kills a worker that broke the protocol (or is dying of a forbidden call), stops
-    /// listening to it, and retires it; its pidfd reports when it is gone.
+    /// Kills a worker that broke the protocol, stops listening to it, and retires it; its pidfd
+    /// reports when it is gone.
     fn kill_broken(&mut self, id: u64) {
         if let Some(vm) = self.vms.get(&id) {
             kill(&vm.worker_pidfd);
