@@ -117,7 +117,7 @@ pub struct Cli {
 
     /// Let workers open PATH (and what is beneath it) for reading and writing, on top of the
     /// export images: their landlock sandbox denies every other path (docs/security.md).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with = "single_process")]
     pub worker_allow: Vec<PathBuf>,
 
     /// Test only: make workers misbehave on purpose (forbidden-syscall, open:PATH,
@@ -586,6 +586,41 @@ mod tests {
         ])
         .is_err());
         assert!(Cli::try_parse_from(["vublk", "--print-capabilities"]).is_ok());
+        // --single-process has no workers to sandbox.
+        assert!(Cli::try_parse_from([
+            "vublk",
+            "--socket-path",
+            "s",
+            "--null",
+            "1M",
+            "--single-process",
+            "--worker-allow",
+            "/srv"
+        ])
+        .is_err());
+        let cli = Cli::try_parse_from([
+            "vublk",
+            "--socket-path",
+            "s",
+            "--null",
+            "1M",
+            "--worker-allow",
+            "/srv",
+            "--test-worker-arg",
+            "open:/etc/shadow@a.sock",
+        ])
+        .unwrap();
+        assert_eq!(cli.worker_options().allow, [PathBuf::from("/srv")]);
+        assert!(Cli::try_parse_from([
+            "vublk",
+            "--socket-path",
+            "s",
+            "--null",
+            "1M",
+            "--test-worker-arg",
+            "reboot"
+        ])
+        .is_err());
         assert!(Cli::try_parse_from([
             "vublk",
             "--socket-path",
