@@ -9,7 +9,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::disk::{DiskSpec, OpenOptions};
 use crate::endpoint::{Endpoint, SocketAccess};
 use crate::export::{AllowList, ExportSpec, OpenAs};
-use crate::supervisor::{TenantLimits, DEFAULT_CONNECTIONS_PER_VMM, DEFAULT_VMS_PER_UID};
+use crate::supervisor::{
+    TenantLimits, WorkerOptions, DEFAULT_CONNECTIONS_PER_VMM, DEFAULT_VMS_PER_UID,
+};
 use crate::virtio_blk::DeviceOptions;
 
 /// vublk: a vhost-user virtio-blk backend serving raw images and block devices via io_uring.
@@ -113,6 +115,16 @@ pub struct Cli {
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
     pub max_vms_per_uid: usize,
 
+    /// Let workers open PATH (and what is beneath it) for reading and writing, on top of the
+    /// export images: their landlock sandbox denies every other path (docs/security.md).
+    #[arg(long, value_name = "PATH", conflicts_with = "single_process")]
+    pub worker_allow: Vec<PathBuf>,
+
+    /// Test only: make workers misbehave on purpose (forbidden-syscall, open:PATH,
+    /// forge-reports; each with an optional @EXPORT).
+    #[arg(long, value_name = "WHAT", hide = true, value_parser = crate::sandbox::TestMisdeed::parse)]
+    pub test_worker_arg: Vec<crate::sandbox::TestMisdeed>,
+
     /// How long retiring guest memory (REM_MEM_REG, SET_MEM_TABLE, a stopped ring, a
     /// disconnect) waits for the requests using it before cancelling them, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 5000)]
@@ -149,6 +161,10 @@ pub struct Cli {
     /// Internal: run as a per-VM worker on this control socket (set by the supervisor).
     #[arg(long, value_name = "FD", hide = true)]
     pub worker_control_fd: Option<RawFd>,
+
+    /// Internal: the worker's sandbox, as JSON (set by the supervisor).
+    #[arg(long, value_name = "JSON", hide = true, requires = "worker_control_fd")]
+    pub worker_sandbox: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -245,6 +261,14 @@ impl Cli {
         SocketAccess {
             mode: self.socket_mode,
             group: self.socket_group,
+        }
+    }
+
+    /// What workers may do besides serving their exports.
+    pub fn worker_options(&self) -> WorkerOptions {
+        WorkerOptions {
+            allow: self.worker_allow.clone(),
+            test: self.test_worker_arg.clone(),
         }
     }
 
@@ -562,6 +586,41 @@ mod tests {
         ])
         .is_err());
         assert!(Cli::try_parse_from(["vublk", "--print-capabilities"]).is_ok());
+        // --single-process has no workers to sandbox.
+        assert!(Cli::try_parse_from([
+            "vublk",
+            "--socket-path",
+            "s",
+            "--null",
+            "1M",
+            "--single-process",
+            "--worker-allow",
+            "/srv"
+        ])
+        .is_err());
+        let cli = Cli::try_parse_from([
+            "vublk",
+            "--socket-path",
+            "s",
+            "--null",
+            "1M",
+            "--worker-allow",
+            "/srv",
+            "--test-worker-arg",
+            "open:/etc/shadow@a.sock",
+        ])
+        .unwrap();
+        assert_eq!(cli.worker_options().allow, [PathBuf::from("/srv")]);
+        assert!(Cli::try_parse_from([
+            "vublk",
+            "--socket-path",
+            "s",
+            "--null",
+            "1M",
+            "--test-worker-arg",
+            "reboot"
+        ])
+        .is_err());
         assert!(Cli::try_parse_from([
             "vublk",
             "--socket-path",

@@ -62,6 +62,11 @@ pub enum ToSupervisor {
     /// field): device state the supervisor keeps for the next worker of the same VMM, should
     /// this one die.
     WriteCache { connection: u64, write_cache: bool },
+    /// The worker's sandbox, once it is on (sent once, before anything else).
+    Sandbox(crate::sandbox::SandboxStatus),
+    /// The worker made system call `syscall`, which its filter forbids; it is dying of SIGSYS
+    /// (sent by the SIGSYS handler, sandbox/seccomp.rs).
+    Forbidden { syscall: i64 },
 }
 
 /// One device of a worker, for `vublk status`.

@@ -20,6 +20,7 @@ mod handoff;
 pub mod identity;
 pub mod io;
 mod ratelimit;
+pub mod sandbox;
 mod sigbus;
 mod signals;
 pub mod single_process;
@@ -47,12 +48,14 @@ pub enum Mode {
     Supervisor(
         Vec<(Endpoint, ExportSpec)>,
         supervisor::TenantLimits,
+        supervisor::WorkerOptions,
         Option<std::path::PathBuf>,
     ),
     /// One export served in this process.
     SingleProcess(Endpoint, SocketAccess, ExportSpec),
-    /// A per-VM worker, started by the supervisor.
-    Worker(std::os::fd::RawFd),
+    /// A per-VM worker, started by the supervisor with its control socket at this fd, in
+    /// this sandbox.
+    Worker(std::os::fd::RawFd, sandbox::Plan),
 }
 
 /// Why [`run`] failed; `main` prints it on one line with its causes ([`error_line`]).
@@ -68,13 +71,13 @@ pub enum RunError {
     SingleProcess(#[from] SingleProcessError),
     #[error(transparent)]
     Worker(#[from] WorkerError),
-    #[error("the worker is traced by pid {0} (its tenant attached before it became non-dumpable); it will not serve")]
-    Traced(u32),
+    #[error("cannot sandbox the worker")]
+    Sandbox(#[from] sandbox::SandboxError),
 }
 
 pub fn run(mode: Mode) -> Result<(), RunError> {
     match mode {
-        Mode::Supervisor(mut exports, limits, control_socket) => {
+        Mode::Supervisor(mut exports, limits, workers, control_socket) => {
             // Check every image before taking connections, so a typo fails at start-up rather
             // than at the first VM. Workers open the images again, as their VMM's user; for
             // open-as=daemon the supervisor does, for each connection, and only the file found
@@ -89,43 +92,25 @@ pub fn run(mode: Mode) -> Result<(), RunError> {
                     }
                 }
             }
-            supervisor::run(exports, limits, control_socket)?;
+            supervisor::run(exports, limits, workers, control_socket)?;
             Ok(())
         }
         Mode::SingleProcess(endpoint, access, export) => run_single(endpoint, access, export),
-        Mode::Worker(fd) => {
+        Mode::Worker(fd, plan) => {
             // SAFETY: the supervisor put the control socket at this fd and the report pipe at
             // the next one, for us alone.
             let (control, reports) = unsafe { supervisor::adopt_channels(fd) };
-            // The worker runs as its tenant: keep the tenant from ptracing it (and from reading
-            // guest memory through a core dump).
-            if let Err(e) = rustix::process::set_dumpable_behavior(
-                rustix::process::DumpableBehavior::NotDumpable,
-            ) {
-                tracing::warn!("cannot make the worker non-dumpable: {e}");
-            }
-            // exec made it dumpable again for a moment: a tracer that attached then stays. No
-            // new one can attach now; one that did gets a worker that will not serve.
-            if let Some(tracer) = tracer_of_self() {
-                return Err(RunError::Traced(tracer));
-            }
+            let sandbox = {
+                use std::os::fd::AsRawFd;
+                let (control, reports) = (control.as_raw_fd(), reports.as_raw_fd());
+                sandbox::enter(&plan, &[control, reports], reports)?
+            };
+            let _ = handoff::report(&reports, &handoff::ToSupervisor::Sandbox(sandbox));
             let _span = tracing::info_span!("worker", pid = std::process::id()).entered();
-            worker::run(control, reports)?;
+            worker::run(control, reports, &plan.test)?;
             Ok(())
         }
     }
-}
-
-/// The pid tracing this process, if any (`TracerPid` of /proc/self/status).
-fn tracer_of_self() -> Option<u32> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let tracer: u32 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("TracerPid:"))?
-        .trim()
-        .parse()
-        .ok()?;
-    (tracer != 0).then_some(tracer)
 }
 
 /// Opens the disk and serves it in this process until stopped.

@@ -37,7 +37,19 @@ fn main() -> ExitCode {
         };
     }
     let mode = if let Some(fd) = cli.worker_control_fd {
-        Mode::Worker(fd)
+        let plan = match cli
+            .worker_sandbox
+            .as_deref()
+            .map(serde_json::from_str)
+            .transpose()
+        {
+            Ok(plan) => plan.unwrap_or_default(),
+            Err(e) => {
+                eprintln!("vublk: bad --worker-sandbox: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        Mode::Worker(fd, plan)
     } else {
         match cli.exports() {
             Ok(mut exports) if cli.single_process => {
@@ -48,9 +60,12 @@ fn main() -> ExitCode {
                 let (endpoint, export) = exports.remove(0);
                 Mode::SingleProcess(endpoint, cli.socket_access(), export)
             }
-            Ok(exports) => {
-                Mode::Supervisor(exports, cli.tenant_limits(), cli.control_socket.clone())
-            }
+            Ok(exports) => Mode::Supervisor(
+                exports,
+                cli.tenant_limits(),
+                cli.worker_options(),
+                cli.control_socket.clone(),
+            ),
             Err(message) => {
                 eprintln!("vublk: {message}");
                 return ExitCode::from(2);
@@ -60,13 +75,19 @@ fn main() -> ExitCode {
     if cli.test_without_peer_pidfd {
         vublk::identity::peer::test_without_peer_pidfd();
     }
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    if matches!(mode, Mode::Worker(..)) {
+        // A worker's stderr is a pipe the supervisor relays into its own log, with its own
+        // time and a prefix naming the worker.
+        logs.without_time().with_ansi(false).init();
+    } else {
+        logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
     match vublk::run(mode) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -111,7 +111,7 @@ fn disconnect_with_requests_in_flight_leaves_the_daemon_serving() {
         &model[busy as usize..],
         "the range no abandoned request touched",
     );
-    let data = pattern(400, 0, 4 * MIB as usize);
+    let data = pattern(400, 0, MIB as usize); // one segment: size_max is 1 MiB
     assert_eq!(q.write_at(0, &data), 0, "write after abandoned connections");
     assert_eq!(q.flush(), 0);
     assert_eq!(q.read_at(0, data.len()).expect("read back"), data);

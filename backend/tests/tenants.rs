@@ -1673,3 +1673,175 @@ fn socket_mode_and_group_per_export() {
     assert_eq!(e.gid(), 100, "group of e.sock");
     daemon.stop();
 }
+
+// =============================================================================================
+// A worker taken over by its tenant (the sandbox and the supervisor's distrust)
+// =============================================================================================
+
+/// `vublk --null 64M` on DIR/vublk.sock with a second null export on DIR/a.sock whose workers
+/// misbehave as `misdeed` says (`--test-worker-arg`), answering status on DIR/control.sock.
+/// Returns the daemon, the two sockets and the control socket.
+fn daemon_with_a_misbehaving_export(
+    dir: &Path,
+    misdeed: &str,
+) -> (Daemon, PathBuf, PathBuf, PathBuf) {
+    let a = dir.join("a.sock");
+    let control = dir.join("control.sock");
+    let mut daemon = Daemon::start(
+        vublk_bin(),
+        dir,
+        &[
+            "--null",
+            "64M",
+            "--export",
+            &format!("socket-path={},null=64M", a.display()),
+            "--control-socket",
+            control.to_str().unwrap(),
+            "--test-worker-arg",
+            &format!("{misdeed}@/a.sock"),
+        ],
+    );
+    daemon.wait_for(&control);
+    open_socket(daemon.socket());
+    open_socket(&a);
+    let b = daemon.socket().to_path_buf();
+    (daemon, b, a, control)
+}
+
+/// A worker that makes a system call its seccomp filter forbids dies of SIGSYS, the supervisor
+/// says which call in one line, and another VM is served before and after.
+#[test]
+fn a_forbidden_system_call_kills_only_that_worker() {
+    if !can_run() {
+        return;
+    }
+    let dir = shared_dir();
+    let (mut daemon, b_socket, a_socket, _control) =
+        daemon_with_a_misbehaving_export(dir.path(), "forbidden-syscall");
+    let mut a = Tenant::start(dir.path(), "a", &Job::user(NOBODY));
+    let mut b = Tenant::start(dir.path(), "b", &Job::user(BYSTANDER));
+    served(&mut b, &b_socket, "before the forbidden call");
+
+    let failure = refused(&mut a, &a_socket, "a worker making a forbidden call");
+    eprintln!("tenant A: {failure}");
+    let line = wait_for_log(&mut daemon, "which its seccomp filter forbids", LOG_WITHIN);
+    assert!(
+        line.contains(&format!("of VMM pid {}", a.pid()))
+            && line.contains(&format!("system call {} (socket)", libc::SYS_socket)),
+        "the line does not name the VMM and the call: {line}"
+    );
+    let died = wait_for_log(&mut daemon, "killed by SIGSYS", LOG_WITHIN);
+    assert!(
+        died.contains(&format!("VMM pid {}", a.pid())),
+        "another worker died: {died}"
+    );
+    assert!(
+        !daemon
+            .log()
+            .contains("test: the forbidden system call returned"),
+        "the forbidden call returned:\n{}",
+        daemon.log()
+    );
+    served(&mut b, &b_socket, "after the forbidden call");
+    a.kill();
+    b.finish();
+    daemon.stop();
+}
+
+/// A worker taken over by its tenant sends reports about connections it does not own (another
+/// VM's among them), unknown ids, a forged sandbox report and lines meant to look like the
+/// supervisor's, then floods its report pipe: the other VM keeps its connection and is served,
+/// the forged words stay quoted, and the flooding worker is killed.
+#[test]
+fn forged_reports_touch_no_other_vm() {
+    if !can_run() {
+        return;
+    }
+    let dir = shared_dir();
+    let (mut daemon, b_socket, a_socket, control) =
+        daemon_with_a_misbehaving_export(dir.path(), "forge-reports");
+    let mut a = Tenant::start(dir.path(), "a", &Job::user(NOBODY));
+    let mut b = Tenant::start(dir.path(), "b", &Job::user(BYSTANDER));
+    // B is connection 1, held open; A's worker then claims it ended, among others.
+    served(&mut b, &b_socket, "before the forged reports");
+
+    a.send(&format!("blkio {}", a_socket.display()));
+    let killed = wait_for_log(&mut daemon, "reports in 10 s; killing it", LOG_WITHIN);
+    assert!(
+        killed.contains(&format!("of VMM pid {}", a.pid())),
+        "another worker was killed: {killed}"
+    );
+    wait_for_log(
+        &mut daemon,
+        &format!("exited (killed by signal {})", libc::SIGKILL),
+        LOG_WITHIN,
+    );
+
+    // B's VM still holds its connection and its worker (which reports its devices once a
+    // second), and is served.
+    let b_device = |status: &serde_json::Value| {
+        status["vms"].as_array().is_some_and(|vms| {
+            vms.iter().any(|vm| {
+                vm["vmm_pid"] == b.pid()
+                    && vm["devices"]
+                        .as_array()
+                        .is_some_and(|d| d.iter().any(|d| d["connection"] == 1))
+            })
+        })
+    };
+    let mut status = daemon.status(&control).expect("vublk status");
+    let deadline = Instant::now() + LOG_WITHIN;
+    while !b_device(&status) {
+        assert!(
+            Instant::now() < deadline,
+            "B's device is gone from its VM: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        status = daemon.status(&control).expect("vublk status");
+    }
+    assert!(
+        !status.to_string().contains("FORGED"),
+        "a forged report made it into the status: {status}"
+    );
+    served(&mut b, &b_socket, "after the forged reports");
+
+    // The worker's words reach the log prefixed and escaped, never as lines of their own: its
+    // stderr line with a newline and a terminal escape in it became two lines, each naming it.
+    let log = daemon.log();
+    let prefix = format!(
+        "worker pid {} (VMM pid {}): ",
+        workers_started_for(&log, a.pid()),
+        a.pid()
+    );
+    let forged: Vec<&str> = log.lines().filter(|l| l.contains("FORGED")).collect();
+    assert!(
+        !forged.is_empty(),
+        "the worker's stderr was not relayed:\n{log}"
+    );
+    for line in forged {
+        assert!(
+            line.contains(&prefix) && !line.contains('\u{1b}'),
+            "a worker wrote a line of its own into the daemon's log: {line:?}"
+        );
+    }
+    a.kill();
+    b.finish();
+    daemon.stop();
+}
+
+/// The pid of the worker the daemon started for VMM `vmm` (from its "worker pid N started"
+/// line).
+fn workers_started_for(log: &str, vmm: u32) -> u32 {
+    let needle = format!("VMM pid {vmm} (");
+    log.lines()
+        .filter(|l| l.contains(&needle) && l.contains(" started in "))
+        .find_map(|l| {
+            l.split("worker pid ")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no worker started for VMM pid {vmm}:\n{log}"))
+}

@@ -1366,11 +1366,11 @@ fn check_limited(limited: &mut Frontend, daemon: &Daemon, limit: &str) {
     eprintln!("{limit}: {line}");
     let pid = limited.pid();
     limited.finish();
-    wait_for_log(daemon, "thread limit", Duration::from_secs(5));
-    let log = daemon.log();
     // The supervisor numbers the connection; the worker's lines carry that number.
     let needle = format!(" from VMM pid {pid} ");
-    let connection: u64 = log
+    wait_for_log(daemon, &needle, Duration::from_secs(5));
+    let connection: u64 = daemon
+        .log()
         .lines()
         .find(|l| l.contains(&needle))
         .and_then(|l| {
@@ -1381,7 +1381,20 @@ fn check_limited(limited: &mut Frontend, daemon: &Daemon, limit: &str) {
                 .parse()
                 .ok()
         })
-        .unwrap_or_else(|| panic!("no connection from VMM pid {pid} in the log:\n{log}"));
+        .unwrap_or_else(|| panic!("no connection from VMM pid {pid} in the log"));
+    // The worker's lines reach the log through the supervisor: wait for this connection's.
+    let conn = format!("conn{{id={connection} ");
+    wait_until(
+        "the worker's line naming the thread limit",
+        Duration::from_secs(5),
+        || {
+            daemon
+                .log()
+                .lines()
+                .any(|l| l.contains(&conn) && l.contains("thread limit"))
+        },
+    );
+    let log = daemon.log();
     let ours: Vec<&str> = log
         .lines()
         .filter(|l| l.contains(&format!("conn{{id={connection} ")))

@@ -4,7 +4,7 @@
 //! Opening a disk also decides what it can do — discard, write-zeroes, the alignment O_DIRECT
 //! needs — so the device offers only features the backing really has.
 
-mod probe;
+pub(crate) mod probe;
 
 use std::fs::File;
 use std::io;

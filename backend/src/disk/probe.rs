@@ -8,8 +8,8 @@ use std::os::unix::fs::MetadataExt;
 
 use super::ZeroesMethod;
 
-const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
-const BLKSSZGET: libc::c_ulong = 0x1268;
+pub(crate) const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+pub(crate) const BLKSSZGET: libc::c_ulong = 0x1268;
 
 /// What O_DIRECT requires: buffer addresses aligned to `memory`, offsets and lengths to `offset`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

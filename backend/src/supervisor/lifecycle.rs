@@ -14,8 +14,10 @@ use crate::handoff::{ReportReader, ToSupervisor};
 use crate::identity::{IdentityError, Peer, VmmIdentity};
 
 use super::spawn::{exec_outcome, spawn_worker, ExecFailure, ExecOutcome, SpawnError};
-use super::vm::{exited, Handoff, Vm, WorkerState};
+use super::vm::{exited, Handoff, Vm, WorkerState, REPORT_BURST, REPORT_INTERVAL};
+use super::worker_log::{LineLevel, WorkerLog};
 use super::{Event, Level, Supervisor, START_DEADLINE, STOP_GRACE, WORKER_MIN_NOFILE};
+use crate::ratelimit::RateLimit;
 
 /// A worker that served this long before it died was a success: its VMM's earlier failures
 /// are forgotten, and the crash is retried at once.
@@ -97,6 +99,10 @@ impl fmt::Display for Exit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Exit::Code(code) => write!(f, "exit {code}"),
+            Exit::Signal(libc::SIGSYS) => write!(
+                f,
+                "killed by SIGSYS: a system call its seccomp filter forbids"
+            ),
             Exit::Signal(signal) => write!(f, "killed by signal {signal}"),
             Exit::Unknown(e) => write!(f, "status unknown: {e}"),
             Exit::NotReapedYet => write!(f, "exited; not reaped yet (traced?)"),
@@ -126,13 +132,15 @@ impl Supervisor {
             });
         }
         let vmm_pidfd = peer.pidfd.try_clone().map_err(StartError::VmmPidfd)?;
-        let worker = spawn_worker(&identity, &self.exe).map_err(StartError::Spawn)?;
+        let plan = super::confine::plan_for(&self.exports, &self.workers, peer);
+        let worker = spawn_worker(&identity, &self.exe, &plan).map_err(StartError::Spawn)?;
         let id = self.next_vm;
         self.next_vm += 1;
         let watched = self
             .events
             .watch(&worker.reports, Event::WorkerReports(id))
             .and_then(|()| self.events.watch(&worker.pidfd, Event::WorkerExit(id)))
+            .and_then(|()| self.events.watch(&worker.log, Event::WorkerLog(id)))
             .and_then(|()| {
                 self.events
                     .watch(&worker.exec_status, Event::WorkerStart(id))
@@ -141,6 +149,7 @@ impl Supervisor {
             kill(&worker.pidfd);
             self.events.unwatch(&worker.reports);
             self.events.unwatch(&worker.pidfd);
+            self.events.unwatch(&worker.log);
             self.unreaped.push((worker.pid, worker.pidfd));
             return Err(StartError::Watch(e));
         }
@@ -169,6 +178,10 @@ impl Supervisor {
                 control: worker.control,
                 reports: worker.reports,
                 reader: ReportReader::default(),
+                report_budget: RateLimit::new(REPORT_BURST, REPORT_INTERVAL),
+                log: worker.log,
+                log_reader: WorkerLog::default(),
+                sandbox: None,
                 state: WorkerState::Starting {
                     exec_status: worker.exec_status,
                     deadline: Instant::now() + START_DEADLINE,
@@ -297,11 +310,7 @@ impl Supervisor {
                         crate::error_line(&e)
                     )
                 });
-                if let Some(vm) = self.vms.get(&id) {
-                    kill(&vm.worker_pidfd);
-                    self.events.unwatch(&vm.reports);
-                }
-                self.retire(id);
+                self.kill_broken(id);
                 return false;
             }
         };
@@ -312,11 +321,25 @@ impl Supervisor {
             let Some(vm) = self.vms.get_mut(&id) else {
                 return false;
             };
+            if vm.report_budget.check(std::time::Instant::now()).is_none() {
+                // More than any working worker sends: it is broken or taken over.
+                self.tenant_line(uid, Level::Warn, "worker-broken", || {
+                    format!("worker pid {worker} of VMM pid {pid} sent more than {REPORT_BURST} reports in {} s; killing it", REPORT_INTERVAL.as_secs())
+                });
+                self.kill_broken(id);
+                return false;
+            }
+            // Nothing a worker says is taken on trust: it may only speak of the connections it
+            // was given, and what it says goes no further than its own VM's entry.
             match message {
-                ToSupervisor::Stats { devices } => vm.devices = devices,
+                ToSupervisor::Stats { mut devices } => {
+                    devices.retain(|d| vm.live.contains_key(&d.connection));
+                    vm.devices = devices;
+                }
                 ToSupervisor::Accepted { connection } => {
+                    let before = vm.pending.len();
                     vm.pending.retain(|h| h.connection != connection);
-                    vm.took_one = true;
+                    vm.took_one |= vm.pending.len() < before;
                 }
                 ToSupervisor::Ended { connection } => {
                     tracing::debug!("connection {connection} ended (worker pid {worker})");
@@ -340,12 +363,31 @@ impl Supervisor {
                     export,
                     reason,
                 } => {
-                    if vm.live.remove(&connection).is_some() {
-                        ended_here += 1;
+                    if vm.live.remove(&connection).is_none() {
+                        continue;
                     }
+                    ended_here += 1;
                     // The worker's words are the tenant's: quoted, so they cannot forge lines.
                     self.tenant_line(uid, Level::Warn, "worker-refused", || {
                         format!("{export:?}: worker pid {worker} refused connection {connection} of VMM pid {pid}: {reason:?}")
+                    });
+                }
+                ToSupervisor::Sandbox(sandbox) => {
+                    if vm.sandbox.is_some() {
+                        continue;
+                    }
+                    let unsupported = sandbox.landlock == "unsupported";
+                    vm.sandbox = Some(sandbox);
+                    if unsupported && !std::mem::replace(&mut self.told_no_landlock, true) {
+                        tracing::warn!("the kernel has no landlock: workers can open any file their VMM's user can (said once)");
+                    }
+                }
+                ToSupervisor::Forbidden { syscall } => {
+                    // It is dying of SIGSYS, which its exit status will show (not killed here,
+                    // so it does). A worker that says so and lives harms only its own VM.
+                    let name = crate::sandbox::seccomp::name_of(syscall).unwrap_or("unknown");
+                    self.tenant_line(uid, Level::Warn, "worker-forbidden", || {
+                        format!("worker pid {worker} of VMM pid {pid} (uid {uid}) made system call {syscall} ({name}), which its seccomp filter forbids; it dies of SIGSYS")
                     });
                 }
             }
@@ -380,6 +422,44 @@ impl Supervisor {
         more
     }
 
+    /// Kills a worker that broke the protocol, stops listening to it, and retires it; its pidfd
+    /// reports when it is gone.
+    fn kill_broken(&mut self, id: u64) {
+        if let Some(vm) = self.vms.get(&id) {
+            kill(&vm.worker_pidfd);
+            self.events.unwatch(&vm.reports);
+        }
+        self.retire(id);
+    }
+
+    /// The worker's stderr is readable: relays its lines into our log, prefixed, escaped and
+    /// within its uid's budget for worker lines.
+    pub(super) fn on_worker_log(&mut self, id: u64) {
+        let Some(vm) = self.vms.get_mut(&id) else {
+            return;
+        };
+        let (lines, closed) = vm.log_reader.read(&vm.log);
+        if closed {
+            self.events.unwatch(&vm.log);
+        }
+        let (worker, pid, uid) = (vm.worker_pid, vm.vmm_pid, vm.uid);
+        self.relay(uid, worker, pid, lines);
+    }
+
+    /// Writes lines of worker `worker` (of VMM `pid`, uid `uid`) into our log.
+    fn relay(&mut self, uid: u32, worker: i32, pid: i32, lines: Vec<super::worker_log::Line>) {
+        for line in lines {
+            let level = match line.level {
+                LineLevel::Error | LineLevel::Warn => Level::Warn,
+                LineLevel::Info => Level::Info,
+                LineLevel::Debug => Level::Debug,
+            };
+            self.tenant_line(uid, level, "worker-log", || {
+                format!("worker pid {worker} (VMM pid {pid}): {}", line.text)
+            });
+        }
+    }
+
     /// The worker exited: reap it, count it against its VMM if that still lives, and hand
     /// the connections it never took to a new worker.
     pub(super) fn reap(&mut self, id: u64) {
@@ -391,11 +471,14 @@ impl Supervisor {
                 break;
             }
         }
+        // Its last words (bounded the same way).
+        self.on_worker_log(id);
         let Some(mut vm) = self.vms.remove(&id) else {
             return;
         };
         self.events.unwatch(&vm.worker_pidfd);
         self.events.unwatch(&vm.reports);
+        self.events.unwatch(&vm.log);
         if vm.watching_writable {
             self.events.unwatch(&vm.control);
         }
@@ -484,9 +567,13 @@ impl Supervisor {
             let _ = rustix::net::shutdown(&vm.control, rustix::net::Shutdown::Both);
         }
         let mut stragglers = Vec::new();
-        for vm in vms {
+        for mut vm in vms {
             let left = deadline.saturating_duration_since(Instant::now());
-            if wait_exit(&vm.worker_pidfd, left) {
+            let exited = wait_exit(&vm.worker_pidfd, left);
+            // Its last words (a count of lines it left out, say).
+            let (lines, _) = vm.log_reader.read(&vm.log);
+            self.relay(vm.uid, vm.worker_pid, vm.vmm_pid, lines);
+            if exited {
                 match try_reap(&vm.worker_pidfd) {
                     Some(status) => {
                         tracing::info!("worker pid {} exited ({status})", vm.worker_pid)

@@ -24,9 +24,12 @@
 //!
 //! Files: this one (the loop, accepting, identifying), `dispatch.rs` (connections to workers),
 //! `lifecycle.rs` (starting, hearing from, retiring, reaping and stopping workers), `vm.rs` (the
-//! VM table), `device_state.rs` (what a guest chose that its next worker must know), `spawn.rs` (the fork and the child), `tenants.rs` (limits, backoff, log budgets),
-//! `status.rs` (`vublk status`).
+//! VM table), `device_state.rs` (what a guest chose that its next worker must know), `spawn.rs`
+//! (the fork and the child), `tenants.rs` (limits, backoff, log budgets), `status.rs` (`vublk
+//! status`), `confine.rs` (each worker's sandbox plan), `worker_log.rs` (a worker's stderr into
+//! our log).
 
+mod confine;
 mod device_state;
 mod dispatch;
 mod lifecycle;
@@ -34,6 +37,7 @@ mod spawn;
 mod status;
 mod tenants;
 mod vm;
+mod worker_log;
 
 use std::collections::HashMap;
 use std::io;
@@ -51,6 +55,7 @@ use crate::identity::Peer;
 use crate::ratelimit::RateLimit;
 use crate::signals::Signals;
 
+pub use confine::WorkerOptions;
 use device_state::DeviceState;
 use spawn::Executable;
 pub use spawn::{adopt_channels, WORKER_CONTROL_FD};
@@ -92,6 +97,8 @@ enum Event {
     /// The full control socket of VM `id`'s worker has room again, or the worker closed it
     /// (watched only while it is full).
     WorkerWritable(u64),
+    /// The stderr pipe of VM `id`'s worker is readable.
+    WorkerLog(u64),
 }
 
 impl Token for Event {
@@ -104,6 +111,7 @@ impl Token for Event {
             Event::Control => event_loop::pack(4, 0),
             Event::WorkerStart(id) => event_loop::pack(5, id),
             Event::WorkerWritable(id) => event_loop::pack(6, id),
+            Event::WorkerLog(id) => event_loop::pack(7, id),
         }
     }
 
@@ -116,6 +124,7 @@ impl Token for Event {
             (4, 0) => Event::Control,
             (5, id) => Event::WorkerStart(id),
             (6, id) => Event::WorkerWritable(id),
+            (7, id) => Event::WorkerLog(id),
             _ => return None,
         })
     }
@@ -142,13 +151,14 @@ struct Export {
 pub fn run(
     exports: Vec<(Endpoint, ExportSpec)>,
     limits: TenantLimits,
+    workers: WorkerOptions,
     control_socket: Option<PathBuf>,
 ) -> Result<(), SupervisorError> {
     let signals = Signals::block_and_watch().map_err(SupervisorError::EventLoop)?;
     raise_nofile_limit();
     let exe = Executable::current().map_err(SupervisorError::Executable)?;
     let (open, control) = open_sockets(exports, control_socket)?;
-    let mut supervisor = Supervisor::new(open, exe, limits)?;
+    let mut supervisor = Supervisor::new(open, exe, limits, workers)?;
     supervisor
         .events
         .watch(&signals, Event::Signal)
@@ -250,6 +260,10 @@ struct Supervisor {
     /// Where `vublk status` asks.
     control: Option<Listener>,
     limits: TenantLimits,
+    /// What workers' sandboxes allow besides their exports.
+    workers: WorkerOptions,
+    /// A worker reported that the kernel has no landlock (said once).
+    told_no_landlock: bool,
     backoff: StartBackoff,
     log: TenantLog,
     /// What the VMs' guests chose that their next worker must know.
@@ -270,6 +284,7 @@ impl Supervisor {
         exports: Vec<Export>,
         exe: Executable,
         limits: TenantLimits,
+        workers: WorkerOptions,
     ) -> Result<Supervisor, SupervisorError> {
         let events = EventLoop::new().map_err(SupervisorError::EventLoop)?;
         let mut supervisor = Supervisor {
@@ -282,6 +297,8 @@ impl Supervisor {
             connected_left: 0,
             control: None,
             limits,
+            workers,
+            told_no_landlock: false,
             backoff: StartBackoff::default(),
             log: TenantLog::default(),
             device_state: DeviceState::default(),
@@ -374,6 +391,7 @@ impl Supervisor {
                     Event::WorkerWritable(id) => self.flush(id),
                     Event::WorkerStart(id) => self.on_worker_start(id),
                     Event::WorkerExit(id) => self.reap(id),
+                    Event::WorkerLog(id) => self.on_worker_log(id),
                     Event::Control => self.answer_status(),
                 }
             }
@@ -479,6 +497,8 @@ impl Supervisor {
                     .collect(),
                 limits: vm.identity.limits.clone(),
                 devices: vm.devices.clone(),
+                sandbox: vm.sandbox.clone(),
+                seccomp: status::seccomp_of(vm.worker_pid),
             })
             .collect();
         vms.sort_by_key(|vm| vm.vmm_pid);
@@ -528,12 +548,13 @@ mod tests {
                 Event::WorkerExit(id),
                 Event::WorkerStart(id),
                 Event::WorkerWritable(id),
+                Event::WorkerLog(id),
             ]);
         }
         for event in events {
             assert_eq!(Event::from_raw(event.to_raw()), Some(event), "{event:?}");
         }
         assert_eq!(Event::from_raw(event_loop::pack(0, 1)), None);
-        assert_eq!(Event::from_raw(event_loop::pack(7, 0)), None);
+        assert_eq!(Event::from_raw(event_loop::pack(8, 0)), None);
     }
 }

@@ -8,9 +8,12 @@
 //! The supervisor is single-threaded, so the forked child may run ordinary code (allocate,
 //! open files) before exec: no other thread can hold a lock it would need. The binary is
 //! executed through an fd opened at start-up (execveat AT_EMPTY_PATH), so the VMM's user needs
-//! no permission on the directories above it. The child keeps fds 0-2, its control socket (3),
-//! its report pipe (4), and until exec its exec-status pipe and the binary; it closes the rest
-//! of the supervisor's descriptors before it does anything else.
+//! no permission on the directories above it. The child gets /dev/null at fds 0 and 1, its log
+//! pipe at 2 (worker_log.rs relays it), its control socket at 3, its report pipe at 4, and until
+//! exec its exec-status pipe and the binary; it closes the rest of the supervisor's descriptors
+//! before it does anything else. Then it enters the namespaces of its sandbox (while it still
+//! has the privilege to), takes on the VMM's identity, and execs the worker with its sandbox
+//! plan on the command line (sandbox/).
 
 use std::ffi::CString;
 use std::io;
@@ -21,6 +24,7 @@ use thiserror::Error;
 
 use crate::identity::apply::{self, ApplyError};
 use crate::identity::{peer::pidfd_open, VmmIdentity};
+use crate::sandbox::{namespaces, Plan};
 
 /// The fd number the worker finds its control socket at; its report pipe is the next one.
 pub const WORKER_CONTROL_FD: i32 = 3;
@@ -40,6 +44,8 @@ pub struct Spawned {
     pub reports: OwnedFd,
     /// Readable once the child has exec'd (end of file) or failed (a message); non-blocking.
     pub exec_status: OwnedFd,
+    /// The read end of the worker's stderr, non-blocking.
+    pub log: OwnedFd,
 }
 
 /// Why no worker could be forked: the supervisor's own trouble (descriptors, memory,
@@ -66,6 +72,8 @@ enum ChildError {
     Descriptors(#[source] io::Error),
     #[error(transparent)]
     Identity(#[from] ApplyError),
+    #[error("cannot write the sandbox plan")]
+    Plan(#[source] serde_json::Error),
     #[error("cannot exec the worker")]
     Exec(#[source] io::Error),
 }
@@ -130,8 +138,12 @@ fn threads_of_self() -> usize {
         .unwrap_or(0)
 }
 
-/// Forks a worker that carries `identity`, without waiting for it to exec.
-pub fn spawn_worker(identity: &VmmIdentity, exe: &Executable) -> Result<Spawned, SpawnError> {
+/// Forks a worker that carries `identity` in the sandbox `plan`, without waiting for it to exec.
+pub fn spawn_worker(
+    identity: &VmmIdentity,
+    exe: &Executable,
+    plan: &Plan,
+) -> Result<Spawned, SpawnError> {
     if threads_of_self() != 1 {
         return Err(SpawnError::MultiThreaded);
     }
@@ -142,14 +154,10 @@ pub fn spawn_worker(identity: &VmmIdentity, exe: &Executable) -> Result<Spawned,
         reports_write,
         errors_read,
         errors_write,
+        log_read,
+        log_write,
+        null,
     } = Channels::new().map_err(SpawnError::Channels)?;
-    let argv: Vec<CString> = ["vublk", "--worker-control-fd", "3"]
-        .iter()
-        .map(|a| CString::new(*a).expect("no NUL in constant arguments"))
-        .collect();
-    let mut argv_ptrs: Vec<*mut libc::c_char> =
-        argv.iter().map(|a| a.as_ptr().cast_mut()).collect();
-    argv_ptrs.push(std::ptr::null_mut());
     let env: Vec<CString> = std::env::vars_os()
         .filter_map(|(k, v)| {
             let mut kv = k.into_encoded_bytes();
@@ -169,11 +177,19 @@ pub fn spawn_worker(identity: &VmmIdentity, exe: &Executable) -> Result<Spawned,
         return Err(SpawnError::Fork(io::Error::last_os_error()));
     }
     if pid == 0 {
-        let sources = [&theirs, &reports_write, &errors_write, &exe.0].map(|fd| fd.as_raw_fd());
+        let sources = [
+            &theirs,
+            &reports_write,
+            &errors_write,
+            &exe.0,
+            &null,
+            &log_write,
+        ]
+        .map(|fd| fd.as_raw_fd());
         let (failure, errors) = match place_descriptors(sources) {
             Err(e) => (ChildError::Descriptors(e), errors_write.as_raw_fd()),
             Ok(()) => (
-                child(identity, supervisor, &argv_ptrs, &env_ptrs),
+                child(identity, supervisor, plan, &env_ptrs),
                 CHILD_ERRORS_FD,
             ),
         };
@@ -188,6 +204,8 @@ pub fn spawn_worker(identity: &VmmIdentity, exe: &Executable) -> Result<Spawned,
     drop(theirs);
     drop(reports_write);
     drop(errors_write);
+    drop(log_write);
+    drop(null);
     // Our own unreaped child: the pid cannot have been recycled.
     let pidfd = match pidfd_open(pid) {
         Ok(pidfd) => pidfd,
@@ -206,11 +224,13 @@ pub fn spawn_worker(identity: &VmmIdentity, exe: &Executable) -> Result<Spawned,
         control: ours,
         reports: reports_read,
         exec_status: errors_read,
+        log: log_read,
     })
 }
 
 /// Both ends of a new worker's channels: the control socket (ours send-only and
-/// non-blocking), the report pipe and the exec-status pipe (our read ends non-blocking).
+/// non-blocking), the report pipe, the exec-status pipe and the log pipe (our read ends
+/// non-blocking); and /dev/null for its stdin and stdout.
 struct Channels {
     ours: OwnedFd,
     theirs: OwnedFd,
@@ -218,6 +238,9 @@ struct Channels {
     reports_write: OwnedFd,
     errors_read: OwnedFd,
     errors_write: OwnedFd,
+    log_read: OwnedFd,
+    log_write: OwnedFd,
+    null: OwnedFd,
 }
 
 impl Channels {
@@ -234,8 +257,15 @@ impl Channels {
             rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
         let (errors_read, errors_write) =
             rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+        let (log_read, log_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+        let null = rustix::fs::open(
+            "/dev/null",
+            rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )?;
         rustix::io::ioctl_fionbio(&errors_read, true)?;
         rustix::io::ioctl_fionbio(&reports_read, true)?;
+        rustix::io::ioctl_fionbio(&log_read, true)?;
         rustix::io::ioctl_fionbio(&ours, true)?;
         Ok(Channels {
             ours,
@@ -244,20 +274,25 @@ impl Channels {
             reports_write,
             errors_read,
             errors_write,
+            log_read,
+            log_write,
+            null,
         })
     }
 }
 
 /// In the child: puts the control socket, the report pipe, the exec-status pipe and the
-/// binary at fds 3 to 6 and closes every other descriptor above 2 now, not at exec: a child that
-/// joins a frozen cgroup stops before exec, and must not keep other VMs' connections (or the
-/// listeners) open meanwhile.
-fn place_descriptors(sources: [i32; 4]) -> io::Result<()> {
+/// binary at fds 3 to 6, /dev/null at 0 and 1 and the log pipe at 2, and closes every other
+/// descriptor now, not at exec: a child that joins a frozen cgroup stops before exec, and must
+/// not keep other VMs' connections (or the listeners) open meanwhile.
+fn place_descriptors(sources: [i32; 6]) -> io::Result<()> {
     let targets = [
         WORKER_CONTROL_FD,
         WORKER_REPORTS_FD,
         CHILD_ERRORS_FD,
         CHILD_EXE_FD,
+        0,
+        2,
     ];
     let check = |ret: i32| {
         if ret < 0 {
@@ -266,7 +301,7 @@ fn place_descriptors(sources: [i32; 4]) -> io::Result<()> {
             Ok(ret)
         }
     };
-    let mut above = [0; 4];
+    let mut above = [0; 6];
     // SAFETY: fcntl, dup2 and close_range on descriptors of this (forked, single-threaded)
     // process, which owns them all.
     unsafe {
@@ -278,6 +313,8 @@ fn place_descriptors(sources: [i32; 4]) -> io::Result<()> {
             // dup2 clears close-on-exec on the target.
             check(libc::dup2(high, target))?;
         }
+        // stdout is /dev/null too.
+        check(libc::dup2(above[4], 1))?;
         for only_until_exec in [CHILD_ERRORS_FD, CHILD_EXE_FD] {
             check(libc::fcntl(
                 only_until_exec,
@@ -294,9 +331,27 @@ fn place_descriptors(sources: [i32; 4]) -> io::Result<()> {
 fn child(
     identity: &VmmIdentity,
     supervisor: i32,
-    argv: &[*mut libc::c_char],
+    plan: &Plan,
     env: &[*mut libc::c_char],
 ) -> ChildError {
+    let mut plan = plan.clone();
+    plan.namespaces = namespaces::enter();
+    let plan = match serde_json::to_string(&plan) {
+        Ok(plan) => plan,
+        Err(e) => return ChildError::Plan(e),
+    };
+    let args: Vec<CString> = [
+        "vublk",
+        "--worker-control-fd",
+        "3",
+        "--worker-sandbox",
+        plan.as_str(),
+    ]
+    .iter()
+    .filter_map(|a| CString::new(*a).ok())
+    .collect();
+    let mut argv: Vec<*mut libc::c_char> = args.iter().map(|a| a.as_ptr().cast_mut()).collect();
+    argv.push(std::ptr::null_mut());
     match apply::apply(identity, supervisor) {
         Ok(applied) => {
             for note in applied.notes {

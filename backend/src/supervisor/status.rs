@@ -26,6 +26,29 @@ pub struct VmStatus {
     /// The VMM's limits; the worker keeps ours where the VMM's hard limit is above them.
     pub limits: Vec<crate::identity::proc::Limit>,
     pub devices: Vec<DeviceStatus>,
+    /// The worker's sandbox as it reported it, once it has.
+    #[serde(default)]
+    pub sandbox: Option<crate::sandbox::SandboxStatus>,
+    /// The kernel's word on the worker's seccomp mode (`Seccomp:` of /proc/PID/status):
+    /// "filter", "strict", "none".
+    #[serde(default)]
+    pub seccomp: String,
+}
+
+/// The seccomp mode the kernel reports for `pid`.
+pub(super) fn seccomp_of(pid: i32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    match status
+        .lines()
+        .find_map(|l| l.strip_prefix("Seccomp:"))
+        .map(str::trim)
+    {
+        Some("0") => "none",
+        Some("1") => "strict",
+        Some("2") => "filter",
+        _ => "unknown",
+    }
+    .to_string()
 }
 
 /// `vublk status`: asks the supervisor behind `control` and prints the answer.
@@ -63,6 +86,25 @@ pub fn print_status(control: &std::path::Path, json: bool) -> io::Result<()> {
             })
             .collect();
         println!("  limits: {}", limits.join(", "));
+        match &vm.sandbox {
+            Some(s) => println!(
+                "  sandbox: seccomp {} ({}), landlock {}, {}, namespaces: {}",
+                vm.seccomp,
+                s.seccomp,
+                s.landlock,
+                if s.dumpable {
+                    "dumpable"
+                } else {
+                    "not dumpable"
+                },
+                if s.namespaces.is_empty() {
+                    "none".to_string()
+                } else {
+                    s.namespaces.join(", ")
+                }
+            ),
+            None => println!("  sandbox: not reported yet (seccomp {})", vm.seccomp),
+        }
         for d in &vm.devices {
             println!(
                 "  device {} (connection {}): {} queue(s), {} requests, {} errors, {} bytes read, {} bytes written",

@@ -140,6 +140,9 @@ pub struct TenantLog {
 
 /// Lines a uid may cause per [`LOG_INTERVAL`] before they are counted instead of written.
 const LOG_BURST: u32 = 5;
+/// The same for the lines its workers write on their stderr (`worker-log`): they say what each
+/// worker serves, so there are more of them.
+const WORKER_LOG_BURST: u32 = 50;
 const LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// Most (uid, kind) budgets tracked at once (uids are few; a user namespace's unmapped ids are
 /// one uid).
@@ -161,7 +164,14 @@ impl TenantLog {
         }
         self.per_uid
             .entry(key)
-            .or_insert_with(|| RateLimit::new(LOG_BURST, LOG_INTERVAL))
+            .or_insert_with(|| {
+                let burst = if kind == "worker-log" {
+                    WORKER_LOG_BURST
+                } else {
+                    LOG_BURST
+                };
+                RateLimit::new(burst, LOG_INTERVAL)
+            })
             .check(now)
     }
 }

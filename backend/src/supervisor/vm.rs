@@ -8,6 +8,10 @@ use std::time::Instant;
 
 use crate::handoff::{DeviceStatus, ReportReader};
 use crate::identity::{Peer, VmmIdentity};
+use crate::ratelimit::RateLimit;
+use crate::sandbox::SandboxStatus;
+
+use super::worker_log::WorkerLog;
 
 /// Where a VM's worker is in its life.
 pub(super) enum WorkerState {
@@ -42,6 +46,13 @@ pub(super) struct Vm {
     /// The worker's report pipe, non-blocking, and what was read of it.
     pub reports: OwnedFd,
     pub reader: ReportReader,
+    /// Reports it may send per interval before it counts as broken ([`REPORT_BURST`]).
+    pub report_budget: RateLimit,
+    /// The worker's stderr, non-blocking, and what was read of it.
+    pub log: OwnedFd,
+    pub log_reader: WorkerLog,
+    /// Its sandbox, as it reported it.
+    pub sandbox: Option<SandboxStatus>,
     pub state: WorkerState,
     /// Connections sent to the worker and not ended, with their export's index.
     pub live: HashMap<u64, usize>,
@@ -62,6 +73,12 @@ pub(super) struct Vm {
     /// The worker's last report.
     pub devices: Vec<DeviceStatus>,
 }
+
+/// Reports a worker may send per [`REPORT_INTERVAL`]: one about each connection it takes,
+/// refuses or ends, a few a second about its devices. A worker that sends more is broken or
+/// taken over, and is killed.
+pub(super) const REPORT_BURST: u32 = 1024;
+pub(super) const REPORT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Vm {
     pub fn takes_connections(&self) -> bool {

@@ -28,8 +28,11 @@ use crate::event_loop::{self, EventLoop, Token};
 use crate::export::{ExportSpec, OpenAs};
 use crate::handoff::{self, DeviceStatus, ReportPipe, ToSupervisor, ToWorker};
 use crate::ratelimit::{vmm_line, VMM_LOG};
+use crate::sandbox::TestMisdeed;
 use crate::vhost_user::ConnectionThread;
 use crate::virtio_blk::{BlockDevice, WriteCacheWatch};
+
+mod misdeeds;
 
 /// Why a worker stopped serving altogether.
 #[derive(Debug, Error)]
@@ -111,8 +114,13 @@ fn send_stats(reports: &ReportPipe, connections: &HashMap<u64, Connection>) {
 }
 
 /// Serves connections from the control socket until there is nothing left to serve, telling
-/// the supervisor how it goes on the `reports` pipe.
-pub fn run(control: OwnedFd, reports: OwnedFd) -> Result<(), WorkerError> {
+/// the supervisor how it goes on the `reports` pipe. `misdeeds` are for tests only
+/// (`--test-worker-arg`).
+pub fn run(
+    control: OwnedFd,
+    reports: OwnedFd,
+    misdeeds: &[TestMisdeed],
+) -> Result<(), WorkerError> {
     let events = EventLoop::new().map_err(WorkerError::EventLoop)?;
     let done = EventFd::new(EFD_NONBLOCK).map_err(WorkerError::EventLoop)?;
     events
@@ -224,6 +232,7 @@ pub fn run(control: OwnedFd, reports: OwnedFd) -> Result<(), WorkerError> {
                                 let _ = reports.send(&refused);
                             }
                         }
+                        misdeeds::commit(misdeeds, &export.name, connection, &reports);
                     }
                     Ok(None) => {
                         tracing::info!("supervisor went away; stopping");
