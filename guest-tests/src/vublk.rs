@@ -20,7 +20,13 @@ const DAEMON_TIMEOUT: Duration = Duration::from_secs(15);
 /// Starts `vublk --socket-path <dir>/<name>.sock ARGS...` (e.g. `["--blk-file", img,
 /// "--num-queues", "2"]`), logging to `<dir>/<name>.log`, and waits until it is listening.
 pub fn start_vublk(dir: &Path, name: &str, args: &[&str]) -> Result<Daemon> {
-    let socket = dir.join(format!("{name}.sock"));
+    start_vublk_on(dir, name, &dir.join(format!("{name}.sock")), args)
+}
+
+/// [`start_vublk`] on the socket `socket` (e.g. one a killed daemon left behind, which the new
+/// one replaces), logging to `<dir>/<name>.log`.
+pub fn start_vublk_on(dir: &Path, name: &str, socket: &Path, args: &[&str]) -> Result<Daemon> {
+    let socket = socket.to_path_buf();
     let mut cmd = Command::new(paths::vublk_bin()?);
     cmd.arg("--socket-path").arg(&socket).args(args);
     let mut vublk = Options::default()
