@@ -182,8 +182,9 @@ cmp /tmp/block /tmp/back && echo same
         sigkill(first)?;
         let second = worker(daemon, Some(first), Duration::from_secs(30))?;
         eprintln!("inflight-held: worker {first} killed, {second} serves the VM");
-        // The resubmitted write waits at the gate again: let it through.
-        gate.write_all(b"x")?;
+        // The resubmitted write waits at the gate again: let it through, and the guest's
+        // read of it afterwards (at the same offset, so gated too).
+        gate.write_all(b"xx")?;
 
         let boot = boot
             .join()

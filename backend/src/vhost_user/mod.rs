@@ -11,6 +11,7 @@
 mod buffers;
 mod connection;
 mod device;
+mod inflight;
 mod memory;
 mod pin;
 mod session;
@@ -18,6 +19,7 @@ mod vring;
 
 pub use connection::{serve_connection, ConnectionEnd, ConnectionThread};
 pub use device::{QueueLoop, VirtioDevice};
+pub use inflight::{ChainWalk, Tracker};
 pub use memory::{
     Generation, GuestBuffers, GuestMemoryHandle, MemoryStatus, RawBuffers, RegionPin,
 };

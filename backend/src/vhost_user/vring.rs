@@ -12,6 +12,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::inflight::Tracker;
 use super::memory::{GuestMemoryHandle, RegionPin};
 
 /// The call eventfd of a ring, replaceable while the ring runs (SET_VRING_CALL may come at any
@@ -98,6 +99,10 @@ pub struct RunningQueue {
     pub call: Arc<CallFd>,
     pub control: Arc<QueueControl>,
     pub memory: GuestMemoryHandle,
+    /// The ring's inflight region, when the frontend gave one (inflight.rs).
+    pub inflight: Option<Tracker>,
+    /// Heads a previous backend left in flight, to run again first, oldest first.
+    pub resubmit: Vec<u16>,
 }
 
 struct Started {
@@ -157,8 +162,13 @@ impl Vring {
         kick: EventFd,
         index: usize,
         memory: GuestMemoryHandle,
+        inflight: Option<(Tracker, Vec<u16>)>,
         spawn: impl FnOnce(RunningQueue) -> io::Result<JoinHandle<Queue>>,
     ) -> io::Result<()> {
+        let (inflight, resubmit) = match inflight {
+            Some((tracker, resubmit)) => (Some(tracker), resubmit),
+            None => (None, Vec::new()),
+        };
         let control = Arc::new(QueueControl::new(self.enabled)?);
         let thread = spawn(RunningQueue {
             index,
@@ -167,6 +177,8 @@ impl Vring {
             call: self.call.clone(),
             control: control.clone(),
             memory,
+            inflight,
+            resubmit,
         })?;
         self.started = Some(Started { control, thread });
         Ok(())

@@ -195,6 +195,8 @@ impl Harness {
             call: Arc::new(CallFd::default()),
             control: control.clone(),
             memory: memory.clone(),
+            inflight: None,
+            resubmit: Vec::new(),
         };
         let disk = Disk::open(&DiskSpec::Null { size: CAPACITY }, OpenOptions::default())
             .expect("a null disk");
@@ -730,6 +732,8 @@ fn per_request_cost() {
         call: Arc::new(CallFd::default()),
         control: Arc::new(QueueControl::new(true).unwrap()),
         memory: memory.clone(),
+        inflight: None,
+        resubmit: Vec::new(),
     };
     let spec = match std::env::var_os("VUBLK_COST_IMAGE") {
         Some(path) => DiskSpec::Path(path.into()),
