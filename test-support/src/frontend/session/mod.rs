@@ -96,10 +96,7 @@ pub struct Session {
     /// NEED_REPLY is set on every message (after [`Step::NeedReply`]).
     need_reply_always: bool,
     /// The inflight region the backend gave ([`Step::Inflight`]), kept across reconnects.
-    inflight: Option<(
-        vhost::vhost_user::message::VhostUserInflight,
-        std::fs::File,
-    )>,
+    inflight: Option<(vhost::vhost_user::message::VhostUserInflight, std::fs::File)>,
 }
 
 impl Session {
