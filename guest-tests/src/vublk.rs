@@ -23,6 +23,32 @@ pub fn start_vublk(dir: &Path, name: &str, args: &[&str]) -> Result<Daemon> {
     start_vublk_on(dir, name, &dir.join(format!("{name}.sock")), args)
 }
 
+/// vublk serving the listening socket `listener` (`--fd 3`), as systemd's socket unit starts
+/// it: whoever holds the socket keeps it listening across vublk's restarts. `socket` is its
+/// path (left in place at exit). Logs to `<dir>/<name>.log`.
+pub fn start_vublk_inherited(
+    dir: &Path,
+    name: &str,
+    listener: &std::os::unix::net::UnixListener,
+    socket: &Path,
+    args: &[&str],
+) -> Result<Daemon> {
+    let mut cmd = Command::new(paths::vublk_bin()?);
+    cmd.args(["--fd", "3"]).args(args);
+    let fd = std::os::fd::OwnedFd::from(listener.try_clone()?);
+    let mut vublk = Options::default()
+        .name("vublk")
+        .log_file(dir.join(format!("{name}.log")))
+        .socket(socket.to_path_buf(), SocketAtExit::Kept)
+        .log_level("info")
+        .timeout(DAEMON_TIMEOUT)
+        .quiet()
+        .fd(fd, 3)
+        .spawn(cmd)?;
+    vublk.try_wait_for_log("listening")?;
+    Ok(vublk)
+}
+
 /// [`start_vublk`] on the socket `socket` (e.g. one a killed daemon left behind, which the new
 /// one replaces), logging to `<dir>/<name>.log`.
 pub fn start_vublk_on(dir: &Path, name: &str, socket: &Path, args: &[&str]) -> Result<Daemon> {

@@ -18,7 +18,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use guest_tests::{guest_test, sparse_image, start_vublk, start_vublk_on, Boot, Job, Vm, MIB};
+use guest_tests::{
+    guest_test, sparse_image, start_vublk, start_vublk_inherited, start_vublk_on, Boot, Job, Vm,
+    MIB,
+};
 use vublk_test_support::daemon::workers_of;
 
 /// Lines the guest writes to its console for the host to act on: `@@STAGE@@ <name>`.
@@ -288,6 +291,77 @@ fn worker_and_daemon_kills_under_fio() {
             );
         }
         eprintln!("restarts: the guest probe's longest I/O gaps (s):\n{gaps}");
+        boot.check_kernel(&[])?;
+        vublk.try_terminate()?;
+        Ok(())
+    });
+}
+
+/// How many times the upgrade test restarts vublk under the guest.
+const UPGRADES: usize = 2;
+
+/// An upgrade that never drops the listening socket: the socket is held by someone other than
+/// vublk (here the test, in production systemd's socket unit: `systemctl restart vublk`), vublk
+/// serves it with `--fd 3`, and is stopped with SIGTERM (each worker completes what it has in
+/// flight before letting go) and started again on the same socket while the guest's fio job
+/// runs. QEMU's reconnects land in the socket's backlog until the new vublk accepts them.
+#[test]
+fn upgrade_on_a_held_listening_socket() {
+    guest_test("upgrade", |dir| {
+        prepare()?;
+        let img = dir.join("disk.img");
+        sparse_image(&img, 64 * MIB)?;
+        let args = ["--blk-file", img.to_str().unwrap()];
+        let socket = dir.join("held.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket)?;
+        let mut vublk = start_vublk_inherited(dir, "vublk", &listener, &socket, &args)?;
+        let vm = Vm::default()
+            .disk(&socket, 1)
+            .reconnect(500)
+            .timeout(Duration::from_secs(300));
+        let mut job = Job::new();
+        job.file("verify.fio", verify_job(24, 800))
+            .sh("probe", PROBE)
+            .sh("fio", &fio_step("fio"))
+            .sh("gaps", GAPS);
+        let boot = boot_in_background(&vm, dir, "upgrade", job);
+
+        wait_stage(dir, "upgrade", "fio", &boot, Duration::from_secs(200))?;
+        worker(vublk.pid(), None, Duration::from_secs(5))?;
+        let mut upgrades = Vec::new();
+        for i in 0..UPGRADES {
+            std::thread::sleep(Duration::from_millis(2000));
+            let stopped = Instant::now();
+            let status = vublk.try_terminate()?;
+            ensure!(status.success(), "vublk exited with {status} after SIGTERM");
+            let name = format!("vublk{}", i + 2);
+            vublk = start_vublk_inherited(dir, &name, &listener, &socket, &args)?;
+            worker(vublk.pid(), None, Duration::from_secs(30))?;
+            upgrades.push(stopped.elapsed());
+        }
+
+        let boot = boot
+            .join()
+            .map_err(|_| anyhow::anyhow!("the boot thread panicked"))??;
+        let report = boot.fio("fio")?;
+        ensure!(
+            report.total(|j| j.write.io_bytes) == 24 * MIB,
+            "fio wrote {} bytes",
+            report.total(|j| j.write.io_bytes)
+        );
+        ensure!(
+            report.total(|j| j.read.io_bytes) >= 24 * MIB,
+            "fio verified {} bytes",
+            report.total(|j| j.read.io_bytes)
+        );
+        let gaps = boot.ok("gaps")?;
+        for took in &upgrades {
+            eprintln!(
+                "upgrade: SIGTERM to the new vublk's worker serving the VM: {} ms",
+                took.as_millis()
+            );
+        }
+        eprintln!("upgrade: the guest probe's longest I/O gaps (s):\n{gaps}");
         boot.check_kernel(&[])?;
         vublk.try_terminate()?;
         Ok(())
