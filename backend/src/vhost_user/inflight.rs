@@ -345,6 +345,21 @@ impl QueueRegion {
                 flag => return Err(InflightError::Flag { index, flag }),
             }
         }
+        if !flags.contains(&true) {
+            // Nothing was left in flight: nothing to repair or run again, whatever the used
+            // index says (a ring the driver re-created after a reset starts again at 0).
+            self.last_batch_head().store(0, Ordering::Relaxed);
+            self.used_idx().store(ring_used, Ordering::Release);
+            let counter = 0;
+            return Ok(Recovered {
+                next_avail: base,
+                resubmit: Vec::new(),
+                tracker: Tracker {
+                    region: self,
+                    counter,
+                },
+            });
+        }
         let region_used = self.used_idx().load(Ordering::Acquire);
         let mut last_batch = Vec::new();
         if region_used != ring_used {
@@ -573,6 +588,25 @@ mod tests {
         assert_eq!(
             map.queue(0, 8).unwrap().used_idx().load(Ordering::Relaxed),
             1
+        );
+    }
+
+    #[test]
+    fn a_region_with_nothing_in_flight_follows_the_ring() {
+        let (_f, map) = region(8);
+        let mut t = map.queue(0, 8).unwrap().recover(0, 0).unwrap().tracker;
+        for used in 1..=5 {
+            t.taken(used % 8);
+            t.completing(used % 8);
+            t.completed(used % 8, used);
+        }
+        // The driver reset its ring: used index 0 again, base 0.
+        let r = map.queue(0, 8).unwrap().recover(0, 0).unwrap();
+        assert_eq!(r.next_avail, 0);
+        assert!(r.resubmit.is_empty());
+        assert_eq!(
+            map.queue(0, 8).unwrap().used_idx().load(Ordering::Relaxed),
+            0
         );
     }
 
