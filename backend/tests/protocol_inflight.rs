@@ -359,3 +359,37 @@ fn a_completion_before_the_call_fd_is_signalled_when_it_arrives() {
         "no call after the call fd arrived"
     );
 }
+
+/// A backend stopping cleanly completes what it has in flight after its socket closed, so the
+/// frontend may reconnect with used entries in the ring it was never told about (QEMU's avail
+/// position, taken when the socket closed, is behind them too). The next backend must signal
+/// the call fd however the handshake orders it (cloud-hypervisor sends CALL before KICK), or a
+/// driver with EVENT_IDX waits for those completions for good (a guest hung so across an
+/// upgrade).
+#[test]
+fn used_entries_left_by_a_previous_backend_are_signalled() {
+    let mut fx = Fixture::start(VUBLK, 8 * MIB, &[]);
+    let config = vublk_test_support::frontend::cloud_hypervisor::session_config(
+        1,
+        QUEUE_SIZE,
+        SessionConfig::default().memory,
+    );
+    let stream = fx.stream();
+    let mut s = Session::new(stream, config).unwrap();
+    let a = write_chain(&mut s, 0, 0x11);
+    {
+        let (vr, mem) = s.vring_mut(0).unwrap();
+        vr.queue.publish_batch(mem, &[a]).unwrap();
+        let used = vr.queue.used_ring();
+        mem.store(used + 4, u32::from(a), Ordering::Relaxed)
+            .unwrap();
+        mem.store(used + 8, 1u32, Ordering::Relaxed).unwrap();
+        mem.store(used + 2, 1u16, Ordering::Release).unwrap();
+    }
+    s.run(&Step::cloud_hypervisor(1))
+        .unwrap_or_else(|e| panic!("{e}\n{}", fx.daemon.log()));
+    assert!(
+        s.wait_call(0, WAIT).unwrap(),
+        "the used entry left by the previous backend was never signalled"
+    );
+}

@@ -4,8 +4,9 @@
 //! crc32c verify finishes clean.
 //!
 //! - `held_request_survives_a_worker_kill`: one write is held in flight by the test I/O gate
-//!   (`--test-io-gate-offset`) while the guest's later requests complete around it, the worker
-//!   is killed, and the held write must complete on the new worker. Without inflight tracking
+//!   (`--test-io-gate-offset`) while eight later writes complete around it, the worker is
+//!   killed, and the held write must complete on the new worker; a fio crc32c verify job runs
+//!   after the restart. Without inflight tracking
 //!   QEMU rewinds the ring to its used index, the new worker replays a request that had
 //!   completed and never sees the held one: the guest hangs.
 //! - `worker_and_daemon_kills_under_fio`: SIGKILL of the VM's worker several times mid-I/O,
@@ -150,6 +151,9 @@ fn held_request_survives_a_worker_kill() {
             .timeout(Duration::from_secs(240));
 
         let block = HOLD_OFFSET / 4096;
+        // Eight writes after the held one, each completed before the next is issued: the ring's
+        // used index passes the held request's avail slot.
+        let later = (HOLD_OFFSET - 8 * MIB) / 4096;
         let mut job = Job::new();
         job.file("verify.fio", verify_job(16, 1500))
             // The held write: a block of random data, its exit code kept for the last step.
@@ -159,7 +163,8 @@ fn held_request_survives_a_worker_kill() {
                     "dd if=/dev/urandom of=/tmp/block bs=4096 count=1 2>/dev/null
 (dd if=/tmp/block of=/dev/vda bs=4096 seek={block} count=1 oflag=direct conv=notrunc; \
  echo $? >/tmp/held.rc) >/dev/null 2>&1 &
-sleep 2
+sleep 3
+dd if=/dev/urandom of=/dev/vda bs=4096 seek={later} count=8 oflag=direct 2>/dev/null
 echo '{STAGE} held' >/dev/console
 "
                 ),
@@ -178,10 +183,8 @@ cmp /tmp/block /tmp/back && echo same
         let boot = boot_in_background(&vm, dir, "held", job);
 
         let daemon = vublk.pid();
-        wait_stage(dir, "held", "fio", &boot, Duration::from_secs(200))?;
+        wait_stage(dir, "held", "held", &boot, Duration::from_secs(200))?;
         let first = worker(daemon, None, Duration::from_secs(5))?;
-        // fio runs (and completes requests around the held one) for a while.
-        std::thread::sleep(Duration::from_secs(2));
         sigkill(first)?;
         let second = worker(daemon, Some(first), Duration::from_secs(30))?;
         eprintln!("inflight-held: worker {first} killed, {second} serves the VM");

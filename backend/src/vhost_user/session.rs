@@ -470,12 +470,16 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Session<D> {
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VhostUserResult<()> {
         let vring = self.vring(u32::from(index))?;
-        vring.set_call(fd.map(eventfd_from_file));
-        // A running ring may have used entries no fd heard of: QEMU sends the call fd after
-        // the kick fd, and the requests a previous backend left in flight complete as soon
-        // as the ring starts. With EVENT_IDX no later completion signals for them, so the
-        // driver would never look. A spurious interrupt costs the guest nothing.
-        if vring.is_started() {
+        let fd = fd.map(eventfd_from_file);
+        let signal = fd.is_some();
+        vring.set_call(fd);
+        // The ring may hold used entries no fd heard of: those a previous backend wrote after
+        // the frontend saw it go (a stopping worker completes what it has in flight after its
+        // socket closed), and those of requests it left in flight, which complete as soon as
+        // the ring starts, maybe before this fd arrives. With EVENT_IDX no later completion
+        // signals for them, and the driver would wait for good. A spurious interrupt costs the
+        // guest nothing (libvhost-user signals here too).
+        if signal {
             vring.call.signal();
         }
         Ok(())
