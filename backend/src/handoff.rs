@@ -35,6 +35,10 @@ pub enum ToWorker {
         connection: u64,
         export: ExportSpec,
         disk_fd_attached: bool,
+        /// The write cache the guest last chose for this export, as an earlier worker of the
+        /// same VMM reported it (`ToSupervisor::WriteCache`); `None`: the export's setting.
+        #[serde(default)]
+        write_cache: Option<bool>,
     },
 }
 
@@ -54,6 +58,10 @@ pub enum ToSupervisor {
     Ended { connection: u64 },
     /// What each device of this worker has served so far (sent about once a second).
     Stats { devices: Vec<DeviceStatus> },
+    /// The guest set the write cache of the device on `connection` (the `writeback` config
+    /// field): device state the supervisor keeps for the next worker of the same VMM, should
+    /// this one die.
+    WriteCache { connection: u64, write_cache: bool },
 }
 
 /// One device of a worker, for `vublk status`.
@@ -135,6 +143,26 @@ pub fn report(pipe: impl AsFd, message: &ToSupervisor) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The worker's side of the report pipe, shared by its threads: one message at a time, so a
+/// line longer than `PIPE_BUF` (a worker's stats) is never interleaved with another thread's.
+pub struct ReportPipe {
+    pipe: std::sync::Mutex<OwnedFd>,
+}
+
+impl ReportPipe {
+    pub fn new(pipe: OwnedFd) -> ReportPipe {
+        ReportPipe {
+            pipe: std::sync::Mutex::new(pipe),
+        }
+    }
+
+    /// Writes `message` (blocking), after any other thread's message.
+    pub fn send(&self, message: &ToSupervisor) -> io::Result<()> {
+        let pipe = self.pipe.lock().unwrap_or_else(|e| e.into_inner());
+        report(&*pipe, message)
+    }
 }
 
 /// Why a worker's report pipe cannot be read any more: the worker is broken (or hostile).
@@ -256,6 +284,74 @@ mod tests {
         send(&ours, &ToSupervisor::Accepted { connection: 2 }, &[&fd]).unwrap();
         let (got, fds) = recv::<ToSupervisor>(&theirs).unwrap().unwrap();
         assert!(matches!(got, ToSupervisor::Accepted { connection: 2 }) && fds.len() == 1);
+    }
+
+    /// Stats lines longer than PIPE_BUF from one thread and write-cache reports from others
+    /// arrive whole: the pipe is shared under a lock.
+    #[test]
+    fn threads_sharing_the_report_pipe_do_not_interleave_lines() {
+        let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap();
+        let pipe = std::sync::Arc::new(ReportPipe::new(w));
+        let device = DeviceStatus {
+            connection: 1,
+            // Larger than the pipe: its write waits for room, between other threads' writes.
+            export: "x".repeat(100 * 1024),
+            queues: 1,
+            totals: DeviceTotals::default(),
+            memory: crate::vhost_user::MemoryStatus::default(),
+        };
+        // The small reports keep coming for as long as the large ones are being written.
+        let big_done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writers: Vec<_> = (0..4u64)
+            .map(|t| {
+                let (pipe, device, big_done) = (pipe.clone(), device.clone(), big_done.clone());
+                std::thread::spawn(move || {
+                    let mut sent = 0u64;
+                    loop {
+                        if t == 0 {
+                            let devices = vec![device.clone()];
+                            pipe.send(&ToSupervisor::Stats { devices }).unwrap();
+                            if sent == 20 {
+                                big_done.store(true, std::sync::atomic::Ordering::Relaxed);
+                                break sent + 1;
+                            }
+                        } else {
+                            let message = ToSupervisor::WriteCache {
+                                connection: t,
+                                write_cache: sent % 2 == 0,
+                            };
+                            pipe.send(&message).unwrap();
+                            if big_done.load(std::sync::atomic::Ordering::Relaxed) {
+                                break sent + 1;
+                            }
+                        }
+                        sent += 1;
+                    }
+                })
+            })
+            .collect();
+        let reader = std::thread::spawn(move || {
+            let mut all = Vec::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                std::thread::yield_now();
+                match rustix::io::read(&r, &mut buf) {
+                    Ok(0) => break all,
+                    Ok(n) => all.extend_from_slice(&buf[..n]),
+                    Err(rustix::io::Errno::INTR) => {}
+                    Err(e) => panic!("read: {e}"),
+                }
+            }
+        });
+        let sent: u64 = writers.into_iter().map(|w| w.join().unwrap()).sum();
+        drop(pipe);
+        let all = reader.join().unwrap();
+        let lines: Vec<ToSupervisor> = all
+            .split(|&b| b == b'\n')
+            .filter(|line| !line.is_empty())
+            .map(|line| serde_json::from_slice(line).expect("a whole message"))
+            .collect();
+        assert_eq!(lines.len() as u64, sent);
     }
 
     #[test]

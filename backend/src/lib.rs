@@ -20,6 +20,7 @@ mod handoff;
 pub mod identity;
 pub mod io;
 mod ratelimit;
+mod sigbus;
 mod signals;
 pub mod single_process;
 pub mod supervisor;

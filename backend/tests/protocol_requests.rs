@@ -1,7 +1,7 @@
 //! Protocol tests, layer 2: well-formed requests and vring state over vhost-user.
 //!
 //! DISCARD / WRITE_ZEROES / FLUSH semantics, the null backing, a full queue of requests published
-//! at once (completions matched to heads), chains longer than seg_max, SET_CONFIG of the
+//! at once (completions matched to heads), chains longer than seg_max refused, SET_CONFIG of the
 //! writeback byte, GET_VRING_BASE after traffic, and the queue-size limit.
 
 use vhost::vhost_user::message::VhostUserConfigFlags;
@@ -150,34 +150,51 @@ fn a_full_queue_published_at_once_completes_every_head() {
 }
 
 #[test]
-fn chains_longer_than_seg_max_complete() {
+fn chains_longer_than_seg_max_get_ioerr() {
     let mut fx = Fixture::start(VUBLK, 8 * MIB, &[]);
-    let mut s = fx.session_with(SessionConfig::default(), &Step::qemu(1));
+    // A ring longer than the chains, so only seg_max stops them.
+    let config = SessionConfig {
+        queue_size: 512,
+        ..SessionConfig::default()
+    };
+    let mut s = fx.session_with(config, &Step::qemu(1));
     let seg_max = BlkConfig::parse(s.last_config().unwrap()).seg_max as usize;
-    let queue = s.config().queue_size as usize;
-    // One data descriptor more than seg_max (bounded by what fits in the queue with hdr+status).
-    let nseg = (seg_max + 1).min(queue - 2);
-    let mut b = s.blk(0);
-    let hdr = b.alloc_bytes(&header(blk::T_IN, 0)).unwrap();
-    let data = b.alloc(512 * nseg, 0xee).unwrap();
-    let st = b.alloc_status().unwrap();
-    let mut segs = vec![Seg::readable(hdr, 16)];
-    segs.extend((0..nseg as u64).map(|i| Seg::writable(data + 512 * i, 512)));
-    segs.push(Seg::writable(st, 1));
-    let c = s
-        .blk(0)
-        .submit_raw(
-            &segs,
-            &Readback {
-                data: vec![(data, 512 * nseg as u32)],
-                status: Some(st),
-            },
-        )
-        .unwrap();
-    match c.status() {
-        S_OK => assert_same(&c.data, &image_pattern(0, 512 * nseg), "long chain data"),
-        S_IOERR => {}
-        other => panic!("{nseg} data segments (seg_max {seg_max}): status {other:#x}"),
+    assert!(
+        seg_max + 2 <= 128,
+        "seg_max {seg_max} does not fit a ring of 128"
+    );
+    for nseg in [seg_max, seg_max + 1] {
+        let mut b = s.blk(0);
+        let hdr = b.alloc_bytes(&header(blk::T_IN, 0)).unwrap();
+        let data = b.alloc(512 * nseg, 0xee).unwrap();
+        let st = b.alloc_status().unwrap();
+        let mut segs = vec![Seg::readable(hdr, 16)];
+        segs.extend((0..nseg as u64).map(|i| Seg::writable(data + 512 * i, 512)));
+        segs.push(Seg::writable(st, 1));
+        let c = s
+            .blk(0)
+            .submit_raw(
+                &segs,
+                &Readback {
+                    data: vec![(data, 512 * nseg as u32)],
+                    status: Some(st),
+                },
+            )
+            .unwrap();
+        if nseg == seg_max {
+            assert_eq!(c.status(), S_OK, "{nseg} data segments");
+            assert_same(&c.data, &image_pattern(0, 512 * nseg), "long chain data");
+        } else {
+            assert_eq!(
+                c.status(),
+                S_IOERR,
+                "{nseg} data segments (seg_max {seg_max})"
+            );
+            assert!(
+                c.data.iter().all(|&b| b == 0xee),
+                "a refused read wrote data"
+            );
+        }
     }
     assert_eq!(s.blk(0).read(1, 512).unwrap().status(), S_OK);
 }

@@ -23,6 +23,7 @@ pub mod fio;
 pub mod image;
 pub mod paths;
 pub mod qemu;
+pub mod qmp;
 pub mod vublk;
 
 use std::fs::{File, OpenOptions};

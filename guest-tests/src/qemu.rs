@@ -143,53 +143,41 @@ impl Vm {
     /// Fails if QEMU fails or times out, or init did not get through the module loading, the
     /// disk wait and to its end; the job's own steps are checked by the caller.
     pub fn boot(&self, dir: &Path, name: &str, job: &Job) -> Result<Boot> {
-        let image = image::guest_image()?;
-        let accel = match self.accel {
-            Some(a) => a,
-            None => accel(&image)?,
-        };
-        let boot = self.boot_with(&image, accel, dir, name, job)?;
+        let prepared = self.prepare(dir, name, job)?;
+        let boot = self.boot_with(&prepared, dir, name)?;
         eprintln!(
-            "guest-tests: boot {name}: {:.1} s under {accel:?} ({}), init started at {} s guest \
+            "guest-tests: boot {name}: {:.1} s under {:?} ({}), init started at {} s guest \
              time",
             boot.elapsed.as_secs_f64(),
+            prepared.accel,
             qemu_version(),
             boot.parsed
                 .booted_at
                 .map_or("?".into(), |t| format!("{t:.1}"))
         );
-        let mut problems = Vec::new();
-        if let Some(p) = &boot.failure {
-            problems.push(p.clone());
-        }
-        for s in ["modules", "disks"] {
-            match boot.parsed.step(s) {
-                Some(st) if st.rc == Some(0) => {}
-                Some(st) => problems.push(format!("init's {s} step failed: {}", st.stderr)),
-                None if problems.is_empty() => {
-                    problems.push(format!("init never ran its {s} step"))
-                }
-                None => {}
-            }
-        }
-        if problems.is_empty() && !boot.parsed.done {
-            problems.push("init did not reach its end".into());
-        }
-        if !problems.is_empty() {
-            bail!("{}\n{}", problems.join("\n"), boot.report());
-        }
+        boot.check_init()?;
         Ok(boot)
     }
 
-    fn boot_with(
+    /// The guest's files for `job` (`<dir>/<name>.initrd`) and the accelerator: what every QEMU
+    /// that runs this guest shares (a migration's source and destination need the same).
+    pub fn prepare(&self, dir: &Path, name: &str, job: &Job) -> Result<Prepared> {
+        let image = image::guest_image()?;
+        let accel = match self.accel {
+            Some(a) => a,
+            None => accel(&image)?,
+        };
+        self.prepare_with(image, accel, dir, name, job)
+    }
+
+    fn prepare_with(
         &self,
-        image: &GuestImage,
+        image: GuestImage,
         accel: Accel,
         dir: &Path,
         name: &str,
         job: &Job,
-    ) -> Result<Boot> {
-        let console_path = dir.join(format!("{name}.console"));
+    ) -> Result<Prepared> {
         let initrd = dir.join(format!("{name}.initrd"));
         let mut files = job.files.clone();
         files.push(("run.sh".into(), job.run.clone().into_bytes()));
@@ -198,7 +186,32 @@ impl Vm {
             format!("{}\n", self.disks.len()).into_bytes(),
         ));
         image::initramfs_with_job(&image.initramfs, &initrd, &files)?;
+        Ok(Prepared {
+            image,
+            accel,
+            initrd,
+        })
+    }
 
+    /// One QEMU from boot to power-off, its console in `<dir>/<name>.console`.
+    fn boot_with(&self, prepared: &Prepared, dir: &Path, name: &str) -> Result<Boot> {
+        let console_path = dir.join(format!("{name}.console"));
+        let running = self.spawn(prepared, &console_path, &Launch::default())?;
+        let finished = running.wait();
+        let _ = std::fs::remove_file(&prepared.initrd);
+        Ok(Boot::new(&[console_path], finished))
+    }
+
+    /// Starts QEMU on `prepared`, the serial console going to `console_path`; `launch` adds a
+    /// QMP socket or an incoming migration. It runs until the guest powers off or the VM's
+    /// timeout passes ([`Running::wait`]).
+    pub fn spawn(
+        &self,
+        prepared: &Prepared,
+        console_path: &Path,
+        launch: &Launch,
+    ) -> Result<Running> {
+        let accel = prepared.accel;
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args([
             "-nodefaults",
@@ -221,9 +234,9 @@ impl Vm {
         ))
         .args(["-numa", "node,memdev=mem"])
         .arg("-kernel")
-        .arg(&image.kernel)
+        .arg(&prepared.image.kernel)
         .arg("-initrd")
-        .arg(&initrd)
+        .arg(&prepared.initrd)
         .args(["-append", "console=ttyS0 quiet panic=-1"])
         .arg("-serial")
         .arg(format!("file:{}", console_path.display()));
@@ -241,6 +254,13 @@ impl Vm {
                     "vhost-user-blk-pci,chardev=vu{i},num-queues={}",
                     d.num_queues
                 ));
+        }
+        if let Some(qmp) = &launch.qmp {
+            cmd.arg("-qmp")
+                .arg(format!("unix:{},server=on,wait=off", qmp.display()));
+        }
+        if let Some(incoming) = &launch.incoming {
+            cmd.args(["-incoming", incoming]);
         }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -263,42 +283,115 @@ impl Vm {
         };
         let out = drain(child.stdout.take().map(|r| Box::new(r) as _));
         let err = drain(child.stderr.take().map(|r| Box::new(r) as _));
+        Ok(Running {
+            child,
+            start,
+            timeout: self.timeout,
+            accel,
+            out,
+            err,
+        })
+    }
+}
+
+/// The guest's files for one run of a job ([`Vm::prepare`]).
+pub struct Prepared {
+    image: GuestImage,
+    pub accel: Accel,
+    initrd: PathBuf,
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.initrd);
+    }
+}
+
+/// What a QEMU runs beyond the guest ([`Vm::spawn`]).
+#[derive(Clone, Debug, Default)]
+pub struct Launch {
+    /// A QMP socket to create (`-qmp unix:PATH,server=on,wait=off`).
+    pub qmp: Option<PathBuf>,
+    /// `-incoming URI`: wait for a migration instead of booting.
+    pub incoming: Option<String>,
+}
+
+/// A running QEMU.
+pub struct Running {
+    child: std::process::Child,
+    start: Instant,
+    timeout: Duration,
+    accel: Accel,
+    out: std::thread::JoinHandle<String>,
+    err: std::thread::JoinHandle<String>,
+}
+
+/// How a QEMU ended.
+#[derive(Debug)]
+pub struct Finished {
+    pub qemu_output: String,
+    pub accel: Accel,
+    pub elapsed: Duration,
+    /// Why the run failed: QEMU exited non-zero or was killed at the timeout.
+    pub failure: Option<String>,
+}
+
+impl Running {
+    /// Whether QEMU has exited.
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// Kills QEMU (a migration source, once the destination runs).
+    pub fn kill(mut self) -> Finished {
+        let _ = self.child.kill();
+        let mut finished = self.wait_inner(true);
+        finished.failure = None;
+        finished
+    }
+
+    /// Waits until QEMU exits (the guest powered off) or the VM's timeout passes (then kills it).
+    pub fn wait(self) -> Finished {
+        self.wait_inner(false)
+    }
+
+    fn wait_inner(mut self, killed: bool) -> Finished {
         let mut failure = None;
         let status = loop {
-            if let Some(s) = child.try_wait()? {
-                break Some(s);
+            match self.child.try_wait() {
+                Ok(Some(s)) => break Some(s),
+                Ok(None) => {}
+                Err(e) => {
+                    failure = Some(format!("cannot wait for QEMU: {e}"));
+                    break None;
+                }
             }
-            if start.elapsed() > self.timeout {
-                let _ = child.kill();
-                let _ = child.wait();
+            if self.start.elapsed() > self.timeout {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
                 failure = Some(format!(
-                    "the guest did not finish within {:?} ({accel:?}); QEMU killed",
-                    self.timeout
+                    "the guest did not finish within {:?} ({:?}); QEMU killed",
+                    self.timeout, self.accel
                 ));
                 break None;
             }
             std::thread::sleep(Duration::from_millis(50));
         };
-        let elapsed = start.elapsed();
+        let elapsed = self.start.elapsed();
         let qemu_output = format!(
             "{}{}",
-            out.join().unwrap_or_default(),
-            err.join().unwrap_or_default()
+            self.out.join().unwrap_or_default(),
+            self.err.join().unwrap_or_default()
         );
-        if let Some(s) = status.filter(|s| !s.success()) {
+        if let Some(s) = status.filter(|s| !s.success() && !killed) {
             failure = Some(format!("QEMU exited with {s}: {}", qemu_output.trim()));
         }
-        let console = std::fs::read_to_string(&console_path).unwrap_or_default();
-        let _ = std::fs::remove_file(&initrd);
-        Ok(Boot {
-            parsed: console::parse(&console),
-            console,
-            console_path,
+        Finished {
             qemu_output,
-            accel,
+            accel: self.accel,
             elapsed,
             failure,
-        })
+        }
     }
 }
 
@@ -334,6 +427,50 @@ pub struct Boot {
 }
 
 impl Boot {
+    /// The boot whose console is `consoles` joined (a migrated guest prints to the source's
+    /// console, then to the destination's), as `finished` ended.
+    pub fn new(consoles: &[PathBuf], finished: Finished) -> Boot {
+        let console: String = consoles
+            .iter()
+            .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+            .collect();
+        Boot {
+            parsed: console::parse(&console),
+            console,
+            console_path: consoles.last().cloned().unwrap_or_default(),
+            qemu_output: finished.qemu_output,
+            accel: finished.accel,
+            elapsed: finished.elapsed,
+            failure: finished.failure,
+        }
+    }
+
+    /// Fails if QEMU failed or timed out, or init did not get through the module loading, the
+    /// disk wait and to its end.
+    pub fn check_init(&self) -> Result<()> {
+        let mut problems = Vec::new();
+        if let Some(p) = &self.failure {
+            problems.push(p.clone());
+        }
+        for s in ["modules", "disks"] {
+            match self.parsed.step(s) {
+                Some(st) if st.rc == Some(0) => {}
+                Some(st) => problems.push(format!("init's {s} step failed: {}", st.stderr)),
+                None if problems.is_empty() => {
+                    problems.push(format!("init never ran its {s} step"))
+                }
+                None => {}
+            }
+        }
+        if problems.is_empty() && !self.parsed.done {
+            problems.push("init did not reach its end".into());
+        }
+        if !problems.is_empty() {
+            bail!("{}\n{}", problems.join("\n"), self.report());
+        }
+        Ok(())
+    }
+
     /// The step `name`, which must have run to its end.
     pub fn step(&self, name: &str) -> Result<&Step> {
         match self.parsed.step(name) {
@@ -459,7 +596,15 @@ fn find_accel(image: &GuestImage) -> Result<Accel> {
         ..Vm::default()
     };
     let start = Instant::now();
-    let result = vm.boot_with(image, Accel::Kvm, probe_dir.path(), "probe", &Job::new());
+    let result = vm
+        .prepare_with(
+            image.clone(),
+            Accel::Kvm,
+            probe_dir.path(),
+            "probe",
+            &Job::new(),
+        )
+        .and_then(|prepared| vm.boot_with(&prepared, probe_dir.path(), "probe"));
     let works = matches!(&result, Ok(b) if b.failure.is_none() && b.parsed.done);
     let accel = if works { Accel::Kvm } else { Accel::Tcg };
     let why = match &result {

@@ -1,11 +1,12 @@
 //! The guest's view of a disk matches what vublk exports: size, logical block size, number of
-//! queues, serial, cache mode, read-only flag, for two differently configured disks in one VM.
+//! queues, serial, cache mode, read-only flag, segment limits, for two differently configured
+//! disks in one VM.
 
 use anyhow::ensure;
 use guest_tests::{guest_test, sparse_image, start_vublk, Job, Vm, MIB};
 
 const SCRIPT: &str = "for d in /sys/block/vd*; do
-    echo \"$(cat $d/serial)|$(cat $d/size)|$(cat $d/queue/logical_block_size)|$(ls $d/mq | wc -l)|$(cat $d/ro)|$(cat $d/queue/write_cache)\"
+    echo \"$(cat $d/serial)|$(cat $d/size)|$(cat $d/queue/logical_block_size)|$(ls $d/mq | wc -l)|$(cat $d/ro)|$(cat $d/queue/write_cache)|$(cat $d/queue/max_segments)|$(cat $d/queue/max_segment_size)\"
 done
 ";
 
@@ -49,13 +50,19 @@ fn guest_sees_size_block_size_queues_and_serial() {
         let out = boot.ok("view")?;
         let mut seen: Vec<&str> = out.lines().map(str::trim).collect();
         seen.sort();
-        let want_a = format!("vublk-view-a|{}|4096|2|0|write through", 80 * MIB / 512);
-        let want_b = format!("{serial_b}|{}|512|1|0|write back", size_b / 512);
+        // seg_max is sized for QEMU's 128-entry rings (126 segments plus header and status);
+        // size_max is 1 MiB.
+        let want_a = format!(
+            "vublk-view-a|{}|4096|2|0|write through|126|1048576",
+            80 * MIB / 512
+        );
+        let want_b = format!("{serial_b}|{}|512|1|0|write back|126|1048576", size_b / 512);
         let mut want = vec![want_a.as_str(), want_b.as_str()];
         want.sort();
         ensure!(
             seen == want,
-            "serial|sectors|block size|queues|ro|cache\nguest: {seen:#?}\nexport: {want:#?}"
+            "serial|sectors|block size|queues|ro|cache|max segments|max segment size\n\
+             guest: {seen:#?}\nexport: {want:#?}"
         );
         boot.check_kernel(&[])?;
         a.try_stop()?;

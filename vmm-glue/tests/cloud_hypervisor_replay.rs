@@ -93,7 +93,8 @@ fn vublk_features(dir: &Path) -> u64 {
         | bit(VIRTIO_BLK_F_FLUSH)
         | bit(VIRTIO_BLK_F_CONFIG_WCE)
         | bit(VIRTIO_BLK_F_MQ)
-        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        | VhostUserVirtioFeatures::LOG_ALL.bits();
     if punch {
         features |= bit(VIRTIO_BLK_F_DISCARD);
     }
@@ -110,6 +111,7 @@ fn vublk_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        | VhostUserProtocolFeatures::LOG_SHMFD
 }
 
 /// vublk on a fresh patterned image with `queues` queues, and cloud-hypervisor attaching it.

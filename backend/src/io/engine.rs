@@ -52,8 +52,15 @@ pub enum Operation<'a> {
         dsync: bool,
     },
     Flush,
-    Discard(&'a [Segment]),
-    WriteZeroes(&'a [Segment]),
+    /// `dsync`: durable when complete, as for a write (write-through).
+    Discard {
+        segments: &'a [Segment],
+        dsync: bool,
+    },
+    WriteZeroes {
+        segments: &'a [Segment],
+        dsync: bool,
+    },
 }
 
 /// A finished request.

@@ -2,18 +2,25 @@
 //! registered as fixed file 0, and the paths that skip the ring when they can.
 //!
 //! ```text
-//!  submit(tag, read/write) ─▶ O_DIRECT and misaligned buffers? ─▶ bounce buffer (bounce.rs)
+//!  submit(tag, read/write) ─▶ O_DIRECT and misaligned buffers? ─▶ bounce buffer (bounce.rs),
+//!        │                                                          1 MiB at a time
 //!        │
 //!        ├─ image on a memory filesystem ─▶ copy to/from the mapping (mapped.rs) ─▶ done
 //!        ├─ buffered file ─▶ preadv2/pwritev2(RWF_NOWAIT) (inline.rs) ─▶ done, or the rest:
 //!        └─▶ READV/WRITEV on the ring; a short one is advanced and resubmitted until done
 //!  flush ─▶ FSYNC(DATASYNC)        discard ─▶ FALLOCATE(PUNCH_HOLE) per segment
 //!  write-zeroes ─▶ ZERO_RANGE, or PUNCH_HOLE (UNMAP), or PUNCH_HOLE linked to ALLOCATE
+//!  write-through discard, write-zeroes ─▶ the above, then FSYNC(DATASYNC) once they are done
 //! ```
 //!
 //! Each request's state lives in a slot indexed by its tag, so io_uring's user_data is the tag
-//! and nothing is allocated per request (a slot's bounce buffer is allocated once, and grown
-//! when a larger request needs it).
+//! and nothing is allocated per request. A slot's bounce buffer is the exception, bounded
+//! (bounce.rs): at most [`CHUNK`] bytes, a longer request going through it piece after piece;
+//! one larger than [`KEEP`] is freed when its request completes.
+//!
+//! A slot is finished only when `pending`, its operations on the ring, is back to zero: an
+//! operation that fails to be queued is recorded as the request's error, and the request
+//! completes when the ones already queued have.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -25,7 +32,7 @@ use io_uring::squeue;
 use crate::disk::{Backing, Disk, ZeroesMethod};
 use crate::vhost_user::GuestBuffers;
 
-use super::bounce::AlignedBuf;
+use super::bounce::{AlignedBuf, CHUNK, KEEP};
 use super::engine::{Completion, Engine, Event, Operation, Tag};
 use super::inline::{self, Attempt, InlineIo};
 use super::mapped::MappedImage;
@@ -45,6 +52,10 @@ struct Slot {
     buffers: Option<GuestBuffers>,
     kind: Kind,
     dsync: bool,
+    /// A discard or write-zeroes that must be durable: FSYNC(DATASYNC) once its operations
+    /// are done (they may go to the kernel in several submissions, so a link cannot order
+    /// them).
+    sync_after: bool,
     /// For a read or write: where the rest goes, and how much is left.
     offset: u64,
     remaining: u64,
@@ -53,9 +64,13 @@ struct Slot {
     /// The first error.
     errno: Option<i32>,
     bounce: Option<AlignedBuf>,
-    /// What is left of the bounce buffer, when `bounced`.
+    /// What is left of the current piece in the bounce buffer, when `bounced`.
     bounce_iov: libc::iovec,
     bounced: bool,
+    /// The current piece's length, and what is left of it (the rest of the request is in
+    /// `remaining`).
+    piece: u64,
+    piece_left: u64,
 }
 
 // SAFETY: `bounce_iov` points into `bounce`, owned by the slot; the buffers are Send. A slot is
@@ -68,6 +83,7 @@ impl Slot {
             buffers: None,
             kind: Kind::Other,
             dsync: false,
+            sync_after: false,
             offset: 0,
             remaining: 0,
             pending: 0,
@@ -78,6 +94,8 @@ impl Slot {
                 iov_len: 0,
             },
             bounced: false,
+            piece: 0,
+            piece_left: 0,
         }
     }
 
@@ -98,6 +116,8 @@ impl Slot {
         self.offset += done;
         self.remaining -= done;
         if self.bounced {
+            let done = done.min(self.piece_left);
+            self.piece_left -= done;
             self.bounce_iov.iov_base = self
                 .bounce_iov
                 .iov_base
@@ -112,6 +132,23 @@ impl Slot {
 
     fn note_error(&mut self, errno: i32) {
         self.errno.get_or_insert(errno);
+    }
+
+    /// Bytes the next read or write is for: what is left of the request, or of its piece.
+    fn wanted(&self) -> u64 {
+        if self.bounced {
+            self.piece_left
+        } else {
+            self.remaining
+        }
+    }
+
+    /// A request is over: a large bounce buffer goes, so a slot does not keep for the life of
+    /// the queue what one request needed.
+    fn shrink(&mut self) {
+        if self.bounce.as_ref().is_some_and(|b| b.len() > KEEP) {
+            self.bounce = None;
+        }
     }
 }
 
@@ -132,6 +169,9 @@ pub struct FileEngine {
     punch_hole: bool,
     zeroes: ZeroesMethod,
     cqes: Vec<uring::Completion>,
+    /// The opcode of every operation queued on the ring, for the tests.
+    #[cfg(test)]
+    pub(super) queued: Vec<u8>,
 }
 
 impl FileEngine {
@@ -159,6 +199,8 @@ impl FileEngine {
             punch_hole: disk.punch_hole,
             zeroes: disk.write_zeroes.unwrap_or(ZeroesMethod::ZeroRange),
             cqes: Vec::with_capacity(usize::from(depth) + 2),
+            #[cfg(test)]
+            queued: Vec::new(),
         })
     }
 
@@ -166,6 +208,7 @@ impl FileEngine {
     fn done(&mut self, index: usize, inline: bool) -> Option<Completion> {
         let slot = &mut self.slots[index];
         let buffers = slot.buffers.take()?;
+        slot.shrink();
         let result = match slot.errno {
             None => Ok(()),
             Some(errno) => Err(io::Error::from_raw_os_error(errno)),
@@ -180,20 +223,30 @@ impl FileEngine {
 
     /// Fails the request in `index` with `error` before anything of it went to the ring.
     fn fail(&mut self, index: usize, error: io::Error) -> Option<Completion> {
-        let buffers = self.slots[index].buffers.take()?;
+        let slot = &mut self.slots[index];
+        let buffers = slot.buffers.take()?;
+        slot.shrink();
         Some(Completion::new(index as Tag, Err(error), buffers))
     }
 
     /// Queues one operation of the request in `index`; `false` (and the error noted) if the
     /// ring failed.
     fn push(&mut self, index: usize, entry: &squeue::Entry) -> bool {
-        // SAFETY: the entry points at no memory, or at the slot's iovecs (in its buffers, whose
+        self.push_all(index, std::slice::from_ref(entry))
+    }
+
+    /// Queues operations of the request in `index` together (a linked chain), or none of them.
+    fn push_all(&mut self, index: usize, entries: &[squeue::Entry]) -> bool {
+        // SAFETY: the entries point at no memory, or at the slot's iovecs (in its buffers, whose
         // array does not move while the slot holds them, or its bounce iovec) and through them
         // at guest memory the buffers pin or at the bounce buffer. The slot keeps all of it
-        // until `pending` is back to zero, i.e. until this entry's completion is reaped.
-        match unsafe { self.ring.push(entry) } {
+        // until `pending` is back to zero, i.e. until these entries' completions are reaped.
+        match unsafe { self.ring.push_all(entries) } {
             Ok(()) => {
-                self.slots[index].pending += 1;
+                self.slots[index].pending += entries.len() as u32;
+                #[cfg(test)]
+                self.queued
+                    .extend(entries.iter().map(|e| e.get_opcode() as u8));
                 true
             }
             Err(e) => {
@@ -223,25 +276,35 @@ impl FileEngine {
         if self.zeroes == ZeroesMethod::PunchThenAllocate {
             let punch = self.ring.fallocate(uring::PUNCH_HOLE, offset, len, tag);
             let allocate = self.ring.fallocate(uring::ALLOCATE, offset, len, tag);
-            return self.push(index, &uring::linked(punch)) && self.push(index, &allocate);
+            return self.push_all(index, &[uring::linked(punch), allocate]);
         }
         let zero = self.ring.fallocate(uring::ZERO_RANGE, offset, len, tag);
         self.push(index, &zero)
     }
 
-    /// O_DIRECT with guest buffers that are not aligned: go through an aligned copy.
+    /// O_DIRECT with guest buffers that are not aligned: go through an aligned copy, at most
+    /// [`CHUNK`] bytes of it at a time (the request's length is the guest's choice, up to
+    /// seg_max × size_max of aliased buffers).
     fn bounce(&mut self, index: usize) -> io::Result<()> {
+        self.slots[index].bounced = true;
+        self.next_piece(index)
+    }
+
+    /// Loads the next piece of a bounced request into the bounce buffer (a write's data is
+    /// copied in) and points the bounce iovec at it.
+    fn next_piece(&mut self, index: usize) -> io::Result<()> {
         let align = self.align;
         let slot = &mut self.slots[index];
-        let len = slot.remaining as usize;
+        let len = slot.remaining.min(CHUNK as u64) as usize;
         if slot.bounce.as_ref().is_none_or(|b| b.len() < len) {
+            slot.bounce = None;
             slot.bounce = Some(
                 AlignedBuf::new(len, align)
                     .ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?,
             );
         }
         let (Some(bounce), Some(buffers)) = (slot.bounce.as_mut(), slot.buffers.as_ref()) else {
-            return Ok(());
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
         };
         if slot.kind == Kind::Write {
             buffers.copy_out(&mut bounce.as_mut_slice()[..len]);
@@ -250,8 +313,23 @@ impl FileEngine {
             iov_base: bounce.as_ptr().cast(),
             iov_len: len,
         };
-        slot.bounced = true;
+        slot.piece = len as u64;
+        slot.piece_left = len as u64;
         Ok(())
+    }
+
+    /// A bounced piece is done: a read's data goes out to the guest, and the guest buffers
+    /// move past the piece.
+    fn end_piece(&mut self, index: usize) {
+        let slot = &mut self.slots[index];
+        let (Some(bounce), Some(buffers)) = (&slot.bounce, &mut slot.buffers) else {
+            return;
+        };
+        let piece = slot.piece as usize;
+        if slot.kind == Kind::Read {
+            buffers.copy_in(&bounce.as_slice()[..piece]);
+        }
+        buffers.advance(slot.piece);
     }
 
     /// Does a read or write on this thread if the disk allows it (inline.rs, mapped.rs).
@@ -264,7 +342,8 @@ impl FileEngine {
         } else {
             self.inline_read
         };
-        if mode == InlineIo::Never {
+        // Bouncing is for O_DIRECT, which never runs inline (inline.rs).
+        if mode == InlineIo::Never || slot.bounced {
             return None;
         }
         let mapping = self
@@ -329,22 +408,38 @@ impl FileEngine {
             slot.note_error(-result);
         } else if slot.kind != Kind::Other && slot.errno.is_none() {
             let done = result as u64;
-            if done == 0 && slot.remaining > 0 {
+            if done == 0 && slot.wanted() > 0 {
                 // End of file inside the capacity: the image shrank under us.
                 slot.note_error(libc::EIO);
-            } else if done < slot.remaining {
+            } else {
                 slot.advance(done);
-                self.push_rw(index);
+                if slot.bounced && slot.piece_left == 0 {
+                    self.end_piece(index);
+                    if self.slots[index].remaining > 0 {
+                        match self.next_piece(index) {
+                            Ok(()) => {
+                                self.push_rw(index);
+                            }
+                            Err(e) => {
+                                let errno = e.raw_os_error().unwrap_or(libc::ENOMEM);
+                                self.slots[index].note_error(errno);
+                            }
+                        }
+                    }
+                } else if self.slots[index].wanted() > 0 {
+                    // Short: the rest of it.
+                    self.push_rw(index);
+                }
             }
         }
-        let slot = &mut self.slots[index];
-        if slot.pending > 0 {
+        if self.slots[index].pending > 0 {
             return None;
         }
-        if slot.errno.is_none() && slot.kind == Kind::Read && slot.bounced {
-            if let (Some(bounce), Some(buffers)) = (&slot.bounce, &mut slot.buffers) {
-                let len = buffers.len() as usize;
-                buffers.copy_in(&bounce.as_slice()[..len]);
+        let slot = &mut self.slots[index];
+        if std::mem::take(&mut slot.sync_after) && slot.errno.is_none() {
+            let entry = self.ring.fdatasync(index as u64);
+            if self.push(index, &entry) {
+                return None;
             }
         }
         self.done(index, false)
@@ -372,6 +467,7 @@ impl Engine for FileEngine {
         slot.errno = None;
         slot.bounced = false;
         slot.kind = Kind::Other;
+        slot.sync_after = false;
         match operation {
             Operation::Read { offset } | Operation::Write { offset, .. } => {
                 slot.kind = if matches!(operation, Operation::Read { .. }) {
@@ -402,8 +498,9 @@ impl Engine for FileEngine {
                 let entry = self.ring.fdatasync(index as u64);
                 self.push(index, &entry);
             }
-            Operation::Discard(segments) => {
+            Operation::Discard { segments, dsync } => {
                 slot.buffers = Some(buffers);
+                slot.sync_after = dsync;
                 for s in segments {
                     let entry =
                         self.ring
@@ -413,8 +510,9 @@ impl Engine for FileEngine {
                     }
                 }
             }
-            Operation::WriteZeroes(segments) => {
+            Operation::WriteZeroes { segments, dsync } => {
                 slot.buffers = Some(buffers);
+                slot.sync_after = dsync;
                 for s in segments {
                     if !self.push_zeroes(index, s.offset, s.len, s.unmap) {
                         break;
@@ -498,3 +596,11 @@ fn misaligned(iovecs: &[libc::iovec], align: usize) -> bool {
         .iter()
         .any(|v| (v.iov_base as usize) % align != 0 || v.iov_len % align != 0)
 }
+
+#[cfg(test)]
+#[path = "file_tests.rs"]
+mod tests;
+
+#[cfg(test)]
+#[path = "file_sync_tests.rs"]
+mod sync_tests;

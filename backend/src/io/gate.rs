@@ -27,8 +27,8 @@ enum Held {
     Read { offset: u64 },
     Write { offset: u64, dsync: bool },
     Flush,
-    Discard,
-    WriteZeroes,
+    Discard { dsync: bool },
+    WriteZeroes { dsync: bool },
 }
 
 /// A request waiting for its byte.
@@ -96,8 +96,14 @@ impl<E: Engine> Gated<E> {
             Held::Read { offset } => Operation::Read { offset },
             Held::Write { offset, dsync } => Operation::Write { offset, dsync },
             Held::Flush => Operation::Flush,
-            Held::Discard => Operation::Discard(&waiting.segments),
-            Held::WriteZeroes => Operation::WriteZeroes(&waiting.segments),
+            Held::Discard { dsync } => Operation::Discard {
+                segments: &waiting.segments,
+                dsync,
+            },
+            Held::WriteZeroes { dsync } => Operation::WriteZeroes {
+                segments: &waiting.segments,
+                dsync,
+            },
         };
         self.inner.submit(tag, operation, buffers)
     }
@@ -130,13 +136,13 @@ impl<E: Engine> Engine for Gated<E> {
             Operation::Read { offset } => Held::Read { offset },
             Operation::Write { offset, dsync } => Held::Write { offset, dsync },
             Operation::Flush => Held::Flush,
-            Operation::Discard(segments) => {
+            Operation::Discard { segments, dsync } => {
                 waiting.segments.extend_from_slice(segments);
-                Held::Discard
+                Held::Discard { dsync }
             }
-            Operation::WriteZeroes(segments) => {
+            Operation::WriteZeroes { segments, dsync } => {
                 waiting.segments.extend_from_slice(segments);
-                Held::WriteZeroes
+                Held::WriteZeroes { dsync }
             }
         };
         match self

@@ -118,9 +118,19 @@ pub fn write_policy(fd: RawFd) -> InlineIo {
     }
 }
 
-/// Whether `fd` is on a filesystem whose data lives in memory.
+/// Whether `fd` is a regular file on a filesystem whose data lives in memory. Only regular
+/// files: a block device node sits on devtmpfs (a tmpfs) too, but its data is on the device,
+/// and copies into its page cache would skip the `RWF_DSYNC` of a write-through device.
 fn in_memory(fd: RawFd) -> bool {
     const RAMFS_MAGIC: libc::c_long = 0x8584_58f6;
+    // SAFETY: fd is borrowed for this call only; the caller keeps it open.
+    let file = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    match rustix::fs::fstat(file) {
+        Ok(stat)
+            if rustix::fs::FileType::from_raw_mode(stat.st_mode)
+                == rustix::fs::FileType::RegularFile => {}
+        _ => return false,
+    }
     // SAFETY: statfs is plain data; fstatfs fills it or fails.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: `st` is a valid statfs to fill.
@@ -139,6 +149,16 @@ mod tests {
     use super::*;
     use std::io::Write;
     use std::os::fd::AsRawFd;
+
+    #[test]
+    fn only_regular_files_count_as_memory() {
+        let file = tempfile::tempfile_in("/dev/shm").unwrap();
+        assert!(in_memory(file.as_raw_fd()), "a tmpfs file");
+        // A device node on devtmpfs: its data is not the filesystem's.
+        let null = std::fs::File::open("/dev/null").unwrap();
+        assert!(!in_memory(null.as_raw_fd()), "a device node");
+        assert_eq!(write_policy(null.as_raw_fd()), InlineIo::NoWait);
+    }
 
     fn read_at(
         file: &std::fs::File,

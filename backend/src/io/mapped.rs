@@ -6,29 +6,22 @@
 //! their data is in memory by definition, so a copy never waits for a device.
 //!
 //! **Truncation.** Touching a mapped page past the end of the file raises SIGBUS, and the image
-//! is the VMM's user's file: they may shrink it under us. A process-wide SIGBUS handler looks
-//! the faulting address up among the live mappings; inside one, it maps a zero page over the
-//! faulting page, marks the mapping broken and returns, so the copy finishes. The request
-//! that touched it fails with IOERR, and the disk stops using the mapping (system calls report
-//! the short file from then on). A SIGBUS anywhere else gets the default action.
+//! is the VMM's user's file: they may shrink it under us. The mapping is registered with the
+//! process's SIGBUS handler (`sigbus.rs`), which maps a zero page over a faulting page and
+//! marks the mapping broken, so the copy finishes. The request that touched it fails with
+//! IOERR, and the disk stops using the mapping (system calls report the short file from then
+//! on).
 
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Once;
 
-/// Live mappings the SIGBUS handler knows, as (start, end) address pairs; 0 marks a free slot.
-const SLOTS: usize = 64;
-static RANGES: [(AtomicUsize, AtomicUsize); SLOTS] =
-    [const { (AtomicUsize::new(0), AtomicUsize::new(0)) }; SLOTS];
-static BROKEN: [AtomicBool; SLOTS] = [const { AtomicBool::new(false) }; SLOTS];
-static HANDLER: Once = Once::new();
+use crate::sigbus;
 
 pub struct MappedImage {
     base: *mut u8,
     len: usize,
-    slot: usize,
+    guard: sigbus::Guard,
 }
 
 // SAFETY: the mapping is shared memory owned by this value until it is dropped; copies into and
@@ -45,7 +38,6 @@ impl MappedImage {
         if len == 0 {
             return Err(io::Error::from(io::ErrorKind::InvalidInput));
         }
-        HANDLER.call_once(install_handler);
         let prot = if read_only {
             libc::PROT_READ
         } else {
@@ -66,25 +58,17 @@ impl MappedImage {
             return Err(io::Error::last_os_error());
         }
         let base = base.cast::<u8>();
-        let start = base as usize;
-        let Some(slot) = (0..SLOTS).find(|&i| {
-            RANGES[i]
-                .0
-                .compare_exchange(0, start, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
-        }) else {
+        let Some(guard) = sigbus::Guard::register(base as usize, len, 4096) else {
             // SAFETY: unmapping what was mapped above, which nothing else has seen.
             unsafe { libc::munmap(base.cast(), len) };
-            return Err(io::Error::other("too many mapped images in one process"));
+            return Err(io::Error::other("too many mappings guarded in one process"));
         };
-        BROKEN[slot].store(false, Ordering::Relaxed);
-        RANGES[slot].1.store(start + len, Ordering::Release);
-        Ok(MappedImage { base, len, slot })
+        Ok(MappedImage { base, len, guard })
     }
 
     /// False once a copy touched a page past the end of the file (see the module docs).
     pub fn intact(&self) -> bool {
-        !BROKEN[self.slot].load(Ordering::Acquire)
+        self.guard.intact()
     }
 
     /// Copies `len` bytes at image offset `offset` to or from the buffers of `iov`.
@@ -134,66 +118,10 @@ impl std::fmt::Debug for MappedImage {
 
 impl Drop for MappedImage {
     fn drop(&mut self) {
-        RANGES[self.slot].1.store(0, Ordering::Release);
-        RANGES[self.slot].0.store(0, Ordering::Release);
+        self.guard.unregister();
         // SAFETY: our own mapping; no copy runs any more (we are being dropped).
         unsafe { libc::munmap(self.base.cast(), self.len) };
     }
-}
-
-fn install_handler() {
-    // SAFETY: sigaction with a zeroed struct, our handler and SA_SIGINFO; the previous action
-    // is not needed (a SIGBUS outside our mappings gets the default one).
-    unsafe {
-        let mut action: libc::sigaction = std::mem::zeroed();
-        let handler: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
-            on_sigbus;
-        action.sa_sigaction = handler as *const () as usize;
-        action.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
-        libc::sigemptyset(&mut action.sa_mask);
-        if libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut()) != 0 {
-            tracing::warn!(
-                "cannot install the SIGBUS handler: {}",
-                io::Error::last_os_error()
-            );
-        }
-    }
-}
-
-/// Async-signal-safe: atomics, mmap and sigaction only.
-extern "C" fn on_sigbus(
-    _signal: libc::c_int,
-    info: *mut libc::siginfo_t,
-    _context: *mut libc::c_void,
-) {
-    // SAFETY: the kernel passes a valid siginfo for an SA_SIGINFO handler.
-    let addr = unsafe { (*info).si_addr() } as usize;
-    let page = 4096usize;
-    for (slot, (start, end)) in RANGES.iter().enumerate() {
-        let (start, end) = (start.load(Ordering::Acquire), end.load(Ordering::Acquire));
-        if start != 0 && (start..end).contains(&addr) {
-            BROKEN[slot].store(true, Ordering::Release);
-            // SAFETY: replaces one page of our own mapping with anonymous memory, so the
-            // faulting copy can finish; the mapping is never trusted again (BROKEN).
-            let fixed = unsafe {
-                libc::mmap(
-                    (addr & !(page - 1)) as *mut libc::c_void,
-                    page,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_FIXED | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                )
-            };
-            if fixed != libc::MAP_FAILED {
-                return;
-            }
-            break;
-        }
-    }
-    // Not ours (or it could not be patched): the default action, on return the fault repeats.
-    // SAFETY: resetting SIGBUS to its default disposition.
-    unsafe { libc::signal(libc::SIGBUS, libc::SIG_DFL) };
 }
 
 #[cfg(test)]

@@ -5,6 +5,12 @@
 //! Callers pass raw pointers (iovec arrays, guest buffers); every `push` is `unsafe` because
 //! the kernel uses them until the matching completion is reaped. Watches read into a sink the
 //! ring owns, which it leaks rather than frees while one may still be pending.
+//!
+//! A full submission queue is submitted to make room. When the kernel refuses that with EBUSY
+//! (its completion queue overflowed: it takes no submissions until completions are reaped), the
+//! completions waiting are moved to a backlog the ring hands out first at the next
+//! [`Ring::completions`], and the submission is retried: nothing is lost, and a queue thread
+//! pushing a request's operations never spins on a ring only it could drain.
 
 use std::cell::UnsafeCell;
 use std::io;
@@ -47,6 +53,11 @@ pub struct Ring {
     sink: ManuallyDrop<Box<UnsafeCell<u64>>>,
     /// Watches pushed whose completion has not been reaped (see [`Ring::classify`]).
     watching: usize,
+    /// Completions taken off the completion queue to make room (see the module comment), not
+    /// yet handed out.
+    backlog: Vec<Completion>,
+    #[cfg(test)]
+    pub(super) faults: faults::Faults,
 }
 
 impl Ring {
@@ -77,6 +88,9 @@ impl Ring {
             disabled,
             sink: ManuallyDrop::new(Box::new(UnsafeCell::new(0))),
             watching: 0,
+            backlog: Vec::new(),
+            #[cfg(test)]
+            faults: faults::Faults::default(),
         })
     }
 
@@ -93,24 +107,59 @@ impl Ring {
     /// # Safety
     /// Every buffer the entry points to must stay valid until its completion is reaped.
     pub unsafe fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
+        // SAFETY: forwarded to the caller.
+        unsafe { self.push_all(std::slice::from_ref(entry)) }
+    }
+
+    /// Queues `entries` together, or none of them: a linked chain must not be split by a failure
+    /// (its last link would bind whatever is pushed next) nor by a submission between its
+    /// entries. Submits what is queued first if there is no room for all of them.
+    ///
+    /// # Safety
+    /// Every buffer the entries point to must stay valid until their completions are reaped.
+    pub unsafe fn push_all(&mut self, entries: &[squeue::Entry]) -> io::Result<()> {
+        #[cfg(test)]
+        self.faults.before_push(entries.len())?;
         loop {
             // SAFETY: forwarded to the caller.
-            if unsafe { self.ring.submission().push(entry) }.is_ok() {
+            if unsafe { self.ring.submission().push_multiple(entries) }.is_ok() {
                 return Ok(());
             }
-            self.submit(0)?;
+            if entries.len() > self.ring.params().sq_entries() as usize {
+                return Err(io::Error::from_raw_os_error(libc::E2BIG));
+            }
+            match self.enter(0) {
+                Ok(_) => {}
+                // The completion queue overflowed: make room in it, then try again.
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    self.backlog.extend(self.ring.completion());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// io_uring_enter: submits what is queued and waits for `want` completions, EINTR retried.
+    fn enter(&mut self, want: usize) -> io::Result<usize> {
+        // Completions in the backlog are ready: do not sleep waiting for more.
+        let want = if self.backlog.is_empty() { want } else { 0 };
+        loop {
+            #[cfg(test)]
+            self.faults
+                .before_enter(!self.ring.completion().is_empty())?;
+            match self.ring.submitter().submit_and_wait(want) {
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                other => return other,
+            }
         }
     }
 
     /// Submits what is queued and waits for at least `want` completions.
     pub fn submit(&mut self, want: usize) -> io::Result<usize> {
-        loop {
-            match self.ring.submitter().submit_and_wait(want) {
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                // The completion queue is full: the caller must reap before submitting more.
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Ok(0),
-                other => return other,
-            }
+        match self.enter(want) {
+            // The completion queue is full: the caller must reap before submitting more.
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(0),
+            other => other,
         }
     }
 
@@ -120,6 +169,9 @@ impl Ring {
         want: usize,
         timeout: std::time::Duration,
     ) -> io::Result<bool> {
+        if !self.backlog.is_empty() {
+            return self.submit(0).map(|_| true);
+        }
         let ts = types::Timespec::from(timeout);
         let args = types::SubmitArgs::new().timespec(&ts);
         loop {
@@ -133,15 +185,24 @@ impl Ring {
         }
     }
 
+    /// Entries queued and not yet submitted.
+    #[cfg(test)]
+    pub fn queued(&mut self) -> usize {
+        self.ring.submission().len()
+    }
+
     /// Whether completions are ready, or task work that produces them is pending (then
     /// [`Ring::submit`] runs it). Costs no system call.
     pub fn has_events(&mut self) -> bool {
-        !self.ring.completion().is_empty() || self.ring.submission().taskrun()
+        !self.backlog.is_empty()
+            || !self.ring.completion().is_empty()
+            || self.ring.submission().taskrun()
     }
 
-    /// Takes the completions that are ready.
+    /// Takes the completions that are ready, the backlog's first.
     pub fn completions(&mut self, out: &mut Vec<Completion>) {
         out.clear();
+        out.append(&mut self.backlog);
         out.extend(self.ring.completion());
     }
 
@@ -249,7 +310,121 @@ impl Drop for Ring {
     }
 }
 
-/// Links `entry` to the next one: the next starts only if this one succeeds.
+/// Links `entry` to the next one: the next starts only if this one succeeds. Push the two with
+/// one [`Ring::push_all`].
 pub fn linked(entry: squeue::Entry) -> squeue::Entry {
     entry.flags(squeue::Flags::IO_LINK)
+}
+
+/// Failures a test can make a ring have.
+#[cfg(test)]
+pub(super) mod faults {
+    use std::io;
+
+    #[derive(Debug, Default)]
+    pub struct Faults {
+        /// Entries that may be pushed: a push that would go beyond fails with the errno.
+        pub fail_pushes_after: Option<(usize, i32)>,
+        /// io_uring_enter fails with EBUSY while completions wait in the completion queue, as a
+        /// kernel whose completion queue overflowed does.
+        pub busy_until_reaped: bool,
+        /// EBUSYs returned so far; past a thousand, the ring gives up with ELOOP, so a caller
+        /// that retries without reaping fails the test instead of hanging it.
+        pub busy: usize,
+        pushes: usize,
+    }
+
+    impl Faults {
+        pub fn before_push(&mut self, entries: usize) -> io::Result<()> {
+            match self.fail_pushes_after {
+                Some((after, errno)) if self.pushes + entries > after => {
+                    Err(io::Error::from_raw_os_error(errno))
+                }
+                _ => {
+                    self.pushes += entries;
+                    Ok(())
+                }
+            }
+        }
+
+        pub fn before_enter(&mut self, completions_waiting: bool) -> io::Result<()> {
+            if !(self.busy_until_reaped && completions_waiting) {
+                return Ok(());
+            }
+            self.busy += 1;
+            let errno = if self.busy > 1000 {
+                libc::ELOOP
+            } else {
+                libc::EBUSY
+            };
+            Err(io::Error::from_raw_os_error(errno))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nop(user_data: u64) -> squeue::Entry {
+        opcode::Nop::new().build().user_data(user_data)
+    }
+
+    fn push(ring: &mut Ring, entry: &squeue::Entry) -> io::Result<()> {
+        // SAFETY: a NOP points at no memory.
+        unsafe { ring.push(entry) }
+    }
+
+    #[test]
+    fn a_full_submission_queue_with_an_overflowed_completion_queue_is_drained_not_spun_on() {
+        let mut ring = Ring::new(8, None).expect("an io_uring");
+        ring.enable().unwrap();
+        let sq = ring.ring.params().sq_entries() as u64;
+        // A submission queue's worth of completions waiting in the completion queue...
+        for i in 0..sq {
+            push(&mut ring, &nop(i)).unwrap();
+        }
+        ring.submit(0).unwrap();
+        // ...and a kernel that takes no submission until they are reaped.
+        ring.faults.busy_until_reaped = true;
+        for i in sq..3 * sq {
+            push(&mut ring, &nop(i)).expect("room is made by reaping, not by spinning");
+        }
+        assert!(ring.faults.busy > 0, "the test never made the kernel busy");
+        assert!(ring.has_events(), "the reaped completions are still events");
+        ring.faults.busy_until_reaped = false;
+        let mut seen = Vec::new();
+        let mut out = Vec::new();
+        while seen.len() < 3 * sq as usize {
+            ring.submit(1).unwrap();
+            ring.completions(&mut out);
+            seen.extend(out.iter().map(|c| c.user_data()));
+        }
+        seen.sort_unstable();
+        assert_eq!(
+            seen,
+            (0..3 * sq).collect::<Vec<_>>(),
+            "every completion, once"
+        );
+    }
+
+    #[test]
+    fn entries_pushed_together_are_never_split() {
+        let mut ring = Ring::new(8, None).expect("an io_uring");
+        ring.enable().unwrap();
+        let sq = ring.ring.params().sq_entries() as u64;
+        for i in 0..sq - 1 {
+            push(&mut ring, &nop(i)).unwrap();
+        }
+        // One free entry: a linked pair waits for a submission and goes in whole.
+        let pair = [linked(nop(100)), nop(101)];
+        // SAFETY: NOPs point at no memory.
+        unsafe { ring.push_all(&pair) }.unwrap();
+        assert_eq!(ring.ring.submission().len(), 2, "the pair, alone and whole");
+        // A pair that fails to push leaves nothing behind to link to the next entry.
+        ring.faults.fail_pushes_after = Some((0, libc::ENOMEM));
+        // SAFETY: as above.
+        assert!(unsafe { ring.push_all(&pair) }.is_err());
+        assert_eq!(ring.ring.submission().len(), 2);
+    }
 }

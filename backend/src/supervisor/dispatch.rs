@@ -232,10 +232,12 @@ impl Supervisor {
                 break;
             };
             let spec = self.exports[handoff.export].spec.clone();
+            let key = (handoff.peer.pid, handoff.peer.start_time);
             let message = ToWorker::Serve {
                 connection: handoff.connection,
                 export: spec,
                 disk_fd_attached: handoff.disk.is_some(),
+                write_cache: self.device_state.write_cache(key, handoff.export),
             };
             let mut fds = vec![&handoff.stream, &handoff.peer.pidfd];
             if let Some(disk) = &handoff.disk {
@@ -245,7 +247,7 @@ impl Supervisor {
                 Ok(()) => {
                     vm.retry_send_at = None;
                     let handoff = vm.outbox.pop_front().expect("front exists");
-                    vm.live.insert(handoff.connection);
+                    vm.live.insert(handoff.connection, handoff.export);
                     let (worker, uid) = (vm.worker_pid, vm.uid);
                     let (connection, pid) = (handoff.connection, handoff.peer.pid);
                     let name = self.exports[handoff.export].spec.name.clone();

@@ -2,7 +2,7 @@
 //! pipe is watched, with a deadline), heard from on their report pipes, retired, reaped without
 //! blocking (a worker its tenant traces is reaped once the tracer lets go), and stopped.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -173,7 +173,7 @@ impl Supervisor {
                     exec_status: worker.exec_status,
                     deadline: Instant::now() + START_DEADLINE,
                 },
-                live: HashSet::new(),
+                live: HashMap::new(),
                 outbox: VecDeque::new(),
                 pending: Vec::new(),
                 took_one: false,
@@ -307,6 +307,7 @@ impl Supervisor {
         };
         let more = reports.messages.len() == REPORTS_PER_WAKEUP && !reports.closed;
         let mut ended_here = 0;
+        let mut chosen = Vec::new();
         for message in reports.messages {
             let Some(vm) = self.vms.get_mut(&id) else {
                 return false;
@@ -320,8 +321,18 @@ impl Supervisor {
                 ToSupervisor::Ended { connection } => {
                     tracing::debug!("connection {connection} ended (worker pid {worker})");
                     // A worker can only end what it was given.
-                    if vm.live.remove(&connection) {
+                    if vm.live.remove(&connection).is_some() {
                         ended_here += 1;
+                    }
+                }
+                ToSupervisor::WriteCache {
+                    connection,
+                    write_cache,
+                } => {
+                    // Only for a connection it serves: a worker speaks for its own VMM's
+                    // devices, nobody else's.
+                    if let Some(&export) = vm.live.get(&connection) {
+                        chosen.push((vm.vmm_key, export, write_cache));
                     }
                 }
                 ToSupervisor::Refused {
@@ -329,7 +340,7 @@ impl Supervisor {
                     export,
                     reason,
                 } => {
-                    if vm.live.remove(&connection) {
+                    if vm.live.remove(&connection).is_some() {
                         ended_here += 1;
                     }
                     // The worker's words are the tenant's: quoted, so they cannot forge lines.
@@ -341,6 +352,23 @@ impl Supervisor {
         }
         if only_connected {
             self.connected_left = self.connected_left.saturating_sub(ended_here);
+        }
+        for (vmm, export, on) in chosen {
+            let vms = &self.vms;
+            let has_worker = |key| vms.values().any(|vm| vm.vmm_key == key);
+            let kept = self
+                .device_state
+                .set_write_cache(vmm, export, on, has_worker);
+            tracing::debug!(
+                "worker pid {worker}: the guest of VMM pid {pid} set the write cache of {} {}{}",
+                self.exports[export].spec.name,
+                if on { "on" } else { "off" },
+                if kept {
+                    ""
+                } else {
+                    " (not remembered: table full)"
+                }
+            );
         }
         if reports.closed {
             // The worker is exiting; its pidfd reports when it is gone.
@@ -395,6 +423,10 @@ impl Supervisor {
         }
         let left: Vec<Handoff> = vm.pending.drain(..).chain(vm.outbox.drain(..)).collect();
         let vmm_lives = !exited(&vm.vmm_pidfd);
+        if !vmm_lives {
+            // Its device state has no one to go to.
+            self.device_state.forget(vm.vmm_key);
+        }
         if !vm.failure_counted && !vm.took_one {
             // It died before taking a single connection: sending them to another worker would
             // only start the same failure again.

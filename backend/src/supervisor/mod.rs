@@ -24,9 +24,10 @@
 //!
 //! Files: this one (the loop, accepting, identifying), `dispatch.rs` (connections to workers),
 //! `lifecycle.rs` (starting, hearing from, retiring, reaping and stopping workers), `vm.rs` (the
-//! VM table), `spawn.rs` (the fork and the child), `tenants.rs` (limits, backoff, log budgets),
+//! VM table), `device_state.rs` (what a guest chose that its next worker must know), `spawn.rs` (the fork and the child), `tenants.rs` (limits, backoff, log budgets),
 //! `status.rs` (`vublk status`).
 
+mod device_state;
 mod dispatch;
 mod lifecycle;
 mod spawn;
@@ -50,6 +51,7 @@ use crate::identity::Peer;
 use crate::ratelimit::RateLimit;
 use crate::signals::Signals;
 
+use device_state::DeviceState;
 use spawn::Executable;
 pub use spawn::{adopt_channels, WORKER_CONTROL_FD};
 pub use status::{print_status, Status, VmStatus};
@@ -250,6 +252,8 @@ struct Supervisor {
     limits: TenantLimits,
     backoff: StartBackoff,
     log: TenantLog,
+    /// What the VMs' guests chose that their next worker must know.
+    device_state: DeviceState,
     /// A descriptor given up when accept fails for lack of them, so the connection can be
     /// taken and closed instead of waking the loop again and again.
     reserve: Option<OwnedFd>,
@@ -280,6 +284,7 @@ impl Supervisor {
             limits,
             backoff: StartBackoff::default(),
             log: TenantLog::default(),
+            device_state: DeviceState::default(),
             reserve: open_reserve(),
             overload_log: RateLimit::new(5, Duration::from_secs(10)),
             unreaped: Vec::new(),

@@ -2,7 +2,7 @@
 //! kernel recorded at connect) and the worker serving it, with the connections on their way to
 //! that worker.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::OwnedFd;
 use std::time::Instant;
 
@@ -43,8 +43,8 @@ pub(super) struct Vm {
     pub reports: OwnedFd,
     pub reader: ReportReader,
     pub state: WorkerState,
-    /// Connections sent to the worker and not ended.
-    pub live: HashSet<u64>,
+    /// Connections sent to the worker and not ended, with their export's index.
+    pub live: HashMap<u64, usize>,
     /// Connections waiting to be sent (the worker is starting, or its socket is full).
     pub outbox: VecDeque<Handoff>,
     /// Connections sent to the worker that it has not acknowledged yet; if it dies first,

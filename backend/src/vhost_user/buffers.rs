@@ -22,6 +22,7 @@
 use std::ptr::NonNull;
 use std::sync::Arc;
 
+use super::dirty_log::LogMap;
 use super::memory::Generation;
 use super::pin::RegionPin;
 
@@ -37,6 +38,9 @@ struct Parts {
     next: usize,
     /// Bytes left in `iovecs[next..]`.
     len: u64,
+    /// Bytes [`GuestBuffers::advance`] took off the front of `iovecs[next]`, so the dirty log
+    /// can still mark the whole buffer.
+    skipped: usize,
     status: Option<NonNull<u8>>,
     complete: bool,
     /// `Some` while pinned (a [`GuestBuffers`]), `None` in [`RawBuffers`].
@@ -110,6 +114,7 @@ impl GuestBuffers {
         }
         parts.len = parts.iovecs.iter().map(|v| v.iov_len as u64).sum();
         parts.next = 0;
+        parts.skipped = 0;
         parts.status = status;
         parts.complete = complete;
         GuestBuffers(parts)
@@ -145,10 +150,15 @@ impl GuestBuffers {
             let v = &mut parts.iovecs[parts.next];
             if left >= v.iov_len as u64 {
                 left -= v.iov_len as u64;
+                // Consumed: put back what earlier short steps took off, for the dirty log.
+                v.iov_base = v.iov_base.cast::<u8>().wrapping_sub(parts.skipped).cast();
+                v.iov_len += parts.skipped;
+                parts.skipped = 0;
                 parts.next += 1;
             } else {
                 v.iov_base = v.iov_base.cast::<u8>().wrapping_add(left as usize).cast();
                 v.iov_len -= left as usize;
+                parts.skipped += left as usize;
                 left = 0;
             }
         }
@@ -209,6 +219,35 @@ impl GuestBuffers {
         true
     }
 
+    /// Marks the status byte's page in the dirty log, and with `data` the pages of every
+    /// buffer (the whole buffers, also what [`GuestBuffers::advance`] moved past). `false` if
+    /// some of it lies beyond the log.
+    pub fn mark_dirty(&self, log: &LogMap, data: bool) -> bool {
+        let parts = &*self.0;
+        let Some(generation) = &parts.generation else {
+            return true;
+        };
+        let mut inside = true;
+        let mut mark = |host: usize, len: usize| {
+            if let Some(gpa) = generation.host_to_guest(host) {
+                inside &= log.mark(gpa, len as u64);
+            }
+        };
+        if let Some(status) = parts.status {
+            mark(status.as_ptr() as usize, 1);
+        }
+        if data {
+            for (i, v) in parts.iovecs.iter().enumerate() {
+                let skipped = if i == parts.next { parts.skipped } else { 0 };
+                mark(
+                    (v.iov_base as usize).wrapping_sub(skipped),
+                    v.iov_len + skipped,
+                );
+            }
+        }
+        inside
+    }
+
     /// Whether the buffers or the status byte lie in any of `regions`.
     pub fn uses_any(&self, regions: &[Arc<RegionPin>]) -> bool {
         let Some(generation) = &self.0.generation else {
@@ -228,6 +267,7 @@ impl GuestBuffers {
         parts.iovecs.clear();
         parts.next = 0;
         parts.len = 0;
+        parts.skipped = 0;
         parts.status = None;
         parts.complete = false;
         parts.generation = None;
@@ -360,6 +400,40 @@ mod tests {
                 .unwrap(),
             5
         );
+    }
+
+    #[test]
+    fn the_dirty_log_gets_whole_buffers_after_short_steps() {
+        use crate::vhost_user::dirty_log::LOG_PAGE;
+        use std::os::unix::fs::FileExt;
+        let memory = test_memory(&[LOW, HIGH]);
+        let generation = memory.current();
+        let status = host(&generation, 0x3000);
+        // Pages 1-2 (one buffer straddling them) and one page of the high region.
+        let a = host(&generation, 0x1f00);
+        let b = host(&generation, HIGH.0 + 0x5000);
+        let file = tempfile::tempfile_in("/dev/shm").unwrap();
+        file.set_len(40 << 10).unwrap();
+        let log = LogMap::map(&file, 40 << 10, 0, HIGH.0 + HIGH.1).unwrap();
+        let mut buffers = generation.pin(raw(&[(a, 0x200), (b, 16)]), Some(status));
+        // Short reads: part of the first buffer, then the rest of it and part of the second.
+        buffers.advance(0x180);
+        buffers.advance(0x88);
+        assert!(buffers.mark_dirty(&log, false));
+        let page = |gpa: u64| {
+            let mut byte = [0u8];
+            file.read_exact_at(&mut byte, gpa / LOG_PAGE / 8).unwrap();
+            byte[0] & (1 << (gpa / LOG_PAGE % 8)) != 0
+        };
+        assert!(page(0x3000), "the status byte");
+        assert!(
+            !page(0x1000) && !page(HIGH.0 + 0x5000),
+            "no data without `data`"
+        );
+        assert!(buffers.mark_dirty(&log, true));
+        assert!(page(0x1000) && page(0x2000), "the whole first buffer");
+        assert!(page(HIGH.0 + 0x5000), "the whole second buffer");
+        assert!(!page(0x4000) && !page(0));
     }
 
     #[test]

@@ -59,12 +59,13 @@ pub fn serve_connection<D: VirtioDevice>(
         let result = handler.handle_request();
         // Taken after every request: the vhost crate answers some refusals itself (an empty
         // GET_CONFIG reply) and returns Ok.
-        let explained = session
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take_explained();
+        let (explained, end_connection) = {
+            let mut session = session.lock().unwrap_or_else(|e| e.into_inner());
+            (session.take_explained(), session.take_end_connection())
+        };
         match result {
             Ok(()) => {}
+            Err(e) if end_connection => break ConnectionEnd::Failed(e),
             Err(VhostUserError::Disconnected) => break ConnectionEnd::Disconnected,
             Err(e) if is_fatal(&e) => break ConnectionEnd::Failed(e),
             // The frontend was told (NACK with REPLY_ACK) and the stream is still in step. The

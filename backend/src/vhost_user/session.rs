@@ -29,14 +29,12 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device::VirtioDevice;
+use super::dirty_log::{DirtyLog, LogMap};
 use super::inflight::{self, InflightMap};
-use super::memory::{GuestMemoryHandle, RegionPin, Retiring};
+use super::memory::{GuestMemoryHandle, RegionPin, Retiring, MAX_MEM_SLOTS};
 use super::vring::Vring;
 use crate::ratelimit::vmm_line;
 
-/// The memory slots we accept with CONFIGURE_MEM_SLOTS (the kernel's vhost limit, which QEMU
-/// and cloud-hypervisor are used to).
-const MAX_MEM_SLOTS: u64 = 509;
 /// Where frontends address the device config space. QEMU counts from 0; rust-vmm frontends
 /// (cloud-hypervisor, crosvm) count from VHOST_USER_CONFIG_OFFSET (0x100, where virtio-mmio
 /// puts it), up to VHOST_USER_CONFIG_SIZE. A config space is smaller than 0x100 bytes, so the
@@ -64,8 +62,12 @@ pub struct Session<D: VirtioDevice> {
     vrings: Vec<Vring>,
     /// The inflight region the frontend keeps for us (SET_INFLIGHT_FD), if any.
     inflight: Option<Arc<InflightMap>>,
+    /// The dirty log of a live migration (dirty_log.rs), shared with the queue threads.
+    log: DirtyLog,
     /// The current request's refusal has been logged (see [`Session::take_explained`]).
     explained: bool,
+    /// The frontend waits for a reply the session cannot give: end the connection.
+    end_connection: bool,
 }
 
 impl<D: VirtioDevice> Session<D> {
@@ -83,7 +85,35 @@ impl<D: VirtioDevice> Session<D> {
             memory,
             vrings,
             inflight: None,
+            log: DirtyLog::default(),
             explained: false,
+            end_connection: false,
+        }
+    }
+
+    /// Whether the request just handled was refused in a way that leaves the frontend waiting
+    /// for a reply (a bad SET_LOG_BASE): the connection must end.
+    pub fn take_end_connection(&mut self) -> bool {
+        std::mem::take(&mut self.end_connection)
+    }
+
+    /// Features the session offers: the device's, and vhost-user's own.
+    fn offered_features(&self) -> u64 {
+        self.device.features()
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | VhostUserVirtioFeatures::LOG_ALL.bits()
+    }
+
+    /// Warns if guest memory now reaches beyond the dirty log (marks there are lost).
+    fn check_log_covers(&mut self) {
+        let Some(map) = self.log.map() else { return };
+        let end = self.memory.current().end();
+        if end > map.covers() {
+            vmm_line!(
+                warn,
+                "guest memory now reaches {end:#x}, beyond the dirty log ({:#x}); pages                  written there are not logged until the frontend sends a larger log",
+                map.covers()
+            );
         }
     }
 
@@ -120,7 +150,10 @@ impl<D: VirtioDevice> Session<D> {
         for vring in &mut self.vrings {
             vring.stop();
             vring.enabled = false;
+            vring.set_used_log(None);
         }
+        // After the rings: what they wrote while draining is marked.
+        self.log.clear();
         let retiring = self.memory.clear();
         self.retire(retiring);
     }
@@ -284,7 +317,10 @@ impl<D: VirtioDevice> Session<D> {
             return Ok(());
         };
         let span = tracing::Span::current();
-        let started = vring.start(queue, kick, index, memory, recovered, move |running| {
+        let log = self.log.clone();
+        let vring = &mut self.vrings[index];
+        vring.recovered = recovered;
+        let started = vring.start(queue, kick, index, memory, log, move |running| {
             let queue_loop = device.prepare_queue(running)?;
             std::thread::Builder::new()
                 .name(format!("vublk-q{index}"))
@@ -349,11 +385,11 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Session<D> {
     }
 
     fn get_features(&mut self) -> VhostUserResult<u64> {
-        Ok(self.device.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits())
+        Ok(self.offered_features())
     }
 
     fn set_features(&mut self, features: u64) -> VhostUserResult<()> {
-        let offered = self.device.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        let offered = self.offered_features();
         if features & !offered != 0 {
             let extra = features & !offered;
             self.explain(format_args!(
@@ -363,6 +399,31 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Session<D> {
         }
         self.acked_features = features;
         self.device.set_acked_features(features);
+        // QEMU waits for this reply before it copies guest memory: logging is on (and every
+        // queue thread sees it) before the reply goes out.
+        let log_all = features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
+        if log_all != self.log.log_all() {
+            if let Err(e) = self.log.set_log_all(log_all) {
+                self.explain(format_args!("cannot turn dirty logging on: {e}"));
+                return Err(handler_error(e));
+            }
+            match (log_all, self.log.map()) {
+                (true, Some(map)) => vmm_line!(
+                    info,
+                    "dirty logging on (migration): the log covers guest memory up to {:#x}",
+                    map.covers()
+                ),
+                (true, None) => vmm_line!(info, "dirty logging on, once a log is sent"),
+                (false, _) => vmm_line!(
+                    info,
+                    "dirty logging off{}",
+                    match self.log.missed() {
+                        0 => String::new(),
+                        n => format!(" ({n} writes fell outside the log)"),
+                    }
+                ),
+            }
+        }
         // Without VHOST_USER_F_PROTOCOL_FEATURES, rings are enabled as soon as they start.
         if !self.protocol_features_negotiated() {
             for vring in &mut self.vrings {
@@ -398,6 +459,7 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Session<D> {
         );
         drop(generation);
         self.retire(retiring);
+        self.check_log_covers();
         Ok(None)
     }
 
@@ -417,11 +479,11 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Session<D> {
     fn set_vring_addr(
         &mut self,
         index: u32,
-        _flags: VhostUserVringAddrFlags,
+        flags: VhostUserVringAddrFlags,
         descriptor: u64,
         used: u64,
         available: u64,
-        _log: u64,
+        log: u64,
     ) -> VhostUserResult<()> {
         let generation = self.memory.current();
         let translate = |addr| generation.vmm_to_guest(addr);
@@ -437,6 +499,12 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Session<D> {
         vring.desc = Some(desc);
         vring.avail = Some(avail);
         vring.used = Some(used);
+        // The log address is a guest address (unlike the others), and may arrive while the
+        // ring runs: QEMU sets it when a migration starts and clears it when one ends.
+        let used_log = flags
+            .contains(VhostUserVringAddrFlags::VHOST_VRING_F_LOG)
+            .then_some(log);
+        vring.set_used_log(used_log);
         Ok(())
     }
 
@@ -460,10 +528,11 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Session<D> {
             return Err(self.frontend_error("polling mode (no kick fd) is not supported"));
         };
         let vring = self.vring(u32::from(index))?;
-        if vring.is_started() {
-            // A new kick fd for a running ring: restart it with the new one.
-            vring.stop();
-        }
+        // A new kick fd for a running ring: restart its thread with the new one. The call and
+        // error fds stay: the frontend does not send them again (QEMU re-sends only the kick
+        // when it switches the ring's notifier), and dropping the call fd would lose every
+        // interrupt until it did.
+        vring.stop_thread();
         vring.kick = Some(eventfd_from_file(fd));
         self.start_ring(usize::from(index))
     }
@@ -485,8 +554,9 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Session<D> {
         Ok(())
     }
 
-    fn set_vring_err(&mut self, index: u8, _fd: Option<File>) -> VhostUserResult<()> {
-        self.vring(u32::from(index))?;
+    fn set_vring_err(&mut self, index: u8, fd: Option<File>) -> VhostUserResult<()> {
+        let vring = self.vring(u32::from(index))?;
+        vring.set_err(fd.map(eventfd_from_file));
         Ok(())
     }
 
@@ -495,7 +565,8 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Session<D> {
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | VhostUserProtocolFeatures::LOG_SHMFD)
     }
 
     fn set_protocol_features(&mut self, features: u64) -> VhostUserResult<()> {
@@ -609,7 +680,7 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Session<D> {
     }
 
     fn get_max_mem_slots(&mut self) -> VhostUserResult<u64> {
-        Ok(MAX_MEM_SLOTS)
+        Ok(MAX_MEM_SLOTS as u64)
     }
 
     fn add_mem_region(
@@ -634,6 +705,7 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Session<D> {
             { region.guest_phys_addr },
             { region.memory_size }
         );
+        self.check_log_covers();
         Ok(None)
     }
 
@@ -672,8 +744,38 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Session<D> {
         Err(self.frontend_error("shared memory regions are not supported"))
     }
 
-    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VhostUserResult<()> {
-        Err(self.frontend_error("dirty logging is not supported"))
+    /// SET_LOG_BASE: the dirty log. A log that cannot be used ends the connection: the
+    /// frontend waits for a reply that only a usable log gets (the vhost crate sends it), and
+    /// migrating without one would lose pages.
+    ///
+    /// SET_LOG_FD (an eventfd the backend would signal after logging, without LOG_SHMFD) has no
+    /// hook in the vhost crate's backend handler (0.18): it is refused there, which ends the
+    /// connection. QEMU never sends it.
+    fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VhostUserResult<()> {
+        let (size, offset) = (log.mmap_size, log.mmap_offset);
+        let needed = self.memory.current().end();
+        match LogMap::map(&file, size, offset, needed) {
+            Ok(map) => {
+                let covers = map.covers();
+                if let Err(e) = self.log.install(map) {
+                    self.explain(format_args!("SET_LOG_BASE refused: {e}"));
+                    self.end_connection = true;
+                    return Err(handler_error(e));
+                }
+                tracing::debug!(
+                    "dirty log installed: {size:#x} bytes, covering guest memory up to {covers:#x}"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                self.explain(format_args!(
+                    "SET_LOG_BASE refused: {e}; closing the connection (the frontend waits \
+                     for a reply)"
+                ));
+                self.end_connection = true;
+                Err(handler_error(e))
+            }
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 //! stops on GET_VRING_BASE, and between the two is enabled or disabled by SET_VRING_ENABLE.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -12,16 +12,22 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::dirty_log::DirtyLog;
 use super::inflight::Tracker;
 use super::memory::{GuestMemoryHandle, RegionPin};
 
-/// The call eventfd of a ring, replaceable while the ring runs (SET_VRING_CALL may come at any
-/// time, e.g. when the frontend masks interrupts).
+/// No used-ring log address (`QueueControl::used_log`).
+const NO_LOG: u64 = u64::MAX;
+
+/// An eventfd the frontend gave a ring to be signalled on — its call eventfd (SET_VRING_CALL)
+/// or its error eventfd (SET_VRING_ERR) — replaceable while the ring runs (SET_VRING_CALL may
+/// come at any time, e.g. when the frontend masks interrupts).
 #[derive(Default)]
 pub struct CallFd(Mutex<Option<EventFd>>);
 
 impl CallFd {
-    /// Interrupts the driver.
+    /// Interrupts the driver (the call eventfd), or tells the frontend the ring failed (the
+    /// error eventfd).
     pub fn signal(&self) {
         if let Some(fd) = self.0.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             // A full counter means the frontend has a notification pending already.
@@ -41,6 +47,9 @@ pub struct QueueControl {
     enabled: AtomicBool,
     /// Regions whose in-flight requests the thread must cancel.
     cancel: Mutex<Vec<Arc<RegionPin>>>,
+    /// Where writes to the used ring are logged (SET_VRING_ADDR with VHOST_VRING_F_LOG), or
+    /// [`NO_LOG`]. Changes while the ring runs: QEMU sets it when a migration starts.
+    used_log: AtomicU64,
 }
 
 impl QueueControl {
@@ -50,7 +59,18 @@ impl QueueControl {
             stop: AtomicBool::new(false),
             enabled: AtomicBool::new(enabled),
             cancel: Mutex::new(Vec::new()),
+            used_log: AtomicU64::new(NO_LOG),
         })
+    }
+
+    /// The guest address the used ring's writes are logged at, if the frontend asked for it.
+    pub fn used_log(&self) -> Option<u64> {
+        Some(self.used_log.load(Ordering::Relaxed)).filter(|&a| a != NO_LOG)
+    }
+
+    pub(crate) fn set_used_log(&self, addr: Option<u64>) {
+        self.used_log
+            .store(addr.unwrap_or(NO_LOG), Ordering::Relaxed);
     }
 
     /// The eventfd the queue thread must watch; readable after any change.
@@ -97,8 +117,12 @@ pub struct RunningQueue {
     pub queue: Queue,
     pub kick: EventFd,
     pub call: Arc<CallFd>,
+    /// Signalled when the driver corrupted the ring (the kernel's `vq_err`).
+    pub err: Arc<CallFd>,
     pub control: Arc<QueueControl>,
     pub memory: GuestMemoryHandle,
+    /// The session's dirty log: what the thread writes is marked in it while logging is on.
+    pub log: DirtyLog,
     /// The ring's inflight region, when the frontend gave one (inflight.rs).
     pub inflight: Option<Tracker>,
     /// Heads a previous backend left in flight, to run again first, oldest first.
@@ -120,7 +144,13 @@ pub(super) struct Vring {
     pub base: u16,
     pub kick: Option<EventFd>,
     pub call: Arc<CallFd>,
+    pub err: Arc<CallFd>,
     pub enabled: bool,
+    /// The used ring's log address (SET_VRING_ADDR with VHOST_VRING_F_LOG).
+    used_log: Option<u64>,
+    /// What the inflight region gave for the next start: its tracker and the heads to run
+    /// again (inflight.rs).
+    pub recovered: Option<(Tracker, Vec<u16>)>,
     started: Option<Started>,
 }
 
@@ -134,8 +164,19 @@ impl Vring {
             base: 0,
             kick: None,
             call: Arc::new(CallFd::default()),
+            err: Arc::new(CallFd::default()),
             enabled: false,
+            used_log: None,
+            recovered: None,
             started: None,
+        }
+    }
+
+    /// Where the used ring's writes are logged from now on (`None`: not logged).
+    pub fn set_used_log(&mut self, addr: Option<u64>) {
+        self.used_log = addr;
+        if let Some(started) = &self.started {
+            started.control.set_used_log(addr);
         }
     }
 
@@ -145,6 +186,10 @@ impl Vring {
 
     pub fn set_call(&self, fd: Option<EventFd>) {
         self.call.set(fd);
+    }
+
+    pub fn set_err(&self, fd: Option<EventFd>) {
+        self.err.set(fd);
     }
 
     pub fn set_enabled(&mut self, enabled: bool) {
@@ -162,21 +207,24 @@ impl Vring {
         kick: EventFd,
         index: usize,
         memory: GuestMemoryHandle,
-        inflight: Option<(Tracker, Vec<u16>)>,
+        log: DirtyLog,
         spawn: impl FnOnce(RunningQueue) -> io::Result<JoinHandle<Queue>>,
     ) -> io::Result<()> {
-        let (inflight, resubmit) = match inflight {
+        let (inflight, resubmit) = match self.recovered.take() {
             Some((tracker, resubmit)) => (Some(tracker), resubmit),
             None => (None, Vec::new()),
         };
         let control = Arc::new(QueueControl::new(self.enabled)?);
+        control.set_used_log(self.used_log);
         let thread = spawn(RunningQueue {
             index,
             queue,
             kick,
             call: self.call.clone(),
+            err: self.err.clone(),
             control: control.clone(),
             memory,
+            log,
             inflight,
             resubmit,
         })?;
@@ -198,10 +246,21 @@ impl Vring {
         }
     }
 
-    /// Stops the queue thread, which completes what it has in flight first (or cancels it
-    /// past the device's bound), and remembers where the ring stands. Returns the next avail
-    /// index.
+    /// Stops the ring (GET_VRING_BASE, disconnect): stops its thread ([`Vring::stop_thread`])
+    /// and forgets its eventfds, which the frontend sends again before it starts the ring
+    /// again. Returns the next avail index.
     pub fn stop(&mut self) -> u16 {
+        self.stop_thread();
+        self.kick = None;
+        self.set_call(None);
+        self.set_err(None);
+        self.base
+    }
+
+    /// Stops the queue thread, which completes what it has in flight first (or cancels it
+    /// past the device's bound), and remembers where the ring stands; the eventfds stay (a
+    /// new kick fd restarts the ring with the call and error fds it had).
+    pub fn stop_thread(&mut self) {
         if let Some(started) = self.started.take() {
             started.control.request_stop();
             match started.thread.join() {
@@ -209,8 +268,5 @@ impl Vring {
                 Err(_) => tracing::error!("queue thread panicked; ring position lost"),
             }
         }
-        self.kick = None;
-        self.set_call(None);
-        self.base
     }
 }

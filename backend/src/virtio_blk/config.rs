@@ -20,8 +20,12 @@ pub struct DeviceOptions {
     pub write_cache: bool,
 }
 
-/// Largest data segment, in bytes (VIRTIO_BLK_F_SIZE_MAX).
+/// Largest data segment, in bytes (VIRTIO_BLK_F_SIZE_MAX); a request with a longer one is
+/// refused.
 pub const SIZE_MAX: u32 = 1 << 20;
+/// The ring size `seg_max` is sized for: QEMU's vhost-user-blk and cloud-hypervisor set up
+/// rings of 128 entries by default, and the driver reads `seg_max` before any ring exists.
+pub const SEG_MAX_RING: u16 = 128;
 /// Discard and write-zeroes: sectors per segment and segments per request.
 pub const MAX_ZEROING_SECTORS: u32 = 1 << 22;
 pub const MAX_ZEROING_SEGMENTS: u32 = 32;
@@ -50,6 +54,18 @@ pub struct BlockConfig {
 
 fn bit(b: u32) -> u64 {
     1u64 << b
+}
+
+/// Data segments per request: what fits in a chain as long as the ring, less the header and
+/// status descriptors (the spec bounds a chain by the queue size, and a Linux driver without
+/// indirect descriptors cannot queue a longer one at all), for the smaller of `max_queue_size`
+/// and [`SEG_MAX_RING`]. The config space is read before the driver sets any ring's size, so
+/// this cannot follow the ring; a frontend that sets smaller rings still has longer chains
+/// served through indirect descriptors.
+pub fn seg_max(max_queue_size: u16) -> u32 {
+    u32::from(max_queue_size.min(SEG_MAX_RING))
+        .saturating_sub(2)
+        .max(1)
 }
 
 impl BlockConfig {
@@ -97,10 +113,7 @@ impl BlockConfig {
         BlockConfig {
             capacity: disk.capacity,
             blk_size,
-            // Two descriptors of a chain carry the header and the status.
-            seg_max: u32::from(options.max_queue_size.min(256))
-                .saturating_sub(2)
-                .max(1),
+            seg_max: seg_max(options.max_queue_size),
             num_queues: options.num_queues,
             max_queue_size: options.max_queue_size,
             discard,
@@ -133,9 +146,19 @@ impl BlockConfig {
         self.writeback = cell;
     }
 
-    /// Whether writes may complete before they are durable (a flush makes them so).
+    /// The write-cache setting: the command line's, or the driver's choice (the `writeback`
+    /// field of the config space, which shows it).
     pub fn writeback(&self) -> bool {
         self.writeback.load(Ordering::Relaxed)
+    }
+
+    /// Whether writes, discards and write-zeroes must be durable when they complete: the
+    /// write cache is off, or the driver did not negotiate VIRTIO_BLK_F_FLUSH — a driver
+    /// that cannot flush gets a write-through device (virtio 1.2, 5.2.5.2 and 5.2.6.2; Linux
+    /// assumes no write cache then).
+    pub fn write_through(&self) -> bool {
+        let flush = self.acked_features.load(Ordering::Relaxed) & bit(spec::VIRTIO_BLK_F_FLUSH);
+        !self.writeback() || flush == 0
     }
 
     /// The configuration space, `struct virtio_blk_config`, little-endian.
@@ -265,6 +288,29 @@ mod tests {
     }
 
     #[test]
+    fn seg_max_fits_the_rings_frontends_set_up() {
+        let disk = Disk::open(&DiskSpec::Null { size: 1 << 20 }, OpenOptions::default()).unwrap();
+        // QEMU's vhost-user-blk and cloud-hypervisor use rings of 128 entries by default: a
+        // request of seg_max data segments plus its header and status must fit one.
+        for (max_queue_size, expected) in [(1024, 126), (256, 126), (128, 126), (64, 62), (2, 1)] {
+            let config = BlockConfig::new(
+                &disk,
+                &DeviceOptions {
+                    max_queue_size,
+                    ..options()
+                },
+            );
+            assert_eq!(config.seg_max, expected, "--queue-size {max_queue_size}");
+            let mut c = [0u8; 4];
+            config.read_config(off::SEG_MAX as u32, &mut c);
+            assert_eq!(u32::from_le_bytes(c), expected);
+        }
+        let mut c = [0u8; 4];
+        BlockConfig::new(&disk, &options()).read_config(off::SIZE_MAX as u32, &mut c);
+        assert_eq!(u32::from_le_bytes(c), SIZE_MAX);
+    }
+
+    #[test]
     fn writeback_is_writable_only_after_wce_is_acked() {
         let disk = Disk::open(&DiskSpec::Null { size: 1 << 20 }, OpenOptions::default()).unwrap();
         let config = BlockConfig::new(&disk, &options());
@@ -273,6 +319,22 @@ mod tests {
         config.write_config(off::WRITEBACK as u32, &[0]).unwrap();
         assert!(!config.writeback());
         assert!(config.write_config(0, &[0; 8]).is_err());
+    }
+
+    #[test]
+    fn write_through_unless_the_cache_is_on_and_flush_negotiated() {
+        let disk = Disk::open(&DiskSpec::Null { size: 1 << 20 }, OpenOptions::default()).unwrap();
+        let config = BlockConfig::new(&disk, &options());
+        // Features not negotiated yet: nothing may be left volatile.
+        assert!(config.write_through());
+        config.set_acked_features(config.features());
+        assert!(!config.write_through());
+        config.set_acked_features(config.features() & !bit(spec::VIRTIO_BLK_F_FLUSH));
+        assert!(config.write_through(), "a driver that cannot flush");
+        assert!(config.writeback(), "the setting itself is unchanged");
+        config.set_acked_features(config.features());
+        config.write_config(off::WRITEBACK as u32, &[0]).unwrap();
+        assert!(config.write_through(), "the driver chose write-through");
     }
 
     #[test]

@@ -23,7 +23,13 @@ pub struct BlockDevice {
     /// The longest a queue thread busy-polls before sleeping (0: never); see poll.rs.
     pub(super) poll_max: Duration,
     memory: Mutex<Option<GuestMemoryHandle>>,
+    /// Told each time the driver changes the write cache (a worker reports it to the
+    /// supervisor, which keeps it for the VMM's next worker).
+    write_cache_watch: Option<WriteCacheWatch>,
 }
+
+/// What [`BlockDevice::with_write_cache_watch`] calls with the new setting.
+pub type WriteCacheWatch = Box<dyn Fn(bool) + Send + Sync>;
 
 impl BlockDevice {
     pub fn new(disk: Disk, options: &DeviceOptions) -> BlockDevice {
@@ -32,6 +38,7 @@ impl BlockDevice {
             capacity: disk.capacity,
             read_only: disk.read_only,
             seg_max: config.seg_max as usize,
+            size_max: u64::from(config::SIZE_MAX),
             max_iovecs: config::MAX_IOVECS,
             discard: config.discard,
             write_zeroes: config.write_zeroes,
@@ -51,6 +58,7 @@ impl BlockDevice {
             retire_timeout: Duration::from_secs(5),
             poll_max: Duration::ZERO,
             memory: Mutex::new(None),
+            write_cache_watch: None,
         }
     }
 
@@ -75,6 +83,12 @@ impl BlockDevice {
         if let Some(cell) = cell {
             self.config.share_writeback(cell);
         }
+        self
+    }
+
+    /// Calls `watch` with the new setting each time the driver changes the write cache.
+    pub fn with_write_cache_watch(mut self, watch: WriteCacheWatch) -> BlockDevice {
+        self.write_cache_watch = Some(watch);
         self
     }
 
@@ -130,7 +144,15 @@ impl VirtioDevice for BlockDevice {
     }
 
     fn write_config(&self, offset: u32, data: &[u8]) -> io::Result<()> {
-        self.config.write_config(offset, data)
+        let before = self.config.writeback();
+        self.config.write_config(offset, data)?;
+        let after = self.config.writeback();
+        if after != before {
+            if let Some(watch) = &self.write_cache_watch {
+                watch(after);
+            }
+        }
+        Ok(())
     }
 
     fn retire_timeout(&self) -> Duration {

@@ -42,6 +42,11 @@ const WAKE: u32 = 1;
 /// Chains taken from the ring per wakeup before completions get a turn (vhost's weight).
 const BUDGET: usize = 256;
 
+/// The split used ring's layout: flags (2 bytes), idx (2), then 8-byte elements.
+const USED_IDX_OFFSET: u64 = 2;
+const USED_RING_OFFSET: u64 = 4;
+const USED_ELEM_SIZE: u64 = 8;
+
 /// What ended a spell of polling.
 enum Spin {
     /// The driver made chains available.
@@ -421,6 +426,8 @@ impl<E: Engine> QueueServer<E> {
             self.q.index
         );
         self.broken = true;
+        // The kernel's vq_err signals the error eventfd too: QEMU logs it.
+        self.q.err.signal();
     }
 
     /// Parses a chain, pins its buffers and hands it to the engine; a chain that fails either
@@ -476,7 +483,7 @@ impl<E: Engine> QueueServer<E> {
                     stats.record_refused();
                 }
                 let written = buffers.write_status(code);
-                self.release(index, u32::from(written), buffers);
+                self.release(index, u32::from(written), buffers, false);
             }
         }
     }
@@ -485,6 +492,7 @@ impl<E: Engine> QueueServer<E> {
     fn submit(&mut self, tag: Tag, req: Request, mut buffers: GuestBuffers) {
         let index = usize::from(tag);
         let segments = &self.slots[index].segments;
+        let dsync = self.device.config.write_through();
         let operation = match req.kind {
             RequestKind::GetId => {
                 // The parser capped the buffers at the serial's 20 bytes.
@@ -494,11 +502,11 @@ impl<E: Engine> QueueServer<E> {
             RequestKind::Read => Operation::Read { offset: req.offset },
             RequestKind::Write => Operation::Write {
                 offset: req.offset,
-                dsync: !self.device.config.writeback(),
+                dsync,
             },
             RequestKind::Flush => Operation::Flush,
-            RequestKind::Discard => Operation::Discard(segments),
-            RequestKind::WriteZeroes => Operation::WriteZeroes(segments),
+            RequestKind::Discard => Operation::Discard { segments, dsync },
+            RequestKind::WriteZeroes => Operation::WriteZeroes { segments, dsync },
         };
         if let Some(done) = self.engine.submit(tag, operation, buffers) {
             self.complete(done);
@@ -561,15 +569,14 @@ impl<E: Engine> QueueServer<E> {
             stats.record(req.kind, req.len, status == STATUS_OK);
         }
         buffers.write_status(status);
-        // Bytes the device wrote into the driver's writable buffers, status included.
-        let written = match req.kind {
-            RequestKind::Read | RequestKind::GetId => req.len as u32 + 1,
-            _ => 1,
-        };
-        self.release(index, written, buffers);
+        // The device wrote into the driver's buffers for reads and GET_ID (marked while logging).
+        let data = matches!(req.kind, RequestKind::Read | RequestKind::GetId);
+        self.release(index, request::used_len(req.kind, req.len), buffers, data);
     }
 
-    fn release(&mut self, index: usize, used_len: u32, buffers: GuestBuffers) {
+    /// Returns a request's chain to the driver (its status written), marks what it wrote in
+    /// the dirty log while logging is on (its buffers when `data`), and frees its slot.
+    fn release(&mut self, index: usize, used_len: u32, buffers: GuestBuffers, data: bool) {
         let head = self.slots[index].head;
         self.done += 1;
         if let Some(tracker) = &mut self.q.inflight {
@@ -589,6 +596,10 @@ impl<E: Engine> QueueServer<E> {
             tracker.completed(head, self.q.queue.next_used());
         }
         self.used_added = true;
+        // Checked after every write of the request (dirty_log.rs says why that is enough).
+        if self.q.log.active() {
+            self.log_request(&buffers, data);
+        }
         // Status and used entry are written: now the regions may retire and the generation
         // unmap.
         let slot = &mut self.slots[index];
@@ -596,6 +607,46 @@ impl<E: Engine> QueueServer<E> {
         slot.spare = Some(buffers.release());
         self.free.push(index as Tag);
         self.in_flight -= 1;
+    }
+
+    /// Marks a released request's writes in the dirty log: its status byte, its buffers if the
+    /// device wrote them, the used entry just added and the used index.
+    #[cold]
+    fn log_request(&mut self, buffers: &GuestBuffers, data: bool) {
+        let Some(map) = self.q.log.map() else { return };
+        let mut inside = buffers.mark_dirty(&map, data);
+        if let Some(used) = self.q.control.used_log() {
+            // add_used has moved next_used past the entry it wrote.
+            let slot = self.q.queue.next_used().wrapping_sub(1) % self.q.queue.size();
+            let entry = used.wrapping_add(USED_RING_OFFSET + USED_ELEM_SIZE * u64::from(slot));
+            inside &= map.mark(entry, USED_ELEM_SIZE);
+            inside &= map.mark(used.wrapping_add(USED_IDX_OFFSET), 2);
+        }
+        if !inside && self.q.log.note_missed() {
+            tracing::warn!(
+                "queue {}: the guest wrote memory beyond the dirty log; the frontend's log is \
+                 too small for its memory",
+                self.q.index
+            );
+        }
+    }
+
+    /// Marks the whole used ring (flags, entries, index, avail_event) while logging is on: when
+    /// the ring stops, so the notification fields the thread wrote are covered too.
+    fn log_used_ring(&self) {
+        if !self.q.log.active() {
+            return;
+        }
+        let (Some(map), Some(used)) = (self.q.log.map(), self.q.control.used_log()) else {
+            return;
+        };
+        let len = USED_RING_OFFSET + USED_ELEM_SIZE * u64::from(self.q.queue.size()) + 2;
+        if !map.mark(used, len) && self.q.log.note_missed() {
+            tracing::warn!(
+                "queue {}: the used ring lies beyond the dirty log",
+                self.q.index
+            );
+        }
     }
 
     /// Interrupts now, mid-batch, if the driver wants one and EVENT_IDX keeps that to one
@@ -684,6 +735,7 @@ impl<E: Engine> QueueServer<E> {
             self.events = events;
         }
         self.notify();
+        self.log_used_ring();
         true
     }
 }

@@ -22,7 +22,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::*;
 use crate::disk::{Disk, DiskSpec, OpenOptions};
 use crate::io::Segment;
-use crate::vhost_user::{test_memory, CallFd, GuestMemoryHandle, QueueControl};
+use crate::vhost_user::{test_memory, CallFd, DirtyLog, GuestMemoryHandle, QueueControl};
 use crate::virtio_blk::DeviceOptions;
 
 const QUEUE_SIZE: u16 = 64;
@@ -52,8 +52,8 @@ enum Op {
     Read { offset: u64, len: u64 },
     Write { offset: u64, len: u64, dsync: bool },
     Flush,
-    Discard(Vec<Segment>),
-    WriteZeroes(Vec<Segment>),
+    Discard(Vec<Segment>, bool),
+    WriteZeroes(Vec<Segment>, bool),
 }
 
 #[derive(Default)]
@@ -62,6 +62,8 @@ struct Fake {
     refuse: bool,
     /// Complete every request at once, successfully (as the null disk does).
     at_once: bool,
+    /// Fail every request at once, as an engine whose ring refuses the request's operations.
+    fail_at_once: bool,
     submitted: Vec<(Tag, Op)>,
     /// Requests in flight, with their buffers.
     held: Vec<(Tag, GuestBuffers)>,
@@ -90,8 +92,8 @@ impl Engine for FakeEngine {
             Operation::Read { offset } => Op::Read { offset, len },
             Operation::Write { offset, dsync } => Op::Write { offset, len, dsync },
             Operation::Flush => Op::Flush,
-            Operation::Discard(segments) => Op::Discard(segments.to_vec()),
-            Operation::WriteZeroes(segments) => Op::WriteZeroes(segments.to_vec()),
+            Operation::Discard { segments, dsync } => Op::Discard(segments.to_vec(), dsync),
+            Operation::WriteZeroes { segments, dsync } => Op::WriteZeroes(segments.to_vec(), dsync),
         };
         assert!(
             !fake.refuse,
@@ -100,6 +102,10 @@ impl Engine for FakeEngine {
         fake.submitted.push((tag, op));
         if fake.at_once {
             return Some(Completion::new(tag, Ok(()), buffers));
+        }
+        if fake.fail_at_once {
+            let error = io::Error::from_raw_os_error(libc::ENOMEM);
+            return Some(Completion::new(tag, Err(error), buffers));
         }
         fake.held.push((tag, buffers));
         None
@@ -193,8 +199,10 @@ impl Harness {
             queue,
             kick: EventFd::new(EFD_NONBLOCK).expect("an eventfd"),
             call: Arc::new(CallFd::default()),
+            err: Arc::new(CallFd::default()),
             control: control.clone(),
             memory: memory.clone(),
+            log: DirtyLog::default(),
             inflight: None,
             resubmit: Vec::new(),
         };
@@ -566,11 +574,37 @@ fn engine_errors_become_ioerr_and_cancellations_are_counted() {
 }
 
 #[test]
+fn requests_the_engine_cannot_start_are_not_left_in_flight() {
+    // Stopping a queue waits for every request in flight: one the engine failed to start must
+    // be completed, and its slot freed, at once.
+    let mut h = Harness::new(Fake {
+        fail_at_once: true,
+        ..Fake::default()
+    });
+    let data = h.alloc_low(4096);
+    let read = h.post_read(0, data, 512);
+    let header = h.header(T_DISCARD, 0);
+    let (segments, len) = h.segments(&[(0, 8, 0), (64, 8, 0)]);
+    let status = h.status();
+    let discard = h.post(&[r(header, 16), r(segments, len), w(status, 1)], status);
+    h.server.process_avail();
+    assert_eq!(h.status_of(&read), STATUS_IOERR);
+    assert_eq!(h.status_of(&discard), STATUS_IOERR);
+    assert_eq!(h.used().len(), 2);
+    assert_eq!(
+        h.server.in_flight, 0,
+        "counted in flight with nothing to complete it"
+    );
+    assert_eq!(h.server.free.len(), usize::from(QUEUE_SIZE));
+    assert_eq!(h.region_pins_in_use(), [0, 0]);
+}
+
+#[test]
 fn the_engine_gets_each_operation_with_what_it_needs() {
     let mut h = Harness::new(at_once());
     let data = h.alloc_low(8192);
-    // A write (the write cache is off: durable on completion), a flush, a discard of two
-    // ranges, write-zeroes with UNMAP.
+    // A write, a flush, a discard of two ranges, write-zeroes with UNMAP; the write cache is
+    // off, so the write, the discard and write-zeroes are durable on completion.
     let header = h.header(T_OUT, 16);
     let status = h.status();
     let write = h.post(&[r(header, 16), r(data, 4096), w(status, 1)], status);
@@ -606,23 +640,29 @@ fn the_engine_gets_each_operation_with_what_it_needs() {
                 dsync: true
             },
             Op::Flush,
-            Op::Discard(vec![
-                Segment {
-                    offset: 0,
+            Op::Discard(
+                vec![
+                    Segment {
+                        offset: 0,
+                        len: 4096,
+                        unmap: false
+                    },
+                    Segment {
+                        offset: 64 * 512,
+                        len: 8192,
+                        unmap: false
+                    },
+                ],
+                true
+            ),
+            Op::WriteZeroes(
+                vec![Segment {
+                    offset: 128 * 512,
                     len: 4096,
-                    unmap: false
-                },
-                Segment {
-                    offset: 64 * 512,
-                    len: 8192,
-                    unmap: false
-                },
-            ]),
-            Op::WriteZeroes(vec![Segment {
-                offset: 128 * 512,
-                len: 4096,
-                unmap: true
-            }]),
+                    unmap: true
+                }],
+                true
+            ),
         ]
     );
     for posted in [&write, &flush, &discard, &zeroes] {
@@ -730,8 +770,10 @@ fn per_request_cost() {
         queue: split_queue(SIZE, desc, avail, used),
         kick: EventFd::new(EFD_NONBLOCK).unwrap(),
         call: Arc::new(CallFd::default()),
+        err: Arc::new(CallFd::default()),
         control: Arc::new(QueueControl::new(true).unwrap()),
         memory: memory.clone(),
+        log: DirtyLog::default(),
         inflight: None,
         resubmit: Vec::new(),
     };
@@ -775,4 +817,57 @@ fn per_request_cost() {
         "per request: {:.1} ns (fastest of 15 trials), {:.1} ns (median)",
         trials[0], trials[7]
     );
+}
+
+#[test]
+fn durability_follows_the_write_cache_and_the_drivers_flush_feature() {
+    let flush = 1u64 << spec::VIRTIO_BLK_F_FLUSH;
+    // (write cache on, driver negotiated FLUSH) → writes, discards, write-zeroes durable.
+    for (cache_on, flush_acked, durable) in [
+        (true, true, false),
+        (true, false, true),
+        (false, true, true),
+    ] {
+        let mut h = Harness::new(at_once());
+        let config = &h.server.device.config;
+        config
+            .writeback_cell()
+            .store(cache_on, std::sync::atomic::Ordering::Relaxed);
+        let features = config.features();
+        config.set_acked_features(if flush_acked {
+            features
+        } else {
+            features & !flush
+        });
+        let data = h.alloc_low(4096);
+        let header = h.header(T_OUT, 16);
+        let status = h.status();
+        h.post(&[r(header, 16), r(data, 4096), w(status, 1)], status);
+        let header = h.header(T_DISCARD, 0);
+        let (segs, segs_len) = h.segments(&[(0, 8, 0)]);
+        let status = h.status();
+        h.post(&[r(header, 16), r(segs, segs_len), w(status, 1)], status);
+        let header = h.header(T_WRITE_ZEROES, 0);
+        let (segs, segs_len) = h.segments(&[(64, 8, 0)]);
+        let status = h.status();
+        h.post(&[r(header, 16), r(segs, segs_len), w(status, 1)], status);
+        h.server.process_avail();
+        let dsyncs: Vec<bool> = h
+            .fake
+            .lock()
+            .unwrap()
+            .submitted
+            .iter()
+            .map(|(_, op)| match op {
+                Op::Write { dsync, .. } | Op::Discard(_, dsync) | Op::WriteZeroes(_, dsync) => {
+                    *dsync
+                }
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            dsyncs, [durable; 3],
+            "write cache {cache_on}, FLUSH negotiated {flush_acked}"
+        );
+    }
 }

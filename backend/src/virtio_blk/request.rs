@@ -67,8 +67,10 @@ pub struct Request {
 pub struct Limits {
     pub capacity: u64,
     pub read_only: bool,
-    /// Data descriptors per request.
+    /// Data descriptors per request (`seg_max`).
     pub seg_max: usize,
+    /// Bytes of data per descriptor (`size_max`).
+    pub size_max: u64,
     /// Host iovecs per request.
     pub max_iovecs: usize,
     pub discard: bool,
@@ -92,6 +94,8 @@ pub enum RequestError {
     OutsideMemory { addr: u64, len: u64 },
     #[error("guest gave {0} data segments, more than the device allows")]
     TooManySegments(usize),
+    #[error("guest gave a data segment of {len} bytes, more than the device's size_max of {max}")]
+    SegmentTooLong { len: u64, max: u64 },
     #[error("guest gave a {0} request with data in the wrong direction")]
     WrongDirection(&'static str),
     #[error("guest asked for sectors {sector}+{bytes} bytes, beyond the disk's {capacity} bytes")]
@@ -100,6 +104,8 @@ pub enum RequestError {
         bytes: u64,
         capacity: u64,
     },
+    #[error("guest gave {0} bytes of data, more than a used ring entry can report")]
+    TooLong(u64),
     #[error("guest gave {0} bytes of data, not a multiple of 512")]
     PartialSector(u64),
     #[error("guest request at byte {offset} (+{len}) is not aligned to the {align}-byte blocks O_DIRECT needs")]
@@ -425,7 +431,8 @@ pub fn parse<M: GuestMemoryBackend>(
     }
 }
 
-/// seg_max counts the descriptors that carry data, not those holding only header or status.
+/// seg_max counts the descriptors that carry data, not those holding only header or status;
+/// size_max bounds the data each carries.
 fn check_segments(
     descs: &[Desc],
     skip: u64,
@@ -433,7 +440,13 @@ fn check_segments(
     limits: &Limits,
 ) -> Result<(), RequestError> {
     let mut count = 0;
-    for_range(descs, skip, take, |_, _| {
+    for_range(descs, skip, take, |_, len| {
+        if len > limits.size_max {
+            return Err(RequestError::SegmentTooLong {
+                len,
+                max: limits.size_max,
+            });
+        }
         count += 1;
         Ok(())
     })?;
@@ -443,8 +456,25 @@ fn check_segments(
     Ok(())
 }
 
-/// Checks a read or write: whole sectors, inside the disk, aligned for O_DIRECT.
+/// Bytes the device wrote into the driver's writable buffers, status byte included: what the
+/// used ring entry reports. Saturates rather than wraps; `parse` refuses requests it would
+/// saturate for.
+pub fn used_len(kind: RequestKind, len: u64) -> u32 {
+    match kind {
+        RequestKind::Read | RequestKind::GetId => {
+            u32::try_from(len.saturating_add(1)).unwrap_or(u32::MAX)
+        }
+        _ => 1,
+    }
+}
+
+/// Checks a read or write: a length a used entry can report, whole sectors, inside the disk,
+/// aligned for O_DIRECT.
 fn check_data(sector: u64, len: u64, limits: &Limits) -> Result<u64, RequestError> {
+    // used.len is 32 bits and counts the status byte too.
+    if len >= u64::from(u32::MAX) {
+        return Err(RequestError::TooLong(len));
+    }
     if len % SECTOR_SIZE != 0 {
         return Err(RequestError::PartialSector(len));
     }

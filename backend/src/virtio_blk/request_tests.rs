@@ -52,6 +52,7 @@ fn limits() -> Limits {
         capacity: CAPACITY,
         read_only: false,
         seg_max: 8,
+        size_max: 1 << 20,
         max_iovecs: 16,
         discard: true,
         write_zeroes: true,
@@ -210,11 +211,22 @@ impl Guest {
         self.pop_and_parse(&vq, limits)
     }
 
+    /// Hands `descs` to [`parse`] as they are, without a ring (nor the limits virtio-queue puts
+    /// on a chain).
+    fn parse_unchecked(&self, descs: &[D], limits: &Limits) -> Outcome {
+        let chain = table(descs).into_iter().map(SplitDescriptor::from);
+        self.parse_chain(chain, limits)
+    }
+
     fn pop_and_parse(&self, vq: &MockSplitQueue<'_, GuestMemoryMmap>, limits: &Limits) -> Outcome {
         let mut queue: Queue = vq.create_queue().expect("queue");
         let chain = queue
             .pop_descriptor_chain(&self.mem)
             .expect("a chain is available");
+        self.parse_chain(chain, limits)
+    }
+
+    fn parse_chain(&self, chain: impl Iterator<Item = Descriptor>, limits: &Limits) -> Outcome {
         // Leftovers from a previous request, which parse must clear.
         let mut iovecs = vec![libc::iovec {
             iov_base: std::ptr::null_mut(),
@@ -1133,6 +1145,103 @@ fn write_with_more_data_descriptors_than_seg_max() {
         "{rejection:?}"
     );
     g.assert_status_at(rejection.status.expect("status"), STATUS, IOERR);
+}
+
+#[test]
+fn data_segments_longer_than_size_max_are_refused() {
+    let g = Guest::new();
+    let l = Limits {
+        size_max: 4096,
+        ..limits()
+    };
+    // At the limit, in both directions: served.
+    g.write(HDR, &header(T_IN, 0));
+    let out = g.parse(&[r(HDR, 16), w(DATA, 4096), w(STATUS, 1)], &l);
+    assert_eq!(out.request().len, 4096);
+    g.write(HDR, &header(T_OUT, 0));
+    let out = g.parse(&[r(HDR, 16), r(DATA, 4096), w(STATUS, 1)], &l);
+    assert_eq!(out.request().len, 4096);
+    // One sector more, in the middle of a chain of short ones: refused, whatever direction.
+    let too_long = RequestError::SegmentTooLong {
+        len: 4608,
+        max: 4096,
+    };
+    g.write(HDR, &header(T_IN, 0));
+    let out = g.parse(
+        &[
+            r(HDR, 16),
+            w(DATA, 512),
+            w(DATA, 4608),
+            w(DATA, 512),
+            w(STATUS, 1),
+        ],
+        &l,
+    );
+    g.assert_rejected(&out, IOERR, too_long.clone(), Some(STATUS));
+    g.write(HDR, &header(T_OUT, 0));
+    let out = g.parse(&[r(HDR, 16), r(DATA, 4608), w(STATUS, 1)], &l);
+    g.assert_rejected(&out, IOERR, too_long.clone(), Some(STATUS));
+    // The data in the header's descriptor counts too, and an indirect table changes nothing.
+    let out = g.parse_indirect(&[r(HDR, 16 + 4608), w(STATUS, 1)], &l);
+    g.assert_rejected(&out, IOERR, too_long, Some(STATUS));
+}
+
+#[test]
+fn a_segment_aliased_many_times_counts_every_time() {
+    // Descriptors may all point at the same guest buffer: seg_max bounds them, not the guest's
+    // memory.
+    let g = Guest::new();
+    g.write(HDR, &header(T_IN, 0));
+    let l = Limits {
+        seg_max: 4,
+        ..limits()
+    };
+    let mut descs = vec![r(HDR, 16)];
+    descs.extend((0..5).map(|_| w(DATA, 4096)));
+    descs.push(w(STATUS, 1));
+    let out = g.parse_indirect(&descs, &l);
+    g.assert_rejected(&out, IOERR, RequestError::TooManySegments(5), Some(STATUS));
+}
+
+#[test]
+fn a_request_longer_than_a_used_length_can_say_is_refused() {
+    // used.len is 32 bits. 4097 descriptors of 1 MiB, every one the same guest memory (the
+    // whole high region), make a read of 4097 MiB whose used.len (data + status) would wrap
+    // around to 1 MiB + 1. virtio-queue ends a chain at 4 GiB, so the descriptors go to the
+    // parser directly: it must not rely on that.
+    let g = Guest::new();
+    g.write(HDR, &header(T_IN, 0));
+    let l = Limits {
+        capacity: 8 << 30,
+        seg_max: 8192,
+        max_iovecs: 8192,
+        ..limits()
+    };
+    let mut descs = vec![r(HDR, 16)];
+    descs.extend((0..4097).map(|_| w(BOUNDARY, 1 << 20)));
+    descs.push(w(STATUS, 1));
+    let out = g.parse_unchecked(&descs, &l);
+    g.assert_rejected(&out, IOERR, RequestError::TooLong(4097 << 20), Some(STATUS));
+    // The longest read whose used.len fits is served.
+    let mut descs = vec![r(HDR, 16)];
+    descs.extend((0..4095).map(|_| w(BOUNDARY, 1 << 20)));
+    descs.push(w(BOUNDARY, (1 << 20) - 512));
+    descs.push(w(STATUS, 1));
+    let out = g.parse_unchecked(&descs, &l);
+    assert_eq!(out.request().len, (4096 << 20) - 512);
+    assert_eq!(
+        used_len(RequestKind::Read, out.request().len),
+        u32::MAX - 510
+    );
+}
+
+#[test]
+fn used_len_never_wraps() {
+    assert_eq!(used_len(RequestKind::Read, 4096), 4097);
+    assert_eq!(used_len(RequestKind::GetId, 20), 21);
+    assert_eq!(used_len(RequestKind::Write, 1 << 40), 1);
+    assert_eq!(used_len(RequestKind::Read, u64::from(u32::MAX)), u32::MAX);
+    assert_eq!(used_len(RequestKind::Read, 1 << 32), u32::MAX);
 }
 
 #[test]

@@ -26,10 +26,10 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::disk::{Disk, DiskError, DiskSpec};
 use crate::event_loop::{self, EventLoop, Token};
 use crate::export::{ExportSpec, OpenAs};
-use crate::handoff::{self, DeviceStatus, ToSupervisor, ToWorker};
+use crate::handoff::{self, DeviceStatus, ReportPipe, ToSupervisor, ToWorker};
 use crate::ratelimit::{vmm_line, VMM_LOG};
 use crate::vhost_user::ConnectionThread;
-use crate::virtio_blk::BlockDevice;
+use crate::virtio_blk::{BlockDevice, WriteCacheWatch};
 
 /// Why a worker stopped serving altogether.
 #[derive(Debug, Error)]
@@ -96,7 +96,7 @@ struct Connection {
 /// How often the worker tells the supervisor what its devices served.
 const STATS_INTERVAL: Duration = Duration::from_secs(1);
 
-fn send_stats(reports: &OwnedFd, connections: &HashMap<u64, Connection>) {
+fn send_stats(reports: &ReportPipe, connections: &HashMap<u64, Connection>) {
     let devices = connections
         .iter()
         .map(|(id, c)| DeviceStatus {
@@ -107,7 +107,7 @@ fn send_stats(reports: &OwnedFd, connections: &HashMap<u64, Connection>) {
             memory: c.device.memory_status(),
         })
         .collect();
-    let _ = handoff::report(reports, &ToSupervisor::Stats { devices });
+    let _ = reports.send(&ToSupervisor::Stats { devices });
 }
 
 /// Serves connections from the control socket until there is nothing left to serve, telling
@@ -122,10 +122,14 @@ pub fn run(control: OwnedFd, reports: OwnedFd) -> Result<(), WorkerError> {
         .watch(&done, Event::Done)
         .map_err(WorkerError::EventLoop)?;
     let (ended_tx, ended_rx) = mpsc::channel::<u64>();
+    // Connection threads report too (a guest's write-cache choice, before it is acked).
+    let reports = Arc::new(ReportPipe::new(reports));
     let mut connections: HashMap<u64, Connection> = HashMap::new();
     // The write cache the guest last chose per export (SET_CONFIG of `writeback`): device
     // state that outlives a connection. Neither QEMU nor cloud-hypervisor re-sends it after a
-    // reconnect, and a guest that chose write-through must not silently get write-back.
+    // reconnect, and a guest that chose write-through must not silently get write-back. Each
+    // change also goes to the supervisor, which gives it to the next worker should this one
+    // die (supervisor/device_state.rs).
     let mut write_cache: HashMap<String, Arc<AtomicBool>> = HashMap::new();
     let mut vmm_pidfd: Option<OwnedFd> = None;
     let mut vmm_exited = false;
@@ -155,10 +159,11 @@ pub fn run(control: OwnedFd, reports: OwnedFd) -> Result<(), WorkerError> {
                             connection,
                             export,
                             disk_fd_attached,
+                            write_cache: remembered,
                         },
                         fds,
                     ))) => {
-                        let _ = handoff::report(&reports, &ToSupervisor::Accepted { connection });
+                        let _ = reports.send(&ToSupervisor::Accepted { connection });
                         let mut fds = fds.into_iter();
                         let (Some(stream), Some(pidfd)) = (fds.next(), fds.next()) else {
                             tracing::error!("supervisor sent a connection without its fds");
@@ -171,11 +176,27 @@ pub fn run(control: OwnedFd, reports: OwnedFd) -> Result<(), WorkerError> {
                             vmm_pidfd = Some(pidfd);
                         }
                         let disk_fd = if disk_fd_attached { fds.next() } else { None };
-                        let cell = write_cache.get(&export.name).cloned();
+                        // This worker's own cell is the latest; else what an earlier worker of
+                        // this VMM reported.
+                        let cell = write_cache
+                            .get(&export.name)
+                            .cloned()
+                            .or_else(|| remembered.map(|on| Arc::new(AtomicBool::new(on))));
+                        // On the connection thread, before SET_CONFIG is acked: once the
+                        // guest's driver goes on, the supervisor has it.
+                        let watch = {
+                            let reports = reports.clone();
+                            Box::new(move |on| {
+                                let _ = reports.send(&ToSupervisor::WriteCache {
+                                    connection,
+                                    write_cache: on,
+                                });
+                            })
+                        };
                         match start(
                             connection,
                             &export,
-                            cell,
+                            DeviceWriteCache { cell, watch },
                             UnixStream::from(stream),
                             disk_fd,
                             &done,
@@ -200,7 +221,7 @@ pub fn run(control: OwnedFd, reports: OwnedFd) -> Result<(), WorkerError> {
                                     export: export.name.clone(),
                                     reason,
                                 };
-                                let _ = handoff::report(&reports, &refused);
+                                let _ = reports.send(&refused);
                             }
                         }
                     }
@@ -221,8 +242,7 @@ pub fn run(control: OwnedFd, reports: OwnedFd) -> Result<(), WorkerError> {
                             c.thread.join();
                         }
                         if !supervisor_gone {
-                            let _ =
-                                handoff::report(&reports, &ToSupervisor::Ended { connection: id });
+                            let _ = reports.send(&ToSupervisor::Ended { connection: id });
                         }
                     }
                 }
@@ -237,11 +257,18 @@ pub fn run(control: OwnedFd, reports: OwnedFd) -> Result<(), WorkerError> {
     }
 }
 
+/// A new device's write cache: the setting it shares (the export's in this worker, or what
+/// the supervisor remembered), and who hears of the guest's changes.
+struct DeviceWriteCache {
+    cell: Option<Arc<AtomicBool>>,
+    watch: WriteCacheWatch,
+}
+
 /// Opens the export's disk (as the VMM, or from the supervisor's fd) and starts serving.
 fn start(
     connection: u64,
     export: &ExportSpec,
-    write_cache: Option<Arc<AtomicBool>>,
+    write_cache: DeviceWriteCache,
     stream: UnixStream,
     disk_fd: Option<OwnedFd>,
     done: &EventFd,
@@ -255,7 +282,11 @@ fn start(
         _ => Disk::open(&export.disk, export.open)?,
     };
     let device = crate::virtio_blk::device_for(disk, export).map_err(ServeError::TestIoGate)?;
-    let device = Arc::new(device.with_write_cache(write_cache));
+    let device = Arc::new(
+        device
+            .with_write_cache(write_cache.cell)
+            .with_write_cache_watch(write_cache.watch),
+    );
     let done = done.try_clone().map_err(ServeError::DoneFd)?;
     let ended = ended.clone();
     let thread = ConnectionThread::spawn(

@@ -45,7 +45,7 @@
 //! backend takes. A Linux guest acks every device feature cloud-hypervisor offers, so the
 //! features set are the backend's ∩ [`virtio_features`]. Not replayed: the blk device sets no
 //! backend request channel (`SET_BACKEND_REQ_FD`), and dirty logging (`SET_LOG_BASE`) happens
-//! only during live migration with LOG_SHMFD, which vublk does not offer.
+//! only during a live migration.
 
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures,

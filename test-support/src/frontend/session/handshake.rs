@@ -3,7 +3,7 @@
 //! features, queue number, memory slots, device config, vring base).
 
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVringAddrFlags,
 };
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;
@@ -57,6 +57,9 @@ pub enum Step {
     /// SET_VRING_BASE with the driver's current avail index.
     SetVringBase(usize),
     SetVringAddr(usize),
+    /// SET_VRING_ADDR with VHOST_VRING_F_LOG and the used ring as the log address: what QEMU
+    /// sends to a running ring when a migration starts.
+    SetVringAddrLog(usize),
     SetVringKick(usize),
     SetVringCall(usize),
     SetVringErr(usize),
@@ -262,6 +265,12 @@ impl Session {
                 let data = self.vring(q)?.queue.config_data(&self.mem)?;
                 self.frontend.set_vring_addr(q, &data).map_err(fail)?;
             }
+            Step::SetVringAddrLog(q) => {
+                let mut data = self.vring(q)?.queue.config_data(&self.mem)?;
+                data.flags |= VhostUserVringAddrFlags::VHOST_VRING_F_LOG.bits();
+                data.log_addr = Some(self.vring(q)?.queue.used_ring());
+                self.frontend.set_vring_addr(q, &data).map_err(fail)?;
+            }
             Step::SetVringKick(q) => {
                 let vr = self.vrings.get(q).ok_or(SessionError::NoQueue(q))?;
                 self.frontend.set_vring_kick(q, &vr.kick).map_err(fail)?;
@@ -320,6 +329,30 @@ impl Session {
             flags,
         })?;
         Ok(self.last_config.clone().unwrap_or_default())
+    }
+
+    /// SET_LOG_BASE with the dirty log in `log` (`size` bytes at `offset`), as QEMU sends it
+    /// with LOG_SHMFD: the frontend waits for the backend's reply.
+    pub fn set_log_base(
+        &mut self,
+        log: std::os::fd::BorrowedFd<'_>,
+        size: u64,
+        offset: u64,
+    ) -> Result<(), SessionError> {
+        use std::os::fd::AsRawFd;
+        let region = vhost::VhostUserDirtyLogRegion {
+            mmap_size: size,
+            mmap_offset: offset,
+            mmap_handle: log.as_raw_fd(),
+        };
+        self.guarded("SET_LOG_BASE", |s| {
+            s.frontend
+                .set_log_base(0, Some(region))
+                .map_err(|source| SessionError::Vhost {
+                    step: "SET_LOG_BASE".into(),
+                    source,
+                })
+        })
     }
 
     /// Features from the last GET_FEATURES.
