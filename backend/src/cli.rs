@@ -146,6 +146,10 @@ pub struct Cli {
     #[arg(long, value_name = "FIFO", hide = true)]
     pub test_io_gate: Option<PathBuf>,
 
+    /// Test only: the gate holds only the reads and writes that start at this byte.
+    #[arg(long, value_name = "BYTES", hide = true, requires = "test_io_gate")]
+    pub test_io_gate_offset: Option<u64>,
+
     /// Answer `vublk status` on this unix socket (created, owner-only; removed on exit). It is
     /// created once every export listens: when it appears, vublk is ready.
     #[arg(long, value_name = "PATH")]
@@ -426,6 +430,7 @@ impl Cli {
                 retire_timeout_ms: self.retire_timeout,
                 poll_max_us: self.poll_max_us,
                 test_io_gate: self.test_io_gate.clone(),
+                test_io_gate_offset: self.test_io_gate_offset,
                 socket: self.socket_access(),
                 allow: AllowList {
                     uids: self.allow_uids.clone(),
@@ -464,6 +469,7 @@ impl Cli {
             spec.retire_timeout_ms = self.retire_timeout;
             spec.poll_max_us = self.poll_max_us;
             spec.test_io_gate = self.test_io_gate.clone();
+            spec.test_io_gate_offset = self.test_io_gate_offset;
             spec.socket.mode = spec.socket.mode.or(self.socket_mode);
             spec.socket.group = spec.socket.group.or(self.socket_group);
             (endpoint, spec)

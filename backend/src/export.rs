@@ -39,6 +39,9 @@ pub struct ExportSpec {
     pub poll_max_us: u64,
     /// Test only (`--test-io-gate`).
     pub test_io_gate: Option<PathBuf>,
+    /// Test only (`--test-io-gate-offset`).
+    #[serde(default)]
+    pub test_io_gate_offset: Option<u64>,
     /// Who may connect to this export's socket (mode and group of the socket vublk creates).
     #[serde(default)]
     pub socket: SocketAccess,

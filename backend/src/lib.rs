@@ -52,7 +52,7 @@ pub enum Mode {
         Option<std::path::PathBuf>,
     ),
     /// One export served in this process.
-    SingleProcess(Endpoint, SocketAccess, ExportSpec),
+    SingleProcess(Endpoint, SocketAccess, Box<ExportSpec>),
     /// A per-VM worker, started by the supervisor with its control socket at this fd, in
     /// this sandbox.
     Worker(std::os::fd::RawFd, sandbox::Plan),
@@ -95,7 +95,7 @@ pub fn run(mode: Mode) -> Result<(), RunError> {
             supervisor::run(exports, limits, workers, control_socket)?;
             Ok(())
         }
-        Mode::SingleProcess(endpoint, access, export) => run_single(endpoint, access, export),
+        Mode::SingleProcess(endpoint, access, export) => run_single(endpoint, access, *export),
         Mode::Worker(fd, plan) => {
             // SAFETY: the supervisor put the control socket at this fd and the report pipe at
             // the next one, for us alone.

@@ -58,7 +58,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
                 let (endpoint, export) = exports.remove(0);
-                Mode::SingleProcess(endpoint, cli.socket_access(), export)
+                Mode::SingleProcess(endpoint, cli.socket_access(), Box::new(export))
             }
             Ok(exports) => Mode::Supervisor(
                 exports,

@@ -106,7 +106,7 @@ fn a_refused_table_leaves_the_old_one_serving() {
     read_into(&fx, &mut s, HIGH.guest_addr, 16);
     read_into(&fx, &mut s, LOW.guest_addr + 8 * MIB, 24);
     assert!(
-        fx.daemon.log().contains("SET_MEM_TABLE refused"),
+        fx.daemon.log_shows("SET_MEM_TABLE refused"),
         "the refusal is explained\nlog:\n{}",
         fx.daemon.log()
     );

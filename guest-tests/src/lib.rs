@@ -33,7 +33,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 pub use qemu::{Boot, Job, Vm};
-pub use vublk::start_vublk;
+pub use vublk::{start_vublk, start_vublk_inherited, start_vublk_on};
 pub use vublk_test_support::Daemon;
 
 pub const MIB: u64 = 1024 * 1024;

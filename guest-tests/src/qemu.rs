@@ -96,6 +96,9 @@ pub struct Vm {
     pub timeout: Duration,
     /// None: the best accelerator that works here (see [`accel`]).
     pub accel: Option<Accel>,
+    /// Reconnect to a backend that went away after this many milliseconds (`reconnect-ms`
+    /// of the socket chardev, QEMU 9.2 and later); None: a lost backend is never reconnected.
+    pub reconnect_ms: Option<u32>,
 }
 
 impl Default for Vm {
@@ -106,6 +109,7 @@ impl Default for Vm {
             disks: Vec::new(),
             timeout: Duration::from_secs(180),
             accel: None,
+            reconnect_ms: None,
         }
     }
 }
@@ -116,6 +120,17 @@ impl Vm {
             socket: socket.to_path_buf(),
             num_queues,
         });
+        self
+    }
+
+    /// QEMU reconnects to a backend that went away, after `ms` milliseconds.
+    pub fn reconnect(mut self, ms: u32) -> Vm {
+        self.reconnect_ms = Some(ms);
+        self
+    }
+
+    pub fn timeout(mut self, timeout: Duration) -> Vm {
+        self.timeout = timeout;
         self
     }
 
@@ -225,9 +240,15 @@ impl Vm {
         .args(["-append", "console=ttyS0 quiet panic=-1"])
         .arg("-serial")
         .arg(format!("file:{}", console_path.display()));
+        let reconnect = self
+            .reconnect_ms
+            .map_or(String::new(), |ms| format!(",reconnect-ms={ms}"));
         for (i, d) in self.disks.iter().enumerate() {
             cmd.arg("-chardev")
-                .arg(format!("socket,id=vu{i},path={}", d.socket.display()))
+                .arg(format!(
+                    "socket,id=vu{i},path={}{reconnect}",
+                    d.socket.display()
+                ))
                 .arg("-device")
                 .arg(format!(
                     "vhost-user-blk-pci,chardev=vu{i},num-queues={}",

@@ -338,6 +338,21 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_else(|e| format!("<cannot read log: {e}>"))
     }
 
+    /// Waits up to 10 s for the log to contain `needle` (a worker's lines reach it through the
+    /// supervisor's relay, a moment after the worker wrote them); true if it did.
+    pub fn log_shows(&self, needle: &str) -> bool {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if self.log().contains(needle) {
+                return true;
+            }
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// The log file.
     pub fn log_path(&self) -> &Path {
         &self.log

@@ -6,8 +6,8 @@
 //! blk.rs`, `mod.rs`, `vu_common_ctrl.rs`). Each test starts vublk as deployed (supervisor and
 //! per-VM worker) on a patterned image and checks every reply cloud-hypervisor acts on: the
 //! virtio features (exactly what vublk offers), the protocol features (exactly MQ, CONFIG,
-//! REPLY_ACK, CONFIGURE_MEM_SLOTS: no INFLIGHT_SHMFD, so cloud-hypervisor sends no
-//! GET/SET_INFLIGHT_FD), the queue number, the 60 config bytes it reads at 0x100, and every
+//! REPLY_ACK, CONFIGURE_MEM_SLOTS, INFLIGHT_SHMFD: cloud-hypervisor then sends GET_INFLIGHT_FD
+//! once and SET_INFLIGHT_FD on every connection), the queue number, the 60 config bytes it reads at 0x100, and every
 //! REPLY_ACK (each message after negotiation carries NEED_REPLY). Then data goes through the
 //! rings, and the connection is lost and re-made the way cloud-hypervisor re-makes it.
 
@@ -110,6 +110,7 @@ fn vublk_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
         | VhostUserProtocolFeatures::LOG_SHMFD
 }
 
@@ -142,7 +143,8 @@ fn check_boot_replies(fx: &Fixture, s: &Session, queues: usize) {
         vublk_protocol_features(),
         "GET_PROTOCOL_FEATURES"
     );
-    // Nothing cloud-hypervisor would use for GET/SET_INFLIGHT_FD or SET_LOG_BASE.
+    // INFLIGHT_SHMFD too (cloud-hypervisor then sends GET/SET_INFLIGHT_FD); nothing it would
+    // use for SET_LOG_BASE.
     assert_eq!(
         s.acked_protocol_features(),
         vublk_protocol_features(),

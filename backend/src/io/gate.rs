@@ -4,6 +4,10 @@
 //! request owns its pinned buffers, and its pending read is a real io_uring operation the
 //! queue's retirement bound can cancel.
 //!
+//! With `--test-io-gate-offset BYTES` only reads and writes starting at that byte wait; every
+//! other request goes straight through. The guest tests use it to hold one request in flight
+//! while the guest's later requests complete (an out-of-order completion, as io_uring makes).
+//!
 //! Being a wrapper, it costs the engines it does not wrap nothing.
 
 use std::fs::File;
@@ -35,19 +39,39 @@ struct Waiting {
     buffers: Option<GuestBuffers>,
 }
 
+/// What the gate holds: every request, or the reads and writes at one byte offset.
+#[derive(Debug)]
+pub struct TestGate {
+    pub fifo: File,
+    pub offset: Option<u64>,
+}
+
+/// Whether `operation` waits for a byte when the gate holds `only` (None: everything).
+fn holds(only: Option<u64>, operation: &Operation<'_>) -> bool {
+    match (only, operation) {
+        (None, _) => true,
+        (Some(at), Operation::Read { offset } | Operation::Write { offset, .. }) => *offset == at,
+        (Some(_), _) => false,
+    }
+}
+
 pub struct Gated<E> {
     inner: E,
     fifo: File,
+    /// Only reads and writes at this byte offset wait (None: everything).
+    only: Option<u64>,
     waiting: Vec<Waiting>,
     scratch: Vec<Event>,
 }
 
 impl<E: Engine> Gated<E> {
-    /// Holds each request of `inner` (serving up to `depth` at once) for a byte of `fifo`.
-    pub fn new(inner: E, fifo: File, depth: u16) -> Gated<E> {
-        Gated {
+    /// Holds each request of `inner` (serving up to `depth` at once) that `gate` holds for a
+    /// byte of its FIFO.
+    pub fn new(inner: E, gate: &TestGate, depth: u16) -> io::Result<Gated<E>> {
+        Ok(Gated {
             inner,
-            fifo,
+            fifo: gate.fifo.try_clone()?,
+            only: gate.offset,
             waiting: (0..depth)
                 .map(|_| Waiting {
                     held: Held::Flush,
@@ -56,7 +80,7 @@ impl<E: Engine> Gated<E> {
                 })
                 .collect(),
             scratch: Vec::new(),
-        }
+        })
     }
 
     /// The byte for `tag` came (`result` >= 0) or its read failed: pass the request on, or
@@ -96,6 +120,9 @@ impl<E: Engine> Engine for Gated<E> {
         operation: Operation<'_>,
         buffers: GuestBuffers,
     ) -> Option<Completion> {
+        if !holds(self.only, &operation) {
+            return self.inner.submit(tag, operation, buffers);
+        }
         let Some(waiting) = self
             .waiting
             .get_mut(usize::from(tag))

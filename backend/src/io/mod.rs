@@ -22,7 +22,6 @@ pub mod mapped;
 pub mod null;
 pub mod uring;
 
-use std::fs::File;
 use std::os::fd::RawFd;
 use std::time::Duration;
 
@@ -43,13 +42,17 @@ pub enum DiskEngine {
 /// The engine for a queue of `depth` requests on `disk`; with `gate` (a test FIFO, see
 /// gate.rs) every request waits for a byte of it first, and all of them go through io_uring.
 /// The disk (which owns the backing's file descriptor) must outlive the engine.
-pub fn engine_for(disk: &Disk, gate: Option<&File>, depth: u16) -> std::io::Result<DiskEngine> {
+pub fn engine_for(
+    disk: &Disk,
+    gate: Option<&gate::TestGate>,
+    depth: u16,
+) -> std::io::Result<DiskEngine> {
     Ok(match (&disk.backing, gate) {
         (Backing::Null, _) => DiskEngine::Null(null::NullEngine::new(depth)?),
         (Backing::File { .. }, None) => DiskEngine::File(file::FileEngine::new(disk, depth, true)?),
-        (Backing::File { .. }, Some(fifo)) => {
+        (Backing::File { .. }, Some(gate)) => {
             let inner = file::FileEngine::new(disk, depth, false)?;
-            DiskEngine::Gated(gate::Gated::new(inner, fifo.try_clone()?, depth))
+            DiskEngine::Gated(gate::Gated::new(inner, gate, depth)?)
         }
     })
 }

@@ -12,6 +12,7 @@ mod buffers;
 mod connection;
 mod device;
 mod dirty_log;
+mod inflight;
 mod memory;
 mod pin;
 mod session;
@@ -20,6 +21,7 @@ mod vring;
 pub use connection::{serve_connection, ConnectionEnd, ConnectionThread};
 pub use device::{QueueLoop, VirtioDevice};
 pub use dirty_log::{DirtyLog, LogMap};
+pub use inflight::{ChainWalk, Tracker};
 pub use memory::{
     Generation, GuestBuffers, GuestMemoryHandle, MemoryStatus, RawBuffers, RegionPin,
 };

@@ -30,6 +30,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::device::VirtioDevice;
 use super::dirty_log::{DirtyLog, LogMap};
+use super::inflight::{self, InflightMap};
 use super::memory::{GuestMemoryHandle, RegionPin, Retiring, MAX_MEM_SLOTS};
 use super::vring::Vring;
 use crate::ratelimit::vmm_line;
@@ -59,6 +60,8 @@ pub struct Session<D: VirtioDevice> {
     acked_protocol_features: u64,
     memory: GuestMemoryHandle,
     vrings: Vec<Vring>,
+    /// The inflight region the frontend keeps for us (SET_INFLIGHT_FD), if any.
+    inflight: Option<Arc<InflightMap>>,
     /// The dirty log of a live migration (dirty_log.rs), shared with the queue threads.
     log: DirtyLog,
     /// The current request's refusal has been logged (see [`Session::take_explained`]).
@@ -81,6 +84,7 @@ impl<D: VirtioDevice> Session<D> {
             acked_protocol_features: 0,
             memory,
             vrings,
+            inflight: None,
             log: DirtyLog::default(),
             explained: false,
             end_connection: false,
@@ -273,6 +277,34 @@ impl<D: VirtioDevice> Session<D> {
             .used_idx(generation.memory(), Ordering::Acquire)
             .map_err(handler_error)?;
         queue.set_next_used(used_idx.0);
+        // With an inflight region, it says where the avail ring stands and what was left in
+        // flight (a previous backend crashed or was killed).
+        let recovered = match &self.inflight {
+            Some(map) => {
+                match map
+                    .queue(index, size)
+                    .and_then(|region| region.recover(used_idx.0, base))
+                {
+                    Ok(r) => {
+                        if r.next_avail != base || !r.resubmit.is_empty() {
+                            let left = r.resubmit.len();
+                            let at = r.next_avail;
+                            vmm_line!(
+                                info,
+                                "queue {index}: inflight region: {left} request(s) left in flight; avail ring at {at} (the frontend said {base})"
+                            );
+                        }
+                        queue.set_next_avail(r.next_avail);
+                        Some((r.tracker, r.resubmit))
+                    }
+                    Err(e) => {
+                        self.explain(format_args!("queue {index}: {e}"));
+                        return Err(handler_error(e));
+                    }
+                }
+            }
+            None => None,
+        };
 
         let vring = &mut self.vrings[index];
         let Some(kick) = vring
@@ -287,6 +319,7 @@ impl<D: VirtioDevice> Session<D> {
         let span = tracing::Span::current();
         let log = self.log.clone();
         let vring = &mut self.vrings[index];
+        vring.recovered = recovered;
         let started = vring.start(queue, kick, index, memory, log, move |running| {
             let queue_loop = device.prepare_queue(running)?;
             std::thread::Builder::new()
@@ -346,6 +379,7 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Session<D> {
 
     fn reset_device(&mut self) -> VhostUserResult<()> {
         self.stop_all();
+        self.inflight = None;
         self.acked_features = 0;
         Ok(())
     }
@@ -505,7 +539,18 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Session<D> {
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VhostUserResult<()> {
         let vring = self.vring(u32::from(index))?;
-        vring.set_call(fd.map(eventfd_from_file));
+        let fd = fd.map(eventfd_from_file);
+        let signal = fd.is_some();
+        vring.set_call(fd);
+        // The ring may hold used entries no fd heard of: those a previous backend wrote after
+        // the frontend saw it go (a stopping worker completes what it has in flight after its
+        // socket closed), and those of requests it left in flight, which complete as soon as
+        // the ring starts, maybe before this fd arrives. With EVENT_IDX no later completion
+        // signals for them, and the driver would wait for good. A spurious interrupt costs the
+        // guest nothing (libvhost-user signals here too).
+        if signal {
+            vring.call.signal();
+        }
         Ok(())
     }
 
@@ -520,6 +565,7 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Session<D> {
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
             | VhostUserProtocolFeatures::LOG_SHMFD)
     }
 
@@ -579,17 +625,58 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Session<D> {
 
     fn get_inflight_fd(
         &mut self,
-        _inflight: &VhostUserInflight,
+        request: &VhostUserInflight,
     ) -> VhostUserResult<(VhostUserInflight, File)> {
-        Err(self.frontend_error("inflight tracking is not supported"))
+        let made = inflight::create(
+            request.num_queues,
+            request.queue_size,
+            self.device.num_queues(),
+            self.device.max_queue_size(),
+        );
+        match made {
+            Ok((file, size)) => Ok((
+                VhostUserInflight {
+                    mmap_size: size,
+                    mmap_offset: 0,
+                    num_queues: request.num_queues,
+                    queue_size: request.queue_size,
+                },
+                file,
+            )),
+            Err(e) => {
+                self.explain(format_args!("GET_INFLIGHT_FD refused: {e}"));
+                Err(handler_error(e))
+            }
+        }
     }
 
-    fn set_inflight_fd(
-        &mut self,
-        _inflight: &VhostUserInflight,
-        _file: File,
-    ) -> VhostUserResult<()> {
-        Err(self.frontend_error("inflight tracking is not supported"))
+    fn set_inflight_fd(&mut self, request: &VhostUserInflight, file: File) -> VhostUserResult<()> {
+        if self.vrings.iter().any(Vring::is_started) {
+            return Err(self.frontend_error("SET_INFLIGHT_FD while rings run"));
+        }
+        let mapped = InflightMap::map(
+            &file,
+            request.mmap_size,
+            request.mmap_offset,
+            request.num_queues,
+            request.queue_size,
+            self.device.max_queue_size(),
+        );
+        match mapped {
+            Ok(map) => {
+                tracing::debug!(
+                    "inflight region set: {} queue(s) of {}",
+                    request.num_queues,
+                    request.queue_size
+                );
+                self.inflight = Some(Arc::new(map));
+                Ok(())
+            }
+            Err(e) => {
+                self.explain(format_args!("SET_INFLIGHT_FD refused: {e}"));
+                Err(handler_error(e))
+            }
+        }
     }
 
     fn get_max_mem_slots(&mut self) -> VhostUserResult<u64> {

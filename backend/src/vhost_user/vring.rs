@@ -13,6 +13,7 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::dirty_log::DirtyLog;
+use super::inflight::Tracker;
 use super::memory::{GuestMemoryHandle, RegionPin};
 
 /// No used-ring log address (`QueueControl::used_log`).
@@ -122,6 +123,10 @@ pub struct RunningQueue {
     pub memory: GuestMemoryHandle,
     /// The session's dirty log: what the thread writes is marked in it while logging is on.
     pub log: DirtyLog,
+    /// The ring's inflight region, when the frontend gave one (inflight.rs).
+    pub inflight: Option<Tracker>,
+    /// Heads a previous backend left in flight, to run again first, oldest first.
+    pub resubmit: Vec<u16>,
 }
 
 struct Started {
@@ -143,6 +148,9 @@ pub(super) struct Vring {
     pub enabled: bool,
     /// The used ring's log address (SET_VRING_ADDR with VHOST_VRING_F_LOG).
     used_log: Option<u64>,
+    /// What the inflight region gave for the next start: its tracker and the heads to run
+    /// again (inflight.rs).
+    pub recovered: Option<(Tracker, Vec<u16>)>,
     started: Option<Started>,
 }
 
@@ -159,6 +167,7 @@ impl Vring {
             err: Arc::new(CallFd::default()),
             enabled: false,
             used_log: None,
+            recovered: None,
             started: None,
         }
     }
@@ -201,6 +210,10 @@ impl Vring {
         log: DirtyLog,
         spawn: impl FnOnce(RunningQueue) -> io::Result<JoinHandle<Queue>>,
     ) -> io::Result<()> {
+        let (inflight, resubmit) = match self.recovered.take() {
+            Some((tracker, resubmit)) => (Some(tracker), resubmit),
+            None => (None, Vec::new()),
+        };
         let control = Arc::new(QueueControl::new(self.enabled)?);
         control.set_used_log(self.used_log);
         let thread = spawn(RunningQueue {
@@ -212,6 +225,8 @@ impl Vring {
             control: control.clone(),
             memory,
             log,
+            inflight,
+            resubmit,
         })?;
         self.started = Some(Started { control, thread });
         Ok(())

@@ -17,8 +17,8 @@ pub struct BlockDevice {
     pub(super) disk: Disk,
     pub(super) limits: Limits,
     pub(super) stats: Vec<QueueStats>,
-    /// Test only: every operation waits for a byte from this FIFO (`--test-io-gate`).
-    pub(super) test_gate: Option<std::fs::File>,
+    /// Test only: operations wait for a byte from this FIFO (`--test-io-gate`).
+    pub(super) test_gate: Option<crate::io::gate::TestGate>,
     pub(super) retire_timeout: Duration,
     /// The longest a queue thread busy-polls before sleeping (0: never); see poll.rs.
     pub(super) poll_max: Duration,
@@ -92,8 +92,8 @@ impl BlockDevice {
         self
     }
 
-    /// Test only: hold every operation until a byte can be read from `gate`.
-    pub fn with_test_gate(mut self, gate: Option<std::fs::File>) -> BlockDevice {
+    /// Test only: hold operations until a byte can be read from the gate's FIFO.
+    pub fn with_test_gate(mut self, gate: Option<crate::io::gate::TestGate>) -> BlockDevice {
         self.test_gate = gate;
         self
     }

@@ -18,12 +18,13 @@ pub fn device_for(
     export: &crate::export::ExportSpec,
 ) -> std::io::Result<BlockDevice> {
     let gate = match &export.test_io_gate {
-        Some(path) => Some(
-            std::fs::OpenOptions::new()
+        Some(path) => Some(crate::io::gate::TestGate {
+            fifo: std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
                 .open(path)?,
-        ),
+            offset: export.test_io_gate_offset,
+        }),
         None => None,
     };
     Ok(BlockDevice::new(disk, &export.device)

@@ -28,7 +28,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
 use crate::io::{Completion, DiskEngine, Engine, Event, Operation, Tag};
 use crate::ratelimit::RateLimit;
-use crate::vhost_user::{Generation, GuestBuffers, RawBuffers, RunningQueue};
+use crate::vhost_user::{ChainWalk, Generation, GuestBuffers, RawBuffers, RunningQueue};
 
 use super::device::BlockDevice;
 use super::poll::PollPolicy;
@@ -195,6 +195,9 @@ impl<E: Engine> QueueServer<E> {
             }
             if self.ready() && self.q.control.enabled() && !self.broken {
                 self.kicked = false;
+                if !self.q.resubmit.is_empty() {
+                    self.resubmit();
+                }
                 self.process_avail();
             }
             self.notify();
@@ -371,11 +374,48 @@ impl<E: Engine> QueueServer<E> {
                     "the driver made head {head} available in a ring of {size}"
                 ));
             }
+            if let Some(tracker) = &mut self.q.inflight {
+                tracker.taken(head);
+            }
             self.start_request(head, chain, &generation);
             self.notify_early();
         }
         // Let completions and other queues have a turn; come back without a kick.
         self.backlog = true;
+    }
+
+    /// Runs again the heads a previous backend left in flight (the inflight region's, oldest
+    /// first), before anything new from the avail ring: they were taken before all of it.
+    fn resubmit(&mut self) {
+        let heads = std::mem::take(&mut self.q.resubmit);
+        if heads.is_empty() {
+            return;
+        }
+        tracing::info!(
+            "queue {}: resubmitting {} request(s) left in flight: heads {heads:?}",
+            self.q.index,
+            heads.len()
+        );
+        let generation = self.q.memory.current();
+        self.generation = generation.clone();
+        let size = self.q.queue.size();
+        let table = vm_memory::GuestAddress(self.q.queue.desc_table());
+        for head in heads {
+            let chain = ChainWalk::new(generation.memory(), table, size, head);
+            self.start_request(head, chain, &generation);
+            let again = self
+                .slots
+                .iter()
+                .find(|s| s.head == head && s.request.is_some());
+            tracing::debug!(
+                "queue {}: head {head} resubmitted: {:?}",
+                self.q.index,
+                again
+                    .and_then(|s| s.request)
+                    .map(|r| (r.kind, r.offset, r.len))
+            );
+        }
+        self.notify();
     }
 
     /// Like the kernel's vq_err: a driver that corrupts its ring loses the queue until it
@@ -395,7 +435,7 @@ impl<E: Engine> QueueServer<E> {
     fn start_request(
         &mut self,
         head: u16,
-        chain: virtio_queue::DescriptorChain<&vm_memory::GuestMemoryMmap>,
+        chain: impl Iterator<Item = virtio_queue::desc::split::Descriptor>,
         generation: &Arc<Generation>,
     ) {
         let Some(tag) = self.free.pop() else { return };
@@ -539,6 +579,9 @@ impl<E: Engine> QueueServer<E> {
     fn release(&mut self, index: usize, used_len: u32, buffers: GuestBuffers, data: bool) {
         let head = self.slots[index].head;
         self.done += 1;
+        if let Some(tracker) = &mut self.q.inflight {
+            tracker.completing(head);
+        }
         if let Err(e) = self
             .q
             .queue
@@ -548,6 +591,9 @@ impl<E: Engine> QueueServer<E> {
                 "queue {}: cannot return request {head} to the driver: {e}",
                 self.q.index
             );
+        }
+        if let Some(tracker) = &mut self.q.inflight {
+            tracker.completed(head, self.q.queue.next_used());
         }
         self.used_added = true;
         // Checked after every write of the request (dirty_log.rs says why that is enough).

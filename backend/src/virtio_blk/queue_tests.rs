@@ -203,6 +203,8 @@ impl Harness {
             control: control.clone(),
             memory: memory.clone(),
             log: DirtyLog::default(),
+            inflight: None,
+            resubmit: Vec::new(),
         };
         let disk = Disk::open(&DiskSpec::Null { size: CAPACITY }, OpenOptions::default())
             .expect("a null disk");
@@ -772,6 +774,8 @@ fn per_request_cost() {
         control: Arc::new(QueueControl::new(true).unwrap()),
         memory: memory.clone(),
         log: DirtyLog::default(),
+        inflight: None,
+        resubmit: Vec::new(),
     };
     let spec = match std::env::var_os("VUBLK_COST_IMAGE") {
         Some(path) => DiskSpec::Path(path.into()),

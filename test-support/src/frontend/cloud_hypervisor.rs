@@ -146,6 +146,7 @@ fn setup(num_queues: usize, features: Option<u64>) -> Vec<Step> {
         Step::Memory(MemAnnounce::SetMemTable),
     ];
     v.extend((0..num_queues).map(Step::SetVringNum));
+    v.push(Step::Inflight);
     for q in 0..num_queues {
         v.extend([
             Step::SetVringAddr(q),
@@ -161,8 +162,7 @@ fn setup(num_queues: usize, features: Option<u64>) -> Vec<Step> {
 impl Step {
     /// cloud-hypervisor v51 attaching a vhost-user-blk disk and the guest starting it:
     /// `Blk::new`, then `activate` (see the module docs for the sequence and its sources).
-    /// Assumes the backend offers MQ (else cloud-hypervisor skips GET_QUEUE_NUM) and not
-    /// INFLIGHT_SHMFD (else it would send GET/SET_INFLIGHT_FD before the vring addresses).
+    /// Assumes the backend offers MQ (else cloud-hypervisor skips GET_QUEUE_NUM).
     pub fn cloud_hypervisor_v51(num_queues: usize) -> Vec<Step> {
         let mut v = vec![
             Step::SetOwner,

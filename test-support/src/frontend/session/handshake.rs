@@ -50,6 +50,9 @@ pub enum Step {
     Memory(MemAnnounce),
     /// Announce memory as ADD_MEM_REG if CONFIGURE_MEM_SLOTS was acked, else SET_MEM_TABLE.
     MemoryPreferSlots,
+    /// If INFLIGHT_SHMFD was acked: GET_INFLIGHT_FD (the first time only; the region is kept
+    /// across reconnects, as VMMs keep it) for every queue, then SET_INFLIGHT_FD with it.
+    Inflight,
     SetVringNum(usize),
     /// SET_VRING_BASE with the driver's current avail index.
     SetVringBase(usize),
@@ -178,6 +181,29 @@ impl Session {
             Step::SetProtocolFeaturesRaw(bits) => {
                 self.frontend.set_protocol_features(bits).map_err(fail)?;
                 self.acked_protocol_features = bits;
+            }
+            Step::Inflight => {
+                if !self
+                    .acked_protocol_features
+                    .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+                {
+                    return Ok(());
+                }
+                if self.inflight.is_none() {
+                    let ask = vhost::vhost_user::message::VhostUserInflight {
+                        mmap_size: 0,
+                        mmap_offset: 0,
+                        num_queues: self.config.num_queues as u16,
+                        queue_size: self.config.queue_size,
+                    };
+                    self.inflight = Some(self.frontend.get_inflight_fd(&ask).map_err(fail)?);
+                }
+                if let Some((region, file)) = &self.inflight {
+                    use std::os::fd::AsRawFd;
+                    self.frontend
+                        .set_inflight_fd(region, file.as_raw_fd())
+                        .map_err(fail)?;
+                }
             }
             Step::NeedReply => {
                 if self.reply_ack() {

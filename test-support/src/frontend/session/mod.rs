@@ -95,6 +95,8 @@ pub struct Session {
     socket: UnixStream,
     /// NEED_REPLY is set on every message (after [`Step::NeedReply`]).
     need_reply_always: bool,
+    /// The inflight region the backend gave ([`Step::Inflight`]), kept across reconnects.
+    inflight: Option<(vhost::vhost_user::message::VhostUserInflight, std::fs::File)>,
 }
 
 impl Session {
@@ -146,6 +148,7 @@ impl Session {
             sent: Vec::new(),
             watchdog,
             need_reply_always: false,
+            inflight: None,
         })
     }
 

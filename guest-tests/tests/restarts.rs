@@ -1,0 +1,372 @@
+//! The VM's backend restarts under a running guest, and the guest never notices: QEMU
+//! reconnects (`reconnect-ms`), vublk's new worker (or new daemon) resubmits what was in flight
+//! from the inflight region QEMU hands it (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD), and fio's
+//! crc32c verify finishes clean.
+//!
+//! - `held_request_survives_a_worker_kill`: one write is held in flight by the test I/O gate
+//!   (`--test-io-gate-offset`) while eight later writes complete around it, the worker is
+//!   killed, and the held write must complete on the new worker; a fio crc32c verify job runs
+//!   after the restart. Without inflight tracking
+//!   QEMU rewinds the ring to its used index, the new worker replays a request that had
+//!   completed and never sees the held one: the guest hangs.
+//! - `worker_and_daemon_kills_under_fio`: SIGKILL of the VM's worker several times mid-I/O,
+//!   then of the whole daemon and a fresh start on the same socket; a probe in the guest
+//!   measures how long its I/O stalled across each restart (printed, not asserted).
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use guest_tests::{
+    guest_test, sparse_image, start_vublk, start_vublk_inherited, start_vublk_on, Boot, Job, Vm,
+    MIB,
+};
+use vublk_test_support::daemon::workers_of;
+
+/// Lines the guest writes to its console for the host to act on: `@@STAGE@@ <name>`.
+const STAGE: &str = "@@STAGE@@";
+
+/// Where the held write goes: past fio's region.
+const HOLD_OFFSET: u64 = 48 * MIB;
+
+/// fio's region, and its pace: slow enough under TCG that the worker dies mid-job.
+fn verify_job(size_mib: u64, iops: u32) -> String {
+    format!(
+        "[global]
+filename=/dev/vda
+ioengine=libaio
+direct=1
+bs=4k
+iodepth=16
+size={size_mib}m
+rw=randwrite
+rate_iops={iops}
+randrepeat=1
+verify=crc32c
+verify_backlog=256
+[restart-verify]
+"
+    )
+}
+
+/// A step that tells the host it starts, then runs fio (its JSON report is the step's stdout).
+fn fio_step(stage: &str) -> String {
+    format!("echo '{STAGE} {stage}' >/dev/console\nfio --output-format=json /job/verify.fio\n")
+}
+
+/// Waits until the guest's console (`dir/<boot>.console`) shows stage `name`; stops waiting if
+/// the boot (`running`) has ended.
+fn wait_stage(
+    dir: &Path,
+    boot: &str,
+    name: &str,
+    running: &std::thread::JoinHandle<Result<Boot>>,
+    timeout: Duration,
+) -> Result<()> {
+    let path = dir.join(format!("{boot}.console"));
+    let line = format!("{STAGE} {name}");
+    let start = Instant::now();
+    while start.elapsed() < timeout && !running.is_finished() {
+        let console = std::fs::read_to_string(&path).unwrap_or_default();
+        if console.lines().any(|l| l.trim_end_matches('\r') == line) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!(
+        "the guest did not reach stage {name} (waited {:?})",
+        start.elapsed()
+    )
+}
+
+/// The one worker of `daemon`, waiting for it to appear (and not to be `old`).
+fn worker(daemon: u32, old: Option<u32>, timeout: Duration) -> Result<u32> {
+    let start = Instant::now();
+    loop {
+        let workers = workers_of(daemon);
+        match workers.as_slice() {
+            [pid] if Some(*pid) != old => return Ok(*pid),
+            _ if start.elapsed() > timeout => {
+                bail!("no new worker of {daemon} within {timeout:?}: {workers:?}")
+            }
+            _ => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+fn sigkill(pid: u32) -> Result<()> {
+    // SAFETY: kill(2) only sends a signal; `pid` is a worker found a moment ago whose parent
+    // (the daemon) has not reaped it, so it has not been recycled.
+    if unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) } < 0 {
+        return Err(std::io::Error::last_os_error()).context("kill the worker");
+    }
+    Ok(())
+}
+
+/// Boots `vm` on a thread and returns its handle.
+fn boot_in_background(
+    vm: &Vm,
+    dir: &Path,
+    name: &'static str,
+    job: Job,
+) -> std::thread::JoinHandle<Result<Boot>> {
+    let (vm, dir) = (vm.clone(), dir.to_path_buf());
+    std::thread::spawn(move || vm.boot(&dir, name, &job))
+}
+
+/// The guest image, built (or found in the cache) before any boot's clock starts.
+fn prepare() -> Result<()> {
+    guest_tests::image::guest_image().map(drop)
+}
+
+#[test]
+fn held_request_survives_a_worker_kill() {
+    guest_test("inflight-held", |dir| {
+        prepare()?;
+        let img = dir.join("disk.img");
+        sparse_image(&img, 64 * MIB)?;
+        let fifo = dir.join("gate");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap())?;
+        // SAFETY: mkfifo(3) reads the NUL-terminated path and touches no memory of ours.
+        ensure!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) } == 0, "mkfifo");
+        // Held open by the test, so a byte written stays until a worker reads it.
+        let mut gate = OpenOptions::new().read(true).write(true).open(&fifo)?;
+        let mut vublk = start_vublk(
+            dir,
+            "vublk",
+            &[
+                "--blk-file",
+                img.to_str().unwrap(),
+                "--test-io-gate",
+                fifo.to_str().unwrap(),
+                "--test-io-gate-offset",
+                &HOLD_OFFSET.to_string(),
+            ],
+        )?;
+        let vm = Vm::default()
+            .disk(vublk.socket(), 1)
+            .reconnect(500)
+            .timeout(Duration::from_secs(240));
+
+        let block = HOLD_OFFSET / 4096;
+        // Eight writes after the held one, each completed before the next is issued: the ring's
+        // used index passes the held request's avail slot.
+        let later = (HOLD_OFFSET - 8 * MIB) / 4096;
+        let mut job = Job::new();
+        job.file("verify.fio", verify_job(16, 1500))
+            // The held write: a block of random data, its exit code kept for the last step.
+            .sh(
+                "hold",
+                &format!(
+                    "dd if=/dev/urandom of=/tmp/block bs=4096 count=1 2>/dev/null
+(dd if=/tmp/block of=/dev/vda bs=4096 seek={block} count=1 oflag=direct conv=notrunc; \
+ echo $? >/tmp/held.rc) >/dev/null 2>&1 &
+sleep 3
+dd if=/dev/urandom of=/dev/vda bs=4096 seek={later} count=8 oflag=direct 2>/dev/null
+echo '{STAGE} held' >/dev/console
+"
+                ),
+            )
+            .sh("fio", &fio_step("fio"))
+            .sh(
+                "held",
+                &format!(
+                    "while [ ! -e /tmp/held.rc ]; do sleep 0.2; done
+echo rc $(cat /tmp/held.rc)
+dd if=/dev/vda of=/tmp/back bs=4096 skip={block} count=1 iflag=direct 2>/dev/null
+cmp /tmp/block /tmp/back && echo same
+"
+                ),
+            );
+        let boot = boot_in_background(&vm, dir, "held", job);
+
+        let daemon = vublk.pid();
+        wait_stage(dir, "held", "held", &boot, Duration::from_secs(200))?;
+        let first = worker(daemon, None, Duration::from_secs(5))?;
+        sigkill(first)?;
+        let second = worker(daemon, Some(first), Duration::from_secs(30))?;
+        eprintln!("inflight-held: worker {first} killed, {second} serves the VM");
+        // The resubmitted write waits at the gate again: let it through, and the guest's
+        // read of it afterwards (at the same offset, so gated too).
+        gate.write_all(b"xx")?;
+
+        let boot = boot
+            .join()
+            .map_err(|_| anyhow::anyhow!("the boot thread panicked"))??;
+        let report = boot.fio("fio")?;
+        ensure!(
+            report.total(|j| j.write.io_bytes) == 16 * MIB,
+            "fio wrote {} bytes",
+            report.total(|j| j.write.io_bytes)
+        );
+        let held = boot.ok("held")?;
+        ensure!(
+            held.contains("rc 0") && held.contains("same"),
+            "the held write did not complete with its data: {held}\n{}",
+            boot.report()
+        );
+        boot.check_kernel(&[])?;
+        vublk.try_terminate()?;
+        Ok(())
+    });
+}
+
+/// Worker kills, then the daemon's, during the crash test's fio job.
+const WORKER_KILLS: usize = 3;
+
+/// The guest's I/O probe: one 4 KiB O_DIRECT read past fio's region after another, each
+/// followed by the guest's uptime, until /tmp/stop exists. The longest gaps between two
+/// stamps are the stalls; a stamp after the job ends shows the probe never stuck for good.
+const PROBE: &str = "(while [ ! -e /tmp/stop ]; do
+    dd if=/dev/vda of=/dev/null bs=4096 count=1 skip=12800 iflag=direct 2>/dev/null || echo fail
+    cut -d' ' -f1 /proc/uptime
+done >/tmp/probe) >/dev/null 2>&1 &
+";
+
+/// The probe's gaps, longest first: "gap <seconds> at <uptime>" lines.
+const GAPS: &str = "touch /tmp/stop
+sleep 1
+grep -c fail /tmp/probe || true
+awk 'NR > 1 && $1 != \"fail\" { printf \"gap %.3f at %s\\n\", $1 - prev, $1 } $1 != \"fail\" { prev = $1 }' /tmp/probe \\
+    | sort -k2 -rn | head -8
+";
+
+#[test]
+fn worker_and_daemon_kills_under_fio() {
+    guest_test("restarts", |dir| {
+        prepare()?;
+        let img = dir.join("disk.img");
+        sparse_image(&img, 64 * MIB)?;
+        let args = ["--blk-file", img.to_str().unwrap()];
+        let mut vublk = start_vublk(dir, "vublk", &args)?;
+        let vm = Vm::default()
+            .disk(vublk.socket(), 1)
+            .reconnect(500)
+            .timeout(Duration::from_secs(300));
+        let mut job = Job::new();
+        job.file("verify.fio", verify_job(24, 800))
+            .sh("probe", PROBE)
+            .sh("fio", &fio_step("fio"))
+            .sh("gaps", GAPS);
+        let boot = boot_in_background(&vm, dir, "restarts", job);
+
+        wait_stage(dir, "restarts", "fio", &boot, Duration::from_secs(200))?;
+        let mut restarts = Vec::new();
+        let mut old = worker(vublk.pid(), None, Duration::from_secs(5))?;
+        for _ in 0..WORKER_KILLS {
+            std::thread::sleep(Duration::from_millis(1500));
+            let killed = Instant::now();
+            sigkill(old)?;
+            old = worker(vublk.pid(), Some(old), Duration::from_secs(30))?;
+            restarts.push(("worker", killed.elapsed()));
+        }
+        // The whole daemon: its workers die with it (parent-death signal), and a new daemon
+        // takes over the socket it left behind.
+        std::thread::sleep(Duration::from_millis(1500));
+        let killed = Instant::now();
+        vublk.signal(libc::SIGKILL)?;
+        let _ = vublk.wait_exit(Duration::from_secs(10));
+        let mut vublk = start_vublk_on(dir, "vublk2", &dir.join("vublk.sock"), &args)?;
+        worker(vublk.pid(), None, Duration::from_secs(30))?;
+        restarts.push(("daemon", killed.elapsed()));
+
+        let boot = boot
+            .join()
+            .map_err(|_| anyhow::anyhow!("the boot thread panicked"))??;
+        let report = boot.fio("fio")?;
+        ensure!(
+            report.total(|j| j.write.io_bytes) == 24 * MIB,
+            "fio wrote {} bytes",
+            report.total(|j| j.write.io_bytes)
+        );
+        ensure!(
+            report.total(|j| j.read.io_bytes) >= 24 * MIB,
+            "fio verified {} bytes",
+            report.total(|j| j.read.io_bytes)
+        );
+        let gaps = boot.ok("gaps")?;
+        for (what, took) in &restarts {
+            eprintln!(
+                "restarts: {what} killed; its replacement served the VM {} ms later",
+                took.as_millis()
+            );
+        }
+        eprintln!("restarts: the guest probe's longest I/O gaps (s):\n{gaps}");
+        boot.check_kernel(&[])?;
+        vublk.try_terminate()?;
+        Ok(())
+    });
+}
+
+/// How many times the upgrade test restarts vublk under the guest.
+const UPGRADES: usize = 2;
+
+/// An upgrade that never drops the listening socket: the socket is held by someone other than
+/// vublk (here the test, in production systemd's socket unit: `systemctl restart vublk`), vublk
+/// serves it with `--fd 3`, and is stopped with SIGTERM (each worker completes what it has in
+/// flight before letting go) and started again on the same socket while the guest's fio job
+/// runs. QEMU's reconnects land in the socket's backlog until the new vublk accepts them.
+#[test]
+fn upgrade_on_a_held_listening_socket() {
+    guest_test("upgrade", |dir| {
+        prepare()?;
+        let img = dir.join("disk.img");
+        sparse_image(&img, 64 * MIB)?;
+        let args = ["--blk-file", img.to_str().unwrap()];
+        let socket = dir.join("held.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket)?;
+        let mut vublk = start_vublk_inherited(dir, "vublk", &listener, &socket, &args)?;
+        let vm = Vm::default()
+            .disk(&socket, 1)
+            .reconnect(500)
+            .timeout(Duration::from_secs(300));
+        let mut job = Job::new();
+        job.file("verify.fio", verify_job(24, 800))
+            .sh("probe", PROBE)
+            .sh("fio", &fio_step("fio"))
+            .sh("gaps", GAPS);
+        let boot = boot_in_background(&vm, dir, "upgrade", job);
+
+        wait_stage(dir, "upgrade", "fio", &boot, Duration::from_secs(200))?;
+        worker(vublk.pid(), None, Duration::from_secs(5))?;
+        let mut upgrades = Vec::new();
+        for i in 0..UPGRADES {
+            std::thread::sleep(Duration::from_millis(2000));
+            let stopped = Instant::now();
+            let status = vublk.try_terminate()?;
+            ensure!(status.success(), "vublk exited with {status} after SIGTERM");
+            let name = format!("vublk{}", i + 2);
+            vublk = start_vublk_inherited(dir, &name, &listener, &socket, &args)?;
+            worker(vublk.pid(), None, Duration::from_secs(30))?;
+            upgrades.push(stopped.elapsed());
+        }
+
+        let boot = boot
+            .join()
+            .map_err(|_| anyhow::anyhow!("the boot thread panicked"))??;
+        let report = boot.fio("fio")?;
+        ensure!(
+            report.total(|j| j.write.io_bytes) == 24 * MIB,
+            "fio wrote {} bytes",
+            report.total(|j| j.write.io_bytes)
+        );
+        ensure!(
+            report.total(|j| j.read.io_bytes) >= 24 * MIB,
+            "fio verified {} bytes",
+            report.total(|j| j.read.io_bytes)
+        );
+        let gaps = boot.ok("gaps")?;
+        for took in &upgrades {
+            eprintln!(
+                "upgrade: SIGTERM to the new vublk's worker serving the VM: {} ms",
+                took.as_millis()
+            );
+        }
+        eprintln!("upgrade: the guest probe's longest I/O gaps (s):\n{gaps}");
+        boot.check_kernel(&[])?;
+        vublk.try_terminate()?;
+        Ok(())
+    });
+}
