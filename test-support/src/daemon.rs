@@ -242,14 +242,21 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// `program --socket-path DIR/vublk.sock ARGS...` as [`Daemon::spawn`] starts it, once the
-    /// socket file exists.
+    /// `program --socket-path DIR/vublk.sock ARGS...` as [`Daemon::spawn`] starts it, once it
+    /// listens: the socket file exists from `bind` on, but vublk sets its mode after that, so a
+    /// test that changes the mode must wait for the "listening" line (logged at the level
+    /// [`Daemon::spawn`] sets; with a `RUST_LOG` of the caller's, only for the file).
     pub fn start(program: impl AsRef<OsStr>, dir: &Path, args: &[&str]) -> Daemon {
         let socket = dir.join("vublk.sock");
         let mut cmd = Command::new(program);
         cmd.arg("--socket-path").arg(&socket).args(args);
         let mut d = Daemon::spawn(cmd, dir, socket.clone(), true);
         d.wait_for(&socket);
+        if std::env::var_os("RUST_LOG").is_none() {
+            if let Err(e) = d.try_wait_for_log(&format!("listening on {}", socket.display())) {
+                panic!("{e}");
+            }
+        }
         d
     }
 
