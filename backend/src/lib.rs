@@ -19,6 +19,7 @@ pub mod export;
 mod handoff;
 pub mod identity;
 pub mod io;
+pub mod metrics;
 mod ratelimit;
 mod sigbus;
 mod signals;
@@ -47,7 +48,7 @@ pub enum Mode {
     Supervisor(
         Vec<(Endpoint, ExportSpec)>,
         supervisor::TenantLimits,
-        Option<std::path::PathBuf>,
+        supervisor::ControlOptions,
     ),
     /// One export served in this process.
     SingleProcess(Endpoint, SocketAccess, ExportSpec),
@@ -74,7 +75,7 @@ pub enum RunError {
 
 pub fn run(mode: Mode) -> Result<(), RunError> {
     match mode {
-        Mode::Supervisor(mut exports, limits, control_socket) => {
+        Mode::Supervisor(mut exports, limits, options) => {
             // Check every image before taking connections, so a typo fails at start-up rather
             // than at the first VM. Workers open the images again, as their VMM's user; for
             // open-as=daemon the supervisor does, for each connection, and only the file found
@@ -89,7 +90,7 @@ pub fn run(mode: Mode) -> Result<(), RunError> {
                     }
                 }
             }
-            supervisor::run(exports, limits, control_socket)?;
+            supervisor::run(exports, limits, options)?;
             Ok(())
         }
         Mode::SingleProcess(endpoint, access, export) => run_single(endpoint, access, export),

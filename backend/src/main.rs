@@ -45,12 +45,21 @@ fn main() -> ExitCode {
                     eprintln!("vublk: --single-process serves exactly one export");
                     return ExitCode::from(2);
                 }
+                if cli.metrics_addr.is_some() {
+                    eprintln!("vublk: --metrics-addr needs the supervisor (not --single-process)");
+                    return ExitCode::from(2);
+                }
                 let (endpoint, export) = exports.remove(0);
                 Mode::SingleProcess(endpoint, cli.socket_access(), export)
             }
-            Ok(exports) => {
-                Mode::Supervisor(exports, cli.tenant_limits(), cli.control_socket.clone())
-            }
+            Ok(exports) => Mode::Supervisor(
+                exports,
+                cli.tenant_limits(),
+                vublk::supervisor::ControlOptions {
+                    control_socket: cli.control_socket.clone(),
+                    metrics_addr: cli.metrics_addr,
+                },
+            ),
             Err(message) => {
                 eprintln!("vublk: {message}");
                 return ExitCode::from(2);

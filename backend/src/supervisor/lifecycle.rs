@@ -182,6 +182,7 @@ impl Supervisor {
                 retry_send_at: None,
                 identity,
                 devices: Vec::new(),
+                reported_at: None,
             },
         );
         Ok(id)
@@ -198,6 +199,7 @@ impl Supervisor {
         match exec_outcome(exec_status) {
             ExecOutcome::Pending => {}
             ExecOutcome::Started => {
+                self.counters.workers_started += 1;
                 let starting = std::mem::replace(&mut vm.state, WorkerState::Running);
                 self.stop_watching_start(starting);
                 self.flush(id);
@@ -313,7 +315,13 @@ impl Supervisor {
                 return false;
             };
             match message {
-                ToSupervisor::Stats { devices } => vm.devices = devices,
+                ToSupervisor::Stats { mut devices } => {
+                    // Only connections it serves count, as many as a VMM may hold.
+                    devices.retain(|d| vm.live.contains_key(&d.connection));
+                    devices.truncate(self.limits.connections_per_vmm);
+                    vm.devices = devices;
+                    vm.reported_at = Some(Instant::now());
+                }
                 ToSupervisor::Accepted { connection } => {
                     vm.pending.retain(|h| h.connection != connection);
                     vm.took_one = true;

@@ -25,11 +25,12 @@
 //! Files: this one (the loop, accepting, identifying), `dispatch.rs` (connections to workers),
 //! `lifecycle.rs` (starting, hearing from, retiring, reaping and stopping workers), `vm.rs` (the
 //! VM table), `device_state.rs` (what a guest chose that its next worker must know), `spawn.rs` (the fork and the child), `tenants.rs` (limits, backoff, log budgets),
-//! `status.rs` (`vublk status`).
+//! `status.rs` (`vublk status`), `metrics.rs` (`--metrics-addr`).
 
 mod device_state;
 mod dispatch;
 mod lifecycle;
+mod metrics;
 mod spawn;
 mod status;
 mod tenants;
@@ -37,6 +38,7 @@ mod vm;
 
 use std::collections::HashMap;
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -48,10 +50,12 @@ use crate::endpoint::{AcceptFailure, Endpoint, EndpointError, Listener, SocketAc
 use crate::event_loop::{self, EventLoop, Token};
 use crate::export::ExportSpec;
 use crate::identity::Peer;
+use crate::metrics::MetricsServer;
 use crate::ratelimit::RateLimit;
 use crate::signals::Signals;
 
 use device_state::DeviceState;
+use metrics::Counters;
 use spawn::Executable;
 pub use spawn::{adopt_channels, WORKER_CONTROL_FD};
 pub use status::{print_status, Status, VmStatus};
@@ -72,6 +76,12 @@ pub enum SupervisorError {
     Connected(#[source] io::Error),
     #[error("waiting for events failed")]
     Wait(#[source] io::Error),
+    #[error("cannot listen for metrics scrapes on {addr}")]
+    Metrics {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// What the supervisor's loop waits on.
@@ -92,6 +102,10 @@ enum Event {
     /// The full control socket of VM `id`'s worker has room again, or the worker closed it
     /// (watched only while it is full).
     WorkerWritable(u64),
+    /// A scraper connecting to `--metrics-addr`.
+    MetricsListener,
+    /// Metrics connection `id` is readable (or writable, once its request is read).
+    MetricsClient(u64),
 }
 
 impl Token for Event {
@@ -104,6 +118,8 @@ impl Token for Event {
             Event::Control => event_loop::pack(4, 0),
             Event::WorkerStart(id) => event_loop::pack(5, id),
             Event::WorkerWritable(id) => event_loop::pack(6, id),
+            Event::MetricsListener => event_loop::pack(7, 0),
+            Event::MetricsClient(id) => event_loop::pack(8, id),
         }
     }
 
@@ -116,6 +132,8 @@ impl Token for Event {
             (4, 0) => Event::Control,
             (5, id) => Event::WorkerStart(id),
             (6, id) => Event::WorkerWritable(id),
+            (7, 0) => Event::MetricsListener,
+            (8, id) => Event::MetricsClient(id),
             _ => return None,
         })
     }
@@ -139,16 +157,42 @@ struct Export {
     listener: Listener,
 }
 
+/// Where the supervisor answers, besides its exports.
+#[derive(Debug, Default, Clone)]
+pub struct ControlOptions {
+    /// `vublk status` (--control-socket).
+    pub control_socket: Option<PathBuf>,
+    /// `GET /metrics` (--metrics-addr).
+    pub metrics_addr: Option<SocketAddr>,
+}
+
 pub fn run(
     exports: Vec<(Endpoint, ExportSpec)>,
     limits: TenantLimits,
-    control_socket: Option<PathBuf>,
+    options: ControlOptions,
 ) -> Result<(), SupervisorError> {
     let signals = Signals::block_and_watch().map_err(SupervisorError::EventLoop)?;
     raise_nofile_limit();
     let exe = Executable::current().map_err(SupervisorError::Executable)?;
-    let (open, control) = open_sockets(exports, control_socket)?;
+    // Before the control socket, whose appearance says vublk is ready.
+    let metrics = options
+        .metrics_addr
+        .map(|addr| {
+            MetricsServer::bind(addr).map_err(|source| SupervisorError::Metrics { addr, source })
+        })
+        .transpose()?;
+    let (open, control) = open_sockets(exports, options.control_socket)?;
     let mut supervisor = Supervisor::new(open, exe, limits)?;
+    if let Some(server) = &metrics {
+        if let Ok(addr) = server.local_addr() {
+            tracing::info!("serving metrics on http://{addr}/metrics");
+        }
+        supervisor
+            .events
+            .watch(server.listener(), Event::MetricsListener)
+            .map_err(SupervisorError::EventLoop)?;
+    }
+    supervisor.metrics = metrics;
     supervisor
         .events
         .watch(&signals, Event::Signal)
@@ -263,6 +307,9 @@ struct Supervisor {
     /// to try again.
     unreaped: Vec<(i32, OwnedFd)>,
     reap_retry_at: Option<Instant>,
+    /// Where scrapers connect (--metrics-addr), and what the supervisor counts for them.
+    metrics: Option<MetricsServer>,
+    counters: Counters,
 }
 
 impl Supervisor {
@@ -289,6 +336,8 @@ impl Supervisor {
             overload_log: RateLimit::new(5, Duration::from_secs(10)),
             unreaped: Vec::new(),
             reap_retry_at: None,
+            metrics: None,
+            counters: Counters::default(),
         };
         for index in 0..supervisor.exports.len() {
             let stream = match &supervisor.exports[index].listener {
@@ -342,12 +391,13 @@ impl Supervisor {
     }
 
     /// When the loop must wake up next without an event: the earliest start deadline, send
-    /// retry or reap retry.
+    /// retry, reap retry or metrics connection deadline.
     fn next_deadline(&self) -> Option<Instant> {
         self.vms
             .values()
             .filter_map(|vm| vm.deadline())
             .chain(self.reap_retry_at)
+            .chain(self.metrics.as_ref().and_then(|m| m.next_deadline()))
             .min()
     }
 
@@ -375,9 +425,12 @@ impl Supervisor {
                     Event::WorkerStart(id) => self.on_worker_start(id),
                     Event::WorkerExit(id) => self.reap(id),
                     Event::Control => self.answer_status(),
+                    Event::MetricsListener => self.on_metrics_listener(),
+                    Event::MetricsClient(id) => self.on_metrics_client(id),
                 }
             }
             self.expire(Instant::now());
+            self.expire_metrics(Instant::now());
         }
     }
 
@@ -520,7 +573,7 @@ mod tests {
     #[test]
     fn event_tokens_round_trip() {
         let ids = [0, 1, u64::from(u32::MAX) + 1, (1 << 56) - 1];
-        let mut events = vec![Event::Signal, Event::Control];
+        let mut events = vec![Event::Signal, Event::Control, Event::MetricsListener];
         for id in ids {
             events.extend([
                 Event::Listener(id as usize),
@@ -528,12 +581,14 @@ mod tests {
                 Event::WorkerExit(id),
                 Event::WorkerStart(id),
                 Event::WorkerWritable(id),
+                Event::MetricsClient(id),
             ]);
         }
         for event in events {
             assert_eq!(Event::from_raw(event.to_raw()), Some(event), "{event:?}");
         }
         assert_eq!(Event::from_raw(event_loop::pack(0, 1)), None);
-        assert_eq!(Event::from_raw(event_loop::pack(7, 0)), None);
+        assert_eq!(Event::from_raw(event_loop::pack(7, 1)), None);
+        assert_eq!(Event::from_raw(event_loop::pack(9, 0)), None);
     }
 }

@@ -59,8 +59,9 @@ pub(super) struct Vm {
     /// A send failed for lack of kernel memory: try again then.
     pub retry_send_at: Option<Instant>,
     pub identity: VmmIdentity,
-    /// The worker's last report.
+    /// The worker's last report, and when it came.
     pub devices: Vec<DeviceStatus>,
+    pub reported_at: Option<Instant>,
 }
 
 impl Vm {

@@ -63,6 +63,8 @@ struct Slot {
     /// A finished request's buffers, kept for their allocations.
     spare: Option<RawBuffers>,
     segments: Vec<Segment>,
+    /// When the request was taken from the ring, for the latency histogram.
+    started: Option<Instant>,
 }
 
 /// The loop of one queue over its engine: the disk's (`io::engine_for`), or a test's.
@@ -408,7 +410,11 @@ impl<E: Engine> QueueServer<E> {
             },
         );
         slot.head = head;
+        slot.started = Some(Instant::now());
         self.in_flight += 1;
+        if let Some(stats) = self.device.stats.get(self.q.index) {
+            stats.set_in_flight(self.in_flight);
+        }
         let status = match &parsed {
             Ok(req) => Some(req.status),
             Err(rejection) => rejection.status,
@@ -435,7 +441,7 @@ impl<E: Engine> QueueServer<E> {
                     );
                 }
                 if let Some(stats) = self.device.stats.get(self.q.index) {
-                    stats.record_refused();
+                    stats.record_refused(code);
                 }
                 let written = buffers.write_status(code);
                 self.release(index, u32::from(written), buffers);
@@ -521,7 +527,10 @@ impl<E: Engine> QueueServer<E> {
             return;
         };
         if let Some(stats) = self.device.stats.get(self.q.index) {
-            stats.record(req.kind, req.len, status == STATUS_OK);
+            let latency = self.slots[index]
+                .started
+                .map_or(Duration::ZERO, |started| started.elapsed());
+            stats.record(req.kind, req.len, status, latency);
         }
         buffers.write_status(status);
         self.release(index, request::used_len(req.kind, req.len), buffers);
@@ -548,6 +557,9 @@ impl<E: Engine> QueueServer<E> {
         slot.spare = Some(buffers.release());
         self.free.push(index as Tag);
         self.in_flight -= 1;
+        if let Some(stats) = self.device.stats.get(self.q.index) {
+            stats.set_in_flight(self.in_flight);
+        }
     }
 
     /// Interrupts now, mid-batch, if the driver wants one and EVENT_IDX keeps that to one
