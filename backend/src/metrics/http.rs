@@ -6,9 +6,11 @@
 //! small: one request line per connection, one response, then close.
 //!
 //! A scraper cannot hold the daemon: sockets are non-blocking; a request is read up to
-//! [`MAX_REQUEST`] bytes; at most [`MAX_CLIENTS`] connections are open at once (the next ones
-//! are closed at accept); a connection that has not sent its request and taken its response
-//! within [`CLIENT_TIMEOUT`] is closed. Responses are `Connection: close`.
+//! [`MAX_REQUEST`] bytes; at most [`MAX_CLIENTS`] connections are open at once, and a new one
+//! past that closes the oldest (so idle connections cannot lock scrapers out: one must keep
+//! opening connections faster than a scrape takes, milliseconds); a connection that has not
+//! sent its request and taken its response within [`CLIENT_TIMEOUT`] is closed. Responses are
+//! `Connection: close`.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -247,4 +249,90 @@ impl ResponseFor {
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server() -> MetricsServer {
+        MetricsServer::bind("127.0.0.1:0".parse().unwrap()).unwrap()
+    }
+
+    /// Connects, sends `request`, and has the server answer it (polling it, as the loop would).
+    fn exchange(server: &mut MetricsServer, request: &[u8]) -> String {
+        let mut client = TcpStream::connect(server.local_addr().unwrap()).unwrap();
+        client.write_all(request).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut ids = Vec::new();
+        while ids.is_empty() && Instant::now() < deadline {
+            ids = server
+                .accept(Instant::now())
+                .into_iter()
+                .map(|(id, _)| id)
+                .collect();
+        }
+        let id = ids[0];
+        while server.on_ready(id, || "vublk_up 1\n".into()) != Next::Closed {
+            assert!(Instant::now() < deadline, "no answer");
+        }
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).unwrap();
+        answer
+    }
+
+    #[test]
+    fn get_metrics_gets_the_body_and_anything_else_a_status() {
+        let mut s = server();
+        let ok = exchange(&mut s, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
+        assert!(
+            ok.contains(CONTENT_TYPE) && ok.ends_with("\r\n\r\nvublk_up 1\n"),
+            "{ok}"
+        );
+        let head = exchange(&mut s, b"HEAD /metrics?x=1 HTTP/1.0\r\n\r\n");
+        assert!(
+            head.starts_with("HTTP/1.1 200") && head.ends_with("\r\n\r\n"),
+            "{head}"
+        );
+        for (request, status) in [
+            (&b"GET / HTTP/1.1\r\n\r\n"[..], "404"),
+            (b"POST /metrics HTTP/1.1\r\n\r\n", "405"),
+            (b"\r\n\r\n", "400"),
+        ] {
+            let answer = exchange(&mut s, request);
+            assert!(
+                answer.starts_with(&format!("HTTP/1.1 {status} ")),
+                "{answer}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_request_past_the_limit_is_refused_unread() {
+        let mut s = server();
+        let mut request = b"GET /metrics HTTP/1.1\r\nX: ".to_vec();
+        request.resize(MAX_REQUEST + 100, b'a');
+        let answer = exchange(&mut s, &request);
+        assert!(answer.starts_with("HTTP/1.1 431 "), "{answer}");
+    }
+
+    /// A connection that sends nothing goes at its deadline (eviction of the oldest past
+    /// MAX_CLIENTS: tests/metrics.rs).
+    #[test]
+    fn idle_connections_expire() {
+        let mut s = server();
+        let now = Instant::now();
+        let idle: Vec<TcpStream> = (0..MAX_CLIENTS)
+            .map(|_| TcpStream::connect(s.local_addr().unwrap()).unwrap())
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while s.clients.len() < idle.len() && Instant::now() < deadline {
+            s.accept(now);
+        }
+        assert_eq!(s.clients.len(), MAX_CLIENTS);
+        assert!(s.overdue(now).is_empty());
+        assert_eq!(s.overdue(now + CLIENT_TIMEOUT).len(), MAX_CLIENTS);
+        assert_eq!(s.next_deadline(), Some(now + CLIENT_TIMEOUT));
+    }
 }
