@@ -129,13 +129,12 @@ fn scrapes_show_the_io_and_pass_promtool() {
 
     let mut client = Client::connect(daemon.socket(), 1);
     some_io(&mut client);
-    let labels = "{export=\"vublk.sock\",vmm_pid=";
-    let text = scrape_until(port, |t| {
-        value(t, &format!("vublk_requests_total{labels}")) >= Some(25.0)
-    });
+    // The main export is named after its socket.
+    let export = daemon.socket().display().to_string();
+    let text = scrape_until(port, |t| value(t, "vublk_requests_total{") >= Some(25.0));
     let ours = std::process::id();
     let got = |name: &str, extra: &str| {
-        let line = format!("{name}{{export=\"vublk.sock\",vmm_pid=\"{ours}\",uid=\"0\"{extra}}}");
+        let line = format!("{name}{{export=\"{export}\",vmm_pid=\"{ours}\",uid=\"0\"{extra}}}");
         value(&text, &line).unwrap_or_else(|| panic!("no {line} in\n{text}"))
     };
     assert_eq!(got("vublk_requests_total", ",type=\"read\""), 16.0);
@@ -155,11 +154,17 @@ fn scrapes_show_the_io_and_pass_promtool() {
     );
     assert_eq!(value(&text, "vublk_workers_started_total"), Some(1.0));
     assert_eq!(
-        value(&text, "vublk_connections_total{export=\"vublk.sock\"}"),
+        value(
+            &text,
+            &format!("vublk_connections_total{{export=\"{export}\"}}")
+        ),
         Some(1.0)
     );
     assert_eq!(
-        value(&text, "vublk_reconnects_total{export=\"vublk.sock\"}"),
+        value(
+            &text,
+            &format!("vublk_reconnects_total{{export=\"{export}\"}}")
+        ),
         Some(0.0)
     );
 
@@ -167,10 +172,13 @@ fn scrapes_show_the_io_and_pass_promtool() {
     drop(client);
     let mut client = Client::connect(daemon.socket(), 1);
     let text = scrape_until(port, |t| {
-        value(t, "vublk_reconnects_total{export=\"vublk.sock\"}") == Some(1.0)
+        value(t, &format!("vublk_reconnects_total{{export=\"{export}\"}}")) == Some(1.0)
     });
     assert_eq!(
-        value(&text, "vublk_connections_total{export=\"vublk.sock\"}"),
+        value(
+            &text,
+            &format!("vublk_connections_total{{export=\"{export}\"}}")
+        ),
         Some(2.0)
     );
 

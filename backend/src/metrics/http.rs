@@ -78,7 +78,7 @@ impl MetricsServer {
     /// Accepts what is waiting; returns the new connections, to be watched for reading.
     /// Past [`MAX_CLIENTS`] a connection is closed at once.
     pub fn accept(&mut self, now: Instant) -> Vec<(u64, &TcpStream)> {
-        let mut new = Vec::new();
+        let mut ids = Vec::new();
         for _ in 0..ACCEPTS_PER_WAKEUP {
             let stream = match self.listener.accept() {
                 Ok((stream, _)) => stream,
@@ -87,17 +87,18 @@ impl MetricsServer {
                 // retries.
                 Err(_) => break,
             };
-            if self.clients.len() + new.len() >= MAX_CLIENTS
-                || stream.set_nonblocking(true).is_err()
-            {
+            if stream.set_nonblocking(true).is_err() {
                 continue;
+            }
+            if self.clients.len() >= MAX_CLIENTS {
+                // Ids grow with time: the smallest is the oldest.
+                if let Some(&oldest) = self.clients.keys().min() {
+                    self.close(oldest);
+                    ids.retain(|&id| id != oldest);
+                }
             }
             let id = self.next_id;
             self.next_id += 1;
-            new.push((id, stream));
-        }
-        let ids: Vec<u64> = new.iter().map(|(id, _)| *id).collect();
-        for (id, stream) in new {
             self.clients.insert(
                 id,
                 Client {
@@ -107,6 +108,7 @@ impl MetricsServer {
                     deadline: now + CLIENT_TIMEOUT,
                 },
             );
+            ids.push(id);
         }
         ids.into_iter()
             .filter_map(|id| self.clients.get(&id).map(|c| (id, &c.stream)))
@@ -317,20 +319,22 @@ mod tests {
         assert!(answer.starts_with("HTTP/1.1 431 "), "{answer}");
     }
 
-    /// A connection that sends nothing goes at its deadline (eviction of the oldest past
-    /// MAX_CLIENTS: tests/metrics.rs).
+    /// Idle connections cannot lock scrapers out: past the limit the oldest goes, and a
+    /// connection that sends nothing goes at its deadline.
     #[test]
-    fn idle_connections_expire() {
+    fn idle_connections_make_room() {
         let mut s = server();
         let now = Instant::now();
-        let idle: Vec<TcpStream> = (0..MAX_CLIENTS)
+        let idle: Vec<TcpStream> = (0..MAX_CLIENTS + 1)
             .map(|_| TcpStream::connect(s.local_addr().unwrap()).unwrap())
             .collect();
+        // Ids count the connections accepted.
         let deadline = Instant::now() + Duration::from_secs(5);
-        while s.clients.len() < idle.len() && Instant::now() < deadline {
+        while s.next_id <= idle.len() as u64 && Instant::now() < deadline {
             s.accept(now);
         }
         assert_eq!(s.clients.len(), MAX_CLIENTS);
+        assert!(!s.clients.contains_key(&1), "the oldest is closed");
         assert!(s.overdue(now).is_empty());
         assert_eq!(s.overdue(now + CLIENT_TIMEOUT).len(), MAX_CLIENTS);
         assert_eq!(s.next_deadline(), Some(now + CLIENT_TIMEOUT));
