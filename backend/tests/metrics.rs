@@ -170,7 +170,7 @@ fn scrapes_show_the_io_and_pass_promtool() {
 
     // The same VMM connecting again is a reconnect.
     drop(client);
-    let mut client = Client::connect(daemon.socket(), 1);
+    let client = Client::connect(daemon.socket(), 1);
     let text = scrape_until(port, |t| {
         value(t, &format!("vublk_reconnects_total{{export=\"{export}\"}}")) == Some(1.0)
     });
