@@ -20,9 +20,11 @@
 #                    so apt does not pick crun, which refuses hybrid cgroup hierarchies
 #   libvirt-clients libxml2-utils  virt-xml-validate (and the xmllint it runs) for the
 #                    libvirt domain in docs/deploy.md (vmm-glue)
+#   prometheus       promtool check metrics, and a Prometheus server scraping --metrics-addr
+#                    (backend/tests/metrics.rs)
 # The guest's kernel and busybox are not installed: the tests fetch their .debs with
 # `apt-get download` at run time and cache them under target/guest-cache.
-VUBLK_TEST_PACKAGES=(fio xz-utils systemd podman runc libvirt-clients libxml2-utils)
+VUBLK_TEST_PACKAGES=(fio xz-utils systemd podman runc libvirt-clients libxml2-utils prometheus)
 VUBLK_BUILD_PACKAGES=(gcc libc6-dev)
 
 # QEMU, the current release rather than Debian 12's 7.2 (three years old): the guest tests boot

@@ -155,6 +155,12 @@ pub struct Cli {
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
 
+    /// Serve Prometheus metrics (`GET /metrics`, text exposition format) on this TCP address,
+    /// HOST:PORT (e.g. 127.0.0.1:9850). Metrics name exports, VMM pids and uids: bind it where
+    /// only the monitoring system can reach it. Not with --single-process.
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_socket_addr)]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+
     /// Print the capabilities JSON (vhost-user backend conventions) and exit.
     #[arg(long)]
     pub print_capabilities: bool,
@@ -212,6 +218,15 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let n: u64 = digits.parse().map_err(|_| format!("'{s}' is not a size"))?;
     n.checked_mul(1u64 << shift)
         .ok_or_else(|| format!("size '{s}' is too large"))
+}
+
+/// HOST:PORT, HOST a name or an address; the first address it resolves to.
+fn parse_socket_addr(s: &str) -> Result<std::net::SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    s.to_socket_addrs()
+        .map_err(|e| format!("'{s}' is not HOST:PORT: {e}"))?
+        .next()
+        .ok_or_else(|| format!("'{s}' resolves to no address"))
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {

@@ -23,6 +23,9 @@ use crate::virtio_blk::stats::DeviceTotals;
 
 /// Largest message; exports are small.
 const MAX_MESSAGE: usize = 64 * 1024;
+/// Longest report line: a worker's stats, about 1.5 KiB per device, for up to
+/// `--max-connections-per-vmm` devices (64 by default).
+const MAX_REPORT: usize = 256 * 1024;
 /// At most this many fds per message.
 const MAX_FDS: usize = 4;
 
@@ -175,14 +178,14 @@ impl ReportPipe {
 pub enum ReportError {
     #[error("cannot read the pipe")]
     Read(#[source] io::Error),
-    #[error("a report longer than 64 KiB")]
+    #[error("a report longer than 256 KiB")]
     TooLong,
     #[error("a report that is not a message")]
     NotAMessage(#[source] serde_json::Error),
 }
 
 /// The supervisor's side of a worker's report pipe (non-blocking): collects lines, at most
-/// [`MAX_MESSAGE`] bytes each, so a worker cannot make it hold more.
+/// [`MAX_REPORT`] bytes each, so a worker cannot make it hold more.
 #[derive(Default)]
 pub struct ReportReader {
     partial: Vec<u8>,
@@ -213,7 +216,7 @@ impl ReportReader {
                 reports.messages.push(message);
                 continue;
             }
-            if self.partial.len() > MAX_MESSAGE {
+            if self.partial.len() > MAX_REPORT {
                 return Err(ReportError::TooLong);
             }
             match rustix::io::read(&pipe, &mut buf) {
@@ -374,7 +377,7 @@ mod tests {
             messages: Vec::new(),
             closed: false,
         });
-        for _ in 0..6 {
+        for _ in 0..(MAX_REPORT / chunk.len() + 2) {
             rustix::io::write(&w, &chunk).unwrap();
             result = reader.read(&r, 16);
             if result.is_err() {
@@ -383,7 +386,7 @@ mod tests {
         }
         assert!(matches!(result, Err(ReportError::TooLong)));
         assert!(
-            reader.partial.len() <= MAX_MESSAGE + 16 * 1024,
+            reader.partial.len() <= MAX_REPORT + 16 * 1024,
             "the reader holds at most one message and a read"
         );
     }

@@ -19,6 +19,7 @@ pub mod export;
 mod handoff;
 pub mod identity;
 pub mod io;
+pub mod metrics;
 mod ratelimit;
 pub mod sandbox;
 mod sigbus;
@@ -49,7 +50,7 @@ pub enum Mode {
         Vec<(Endpoint, ExportSpec)>,
         supervisor::TenantLimits,
         supervisor::WorkerOptions,
-        Option<std::path::PathBuf>,
+        supervisor::ControlOptions,
     ),
     /// One export served in this process.
     SingleProcess(Endpoint, SocketAccess, Box<ExportSpec>),
@@ -77,7 +78,7 @@ pub enum RunError {
 
 pub fn run(mode: Mode) -> Result<(), RunError> {
     match mode {
-        Mode::Supervisor(mut exports, limits, workers, control_socket) => {
+        Mode::Supervisor(mut exports, limits, workers, options) => {
             // Check every image before taking connections, so a typo fails at start-up rather
             // than at the first VM. Workers open the images again, as their VMM's user; for
             // open-as=daemon the supervisor does, for each connection, and only the file found
@@ -92,7 +93,7 @@ pub fn run(mode: Mode) -> Result<(), RunError> {
                     }
                 }
             }
-            supervisor::run(exports, limits, workers, control_socket)?;
+            supervisor::run(exports, limits, workers, options)?;
             Ok(())
         }
         Mode::SingleProcess(endpoint, access, export) => run_single(endpoint, access, *export),

@@ -57,6 +57,10 @@ fn main() -> ExitCode {
                     eprintln!("vublk: --single-process serves exactly one export");
                     return ExitCode::from(2);
                 }
+                if cli.metrics_addr.is_some() {
+                    eprintln!("vublk: --metrics-addr needs the supervisor (not --single-process)");
+                    return ExitCode::from(2);
+                }
                 let (endpoint, export) = exports.remove(0);
                 Mode::SingleProcess(endpoint, cli.socket_access(), Box::new(export))
             }
@@ -64,7 +68,10 @@ fn main() -> ExitCode {
                 exports,
                 cli.tenant_limits(),
                 cli.worker_options(),
-                cli.control_socket.clone(),
+                vublk::supervisor::ControlOptions {
+                    control_socket: cli.control_socket.clone(),
+                    metrics_addr: cli.metrics_addr,
+                },
             ),
             Err(message) => {
                 eprintln!("vublk: {message}");

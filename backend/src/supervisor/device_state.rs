@@ -1,5 +1,6 @@
 //! Device state the supervisor keeps for a VMM's next worker: the write cache each of its
-//! guests chose (the `writeback` config field), per VMM and export.
+//! guests chose (the `writeback` config field), per VMM and export; and which exports each
+//! VMM connected to, so that its next connection counts as a reconnect (metrics).
 //!
 //! The choice is the guest's, made once (at boot, or when an administrator changes the disk's
 //! cache type), and VMMs do not send it again after a reconnect; a worker that crashed or was
@@ -15,7 +16,7 @@
 //! [`ToSupervisor::WriteCache`]: crate::handoff::ToSupervisor::WriteCache
 //! [`ToWorker::Serve`]: crate::handoff::ToWorker::Serve
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 /// A VMM: its pid and start time, as the VM table keys it.
 type VmmKey = (i32, u64);
@@ -28,6 +29,7 @@ pub(super) const MAX_ENTRIES: usize = 65536;
 #[derive(Debug, Default)]
 pub(super) struct DeviceState {
     write_cache: HashMap<(VmmKey, usize), bool>,
+    connected: HashSet<(VmmKey, usize)>,
 }
 
 impl DeviceState {
@@ -57,9 +59,32 @@ impl DeviceState {
         true
     }
 
+    /// Notes that `vmm` connected to `export`; returns whether it had before (a reconnect).
+    /// Bounded like the write cache: when the table is full, VMMs without a worker make room,
+    /// and if that is not enough the connection is not remembered.
+    pub fn note_connection(
+        &mut self,
+        vmm: VmmKey,
+        export: usize,
+        has_worker: impl Fn(VmmKey) -> bool,
+    ) -> bool {
+        let key = (vmm, export);
+        if self.connected.contains(&key) {
+            return true;
+        }
+        if self.connected.len() >= MAX_ENTRIES {
+            self.connected.retain(|(v, _)| has_worker(*v));
+        }
+        if self.connected.len() < MAX_ENTRIES {
+            self.connected.insert(key);
+        }
+        false
+    }
+
     /// Forgets everything about `vmm` (it exited).
     pub fn forget(&mut self, vmm: VmmKey) {
         self.write_cache.retain(|(v, _), _| *v != vmm);
+        self.connected.retain(|(v, _)| *v != vmm);
     }
 
     #[cfg(test)]
@@ -97,6 +122,18 @@ mod tests {
             (None, None)
         );
         assert_eq!(state.write_cache(B, 0), Some(true));
+    }
+
+    #[test]
+    fn reconnects_are_per_vmm_and_export_and_forgotten_with_the_vmm() {
+        let mut state = DeviceState::default();
+        assert!(!state.note_connection(A, 0, |_| true));
+        assert!(state.note_connection(A, 0, |_| true));
+        assert!(!state.note_connection(A, 1, |_| true));
+        assert!(!state.note_connection(B, 0, |_| true));
+        state.forget(A);
+        assert!(!state.note_connection(A, 0, |_| true));
+        assert!(state.note_connection(B, 0, |_| true));
     }
 
     #[test]

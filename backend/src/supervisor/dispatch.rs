@@ -165,6 +165,14 @@ impl Supervisor {
                 }
             }
         };
+        let vms = &self.vms;
+        let reconnect = self
+            .device_state
+            .note_connection(key, handoff.export, |vmm| {
+                vms.values()
+                    .any(|vm| vm.vmm_key == vmm && vm.takes_connections())
+            });
+        self.counters.connected(handoff.export, reconnect);
         if let Some(vm) = self.vms.get_mut(&vm_id) {
             vm.outbox.push_back(handoff);
         }
@@ -205,6 +213,7 @@ impl Supervisor {
 
     /// Counts a failure of VMM `key`'s worker; says what follows.
     pub(super) fn count_failure(&mut self, key: (i32, u64)) -> String {
+        self.counters.workers_failed += 1;
         let (count, verdict) = self.backoff.failed(key, Instant::now());
         match verdict {
             Verdict::GivenUp(_) => format!(

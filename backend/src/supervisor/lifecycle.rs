@@ -195,6 +195,7 @@ impl Supervisor {
                 retry_send_at: None,
                 identity,
                 devices: Vec::new(),
+                reported_at: None,
             },
         );
         Ok(id)
@@ -211,6 +212,7 @@ impl Supervisor {
         match exec_outcome(exec_status) {
             ExecOutcome::Pending => {}
             ExecOutcome::Started => {
+                self.counters.workers_started += 1;
                 let starting = std::mem::replace(&mut vm.state, WorkerState::Running);
                 self.stop_watching_start(starting);
                 self.flush(id);
@@ -333,8 +335,11 @@ impl Supervisor {
             // was given, and what it says goes no further than its own VM's entry.
             match message {
                 ToSupervisor::Stats { mut devices } => {
+                    // Only connections it serves count, as many as a VMM may hold.
                     devices.retain(|d| vm.live.contains_key(&d.connection));
+                    devices.truncate(self.limits.connections_per_vmm);
                     vm.devices = devices;
+                    vm.reported_at = Some(Instant::now());
                 }
                 ToSupervisor::Accepted { connection } => {
                     let before = vm.pending.len();

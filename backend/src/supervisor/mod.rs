@@ -27,12 +27,13 @@
 //! VM table), `device_state.rs` (what a guest chose that its next worker must know), `spawn.rs`
 //! (the fork and the child), `tenants.rs` (limits, backoff, log budgets), `status.rs` (`vublk
 //! status`), `confine.rs` (each worker's sandbox plan), `worker_log.rs` (a worker's stderr into
-//! our log).
+//! our log), `metrics.rs` (`--metrics-addr`).
 
 mod confine;
 mod device_state;
 mod dispatch;
 mod lifecycle;
+mod metrics;
 mod spawn;
 mod status;
 mod tenants;
@@ -41,6 +42,7 @@ mod worker_log;
 
 use std::collections::HashMap;
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -52,11 +54,13 @@ use crate::endpoint::{AcceptFailure, Endpoint, EndpointError, Listener, SocketAc
 use crate::event_loop::{self, EventLoop, Token};
 use crate::export::ExportSpec;
 use crate::identity::Peer;
+use crate::metrics::MetricsServer;
 use crate::ratelimit::RateLimit;
 use crate::signals::Signals;
 
 pub use confine::WorkerOptions;
 use device_state::DeviceState;
+use metrics::Counters;
 use spawn::Executable;
 pub use spawn::{adopt_channels, WORKER_CONTROL_FD};
 pub use status::{print_status, Status, VmStatus};
@@ -77,6 +81,12 @@ pub enum SupervisorError {
     Connected(#[source] io::Error),
     #[error("waiting for events failed")]
     Wait(#[source] io::Error),
+    #[error("cannot listen for metrics scrapes on {addr}")]
+    Metrics {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// What the supervisor's loop waits on.
@@ -99,6 +109,10 @@ enum Event {
     WorkerWritable(u64),
     /// The stderr pipe of VM `id`'s worker is readable.
     WorkerLog(u64),
+    /// A scraper connecting to `--metrics-addr`.
+    MetricsListener,
+    /// Metrics connection `id` is readable (or writable, once its request is read).
+    MetricsClient(u64),
 }
 
 impl Token for Event {
@@ -112,6 +126,8 @@ impl Token for Event {
             Event::WorkerStart(id) => event_loop::pack(5, id),
             Event::WorkerWritable(id) => event_loop::pack(6, id),
             Event::WorkerLog(id) => event_loop::pack(7, id),
+            Event::MetricsListener => event_loop::pack(8, 0),
+            Event::MetricsClient(id) => event_loop::pack(9, id),
         }
     }
 
@@ -125,6 +141,8 @@ impl Token for Event {
             (5, id) => Event::WorkerStart(id),
             (6, id) => Event::WorkerWritable(id),
             (7, id) => Event::WorkerLog(id),
+            (8, 0) => Event::MetricsListener,
+            (9, id) => Event::MetricsClient(id),
             _ => return None,
         })
     }
@@ -148,17 +166,43 @@ struct Export {
     listener: Listener,
 }
 
+/// Where the supervisor answers, besides its exports.
+#[derive(Debug, Default, Clone)]
+pub struct ControlOptions {
+    /// `vublk status` (--control-socket).
+    pub control_socket: Option<PathBuf>,
+    /// `GET /metrics` (--metrics-addr).
+    pub metrics_addr: Option<SocketAddr>,
+}
+
 pub fn run(
     exports: Vec<(Endpoint, ExportSpec)>,
     limits: TenantLimits,
     workers: WorkerOptions,
-    control_socket: Option<PathBuf>,
+    options: ControlOptions,
 ) -> Result<(), SupervisorError> {
     let signals = Signals::block_and_watch().map_err(SupervisorError::EventLoop)?;
     raise_nofile_limit();
     let exe = Executable::current().map_err(SupervisorError::Executable)?;
-    let (open, control) = open_sockets(exports, control_socket)?;
+    // Before the control socket, whose appearance says vublk is ready.
+    let metrics = options
+        .metrics_addr
+        .map(|addr| {
+            MetricsServer::bind(addr).map_err(|source| SupervisorError::Metrics { addr, source })
+        })
+        .transpose()?;
+    let (open, control) = open_sockets(exports, options.control_socket)?;
     let mut supervisor = Supervisor::new(open, exe, limits, workers)?;
+    if let Some(server) = &metrics {
+        if let Ok(addr) = server.local_addr() {
+            tracing::info!("serving metrics on http://{addr}/metrics");
+        }
+        supervisor
+            .events
+            .watch(server.listener(), Event::MetricsListener)
+            .map_err(SupervisorError::EventLoop)?;
+    }
+    supervisor.metrics = metrics;
     supervisor
         .events
         .watch(&signals, Event::Signal)
@@ -277,6 +321,9 @@ struct Supervisor {
     /// to try again.
     unreaped: Vec<(i32, OwnedFd)>,
     reap_retry_at: Option<Instant>,
+    /// Where scrapers connect (--metrics-addr), and what the supervisor counts for them.
+    metrics: Option<MetricsServer>,
+    counters: Counters,
 }
 
 impl Supervisor {
@@ -306,6 +353,8 @@ impl Supervisor {
             overload_log: RateLimit::new(5, Duration::from_secs(10)),
             unreaped: Vec::new(),
             reap_retry_at: None,
+            metrics: None,
+            counters: Counters::default(),
         };
         for index in 0..supervisor.exports.len() {
             let stream = match &supervisor.exports[index].listener {
@@ -359,12 +408,13 @@ impl Supervisor {
     }
 
     /// When the loop must wake up next without an event: the earliest start deadline, send
-    /// retry or reap retry.
+    /// retry, reap retry or metrics connection deadline.
     fn next_deadline(&self) -> Option<Instant> {
         self.vms
             .values()
             .filter_map(|vm| vm.deadline())
             .chain(self.reap_retry_at)
+            .chain(self.metrics.as_ref().and_then(|m| m.next_deadline()))
             .min()
     }
 
@@ -393,9 +443,12 @@ impl Supervisor {
                     Event::WorkerExit(id) => self.reap(id),
                     Event::WorkerLog(id) => self.on_worker_log(id),
                     Event::Control => self.answer_status(),
+                    Event::MetricsListener => self.on_metrics_listener(),
+                    Event::MetricsClient(id) => self.on_metrics_client(id),
                 }
             }
             self.expire(Instant::now());
+            self.expire_metrics(Instant::now());
         }
     }
 
@@ -540,7 +593,7 @@ mod tests {
     #[test]
     fn event_tokens_round_trip() {
         let ids = [0, 1, u64::from(u32::MAX) + 1, (1 << 56) - 1];
-        let mut events = vec![Event::Signal, Event::Control];
+        let mut events = vec![Event::Signal, Event::Control, Event::MetricsListener];
         for id in ids {
             events.extend([
                 Event::Listener(id as usize),
@@ -549,12 +602,14 @@ mod tests {
                 Event::WorkerStart(id),
                 Event::WorkerWritable(id),
                 Event::WorkerLog(id),
+                Event::MetricsClient(id),
             ]);
         }
         for event in events {
             assert_eq!(Event::from_raw(event.to_raw()), Some(event), "{event:?}");
         }
         assert_eq!(Event::from_raw(event_loop::pack(0, 1)), None);
-        assert_eq!(Event::from_raw(event_loop::pack(8, 0)), None);
+        assert_eq!(Event::from_raw(event_loop::pack(8, 1)), None);
+        assert_eq!(Event::from_raw(event_loop::pack(10, 0)), None);
     }
 }

@@ -70,8 +70,9 @@ pub(super) struct Vm {
     /// A send failed for lack of kernel memory: try again then.
     pub retry_send_at: Option<Instant>,
     pub identity: VmmIdentity,
-    /// The worker's last report.
+    /// The worker's last report, and when it came.
     pub devices: Vec<DeviceStatus>,
+    pub reported_at: Option<Instant>,
 }
 
 /// Reports a worker may send per [`REPORT_INTERVAL`]: one about each connection it takes,

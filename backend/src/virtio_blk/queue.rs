@@ -68,6 +68,8 @@ struct Slot {
     /// A finished request's buffers, kept for their allocations.
     spare: Option<RawBuffers>,
     segments: Vec<Segment>,
+    /// When the request was taken from the ring, for the latency histogram.
+    started: Option<Instant>,
 }
 
 /// The loop of one queue over its engine: the disk's (`io::engine_for`), or a test's.
@@ -453,7 +455,11 @@ impl<E: Engine> QueueServer<E> {
             },
         );
         slot.head = head;
+        slot.started = Some(Instant::now());
         self.in_flight += 1;
+        if let Some(stats) = self.device.stats.get(self.q.index) {
+            stats.set_in_flight(self.in_flight);
+        }
         let status = match &parsed {
             Ok(req) => Some(req.status),
             Err(rejection) => rejection.status,
@@ -480,7 +486,7 @@ impl<E: Engine> QueueServer<E> {
                     );
                 }
                 if let Some(stats) = self.device.stats.get(self.q.index) {
-                    stats.record_refused();
+                    stats.record_refused(code);
                 }
                 let written = buffers.write_status(code);
                 self.release(index, u32::from(written), buffers, false);
@@ -566,7 +572,10 @@ impl<E: Engine> QueueServer<E> {
             return;
         };
         if let Some(stats) = self.device.stats.get(self.q.index) {
-            stats.record(req.kind, req.len, status == STATUS_OK);
+            let latency = self.slots[index]
+                .started
+                .map_or(Duration::ZERO, |started| started.elapsed());
+            stats.record(req.kind, req.len, status, latency);
         }
         buffers.write_status(status);
         // The device wrote into the driver's buffers for reads and GET_ID (marked while logging).
@@ -607,6 +616,9 @@ impl<E: Engine> QueueServer<E> {
         slot.spare = Some(buffers.release());
         self.free.push(index as Tag);
         self.in_flight -= 1;
+        if let Some(stats) = self.device.stats.get(self.q.index) {
+            stats.set_in_flight(self.in_flight);
+        }
     }
 
     /// Marks a released request's writes in the dirty log: its status byte, its buffers if the

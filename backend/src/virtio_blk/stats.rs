@@ -6,6 +6,40 @@ use serde::{Deserialize, Serialize};
 
 use super::poll::Epoch;
 use super::request::RequestKind;
+use super::spec;
+
+const STATUS_OK: u8 = spec::VIRTIO_BLK_S_OK as u8;
+const STATUS_IOERR: u8 = spec::VIRTIO_BLK_S_IOERR as u8;
+const STATUS_UNSUPP: u8 = spec::VIRTIO_BLK_S_UNSUPP as u8;
+
+/// Request kinds in the order of [`DeviceTotals::by_kind`].
+pub const KINDS: [RequestKind; 6] = [
+    RequestKind::Read,
+    RequestKind::Write,
+    RequestKind::Flush,
+    RequestKind::GetId,
+    RequestKind::Discard,
+    RequestKind::WriteZeroes,
+];
+
+/// Upper bounds of the latency histogram's buckets, in microseconds; a last bucket takes the
+/// rest. From a polled null disk (a few microseconds) to a stalled backing (seconds).
+pub const LATENCY_BOUNDS_US: [u64; 15] = [
+    10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
+    1_000_000,
+];
+const BUCKETS: usize = LATENCY_BOUNDS_US.len() + 1;
+
+fn kind_index(kind: RequestKind) -> usize {
+    match kind {
+        RequestKind::Read => 0,
+        RequestKind::Write => 1,
+        RequestKind::Flush => 2,
+        RequestKind::GetId => 3,
+        RequestKind::Discard => 4,
+        RequestKind::WriteZeroes => 5,
+    }
+}
 
 /// One queue's counters, on a cache line of its own.
 #[derive(Debug, Default)]
@@ -27,15 +61,29 @@ pub struct QueueStats {
     /// The polling policy's epochs in each mode, [sleeping, polling], and their time.
     epochs: [AtomicU64; 2],
     epoch_ns: [AtomicU64; 2],
+    /// Completed requests per kind ([`KINDS`]); refused chains have no kind.
+    by_kind: [AtomicU64; KINDS.len()],
+    /// Errors by the status the guest got: [IOERR, UNSUPP].
+    by_status: [AtomicU64; 2],
+    /// Requests taken from the ring and not yet returned.
+    in_flight: AtomicU64,
+    /// Completed requests by latency (taken from the ring to completed), and their sum.
+    latency: [AtomicU64; BUCKETS],
+    latency_ns: AtomicU64,
 }
 
 impl QueueStats {
     /// Counts a completed request (only its own queue thread calls this, so a load and a
     /// store suffice: no read-modify-write on the I/O path).
-    pub fn record(&self, kind: RequestKind, len: u64, ok: bool) {
+    pub fn record(&self, kind: RequestKind, len: u64, status: u8, latency: std::time::Duration) {
         add(&self.requests, 1);
-        if !ok {
-            add(&self.errors, 1);
+        add(&self.by_kind[kind_index(kind)], 1);
+        let us = latency.as_micros() as u64;
+        let bucket = LATENCY_BOUNDS_US.partition_point(|&bound| bound < us);
+        add(&self.latency[bucket], 1);
+        add(&self.latency_ns, latency.as_nanos() as u64);
+        if status != STATUS_OK {
+            self.record_error(status);
             return;
         }
         match kind {
@@ -71,10 +119,24 @@ impl QueueStats {
         add(&self.epoch_ns[mode], epoch.length.as_nanos() as u64);
     }
 
-    /// Counts a chain refused before any I/O.
-    pub fn record_refused(&self) {
+    /// Counts a chain refused before any I/O, with the status it got.
+    pub fn record_refused(&self, status: u8) {
         add(&self.requests, 1);
+        self.record_error(status);
+    }
+
+    fn record_error(&self, status: u8) {
         add(&self.errors, 1);
+        match status {
+            STATUS_IOERR => add(&self.by_status[0], 1),
+            STATUS_UNSUPP => add(&self.by_status[1], 1),
+            _ => {}
+        }
+    }
+
+    /// The queue thread's count of requests in flight, after it changed.
+    pub fn set_in_flight(&self, n: usize) {
+        self.in_flight.store(n as u64, Ordering::Relaxed);
     }
 }
 
@@ -110,12 +172,35 @@ pub struct DeviceTotals {
     pub sleeping_epochs: u64,
     #[serde(default)]
     pub sleeping_epoch_ns: u64,
+    /// Completed requests per kind, in the order of [`KINDS`].
+    #[serde(default)]
+    pub by_kind: [u64; KINDS.len()],
+    /// Requests that failed with VIRTIO_BLK_S_IOERR and with VIRTIO_BLK_S_UNSUPP.
+    #[serde(default)]
+    pub ioerr: u64,
+    #[serde(default)]
+    pub unsupp: u64,
+    #[serde(default)]
+    pub in_flight: u64,
+    /// Completed requests per latency bucket ([`LATENCY_BOUNDS_US`], then the rest; not
+    /// cumulative), and the sum of their latencies.
+    #[serde(default)]
+    pub latency: [u64; BUCKETS],
+    #[serde(default)]
+    pub latency_ns: u64,
 }
 
 pub fn totals(queues: &[QueueStats]) -> DeviceTotals {
+    let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
     queues
         .iter()
         .fold(DeviceTotals::default(), |t, q| DeviceTotals {
+            by_kind: std::array::from_fn(|i| t.by_kind[i] + load(&q.by_kind[i])),
+            ioerr: t.ioerr + load(&q.by_status[0]),
+            unsupp: t.unsupp + load(&q.by_status[1]),
+            in_flight: t.in_flight + load(&q.in_flight),
+            latency: std::array::from_fn(|i| t.latency[i] + load(&q.latency[i])),
+            latency_ns: t.latency_ns + load(&q.latency_ns),
             requests: t.requests + q.requests.load(Ordering::Relaxed),
             errors: t.errors + q.errors.load(Ordering::Relaxed),
             bytes_read: t.bytes_read + q.bytes_read.load(Ordering::Relaxed),
