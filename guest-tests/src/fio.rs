@@ -10,6 +10,77 @@ use serde_json::Value;
 
 use crate::console::Step;
 
+/// A fio job file of random 4 KiB O_DIRECT writes on the guest's `/dev/vda` with crc32c
+/// verification (along the way, and of everything at the end), or its `verify_only` pass,
+/// which replays the same offsets (same seed) and only reads.
+#[derive(Clone, Debug)]
+pub struct WriteVerify {
+    /// The job's name in fio's report.
+    pub name: &'static str,
+    /// Bytes from the start of the disk the job covers.
+    pub size: u64,
+    /// fio's random seed: a verify pass must use the writing job's.
+    pub seed: Option<u64>,
+    /// A pace (`rate_iops`), for a job that must still run when something happens to it.
+    pub rate_iops: Option<u32>,
+    /// Writes verified along the way (`verify_backlog`); none in a verify pass: fio 3.33 with
+    /// both verifies nothing.
+    pub backlog: u32,
+    pub verify_only: bool,
+}
+
+impl WriteVerify {
+    pub fn new(name: &'static str, size: u64) -> WriteVerify {
+        WriteVerify {
+            name,
+            size,
+            seed: None,
+            rate_iops: None,
+            backlog: 512,
+            verify_only: false,
+        }
+    }
+
+    /// The pass that reads back what this job wrote.
+    pub fn verify_pass(&self) -> WriteVerify {
+        WriteVerify {
+            verify_only: true,
+            ..self.clone()
+        }
+    }
+
+    /// The job file.
+    pub fn file(&self) -> String {
+        let mut extra = String::new();
+        if let Some(seed) = self.seed {
+            extra += &format!("randseed={seed}\n");
+        }
+        if let Some(iops) = self.rate_iops {
+            extra += &format!("rate_iops={iops}\n");
+        }
+        if self.verify_only {
+            extra += "verify_only=1\n";
+        } else {
+            extra += &format!("verify_backlog={}\n", self.backlog);
+        }
+        format!(
+            "[global]
+filename=/dev/vda
+ioengine=libaio
+direct=1
+bs=4k
+iodepth=16
+size={}
+rw=randwrite
+randrepeat=1
+verify=crc32c
+{extra}[{}]
+",
+            self.size, self.name
+        )
+    }
+}
+
 /// Bytes and operations of one direction (`read`, `write`, `trim`) of one job.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Dir {
@@ -109,6 +180,24 @@ pub fn passed(step: &Step) -> Result<Report> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_verify_pass_replays_the_writes_and_only_reads() {
+        let job = WriteVerify {
+            seed: Some(7),
+            rate_iops: Some(100),
+            ..WriteVerify::new("w", 16 << 20)
+        };
+        let write = job.file();
+        assert!(write.contains("size=16777216\n") && write.contains("randseed=7\n"));
+        assert!(write.contains("rate_iops=100\n") && write.contains("verify_backlog=512\n"));
+        assert!(!write.contains("verify_only"));
+        let verify = job.verify_pass().file();
+        assert!(verify.contains("verify_only=1\n") && verify.contains("randseed=7\n"));
+        // fio 3.33 verifies nothing with both.
+        assert!(!verify.contains("verify_backlog"));
+        assert!(verify.ends_with("[w]\n"));
+    }
 
     fn step(stdout: &str, stderr: &str, rc: i32) -> Step {
         Step {

@@ -11,6 +11,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use guest_tests::fio::WriteVerify;
 use guest_tests::qemu::{Launch, Running};
 use guest_tests::qmp::Qmp;
 use guest_tests::{guest_test, sparse_image, start_vublk, Boot, Job, Vm, MIB};
@@ -26,26 +27,11 @@ const MIGRATION_TIMEOUT: Duration = Duration::from_secs(120);
 /// The write job (random 4 KiB writes with crc32c, verified along the way and at the end), or
 /// (`verify_only`) the pass that replays its offsets and only reads.
 fn job(verify_only: bool) -> String {
-    let (backlog, only) = if verify_only {
-        ("", "verify_only=1\n")
-    } else {
-        ("verify_backlog=512\n", "")
+    let job = WriteVerify {
+        seed: Some(20251207),
+        ..WriteVerify::new("migrate-verify", REGION)
     };
-    format!(
-        "[global]
-filename=/dev/vda
-ioengine=libaio
-direct=1
-bs=4k
-iodepth=16
-size={REGION}
-rw=randwrite
-randrepeat=1
-randseed=20251207
-verify=crc32c
-{backlog}{only}[migrate-verify]
-"
-    )
+    if verify_only { job.verify_pass() } else { job }.file()
 }
 
 /// Waits until the console at `path` contains `needle`; fails if QEMU exits first.

@@ -3,33 +3,18 @@
 //! host corrupts one block must fail verification, which shows the verify pass reads the disk.
 
 use anyhow::ensure;
+use guest_tests::fio::WriteVerify;
 use guest_tests::{guest_test, sparse_image, start_vublk, write_at, Job, Vm, MIB};
 
 const REGION: u64 = 32 * MIB;
 
-/// The write job, or (`verify_only`) the pass that replays its offsets and only reads. The verify
-/// pass must not set verify_backlog: fio 3.33 with both verifies nothing (found by boot 3).
+/// The write job, or (`verify_only`) the pass that replays its offsets and only reads.
 fn job(verify_only: bool) -> String {
-    let (backlog, only) = if verify_only {
-        ("", "verify_only=1\n")
-    } else {
-        ("verify_backlog=512\n", "")
+    let job = WriteVerify {
+        seed: Some(20251121),
+        ..WriteVerify::new("randwrite-verify", REGION)
     };
-    format!(
-        "[global]
-filename=/dev/vda
-ioengine=libaio
-direct=1
-bs=4k
-iodepth=16
-size={REGION}
-rw=randwrite
-randrepeat=1
-randseed=20251121
-verify=crc32c
-{backlog}{only}[randwrite-verify]
-"
-    )
+    if verify_only { job.verify_pass() } else { job }.file()
 }
 
 #[test]

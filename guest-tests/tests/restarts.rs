@@ -19,6 +19,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use guest_tests::fio::WriteVerify;
 use guest_tests::{
     guest_test, sparse_image, start_vublk, start_vublk_inherited, start_vublk_on, Boot, Job, Vm,
     MIB,
@@ -33,22 +34,12 @@ const HOLD_OFFSET: u64 = 48 * MIB;
 
 /// fio's region, and its pace: slow enough under TCG that the worker dies mid-job.
 fn verify_job(size_mib: u64, iops: u32) -> String {
-    format!(
-        "[global]
-filename=/dev/vda
-ioengine=libaio
-direct=1
-bs=4k
-iodepth=16
-size={size_mib}m
-rw=randwrite
-rate_iops={iops}
-randrepeat=1
-verify=crc32c
-verify_backlog=256
-[restart-verify]
-"
-    )
+    WriteVerify {
+        rate_iops: Some(iops),
+        backlog: 256,
+        ..WriteVerify::new("restart-verify", size_mib * MIB)
+    }
+    .file()
 }
 
 /// A step that tells the host it starts, then runs fio (its JSON report is the step's stdout).
