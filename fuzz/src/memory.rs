@@ -106,10 +106,7 @@ fn steps(u: &mut Unstructured<'_>) -> Result<()> {
                 }
                 Some(result.is_ok())
             }
-            1 => match region(u)? {
-                Some((r, f)) => Some(handle.add_region(&r, f).is_ok()),
-                None => None,
-            },
+            1 => region(u)?.map(|(r, f)| handle.add_region(&r, f).is_ok()),
             2 => {
                 // An existing region most of the time, anything otherwise.
                 let regions = regions(&before);
