@@ -1,9 +1,11 @@
 # shellcheck shell=bash
-# Sourced by the other scripts: `vublk_prereqs build|test` installs what building (or building
-# and testing) vublk needs on Debian 12, and does nothing when it is all there.
+# Sourced by the other scripts: `vublk_prereqs build|test|fuzz` installs what building (or
+# building and testing, or fuzzing) vublk needs on Debian 12, and does nothing when it is all
+# there.
 #
 #   build   a C linker and libc (Rust links through `cc`) and a Rust toolchain
 #   test    the same, plus VUBLK_TEST_PACKAGES and QEMU (VUBLK_QEMU_PACKAGES)
+#   fuzz    build's, plus VUBLK_FUZZ_PACKAGES (scripts/fuzz.sh)
 #
 # apt-get runs only when a package is missing (or QEMU is older than VUBLK_QEMU_MIN), so a
 # prepared machine (CI) pays nothing. When not root and something is missing, it says what to
@@ -26,6 +28,8 @@
 # `apt-get download` at run time and cache them under target/guest-cache.
 VUBLK_TEST_PACKAGES=(fio xz-utils systemd podman runc libvirt-clients libxml2-utils prometheus)
 VUBLK_BUILD_PACKAGES=(gcc libc6-dev)
+# scripts/fuzz.sh: libfuzzer-sys compiles libFuzzer's C++ sources and links libstdc++.
+VUBLK_FUZZ_PACKAGES=(g++)
 
 # QEMU, the current release rather than Debian 12's 7.2 (three years old): the guest tests boot
 # qemu-system-x86_64 and vublk-bench measures against qemu-storage-daemon, and both should be the
@@ -65,8 +69,9 @@ vublk_prereqs() {
     case "${1:-build}" in
     build) ;;
     test) packages+=(${VUBLK_TEST_PACKAGES[@]+"${VUBLK_TEST_PACKAGES[@]}"}) ;;
+    fuzz) packages+=("${VUBLK_FUZZ_PACKAGES[@]}") ;;
     *)
-        echo "vublk_prereqs: build or test, not '$1'" >&2
+        echo "vublk_prereqs: build, test or fuzz, not '$1'" >&2
         return 2
         ;;
     esac
