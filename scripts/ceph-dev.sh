@@ -84,9 +84,6 @@ auth service required = cephx
 auth client required = cephx
 keyring = $dir/keyring
 run dir = $dir/run
-admin socket = $dir/run/\$name.asok
-pid file = $dir/run/\$name.pid
-log file = $dir/log/\$name.log
 crash dir = $dir/log/crash
 # One OSD on one host: one replica, placed on OSDs rather than hosts.
 osd pool default size = 1
@@ -108,6 +105,16 @@ osd objectstore = memstore
 memstore page set = true
 memstore page size = 4096
 memstore device bytes = 8G
+# The daemons' pid files (how \`stop\` finds them) and logs; clients keep librados' defaults.
+[mon]
+pid file = $dir/run/\$name.pid
+log file = $dir/log/\$name.log
+[mgr]
+pid file = $dir/run/\$name.pid
+log file = $dir/log/\$name.log
+[osd]
+pid file = $dir/run/\$name.pid
+log file = $dir/log/\$name.log
 EOF
 
     local keyring=$dir/keyring

@@ -1,0 +1,317 @@
+//! The RBD backing end to end: vublk serves `rbd:rbd/IMAGE` from a real one-node Ceph cluster
+//! (scripts/ceph-dev.sh, started once for this test binary and killed when it exits), libblkio
+//! drives it, and the image is checked afterwards with `rbd export`, through librbd without
+//! vublk, against a model built from the writes the test made.
+//!
+//! The tests skip, saying so, when Ceph is not installed (`scripts/prereqs.sh`'s `rbd` and
+//! `test` modes install it; scripts/test.sh does).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use common::*;
+
+/// The running cluster of this test binary: its directory (ceph.conf, keyring).
+struct Cluster {
+    dir: PathBuf,
+}
+
+impl Cluster {
+    fn conf(&self) -> PathBuf {
+        self.dir.join("ceph.conf")
+    }
+
+    /// Runs `rbd` on the cluster, panicking with its output on failure.
+    fn rbd(&self, args: &[&str]) -> std::process::Output {
+        let out = Command::new("rbd")
+            .arg("-c")
+            .arg(self.conf())
+            .args(args)
+            .output()
+            .expect("run rbd");
+        assert!(
+            out.status.success(),
+            "rbd {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// A new image `name` of `size` bytes in the pool `rbd`, holding zeroes.
+    fn create_image(&self, name: &str, size: u64) -> String {
+        let _ = Command::new("rbd")
+            .arg("-c")
+            .arg(self.conf())
+            .args(["rm", &format!("rbd/{name}")])
+            .output();
+        self.rbd(&[
+            "create",
+            "--size",
+            &format!("{}K", size / KIB),
+            &format!("rbd/{name}"),
+        ]);
+        format!("rbd:rbd/{name}")
+    }
+
+    /// The image's contents, read by librbd through the `rbd` tool.
+    fn export(&self, name: &str, dir: &Path) -> Vec<u8> {
+        let file = dir.join(format!("{name}.export"));
+        let _ = std::fs::remove_file(&file);
+        self.rbd(&["export", &format!("rbd/{name}"), file.to_str().unwrap()]);
+        std::fs::read(&file).expect("read the export")
+    }
+}
+
+fn cluster_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("ceph-blkio-rbd")
+}
+
+extern "C" fn stop_cluster() {
+    let _ = Command::new(script())
+        .arg("stop")
+        .arg(cluster_dir())
+        .status();
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/ceph-dev.sh")
+}
+
+/// The cluster, started at the first call; `None` (the test skips) when Ceph is not installed.
+fn cluster() -> Option<&'static Cluster> {
+    static CLUSTER: OnceLock<Option<Cluster>> = OnceLock::new();
+    CLUSTER
+        .get_or_init(|| {
+            let installed = ["ceph-mon", "ceph-osd", "ceph-mgr", "rbd"]
+                .iter()
+                .all(|tool| {
+                    Command::new(tool)
+                        .arg("--version")
+                        .output()
+                        .is_ok_and(|o| o.status.success())
+                });
+            if !installed {
+                return None;
+            }
+            let dir = cluster_dir();
+            // SAFETY: registers a plain function to run at exit; it only runs the stop script.
+            unsafe { libc::atexit(stop_cluster) };
+            let status = Command::new(script())
+                .arg("start")
+                .arg(&dir)
+                .status()
+                .expect("run scripts/ceph-dev.sh");
+            assert!(status.success(), "scripts/ceph-dev.sh start failed");
+            Some(Cluster { dir })
+        })
+        .as_ref()
+}
+
+macro_rules! cluster_or_skip {
+    () => {
+        match cluster() {
+            Some(c) => c,
+            None => {
+                eprintln!(
+                    "skipping: Ceph is not installed (ceph-mon, ceph-mgr, ceph-osd, ceph-common; \
+                     `. scripts/prereqs.sh && vublk_prereqs rbd` installs them)"
+                );
+                return;
+            }
+        }
+    };
+}
+
+/// Starts vublk on `image` (an `rbd:` spec) of `cluster` with `extra` options.
+fn serve(cluster: &Cluster, dir: &Path, image: &str, extra: &[&str]) -> Daemon {
+    let conf = cluster.conf();
+    let mut args = vec!["--blk-file", image, "--ceph-conf", conf.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    Daemon::start(vublk_bin(), dir, &args)
+}
+
+/// Writes non-overlapping patterns of many sizes from every queue at once (each queue its own
+/// region), reads them back through vublk, then checks the image through librbd.
+fn data_verify(queues: usize) {
+    let cluster = cluster_or_skip!();
+    let dir = test_dir();
+    let name = format!("data-{queues}q");
+    let size = 32 * MIB;
+    let image = cluster.create_image(&name, size);
+    let nq = queues.to_string();
+    let daemon = serve(cluster, dir.path(), &image, &["--num-queues", &nq]);
+    let mut client = Client::connect_with(
+        daemon.socket(),
+        ClientOpts {
+            num_queues: queues as i32,
+            buf_per_queue: 8 * MIB as usize,
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("connect: {e}"));
+    assert_eq!(client.capacity(), size, "capacity from rbd_get_size");
+
+    let mut model = vec![0u8; size as usize];
+    let region = size / queues as u64;
+    let sizes = [512usize, 4096, 7680, 65536 + 512, 131072, 1 << 20];
+    let mut rng = Rng::new(7);
+    for q in 0..queues {
+        let start = q as u64 * region;
+        let mut reqs = Vec::new();
+        let mut offset = start;
+        let mut buf_off = 0usize;
+        loop {
+            let len = rng.pick(&sizes);
+            offset += rng.below(8) * 512;
+            if offset + len as u64 > start + region || buf_off + len > client.q(q).buf_len() {
+                break;
+            }
+            let data = pattern(q as u64 + 1, offset, len);
+            client.q(q).buf()[buf_off..buf_off + len].copy_from_slice(&data);
+            model[offset as usize..offset as usize + len].copy_from_slice(&data);
+            reqs.push(Req::write(offset, buf_off, len));
+            offset += len as u64;
+            buf_off = (buf_off + len + 4095) & !4095;
+        }
+        assert!(reqs.len() > 8, "too few writes to test anything");
+        let results = client.q(q).run(&reqs);
+        assert!(
+            results.iter().all(|&r| r == 0),
+            "writes failed: {results:?}"
+        );
+    }
+    for q in 0..queues {
+        assert_eq!(client.q(q).flush(), 0, "flush");
+    }
+    for q in 0..queues {
+        let start = q as u64 * region;
+        let got = client.q(q).read_range(start, region);
+        assert_same(
+            &got,
+            &model[start as usize..(start + region) as usize],
+            &format!("queue {q}'s region read back through vublk"),
+        );
+    }
+    drop(client);
+    assert_same(
+        &cluster.export(&name, dir.path()),
+        &model,
+        "the image, read by librbd",
+    );
+    drop(daemon);
+}
+
+#[test]
+fn data_written_through_one_queue_is_in_the_image() {
+    data_verify(1);
+}
+
+#[test]
+fn data_written_through_two_queues_is_in_the_image() {
+    data_verify(2);
+}
+
+/// Flush succeeds; write-zeroes zeroes (with and without unmap); a discard of a whole object
+/// (librbd ignores those under its 64 KiB granularity) reads back as zeroes.
+#[test]
+fn flush_write_zeroes_and_discard() {
+    let cluster = cluster_or_skip!();
+    let dir = test_dir();
+    let size = 16 * MIB;
+    let image = cluster.create_image("zeroes", size);
+    let daemon = serve(cluster, dir.path(), &image, &[]);
+    let mut client = Client::connect(daemon.socket(), 1);
+    let q = client.q(0);
+    let data = pattern(3, 0, size as usize);
+    for chunk in 0..size / MIB {
+        let at = (chunk * MIB) as usize;
+        assert_eq!(q.write_at(chunk * MIB, &data[at..at + MIB as usize]), 0);
+    }
+    assert_eq!(q.flush(), 0, "flush");
+    let mut model = data.clone();
+
+    // Unaligned, inside one object, without unmap: zeroes still.
+    assert_eq!(q.write_zeroes(4096 + 512, 12288, true), 0, "write-zeroes");
+    model[4096 + 512..4096 + 512 + 12288].fill(0);
+    // With unmap, across an object boundary.
+    assert_eq!(
+        q.write_zeroes(4 * MIB - 8192, 16384, false),
+        0,
+        "write-zeroes (unmap)"
+    );
+    model[(4 * MIB - 8192) as usize..(4 * MIB + 8192) as usize].fill(0);
+    // The third 4 MiB object, whole.
+    assert_eq!(q.discard(8 * MIB, 4 * MIB), 0, "discard");
+    model[(8 * MIB) as usize..(12 * MIB) as usize].fill(0);
+    assert_eq!(q.flush(), 0, "flush");
+
+    assert_same(&q.read_range(0, size), &model, "read back through vublk");
+    drop(client);
+    assert_same(
+        &cluster.export("zeroes", dir.path()),
+        &model,
+        "the image, read by librbd",
+    );
+}
+
+/// --read-only: the device says RO, reads see the image, writes fail and the image is
+/// unchanged.
+#[test]
+fn read_only_serves_reads_and_refuses_writes() {
+    let cluster = cluster_or_skip!();
+    let dir = test_dir();
+    let size = 4 * MIB;
+    let image = cluster.create_image("read-only", size);
+    let data = pattern(5, 0, size as usize);
+    let file = dir.path().join("import");
+    std::fs::write(&file, &data).unwrap();
+    let _ = Command::new("rbd")
+        .arg("-c")
+        .arg(cluster.conf())
+        .args(["rm", "rbd/read-only"])
+        .output();
+    cluster.rbd(&["import", file.to_str().unwrap(), "rbd/read-only"]);
+
+    let daemon = serve(cluster, dir.path(), &image, &["--read-only"]);
+    let mut client = Client::connect_with(
+        daemon.socket(),
+        ClientOpts {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("connect: {e}"));
+    assert!(client.prop_bool("read-only"), "the device says read-only");
+    let q = client.q(0);
+    assert_same(&q.read_range(0, size), &data, "reads of a read-only image");
+    let results = q.run(&[Req::write(0, 0, 4096)]);
+    assert!(results[0] < 0, "a write on a read-only device succeeded");
+    drop(client);
+    assert_same(
+        &cluster.export("read-only", dir.path()),
+        &data,
+        "the image after a read-only export",
+    );
+}
+
+/// An image that does not exist: the connection is refused, and the worker's log says why in
+/// one line.
+#[test]
+fn a_missing_image_is_refused_with_a_clear_error() {
+    let cluster = cluster_or_skip!();
+    let dir = test_dir();
+    let daemon = serve(cluster, dir.path(), "rbd:rbd/no-such-image", &[]);
+    let result = Client::connect_with(daemon.socket(), ClientOpts::default());
+    assert!(
+        result.is_err(),
+        "a connection to a missing image was served"
+    );
+    drop(result);
+    let mut daemon = daemon;
+    daemon
+        .try_wait_for_log("cannot open rbd:rbd/no-such-image: No such file or directory")
+        .unwrap_or_else(|e| panic!("the log does not say which image: {e}"));
+}
