@@ -10,7 +10,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
+use std::sync::{OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use common::*;
 
@@ -22,6 +22,30 @@ struct Cluster {
 impl Cluster {
     fn conf(&self) -> PathBuf {
         self.dir.join("ceph.conf")
+    }
+
+    /// Sends `signal` to the OSD (SIGSTOP: the cluster stops answering; SIGCONT: it is back).
+    fn signal_osd(&self, signal: libc::c_int) {
+        let pid: i32 = std::fs::read_to_string(self.dir.join("run/osd.0.pid"))
+            .expect("the OSD's pid file")
+            .trim()
+            .parse()
+            .expect("a pid");
+        // SAFETY: kill(2) on the OSD this test binary started.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "kill the OSD");
+    }
+
+    /// Stops the OSD until the guard is dropped (also when the test fails, so the tests after
+    /// it find a cluster that answers).
+    fn stop_osd(&self) -> impl Drop + '_ {
+        struct Resume<'a>(&'a Cluster);
+        impl Drop for Resume<'_> {
+            fn drop(&mut self) {
+                self.0.signal_osd(libc::SIGCONT);
+            }
+        }
+        self.signal_osd(libc::SIGSTOP);
+        Resume(self)
     }
 
     /// Runs `rbd` on the cluster, panicking with its output on failure.
@@ -110,10 +134,30 @@ fn cluster() -> Option<&'static Cluster> {
         .as_ref()
 }
 
+/// Tests that stop the OSD hold this for writing, the others for reading: they share one
+/// cluster and run in parallel.
+static OSD: RwLock<()> = RwLock::new(());
+
+fn sharing_the_osd() -> RwLockReadGuard<'static, ()> {
+    OSD.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn stopping_the_osd() -> RwLockWriteGuard<'static, ()> {
+    OSD.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The cluster and a guard: `cluster_or_skip!()` shares the OSD, `cluster_or_skip!(stop)` may
+/// stop it.
 macro_rules! cluster_or_skip {
     () => {
+        cluster_or_skip!(@ sharing_the_osd())
+    };
+    (stop) => {
+        cluster_or_skip!(@ stopping_the_osd())
+    };
+    (@ $guard:expr) => {
         match cluster() {
-            Some(c) => c,
+            Some(c) => (c, $guard),
             None => {
                 eprintln!(
                     "skipping: Ceph is not installed (ceph-mon, ceph-mgr, ceph-osd, ceph-common; \
@@ -136,7 +180,7 @@ fn serve(cluster: &Cluster, dir: &Path, image: &str, extra: &[&str]) -> Daemon {
 /// Writes non-overlapping patterns of many sizes from every queue at once (each queue its own
 /// region), reads them back through vublk, then checks the image through librbd.
 fn data_verify(queues: usize) {
-    let cluster = cluster_or_skip!();
+    let (cluster, _osd) = cluster_or_skip!();
     let dir = test_dir();
     let name = format!("data-{queues}q");
     let size = 32 * MIB;
@@ -218,7 +262,7 @@ fn data_written_through_two_queues_is_in_the_image() {
 /// (librbd ignores those under its 64 KiB granularity) reads back as zeroes.
 #[test]
 fn flush_write_zeroes_and_discard() {
-    let cluster = cluster_or_skip!();
+    let (cluster, _osd) = cluster_or_skip!();
     let dir = test_dir();
     let size = 16 * MIB;
     let image = cluster.create_image("zeroes", size);
@@ -261,7 +305,7 @@ fn flush_write_zeroes_and_discard() {
 /// unchanged.
 #[test]
 fn read_only_serves_reads_and_refuses_writes() {
-    let cluster = cluster_or_skip!();
+    let (cluster, _osd) = cluster_or_skip!();
     let dir = test_dir();
     let size = 4 * MIB;
     let image = cluster.create_image("read-only", size);
@@ -301,7 +345,7 @@ fn read_only_serves_reads_and_refuses_writes() {
 /// one line.
 #[test]
 fn a_missing_image_is_refused_with_a_clear_error() {
-    let cluster = cluster_or_skip!();
+    let (cluster, _osd) = cluster_or_skip!();
     let dir = test_dir();
     let daemon = serve(cluster, dir.path(), "rbd:rbd/no-such-image", &[]);
     let result = Client::connect_with(daemon.socket(), ClientOpts::default());
@@ -314,4 +358,146 @@ fn a_missing_image_is_refused_with_a_clear_error() {
     daemon
         .try_wait_for_log("cannot open rbd:rbd/no-such-image: No such file or directory")
         .unwrap_or_else(|e| panic!("the log does not say which image: {e}"));
+}
+
+/// The OSD stops answering (SIGSTOP) with requests in flight and before more are submitted;
+/// without --ceph-timeout they wait, and complete with the right data once it is back.
+#[test]
+fn requests_wait_for_a_stopped_osd_and_complete_when_it_is_back() {
+    let (cluster, _osd) = cluster_or_skip!(stop);
+    let dir = test_dir();
+    let size = 8 * MIB;
+    let image = cluster.create_image("paused", size);
+    let daemon = serve(cluster, dir.path(), &image, &["--num-queues", "2"]);
+    let mut client = Client::connect(daemon.socket(), 2);
+    let data = pattern(9, 0, size as usize);
+    let half = size / 2;
+
+    let _stopped = cluster.stop_osd();
+    // Resumes the OSD after a while, from another thread: the writes below are submitted while
+    // it is stopped, so they cannot complete before this.
+    let resume = std::thread::spawn({
+        let dir = cluster.dir.clone();
+        move || {
+            std::thread::sleep(std::time::Duration::from_secs(3));
+            Cluster { dir }.signal_osd(libc::SIGCONT);
+        }
+    });
+    for q in 0..2 {
+        let start = q as u64 * half;
+        let mut reqs = Vec::new();
+        for i in 0..half / MIB {
+            let at = (start + i * MIB) as usize;
+            client.q(q).buf()[(i * MIB) as usize..((i + 1) * MIB) as usize]
+                .copy_from_slice(&data[at..at + MIB as usize]);
+            reqs.push(Req::write(
+                start + i * MIB,
+                (i * MIB) as usize,
+                MIB as usize,
+            ));
+        }
+        // Queue 0's batch runs (and waits) while the OSD is stopped.
+        let results = client.q(q).run(&reqs);
+        assert!(results.iter().all(|&r| r == 0), "queue {q}: {results:?}");
+    }
+    resume.join().unwrap();
+    assert_eq!(client.q(0).flush(), 0, "flush");
+    assert_same(&client.q(1).read_range(0, size), &data, "read back");
+    drop(client);
+    assert_same(&cluster.export("paused", dir.path()), &data, "the image");
+}
+
+/// With --ceph-timeout, a request the cluster does not answer fails with an I/O error; another
+/// export of the same daemon is served meanwhile, and the RBD export serves again once the
+/// OSD is back.
+#[test]
+fn a_timeout_fails_requests_and_other_exports_keep_being_served() {
+    let (cluster, _osd) = cluster_or_skip!(stop);
+    let dir = test_dir();
+    let image = cluster.create_image("timeout", 4 * MIB);
+    let null_socket = dir.path().join("null.sock");
+    let null_export = format!("socket-path={},null=64M", null_socket.display());
+    let daemon = serve(
+        cluster,
+        dir.path(),
+        &image,
+        &["--ceph-timeout", "3", "--export", &null_export],
+    );
+    let rbd_socket = daemon.socket().to_owned();
+    // Connected before the OSD stops (connecting needs the OSD: the image header is an object).
+    let mut rbd = Client::connect(&rbd_socket, 1);
+    let mut null = Client::connect(&null_socket, 1);
+
+    let stopped = cluster.stop_osd();
+    let stalled = std::thread::spawn(move || {
+        let result = rbd.q(0).write_at(0, &[7u8; 4096]);
+        (rbd, result)
+    });
+    // The null export answers while the RBD write waits for the cluster.
+    for _ in 0..50 {
+        assert_eq!(null.q(0).write_at(0, &[1u8; 4096]), 0, "the null export");
+    }
+    let (mut rbd, result) = stalled.join().unwrap();
+    drop(stopped);
+    assert_eq!(
+        result,
+        neg(blkio::Errno::IO),
+        "a write the cluster did not answer"
+    );
+    assert_eq!(
+        rbd.q(0).write_at(0, &[8u8; 4096]),
+        0,
+        "a write once the OSD is back"
+    );
+    assert_eq!(rbd.q(0).read_at(0, 4096), Ok(vec![8u8; 4096]));
+}
+
+/// A cluster nobody answers for: the connection is refused after --ceph-timeout with a line that
+/// says what vublk tried, and the daemon keeps running (the VMM may try again).
+#[test]
+fn an_unreachable_cluster_is_refused_with_a_clear_error() {
+    let (cluster, _osd) = cluster_or_skip!();
+    let dir = test_dir();
+    // The cluster's configuration, with the monitor moved to a port nothing listens on.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let conf = std::fs::read_to_string(cluster.conf()).unwrap();
+    let conf: String = conf
+        .lines()
+        .map(|l| {
+            if l.starts_with("mon host") {
+                format!("mon host = [v2:127.0.0.1:{port}]\n")
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    let conf_path = dir.path().join("unreachable.conf");
+    std::fs::write(&conf_path, conf).unwrap();
+    let mut daemon = Daemon::start(
+        vublk_bin(),
+        dir.path(),
+        &[
+            "--blk-file",
+            "rbd:rbd/anything",
+            "--ceph-conf",
+            conf_path.to_str().unwrap(),
+            "--ceph-timeout",
+            "2",
+        ],
+    );
+    let result = Client::connect_with(daemon.socket(), ClientOpts::default());
+    assert!(
+        result.is_err(),
+        "a connection to an unreachable cluster was served"
+    );
+    drop(result);
+    daemon
+        .try_wait_for_log(&format!(
+            "cannot connect to the Ceph cluster of {} as client.admin",
+            conf_path.display()
+        ))
+        .unwrap_or_else(|e| panic!("the log does not say what failed: {e}"));
+    daemon.assert_running();
 }
