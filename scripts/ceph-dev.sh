@@ -119,13 +119,15 @@ EOF
 
     local keyring=$dir/keyring
     echo "ceph-dev: keys" >&2
-    ceph-authtool --create-keyring "$keyring" --gen-key -n mon. --cap mon 'allow *'
-    ceph-authtool "$keyring" --gen-key -n client.admin \
-        --cap mon 'allow *' --cap osd 'allow *' --cap mgr 'allow *' --cap mds 'allow *'  >/dev/null
-    ceph-authtool "$keyring" --gen-key -n mgr.x \
-        --cap mon 'allow profile mgr' --cap osd 'allow *' --cap mds 'allow *'
-    ceph-authtool "$keyring" --gen-key -n osd.0 \
-        --cap mon 'allow profile osd' --cap mgr 'allow profile osd' --cap osd 'allow *'
+    {
+        ceph-authtool --create-keyring "$keyring" --gen-key -n mon. --cap mon 'allow *'
+        ceph-authtool "$keyring" --gen-key -n client.admin \
+            --cap mon 'allow *' --cap osd 'allow *' --cap mgr 'allow *' --cap mds 'allow *'
+        ceph-authtool "$keyring" --gen-key -n mgr.x \
+            --cap mon 'allow profile mgr' --cap osd 'allow *' --cap mds 'allow *'
+        ceph-authtool "$keyring" --gen-key -n osd.0 \
+            --cap mon 'allow profile osd' --cap mgr 'allow profile osd' --cap osd 'allow *'
+    } >/dev/null
     chmod 600 "$keyring"
 
     echo "ceph-dev: monitor on 127.0.0.1:$port" >&2

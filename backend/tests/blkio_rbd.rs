@@ -9,129 +9,16 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::{OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use common::*;
 
-/// The running cluster of this test binary: its directory (ceph.conf, keyring).
-struct Cluster {
-    dir: PathBuf,
-}
+use vublk_test_support::ceph::{self, Cluster};
 
-impl Cluster {
-    fn conf(&self) -> PathBuf {
-        self.dir.join("ceph.conf")
-    }
-
-    /// Sends `signal` to the OSD (SIGSTOP: the cluster stops answering; SIGCONT: it is back).
-    fn signal_osd(&self, signal: libc::c_int) {
-        let pid: i32 = std::fs::read_to_string(self.dir.join("run/osd.0.pid"))
-            .expect("the OSD's pid file")
-            .trim()
-            .parse()
-            .expect("a pid");
-        // SAFETY: kill(2) on the OSD this test binary started.
-        assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "kill the OSD");
-    }
-
-    /// Stops the OSD until the guard is dropped (also when the test fails, so the tests after
-    /// it find a cluster that answers).
-    fn stop_osd(&self) -> impl Drop + '_ {
-        struct Resume<'a>(&'a Cluster);
-        impl Drop for Resume<'_> {
-            fn drop(&mut self) {
-                self.0.signal_osd(libc::SIGCONT);
-            }
-        }
-        self.signal_osd(libc::SIGSTOP);
-        Resume(self)
-    }
-
-    /// Runs `rbd` on the cluster, panicking with its output on failure.
-    fn rbd(&self, args: &[&str]) -> std::process::Output {
-        let out = Command::new("rbd")
-            .arg("-c")
-            .arg(self.conf())
-            .args(args)
-            .output()
-            .expect("run rbd");
-        assert!(
-            out.status.success(),
-            "rbd {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
-    }
-
-    /// A new image `name` of `size` bytes in the pool `rbd`, holding zeroes.
-    fn create_image(&self, name: &str, size: u64) -> String {
-        let _ = Command::new("rbd")
-            .arg("-c")
-            .arg(self.conf())
-            .args(["rm", &format!("rbd/{name}")])
-            .output();
-        self.rbd(&[
-            "create",
-            "--size",
-            &format!("{}K", size / KIB),
-            &format!("rbd/{name}"),
-        ]);
-        format!("rbd:rbd/{name}")
-    }
-
-    /// The image's contents, read by librbd through the `rbd` tool.
-    fn export(&self, name: &str, dir: &Path) -> Vec<u8> {
-        let file = dir.join(format!("{name}.export"));
-        let _ = std::fs::remove_file(&file);
-        self.rbd(&["export", &format!("rbd/{name}"), file.to_str().unwrap()]);
-        std::fs::read(&file).expect("read the export")
-    }
-}
-
-fn cluster_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("ceph-blkio-rbd")
-}
-
-extern "C" fn stop_cluster() {
-    let _ = Command::new(script())
-        .arg("stop")
-        .arg(cluster_dir())
-        .status();
-}
-
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/ceph-dev.sh")
-}
-
-/// The cluster, started at the first call; `None` (the test skips) when Ceph is not installed.
+/// The cluster of this test binary, under the target directory (a leftover of a killed run is
+/// replaced); `None` without Ceph.
 fn cluster() -> Option<&'static Cluster> {
-    static CLUSTER: OnceLock<Option<Cluster>> = OnceLock::new();
-    CLUSTER
-        .get_or_init(|| {
-            let installed = ["ceph-mon", "ceph-osd", "ceph-mgr", "rbd"]
-                .iter()
-                .all(|tool| {
-                    Command::new(tool)
-                        .arg("--version")
-                        .output()
-                        .is_ok_and(|o| o.status.success())
-                });
-            if !installed {
-                return None;
-            }
-            let dir = cluster_dir();
-            // SAFETY: registers a plain function to run at exit; it only runs the stop script.
-            unsafe { libc::atexit(stop_cluster) };
-            let status = Command::new(script())
-                .arg("start")
-                .arg(&dir)
-                .status()
-                .expect("run scripts/ceph-dev.sh");
-            assert!(status.success(), "scripts/ceph-dev.sh start failed");
-            Some(Cluster { dir })
-        })
-        .as_ref()
+    ceph::cluster(&PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("ceph-blkio-rbd"))
 }
 
 /// Tests that stop the OSD hold this for writing, the others for reading: they share one
@@ -159,10 +46,7 @@ macro_rules! cluster_or_skip {
         match cluster() {
             Some(c) => (c, $guard),
             None => {
-                eprintln!(
-                    "skipping: Ceph is not installed (ceph-mon, ceph-mgr, ceph-osd, ceph-common; \
-                     `. scripts/prereqs.sh && vublk_prereqs rbd` installs them)"
-                );
+                eprintln!("skipping: {}", ceph::NOT_INSTALLED);
                 return;
             }
         }
@@ -308,16 +192,10 @@ fn read_only_serves_reads_and_refuses_writes() {
     let (cluster, _osd) = cluster_or_skip!();
     let dir = test_dir();
     let size = 4 * MIB;
-    let image = cluster.create_image("read-only", size);
     let data = pattern(5, 0, size as usize);
     let file = dir.path().join("import");
     std::fs::write(&file, &data).unwrap();
-    let _ = Command::new("rbd")
-        .arg("-c")
-        .arg(cluster.conf())
-        .args(["rm", "rbd/read-only"])
-        .output();
-    cluster.rbd(&["import", file.to_str().unwrap(), "rbd/read-only"]);
+    let image = cluster.import_image("read-only", &file);
 
     let daemon = serve(cluster, dir.path(), &image, &["--read-only"]);
     let mut client = Client::connect_with(
@@ -377,10 +255,10 @@ fn requests_wait_for_a_stopped_osd_and_complete_when_it_is_back() {
     // Resumes the OSD after a while, from another thread: the writes below are submitted while
     // it is stopped, so they cannot complete before this.
     let resume = std::thread::spawn({
-        let dir = cluster.dir.clone();
+        let cluster = cluster.clone();
         move || {
             std::thread::sleep(std::time::Duration::from_secs(3));
-            Cluster { dir }.signal_osd(libc::SIGCONT);
+            cluster.signal_osd(libc::SIGCONT);
         }
     });
     for q in 0..2 {
