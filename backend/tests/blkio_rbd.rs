@@ -86,6 +86,7 @@ fn data_verify(queues: usize) {
     let region = size / queues as u64;
     let sizes = [512usize, 4096, 7680, 65536 + 512, 131072, 1 << 20];
     let mut rng = Rng::new(7);
+    let mut batches = Vec::new();
     for q in 0..queues {
         let start = q as u64 * region;
         let mut reqs = Vec::new();
@@ -105,28 +106,40 @@ fn data_verify(queues: usize) {
             buf_off = (buf_off + len + 4095) & !4095;
         }
         assert!(reqs.len() > 8, "too few writes to test anything");
-        let results = client.q(q).run(&reqs);
-        assert!(
-            results.iter().all(|&r| r == 0),
-            "writes failed: {results:?}"
-        );
+        batches.push(reqs);
     }
-    for q in 0..queues {
-        assert_eq!(client.q(q).flush(), 0, "flush");
-    }
-    for q in 0..queues {
-        let start = q as u64 * region;
-        let got = client.q(q).read_range(start, region);
-        assert_same(
-            &got,
-            &model[start as usize..(start + region) as usize],
-            &format!("queue {q}'s region read back through vublk"),
-        );
-    }
+    // Every queue at once (a thread each), so the queues' completions arrive interleaved: each
+    // must reach the queue that submitted it.
+    let model = &model;
+    std::thread::scope(|s| {
+        for (q, reqs) in client.queues.iter_mut().zip(&batches) {
+            s.spawn(move || {
+                let results = q.run(reqs);
+                assert!(
+                    results.iter().all(|&r| r == 0),
+                    "writes failed: {results:?}"
+                );
+                assert_eq!(q.flush(), 0, "flush");
+            });
+        }
+    });
+    std::thread::scope(|s| {
+        for q in client.queues.iter_mut() {
+            s.spawn(move || {
+                let start = q.index as u64 * region;
+                let got = q.read_range(start, region);
+                assert_same(
+                    &got,
+                    &model[start as usize..(start + region) as usize],
+                    &format!("queue {}'s region read back through vublk", q.index),
+                );
+            });
+        }
+    });
     drop(client);
     assert_same(
         &cluster.export(&name, dir.path()),
-        &model,
+        model,
         "the image, read by librbd",
     );
     drop(daemon);
