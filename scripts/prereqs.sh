@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Sourced by the other scripts: `vublk_prereqs build|test` installs what building (or building
+# Sourced by the other scripts: `vublk_prereqs build|test|rbd` installs what building (or building
 # and testing) vublk needs on Debian 12, and does nothing when it is all there.
 #
 #   build   a C linker and libc (Rust links through `cc`) and a Rust toolchain
@@ -40,7 +40,9 @@ VUBLK_RBD_PACKAGES=(ceph-mon ceph-mgr ceph-osd ceph-common librbd-dev)
 #   qemu-utils       qemu-storage-daemon (Debian 12 ships it in qemu-system-common; the 10.0
 #                    packages in qemu-utils)
 # qemu-block-extra is not needed: it holds the network block drivers (curl, iSCSI, NFS, RBD,
-# ...); the file driver with aio=io_uring and null-co that the bench uses are built in.
+# ...); the file driver with aio=io_uring and null-co that the bench uses are built in. Only
+# `vublk-bench --media rbd --systems qsd` needs it (QSD's rbd driver), installed by hand:
+# `apt-get install -t bookworm-backports qemu-block-extra`.
 VUBLK_QEMU_PACKAGES=(qemu-system-x86 qemu-utils)
 VUBLK_QEMU_MIN=1:10.0
 VUBLK_BACKPORTS_LIST=/etc/apt/sources.list.d/vublk-bookworm-backports.list
