@@ -392,3 +392,28 @@ fn an_unreachable_cluster_is_refused_with_a_clear_error() {
         .unwrap_or_else(|e| panic!("the log does not say what failed: {e}"));
     daemon.assert_running();
 }
+
+/// A frontend that disconnects and connects again (a VMM restarting, a migration's second
+/// QEMU) finds what it wrote: each connection opens the image anew, and the first one's close
+/// released it.
+#[test]
+fn a_reconnected_frontend_reads_what_it_wrote() {
+    let (cluster, _osd) = cluster_or_skip!();
+    let dir = test_dir();
+    let image = cluster.create_image("reconnect", 4 * MIB);
+    let daemon = serve(cluster, dir.path(), &image, &[]);
+    let data = pattern(13, 0, MIB as usize);
+    for round in 0..3u64 {
+        let mut client = Client::connect(daemon.socket(), 1);
+        let q = client.q(0);
+        if round > 0 {
+            assert_same(
+                &q.read_range((round - 1) * MIB, MIB),
+                &data,
+                &format!("what connection {round} wrote"),
+            );
+        }
+        assert_eq!(q.write_at(round * MIB, &data), 0, "write");
+        assert_eq!(q.flush(), 0, "flush");
+    }
+}
