@@ -83,6 +83,12 @@ pub fn run(mode: Mode) -> Result<(), RunError> {
             // open-as=daemon the supervisor does, for each connection, and only the file found
             // now.
             for (_, export) in &mut exports {
+                // An RBD image is not opened here (the supervisor is not the VMM's user, and
+                // the cluster may come up later): only librbd is loaded, so a machine without
+                // it fails now.
+                if let disk::DiskSpec::Rbd(_) = &export.disk {
+                    io::rbd::ffi::api().map_err(|e| DiskError::from(io::rbd::RbdError::from(e)))?;
+                }
                 if let disk::DiskSpec::Path(path) = &export.disk {
                     if export.open_as == OpenAs::Daemon {
                         let (_, id) = Disk::open_for_daemon(path, export.open, None)?;

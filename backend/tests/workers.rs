@@ -1637,3 +1637,99 @@ fn one_worker_serves_all_disks_of_a_vm() {
     );
     daemon.stop();
 }
+
+/// An RBD export: the worker connects to the cluster as the VMM's user, with the keyring the
+/// configuration names. nobody's VM is refused, naming the keyring, when only root may read
+/// it; with a configuration naming a keyring nobody may read, nobody's VM is served (its worker
+/// is nobody) and its data reaches the image.
+#[test]
+fn an_rbd_worker_connects_with_the_vmm_users_keyring() {
+    if !can_run() {
+        return;
+    }
+    use vublk_test_support::ceph;
+    let Some(cluster) =
+        ceph::cluster(&PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("ceph-workers"))
+    else {
+        eprintln!("skipping: {}", ceph::NOT_INSTALLED);
+        return;
+    };
+    let dir = shared_dir();
+    let image = cluster.create_image("identity", 8 * MIB);
+
+    // nobody's own configuration and keyring (a copy of the cluster's, readable by nobody
+    // only); librados' run directory of the cluster stays root's.
+    let keyring = dir.path().join("nobody.keyring");
+    std::fs::copy(cluster.dir.join("keyring"), &keyring).unwrap();
+    std::os::unix::fs::chown(&keyring, Some(NOBODY), Some(NOBODY)).unwrap();
+    set_mode(&keyring, 0o400);
+    let conf: String = std::fs::read_to_string(cluster.conf())
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("keyring") && !l.starts_with("run dir"))
+        .map(|l| format!("{l}\n"))
+        .collect::<String>()
+        .replacen(
+            "[global]\n",
+            &format!("[global]\nkeyring = {}\n", keyring.display()),
+            1,
+        );
+    let nobody_conf = dir.path().join("nobody.conf");
+    std::fs::write(&nobody_conf, conf).unwrap();
+    set_mode(&nobody_conf, 0o644);
+
+    let root_conf = cluster.conf();
+    let served_socket = dir.path().join("served.sock");
+    let export = format!(
+        "socket-path={},blk-file={image},ceph-conf={}",
+        served_socket.display(),
+        nobody_conf.display()
+    );
+    let mut daemon = Daemon::start(
+        vublk_bin(),
+        dir.path(),
+        &[
+            "--blk-file",
+            &image,
+            "--ceph-conf",
+            root_conf.to_str().unwrap(),
+            "--ceph-timeout",
+            "10",
+            "--export",
+            &export,
+        ],
+    );
+    daemon.wait_for(&served_socket);
+    open_socket(daemon.socket());
+    open_socket(&served_socket);
+
+    // Root's keyring: nobody's worker cannot read it.
+    let mut job = Job::new(&[daemon.socket()], NOBODY, NOBODY, &[NOBODY]);
+    job.expect_failure = true;
+    let mut refused = vmm(dir.path(), "rbd-refused", job, &daemon);
+    refused.expect("CONNECT-FAILED", &daemon);
+    refused.finish();
+    wait_for_log(
+        &daemon,
+        "(is the keyring readable by this user?)",
+        Duration::from_secs(20),
+    );
+
+    // nobody's keyring: served by a worker that is nobody.
+    let mut job = Job::new(&[&served_socket], NOBODY, NOBODY, &[NOBODY]);
+    job.seed = 41;
+    let mut served = vmm(dir.path(), "rbd-served", job, &daemon);
+    let worker = daemon.serving_pid();
+    assert_eq!(
+        status(worker)["Uid"],
+        "65534\t65534\t65534\t65534",
+        "the RBD export's worker is not nobody"
+    );
+    served.finish();
+    let data = cluster.export("identity", dir.path());
+    assert_same(
+        &data[..REGION_LEN],
+        &pattern(41, 0, REGION_LEN),
+        "the image",
+    );
+}
