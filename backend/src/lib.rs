@@ -106,6 +106,12 @@ pub fn run(mode: Mode) -> Result<(), RunError> {
             // SAFETY: the supervisor put the control socket at this fd and the report pipe at
             // the next one, for us alone.
             let (control, reports) = unsafe { supervisor::adopt_channels(fd) };
+            if plan.profile == sandbox::Profile::Rbd {
+                // librbd and librados (and what they link) are mapped now: the seccomp filter
+                // forbids executable mappings, and landlock hides the library directories. A
+                // failure is kept and told when an export opens its image.
+                let _ = io::rbd::ffi::api();
+            }
             let sandbox = {
                 use std::os::fd::AsRawFd;
                 let (control, reports) = (control.as_raw_fd(), reports.as_raw_fd());
