@@ -50,6 +50,8 @@ macro_rules! syscalls {
 /// The syscall numbers, by name, for this architecture.
 #[allow(non_upper_case_globals)]
 mod sys {
+    #[cfg(target_arch = "x86_64")]
+    pub use libc::{SYS_access as access, SYS_epoll_create as epoll_create};
     pub use libc::{
         SYS_brk as brk, SYS_clock_gettime as clock_gettime, SYS_clock_nanosleep as clock_nanosleep,
         SYS_clone as clone, SYS_clone3 as clone3, SYS_close as close, SYS_dup as dup,
@@ -82,8 +84,6 @@ mod sys {
         SYS_getsockopt as getsockopt, SYS_pipe2 as pipe2, SYS_setsockopt as setsockopt,
         SYS_statfs as statfs,
     };
-    #[cfg(target_arch = "x86_64")]
-    pub use libc::{SYS_access as access, SYS_epoll_create as epoll_create};
     // aarch64 has only the newer calls, already listed under their own names.
     #[cfg(not(target_arch = "x86_64"))]
     pub use libc::{SYS_epoll_create1 as epoll_create, SYS_faccessat as access};

@@ -129,7 +129,10 @@ mod tests {
         let conf = "[global]\nmon_host = 127.0.0.1\n keyring = /srv/a.keyring, /srv/b.keyring # two\n[client.x]\nkeyring=/etc/ceph/$cluster.$name.keyring\nkey ring = /not\n";
         assert_eq!(
             keyrings_named(conf),
-            [PathBuf::from("/srv/a.keyring"), PathBuf::from("/srv/b.keyring")]
+            [
+                PathBuf::from("/srv/a.keyring"),
+                PathBuf::from("/srv/b.keyring")
+            ]
         );
         let paths = ceph_paths(Path::new("/nonexistent/dir/ceph.conf"));
         assert!(paths.contains(&PathBuf::from("/nonexistent/dir")));
