@@ -1738,7 +1738,8 @@ fn an_rbd_worker_connects_with_the_vmm_users_keyring() {
 /// export, gets a worker in the host's network namespace (librados connects to the cluster)
 /// that reports `network: host (rbd)`, while nobody's VM, allowed only on a file export, gets
 /// a worker in an empty network namespace of its own, with the files-only seccomp list. Both
-/// serve their I/O at the same time.
+/// serve their I/O at the same time. The configuration asks librados for an admin socket (a
+/// unix socket): the rbd worker is refused one and serves without it.
 #[test]
 fn only_an_rbd_worker_keeps_the_host_network() {
     if !can_run() {
@@ -1762,7 +1763,13 @@ fn only_an_rbd_worker_keeps_the_host_network() {
         file_socket.display(),
         file.display()
     );
-    let conf = cluster.conf();
+    let conf = dir.path().join("ceph.conf");
+    let mut text = std::fs::read_to_string(cluster.conf()).unwrap();
+    text.push_str(&format!(
+        "[client]\nadmin socket = {}/$name.$pid.asok\n",
+        dir.path().display()
+    ));
+    std::fs::write(&conf, text).unwrap();
     let mut daemon = Daemon::start(
         vublk_bin(),
         dir.path(),

@@ -211,8 +211,11 @@ pub const RBD_ALLOWED: &[(&str, i64)] = syscalls![
     statfs,
 ];
 
-/// The socket domains an rbd worker may create: IPv4 and IPv6 to reach the cluster.
-const SOCKET_DOMAINS: &[i32] = &[libc::AF_INET, libc::AF_INET6];
+/// The socket domains an rbd worker may create: IPv4 and IPv6 to reach the cluster. Unix
+/// sockets pass this filter only to fail with EACCES in [`filters`]' first one: librados makes
+/// one when a configuration asks for an admin socket, and glibc one to ask nscd; both go on
+/// without it, while a trap would kill the worker.
+const SOCKET_DOMAINS: &[i32] = &[libc::AF_INET, libc::AF_INET6, libc::AF_UNIX];
 
 /// The calls allowed to a worker of `profile`.
 fn allowed(profile: Profile) -> impl Iterator<Item = &'static (&'static str, i64)> {
@@ -335,9 +338,10 @@ const ARCH: Option<TargetArch> = Some(TargetArch::aarch64);
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 const ARCH: Option<TargetArch> = None;
 
-/// The two filters: `clone3` → ENOSYS (installed first: the second forbids `seccomp`), then
-/// the allow-list, trapping everything else.
-fn filters(pid: i64, profile: Profile) -> Result<(BpfProgram, BpfProgram), SeccompError> {
+/// The filters: `clone3` → ENOSYS, for the rbd profile unix sockets → EACCES (installed
+/// first: the last one forbids `seccomp`; an error wins over the last one's allow), then the
+/// allow-list, trapping everything else.
+fn filters(pid: i64, profile: Profile) -> Result<Vec<BpfProgram>, SeccompError> {
     let arch = ARCH.expect("only called where there is a table");
     let no_clone3 = SeccompFilter::new(
         BTreeMap::from([(libc::SYS_clone3, vec![])]),
@@ -346,15 +350,33 @@ fn filters(pid: i64, profile: Profile) -> Result<(BpfProgram, BpfProgram), Secco
         arch,
     )
     .map_err(SeccompError::Build)?;
+    let mut programs: Vec<BpfProgram> =
+        vec![no_clone3.try_into().map_err(SeccompError::Compile)?];
+    if profile == Profile::Rbd {
+        let unix = SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            libc::AF_UNIX as u64,
+        )
+        .and_then(|c| SeccompRule::new(vec![c]))
+        .map_err(SeccompError::Build)?;
+        let no_unix = SeccompFilter::new(
+            BTreeMap::from([(libc::SYS_socket, vec![unix])]),
+            SeccompAction::Allow,
+            SeccompAction::Errno(libc::EACCES as u32),
+            arch,
+        )
+        .map_err(SeccompError::Build)?;
+        programs.push(no_unix.try_into().map_err(SeccompError::Compile)?);
+    }
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         allowed(profile).map(|(_, nr)| (*nr, vec![])).collect();
     rules.extend(argument_rules(pid, profile).map_err(SeccompError::Build)?);
     let allow = SeccompFilter::new(rules, SeccompAction::Trap, SeccompAction::Allow, arch)
         .map_err(SeccompError::Build)?;
-    Ok((
-        no_clone3.try_into().map_err(SeccompError::Compile)?,
-        allow.try_into().map_err(SeccompError::Compile)?,
-    ))
+    programs.push(allow.try_into().map_err(SeccompError::Compile)?);
+    Ok(programs)
 }
 
 /// Where the SIGSYS handler reports (the worker's report pipe).
@@ -365,7 +387,7 @@ pub fn install(reports: RawFd, profile: Profile) -> Result<String, SeccompError>
     if ARCH.is_none() {
         return Ok("none (no table for this architecture)".into());
     }
-    let (no_clone3, allow) = filters(i64::from(std::process::id()), profile)?;
+    let programs = filters(i64::from(std::process::id()), profile)?;
     REPORT_FD.store(reports, Ordering::Relaxed);
     // SAFETY: an all-zero sigaction is valid; sigaction reads it.
     unsafe {
@@ -376,8 +398,9 @@ pub fn install(reports: RawFd, profile: Profile) -> Result<String, SeccompError>
             return Err(SeccompError::Handler(io::Error::last_os_error()));
         }
     }
-    seccompiler::apply_filter_all_threads(&no_clone3).map_err(SeccompError::Install)?;
-    seccompiler::apply_filter_all_threads(&allow).map_err(SeccompError::Install)?;
+    for program in &programs {
+        seccompiler::apply_filter_all_threads(program).map_err(SeccompError::Install)?;
+    }
     let calls: std::collections::BTreeSet<i64> = allowed(profile).map(|(_, n)| *n).collect();
     Ok(format!("filter ({} system calls)", calls.len()))
 }
