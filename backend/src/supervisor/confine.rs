@@ -74,8 +74,8 @@ pub(super) fn plan_for(exports: &[Export], options: &WorkerOptions, peer: &Peer)
 
 /// What librados reads for a cluster whose configuration is `conf`: the file, its directory and
 /// /etc/ceph (where the default keyring paths are, and where deployments keep the keyrings a
-/// configuration names with `$cluster` or `$name`), and every absolute `keyring` path the
-/// configuration names without a `$` (a keyring kept elsewhere). Read only.
+/// configuration names with `$cluster` or `$name`), and every absolute `keyring` or `keyfile`
+/// path the configuration names without a `$` (a key kept elsewhere). Read only.
 pub(crate) fn ceph_paths(conf: &Path) -> Vec<PathBuf> {
     let mut paths = vec![conf.to_path_buf(), PathBuf::from("/etc/ceph")];
     if let Some(dir) = conf.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -87,12 +87,12 @@ pub(crate) fn ceph_paths(conf: &Path) -> Vec<PathBuf> {
     paths
 }
 
-/// The absolute keyring paths a Ceph configuration names without metavariables (`keyring =
-/// A,B`, in any section; Ceph takes spaces and underscores in keys alike).
+/// The absolute key paths a Ceph configuration names without metavariables (`keyring = A,B`
+/// or `keyfile = C`, in any section).
 fn keyrings_named(conf: &str) -> Vec<PathBuf> {
     conf.lines()
         .filter_map(|line| line.split_once('='))
-        .filter(|(key, _)| key.trim() == "keyring")
+        .filter(|(key, _)| matches!(key.trim(), "keyring" | "keyfile"))
         .flat_map(|(_, value)| {
             // A comment ends the value.
             let value = value.split(['#', ';']).next().unwrap_or("");
@@ -126,12 +126,13 @@ mod tests {
 
     #[test]
     fn keyrings_are_read_from_the_configuration() {
-        let conf = "[global]\nmon_host = 127.0.0.1\n keyring = /srv/a.keyring, /srv/b.keyring # two\n[client.x]\nkeyring=/etc/ceph/$cluster.$name.keyring\nkey ring = /not\n";
+        let conf = "[global]\nmon_host = 127.0.0.1\n keyring = /srv/a.keyring, /srv/b.keyring # two\n[client.x]\nkeyring=/etc/ceph/$cluster.$name.keyring\nkeyfile = /srv/c.key\nkey ring = /not\n";
         assert_eq!(
             keyrings_named(conf),
             [
                 PathBuf::from("/srv/a.keyring"),
-                PathBuf::from("/srv/b.keyring")
+                PathBuf::from("/srv/b.keyring"),
+                PathBuf::from("/srv/c.key")
             ]
         );
         let paths = ceph_paths(Path::new("/nonexistent/dir/ceph.conf"));
