@@ -1738,8 +1738,10 @@ fn an_rbd_worker_connects_with_the_vmm_users_keyring() {
 /// export, gets a worker in the host's network namespace (librados connects to the cluster)
 /// that reports `network: host (rbd)`, while nobody's VM, allowed only on a file export, gets
 /// a worker in an empty network namespace of its own, with the files-only seccomp list. Both
-/// serve their I/O at the same time. The configuration asks librados for an admin socket (a
-/// unix socket): the rbd worker is refused one and serves without it.
+/// serve their I/O at the same time. The configuration, in the test's directory, names the
+/// cluster's keyring in another directory by its absolute path (landlock lets the worker read
+/// it: without that, "is the keyring readable by this user?"), and asks librados for an admin
+/// socket (a unix socket): the rbd worker is refused one and serves without it.
 #[test]
 fn only_an_rbd_worker_keeps_the_host_network() {
     if !can_run() {
