@@ -1,11 +1,12 @@
 # shellcheck shell=bash
-# Sourced by the other scripts: `vublk_prereqs build|test|fuzz` installs what building (or
-# building and testing, or fuzzing) vublk needs on Debian 12, and does nothing when it is all
-# there.
+# Sourced by the other scripts: `vublk_prereqs build|test|fuzz|rbd` installs what building (or
+# building and testing, fuzzing, or running a Ceph cluster for) vublk needs on Debian 12, and
+# does nothing when it is all there.
 #
 #   build   a C linker and libc (Rust links through `cc`) and a Rust toolchain
-#   test    the same, plus VUBLK_TEST_PACKAGES and QEMU (VUBLK_QEMU_PACKAGES)
+#   test    the same, plus VUBLK_TEST_PACKAGES, VUBLK_RBD_PACKAGES and QEMU (VUBLK_QEMU_PACKAGES)
 #   fuzz    build's, plus VUBLK_FUZZ_PACKAGES (scripts/fuzz.sh)
+#   rbd     build's, plus VUBLK_RBD_PACKAGES (a throwaway Ceph cluster: scripts/ceph-dev.sh)
 #
 # apt-get runs only when a package is missing (or QEMU is older than VUBLK_QEMU_MIN), so a
 # prepared machine (CI) pays nothing. When not root and something is missing, it says what to
@@ -31,6 +32,12 @@ VUBLK_BUILD_PACKAGES=(gcc libc6-dev)
 # scripts/fuzz.sh: libfuzzer-sys compiles libFuzzer's C++ sources and links libstdc++.
 VUBLK_FUZZ_PACKAGES=(g++)
 
+# Ceph 16.2 (Debian 12's), for the RBD backing's tests and benchmark: scripts/ceph-dev.sh runs a
+# one-node cluster from the daemons, and vublk loads librbd (librbd-dev brings librbd1 and
+# librados2, and the headers the FFI declarations were checked against) at run time. vublk builds
+# and runs without them; its RBD tests skip when they are missing.
+VUBLK_RBD_PACKAGES=(ceph-mon ceph-mgr ceph-osd ceph-common librbd-dev)
+
 # QEMU, the current release rather than Debian 12's 7.2 (three years old): the guest tests boot
 # qemu-system-x86_64 and vublk-bench measures against qemu-storage-daemon, and both should be the
 # peer users run today. On Debian 12 they come from bookworm-backports (same archive, one more
@@ -39,7 +46,9 @@ VUBLK_FUZZ_PACKAGES=(g++)
 #   qemu-utils       qemu-storage-daemon (Debian 12 ships it in qemu-system-common; the 10.0
 #                    packages in qemu-utils)
 # qemu-block-extra is not needed: it holds the network block drivers (curl, iSCSI, NFS, RBD,
-# ...); the file driver with aio=io_uring and null-co that the bench uses are built in.
+# ...); the file driver with aio=io_uring and null-co that the bench uses are built in. Only
+# `vublk-bench --media rbd --systems qsd` needs it (QSD's rbd driver), installed by hand:
+# `apt-get install -t bookworm-backports qemu-block-extra`.
 VUBLK_QEMU_PACKAGES=(qemu-system-x86 qemu-utils)
 VUBLK_QEMU_MIN=1:10.0
 VUBLK_BACKPORTS_LIST=/etc/apt/sources.list.d/vublk-bookworm-backports.list
@@ -68,10 +77,11 @@ vublk_prereqs() {
     local packages=("${VUBLK_BUILD_PACKAGES[@]}")
     case "${1:-build}" in
     build) ;;
-    test) packages+=(${VUBLK_TEST_PACKAGES[@]+"${VUBLK_TEST_PACKAGES[@]}"}) ;;
+    test) packages+=(${VUBLK_TEST_PACKAGES[@]+"${VUBLK_TEST_PACKAGES[@]}"} "${VUBLK_RBD_PACKAGES[@]}") ;;
     fuzz) packages+=("${VUBLK_FUZZ_PACKAGES[@]}") ;;
+    rbd) packages+=("${VUBLK_RBD_PACKAGES[@]}") ;;
     *)
-        echo "vublk_prereqs: build, test or fuzz, not '$1'" >&2
+        echo "vublk_prereqs: build, test, fuzz or rbd, not '$1'" >&2
         return 2
         ;;
     esac

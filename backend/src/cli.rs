@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::disk::{DiskSpec, OpenOptions};
 use crate::endpoint::{Endpoint, SocketAccess};
 use crate::export::{AllowList, ExportSpec, OpenAs};
+use crate::io::rbd::RbdSpec;
 use crate::supervisor::{
     TenantLimits, WorkerOptions, DEFAULT_CONNECTIONS_PER_VMM, DEFAULT_VMS_PER_UID,
 };
@@ -27,7 +28,8 @@ pub struct Cli {
     #[arg(long, value_name = "N")]
     pub fd: Option<RawFd>,
 
-    /// The raw image or block device to serve; `null:SIZE` for the null backing.
+    /// The raw image or block device to serve; `null:SIZE` for the null backing;
+    /// `rbd:POOL/IMAGE` for an RBD image on a Ceph cluster (see --ceph-conf).
     #[arg(long, value_name = "IMAGE", conflicts_with = "null", required_unless_present_any = ["null", "print_capabilities", "export", "worker_control_fd"])]
     pub blk_file: Option<String>,
 
@@ -35,6 +37,21 @@ pub struct Cli {
     /// dropped.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub null: Option<u64>,
+
+    /// For `rbd:` disks: the Ceph configuration file, which names the monitors and the keyring
+    /// (read by the worker, as the VMM's user: the keyring must be readable by that user).
+    #[arg(long, value_name = "FILE", default_value = "/etc/ceph/ceph.conf")]
+    pub ceph_conf: PathBuf,
+
+    /// For `rbd:` disks: the Ceph client id to connect as (`client.ID`).
+    #[arg(long, value_name = "ID", default_value = "admin")]
+    pub ceph_id: String,
+
+    /// For `rbd:` disks: seconds an operation waits for the cluster before it fails with an
+    /// I/O error, and a connect before it gives up. 0: operations wait until the cluster
+    /// comes back; a connect gives up after 30 s.
+    #[arg(long, value_name = "SECS", default_value_t = 0)]
+    pub ceph_timeout: u32,
 
     /// Export the disk read-only.
     #[arg(long)]
@@ -85,7 +102,8 @@ pub struct Cli {
     /// More exports served by the same daemon, each
     /// `socket-path=PATH,blk-file=IMAGE[,read-only][,num-queues=N][,queue-size=N][,direct]
     /// [,serial=S][,blk-size=512|4096][,write-cache=on|off][,open-as=vmm|daemon]
-    /// [,allow-uids=U1:U2...][,allow-gids=G1:G2...][,socket-mode=MODE][,socket-group=GROUP]`
+    /// [,allow-uids=U1:U2...][,allow-gids=G1:G2...][,socket-mode=MODE][,socket-group=GROUP]
+    /// [,ceph-conf=FILE][,ceph-id=ID][,ceph-timeout=SECS]`
     /// (`fd=N` instead of socket-path, `null=SIZE` instead of blk-file). An export without
     /// socket-mode or socket-group takes --socket-mode and --socket-group.
     #[arg(long, value_name = "SPEC", value_parser = parse_export)]
@@ -359,6 +377,9 @@ fn parse_export(spec: &str) -> Result<(Endpoint, ExportSpec), String> {
                     | "open-as"
                     | "socket-mode"
                     | "socket-group"
+                    | "ceph-conf"
+                    | "ceph-id"
+                    | "ceph-timeout"
             )
         {
             let hint = if after_list {
@@ -397,6 +418,15 @@ fn parse_export(spec: &str) -> Result<(Endpoint, ExportSpec), String> {
 /// was given (command-line options or `--export` keys).
 fn check_open_as(export: &ExportSpec, names: (&str, &str, &str)) -> Result<(), String> {
     let (open_as, uids, gids) = names;
+    if export.open_as == OpenAs::Daemon {
+        if let DiskSpec::Rbd(spec) = &export.disk {
+            return Err(format!(
+                "{open_as} has no file to hand over for {}: the worker connects to the cluster \
+                 itself, as the VMM's user, with the Ceph id and keyring its configuration names",
+                spec.name()
+            ));
+        }
+    }
     if export.open_as == OpenAs::Daemon && !export.allow.restricts() {
         return Err(format!(
             "{open_as} needs {uids} or {gids}: the supervisor opens the image as root for whoever \
@@ -415,12 +445,27 @@ impl Cli {
             _ => return Err("exactly one of --socket-path and --fd is required".into()),
         };
         let disk = match (&self.blk_file, self.null) {
-            (Some(file), None) => match file.strip_prefix("null:") {
-                Some(size) => DiskSpec::Null {
-                    size: parse_size(size).map_err(|e| format!("--blk-file: {e}"))?,
-                },
-                None => DiskSpec::Path(PathBuf::from(file)),
-            },
+            (Some(file), None) => {
+                if let Some(size) = file.strip_prefix("null:") {
+                    DiskSpec::Null {
+                        size: parse_size(size).map_err(|e| format!("--blk-file: {e}"))?,
+                    }
+                } else if let Some(location) = file.strip_prefix("rbd:") {
+                    let (pool, image) = RbdSpec::parse_location(location)?;
+                    if self.ceph_id.is_empty() {
+                        return Err("the Ceph id is empty".into());
+                    }
+                    DiskSpec::Rbd(Box::new(RbdSpec {
+                        pool,
+                        image,
+                        conf: self.ceph_conf.clone(),
+                        id: self.ceph_id.clone(),
+                        timeout_secs: self.ceph_timeout,
+                    }))
+                } else {
+                    DiskSpec::Path(PathBuf::from(file))
+                }
+            }
             (None, Some(size)) => DiskSpec::Null { size },
             _ => return Err("exactly one of --blk-file and --null is required".into()),
         };
@@ -528,6 +573,69 @@ mod tests {
         let exports = cli.exports().unwrap();
         assert_eq!(exports[0].1.disk, DiskSpec::Null { size: 1 << 20 });
         assert!(matches!(exports[0].0, Endpoint::Fd(3)));
+    }
+
+    #[test]
+    fn rbd_images() {
+        let cli = Cli::try_parse_from([
+            "vublk", "--socket-path", "/a.sock", "--blk-file", "rbd:pool/disk",
+            "--export", "socket-path=/b.sock,blk-file=rbd:vms/vm-1,ceph-conf=/t/ceph.conf,ceph-id=tenant1,ceph-timeout=20",
+        ])
+        .unwrap();
+        let exports = cli.exports().unwrap();
+        let spec = |i: usize| match &exports[i].1.disk {
+            DiskSpec::Rbd(spec) => (**spec).clone(),
+            other => panic!("not an RBD disk: {other:?}"),
+        };
+        assert_eq!(
+            spec(0),
+            RbdSpec {
+                pool: "pool".into(),
+                image: "disk".into(),
+                conf: "/etc/ceph/ceph.conf".into(),
+                id: "admin".into(),
+                timeout_secs: 0,
+            }
+        );
+        assert_eq!(
+            spec(1),
+            RbdSpec {
+                pool: "vms".into(),
+                image: "vm-1".into(),
+                conf: "/t/ceph.conf".into(),
+                id: "tenant1".into(),
+                timeout_secs: 20,
+            }
+        );
+        for bad in [
+            "rbd:disk",
+            "rbd:/disk",
+            "rbd:pool/",
+            "rbd:pool/ns/disk",
+            "rbd:pool/disk@snap",
+        ] {
+            let cli = Cli::try_parse_from(["vublk", "--socket-path", "/a", "--blk-file", bad]);
+            assert!(cli.unwrap().exports().is_err(), "{bad}");
+        }
+        // No file to hand over: refused, saying why.
+        let daemon = Cli::try_parse_from([
+            "vublk",
+            "--socket-path",
+            "/a",
+            "--blk-file",
+            "rbd:p/i",
+            "--open-as",
+            "daemon",
+            "--allow-uids",
+            "0",
+        ])
+        .unwrap()
+        .exports()
+        .unwrap_err();
+        assert!(
+            daemon.contains("no file to hand over for rbd:p/i"),
+            "{daemon}"
+        );
     }
 
     #[test]

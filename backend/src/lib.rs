@@ -84,6 +84,12 @@ pub fn run(mode: Mode) -> Result<(), RunError> {
             // open-as=daemon the supervisor does, for each connection, and only the file found
             // now.
             for (_, export) in &mut exports {
+                // An RBD image is not opened here (the supervisor is not the VMM's user, and
+                // the cluster may come up later): only librbd is loaded, so a machine without
+                // it fails now.
+                if let disk::DiskSpec::Rbd(_) = &export.disk {
+                    io::rbd::ffi::api().map_err(|e| DiskError::from(io::rbd::RbdError::from(e)))?;
+                }
                 if let disk::DiskSpec::Path(path) = &export.disk {
                     if export.open_as == OpenAs::Daemon {
                         let (_, id) = Disk::open_for_daemon(path, export.open, None)?;
@@ -101,6 +107,12 @@ pub fn run(mode: Mode) -> Result<(), RunError> {
             // SAFETY: the supervisor put the control socket at this fd and the report pipe at
             // the next one, for us alone.
             let (control, reports) = unsafe { supervisor::adopt_channels(fd) };
+            if plan.profile == sandbox::Profile::Rbd {
+                // librbd and librados (and what they link) are mapped now: the seccomp filter
+                // forbids executable mappings, and landlock hides the library directories. A
+                // failure is kept and told when an export opens its image.
+                let _ = io::rbd::ffi::api();
+            }
             let sandbox = {
                 use std::os::fd::AsRawFd;
                 let (control, reports) = (control.as_raw_fd(), reports.as_raw_fd());

@@ -148,6 +148,8 @@ fn every_layer_is_on_in_a_serving_worker() {
             );
         }
         assert_eq!(sandbox["namespaces"], serde_json::json!(["net", "ipc"]));
+        assert_eq!(sandbox["network"], "empty namespace", "{vm}");
+        assert!(line.contains("network: empty namespace"), "{line}");
     }
     drop(_client);
     daemon.stop();

@@ -1637,3 +1637,245 @@ fn one_worker_serves_all_disks_of_a_vm() {
     );
     daemon.stop();
 }
+
+/// An RBD export: the worker connects to the cluster as the VMM's user, with the keyring the
+/// configuration names. nobody's VM is refused, naming the keyring, when only root may read
+/// it; with a configuration naming a keyring nobody may read, nobody's VM is served (its worker
+/// is nobody) and its data reaches the image.
+#[test]
+fn an_rbd_worker_connects_with_the_vmm_users_keyring() {
+    if !can_run() {
+        return;
+    }
+    use vublk_test_support::ceph;
+    let Some(cluster) =
+        ceph::cluster(&PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("ceph-workers"))
+    else {
+        eprintln!("skipping: {}", ceph::NOT_INSTALLED);
+        return;
+    };
+    let dir = shared_dir();
+    let image = cluster.create_image("identity", 8 * MIB);
+
+    // nobody's own configuration and keyring (a copy of the cluster's, readable by nobody
+    // only); librados' run directory of the cluster stays root's.
+    let keyring = dir.path().join("nobody.keyring");
+    std::fs::copy(cluster.dir.join("keyring"), &keyring).unwrap();
+    std::os::unix::fs::chown(&keyring, Some(NOBODY), Some(NOBODY)).unwrap();
+    set_mode(&keyring, 0o400);
+    let conf: String = std::fs::read_to_string(cluster.conf())
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("keyring") && !l.starts_with("run dir"))
+        .map(|l| format!("{l}\n"))
+        .collect::<String>()
+        .replacen(
+            "[global]\n",
+            &format!("[global]\nkeyring = {}\n", keyring.display()),
+            1,
+        );
+    let nobody_conf = dir.path().join("nobody.conf");
+    std::fs::write(&nobody_conf, conf).unwrap();
+    set_mode(&nobody_conf, 0o644);
+
+    let root_conf = cluster.conf();
+    let served_socket = dir.path().join("served.sock");
+    let export = format!(
+        "socket-path={},blk-file={image},ceph-conf={}",
+        served_socket.display(),
+        nobody_conf.display()
+    );
+    let mut daemon = Daemon::start(
+        vublk_bin(),
+        dir.path(),
+        &[
+            "--blk-file",
+            &image,
+            "--ceph-conf",
+            root_conf.to_str().unwrap(),
+            "--ceph-timeout",
+            "10",
+            "--export",
+            &export,
+        ],
+    );
+    daemon.wait_for(&served_socket);
+    open_socket(daemon.socket());
+    open_socket(&served_socket);
+
+    // Root's keyring: nobody's worker cannot read it.
+    let mut job = Job::new(&[daemon.socket()], NOBODY, NOBODY, &[NOBODY]);
+    job.expect_failure = true;
+    let mut refused = vmm(dir.path(), "rbd-refused", job, &daemon);
+    refused.expect("CONNECT-FAILED", &daemon);
+    refused.finish();
+    wait_for_log(
+        &daemon,
+        "(is the keyring readable by this user?)",
+        Duration::from_secs(20),
+    );
+
+    // nobody's keyring: served by a worker that is nobody.
+    let mut job = Job::new(&[&served_socket], NOBODY, NOBODY, &[NOBODY]);
+    job.seed = 41;
+    let mut served = vmm(dir.path(), "rbd-served", job, &daemon);
+    let worker = daemon.serving_pid();
+    assert_eq!(
+        status(worker)["Uid"],
+        "65534\t65534\t65534\t65534",
+        "the RBD export's worker is not nobody"
+    );
+    served.finish();
+    let data = cluster.export("identity", dir.path());
+    assert_same(
+        &data[..REGION_LEN],
+        &pattern(41, 0, REGION_LEN),
+        "the image",
+    );
+}
+
+/// The sandbox profile is decided per worker: in one daemon, root's VM, allowed on an `rbd:`
+/// export, gets a worker in the host's network namespace (librados connects to the cluster)
+/// that reports `network: host (rbd)`, while nobody's VM, allowed only on a file export, gets
+/// a worker in an empty network namespace of its own, with the files-only seccomp list. Both
+/// serve their I/O at the same time. The configuration, in the test's directory, names the
+/// cluster's keyring in another directory by its absolute path (landlock lets the worker read
+/// it: without that, "is the keyring readable by this user?"), and asks librados for an admin
+/// socket (a unix socket): the rbd worker is refused one and serves without it.
+#[test]
+fn only_an_rbd_worker_keeps_the_host_network() {
+    if !can_run() {
+        return;
+    }
+    use vublk_test_support::ceph;
+    let Some(cluster) =
+        ceph::cluster(&PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("ceph-workers"))
+    else {
+        eprintln!("skipping: {}", ceph::NOT_INSTALLED);
+        return;
+    };
+    let dir = shared_dir();
+    let image = cluster.create_image("profiles", 8 * MIB);
+    let file = dir.path().join("nobody.img");
+    private_image(&file, 8 * MIB, 5, NOBODY, NOBODY);
+    let file_socket = dir.path().join("file.sock");
+    let control = dir.path().join("control.sock");
+    let export = format!(
+        "socket-path={},blk-file={},allow-uids={NOBODY}",
+        file_socket.display(),
+        file.display()
+    );
+    let conf = dir.path().join("ceph.conf");
+    let mut text = std::fs::read_to_string(cluster.conf()).unwrap();
+    text.push_str(&format!(
+        "[client]\nadmin socket = {}/$name.$pid.asok\n",
+        dir.path().display()
+    ));
+    std::fs::write(&conf, text).unwrap();
+    let mut daemon = Daemon::start(
+        vublk_bin(),
+        dir.path(),
+        &[
+            "--blk-file",
+            &image,
+            "--ceph-conf",
+            conf.to_str().unwrap(),
+            "--allow-uids",
+            "0",
+            "--export",
+            &export,
+            "--control-socket",
+            control.to_str().unwrap(),
+        ],
+    );
+    daemon.wait_for(&file_socket);
+    daemon.wait_for(&control);
+    open_socket(&file_socket);
+
+    let mut job = Job::new(&[daemon.socket()], 0, 0, &[0]);
+    job.seed = 43;
+    let mut rbd_vmm = vmm(dir.path(), "rbd-profile", job, &daemon);
+    let mut job = Job::new(&[&file_socket], NOBODY, NOBODY, &[NOBODY]);
+    job.seed = 44;
+    let mut file_vmm = vmm(dir.path(), "file-profile", job, &daemon);
+
+    // Each VM's entry in `vublk status --json`, once its worker reported its sandbox.
+    let sandbox_of = |vmm_pid: u32| -> (u32, serde_json::Value) {
+        let deadline = Instant::now() + DAEMON_TIMEOUT;
+        loop {
+            let status = daemon.status(&control).expect("vublk status");
+            if let Some(vm) = status["vms"]
+                .as_array()
+                .and_then(|vms| vms.iter().find(|vm| vm["vmm_pid"] == vmm_pid))
+                .filter(|vm| !vm["sandbox"].is_null())
+            {
+                return (
+                    vm["worker_pid"].as_u64().unwrap() as u32,
+                    vm["sandbox"].clone(),
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no sandbox for VMM {vmm_pid}: {status}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let net_of = |pid: u32| {
+        std::fs::read_link(format!("/proc/{pid}/ns/net"))
+            .unwrap_or_else(|e| panic!("/proc/{pid}/ns/net: {e}"))
+    };
+    let host_net = net_of(std::process::id());
+    let seccomp_calls = |sandbox: &serde_json::Value| -> u32 {
+        let text = sandbox["seccomp"].as_str().unwrap();
+        text.trim_start_matches("filter (")
+            .split(' ')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("seccomp: {text}"))
+    };
+
+    let (rbd_worker, rbd_sandbox) = sandbox_of(rbd_vmm.pid());
+    assert_eq!(rbd_sandbox["network"], "host (rbd)", "{rbd_sandbox}");
+    assert_eq!(rbd_sandbox["namespaces"], serde_json::json!(["ipc"]));
+    assert_eq!(
+        net_of(rbd_worker),
+        host_net,
+        "the rbd worker left the host's network"
+    );
+
+    let (file_worker, file_sandbox) = sandbox_of(file_vmm.pid());
+    assert_ne!(file_worker, rbd_worker);
+    assert_eq!(file_sandbox["network"], "empty namespace", "{file_sandbox}");
+    assert_eq!(
+        file_sandbox["namespaces"],
+        serde_json::json!(["net", "ipc"])
+    );
+    assert_ne!(
+        net_of(file_worker),
+        host_net,
+        "the file worker shares the host's network"
+    );
+    assert!(
+        seccomp_calls(&file_sandbox) < seccomp_calls(&rbd_sandbox),
+        "the file worker's filter allows as much as the rbd worker's: {file_sandbox} {rbd_sandbox}"
+    );
+
+    // `vublk status` prints the network for people too.
+    let out = Command::new(vublk_bin())
+        .args(["status", "--control-socket", control.to_str().unwrap()])
+        .output()
+        .expect("vublk status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("network: host (rbd)"), "{text}");
+    assert!(text.contains("network: empty namespace"), "{text}");
+
+    rbd_vmm.finish();
+    file_vmm.finish();
+    let data = cluster.export("profiles", dir.path());
+    assert_same(
+        &data[..REGION_LEN],
+        &pattern(43, 0, REGION_LEN),
+        "the rbd image",
+    );
+}

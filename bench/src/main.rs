@@ -41,7 +41,8 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     systems: Option<Vec<System>>,
     /// Media: tmpfs (filled image in /dev/shm), disk (filled image in --disk-dir, O_DIRECT),
-    /// null (no I/O).
+    /// null (no I/O), rbd (filled RBD images on a throwaway one-node Ceph cluster started by
+    /// scripts/ceph-dev.sh; vublk and qsd only; not in the default set).
     #[arg(long, value_delimiter = ',')]
     media: Option<Vec<Medium>>,
     /// Request mixes: randread, randwrite, randrw.

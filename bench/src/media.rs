@@ -26,6 +26,10 @@ pub enum Medium {
     Disk,
     /// The null backing (vublk `--null`, QSD `null-co` with `read-zeroes=on`): no I/O at all.
     Null,
+    /// Filled RBD images on a throwaway one-node Ceph cluster (scripts/ceph-dev.sh: a memstore
+    /// OSD on 127.0.0.1), served through librbd (vublk `rbd:`, QSD `driver=rbd`), librbd's
+    /// cache off in both.
+    Rbd,
 }
 
 impl Medium {
@@ -34,6 +38,7 @@ impl Medium {
             Medium::Tmpfs => "tmpfs",
             Medium::Disk => "disk",
             Medium::Null => "null",
+            Medium::Rbd => "rbd",
         }
     }
 
@@ -50,7 +55,8 @@ impl FromStr for Medium {
             "tmpfs" => Medium::Tmpfs,
             "disk" => Medium::Disk,
             "null" => Medium::Null,
-            _ => bail!("unknown medium {s:?} (tmpfs, disk, null)"),
+            "rbd" => Medium::Rbd,
+            _ => bail!("unknown medium {s:?} (tmpfs, disk, null, rbd)"),
         })
     }
 }
@@ -65,8 +71,10 @@ impl fmt::Display for Medium {
 /// VM's disk. Dropping it removes the images.
 pub struct Prepared {
     pub medium: Medium,
-    /// The image file of each VM; empty for the null backing.
+    /// The image file of each VM; empty for the null backing; `rbd:rbd/NAME` for RBD.
     pub images: Vec<PathBuf>,
+    /// The Ceph configuration of the RBD medium's cluster.
+    pub ceph_conf: Option<PathBuf>,
     pub vms: u16,
     /// Bytes per VM's disk.
     pub size: u64,
@@ -86,6 +94,7 @@ impl Prepared {
             medium,
             vms: images.len().max(1) as u16,
             images,
+            ceph_conf: None,
             size,
             _dir: None,
         }
@@ -121,11 +130,13 @@ pub fn prepare(medium: Medium, size: u64, vms: u16, disk_dir: &Path) -> Result<P
             return Ok(Prepared {
                 medium,
                 images: Vec::new(),
+                ceph_conf: None,
                 vms,
                 size: each,
                 _dir: None,
             })
         }
+        Medium::Rbd => return prepare_rbd(each, vms),
         Medium::Tmpfs => Path::new("/dev/shm"),
         Medium::Disk => disk_dir,
     };
@@ -133,9 +144,6 @@ pub fn prepare(medium: Medium, size: u64, vms: u16, disk_dir: &Path) -> Result<P
         .prefix("vublk-bench-")
         .tempdir_in(parent)
         .with_context(|| format!("create a directory under {}", parent.display()))?;
-    // One chunk of pattern, stamped with its image and index so no two chunks are alike (nothing
-    // on the way can deduplicate or compress them).
-    let mut chunk = vublk_test_support::pattern::pattern(0xbe7c, 0, CHUNK);
     let mut images = Vec::new();
     for vm in 0..vms {
         let image = if vms == 1 {
@@ -143,14 +151,7 @@ pub fn prepare(medium: Medium, size: u64, vms: u16, disk_dir: &Path) -> Result<P
         } else {
             dir.path().join(format!("{medium}-vm{vm}.img"))
         };
-        let mut f = File::create(&image).with_context(|| format!("create {}", image.display()))?;
-        for i in 0..each / CHUNK as u64 {
-            chunk[..8].copy_from_slice(&i.to_le_bytes());
-            chunk[8..10].copy_from_slice(&vm.to_le_bytes());
-            f.write_all(&chunk)
-                .with_context(|| format!("fill {}", image.display()))?;
-        }
-        f.sync_all()?;
+        fill(&image, each, vm)?;
         if medium == Medium::Disk {
             check_direct(&image)?;
         }
@@ -159,9 +160,59 @@ pub fn prepare(medium: Medium, size: u64, vms: u16, disk_dir: &Path) -> Result<P
     Ok(Prepared {
         medium,
         images,
+        ceph_conf: None,
         vms,
         size: each,
         _dir: Some(dir),
+    })
+}
+
+/// Writes VM `vm`'s image of `size` bytes at `image`: chunks of pattern, each stamped with its
+/// image and index so no two chunks are alike (nothing on the way can deduplicate or compress
+/// them).
+fn fill(image: &Path, size: u64, vm: u16) -> Result<()> {
+    let mut chunk = vublk_test_support::pattern::pattern(0xbe7c, 0, CHUNK);
+    let mut f = File::create(image).with_context(|| format!("create {}", image.display()))?;
+    for i in 0..size / CHUNK as u64 {
+        chunk[..8].copy_from_slice(&i.to_le_bytes());
+        chunk[8..10].copy_from_slice(&vm.to_le_bytes());
+        f.write_all(&chunk)
+            .with_context(|| format!("fill {}", image.display()))?;
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
+/// The RBD medium: the process's cluster (started at the first call, under the system's temp
+/// directory, killed when the benchmark exits) with an image per VM, filled like the others
+/// (written to a file on tmpfs, then `rbd import`).
+fn prepare_rbd(each: u64, vms: u16) -> Result<Prepared> {
+    let cluster = vublk_test_support::ceph::cluster(&std::env::temp_dir().join("vublk-bench-ceph"))
+        .with_context(|| {
+            format!(
+                "the rbd medium needs a Ceph cluster: {}",
+                vublk_test_support::ceph::NOT_INSTALLED
+            )
+        })?;
+    let dir = tempfile::Builder::new()
+        .prefix("vublk-bench-rbd-")
+        .tempdir_in("/dev/shm")
+        .context("create a directory under /dev/shm")?;
+    let mut images = Vec::new();
+    for vm in 0..vms {
+        let file = dir.path().join("fill.img");
+        fill(&file, each, vm)?;
+        let spec = cluster.import_image(&format!("bench-vm{vm}"), &file);
+        std::fs::remove_file(&file)?;
+        images.push(PathBuf::from(spec));
+    }
+    Ok(Prepared {
+        medium: Medium::Rbd,
+        images,
+        ceph_conf: Some(cluster.conf()),
+        vms,
+        size: each,
+        _dir: None,
     })
 }
 

@@ -7,7 +7,8 @@
 //! - `vublk-single`: `vublk --single-process`, serving from the daemon itself (one VM: it serves
 //!   one export to one frontend at a time).
 //! - `qsd`: qemu-storage-daemon, `driver=file` with `aio=io_uring` (plus `cache.direct=on` on
-//!   the real disk) or `driver=null-co,read-zeroes=on`, exported as vhost-user-blk: a block node,
+//!   the real disk), `driver=null-co,read-zeroes=on`, or `driver=rbd` with `cache.direct=on`
+//!   (librbd's cache off, as vublk has it), exported as vhost-user-blk: a block node,
 //!   an export and an iothread per VM. QSD serves all queues of an export from one thread (an
 //!   iothread, or the main loop without one); without iothreads every export of the daemon
 //!   would share the main loop's one thread, where vublk gives each VM a worker of its own. The
@@ -89,8 +90,8 @@ impl System {
     /// Whether the system can run `cell`; `None` if it can, or why not.
     pub fn unsupported(self, cell: &Cell) -> Option<&'static str> {
         match self {
-            System::IoUring if cell.medium == Medium::Null => {
-                Some("io_uring does not run on the null medium: there is no file to open")
+            System::IoUring if matches!(cell.medium, Medium::Null | Medium::Rbd) => {
+                Some("io_uring does not run on the null and rbd media: there is no file to open")
             }
             System::Fio if cell.medium != Medium::Disk => {
                 Some("fio is the disk's own limit: it runs on the disk medium only")
@@ -114,6 +115,13 @@ impl System {
                 .image_str(vm)
                 .context("the medium has no image path (or it is not UTF-8)")
         };
+        let ceph_conf = || -> Result<&str> {
+            media
+                .ceph_conf
+                .as_deref()
+                .and_then(|p| p.to_str())
+                .context("the medium has no Ceph configuration (or it is not UTF-8)")
+        };
         let socket_str = |vm: usize| -> Result<&str> {
             sockets[vm].to_str().context("socket path is not UTF-8")
         };
@@ -129,6 +137,10 @@ impl System {
                     Medium::Tmpfs | Medium::Disk => {
                         cmd.args(["--blk-file", image(0)?]);
                     }
+                    Medium::Rbd => {
+                        cmd.args(["--blk-file", image(0)?]);
+                        cmd.arg("--ceph-conf").arg(ceph_conf()?);
+                    }
                 }
                 if media.medium.direct() {
                     cmd.arg("--direct");
@@ -141,6 +153,11 @@ impl System {
                         Medium::Tmpfs | Medium::Disk => {
                             export.push_str(&format!(",blk-file={}", image(vm)?))
                         }
+                        Medium::Rbd => export.push_str(&format!(
+                            ",blk-file={},ceph-conf={}",
+                            image(vm)?,
+                            ceph_conf()?
+                        )),
                     }
                     export.push_str(&format!(",num-queues={queues}"));
                     if media.medium.direct() {
@@ -174,6 +191,18 @@ impl System {
                              cache.direct=on",
                             image(vm)?
                         ),
+                        Medium::Rbd => {
+                            let image = image(vm)?;
+                            let (pool, name) = image
+                                .strip_prefix("rbd:")
+                                .and_then(|l| l.split_once('/'))
+                                .context("not an rbd:POOL/IMAGE image")?;
+                            format!(
+                                "driver=rbd,node-name=f{vm},pool={pool},image={name},conf={},\
+                                 user=admin,cache.direct=on",
+                                ceph_conf()?
+                            )
+                        }
                     };
                     let export = format!(
                         "type=vhost-user-blk,id=e{vm},node-name=f{vm},iothread=io{vm},\

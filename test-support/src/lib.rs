@@ -7,7 +7,9 @@
 //! - [`pattern`]: the data every test writes and checks, and the comparison that names the first
 //!   difference.
 //! - [`vublk_binary`]: the vublk binary of this workspace, found or built.
+//! - [`ceph`]: a throwaway Ceph cluster (scripts/ceph-dev.sh) for the RBD backing's tests.
 
+pub mod ceph;
 pub mod daemon;
 pub mod frontend;
 pub mod pattern;

@@ -1,5 +1,6 @@
-//! The backing store behind a virtio-blk device: a raw image file, a block device, or nothing at
-//! all (`null`, for measuring the device overhead alone).
+//! The backing store behind a virtio-blk device: a raw image file, a block device, an RBD image
+//! on a Ceph cluster (io/rbd/), or nothing at all (`null`, for measuring the device overhead
+//! alone).
 //!
 //! Opening a disk also decides what it can do — discard, write-zeroes, the alignment O_DIRECT
 //! needs — so the device offers only features the backing really has.
@@ -19,6 +20,7 @@ pub use probe::DirectIoAlignment;
 
 use crate::io::inline::{self, InlineIo};
 use crate::io::mapped::MappedImage;
+use crate::io::rbd::{RbdError, RbdImage, RbdSpec};
 
 /// Where the data lives.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,6 +29,8 @@ pub enum DiskSpec {
     Path(PathBuf),
     /// Reads return zeroes, writes are dropped; `size` bytes of capacity.
     Null { size: u64 },
+    /// An RBD image (`rbd:POOL/IMAGE`).
+    Rbd(Box<RbdSpec>),
 }
 
 /// How the backing is opened.
@@ -53,6 +57,8 @@ pub enum ZeroesMethod {
     PunchThenAllocate,
     /// Nothing to do (null backing).
     Nothing,
+    /// The backing zeroes ranges itself (rbd_aio_write_zeroes).
+    Backing,
 }
 
 /// What the backing is and what it can do.
@@ -88,6 +94,8 @@ pub enum Backing {
         block_device: bool,
     },
     Null,
+    /// Shared by the device's queues.
+    Rbd(Arc<RbdImage>),
 }
 
 #[derive(Debug, Error)]
@@ -112,6 +120,8 @@ pub enum DiskError {
     Replaced { path: PathBuf },
     #[error("the null backing needs a size of at least 512 bytes")]
     NullTooSmall,
+    #[error(transparent)]
+    Rbd(#[from] RbdError),
 }
 
 impl Disk {
@@ -120,7 +130,28 @@ impl Disk {
         match spec {
             DiskSpec::Null { size } => Self::null(*size, options),
             DiskSpec::Path(path) => Self::open_path(path, options),
+            DiskSpec::Rbd(spec) => Self::rbd(spec, options),
         }
+    }
+
+    /// Connects to the cluster and opens the image, as the calling process's user (its
+    /// keyring must be readable by it). Discard and write-zeroes are librbd's; O_DIRECT means
+    /// nothing there (librbd's cache is always off).
+    fn rbd(spec: &RbdSpec, options: OpenOptions) -> Result<Disk, DiskError> {
+        let image = RbdImage::open(spec, options.read_only)?;
+        Ok(Disk {
+            capacity: image.size & !511,
+            backing: Backing::Rbd(Arc::new(image)),
+            read_only: options.read_only,
+            direct: false,
+            dio_align: DirectIoAlignment::NONE,
+            punch_hole: !options.read_only,
+            write_zeroes: (!options.read_only).then_some(ZeroesMethod::Backing),
+            inline_read: InlineIo::Never,
+            inline_write: InlineIo::Never,
+            mapping: None,
+            name: spec.name(),
+        })
     }
 
     fn null(size: u64, options: OpenOptions) -> Result<Disk, DiskError> {

@@ -6,6 +6,7 @@
 //! | `engine.rs` | the [`Engine`] trait: submit with a tag, reap completions, watch eventfds |
 //! | `file.rs` | the engine of a file or block device: io_uring, inline and mapped I/O, bounce buffers, short I/O |
 //! | `null.rs` | the engine of the null disk |
+//! | `rbd/` | the engine of an RBD image: librbd aio, completions through an eventfd |
 //! | `gate.rs` | the test I/O gate, a wrapper engine |
 //! | `uring.rs` | a queue's io_uring |
 //! | `inline.rs`, `mapped.rs` | reads and writes a queue thread does itself |
@@ -20,6 +21,7 @@ pub mod gate;
 pub mod inline;
 pub mod mapped;
 pub mod null;
+pub mod rbd;
 pub mod uring;
 
 use std::os::fd::RawFd;
@@ -36,11 +38,13 @@ use crate::vhost_user::GuestBuffers;
 pub enum DiskEngine {
     File(file::FileEngine),
     Null(null::NullEngine),
+    Rbd(rbd::RbdEngine),
     Gated(gate::Gated<file::FileEngine>),
 }
 
 /// The engine for a queue of `depth` requests on `disk`; with `gate` (a test FIFO, see
-/// gate.rs) every request waits for a byte of it first, and all of them go through io_uring.
+/// gate.rs) every request waits for a byte of it first, and all of them go through io_uring
+/// (an RBD image takes no gate).
 /// The disk (which owns the backing's file descriptor) must outlive the engine.
 pub fn engine_for(
     disk: &Disk,
@@ -49,6 +53,7 @@ pub fn engine_for(
 ) -> std::io::Result<DiskEngine> {
     Ok(match (&disk.backing, gate) {
         (Backing::Null, _) => DiskEngine::Null(null::NullEngine::new(depth)?),
+        (Backing::Rbd(_), _) => DiskEngine::Rbd(rbd::RbdEngine::new(disk, depth)?),
         (Backing::File { .. }, None) => DiskEngine::File(file::FileEngine::new(disk, depth, true)?),
         (Backing::File { .. }, Some(gate)) => {
             let inner = file::FileEngine::new(disk, depth, false)?;
@@ -63,6 +68,7 @@ macro_rules! each {
         match $self {
             DiskEngine::File($engine) => $call,
             DiskEngine::Null($engine) => $call,
+            DiskEngine::Rbd($engine) => $call,
             DiskEngine::Gated($engine) => $call,
         }
     };

@@ -2,7 +2,9 @@
 //! only), the paths given with `--worker-allow`, the block device queue limits it reads from
 //! sysfs, and /dev/null; nothing else, whatever the tenant's uid could open. It may not bind or
 //! connect TCP sockets, connect to abstract unix sockets, or signal processes outside itself,
-//! on kernels that know these rights.
+//! on kernels that know these rights. A worker of the rbd profile may connect TCP sockets (to
+//! the Ceph cluster), still not bind them, and reads the Ceph configuration and keyrings the
+//! supervisor put in its plan (supervisor/confine.rs).
 //!
 //! Best effort: on a kernel without landlock the worker serves unconfined by it and says so
 //! (`vublk status`, and the supervisor logs it once); rights a kernel's ABI does not know are
@@ -15,7 +17,7 @@ use landlock::{
 };
 use thiserror::Error;
 
-use super::PathRule;
+use super::{PathRule, Profile};
 
 /// The newest ABI whose rights the worker asks for; the crate leaves out what the running kernel
 /// lacks.
@@ -27,9 +29,18 @@ pub enum LandlockError {
     Ruleset(#[source] RulesetError),
 }
 
+/// The network rights landlock denies: every TCP bind and connect, or only binds for a worker
+/// that connects to a Ceph cluster.
+fn denied_net(profile: Profile) -> landlock::BitFlags<AccessNet> {
+    match profile {
+        Profile::Files => AccessNet::from_all(ABI_WANTED),
+        Profile::Rbd => AccessNet::BindTcp.into(),
+    }
+}
+
 /// Restricts the process to `paths` (and /dev/null); returns what is enforced ("ABI N",
 /// "partial (ABI N)" or "unsupported").
-pub fn restrict(paths: &[PathRule]) -> Result<String, LandlockError> {
+pub fn restrict(paths: &[PathRule], profile: Profile) -> Result<String, LandlockError> {
     let all = AccessFs::from_all(ABI_WANTED);
     let read = AccessFs::from_read(ABI_WANTED);
     let writable: Vec<_> = paths
@@ -46,7 +57,7 @@ pub fn restrict(paths: &[PathRule]) -> Result<String, LandlockError> {
     let status = Ruleset::default()
         .set_compatibility(CompatLevel::BestEffort)
         .handle_access(all)
-        .and_then(|r| r.handle_access(AccessNet::from_all(ABI_WANTED)))
+        .and_then(|r| r.handle_access(denied_net(profile)))
         .and_then(|r| r.scope(Scope::from_all(ABI_WANTED)))
         .and_then(|r| r.create())
         // A path that cannot be opened now gets no rule: the worker cannot open it either.

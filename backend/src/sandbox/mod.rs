@@ -5,15 +5,20 @@
 //! ([`enter`]; docs/security.md says why each one is there):
 //!
 //! 1. [`namespaces`]: in the forked child, while it still has the privilege to (an empty
-//!    network and IPC namespace); the only layer applied before the identity.
+//!    network and IPC namespace; the host's network for the [`Profile::Rbd`] profile); the only
+//!    layer applied before the identity.
 //! 2. [`dumpable`]: the worker is made non-dumpable as the first thing after exec, and refuses
 //!    to serve if a tracer attached before that.
 //! 3. [`fds`]: stdin and stdout on /dev/null, stderr a pipe the supervisor relays into its own
 //!    log line by line (supervisor/worker_log.rs), every other inherited descriptor closed.
 //! 4. [`landlock`]: file access only to the export images, the paths of `--worker-allow`, and
-//!    /dev/null; no TCP, no abstract unix sockets, no signals outside the worker.
-//! 5. [`seccomp`]: an allow-list of system calls; anything else traps, the worker reports the
-//!    call to the supervisor on its report pipe and dies of SIGSYS.
+//!    /dev/null (and, for the rbd profile, the Ceph configuration and keyrings); no TCP (TCP
+//!    connect for the rbd profile), no abstract unix sockets, no signals outside the worker.
+//! 5. [`seccomp`]: an allow-list of system calls (the rbd profile adds the socket calls librados
+//!    makes); anything else traps, the worker reports the call to the supervisor on its report
+//!    pipe and dies of SIGSYS.
+//!
+//! An rbd worker loads librbd before layer 2 (lib.rs): the filter forbids mapping code later.
 //!
 //! The supervisor builds a [`Plan`] for each worker and passes it on the worker's command line;
 //! the worker reports what it got ([`SandboxStatus`]) for `vublk status`.
@@ -38,9 +43,24 @@ pub struct Plan {
     /// The namespaces the child entered before exec ([`namespaces::enter`]).
     #[serde(default)]
     pub namespaces: Vec<String>,
+    /// Which rights beyond files the worker keeps.
+    #[serde(default)]
+    pub profile: Profile,
     /// Test only (`--test-worker-arg`): what the worker does wrong on purpose.
     #[serde(default)]
     pub test: Vec<TestMisdeed>,
+}
+
+/// What a worker talks to besides its files and its descriptors.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Profile {
+    /// Files only: an empty network namespace, no TCP in landlock, no socket calls.
+    #[default]
+    Files,
+    /// It serves an `rbd:` export, so librados connects to the Ceph cluster by address: the
+    /// host's network namespace, TCP connect allowed by landlock, the socket calls librados makes
+    /// in the seccomp filter (docs/security.md, "The rbd profile").
+    Rbd,
 }
 
 /// One path a worker may use.
@@ -101,6 +121,10 @@ pub struct SandboxStatus {
     pub dumpable: bool,
     /// Namespaces of its own ("net", "ipc"), empty when the supervisor had no privilege.
     pub namespaces: Vec<String>,
+    /// Its network: "empty namespace", "host (rbd)" for the rbd profile, or "host (no
+    /// privilege)" when a files-only worker could not get its own namespace.
+    #[serde(default)]
+    pub network: String,
     /// "ABI N" when enforced, "unsupported" when the kernel has no landlock.
     pub landlock: String,
     /// "filter (N system calls)" once the filter is on.
@@ -127,11 +151,19 @@ pub fn enter(plan: &Plan, keep: &[RawFd], reports: RawFd) -> Result<SandboxStatu
     dumpable::forbid()?;
     let dumpable = dumpable::is_dumpable();
     fds::clean(keep)?;
-    let landlock = landlock::restrict(&plan.paths)?;
-    let seccomp = seccomp::install(reports)?;
+    let landlock = landlock::restrict(&plan.paths, plan.profile)?;
+    let seccomp = seccomp::install(reports, plan.profile)?;
+    let network = if plan.namespaces.iter().any(|n| n == "net") {
+        "empty namespace"
+    } else if plan.profile == Profile::Rbd {
+        "host (rbd)"
+    } else {
+        "host (no privilege)"
+    };
     Ok(SandboxStatus {
         dumpable,
         namespaces: plan.namespaces.clone(),
+        network: network.to_string(),
         landlock,
         seccomp,
     })

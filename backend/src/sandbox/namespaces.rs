@@ -9,10 +9,15 @@
 //! unprivileged supervisor (its workers run as itself) gets none; a user namespace would give it
 //! the privilege but also a new view of every uid, which the identity model does not want.
 
-/// Enters new namespaces where it can; returns the names of those entered.
-pub fn enter() -> Vec<String> {
+use super::Profile;
+
+/// Enters new namespaces where it can; returns the names of those entered. A worker of the
+/// [`Profile::Rbd`] profile keeps the host's network: librados connects to the monitors and OSDs
+/// by address.
+pub fn enter(profile: Profile) -> Vec<String> {
     let mut entered = Vec::new();
-    for (flag, name) in [(libc::CLONE_NEWNET, "net"), (libc::CLONE_NEWIPC, "ipc")] {
+    let net = (profile == Profile::Files).then_some((libc::CLONE_NEWNET, "net"));
+    for (flag, name) in net.into_iter().chain([(libc::CLONE_NEWIPC, "ipc")]) {
         // SAFETY: unshare with a scalar flag, in the single-threaded forked child.
         if unsafe { libc::unshare(flag) } == 0 {
             entered.push(name.to_string());

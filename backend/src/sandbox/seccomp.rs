@@ -9,6 +9,9 @@
 //! call, add it to [`ALLOWED`] (with the comment naming who makes it); [`name_of`] gives the
 //! supervisor the names of the calls it logs.
 //!
+//! A worker of the rbd profile also may make the calls in [`RBD_ALLOWED`]: librados connects
+//! to the Ceph cluster itself, with `socket` limited to internet (and unix) sockets.
+//!
 //! Only x86_64 and aarch64 have the tables; elsewhere the worker runs without the filter and
 //! says so.
 
@@ -22,6 +25,8 @@ use seccompiler::{
     SeccompRule, TargetArch,
 };
 use thiserror::Error;
+
+use super::Profile;
 
 #[derive(Debug, Error)]
 pub enum SeccompError {
@@ -45,6 +50,8 @@ macro_rules! syscalls {
 /// The syscall numbers, by name, for this architecture.
 #[allow(non_upper_case_globals)]
 mod sys {
+    #[cfg(target_arch = "x86_64")]
+    pub use libc::{SYS_access as access, SYS_epoll_create as epoll_create};
     pub use libc::{
         SYS_brk as brk, SYS_clock_gettime as clock_gettime, SYS_clock_nanosleep as clock_nanosleep,
         SYS_clone as clone, SYS_clone3 as clone3, SYS_close as close, SYS_dup as dup,
@@ -72,6 +79,14 @@ mod sys {
         SYS_timerfd_create as timerfd_create, SYS_timerfd_settime as timerfd_settime,
         SYS_write as write, SYS_writev as writev,
     };
+    pub use libc::{
+        SYS_getpeername as getpeername, SYS_getsockname as getsockname,
+        SYS_getsockopt as getsockopt, SYS_pipe2 as pipe2, SYS_setsockopt as setsockopt,
+        SYS_statfs as statfs,
+    };
+    // aarch64 has only the newer calls, already listed under their own names.
+    #[cfg(not(target_arch = "x86_64"))]
+    pub use libc::{SYS_epoll_create1 as epoll_create, SYS_faccessat as access};
     #[cfg(target_arch = "x86_64")]
     pub use libc::{SYS_epoll_wait as epoll_wait, SYS_poll as poll, SYS_readlink as readlink};
     // aarch64 has only the newer calls, already listed under their own names.
@@ -179,10 +194,41 @@ pub const ALLOWED: &[(&str, i64)] = syscalls![
     exit_group,
 ];
 
+/// What a worker of the rbd profile makes besides [`ALLOWED`]: librados and librbd, measured
+/// under strace through the RBD tests (connecting, its messenger's event loop, reading its
+/// configuration). `socket` only for the domains [`SOCKET_DOMAINS`] lists.
+pub const RBD_ALLOWED: &[(&str, i64)] = syscalls![
+    socket,
+    connect,
+    setsockopt,
+    getsockopt,
+    getsockname,
+    getpeername,
+    pipe2,
+    epoll_create,
+    uname,
+    access,
+    statfs,
+];
+
+/// The socket domains an rbd worker may create: IPv4 and IPv6 to reach the cluster. Unix
+/// sockets pass this filter only to fail with EACCES in [`filters`]' first one: librados makes
+/// one when a configuration asks for an admin socket, and glibc one to ask nscd; both go on
+/// without it, while a trap would kill the worker.
+const SOCKET_DOMAINS: &[i32] = &[libc::AF_INET, libc::AF_INET6, libc::AF_UNIX];
+
+/// The calls allowed to a worker of `profile`.
+fn allowed(profile: Profile) -> impl Iterator<Item = &'static (&'static str, i64)> {
+    let rbd: &[(&str, i64)] = match profile {
+        Profile::Files => &[],
+        Profile::Rbd => RBD_ALLOWED,
+    };
+    ALLOWED.iter().chain(rbd)
+}
+
 /// Names of calls a worker must not make, for the supervisor's log line.
 const FORBIDDEN_NAMED: &[(&str, i64)] = syscalls![
     bpf,
-    connect,
     execve,
     execveat,
     kill,
@@ -191,9 +237,7 @@ const FORBIDDEN_NAMED: &[(&str, i64)] = syscalls![
     pidfd_open,
     ptrace,
     setuid,
-    socket,
     unshare,
-    uname,
     unlinkat,
     getuid,
     bind,
@@ -208,6 +252,7 @@ const FORBIDDEN_NAMED: &[(&str, i64)] = syscalls![
 pub fn name_of(nr: i64) -> Option<&'static str> {
     ALLOWED
         .iter()
+        .chain(RBD_ALLOWED)
         .chain(FORBIDDEN_NAMED)
         .find(|(_, n)| *n == nr)
         .map(|(name, _)| *name)
@@ -234,8 +279,12 @@ const IOCTLS: &[u64] = &[
 
 /// Argument checks on some allowed calls: `clone` only makes threads (no fork), memory is
 /// never made executable, `prctl` only names threads, `tgkill` only signals this process,
-/// `ioctl` only does what [`IOCTLS`] lists.
-fn argument_rules(pid: i64) -> Result<Vec<(i64, Vec<SeccompRule>)>, seccompiler::BackendError> {
+/// `ioctl` only does what [`IOCTLS`] lists, and (rbd profile) `socket` only creates what
+/// [`SOCKET_DOMAINS`] lists.
+fn argument_rules(
+    pid: i64,
+    profile: Profile,
+) -> Result<Vec<(i64, Vec<SeccompRule>)>, seccompiler::BackendError> {
     let thread = libc::CLONE_THREAD as u64;
     let exec = libc::PROT_EXEC as u64;
     let one = |c: SeccompCondition| SeccompRule::new(vec![c]).map(|r| vec![r]);
@@ -246,7 +295,14 @@ fn argument_rules(pid: i64) -> Result<Vec<(i64, Vec<SeccompRule>)>, seccompiler:
                 .and_then(|c| SeccompRule::new(vec![c]))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(vec![
+    let sockets = SOCKET_DOMAINS
+        .iter()
+        .map(|&domain| {
+            SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, domain as u64)
+                .and_then(|c| SeccompRule::new(vec![c]))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut rules = vec![
         (libc::SYS_ioctl, ioctls),
         (
             libc::SYS_clone,
@@ -268,7 +324,11 @@ fn argument_rules(pid: i64) -> Result<Vec<(i64, Vec<SeccompRule>)>, seccompiler:
             libc::SYS_tgkill,
             one(condition(0, SeccompCmpOp::Eq, pid as u64)?)?,
         ),
-    ])
+    ];
+    if profile == Profile::Rbd {
+        rules.push((libc::SYS_socket, sockets));
+    }
+    Ok(rules)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -278,9 +338,10 @@ const ARCH: Option<TargetArch> = Some(TargetArch::aarch64);
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 const ARCH: Option<TargetArch> = None;
 
-/// The two filters: `clone3` → ENOSYS (installed first: the second forbids `seccomp`), then
-/// the allow-list, trapping everything else.
-fn filters(pid: i64) -> Result<(BpfProgram, BpfProgram), SeccompError> {
+/// The filters: `clone3` → ENOSYS, for the rbd profile unix sockets → EACCES (installed
+/// first: the last one forbids `seccomp`; an error wins over the last one's allow), then the
+/// allow-list, trapping everything else.
+fn filters(pid: i64, profile: Profile) -> Result<Vec<BpfProgram>, SeccompError> {
     let arch = ARCH.expect("only called where there is a table");
     let no_clone3 = SeccompFilter::new(
         BTreeMap::from([(libc::SYS_clone3, vec![])]),
@@ -289,26 +350,44 @@ fn filters(pid: i64) -> Result<(BpfProgram, BpfProgram), SeccompError> {
         arch,
     )
     .map_err(SeccompError::Build)?;
+    let mut programs: Vec<BpfProgram> =
+        vec![no_clone3.try_into().map_err(SeccompError::Compile)?];
+    if profile == Profile::Rbd {
+        let unix = SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            libc::AF_UNIX as u64,
+        )
+        .and_then(|c| SeccompRule::new(vec![c]))
+        .map_err(SeccompError::Build)?;
+        let no_unix = SeccompFilter::new(
+            BTreeMap::from([(libc::SYS_socket, vec![unix])]),
+            SeccompAction::Allow,
+            SeccompAction::Errno(libc::EACCES as u32),
+            arch,
+        )
+        .map_err(SeccompError::Build)?;
+        programs.push(no_unix.try_into().map_err(SeccompError::Compile)?);
+    }
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
-        ALLOWED.iter().map(|(_, nr)| (*nr, vec![])).collect();
-    rules.extend(argument_rules(pid).map_err(SeccompError::Build)?);
+        allowed(profile).map(|(_, nr)| (*nr, vec![])).collect();
+    rules.extend(argument_rules(pid, profile).map_err(SeccompError::Build)?);
     let allow = SeccompFilter::new(rules, SeccompAction::Trap, SeccompAction::Allow, arch)
         .map_err(SeccompError::Build)?;
-    Ok((
-        no_clone3.try_into().map_err(SeccompError::Compile)?,
-        allow.try_into().map_err(SeccompError::Compile)?,
-    ))
+    programs.push(allow.try_into().map_err(SeccompError::Compile)?);
+    Ok(programs)
 }
 
 /// Where the SIGSYS handler reports (the worker's report pipe).
 static REPORT_FD: AtomicI32 = AtomicI32::new(-1);
 
 /// Installs the SIGSYS handler and the filters on every thread; returns what is on.
-pub fn install(reports: RawFd) -> Result<String, SeccompError> {
+pub fn install(reports: RawFd, profile: Profile) -> Result<String, SeccompError> {
     if ARCH.is_none() {
         return Ok("none (no table for this architecture)".into());
     }
-    let (no_clone3, allow) = filters(i64::from(std::process::id()))?;
+    let programs = filters(i64::from(std::process::id()), profile)?;
     REPORT_FD.store(reports, Ordering::Relaxed);
     // SAFETY: an all-zero sigaction is valid; sigaction reads it.
     unsafe {
@@ -319,9 +398,10 @@ pub fn install(reports: RawFd) -> Result<String, SeccompError> {
             return Err(SeccompError::Handler(io::Error::last_os_error()));
         }
     }
-    seccompiler::apply_filter_all_threads(&no_clone3).map_err(SeccompError::Install)?;
-    seccompiler::apply_filter_all_threads(&allow).map_err(SeccompError::Install)?;
-    let calls: std::collections::BTreeSet<i64> = ALLOWED.iter().map(|(_, n)| *n).collect();
+    for program in &programs {
+        seccompiler::apply_filter_all_threads(program).map_err(SeccompError::Install)?;
+    }
+    let calls: std::collections::BTreeSet<i64> = allowed(profile).map(|(_, n)| *n).collect();
     Ok(format!("filter ({} system calls)", calls.len()))
 }
 
@@ -398,14 +478,18 @@ mod tests {
         if ARCH.is_none() {
             return;
         }
-        filters(1).unwrap();
+        filters(1, Profile::Files).unwrap();
+        filters(1, Profile::Rbd).unwrap();
         assert_eq!(name_of(libc::SYS_ptrace), Some("ptrace"));
+        assert_eq!(name_of(libc::SYS_connect), Some("connect"));
         assert_eq!(name_of(libc::SYS_io_uring_enter), Some("io_uring_enter"));
         if cfg!(target_arch = "x86_64") {
-            let mut numbers: Vec<i64> = ALLOWED.iter().map(|(_, n)| *n).collect();
+            let mut numbers: Vec<i64> = allowed(Profile::Rbd).map(|(_, n)| *n).collect();
+            let listed = numbers.len();
             numbers.sort_unstable();
             numbers.dedup();
-            assert_eq!(numbers.len(), ALLOWED.len(), "a call listed twice");
+            assert_eq!(numbers.len(), listed, "a call listed twice");
+            assert!(!allowed(Profile::Files).any(|(_, n)| *n == libc::SYS_socket));
         }
     }
 }

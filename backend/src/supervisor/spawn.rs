@@ -335,7 +335,7 @@ fn child(
     env: &[*mut libc::c_char],
 ) -> ChildError {
     let mut plan = plan.clone();
-    plan.namespaces = namespaces::enter();
+    plan.namespaces = namespaces::enter(plan.profile);
     let plan = match serde_json::to_string(&plan) {
         Ok(plan) => plan,
         Err(e) => return ChildError::Plan(e),

@@ -88,7 +88,7 @@ pub fn print_status(control: &std::path::Path, json: bool) -> io::Result<()> {
         println!("  limits: {}", limits.join(", "));
         match &vm.sandbox {
             Some(s) => println!(
-                "  sandbox: seccomp {} ({}), landlock {}, {}, namespaces: {}",
+                "  sandbox: seccomp {} ({}), landlock {}, {}, namespaces: {}, network: {}",
                 vm.seccomp,
                 s.seccomp,
                 s.landlock,
@@ -101,7 +101,8 @@ pub fn print_status(control: &std::path::Path, json: bool) -> io::Result<()> {
                     "none".to_string()
                 } else {
                     s.namespaces.join(", ")
-                }
+                },
+                s.network
             ),
             None => println!("  sandbox: not reported yet (seccomp {})", vm.seccomp),
         }
