@@ -43,6 +43,9 @@ pub enum ToWorker {
         #[serde(default)]
         write_cache: Option<bool>,
     },
+    /// Stop the device on `connection` cleanly, as if its frontend had closed it: requests in
+    /// flight complete, then the connection closes (`vublk export remove --force`).
+    Stop { connection: u64 },
 }
 
 /// Worker to supervisor.

@@ -27,6 +27,7 @@ pub(super) fn plan_for(exports: &[Export], options: &WorkerOptions, peer: &Peer)
     let mut paths = Vec::new();
     for export in exports
         .iter()
+        .filter(|e| e.listener.is_some())
         .map(|e| &e.spec)
         .filter(|spec| spec.allow.allows(peer.uid, peer.gid, &peer.groups))
     {

@@ -305,7 +305,7 @@ impl Supervisor {
     pub(super) fn connected_done(&mut self, export: usize) {
         if matches!(
             self.exports[export].listener,
-            crate::endpoint::Listener::Connected(_)
+            Some(crate::endpoint::Listener::Connected(_))
         ) {
             self.connected_left = self.connected_left.saturating_sub(1);
         }
