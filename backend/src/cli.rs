@@ -425,11 +425,15 @@ pub fn parse_export(spec: &str) -> Result<(Endpoint, ExportSpec), String> {
             args.push(value.to_string());
         }
     }
+    // clap's message up to its usage block, on one line (a missing key is on the next).
     let cli = Cli::try_parse_from(&args).map_err(|e| {
         e.to_string()
             .lines()
-            .next()
-            .unwrap_or_default()
+            .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ")
             .trim_start_matches("error: ")
             .to_string()
     })?;
