@@ -31,6 +31,8 @@ const MAX_FDS: usize = 4;
 
 /// Supervisor to worker.
 #[derive(Debug, Serialize, Deserialize)]
+// A message is built, serialized and dropped once per connection: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum ToWorker {
     /// Serve a connection. Attached fds: the connection, the VMM's pidfd, and with
     /// `open-as=daemon` the backing opened by the supervisor.

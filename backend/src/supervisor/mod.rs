@@ -25,8 +25,9 @@
 //! Files: this one (the loop, accepting, identifying), `dispatch.rs` (connections to workers),
 //! `lifecycle.rs` (starting, hearing from, retiring, reaping and stopping workers), `vm.rs` (the
 //! VM table), `device_state.rs` (what a guest chose that its next worker must know), `spawn.rs`
-//! (the fork and the child), `tenants.rs` (limits, backoff, log budgets), `status.rs` (`vublk
-//! status`), `confine.rs` (each worker's sandbox plan), `worker_log.rs` (a worker's stderr into
+//! (the fork and the child), `tenants.rs` (limits, backoff, log budgets), `control.rs` (the
+//! control socket's requests and clients), `status.rs` (`vublk status`), `exports.rs` (`vublk
+//! export add|remove|list`), `confine.rs` (each worker's sandbox plan), `worker_log.rs` (a worker's stderr into
 //! our log), `metrics.rs` (`--metrics-addr`).
 
 mod confine;
