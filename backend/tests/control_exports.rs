@@ -362,3 +362,62 @@ fn a_forced_removal_completes_requests_in_flight_then_closes() {
     daemon.assert_running();
     daemon.stop();
 }
+
+/// A control client that sends half a request and waits, or one that sends too much, does not
+/// hold the supervisor: other clients are answered and VMs served meanwhile; the oversized
+/// one is closed unanswered.
+#[test]
+fn a_stuck_or_oversized_control_client_does_not_hold_the_daemon() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    let dir = test_dir();
+    let control = dir.path().join("control.sock");
+    let mut daemon = Daemon::start(
+        vublk_bin(),
+        dir.path(),
+        &[
+            "--null",
+            "4M",
+            "--control-socket",
+            control.to_str().unwrap(),
+        ],
+    );
+    daemon.wait_for(&control);
+    let mut stuck = UnixStream::connect(&control).unwrap();
+    stuck
+        .write_all(b"{\"ExportAdd\":{\"spec\":\"socket-pa")
+        .unwrap();
+    let mut big = UnixStream::connect(&control).unwrap();
+    // More than the supervisor reads (64 KiB); it stops reading and closes.
+    let chunk = vec![b' '; 16 * 1024];
+    let mut sent = 0;
+    big.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    while sent < 1024 * 1024 {
+        match big.write(&chunk) {
+            Ok(n) => sent += n,
+            Err(_) => break,
+        }
+    }
+    assert!(
+        sent < 1024 * 1024,
+        "the supervisor read 1 MiB of one request"
+    );
+    let _ = big.shutdown(std::net::Shutdown::Write);
+    let mut answer = Vec::new();
+    let _ = big.read_to_end(&mut answer);
+    assert!(
+        answer.is_empty(),
+        "an oversized request was answered: {answer:?}"
+    );
+
+    assert_eq!(
+        sockets(&list(&control)),
+        [daemon.socket().to_str().unwrap()]
+    );
+    let mut vm = Client::connect(daemon.socket(), 1);
+    assert_eq!(vm.q(0).write_at(0, &[1; 4096]), 0);
+    drop(vm);
+    drop(stuck);
+    daemon.assert_running();
+    daemon.stop();
+}
