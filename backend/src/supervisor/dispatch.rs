@@ -87,6 +87,15 @@ impl Supervisor {
     /// Sends a connection to the worker of its VMM, starting one if there is none (or the one
     /// there is cannot take it), within the tenant's limits.
     pub(super) fn dispatch(&mut self, mut handoff: Handoff) {
+        if self.exports[handoff.export].listener.is_none() {
+            // Its export was removed while the connection was on its way to a worker that
+            // died (`export remove --force`): it is not served again.
+            tracing::debug!(
+                "connection {} of a removed export closed",
+                handoff.connection
+            );
+            return;
+        }
         let key = (handoff.peer.pid, handoff.peer.start_time);
         // A VMM's connections count wherever they are, a retired worker's included: a worker
         // its tenant keeps alive still holds them.
