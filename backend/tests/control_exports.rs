@@ -11,6 +11,19 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// Waits until the daemon listens on `control`: the file exists from `bind` on, a moment
+/// before `listen`, when a connection is refused.
+fn wait_listening(daemon: &mut Daemon, control: &Path) {
+    daemon.wait_for(control);
+    // (With a RUST_LOG of the caller's the line may not be logged; Daemon::start does the same.)
+    if std::env::var_os("RUST_LOG").is_some() {
+        return;
+    }
+    if let Err(e) = daemon.try_wait_for_log(&format!("listening on {}", control.display())) {
+        panic!("{e}");
+    }
+}
+
 /// `vublk ARGS...`: exit code, stdout, stderr.
 fn vublk(args: &[&str]) -> (Option<i32>, String, String) {
     let out = run_vublk(args);
@@ -126,7 +139,7 @@ fn exports_are_added_listed_and_removed_at_run_time() {
             dir.path().to_str().unwrap(),
         ],
     );
-    daemon.wait_for(&control);
+    wait_listening(&mut daemon, &control);
     let mut a = Client::connect(daemon.socket(), 1);
     let data = pattern(10, 0, 64 * 1024);
     assert_eq!(a.q(0).write_at(0, &data), 0);
@@ -296,7 +309,7 @@ fn a_forced_removal_completes_requests_in_flight_then_closes() {
             &held,
         ],
     );
-    daemon.wait_for(&control);
+    wait_listening(&mut daemon, &control);
     let (code, _, err) = add(
         &control,
         &format!(
@@ -382,7 +395,7 @@ fn a_stuck_or_oversized_control_client_does_not_hold_the_daemon() {
             control.to_str().unwrap(),
         ],
     );
-    daemon.wait_for(&control);
+    wait_listening(&mut daemon, &control);
     let mut stuck = UnixStream::connect(&control).unwrap();
     stuck
         .write_all(b"{\"ExportAdd\":{\"spec\":\"socket-pa")
