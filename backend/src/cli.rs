@@ -11,7 +11,7 @@ use crate::endpoint::{Endpoint, SocketAccess};
 use crate::export::{AllowList, ExportSpec, OpenAs};
 use crate::io::rbd::RbdSpec;
 use crate::supervisor::{
-    TenantLimits, WorkerOptions, DEFAULT_CONNECTIONS_PER_VMM, DEFAULT_VMS_PER_UID,
+    ExportDefaults, TenantLimits, WorkerOptions, DEFAULT_CONNECTIONS_PER_VMM, DEFAULT_VMS_PER_UID,
 };
 use crate::virtio_blk::DeviceOptions;
 
@@ -207,6 +207,44 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Add, remove or list the exports of a running daemon. Changes are not persisted: the
+    /// daemon's command line still says what it serves after a restart.
+    #[command(subcommand)]
+    Export(ExportCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ExportCommand {
+    /// Serve one more export: SPEC as --export takes it (socket-path=PATH,blk-file=IMAGE,...).
+    Add {
+        /// The daemon's --control-socket.
+        #[arg(long, value_name = "PATH")]
+        control_socket: PathBuf,
+        #[arg(value_name = "SPEC")]
+        spec: String,
+    },
+    /// Stop serving the export on SOCKET-PATH and remove its socket. Refused while a VM is
+    /// connected to it, unless --force.
+    Remove {
+        /// The daemon's --control-socket.
+        #[arg(long, value_name = "PATH")]
+        control_socket: PathBuf,
+        #[arg(value_name = "SOCKET-PATH")]
+        socket: PathBuf,
+        /// Stop the devices of connected VMs cleanly (requests in flight complete, then the
+        /// connections close).
+        #[arg(long)]
+        force: bool,
+    },
+    /// List the exports served now, with how many VM connections each has.
+    List {
+        /// The daemon's --control-socket.
+        #[arg(long, value_name = "PATH")]
+        control_socket: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -301,6 +339,17 @@ impl Cli {
         }
     }
 
+    /// What `--export` specs, and those added at run time, take from the daemon-wide options.
+    pub fn export_defaults(&self) -> ExportDefaults {
+        ExportDefaults {
+            retire_timeout_ms: self.retire_timeout,
+            poll_max_us: self.poll_max_us,
+            socket: self.socket_access(),
+            test_io_gate: self.test_io_gate.clone(),
+            test_io_gate_offset: self.test_io_gate_offset,
+        }
+    }
+
     /// What workers may do besides serving their exports.
     pub fn worker_options(&self) -> WorkerOptions {
         WorkerOptions {
@@ -347,7 +396,7 @@ fn parse_blk_size(s: &str) -> Result<u32, String> {
 /// `--export` values, parsed like the single-export options: each `key=value` becomes
 /// `--key value`. Lists (`allow-uids=`, `allow-gids=`) are separated by `:`, as `,` separates
 /// the keys.
-fn parse_export(spec: &str) -> Result<(Endpoint, ExportSpec), String> {
+pub fn parse_export(spec: &str) -> Result<(Endpoint, ExportSpec), String> {
     let mut args = vec!["vublk".to_string()];
     let mut after_list = false;
     for item in spec.split(',').filter(|i| !i.is_empty()) {
@@ -397,11 +446,15 @@ fn parse_export(spec: &str) -> Result<(Endpoint, ExportSpec), String> {
             args.push(value.to_string());
         }
     }
+    // clap's message up to its usage block, on one line (a missing key is on the next).
     let cli = Cli::try_parse_from(&args).map_err(|e| {
         e.to_string()
             .lines()
-            .next()
-            .unwrap_or_default()
+            .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ")
             .trim_start_matches("error: ")
             .to_string()
     })?;
@@ -525,13 +578,9 @@ impl Cli {
         }
         // Daemon-wide settings apply to the --export ones too (the socket's mode and group
         // unless the export sets its own).
+        let defaults = self.export_defaults();
         exports.extend(self.export.iter().cloned().map(|(endpoint, mut spec)| {
-            spec.retire_timeout_ms = self.retire_timeout;
-            spec.poll_max_us = self.poll_max_us;
-            spec.test_io_gate = self.test_io_gate.clone();
-            spec.test_io_gate_offset = self.test_io_gate_offset;
-            spec.socket.mode = spec.socket.mode.or(self.socket_mode);
-            spec.socket.group = spec.socket.group.or(self.socket_group);
+            defaults.apply(&mut spec);
             (endpoint, spec)
         }));
         if exports.is_empty() {

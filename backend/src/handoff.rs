@@ -31,6 +31,8 @@ const MAX_FDS: usize = 4;
 
 /// Supervisor to worker.
 #[derive(Debug, Serialize, Deserialize)]
+// A message is built, serialized and dropped once per connection: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum ToWorker {
     /// Serve a connection. Attached fds: the connection, the VMM's pidfd, and with
     /// `open-as=daemon` the backing opened by the supervisor.
@@ -43,6 +45,9 @@ pub enum ToWorker {
         #[serde(default)]
         write_cache: Option<bool>,
     },
+    /// Stop the device on `connection` cleanly, as if its frontend had closed it: requests in
+    /// flight complete, then the connection closes (`vublk export remove --force`).
+    Stop { connection: u64 },
 }
 
 /// Worker to supervisor.

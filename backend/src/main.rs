@@ -36,6 +36,15 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Some(vublk::cli::Command::Export(command)) = &cli.command {
+        return match vublk::supervisor::control::export_command(command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vublk: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     let mode = if let Some(fd) = cli.worker_control_fd {
         let plan = match cli
             .worker_sandbox
@@ -71,6 +80,7 @@ fn main() -> ExitCode {
                 vublk::supervisor::ControlOptions {
                     control_socket: cli.control_socket.clone(),
                     metrics_addr: cli.metrics_addr,
+                    export_defaults: cli.export_defaults(),
                 },
             ),
             Err(message) => {

@@ -62,8 +62,9 @@ pub(super) fn bind(path: &Path, access: SocketAccess) -> Result<Listener, Endpoi
         }
     }
     // Created owner-only, so that nobody else can connect before the mode and group below are
-    // set. The umask is the process's: this is safe because nothing else runs yet (the
-    // supervisor and the single-process daemon bind before starting any thread).
+    // set. The umask is the process's: this is safe because no other thread creates files
+    // meanwhile (the supervisor has none, also when it binds an export added at run time; the
+    // single-process daemon binds before starting any).
     let umask = rustix::process::umask(Mode::from_raw_mode(0o177));
     let bound = UnixListener::bind(path);
     rustix::process::umask(umask);

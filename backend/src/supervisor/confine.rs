@@ -30,6 +30,7 @@ pub(super) fn plan_for(exports: &[Export], options: &WorkerOptions, peer: &Peer)
     let mut profile = Profile::Files;
     for export in exports
         .iter()
+        .filter(|e| e.listener.is_some())
         .map(|e| &e.spec)
         .filter(|spec| spec.allow.allows(peer.uid, peer.gid, &peer.groups))
     {

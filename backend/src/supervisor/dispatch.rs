@@ -87,6 +87,15 @@ impl Supervisor {
     /// Sends a connection to the worker of its VMM, starting one if there is none (or the one
     /// there is cannot take it), within the tenant's limits.
     pub(super) fn dispatch(&mut self, mut handoff: Handoff) {
+        if self.exports[handoff.export].listener.is_none() {
+            // Its export was removed while the connection was on its way to a worker that
+            // died (`export remove --force`): it is not served again.
+            tracing::debug!(
+                "connection {} of a removed export closed",
+                handoff.connection
+            );
+            return;
+        }
         let key = (handoff.peer.pid, handoff.peer.start_time);
         // A VMM's connections count wherever they are, a retired worker's included: a worker
         // its tenant keeps alive still holds them.
@@ -305,7 +314,7 @@ impl Supervisor {
     pub(super) fn connected_done(&mut self, export: usize) {
         if matches!(
             self.exports[export].listener,
-            crate::endpoint::Listener::Connected(_)
+            Some(crate::endpoint::Listener::Connected(_))
         ) {
             self.connected_left = self.connected_left.saturating_sub(1);
         }

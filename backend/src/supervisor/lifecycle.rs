@@ -610,8 +610,8 @@ impl Supervisor {
                 ),
             }
         }
-        for export in &self.exports {
-            export.listener.cleanup();
+        for listener in self.exports.iter().filter_map(|e| e.listener.as_ref()) {
+            listener.cleanup();
         }
         if let Some(control) = &self.control {
             control.cleanup();

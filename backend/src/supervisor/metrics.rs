@@ -44,6 +44,7 @@ impl Supervisor {
             .exports
             .iter()
             .enumerate()
+            .filter(|(_, e)| e.listener.is_some())
             .map(|(i, e)| ExportCounters {
                 name: e.spec.name.clone(),
                 connections: count(&self.counters.connections, i),

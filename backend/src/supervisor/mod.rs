@@ -25,13 +25,16 @@
 //! Files: this one (the loop, accepting, identifying), `dispatch.rs` (connections to workers),
 //! `lifecycle.rs` (starting, hearing from, retiring, reaping and stopping workers), `vm.rs` (the
 //! VM table), `device_state.rs` (what a guest chose that its next worker must know), `spawn.rs`
-//! (the fork and the child), `tenants.rs` (limits, backoff, log budgets), `status.rs` (`vublk
-//! status`), `confine.rs` (each worker's sandbox plan), `worker_log.rs` (a worker's stderr into
+//! (the fork and the child), `tenants.rs` (limits, backoff, log budgets), `control.rs` (the
+//! control socket's requests and clients), `status.rs` (`vublk status`), `exports.rs` (`vublk
+//! export add|remove|list`), `confine.rs` (each worker's sandbox plan), `worker_log.rs` (a worker's stderr into
 //! our log), `metrics.rs` (`--metrics-addr`).
 
 mod confine;
+pub mod control;
 mod device_state;
 mod dispatch;
+mod exports;
 mod lifecycle;
 mod metrics;
 mod spawn;
@@ -59,7 +62,9 @@ use crate::ratelimit::RateLimit;
 use crate::signals::Signals;
 
 pub use confine::WorkerOptions;
+use control::ControlClients;
 use device_state::DeviceState;
+pub use exports::ExportDefaults;
 use metrics::Counters;
 use spawn::Executable;
 pub use spawn::{adopt_channels, WORKER_CONTROL_FD};
@@ -96,8 +101,10 @@ enum Event {
     Signal,
     /// A frontend connecting to the export at this index.
     Listener(usize),
-    /// `vublk status` connecting to the control socket.
+    /// `vublk status` or `vublk export` connecting to the control socket.
     Control,
+    /// Control connection `id` is readable (or writable, once its request is read).
+    ControlClient(u64),
     /// The report pipe of VM `id`'s worker is readable.
     WorkerReports(u64),
     /// The worker of VM `id` exited (its pidfd).
@@ -128,6 +135,7 @@ impl Token for Event {
             Event::WorkerLog(id) => event_loop::pack(7, id),
             Event::MetricsListener => event_loop::pack(8, 0),
             Event::MetricsClient(id) => event_loop::pack(9, id),
+            Event::ControlClient(id) => event_loop::pack(10, id),
         }
     }
 
@@ -143,6 +151,7 @@ impl Token for Event {
             (7, id) => Event::WorkerLog(id),
             (8, 0) => Event::MetricsListener,
             (9, id) => Event::MetricsClient(id),
+            (10, id) => Event::ControlClient(id),
             _ => return None,
         })
     }
@@ -163,7 +172,9 @@ pub const WORKER_MIN_NOFILE: u64 = 64;
 
 struct Export {
     spec: ExportSpec,
-    listener: Listener,
+    /// `None` once the export was removed (`vublk export remove`); the entry stays so the
+    /// indexes connections carry keep naming the same export.
+    listener: Option<Listener>,
 }
 
 /// Where the supervisor answers, besides its exports.
@@ -173,6 +184,8 @@ pub struct ControlOptions {
     pub control_socket: Option<PathBuf>,
     /// `GET /metrics` (--metrics-addr).
     pub metrics_addr: Option<SocketAddr>,
+    /// What exports added at run time take from the daemon-wide options.
+    pub export_defaults: ExportDefaults,
 }
 
 pub fn run(
@@ -193,6 +206,7 @@ pub fn run(
         .transpose()?;
     let (open, control) = open_sockets(exports, options.control_socket)?;
     let mut supervisor = Supervisor::new(open, exe, limits, workers)?;
+    supervisor.export_defaults = options.export_defaults;
     if let Some(server) = &metrics {
         if let Ok(addr) = server.local_addr() {
             tracing::info!("serving metrics on http://{addr}/metrics");
@@ -208,6 +222,9 @@ pub fn run(
         .watch(&signals, Event::Signal)
         .map_err(SupervisorError::EventLoop)?;
     if let Some(Listener::Listening { listener, .. }) = &control {
+        listener
+            .set_nonblocking(true)
+            .map_err(SupervisorError::EventLoop)?;
         supervisor
             .events
             .watch(listener, Event::Control)
@@ -262,7 +279,7 @@ fn open_sockets(
     let bind_all = || -> Result<Option<Listener>, EndpointError> {
         for (endpoint, spec) in exports {
             open.push(Export {
-                listener: endpoint.open(spec.socket)?,
+                listener: Some(endpoint.open(spec.socket)?),
                 spec,
             });
         }
@@ -278,7 +295,9 @@ fn open_sockets(
     match bind_all() {
         Ok(control) => Ok((open, control)),
         Err(e) => {
-            open.iter().for_each(|export| export.listener.cleanup());
+            open.iter()
+                .filter_map(|export| export.listener.as_ref())
+                .for_each(Listener::cleanup);
             Err(e)
         }
     }
@@ -301,8 +320,10 @@ struct Supervisor {
     next_connection: u64,
     /// Exports whose endpoint was one connected socket, still being served.
     connected_left: usize,
-    /// Where `vublk status` asks.
+    /// Where `vublk status` and `vublk export` ask, and their connections.
     control: Option<Listener>,
+    control_clients: ControlClients,
+    export_defaults: ExportDefaults,
     limits: TenantLimits,
     /// What workers' sandboxes allow besides their exports.
     workers: WorkerOptions,
@@ -343,6 +364,8 @@ impl Supervisor {
             next_connection: 1,
             connected_left: 0,
             control: None,
+            control_clients: ControlClients::default(),
+            export_defaults: ExportDefaults::default(),
             limits,
             workers,
             told_no_landlock: false,
@@ -358,7 +381,8 @@ impl Supervisor {
         };
         for index in 0..supervisor.exports.len() {
             let stream = match &supervisor.exports[index].listener {
-                Listener::Listening { listener, .. } => {
+                None => continue,
+                Some(Listener::Listening { listener, .. }) => {
                     // Level-triggered: a connection that went away before accept must not block it.
                     listener
                         .set_nonblocking(true)
@@ -369,7 +393,9 @@ impl Supervisor {
                         .map_err(SupervisorError::EventLoop)?;
                     continue;
                 }
-                Listener::Connected(s) => s.try_clone().map_err(SupervisorError::Connected)?,
+                Some(Listener::Connected(s)) => {
+                    s.try_clone().map_err(SupervisorError::Connected)?
+                }
             };
             supervisor.connected_left += 1;
             supervisor.hand_over(index, stream);
@@ -377,10 +403,11 @@ impl Supervisor {
         Ok(supervisor)
     }
 
+    /// Whether every export is a connected socket (`--fd`): the daemon ends with the last.
+    /// Exports all removed at run time leave it running, for the next `vublk export add`.
     fn only_connected(&self) -> bool {
-        self.exports
-            .iter()
-            .all(|e| matches!(e.listener, Listener::Connected(_)))
+        let mut live = self.exports.iter().filter_map(|e| e.listener.as_ref());
+        live.clone().next().is_some() && live.all(|l| matches!(l, Listener::Connected(_)))
     }
 
     /// Writes a line a tenant (`uid`) caused, within that uid's log budget for lines of its
@@ -415,6 +442,7 @@ impl Supervisor {
             .filter_map(|vm| vm.deadline())
             .chain(self.reap_retry_at)
             .chain(self.metrics.as_ref().and_then(|m| m.next_deadline()))
+            .chain(self.control_clients.next_deadline())
             .min()
     }
 
@@ -442,18 +470,22 @@ impl Supervisor {
                     Event::WorkerStart(id) => self.on_worker_start(id),
                     Event::WorkerExit(id) => self.reap(id),
                     Event::WorkerLog(id) => self.on_worker_log(id),
-                    Event::Control => self.answer_status(),
+                    Event::Control => self.on_control_listener(),
+                    Event::ControlClient(id) => self.on_control_client(id),
                     Event::MetricsListener => self.on_metrics_listener(),
                     Event::MetricsClient(id) => self.on_metrics_client(id),
                 }
             }
             self.expire(Instant::now());
             self.expire_metrics(Instant::now());
+            for id in self.control_clients.overdue(Instant::now()) {
+                self.control_clients.close(id);
+            }
         }
     }
 
     fn accept(&mut self, index: usize) {
-        let Listener::Listening { listener, .. } = &self.exports[index].listener else {
+        let Some(Listener::Listening { listener, .. }) = &self.exports[index].listener else {
             return;
         };
         match listener.accept() {
@@ -475,7 +507,7 @@ impl Supervisor {
     /// listener does not stay readable and the loop keeps serving everyone else.
     fn shed(&mut self, index: usize) {
         self.reserve = None;
-        let Listener::Listening { listener, .. } = &self.exports[index].listener else {
+        let Some(Listener::Listening { listener, .. }) = &self.exports[index].listener else {
             return;
         };
         let uid = listener.accept().ok().map(|(stream, _)| {
@@ -556,22 +588,64 @@ impl Supervisor {
             .collect();
         vms.sort_by_key(|vm| vm.vmm_pid);
         Status {
-            exports: self.exports.iter().map(|e| e.spec.name.clone()).collect(),
+            exports: self
+                .exports
+                .iter()
+                .filter(|e| e.listener.is_some())
+                .map(|e| e.spec.name.clone())
+                .collect(),
             vms,
         }
     }
 
-    fn answer_status(&mut self) {
+    fn on_control_listener(&mut self) {
         let Some(Listener::Listening { listener, .. }) = &self.control else {
             return;
         };
-        let Ok((mut stream, _)) = listener.accept() else {
+        if let Some((id, stream)) = self.control_clients.accept(listener, Instant::now()) {
+            if self.events.watch(stream, Event::ControlClient(id)).is_err() {
+                self.control_clients.close(id);
+            }
+        }
+    }
+
+    /// A control connection is ready: read its request, answer it (a status, or an export
+    /// change), write what fits.
+    fn on_control_client(&mut self, id: u64) {
+        let mut next = self.control_clients.on_ready(id);
+        if let control::Next::Answer(request) = next {
+            let request = if request.is_empty() {
+                Ok(control::Request::Status)
+            } else {
+                serde_json::from_slice::<control::Request>(&request)
+            };
+            let answer = match request {
+                Ok(control::Request::Status) => serde_json::to_vec(&self.status()),
+                Ok(request) => serde_json::to_vec(&self.export_request(request)),
+                Err(e) => serde_json::to_vec(&control::ExportReply::Err(format!(
+                    "bad control request: {e}"
+                ))),
+            };
+            next = self.control_clients.answer(id, answer.unwrap_or_default());
+        }
+        self.watch_control_client(id, next);
+    }
+
+    fn watch_control_client(&mut self, id: u64, next: control::Next) {
+        if next != control::Next::Write {
             return;
-        };
-        // A client that does not read must not stall the supervisor for long.
-        let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
-        let body = serde_json::to_vec(&self.status()).unwrap_or_default();
-        let _ = std::io::Write::write_all(&mut stream, &body);
+        }
+        if let Some(stream) = self.control_clients.stream(id) {
+            // Watched for room to write now that the request is read.
+            self.events.unwatch(stream);
+            if self
+                .events
+                .watch_writable(stream, Event::ControlClient(id))
+                .is_err()
+            {
+                self.control_clients.close(id);
+            }
+        }
     }
 }
 
@@ -603,6 +677,7 @@ mod tests {
                 Event::WorkerWritable(id),
                 Event::WorkerLog(id),
                 Event::MetricsClient(id),
+                Event::ControlClient(id),
             ]);
         }
         for event in events {
@@ -610,6 +685,6 @@ mod tests {
         }
         assert_eq!(Event::from_raw(event_loop::pack(0, 1)), None);
         assert_eq!(Event::from_raw(event_loop::pack(8, 1)), None);
-        assert_eq!(Event::from_raw(event_loop::pack(10, 0)), None);
+        assert_eq!(Event::from_raw(event_loop::pack(11, 0)), None);
     }
 }

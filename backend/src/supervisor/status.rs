@@ -54,6 +54,8 @@ pub(super) fn seccomp_of(pid: i32) -> String {
 /// `vublk status`: asks the supervisor behind `control` and prints the answer.
 pub fn print_status(control: &std::path::Path, json: bool) -> io::Result<()> {
     let mut stream = UnixStream::connect(control)?;
+    // An empty request asks for the status.
+    stream.shutdown(std::net::Shutdown::Write)?;
     let mut body = Vec::new();
     std::io::Read::read_to_end(&mut stream, &mut body)?;
     if json {

@@ -234,6 +234,12 @@ pub fn run(
                         }
                         misdeeds::commit(misdeeds, &export.name, connection, &reports);
                     }
+                    Ok(Some((ToWorker::Stop { connection }, _))) => {
+                        if let Some(c) = connections.get(&connection) {
+                            tracing::info!("connection {connection}: export removed; stopping");
+                            c.thread.shutdown();
+                        }
+                    }
                     Ok(None) => {
                         tracing::info!("supervisor went away; stopping");
                         supervisor_gone = true;
