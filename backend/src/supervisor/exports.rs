@@ -59,6 +59,7 @@ impl Supervisor {
                 disk: match &e.spec.disk {
                     DiskSpec::Path(path) => path.display().to_string(),
                     DiskSpec::Null { size } => format!("null:{size}"),
+                    DiskSpec::Rbd(rbd) => format!("rbd:{}/{}", rbd.pool, rbd.image),
                 },
                 read_only: e.spec.open.read_only,
                 num_queues: e.spec.device.num_queues,
