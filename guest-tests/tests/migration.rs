@@ -126,14 +126,19 @@ fn migrate(dir: &Path, qemu: Qemu) -> Result<()> {
             "the destination is not waiting for a migration: {status}"
         );
         // Postcopy needs VHOST_USER_PROTOCOL_F_PAGEFAULT, which vublk does not offer: the
-        // destination refuses the capability.
+        // destination refuses the capability. QEMU 10.0 answers why; QEMU 7.2 answers
+        // "Postcopy is not supported" and prints why on its stderr (checked once it has ended).
         let postcopy = dst.execute(
             "migrate-set-capabilities",
             json!({ "capabilities": [{ "capability": "postcopy-ram", "state": true }] }),
         );
+        let mut why_postcopy_on_stderr = false;
         match postcopy {
             Err(e) if e.to_string().contains("vhost-user") => {
                 eprintln!("migration: postcopy refused: {e}")
+            }
+            Err(e) if e.to_string().contains("Postcopy is not supported") => {
+                why_postcopy_on_stderr = true
             }
             Err(e) => bail!("postcopy was refused, but not for the vhost-user disk: {e}"),
             Ok(_) => bail!("the destination accepted postcopy with a vublk disk"),
@@ -168,6 +173,19 @@ fn migrate(dir: &Path, qemu: Qemu) -> Result<()> {
 
         let boot = Boot::new(&[src_console.clone(), dst_console.clone()], dest.wait());
         boot.check_init()?;
+        if why_postcopy_on_stderr {
+            let why = boot
+                .qemu_output
+                .lines()
+                .find(|l| l.contains("postcopy") || l.contains("Postcopy"))
+                .unwrap_or_default();
+            ensure!(
+                why.contains("vhost-user"),
+                "postcopy was refused, but not for the vhost-user disk: {why:?}\n{}",
+                boot.report()
+            );
+            eprintln!("migration: postcopy refused: {why}");
+        }
         let before = std::fs::read_to_string(&src_console)?;
         let after = std::fs::read_to_string(&dst_console)?;
         ensure!(
