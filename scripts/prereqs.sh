@@ -4,7 +4,8 @@
 # does nothing when it is all there.
 #
 #   build   a C linker and libc (Rust links through `cc`) and a Rust toolchain
-#   test    the same, plus VUBLK_TEST_PACKAGES, VUBLK_RBD_PACKAGES and QEMU (VUBLK_QEMU_PACKAGES)
+#   test    the same, plus VUBLK_TEST_PACKAGES, VUBLK_RBD_PACKAGES and QEMU (VUBLK_QEMU_PACKAGES),
+#           and on Debian 12 its own QEMU 7.2 unpacked beside them (vublk_qemu72)
 #   fuzz    build's, plus VUBLK_FUZZ_PACKAGES (scripts/fuzz.sh)
 #   rbd     build's, plus VUBLK_RBD_PACKAGES (a throwaway Ceph cluster: scripts/ceph-dev.sh)
 #
@@ -52,6 +53,71 @@ VUBLK_RBD_PACKAGES=(ceph-mon ceph-mgr ceph-osd ceph-common librbd-dev)
 VUBLK_QEMU_PACKAGES=(qemu-system-x86 qemu-utils)
 VUBLK_QEMU_MIN=1:10.0
 VUBLK_BACKPORTS_LIST=/etc/apt/sources.list.d/vublk-bookworm-backports.list
+
+# Debian 12's own QEMU 7.2 as well, for the guest tests that run on both (migration, inflight
+# recovery: docs/testing.md): the peer of users who stay on Debian's QEMU. Its packages have the
+# same names as 10.0's, so it is not installed: vublk_qemu72 fetches bookworm's .debs with
+# `apt-get download` and unpacks them with `dpkg-deb -x` into VUBLK_QEMU72_DIR. The binary finds
+# its data relative to itself (Debian builds it relocatable): ../share/qemu (qemu-system-data),
+# ../share/seabios (bookworm's seabios, the BIOS 7.2 shipped with) and its modules under
+# ../lib/x86_64-linux-gnu/qemu (qemu-system-common; TCG is a module). The libraries it links are
+# Debian 12's, installed with 10.0.
+VUBLK_QEMU72_PACKAGES=(qemu-system-x86 qemu-system-common qemu-system-data seabios)
+VUBLK_QEMU72_DIR=${VUBLK_QEMU72_DIR:-/opt/vublk-qemu-7.2}
+
+# The newest version of package $1 in Debian 12's own suites (not bookworm-backports).
+vublk_bookworm_version() {
+    apt-cache madison "$1" | awk -F' *[|] *' '$2 !~ /bpo/ && $3 !~ /backports/ { print $2; exit }'
+}
+
+# Unpacks Debian 12's QEMU 7.2 into VUBLK_QEMU72_DIR unless it is there (its .complete file).
+vublk_qemu72() {
+    local dir=$VUBLK_QEMU72_DIR
+    [[ -f $dir/.complete && -x $dir/usr/bin/qemu-system-x86_64 ]] && return 0
+    vublk_is_bookworm || return 0
+    local parent
+    parent=$(dirname "$dir")
+    if ! mkdir -p "$parent" 2>/dev/null || [[ ! -w $parent ]]; then
+        echo "cannot write $parent for Debian 12's QEMU 7.2: run as root, or set" \
+            "VUBLK_QEMU72_DIR to a directory of yours" >&2
+        return 1
+    fi
+    if [[ -z $(vublk_bookworm_version qemu-system-x86) ]]; then
+        env DEBIAN_FRONTEND=noninteractive apt-get -q update || return 1
+    fi
+    local tmp p v debs=()
+    tmp=$(mktemp -d) || return 1
+    # apt's download sandbox (user _apt) must be able to write there.
+    chmod 755 "$tmp"
+    for p in "${VUBLK_QEMU72_PACKAGES[@]}"; do
+        v=$(vublk_bookworm_version "$p")
+        if [[ -z $v ]]; then
+            echo "no Debian 12 version of $p in apt's lists" >&2
+            rm -rf "$tmp"
+            return 1
+        fi
+        debs+=("$p=$v")
+    done
+    echo "unpacking Debian 12's QEMU 7.2 (${debs[*]}) into $dir" >&2
+    if ! (cd "$tmp" && apt-get -q download "${debs[@]}"); then
+        rm -rf "$tmp"
+        return 1
+    fi
+    rm -rf "$dir.new"
+    mkdir -p "$dir.new"
+    for p in "$tmp"/*.deb; do
+        dpkg-deb -x "$p" "$dir.new" || { rm -rf "$tmp" "$dir.new"; return 1; }
+    done
+    rm -rf "$tmp"
+    if ! "$dir.new/usr/bin/qemu-system-x86_64" --version >/dev/null; then
+        echo "the unpacked QEMU 7.2 does not run (a library missing? ldd" \
+            "$dir.new/usr/bin/qemu-system-x86_64)" >&2
+        return 1
+    fi
+    printf '%s\n' "${debs[@]}" >"$dir.new/.complete"
+    rm -rf "$dir"
+    mv "$dir.new" "$dir"
+}
 
 # Whether this is Debian 12, where QEMU comes from bookworm-backports.
 vublk_is_bookworm() {
@@ -167,6 +233,10 @@ vublk_prereqs() {
         fi
         rm -f "$installer"
         export PATH="$HOME/.cargo/bin:$PATH"
+    fi
+
+    if [[ ${1:-build} == test ]] && command -v dpkg-query >/dev/null; then
+        vublk_qemu72 || return 1
     fi
 
     local have

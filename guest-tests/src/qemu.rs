@@ -4,7 +4,8 @@
 //! appended as a second cpio archive), guest RAM in a shared memfd (the backend maps it), one
 //! `vhost-user-blk-pci` per disk, the serial console in a file, `-no-reboot` so the guest's
 //! power-off (or a panic, with `panic=-1`) ends QEMU, and a hard timeout after which QEMU is
-//! killed. The console is parsed into the job's steps (console.rs).
+//! killed. The console is parsed into the job's steps (console.rs). The QEMU is the installed
+//! one (10.0) or Debian 12's 7.2 unpacked beside it ([`Qemu`]), each with its own spellings.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -31,6 +32,70 @@ impl Accel {
         match self {
             Accel::Kvm => ["-accel", "kvm", "-cpu", "host"],
             Accel::Tcg => ["-accel", "tcg", "-cpu", "max"],
+        }
+    }
+}
+
+/// Which QEMU runs the guest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Qemu {
+    /// `qemu-system-x86_64` on the PATH: 10.0 from bookworm-backports on Debian 12
+    /// (scripts/prereqs.sh installs it).
+    #[default]
+    Installed,
+    /// Debian 12's own QEMU 7.2, unpacked by scripts/prereqs.sh into [`paths::qemu72_dir`].
+    Debian72,
+}
+
+impl Qemu {
+    /// The `qemu-system-x86_64` to run.
+    pub fn binary(self) -> PathBuf {
+        match self {
+            Qemu::Installed => PathBuf::from("qemu-system-x86_64"),
+            Qemu::Debian72 => paths::qemu72_dir().join("usr/bin/qemu-system-x86_64"),
+        }
+    }
+
+    /// The socket chardev's reconnect option for a delay of `ms`: `reconnect-ms` from QEMU 9.2;
+    /// before, `reconnect` in whole seconds (rounded up, at least 1: 0 turns it off).
+    fn reconnect_option(self, ms: u32) -> String {
+        match self {
+            Qemu::Installed => format!(",reconnect-ms={ms}"),
+            Qemu::Debian72 => format!(",reconnect={}", ms.div_ceil(1000).max(1)),
+        }
+    }
+
+    /// "QEMU 10.0.2 (Debian ...)", from the first line of `--version`, for the boot lines and
+    /// reports: a log should show which QEMU a failure ran on.
+    pub fn version(self) -> &'static str {
+        static INSTALLED: OnceLock<String> = OnceLock::new();
+        static DEBIAN72: OnceLock<String> = OnceLock::new();
+        let cell = match self {
+            Qemu::Installed => &INSTALLED,
+            Qemu::Debian72 => &DEBIAN72,
+        };
+        cell.get_or_init(|| {
+            let out = Command::new(self.binary()).arg("--version").output();
+            match out {
+                Ok(o) => String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .next()
+                    .unwrap_or("QEMU of unknown version")
+                    .trim()
+                    .replace("QEMU emulator version ", "QEMU "),
+                Err(e) => format!("{} --version: {e}", self.binary().display()),
+            }
+        })
+    }
+
+    /// Where the binary comes from, for the error when it cannot run.
+    fn install_hint(self) -> &'static str {
+        match self {
+            Qemu::Installed => "package qemu-system-x86, installed by scripts/prereqs.sh",
+            Qemu::Debian72 => {
+                "Debian 12's QEMU 7.2, unpacked by scripts/prereqs.sh (vublk_prereqs test) into \
+                 $VUBLK_QEMU72_DIR or /opt/vublk-qemu-7.2"
+            }
         }
     }
 }
@@ -97,8 +162,11 @@ pub struct Vm {
     /// None: the best accelerator that works here (see [`accel`]).
     pub accel: Option<Accel>,
     /// Reconnect to a backend that went away after this many milliseconds (`reconnect-ms`
-    /// of the socket chardev, QEMU 9.2 and later); None: a lost backend is never reconnected.
+    /// of the socket chardev from QEMU 9.2, `reconnect` in seconds before); None: a lost
+    /// backend is never reconnected.
     pub reconnect_ms: Option<u32>,
+    /// The QEMU that runs it.
+    pub qemu: Qemu,
 }
 
 impl Default for Vm {
@@ -110,6 +178,7 @@ impl Default for Vm {
             timeout: Duration::from_secs(180),
             accel: None,
             reconnect_ms: None,
+            qemu: Qemu::Installed,
         }
     }
 }
@@ -126,6 +195,12 @@ impl Vm {
     /// QEMU reconnects to a backend that went away, after `ms` milliseconds.
     pub fn reconnect(mut self, ms: u32) -> Vm {
         self.reconnect_ms = Some(ms);
+        self
+    }
+
+    /// Runs the guest on `qemu`.
+    pub fn qemu(mut self, qemu: Qemu) -> Vm {
+        self.qemu = qemu;
         self
     }
 
@@ -150,7 +225,7 @@ impl Vm {
              time",
             boot.elapsed.as_secs_f64(),
             prepared.accel,
-            qemu_version(),
+            self.qemu.version(),
             boot.parsed
                 .booted_at
                 .map_or("?".into(), |t| format!("{t:.1}"))
@@ -212,7 +287,7 @@ impl Vm {
         launch: &Launch,
     ) -> Result<Running> {
         let accel = prepared.accel;
-        let mut cmd = Command::new("qemu-system-x86_64");
+        let mut cmd = Command::new(self.qemu.binary());
         cmd.args([
             "-nodefaults",
             "-no-user-config",
@@ -242,7 +317,7 @@ impl Vm {
         .arg(format!("file:{}", console_path.display()));
         let reconnect = self
             .reconnect_ms
-            .map_or(String::new(), |ms| format!(",reconnect-ms={ms}"));
+            .map_or(String::new(), |ms| self.qemu.reconnect_option(ms));
         for (i, d) in self.disks.iter().enumerate() {
             cmd.arg("-chardev")
                 .arg(format!(
@@ -268,9 +343,13 @@ impl Vm {
         die_with_parent(&mut cmd);
 
         let start = Instant::now();
-        let mut child = cmd
-            .spawn()
-            .context("run qemu-system-x86_64 (package qemu-system-x86)")?;
+        let mut child = cmd.spawn().with_context(|| {
+            format!(
+                "run {} ({})",
+                self.qemu.binary().display(),
+                self.qemu.install_hint()
+            )
+        })?;
         // Drain QEMU's output on threads so a chatty QEMU cannot block on a full pipe.
         let drain = |r: Option<Box<dyn std::io::Read + Send>>| {
             std::thread::spawn(move || {
@@ -288,6 +367,7 @@ impl Vm {
             start,
             timeout: self.timeout,
             accel,
+            qemu: self.qemu,
             out,
             err,
         })
@@ -322,6 +402,7 @@ pub struct Running {
     start: Instant,
     timeout: Duration,
     accel: Accel,
+    qemu: Qemu,
     out: std::thread::JoinHandle<String>,
     err: std::thread::JoinHandle<String>,
 }
@@ -331,6 +412,7 @@ pub struct Running {
 pub struct Finished {
     pub qemu_output: String,
     pub accel: Accel,
+    pub qemu: Qemu,
     pub elapsed: Duration,
     /// Why the run failed: QEMU exited non-zero or was killed at the timeout.
     pub failure: Option<String>,
@@ -389,29 +471,11 @@ impl Running {
         Finished {
             qemu_output,
             accel: self.accel,
+            qemu: self.qemu,
             elapsed,
             failure,
         }
     }
-}
-
-/// "QEMU 10.0.2 (Debian ...)", from the first line of `qemu-system-x86_64 --version`, for the
-/// boot lines and reports: scripts/prereqs.sh installs QEMU 10.0 (bookworm-backports on Debian
-/// 12), and a log should show which QEMU a failure ran on.
-pub fn qemu_version() -> &'static str {
-    static VERSION: OnceLock<String> = OnceLock::new();
-    VERSION.get_or_init(|| {
-        let out = Command::new("qemu-system-x86_64").arg("--version").output();
-        match out {
-            Ok(o) => String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .unwrap_or("QEMU of unknown version")
-                .trim()
-                .replace("QEMU emulator version ", "QEMU "),
-            Err(e) => format!("qemu-system-x86_64 --version: {e}"),
-        }
-    })
 }
 
 /// The result of one boot.
@@ -422,6 +486,7 @@ pub struct Boot {
     pub parsed: Parsed,
     pub qemu_output: String,
     pub accel: Accel,
+    pub qemu: Qemu,
     pub elapsed: Duration,
     failure: Option<String>,
 }
@@ -440,6 +505,7 @@ impl Boot {
             console_path: consoles.last().cloned().unwrap_or_default(),
             qemu_output: finished.qemu_output,
             accel: finished.accel,
+            qemu: finished.qemu,
             elapsed: finished.elapsed,
             failure: finished.failure,
         }
@@ -526,7 +592,7 @@ impl Boot {
         let from = lines.len().saturating_sub(TAIL);
         let mut s = format!(
             "---- guest console ({}, {:?}, {:.1} s, {}{}) ----\n",
-            qemu_version(),
+            self.qemu.version(),
             self.accel,
             self.elapsed.as_secs_f64(),
             self.console_path.display(),
