@@ -21,7 +21,8 @@ use vhost::vhost_user::message::{
     VhostUserVringAddrFlags, VhostUserVringState, VHOST_USER_CONFIG_OFFSET, VHOST_USER_CONFIG_SIZE,
 };
 use vhost::vhost_user::{
-    Backend, Error as VhostUserError, GpuBackend, Result as VhostUserResult, VhostUserBackendReqHandlerMut,
+    Backend, Error as VhostUserError, GpuBackend, Result as VhostUserResult,
+    VhostUserBackendReqHandlerMut,
 };
 use vhost::VhostUserMemoryRegionBase;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;

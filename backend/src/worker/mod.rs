@@ -282,7 +282,10 @@ pub fn run(
 fn resize(connection: u64, c: &Connection) {
     match c.device.resize() {
         Ok(Resized::Unchanged(size)) => {
-            tracing::info!("connection {connection}: {} still has {size} bytes", c.export)
+            tracing::info!(
+                "connection {connection}: {} still has {size} bytes",
+                c.export
+            )
         }
         Ok(Resized::Grown { from, to }) => match c.thread.config_changed() {
             Ok(true) => tracing::info!(
