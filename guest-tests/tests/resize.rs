@@ -60,7 +60,7 @@ fn a_grown_image_grows_the_guest_disk_without_a_reboot() {
             let mut resized = false;
             while !guest.is_finished() {
                 let seen = std::fs::read_to_string(&console).unwrap_or_default();
-                if !resized && seen.contains(&format!("{READY}\n")) {
+                if !resized && seen.contains(READY) {
                     std::fs::OpenOptions::new()
                         .write(true)
                         .open(&image)?

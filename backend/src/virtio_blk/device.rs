@@ -15,6 +15,8 @@ use super::stats::{self, DeviceTotals, QueueStats};
 pub struct BlockDevice {
     pub(super) config: BlockConfig,
     pub(super) disk: Disk,
+    /// What requests are checked against; its capacity is the one at creation; queue threads
+    /// take the current one from the config (it grows on resize).
     pub(super) limits: Limits,
     pub(super) stats: Vec<QueueStats>,
     /// Test only: operations wait for a byte from this FIFO (`--test-io-gate`).
