@@ -207,7 +207,7 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Add, remove or list the exports of a running daemon. Changes are not persisted: the
+    /// Add, remove, resize or list the exports of a running daemon. Changes are not persisted: the
     /// daemon's command line still says what it serves after a restart.
     #[command(subcommand)]
     Export(ExportCommand),
@@ -235,6 +235,16 @@ pub enum ExportCommand {
         /// connections close).
         #[arg(long)]
         force: bool,
+    },
+    /// The image, block device or RBD image of the export on SOCKET-PATH grew: connected
+    /// devices read its size again and tell their guests (virtio config change). Shrinking is
+    /// refused (logged by the worker).
+    Resize {
+        /// The daemon's --control-socket.
+        #[arg(long, value_name = "PATH")]
+        control_socket: PathBuf,
+        #[arg(value_name = "SOCKET-PATH")]
+        socket: PathBuf,
     },
     /// List the exports served now, with how many VM connections each has.
     List {

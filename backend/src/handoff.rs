@@ -48,6 +48,9 @@ pub enum ToWorker {
     /// Stop the device on `connection` cleanly, as if its frontend had closed it: requests in
     /// flight complete, then the connection closes (`vublk export remove --force`).
     Stop { connection: u64 },
+    /// The backing of the device on `connection` may have grown: read its size again and, if
+    /// it grew, show the new capacity and tell the frontend (`vublk export resize`).
+    Resize { connection: u64 },
 }
 
 /// Worker to supervisor.

@@ -138,7 +138,7 @@ fn run_single(
     tracing::info!(
         "serving {}: {} bytes, {} queue(s), {}{}{}",
         device.disk().name,
-        config.capacity,
+        config.capacity(),
         config.num_queues,
         if config.read_only {
             "read-only"

@@ -326,6 +326,21 @@ impl Disk {
         })
     }
 
+    /// The backing's size now, in bytes (it may have grown since it was opened): the file's
+    /// length, the block device's size (BLKGETSIZE64), or the RBD image's. A null disk keeps
+    /// its size.
+    pub fn current_size(&self) -> std::io::Result<u64> {
+        match &self.backing {
+            Backing::File {
+                file,
+                block_device: true,
+            } => probe::block_device_size(file),
+            Backing::File { file, .. } => Ok(file.metadata()?.len()),
+            Backing::Null => Ok(self.capacity),
+            Backing::Rbd(image) => image.current_size(),
+        }
+    }
+
     /// Discard is offered when holes can be punched.
     pub fn supports_discard(&self) -> bool {
         self.punch_hole && !self.read_only

@@ -167,6 +167,9 @@ pub const ALLOWED: &[(&str, i64)] = syscalls![
     recvfrom,
     sendto,
     shutdown,
+    // SET_BACKEND_REQ_FD: the vhost crate checks the frontend's fd is a unix stream socket
+    // (SO_DOMAIN, SO_TYPE) before keeping it for config-change messages.
+    getsockopt,
     // Threads (clone only for threads: see argument_rules), locks, signals.
     clone,
     clone3,
@@ -201,7 +204,6 @@ pub const RBD_ALLOWED: &[(&str, i64)] = syscalls![
     socket,
     connect,
     setsockopt,
-    getsockopt,
     getsockname,
     getpeername,
     pipe2,

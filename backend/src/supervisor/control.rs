@@ -1,5 +1,5 @@
 //! The control socket (`--control-socket`, owner-only): `vublk status` and `vublk export
-//! add|remove|list`. A client sends one JSON [`Request`] and shuts down its writing side
+//! add|remove|list|resize`. A client sends one JSON [`Request`] and shuts down its writing side
 //! (nothing at all asks for the status), then reads the answer until the supervisor closes.
 //!
 //! The supervisor serves it from its event loop without ever blocking: sockets are
@@ -31,6 +31,9 @@ pub enum Request {
     ExportAdd { spec: String },
     /// Stop serving the export on `socket`; with `force`, even while VMs use it.
     ExportRemove { socket: PathBuf, force: bool },
+    /// The backing of the export on `socket` grew: its devices re-read its size and tell their
+    /// frontends.
+    ExportResize { socket: PathBuf },
     /// The exports served now.
     ExportList,
 }
@@ -88,6 +91,16 @@ pub fn export_command(command: &crate::cli::ExportCommand) -> Result<(), String>
             control_socket,
             json,
         } => (control_socket, Request::ExportList, *json),
+        ExportCommand::Resize {
+            control_socket,
+            socket,
+        } => (
+            control_socket,
+            Request::ExportResize {
+                socket: socket.clone(),
+            },
+            false,
+        ),
     };
     let body = ask(control, &request)
         .map_err(|e| format!("cannot ask the daemon on {}: {e}", control.display()))?;
@@ -102,6 +115,16 @@ pub fn export_command(command: &crate::cli::ExportCommand) -> Result<(), String>
         println!(
             "{}",
             serde_json::to_string(&exports).map_err(|e| e.to_string())?
+        );
+    } else if let Request::ExportResize { socket } = &request {
+        let connections = exports
+            .iter()
+            .find(|e| std::path::Path::new(&e.socket) == socket.as_path())
+            .map_or(0, |e| e.connections);
+        println!(
+            "{}: {connections} connected device(s) told to read the size again (the daemon's log \
+             says what each found); new connections get the new size",
+            socket.display()
         );
     } else if matches!(request, Request::ExportList) {
         for e in &exports {

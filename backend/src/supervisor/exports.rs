@@ -1,4 +1,4 @@
-//! Exports at run time (`vublk export add|remove|list` on the control socket): the supervisor
+//! Exports at run time (`vublk export add|remove|resize|list` on the control socket): the supervisor
 //! checks a new export as it checks those on its command line, binds its socket and accepts
 //! on it; removes one no VM uses (or, forced, tells the workers to stop its devices). Nothing
 //! is persisted: the orchestrator owns the configuration.
@@ -46,6 +46,9 @@ impl Supervisor {
             Request::ExportRemove { socket, force } => self
                 .remove_export(&socket, force)
                 .map(|()| self.export_list()),
+            Request::ExportResize { socket } => {
+                self.resize_export(&socket).map(|()| self.export_list())
+            }
         }
     }
 
@@ -148,6 +151,34 @@ impl Supervisor {
             listener.cleanup();
         }
         tracing::info!("export {} removed", socket.display());
+        Ok(())
+    }
+
+    /// Tells the workers serving the export on `socket` to read its backing's size again. The
+    /// workers probe it (the supervisor may not be able to open a backing a VMM's user owns)
+    /// and log what they found; connections not served yet open the backing afresh anyway.
+    fn resize_export(&mut self, socket: &std::path::Path) -> Result<(), String> {
+        let index = self
+            .find_export(socket)
+            .ok_or_else(|| format!("{} is not an export", socket.display()))?;
+        for vm in self.vms.values() {
+            let mut connections: Vec<u64> = vm
+                .live
+                .iter()
+                .filter(|(_, &e)| e == index)
+                .map(|(&c, _)| c)
+                .collect();
+            connections.sort_unstable();
+            for connection in connections {
+                if let Err(e) = handoff::send(&vm.control, &ToWorker::Resize { connection }, &[]) {
+                    tracing::warn!(
+                        "cannot tell worker pid {} to resize connection {connection}: {e}",
+                        vm.worker_pid
+                    );
+                }
+            }
+        }
+        tracing::info!("export {}: resize asked", socket.display());
         Ok(())
     }
 

@@ -10,6 +10,7 @@ use std::thread::JoinHandle;
 
 use vhost::vhost_user::{BackendReqHandler, Error as VhostUserError};
 
+use super::backend_channel::BackendChannel;
 use super::device::VirtioDevice;
 use super::session::Session;
 use crate::ratelimit::vmm_line;
@@ -44,16 +45,18 @@ fn is_fatal(e: &VhostUserError) -> bool {
 
 /// Serves `stream` with a new session of `device` until the frontend disconnects. Every ring
 /// is stopped (its in-flight requests completed) before this returns. `on_start` receives a
-/// clone of the stream, which another thread may `shutdown()` to end the connection.
+/// clone of the stream, which another thread may `shutdown()` to end the connection, and the
+/// session's backend request channel.
 pub fn serve_connection<D: VirtioDevice>(
     stream: UnixStream,
     device: Arc<D>,
-    on_start: impl FnOnce(UnixStream),
+    on_start: impl FnOnce(UnixStream, BackendChannel),
 ) -> ConnectionEnd {
+    let session = Session::new(device);
     if let Ok(clone) = stream.try_clone() {
-        on_start(clone);
+        on_start(clone, session.backend_channel());
     }
-    let session = Arc::new(Mutex::new(Session::new(device)));
+    let session = Arc::new(Mutex::new(session));
     let mut handler = BackendReqHandler::from_stream(stream, session.clone());
     let end = loop {
         let result = handler.handle_request();
@@ -80,7 +83,7 @@ pub fn serve_connection<D: VirtioDevice>(
 
 /// A connection served on a thread of its own (`vublk-conn<id>`), which another thread can end.
 pub struct ConnectionThread {
-    stream: Arc<Mutex<Option<UnixStream>>>,
+    stream: Arc<Mutex<Option<(UnixStream, BackendChannel)>>>,
     thread: JoinHandle<()>,
 }
 
@@ -101,8 +104,8 @@ impl ConnectionThread {
             .name(format!("vublk-conn{id}"))
             .spawn(move || {
                 let _span = tracing::info_span!("conn", id, export = %export).entered();
-                let end = serve_connection(stream, device, |clone| {
-                    *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(clone);
+                let end = serve_connection(stream, device, |clone, channel| {
+                    *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some((clone, channel));
                 });
                 match end {
                     ConnectionEnd::Disconnected => {
@@ -128,7 +131,21 @@ impl ConnectionThread {
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
         {
-            let _ = stream.shutdown(std::net::Shutdown::Both);
+            let _ = stream.0.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Tells the frontend the config space changed (see [`BackendChannel::config_changed`]).
+    pub fn config_changed(&self) -> io::Result<bool> {
+        let channel = self
+            .stream
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|s| s.1.clone());
+        match channel {
+            Some(channel) => channel.config_changed(),
+            None => Ok(false),
         }
     }
 

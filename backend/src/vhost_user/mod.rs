@@ -8,6 +8,7 @@
 //! is that handler, and owning it is also what lets us control when memory is retired and when
 //! a stopped ring's in-flight requests have finished.
 
+mod backend_channel;
 mod buffers;
 mod connection;
 mod device;
@@ -18,6 +19,7 @@ mod pin;
 mod session;
 mod vring;
 
+pub use backend_channel::BackendChannel;
 pub use connection::{serve_connection, ConnectionEnd, ConnectionThread};
 pub use device::{QueueLoop, VirtioDevice};
 pub use dirty_log::{DirtyLog, LogMap};

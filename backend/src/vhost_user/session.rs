@@ -21,13 +21,15 @@ use vhost::vhost_user::message::{
     VhostUserVringAddrFlags, VhostUserVringState, VHOST_USER_CONFIG_OFFSET, VHOST_USER_CONFIG_SIZE,
 };
 use vhost::vhost_user::{
-    Error as VhostUserError, GpuBackend, Result as VhostUserResult, VhostUserBackendReqHandlerMut,
+    Backend, Error as VhostUserError, GpuBackend, Result as VhostUserResult,
+    VhostUserBackendReqHandlerMut,
 };
 use vhost::VhostUserMemoryRegionBase;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::backend_channel::BackendChannel;
 use super::device::VirtioDevice;
 use super::dirty_log::{DirtyLog, LogMap};
 use super::inflight::{self, InflightMap};
@@ -68,6 +70,8 @@ pub struct Session<D: VirtioDevice> {
     explained: bool,
     /// The frontend waits for a reply the session cannot give: end the connection.
     end_connection: bool,
+    /// Where config changes are announced (SET_BACKEND_REQ_FD), shared with the worker.
+    backend_channel: BackendChannel,
 }
 
 impl<D: VirtioDevice> Session<D> {
@@ -88,7 +92,13 @@ impl<D: VirtioDevice> Session<D> {
             log: DirtyLog::default(),
             explained: false,
             end_connection: false,
+            backend_channel: BackendChannel::default(),
         }
+    }
+
+    /// The connection's backend request channel (empty until the frontend sends one).
+    pub fn backend_channel(&self) -> BackendChannel {
+        self.backend_channel.clone()
     }
 
     /// Whether the request just handled was refused in a way that leaves the frontend waiting
@@ -374,6 +384,7 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Session<D> {
         self.owned = false;
         self.acked_features = 0;
         self.acked_protocol_features = 0;
+        self.backend_channel.set(None);
         Ok(())
     }
 
@@ -566,7 +577,8 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Session<D> {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
-            | VhostUserProtocolFeatures::LOG_SHMFD)
+            | VhostUserProtocolFeatures::LOG_SHMFD
+            | VhostUserProtocolFeatures::BACKEND_REQ)
     }
 
     fn set_protocol_features(&mut self, features: u64) -> VhostUserResult<()> {
@@ -613,6 +625,13 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Session<D> {
             self.explain(format_args!("SET_CONFIG refused: {e}"));
             VhostUserError::ReqHandlerError(e)
         })
+    }
+
+    /// SET_BACKEND_REQ_FD (the vhost crate checked BACKEND_REQ was negotiated and that the fd
+    /// is a stream socket): kept for announcing config changes.
+    fn set_backend_req_fd(&mut self, backend: Backend) {
+        tracing::debug!("backend request channel set");
+        self.backend_channel.set(Some(backend));
     }
 
     fn set_gpu_socket(&mut self, _gpu_backend: GpuBackend) -> VhostUserResult<()> {

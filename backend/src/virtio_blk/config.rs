@@ -33,10 +33,12 @@ pub const MAX_ZEROING_SEGMENTS: u32 = 32;
 pub const MAX_IOVECS: usize = 1024;
 
 /// The device configuration, fixed when the device is created except for the write cache mode,
-/// which the driver may change through the config space.
+/// which the driver may change through the config space, and the capacity, which grows when the
+/// backing does (`vublk export resize`).
 #[derive(Debug)]
 pub struct BlockConfig {
-    pub capacity: u64,
+    /// Bytes, a multiple of 512; read by the queue threads for every request.
+    capacity: AtomicU64,
     pub blk_size: u32,
     pub seg_max: u32,
     pub num_queues: u16,
@@ -111,7 +113,7 @@ impl BlockConfig {
             features |= bit(spec::VIRTIO_BLK_F_RO);
         }
         BlockConfig {
-            capacity: disk.capacity,
+            capacity: AtomicU64::new(disk.capacity),
             blk_size,
             seg_max: seg_max(options.max_queue_size),
             num_queues: options.num_queues,
@@ -129,6 +131,17 @@ impl BlockConfig {
 
     pub fn features(&self) -> u64 {
         self.features
+    }
+
+    /// The disk's size in bytes, as the guest sees it now.
+    pub fn capacity(&self) -> u64 {
+        self.capacity.load(Ordering::Relaxed)
+    }
+
+    /// A new capacity in bytes (rounded down to sectors): the config space shows it from now
+    /// on, and requests are checked against it.
+    pub fn set_capacity(&self, bytes: u64) {
+        self.capacity.store(bytes & !511, Ordering::Relaxed);
     }
 
     pub fn set_acked_features(&self, features: u64) {
@@ -167,7 +180,7 @@ impl BlockConfig {
         let mut put = |at: usize, bytes: &[u8]| c[at..at + bytes.len()].copy_from_slice(bytes);
         put(
             off::CAPACITY,
-            &(self.capacity >> spec::SECTOR_SHIFT).to_le_bytes(),
+            &(self.capacity() >> spec::SECTOR_SHIFT).to_le_bytes(),
         );
         put(off::SIZE_MAX, &SIZE_MAX.to_le_bytes());
         put(off::SEG_MAX, &self.seg_max.to_le_bytes());

@@ -15,6 +15,8 @@ use super::stats::{self, DeviceTotals, QueueStats};
 pub struct BlockDevice {
     pub(super) config: BlockConfig,
     pub(super) disk: Disk,
+    /// What requests are checked against; its capacity is the one at creation; queue threads
+    /// take the current one from the config (it grows on resize).
     pub(super) limits: Limits,
     pub(super) stats: Vec<QueueStats>,
     /// Test only: operations wait for a byte from this FIFO (`--test-io-gate`).
@@ -26,6 +28,31 @@ pub struct BlockDevice {
     /// Told each time the driver changes the write cache (a worker reports it to the
     /// supervisor, which keeps it for the VMM's next worker).
     write_cache_watch: Option<WriteCacheWatch>,
+}
+
+/// Why [`BlockDevice::resize`] left the capacity as it was.
+#[derive(Debug, thiserror::Error)]
+pub enum ResizeError {
+    #[error("cannot read the size of {disk}")]
+    Probe {
+        disk: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "{disk} shrank from {from} to {to} bytes; vublk only grows a disk (a guest may have \
+         data past the new end)"
+    )]
+    Shrunk { disk: String, from: u64, to: u64 },
+}
+
+/// What [`BlockDevice::resize`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resized {
+    /// The capacity grew from `from` to `to` bytes: the guest must be told.
+    Grown { from: u64, to: u64 },
+    /// The backing has the size the device already shows.
+    Unchanged(u64),
 }
 
 /// What [`BlockDevice::with_write_cache_watch`] calls with the new setting.
@@ -114,6 +141,33 @@ impl BlockDevice {
 
     pub fn disk(&self) -> &Disk {
         &self.disk
+    }
+
+    /// Reads the backing's size again and, if it grew, makes the new capacity the one the
+    /// config space shows and requests are checked against (`vublk export resize`). A smaller
+    /// backing is refused: the guest may have data past the new end.
+    pub fn resize(&self) -> Result<Resized, ResizeError> {
+        let from = self.config.capacity();
+        let to = self
+            .disk
+            .current_size()
+            .map_err(|source| ResizeError::Probe {
+                disk: self.disk.name.clone(),
+                source,
+            })?
+            & !511;
+        if to < from {
+            return Err(ResizeError::Shrunk {
+                disk: self.disk.name.clone(),
+                from,
+                to,
+            });
+        }
+        if to == from {
+            return Ok(Resized::Unchanged(from));
+        }
+        self.config.set_capacity(to);
+        Ok(Resized::Grown { from, to })
     }
 
     /// What the device has served so far.

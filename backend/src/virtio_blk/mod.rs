@@ -10,7 +10,7 @@ pub mod spec;
 pub mod stats;
 
 pub use config::{BlockConfig, DeviceOptions};
-pub use device::{BlockDevice, WriteCacheWatch};
+pub use device::{BlockDevice, ResizeError, Resized, WriteCacheWatch};
 
 /// The device an export describes, with the daemon-wide settings the export carries.
 pub fn device_for(

@@ -32,7 +32,7 @@ use crate::vhost_user::{ChainWalk, Generation, GuestBuffers, RawBuffers, Running
 
 use super::device::BlockDevice;
 use super::poll::PollPolicy;
-use super::request::{self, Buffers, Request, RequestKind, Scratch, Segment};
+use super::request::{self, Buffers, Limits, Request, RequestKind, Scratch, Segment};
 use super::spec;
 
 /// Watch tokens of the kick and control eventfds.
@@ -80,6 +80,8 @@ pub struct QueueServer<E = DiskEngine> {
     slots: Vec<Slot>,
     free: Vec<Tag>,
     in_flight: usize,
+    /// The device's limits; the capacity is refreshed for every chain (it grows on resize).
+    limits: Limits,
     scratch: Scratch,
     events: Vec<Event>,
     /// The generation the ring itself (descriptor table, avail, used) is accessed through.
@@ -117,7 +119,9 @@ impl<E: Engine> QueueServer<E> {
         let size = q.queue.size();
         let generation = q.memory.current();
         let poll_max = device.poll_max;
+        let limits = device.limits.clone();
         QueueServer {
+            limits,
             device,
             engine,
             slots: (0..size).map(|_| Slot::default()).collect(),
@@ -444,10 +448,11 @@ impl<E: Engine> QueueServer<E> {
         let index = usize::from(tag);
         let slot = &mut self.slots[index];
         let mut raw = slot.spare.take().unwrap_or_default();
+        self.limits.capacity = self.device.config.capacity();
         let parsed = request::parse(
             chain,
             generation.memory(),
-            &self.device.limits,
+            &self.limits,
             &mut self.scratch,
             Buffers {
                 iovecs: raw.iovecs_mut(),

@@ -30,7 +30,7 @@ use crate::handoff::{self, DeviceStatus, ReportPipe, ToSupervisor, ToWorker};
 use crate::ratelimit::{vmm_line, VMM_LOG};
 use crate::sandbox::TestMisdeed;
 use crate::vhost_user::ConnectionThread;
-use crate::virtio_blk::{BlockDevice, WriteCacheWatch};
+use crate::virtio_blk::{BlockDevice, Resized, WriteCacheWatch};
 
 mod misdeeds;
 
@@ -234,6 +234,11 @@ pub fn run(
                         }
                         misdeeds::commit(misdeeds, &export.name, connection, &reports);
                     }
+                    Ok(Some((ToWorker::Resize { connection }, _))) => {
+                        if let Some(c) = connections.get(&connection) {
+                            resize(connection, c);
+                        }
+                    }
                     Ok(Some((ToWorker::Stop { connection }, _))) => {
                         if let Some(c) = connections.get(&connection) {
                             tracing::info!("connection {connection}: export removed; stopping");
@@ -269,6 +274,37 @@ pub fn run(
                 }
             }
         }
+    }
+}
+
+/// Reads the size of a connection's backing again; if it grew, the device shows the new
+/// capacity and the frontend is told (VHOST_USER_BACKEND_CONFIG_CHANGE_MSG).
+fn resize(connection: u64, c: &Connection) {
+    match c.device.resize() {
+        Ok(Resized::Unchanged(size)) => {
+            tracing::info!(
+                "connection {connection}: {} still has {size} bytes",
+                c.export
+            )
+        }
+        Ok(Resized::Grown { from, to }) => match c.thread.config_changed() {
+            Ok(true) => tracing::info!(
+                "connection {connection}: {} grew from {from} to {to} bytes; frontend told",
+                c.export
+            ),
+            Ok(false) => tracing::warn!(
+                "connection {connection}: {} grew from {from} to {to} bytes, but the frontend \
+                 gave no backend request channel (BACKEND_REQ): the guest sees the new size \
+                 when it reads the config space again",
+                c.export
+            ),
+            Err(e) => tracing::warn!(
+                "connection {connection}: {} grew from {from} to {to} bytes; cannot tell the \
+                 frontend: {e}",
+                c.export
+            ),
+        },
+        Err(e) => tracing::error!("connection {connection}: {}", crate::error_line(&e)),
     }
 }
 

@@ -249,6 +249,15 @@ impl RbdImage {
             .map_err(|source| RbdError::Option { option, source })
     }
 
+    /// The image's size now, in bytes (`rbd_get_size`; librbd refreshes it when the image was
+    /// resized elsewhere).
+    pub fn current_size(&self) -> io::Result<u64> {
+        let mut size = 0u64;
+        // SAFETY: an open image and a u64 to write.
+        check(unsafe { (self.api.rbd_get_size)(self.image, &mut size) })?;
+        Ok(size)
+    }
+
     pub fn api(&self) -> &'static Api {
         self.api
     }

@@ -18,6 +18,7 @@
 //! watchdog.rs      a step that takes too long shuts the connection down instead of hanging
 //! ```
 
+mod backend_channel;
 mod background;
 mod config;
 mod handshake;
@@ -33,6 +34,7 @@ use rustix::event::{PollFd, PollFlags, Timespec};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::Frontend;
 
+pub use backend_channel::{BackendRequest, CONFIG_CHANGE_MSG};
 pub use background::{PendingReply, Reply};
 pub use config::{SessionConfig, DRIVER_FEATURES};
 pub use handshake::{Step, BLK_CONFIG_LEN};
@@ -97,6 +99,8 @@ pub struct Session {
     need_reply_always: bool,
     /// The inflight region the backend gave ([`Step::Inflight`]), kept across reconnects.
     inflight: Option<(vhost::vhost_user::message::VhostUserInflight, std::fs::File)>,
+    /// Our end of the backend request channel ([`Session::open_backend_channel`]).
+    backend_channel: Option<UnixStream>,
 }
 
 impl Session {
@@ -149,6 +153,7 @@ impl Session {
             watchdog,
             need_reply_always: false,
             inflight: None,
+            backend_channel: None,
         })
     }
 
