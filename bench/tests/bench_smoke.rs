@@ -201,7 +201,7 @@ fn check(out: &Output, media: &[&str], systems: &[&'static str], vms: u16) {
     }
     if systems.contains(&"io_uring") && media.contains(&"null") {
         assert!(
-            md.contains("- io_uring does not run on the null medium"),
+            md.contains("- io_uring does not run on the null and rbd media"),
             "no note on io_uring and null:\n{md}"
         );
     }
