@@ -194,6 +194,60 @@ def request_seeds():
     )
 
 
+# --- inflight: the format of fuzz/src/inflight.rs (ring, steps, then the region's bytes) ----
+
+TAKE, COMPLETE, CRASH = 0, 0x8000, 0x80
+
+
+def ring_size(size):
+    return bytes([size - 1]) if size <= 0xF0 else b"\xf0" + struct.pack("<H", size)
+
+
+def inflight_input(size, ring_used, base, steps=(), crash=False, region=b""):
+    n = len(steps) | (CRASH if crash else 0)
+    return (
+        ring_size(size)
+        + struct.pack("<HHB", ring_used, base, n)
+        + b"".join(struct.pack("<H", s) for s in steps)
+        + region
+    )
+
+
+def inflight_region(desc_num, last_batch_head, used_idx, states, version=1, features=0):
+    """states: {head: (inflight, next, counter)}; the other heads are zero."""
+    descs = b"".join(
+        struct.pack("<B5xHQ", *states.get(head, (0, 0, 0))) for head in range(desc_num)
+    )
+    return struct.pack("<QHHHH", features, version, desc_num, last_batch_head, used_idx) + descs
+
+
+def inflight_seeds():
+    # A region no backend has written (all zeros): recovery initialises it, then heads are
+    # taken and completed, and the backend dies in the middle of a completion.
+    yield "empty", inflight_input(
+        8, 0, 0, [TAKE | 3, TAKE | 5, COMPLETE | 0, TAKE | 1], crash=True
+    )
+    # Heads 0, 2, 5 and 7 in flight; 2 is the last batch, in the used ring (5) but not in the
+    # region (4): 7, 5, 0 run again, in counter order.
+    yield "heads-in-flight", inflight_input(
+        8,
+        5,
+        5,
+        [COMPLETE | 1, TAKE | 4],
+        crash=True,
+        region=inflight_region(
+            8, 2, 4, {0: (1, 0, 13), 2: (1, 6, 14), 5: (1, 0, 12), 7: (1, 0, 11), 6: (0, 1, 9)}
+        ),
+    )
+    # Nothing in flight: the region follows the ring (a driver that reset its ring).
+    yield "nothing-in-flight", inflight_input(
+        256, 0, 0, region=inflight_region(256, 17, 1000, {3: (0, 4, 99)})
+    )
+    # The largest ring the target's region holds, fresh; one larger is refused.
+    yield "largest-ring", inflight_input(1024, 7, 7, [TAKE | 1023, COMPLETE | 0])
+    yield "ring-too-big", inflight_input(2048, 0, 0)
+
+
 def write(target, seeds):
     out = os.path.join(HERE, "corpus", target)
     os.makedirs(out, exist_ok=True)
@@ -204,3 +258,4 @@ def write(target, seeds):
 
 write("session", session_seeds())
 write("request", request_seeds())
+write("inflight", inflight_seeds())

@@ -10,15 +10,15 @@
 #   scripts/fuzz.sh TARGET ... ARGS     more libFuzzer options (-jobs=2, -max_len=8192, ...)
 #   scripts/fuzz.sh TARGET FILE...      replay inputs (a crash: fuzz/crashes/TARGET/crash-*)
 #
-# TARGET is request, session or memory. The corpus grows in target/fuzz-corpus/TARGET (seeded
-# from fuzz/corpus/TARGET), crashes land in fuzz/crashes/TARGET. Runs under `nice -n 15`.
+# TARGET is request, session, memory or inflight. The corpus grows in target/fuzz-corpus/TARGET
+# (seeded from fuzz/corpus/TARGET), crashes land in fuzz/crashes/TARGET. Runs under `nice -n 15`.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/prereqs.sh
 vublk_prereqs fuzz
 
-targets=(request session memory)
+targets=(request session memory inflight)
 target=${1:-}
 if [[ ! " ${targets[*]} " == *" $target "* ]]; then
     echo "usage: scripts/fuzz.sh TARGET [SECONDS | -runs=N | FILE...] [libFuzzer options]" >&2

@@ -8,7 +8,9 @@
 //! - [`session`]: a VMM's vhost-user messages (with file descriptors) on a socket, handled by
 //!   a [`vublk::vhost_user::Session`] of a null-disk device;
 //! - [`memory`]: memory tables (SET_MEM_TABLE, ADD_MEM_REG, REM_MEM_REG, disconnect) against
-//!   the generations of [`vublk::vhost_user::GuestMemoryHandle`].
+//!   the generations of [`vublk::vhost_user::GuestMemoryHandle`];
+//! - [`inflight`]: a queue's inflight region (SET_INFLIGHT_FD) read back when its ring starts,
+//!   then written by the queue thread's tracker across a crash.
 //!
 //! A target panics when vublk breaks one of its invariants (a request accepted outside the
 //! disk, buffers outside guest memory, overlapping regions installed, ...); libFuzzer reports
@@ -21,6 +23,7 @@
 use std::fs::File;
 use std::os::fd::FromRawFd;
 
+pub mod inflight;
 pub mod memory;
 pub mod request;
 pub mod session;

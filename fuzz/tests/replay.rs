@@ -44,3 +44,8 @@ fn session() {
 fn memory() {
     replay("memory", vublk_fuzz::memory::run);
 }
+
+#[test]
+fn inflight() {
+    replay("inflight", vublk_fuzz::inflight::run);
+}

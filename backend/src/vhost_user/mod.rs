@@ -23,6 +23,14 @@ pub use backend_channel::BackendChannel;
 pub use connection::{serve_connection, ConnectionEnd, ConnectionThread};
 pub use device::{QueueLoop, VirtioDevice};
 pub use dirty_log::{DirtyLog, LogMap};
+/// The inflight region's parser, for the `inflight` fuzz target (vublk-fuzz): the session maps
+/// a frontend's region with [`InflightMap::map`] and recovers each ring's with
+/// [`QueueRegion::recover`].
+#[doc(hidden)]
+pub use inflight::{
+    create as create_inflight, InflightError, InflightMap, QueueRegion, Recovered,
+    VERSION as INFLIGHT_VERSION,
+};
 pub use inflight::{ChainWalk, Tracker};
 pub use memory::{
     Generation, GuestBuffers, GuestMemoryHandle, MemoryStatus, RawBuffers, RegionPin,
