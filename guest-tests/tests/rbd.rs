@@ -4,6 +4,7 @@
 //! guest's verify pass read. Skipped, saying so, when Ceph is not installed.
 
 use anyhow::ensure;
+use guest_tests::fio::WriteVerify;
 use guest_tests::{guest_test, start_vublk, Job, Vm, MIB};
 use vublk_test_support::ceph;
 
@@ -33,21 +34,11 @@ fn a_guest_writes_and_verifies_an_rbd_disk() {
             ],
         )?;
         let vm = Vm::default().cpus(2).disk(vublk.socket(), 2);
-        let job = format!(
-            "[global]
-filename=/dev/vda
-ioengine=libaio
-direct=1
-bs=4k
-iodepth=16
-size={REGION}
-rw=randwrite
-randrepeat=1
-verify=crc32c
-verify_backlog=256
-[rbd-verify]
-"
-        );
+        let job = WriteVerify {
+            backlog: 256,
+            ..WriteVerify::new("rbd-verify", REGION)
+        }
+        .file();
         let boot = vm.boot(dir, "fio", Job::new().fio("verify", &job))?;
         let report = boot.fio("verify")?;
         ensure!(
