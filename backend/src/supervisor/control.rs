@@ -155,16 +155,13 @@ pub enum Next {
     Closed,
 }
 
-/// The control connections open now.
-pub struct ControlClients {
-    clients: Clients<UnixStream>,
-}
+/// The control connections open now: the shared client table (closing, deadlines), with the
+/// control protocol's reading and answering added here.
+pub type ControlClients = Clients<UnixStream>;
 
 impl Default for ControlClients {
     fn default() -> ControlClients {
-        ControlClients {
-            clients: Clients::new(MAX_CLIENTS, CLIENT_TIMEOUT),
-        }
+        Clients::new(MAX_CLIENTS, CLIENT_TIMEOUT)
     }
 }
 
@@ -173,12 +170,8 @@ impl ControlClients {
     pub fn accept(&mut self, listener: &UnixListener, now: Instant) -> Option<(u64, &UnixStream)> {
         let (stream, _) = listener.accept().ok()?;
         stream.set_nonblocking(true).ok()?;
-        let (id, _) = self.clients.insert(stream, now);
-        self.clients.stream(id).map(|s| (id, s))
-    }
-
-    pub fn stream(&self, id: u64) -> Option<&UnixStream> {
-        self.clients.stream(id)
+        let (id, _) = self.insert(stream, now);
+        self.stream(id).map(|s| (id, s))
     }
 
     /// Client `id` is ready: reads its request until the client stops sending, or writes
@@ -192,15 +185,15 @@ impl ControlClients {
     }
 
     fn serve(&mut self, id: u64) -> Next {
-        if !self.clients.answered(id) {
+        if !self.answered(id) {
             // The request ends where the client stops sending; past the bound it is refused.
-            return match self.clients.read(id, MAX_REQUEST + 1, |_| false) {
-                Fill::Ended => Next::Answer(self.clients.take_request(id)),
+            return match self.read(id, MAX_REQUEST + 1, |_| false) {
+                Fill::Ended => Next::Answer(self.take_request(id)),
                 Fill::Pending => Next::Read,
                 Fill::Complete | Fill::Full | Fill::Broken => Next::Closed,
             };
         }
-        match self.clients.write(id) {
+        match self.write(id) {
             Flush::Blocked => Next::Write,
             Flush::Done | Flush::Broken => Next::Closed,
         }
@@ -208,21 +201,7 @@ impl ControlClients {
 
     /// Gives client `id` its answer and writes what fits.
     pub fn answer(&mut self, id: u64, answer: Vec<u8>) -> Next {
-        self.clients.set_answer(id, answer);
+        self.set_answer(id, answer);
         self.on_ready(id)
-    }
-
-    /// Forgets client `id`, closing it.
-    pub fn close(&mut self, id: u64) {
-        self.clients.close(id);
-    }
-
-    /// Clients past their deadline at `now`.
-    pub fn overdue(&self, now: Instant) -> Vec<u64> {
-        self.clients.overdue(now)
-    }
-
-    pub fn next_deadline(&self) -> Option<Instant> {
-        self.clients.next_deadline()
     }
 }
