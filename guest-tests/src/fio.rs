@@ -49,6 +49,22 @@ impl WriteVerify {
         }
     }
 
+    /// Whether `report`, of this job's writing run, wrote the whole region and read at least
+    /// as much back to verify it.
+    pub fn check_written(&self, report: &Report) -> Result<()> {
+        let (written, read) = (
+            report.total(|j| j.write.io_bytes),
+            report.total(|j| j.read.io_bytes),
+        );
+        if written != self.size {
+            bail!("wrote {written} bytes, not {}", self.size);
+        }
+        if read < self.size {
+            bail!("verified only {read} bytes");
+        }
+        Ok(())
+    }
+
     /// The job file.
     pub fn file(&self) -> String {
         let mut extra = String::new();

@@ -8,12 +8,17 @@ use guest_tests::{guest_test, sparse_image, start_vublk, write_at, Job, Vm, MIB}
 
 const REGION: u64 = 32 * MIB;
 
-/// The write job, or (`verify_only`) the pass that replays its offsets and only reads.
-fn job(verify_only: bool) -> String {
-    let job = WriteVerify {
+/// The write job.
+fn write_verify() -> WriteVerify {
+    WriteVerify {
         seed: Some(20251121),
         ..WriteVerify::new("randwrite-verify", REGION)
-    };
+    }
+}
+
+/// The write job, or (`verify_only`) the pass that replays its offsets and only reads.
+fn job(verify_only: bool) -> String {
+    let job = write_verify();
     if verify_only { job.verify_pass() } else { job }.file()
 }
 
@@ -29,16 +34,7 @@ fn random_writes_survive_a_reboot_and_corruption_is_caught() {
         // Boot 1: write (and verify along the way, verify_backlog, and at the end).
         let boot = vm.boot(dir, "write", Job::new().fio("write", &job(false)))?;
         let w = boot.fio("write")?;
-        ensure!(
-            w.total(|j| j.write.io_bytes) == REGION,
-            "wrote {} bytes, not {REGION}",
-            w.total(|j| j.write.io_bytes)
-        );
-        ensure!(
-            w.total(|j| j.read.io_bytes) >= REGION,
-            "verified only {} bytes",
-            w.total(|j| j.read.io_bytes)
-        );
+        write_verify().check_written(&w)?;
         boot.check_kernel(&[])?;
 
         // Boot 2: a new guest on the same vublk (it accepts the next frontend) reads it all back.

@@ -4,6 +4,7 @@
 //! guest's verify pass read. Skipped, saying so, when Ceph is not installed.
 
 use anyhow::ensure;
+use guest_tests::fio::WriteVerify;
 use guest_tests::{guest_test, start_vublk, Job, Vm, MIB};
 use vublk_test_support::ceph;
 
@@ -33,33 +34,13 @@ fn a_guest_writes_and_verifies_an_rbd_disk() {
             ],
         )?;
         let vm = Vm::default().cpus(2).disk(vublk.socket(), 2);
-        let job = format!(
-            "[global]
-filename=/dev/vda
-ioengine=libaio
-direct=1
-bs=4k
-iodepth=16
-size={REGION}
-rw=randwrite
-randrepeat=1
-verify=crc32c
-verify_backlog=256
-[rbd-verify]
-"
-        );
-        let boot = vm.boot(dir, "fio", Job::new().fio("verify", &job))?;
+        let job = WriteVerify {
+            backlog: 256,
+            ..WriteVerify::new("rbd-verify", REGION)
+        };
+        let boot = vm.boot(dir, "fio", Job::new().fio("verify", &job.file()))?;
         let report = boot.fio("verify")?;
-        ensure!(
-            report.total(|j| j.write.io_bytes) == REGION,
-            "wrote {} bytes, not {REGION}",
-            report.total(|j| j.write.io_bytes)
-        );
-        ensure!(
-            report.total(|j| j.read.io_bytes) >= REGION,
-            "verified only {} bytes",
-            report.total(|j| j.read.io_bytes)
-        );
+        job.check_written(&report)?;
         boot.check_kernel(&[])?;
         vublk.stop();
         // Every 4 KiB block the guest wrote carries fio's verify header: none is left zero.

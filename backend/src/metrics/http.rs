@@ -12,10 +12,11 @@
 //! sent its request and taken its response within [`CLIENT_TIMEOUT`] is closed. Responses are
 //! `Connection: close`.
 
-use std::collections::HashMap;
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
+
+use crate::event_loop::clients::{Clients, Fill, Flush};
 
 /// Longest request (line and headers) read; Prometheus sends about 300 bytes.
 pub const MAX_REQUEST: usize = 8 * 1024;
@@ -40,19 +41,10 @@ pub enum Next {
     Closed,
 }
 
-struct Client {
-    stream: TcpStream,
-    request: Vec<u8>,
-    /// The response and how much of it was written.
-    response: Option<(Vec<u8>, usize)>,
-    deadline: Instant,
-}
-
 /// The listening socket and its connections.
 pub struct MetricsServer {
     listener: TcpListener,
-    clients: HashMap<u64, Client>,
-    next_id: u64,
+    clients: Clients<TcpStream>,
 }
 
 impl MetricsServer {
@@ -62,8 +54,7 @@ impl MetricsServer {
         listener.set_nonblocking(true)?;
         Ok(MetricsServer {
             listener,
-            clients: HashMap::new(),
-            next_id: 1,
+            clients: Clients::new(MAX_CLIENTS, CLIENT_TIMEOUT),
         })
     }
 
@@ -90,34 +81,20 @@ impl MetricsServer {
             if stream.set_nonblocking(true).is_err() {
                 continue;
             }
-            if self.clients.len() >= MAX_CLIENTS {
-                // Ids grow with time: the smallest is the oldest.
-                if let Some(&oldest) = self.clients.keys().min() {
-                    self.close(oldest);
-                    ids.retain(|&id| id != oldest);
-                }
+            let (id, evicted) = self.clients.insert(stream, now);
+            if let Some(oldest) = evicted {
+                ids.retain(|&id| id != oldest);
             }
-            let id = self.next_id;
-            self.next_id += 1;
-            self.clients.insert(
-                id,
-                Client {
-                    stream,
-                    request: Vec::new(),
-                    response: None,
-                    deadline: now + CLIENT_TIMEOUT,
-                },
-            );
             ids.push(id);
         }
         ids.into_iter()
-            .filter_map(|id| self.clients.get(&id).map(|c| (id, &c.stream)))
+            .filter_map(|id| self.clients.stream(id).map(|s| (id, s)))
             .collect()
     }
 
     /// The stream of connection `id`, to change how it is watched.
     pub fn stream(&self, id: u64) -> Option<&TcpStream> {
-        self.clients.get(&id).map(|c| &c.stream)
+        self.clients.stream(id)
     }
 
     /// Connection `id` is ready: reads its request, answers it with `body()` for
@@ -132,75 +109,41 @@ impl MetricsServer {
     }
 
     fn serve(&mut self, id: u64, body: impl FnOnce() -> String) -> Next {
-        let Some(client) = self.clients.get_mut(&id) else {
-            return Next::Closed;
-        };
-        if client.response.is_none() {
-            match read_request(client) {
-                Ok(None) => return Next::Read,
-                Ok(Some(answer)) => client.response = Some((answer.render(body), 0)),
-                Err(()) => return Next::Closed,
-            }
+        if !self.clients.answered(id) {
+            let answer = match self.clients.read(id, MAX_REQUEST, |request| {
+                find(request, b"\r\n\r\n").is_some()
+            }) {
+                Fill::Complete => {
+                    let request = self.clients.take_request(id);
+                    let end = find(&request, b"\r\n\r\n").unwrap_or(request.len());
+                    ResponseFor::of(&request[..end])
+                }
+                Fill::Full => ResponseFor::Status(431, "Request Header Fields Too Large"),
+                Fill::Pending => return Next::Read,
+                // The peer stopped sending before a whole request: nothing to answer.
+                Fill::Ended | Fill::Broken => return Next::Closed,
+            };
+            self.clients.set_answer(id, answer.render(body));
         }
-        let Some((response, written)) = &mut client.response else {
-            return Next::Closed;
-        };
-        while *written < response.len() {
-            match client.stream.write(&response[*written..]) {
-                Ok(0) => return Next::Closed,
-                Ok(n) => *written += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Next::Write,
-                Err(_) => return Next::Closed,
-            }
+        match self.clients.write(id) {
+            Flush::Blocked => Next::Write,
+            Flush::Done | Flush::Broken => Next::Closed,
         }
-        Next::Closed
     }
 
     /// Forgets connection `id`, closing it (never blocks: no SO_LINGER).
     pub fn close(&mut self, id: u64) {
-        if let Some(client) = self.clients.remove(&id) {
-            let _ = client.stream.shutdown(std::net::Shutdown::Both);
-        }
+        self.clients.close(id);
     }
 
     /// Connections past their deadline at `now`.
     pub fn overdue(&self, now: Instant) -> Vec<u64> {
-        self.clients
-            .iter()
-            .filter(|(_, c)| c.deadline <= now)
-            .map(|(id, _)| *id)
-            .collect()
+        self.clients.overdue(now)
     }
 
     /// The earliest deadline of a connection.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.clients.values().map(|c| c.deadline).min()
-    }
-}
-
-/// Reads what the connection sent; `Ok(Some)` once the request is complete (or too long, or
-/// the peer stopped sending), `Err` when there is nothing to answer.
-fn read_request(client: &mut Client) -> Result<Option<ResponseFor>, ()> {
-    let mut buf = [0u8; 2048];
-    loop {
-        if let Some(end) = find(&client.request, b"\r\n\r\n") {
-            return Ok(Some(ResponseFor::of(&client.request[..end])));
-        }
-        if client.request.len() >= MAX_REQUEST {
-            return Ok(Some(ResponseFor::Status(
-                431,
-                "Request Header Fields Too Large",
-            )));
-        }
-        let room = (MAX_REQUEST - client.request.len()).min(buf.len());
-        match client.stream.read(&mut buf[..room]) {
-            Ok(0) => return Err(()),
-            Ok(n) => client.request.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-            Err(_) => return Err(()),
-        }
+        self.clients.next_deadline()
     }
 }
 
@@ -256,6 +199,7 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
 
     fn server() -> MetricsServer {
         MetricsServer::bind("127.0.0.1:0".parse().unwrap()).unwrap()
@@ -330,11 +274,11 @@ mod tests {
             .collect();
         // Ids count the connections accepted.
         let deadline = Instant::now() + Duration::from_secs(5);
-        while s.next_id <= idle.len() as u64 && Instant::now() < deadline {
+        while !s.clients.contains(idle.len() as u64) && Instant::now() < deadline {
             s.accept(now);
         }
         assert_eq!(s.clients.len(), MAX_CLIENTS);
-        assert!(!s.clients.contains_key(&1), "the oldest is closed");
+        assert!(!s.clients.contains(1), "the oldest is closed");
         assert!(s.overdue(now).is_empty());
         assert_eq!(s.overdue(now + CLIENT_TIMEOUT).len(), MAX_CLIENTS);
         assert_eq!(s.next_deadline(), Some(now + CLIENT_TIMEOUT));

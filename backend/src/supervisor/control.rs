@@ -7,13 +7,14 @@
 //! at once (a new one past that closes the oldest); a client that has not sent its request and
 //! taken its answer within [`CLIENT_TIMEOUT`] is closed.
 
-use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+
+use crate::event_loop::clients::{Clients, Fill, Flush};
 
 /// Longest request read; an export spec is a few hundred bytes.
 pub const MAX_REQUEST: usize = 64 * 1024;
@@ -154,19 +155,14 @@ pub enum Next {
     Closed,
 }
 
-struct Client {
-    stream: UnixStream,
-    request: Vec<u8>,
-    /// The answer and how much of it was written.
-    answer: Option<(Vec<u8>, usize)>,
-    deadline: Instant,
-}
+/// The control connections open now: the shared client table (closing, deadlines), with the
+/// control protocol's reading and answering added here.
+pub type ControlClients = Clients<UnixStream>;
 
-/// The control connections open now.
-#[derive(Default)]
-pub struct ControlClients {
-    clients: HashMap<u64, Client>,
-    next_id: u64,
+impl Default for ControlClients {
+    fn default() -> ControlClients {
+        Clients::new(MAX_CLIENTS, CLIENT_TIMEOUT)
+    }
 }
 
 impl ControlClients {
@@ -174,28 +170,8 @@ impl ControlClients {
     pub fn accept(&mut self, listener: &UnixListener, now: Instant) -> Option<(u64, &UnixStream)> {
         let (stream, _) = listener.accept().ok()?;
         stream.set_nonblocking(true).ok()?;
-        if self.clients.len() >= MAX_CLIENTS {
-            // Ids grow with time: the smallest is the oldest.
-            if let Some(&oldest) = self.clients.keys().min() {
-                self.close(oldest);
-            }
-        }
-        self.next_id += 1;
-        let id = self.next_id;
-        self.clients.insert(
-            id,
-            Client {
-                stream,
-                request: Vec::new(),
-                answer: None,
-                deadline: now + CLIENT_TIMEOUT,
-            },
-        );
-        self.clients.get(&id).map(|c| (id, &c.stream))
-    }
-
-    pub fn stream(&self, id: u64) -> Option<&UnixStream> {
-        self.clients.get(&id).map(|c| &c.stream)
+        let (id, _) = self.insert(stream, now);
+        self.stream(id).map(|s| (id, s))
     }
 
     /// Client `id` is ready: reads its request until the client stops sending, or writes
@@ -209,64 +185,23 @@ impl ControlClients {
     }
 
     fn serve(&mut self, id: u64) -> Next {
-        let Some(client) = self.clients.get_mut(&id) else {
-            return Next::Closed;
-        };
-        if client.answer.is_none() {
-            let mut buf = [0u8; 4096];
-            loop {
-                if client.request.len() > MAX_REQUEST {
-                    return Next::Closed;
-                }
-                match client.stream.read(&mut buf) {
-                    Ok(0) => return Next::Answer(std::mem::take(&mut client.request)),
-                    Ok(n) => client.request.extend_from_slice(&buf[..n]),
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Next::Read,
-                    Err(_) => return Next::Closed,
-                }
-            }
+        if !self.answered(id) {
+            // The request ends where the client stops sending; past the bound it is refused.
+            return match self.read(id, MAX_REQUEST + 1, |_| false) {
+                Fill::Ended => Next::Answer(self.take_request(id)),
+                Fill::Pending => Next::Read,
+                Fill::Complete | Fill::Full | Fill::Broken => Next::Closed,
+            };
         }
-        let Some((answer, written)) = &mut client.answer else {
-            return Next::Closed;
-        };
-        while *written < answer.len() {
-            match client.stream.write(&answer[*written..]) {
-                Ok(0) => return Next::Closed,
-                Ok(n) => *written += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Next::Write,
-                Err(_) => return Next::Closed,
-            }
+        match self.write(id) {
+            Flush::Blocked => Next::Write,
+            Flush::Done | Flush::Broken => Next::Closed,
         }
-        Next::Closed
     }
 
     /// Gives client `id` its answer and writes what fits.
     pub fn answer(&mut self, id: u64, answer: Vec<u8>) -> Next {
-        if let Some(client) = self.clients.get_mut(&id) {
-            client.answer = Some((answer, 0));
-        }
+        self.set_answer(id, answer);
         self.on_ready(id)
-    }
-
-    /// Forgets client `id`, closing it.
-    pub fn close(&mut self, id: u64) {
-        if let Some(client) = self.clients.remove(&id) {
-            let _ = client.stream.shutdown(std::net::Shutdown::Both);
-        }
-    }
-
-    /// Clients past their deadline at `now`.
-    pub fn overdue(&self, now: Instant) -> Vec<u64> {
-        self.clients
-            .iter()
-            .filter(|(_, c)| c.deadline <= now)
-            .map(|(id, _)| *id)
-            .collect()
-    }
-
-    pub fn next_deadline(&self) -> Option<Instant> {
-        self.clients.values().map(|c| c.deadline).min()
     }
 }

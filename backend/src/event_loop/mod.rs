@@ -8,6 +8,8 @@
 //! timeout; a signal that interrupts the wait is a wake-up with nothing ready, so the loop
 //! looks at its state (and its deadlines) again.
 
+pub mod clients;
+
 use std::io;
 use std::marker::PhantomData;
 use std::os::fd::AsRawFd;
