@@ -77,7 +77,10 @@ pub fn serve_connection<D: VirtioDevice>(
             Err(e) => vmm_line!(warn, "request refused: {e}"),
         }
     };
-    session.lock().unwrap_or_else(|e| e.into_inner()).stop_all();
+    session
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .disconnected();
     end
 }
 

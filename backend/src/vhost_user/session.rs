@@ -150,6 +150,20 @@ impl<D: VirtioDevice> Session<D> {
         &self.memory
     }
 
+    /// The connection ended. With an inflight region the frontend keeps, the rings are
+    /// abandoned: what is in flight finishes its I/O but is not returned to the rings, so that
+    /// the next backend, which resubmits what the region shows in flight, never meets a head
+    /// this one completes late (a clean stop for an upgrade hands over the same way a crash
+    /// does). Without one, the rings stop as on RESET_OWNER.
+    pub fn disconnected(&mut self) {
+        if self.inflight.is_some() {
+            for vring in &self.vrings {
+                vring.begin_abandon();
+            }
+        }
+        self.stop_all();
+    }
+
     /// Stops every ring (each completes its in-flight requests first) and drops the memory
     /// table. Used on disconnect and on RESET_OWNER.
     pub fn stop_all(&mut self) {

@@ -44,6 +44,10 @@ impl CallFd {
 pub struct QueueControl {
     wake: EventFd,
     stop: AtomicBool,
+    /// The frontend went away and keeps an inflight region: requests still in flight finish
+    /// their I/O but are not returned to the ring, which the next backend rebuilds from the
+    /// region (a late used entry would complete a head the next backend runs again).
+    abandon: AtomicBool,
     enabled: AtomicBool,
     /// Regions whose in-flight requests the thread must cancel.
     cancel: Mutex<Vec<Arc<RegionPin>>>,
@@ -57,6 +61,7 @@ impl QueueControl {
         Ok(QueueControl {
             wake: EventFd::new(EFD_NONBLOCK)?,
             stop: AtomicBool::new(false),
+            abandon: AtomicBool::new(false),
             enabled: AtomicBool::new(enabled),
             cancel: Mutex::new(Vec::new()),
             used_log: AtomicU64::new(NO_LOG),
@@ -98,6 +103,11 @@ impl QueueControl {
             .unwrap_or_else(|e| e.into_inner())
             .extend(pins.iter().cloned());
         let _ = self.wake.write(1);
+    }
+
+    /// Whether the ring was abandoned (see the field): its thread returns nothing more to it.
+    pub fn abandoned(&self) -> bool {
+        self.abandon.load(Ordering::Acquire)
     }
 
     fn request_stop(&self) {
@@ -236,6 +246,15 @@ impl Vring {
     pub fn cancel(&self, pins: &[Arc<RegionPin>]) {
         if let Some(started) = &self.started {
             started.control.request_cancel(pins);
+        }
+    }
+
+    /// Asks the queue thread to stop without returning anything more to the ring (the
+    /// frontend is gone; its inflight region says what runs again); [`Vring::stop`] waits.
+    pub fn begin_abandon(&self) {
+        if let Some(started) = &self.started {
+            started.control.abandon.store(true, Ordering::Release);
+            started.control.request_stop();
         }
     }
 

@@ -593,6 +593,11 @@ impl<E: Engine> QueueServer<E> {
     fn release(&mut self, index: usize, used_len: u32, buffers: GuestBuffers, data: bool) {
         let head = self.slots[index].head;
         self.done += 1;
+        if self.q.inflight.is_some() && self.q.control.abandoned() {
+            // The frontend is gone: the next backend runs this head again from the region.
+            self.forget(index, buffers);
+            return;
+        }
         if let Some(tracker) = &mut self.q.inflight {
             tracker.completing(head);
         }
@@ -616,6 +621,11 @@ impl<E: Engine> QueueServer<E> {
         }
         // Status and used entry are written: now the regions may retire and the generation
         // unmap.
+        self.forget(index, buffers);
+    }
+
+    /// Frees slot `index` and unpins its buffers (the I/O is over).
+    fn forget(&mut self, index: usize, buffers: GuestBuffers) {
         let slot = &mut self.slots[index];
         slot.request = None;
         slot.spare = Some(buffers.release());
