@@ -35,13 +35,12 @@ const STAGE: &str = "@@STAGE@@";
 const HOLD_OFFSET: u64 = 48 * MIB;
 
 /// fio's region, and its pace: slow enough under TCG that the worker dies mid-job.
-fn verify_job(size_mib: u64, iops: u32) -> String {
+fn verify_job(size_mib: u64, iops: u32) -> WriteVerify {
     WriteVerify {
         rate_iops: Some(iops),
         backlog: 256,
         ..WriteVerify::new("restart-verify", size_mib * MIB)
     }
-    .file()
 }
 
 /// A step that tells the host it starts, then runs fio (its JSON report is the step's stdout).
@@ -161,7 +160,7 @@ fn held_request(dir: &Path, qemu: Qemu) -> Result<()> {
         // used index passes the held request's avail slot.
         let later = (HOLD_OFFSET - 8 * MIB) / 4096;
         let mut job = Job::new();
-        job.file("verify.fio", verify_job(16, 1500))
+        job.file("verify.fio", verify_job(16, 1500).file())
             // The held write: a block of random data, its exit code kept for the last step.
             .sh(
                 "hold",
@@ -252,7 +251,7 @@ fn worker_and_daemon_kills_under_fio() {
             .reconnect(500)
             .timeout(Duration::from_secs(300));
         let mut job = Job::new();
-        job.file("verify.fio", verify_job(24, 800))
+        job.file("verify.fio", verify_job(24, 800).file())
             .sh("probe", PROBE)
             .sh("fio", &fio_step("fio"))
             .sh("gaps", GAPS);
@@ -281,17 +280,7 @@ fn worker_and_daemon_kills_under_fio() {
         let boot = boot
             .join()
             .map_err(|_| anyhow::anyhow!("the boot thread panicked"))??;
-        let report = boot.fio("fio")?;
-        ensure!(
-            report.total(|j| j.write.io_bytes) == 24 * MIB,
-            "fio wrote {} bytes",
-            report.total(|j| j.write.io_bytes)
-        );
-        ensure!(
-            report.total(|j| j.read.io_bytes) >= 24 * MIB,
-            "fio verified {} bytes",
-            report.total(|j| j.read.io_bytes)
-        );
+        verify_job(24, 800).check_written(&boot.fio("fio")?)?;
         let gaps = boot.ok("gaps")?;
         for (what, took) in &restarts {
             eprintln!(
@@ -329,7 +318,7 @@ fn upgrade_on_a_held_listening_socket() {
             .reconnect(500)
             .timeout(Duration::from_secs(300));
         let mut job = Job::new();
-        job.file("verify.fio", verify_job(24, 800))
+        job.file("verify.fio", verify_job(24, 800).file())
             .sh("probe", PROBE)
             .sh("fio", &fio_step("fio"))
             .sh("gaps", GAPS);
@@ -352,17 +341,7 @@ fn upgrade_on_a_held_listening_socket() {
         let boot = boot
             .join()
             .map_err(|_| anyhow::anyhow!("the boot thread panicked"))??;
-        let report = boot.fio("fio")?;
-        ensure!(
-            report.total(|j| j.write.io_bytes) == 24 * MIB,
-            "fio wrote {} bytes",
-            report.total(|j| j.write.io_bytes)
-        );
-        ensure!(
-            report.total(|j| j.read.io_bytes) >= 24 * MIB,
-            "fio verified {} bytes",
-            report.total(|j| j.read.io_bytes)
-        );
+        verify_job(24, 800).check_written(&boot.fio("fio")?)?;
         let gaps = boot.ok("gaps")?;
         for took in &upgrades {
             eprintln!(
