@@ -2,8 +2,14 @@
 # A throwaway single-node Ceph cluster for tests and benchmarks: one monitor, one manager and one
 # OSD on 127.0.0.1, cephx on, no systemd, everything under DIR.
 #
-#   scripts/ceph-dev.sh start DIR   start it; prints nothing else than progress on stderr
-#   scripts/ceph-dev.sh stop DIR    kill its daemons (SIGKILL) and remove DIR's contents
+#   scripts/ceph-dev.sh start DIR    start it; prints nothing else than progress on stderr
+#   scripts/ceph-dev.sh stop DIR     kill its daemons (SIGKILL) and remove DIR's contents
+#   scripts/ceph-dev.sh halt DIR     stop its daemons cleanly (SIGTERM, OSD first) and wait for
+#                                    them to exit; the OSD writes its store to disk, so nothing
+#                                    is lost
+#   scripts/ceph-dev.sh resume DIR   start a halted cluster's daemons again and wait until its
+#                                    placement groups are active
+#   scripts/ceph-dev.sh restart DIR  halt, then resume (a whole cluster going down and back)
 #
 # After `start`, DIR/ceph.conf and DIR/keyring (client.admin's key, readable by the user who
 # ran the script only) are what a client needs, and the pool `rbd` exists (rbd pool init):
@@ -13,13 +19,14 @@
 #
 # The OSD keeps its data in memory (memstore), with 4 KiB pages so random small writes do not
 # grow it by whole objects; the pool has one replica. Nothing of it is meant to survive: `stop`
-# uses SIGKILL (on SIGTERM memstore writes its whole store to disk first). Needs the Debian
+# uses SIGKILL (on SIGTERM memstore writes its whole store to disk first, which is what `halt`
+# relies on). Needs the Debian
 # packages ceph-mon, ceph-mgr, ceph-osd and ceph-common (scripts/prereqs.sh installs them for
 # `vublk_prereqs rbd`). Coming up takes about 12 s.
 set -euo pipefail
 
 usage() {
-    echo "usage: $0 start|stop DIR" >&2
+    echo "usage: $0 start|stop|halt|resume|restart DIR" >&2
     exit 2
 }
 (($# == 2)) || usage
@@ -37,6 +44,86 @@ stop() {
             kill -KILL "$pid" 2>/dev/null || true
         fi
     done
+}
+
+# The pid in DIR/run/NAME.pid if a ceph daemon still runs with it (pids may be reused).
+running_pid() {
+    local pid
+    pid=$(cat "$dir/run/$1.pid" 2>/dev/null || true)
+    if [[ -n $pid ]] && grep -qs '^ceph-' "/proc/$pid/comm"; then
+        echo "$pid"
+    fi
+}
+
+# Stops the daemons cleanly, the OSD first (it tells the monitor it is going, and memstore
+# writes its store to DIR/osd), then the manager and the monitor; waits for each to exit.
+halt() {
+    local name pid
+    for name in osd.0 mgr.x mon.a; do
+        pid=$(running_pid "$name")
+        [[ -n $pid ]] || continue
+        kill -TERM "$pid" 2>/dev/null || true
+        for _ in $(seq 1200); do
+            [[ -e /proc/$pid ]] || break
+            sleep 0.05
+        done
+        if [[ -e /proc/$pid ]]; then
+            echo "ceph-dev: $name (pid $pid) did not exit within 60 s of SIGTERM" >&2
+            return 1
+        fi
+    done
+    echo "ceph-dev: halted" >&2
+}
+
+# Starts the monitor and the manager of DIR's configuration (the OSD needs the monitor's
+# answer to be created, so `start` and `resume` start it themselves).
+start_mon_mgr() {
+    ceph-mon -c "$dir/ceph.conf" -i a
+    ceph-mgr -c "$dir/ceph.conf" -i x
+}
+
+# Waits for HEALTH_OK and every placement group active+clean: HEALTH_OK comes first. With
+# `pgs`, only for the placement groups: after a restart they serve I/O long before the health
+# warnings of the restart (the OSD's slow requests) clear.
+wait_healthy() {
+    local ceph=(ceph -c "$dir/ceph.conf" --connect-timeout 30)
+    local health pgs
+    if [[ ${1:-} == pgs ]]; then
+        echo "ceph-dev: waiting for active+clean placement groups" >&2
+    else
+        echo "ceph-dev: waiting for HEALTH_OK and active+clean placement groups" >&2
+    fi
+    for _ in $(seq 240); do
+        health=$("${ceph[@]}" health 2>/dev/null || true)
+        # The OSD marked itself down when halted: wait for it to be up before trusting `pg stat`.
+        if [[ ${1:-} == pgs ]]; then
+            [[ $("${ceph[@]}" osd stat 2>/dev/null || true) == *"1 up"* ]] || health=down
+            [[ $health == down ]] || health="HEALTH_OK (not waited for: $health)"
+        fi
+        # "9 pgs: 9 active+clean; ..."
+        pgs=$("${ceph[@]}" pg stat 2>/dev/null || true)
+        if [[ $health == HEALTH_OK* ]] &&
+            [[ $pgs =~ ^([0-9]+)\ pgs:\ ([0-9]+)\ active\+clean\; ]] &&
+            [[ ${BASH_REMATCH[1]} == "${BASH_REMATCH[2]}" ]]; then
+            echo "ceph-dev: up ($pgs; ${health#HEALTH_OK })" >&2
+            return 0
+        fi
+        sleep 0.5
+    done
+    echo "ceph-dev: the cluster did not become healthy: $health; $pgs (logs in $dir/log)" >&2
+    return 1
+}
+
+# Starts a halted cluster's daemons on the data they left in DIR.
+resume() {
+    if [[ -n $(running_pid mon.a) || -n $(running_pid osd.0) ]]; then
+        echo "ceph-dev: the cluster in $dir is running: halt it first" >&2
+        return 1
+    fi
+    echo "ceph-dev: resuming" >&2
+    start_mon_mgr
+    ceph-osd -c "$dir/ceph.conf" -i 0 2>>"$dir/log/start.log"
+    wait_healthy pgs
 }
 
 # A TCP port on 127.0.0.1 nobody listens on, for the monitor.
@@ -115,6 +202,9 @@ log file = $dir/log/\$name.log
 [osd]
 pid file = $dir/run/\$name.pid
 log file = $dir/log/\$name.log
+# On SIGTERM, unmount the store (memstore writes itself to DIR/osd) instead of exiting at once:
+# \`halt\` and \`resume\` keep the data.
+osd fast shutdown = false
 EOF
 
     local keyring=$dir/keyring
@@ -133,11 +223,10 @@ EOF
     echo "ceph-dev: monitor on 127.0.0.1:$port" >&2
     monmaptool --create --addv a "[v2:127.0.0.1:$port]" --fsid "$fsid" "$dir/monmap" >/dev/null
     ceph-mon -c "$conf" --mkfs -i a --monmap "$dir/monmap" --keyring "$keyring" &>>"$dir/log/mkfs.log"
-    ceph-mon -c "$conf" -i a
+    echo "ceph-dev: monitor, manager and OSD" >&2
+    start_mon_mgr
 
     local ceph=(ceph -c "$conf" --connect-timeout 30)
-    echo "ceph-dev: manager and OSD" >&2
-    ceph-mgr -c "$conf" -i x
     local uuid
     uuid=$(cat /proc/sys/kernel/random/uuid)
     "${ceph[@]}" osd new "$uuid" 0 >/dev/null
@@ -148,23 +237,7 @@ EOF
     "${ceph[@]}" osd pool create rbd 8 8 >/dev/null 2>&1
     rbd -c "$conf" pool init rbd
 
-    # HEALTH_OK comes before the placement groups are active: wait for both.
-    echo "ceph-dev: waiting for HEALTH_OK and active+clean placement groups" >&2
-    local health pgs
-    for _ in $(seq 240); do
-        health=$("${ceph[@]}" health 2>/dev/null || true)
-        # "9 pgs: 9 active+clean; ..."
-        pgs=$("${ceph[@]}" pg stat 2>/dev/null || true)
-        if [[ $health == HEALTH_OK* ]] &&
-            [[ $pgs =~ ^([0-9]+)\ pgs:\ ([0-9]+)\ active\+clean\; ]] &&
-            [[ ${BASH_REMATCH[1]} == "${BASH_REMATCH[2]}" ]]; then
-            echo "ceph-dev: up ($pgs)" >&2
-            return 0
-        fi
-        sleep 0.5
-    done
-    echo "ceph-dev: the cluster did not become healthy: $health; $pgs (logs in $dir/log)" >&2
-    return 1
+    wait_healthy
 }
 
 case "$cmd" in
@@ -173,6 +246,15 @@ stop)
     [[ -d $dir ]] || exit 0
     stop
     rm -rf "${dir:?}"/{mon,mgr,osd,run,log,ceph.conf,keyring,monmap}
+    ;;
+halt | resume)
+    dir=$(cd "$dir" && pwd)
+    "$cmd"
+    ;;
+restart)
+    dir=$(cd "$dir" && pwd)
+    halt
+    resume
     ;;
 *) usage ;;
 esac

@@ -9,7 +9,9 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -21,7 +23,7 @@ fn cluster() -> Option<&'static Cluster> {
     ceph::cluster(&PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("ceph-blkio-rbd"))
 }
 
-/// Tests that stop the OSD hold this for writing, the others for reading: they share one
+/// Tests that stop the OSD (or the whole cluster) hold this for writing, the others for reading: they share one
 /// cluster and run in parallel.
 static OSD: RwLock<()> = RwLock::new(());
 
@@ -416,4 +418,250 @@ fn a_reconnected_frontend_reads_what_it_wrote() {
         assert_eq!(q.write_at(round * MIB, &data), 0, "write");
         assert_eq!(q.flush(), 0, "flush");
     }
+}
+
+/// How long a request of [`closed_loop`] may wait: longer than the cluster takes to restart.
+const RESTART_WAIT: Duration = Duration::from_secs(120);
+
+/// Rounds of writes and read-backs on `q` until `stop`, over `model` (the device's bytes from
+/// `start`): each round writes 8 requests of 4 to 64 KiB, one in each eighth of the model, with
+/// the round's pattern, then reads them back in one batch and compares. Every request must
+/// succeed. Counts rounds in `rounds`; returns the instant each round ended.
+fn closed_loop(
+    q: &mut Queue,
+    start: u64,
+    model: &mut [u8],
+    seed: u64,
+    stop: &AtomicBool,
+    rounds: &AtomicU64,
+) -> Vec<Instant> {
+    const PER_ROUND: usize = 8;
+    const MAX_LEN: usize = 64 * KIB as usize;
+    let stripe = model.len() / PER_ROUND;
+    let mut rng = Rng::new(seed);
+    let mut ends = Vec::new();
+    for round in 0u64.. {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let mut writes = Vec::new();
+        let mut reads = Vec::new();
+        let mut placed = Vec::new();
+        for i in 0..PER_ROUND {
+            let len = (1 + rng.below(16) as usize) * 4096;
+            let at = i * stripe + rng.below(((stripe - len) / 4096) as u64) as usize * 4096;
+            let data = pattern(seed * 1_000_000 + round, start + at as u64, len);
+            let buf_off = i * MAX_LEN;
+            q.buf()[buf_off..buf_off + len].copy_from_slice(&data);
+            model[at..at + len].copy_from_slice(&data);
+            writes.push(Req::write(start + at as u64, buf_off, len));
+            let read_off = (PER_ROUND + i) * MAX_LEN;
+            reads.push(Req::read(start + at as u64, read_off, len));
+            placed.push((at, read_off, len));
+        }
+        let results = q.run_within(&writes, RESTART_WAIT);
+        assert!(
+            results.iter().all(|&r| r == 0),
+            "queue {} round {round}: writes failed: {results:?}",
+            q.index
+        );
+        let results = q.run_within(&reads, RESTART_WAIT);
+        assert!(
+            results.iter().all(|&r| r == 0),
+            "queue {} round {round}: reads failed: {results:?}",
+            q.index
+        );
+        for (at, read_off, len) in placed {
+            let got = q.buf()[read_off..read_off + len].to_vec();
+            assert_same(
+                &got,
+                &model[at..at + len],
+                &format!(
+                    "queue {} round {round}: read back at {}",
+                    q.index,
+                    start + at as u64
+                ),
+            );
+        }
+        ends.push(Instant::now());
+        rounds.fetch_add(1, Ordering::Relaxed);
+    }
+    ends
+}
+
+/// Waits until `counter` reaches `n`, panicking with `what` after `timeout`, or at once when a
+/// load has ended (it failed: a load runs until told to stop).
+fn wait_for_count(
+    counter: &AtomicU64,
+    n: u64,
+    timeout: Duration,
+    what: &str,
+    loads: &[&std::thread::ScopedJoinHandle<'_, Vec<Instant>>],
+) {
+    let deadline = Instant::now() + timeout;
+    while counter.load(Ordering::Relaxed) < n {
+        assert!(Instant::now() < deadline, "{what} within {timeout:?}");
+        assert!(
+            !loads.iter().any(|l| l.is_finished()),
+            "a load failed while waiting: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Sets its flag when dropped: a load told to stop, also when the test fails before it does.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The whole cluster (OSD, manager and monitor) stops cleanly and starts again on its data
+/// while a closed loop of writes and read-backs runs on two queues: the requests in flight, and
+/// those submitted while it is down, wait, and complete successfully once it is back (within
+/// --ceph-timeout); every read matches what was written; a file export of the same daemon is
+/// served while the cluster is down; and the image, read by librbd, holds every write.
+#[test]
+fn requests_wait_for_a_restarted_cluster_and_complete_when_it_is_back() {
+    let (cluster, _osd) = cluster_or_skip!(stop);
+    let dir = test_dir();
+    const QUEUES: usize = 2;
+    let size = 16 * MIB;
+    let region = size / QUEUES as u64;
+    let image = cluster.create_image("restart", size);
+    let file = dir.path().join("beside.img");
+    std::fs::File::create(&file)
+        .unwrap()
+        .set_len(4 * MIB)
+        .unwrap();
+    let file_socket = dir.path().join("file.sock");
+    let export = format!(
+        "socket-path={},blk-file={}",
+        file_socket.display(),
+        file.display()
+    );
+    let daemon = serve(
+        cluster,
+        dir.path(),
+        &image,
+        &[
+            "--num-queues",
+            "2",
+            "--ceph-timeout",
+            "110",
+            "--export",
+            &export,
+        ],
+    );
+    let mut rbd = Client::connect(daemon.socket(), QUEUES as i32);
+    let mut beside = Client::connect(&file_socket, 1);
+
+    let stop = AtomicBool::new(false);
+    let (rbd_rounds, file_rounds) = (AtomicU64::new(0), AtomicU64::new(0));
+    let mut models = vec![vec![0u8; region as usize]; QUEUES];
+    let mut file_model = vec![0u8; 4 * MIB as usize];
+    // When the halt began, when every daemon had exited, when they were started again, and
+    // when the cluster was healthy.
+    let (times, rbd_ends) = std::thread::scope(|s| {
+        let _stop = StopOnDrop(&stop);
+        let loads: Vec<_> = rbd
+            .queues
+            .iter_mut()
+            .zip(models.iter_mut())
+            .map(|(q, model)| {
+                let (stop, rounds) = (&stop, &rbd_rounds);
+                s.spawn(move || {
+                    let start = q.index as u64 * region;
+                    closed_loop(q, start, model, q.index as u64 + 1, stop, rounds)
+                })
+            })
+            .collect();
+        let file_load =
+            s.spawn(|| closed_loop(beside.q(0), 0, &mut file_model, 9, &stop, &file_rounds));
+        let all: Vec<_> = loads.iter().chain([&file_load]).collect();
+
+        wait_for_count(
+            &rbd_rounds,
+            20,
+            Duration::from_secs(30),
+            "the rbd load did not start",
+            &all,
+        );
+        let halt_at = Instant::now();
+        let halted = cluster.halt();
+        let down_at = Instant::now();
+        let rbd_down = rbd_rounds.load(Ordering::Relaxed);
+        let file_down = file_rounds.load(Ordering::Relaxed);
+        wait_for_count(
+            &file_rounds,
+            file_down + 20,
+            Duration::from_secs(20),
+            "the file export was not served while the cluster was down",
+            &all,
+        );
+        // An outage of a few seconds, all daemons gone.
+        std::thread::sleep(Duration::from_secs(3));
+        assert_eq!(
+            rbd_rounds.load(Ordering::Relaxed),
+            rbd_down,
+            "a round of the rbd load ended while the cluster was down: the test did not stop it"
+        );
+        let resume_at = Instant::now();
+        halted.resume();
+        let up_at = Instant::now();
+        wait_for_count(
+            &rbd_rounds,
+            rbd_down + 20,
+            Duration::from_secs(60),
+            "the rbd load did not go on once the cluster was back",
+            &all,
+        );
+        stop.store(true, Ordering::Relaxed);
+        drop(all);
+        let ends: Vec<Vec<Instant>> = loads.into_iter().map(|l| l.join().unwrap()).collect();
+        file_load.join().unwrap();
+        ([halt_at, down_at, resume_at, up_at], ends)
+    });
+
+    // How long the load stalled (the longest wait between two rounds of a queue) against how
+    // long the cluster was away, for the record.
+    let [halt_at, down_at, resume_at, up_at] = times;
+    let stalled = rbd_ends
+        .iter()
+        .flat_map(|ends| ends.windows(2).map(|w| (w[0], w[1])))
+        .max_by_key(|(before, after)| *after - *before)
+        .unwrap();
+    let secs = |from: Instant, to: Instant| to.duration_since(from).as_secs_f64();
+    eprintln!(
+        "restart: halt {:.2} s, all daemons down {:.2} s, resume to active {:.2} s; I/O \
+         stalled {:.2} s, from {:.2} s before the halt began to {:.2} s after the daemons were \
+         started again",
+        secs(halt_at, down_at),
+        secs(down_at, resume_at),
+        secs(resume_at, up_at),
+        secs(stalled.0, stalled.1),
+        secs(stalled.0, halt_at),
+        secs(resume_at, stalled.1),
+    );
+
+    let model = models.concat();
+    assert_same(
+        &rbd.q(0).read_range(0, size),
+        &model,
+        "the image read back through vublk",
+    );
+    drop(rbd);
+    drop(beside);
+    assert_same(
+        &cluster.export("restart", dir.path()),
+        &model,
+        "the image, read by librbd",
+    );
+    assert_same(
+        &std::fs::read(&file).unwrap(),
+        &file_model,
+        "the file export",
+    );
 }

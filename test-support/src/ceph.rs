@@ -82,6 +82,32 @@ impl Cluster {
         assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "kill the OSD");
     }
 
+    /// Stops the whole cluster cleanly (`scripts/ceph-dev.sh halt`: the OSD, which writes its
+    /// store to disk, then the manager and the monitor) and waits until its daemons have exited.
+    /// It starts again, on the same data, with [`Halted::resume`], or when the guard is dropped
+    /// (also when a test fails, so the tests after it find a cluster).
+    pub fn halt(&self) -> Halted<'_> {
+        self.script("halt");
+        Halted {
+            cluster: self,
+            resumed: false,
+        }
+    }
+
+    /// Runs scripts/ceph-dev.sh `command` on this cluster, panicking if it fails.
+    fn script(&self, command: &str) {
+        let status = Command::new(script())
+            .arg(command)
+            .arg(&self.dir)
+            .status()
+            .expect("run scripts/ceph-dev.sh");
+        assert!(
+            status.success(),
+            "scripts/ceph-dev.sh {command} {} failed",
+            self.dir.display()
+        );
+    }
+
     /// Stops the OSD until the guard is dropped (also when a test fails, so the tests after it
     /// find a cluster that answers).
     pub fn stop_osd(&self) -> impl Drop + '_ {
@@ -119,6 +145,29 @@ impl Cluster {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         panic!("the OSD did not stop within 10 s of SIGSTOP");
+    }
+}
+
+/// A cluster stopped by [`Cluster::halt`].
+pub struct Halted<'a> {
+    cluster: &'a Cluster,
+    resumed: bool,
+}
+
+impl Halted<'_> {
+    /// Starts the cluster's daemons again and waits until it is healthy.
+    pub fn resume(mut self) {
+        self.resumed = true;
+        self.cluster.script("resume");
+    }
+}
+
+impl Drop for Halted<'_> {
+    fn drop(&mut self) {
+        if !self.resumed {
+            self.resumed = true;
+            self.cluster.script("resume");
+        }
     }
 }
 

@@ -395,6 +395,12 @@ impl Queue {
     /// Submits every request of `reqs` before waiting, then waits for all completions. Returns
     /// each request's result (0 or a negative errno), in the order of `reqs`.
     pub fn run(&mut self, reqs: &[Req]) -> Vec<i32> {
+        self.run_within(reqs, IO_TIMEOUT)
+    }
+
+    /// [`Queue::run`], waiting up to `timeout` instead of [`IO_TIMEOUT`] (for requests that
+    /// wait on purpose, e.g. for a cluster being restarted).
+    pub fn run_within(&mut self, reqs: &[Req], timeout: Duration) -> Vec<i32> {
         if reqs.is_empty() {
             return Vec::new();
         }
@@ -454,15 +460,15 @@ impl Queue {
                 }
             }
         }
-        self.wait_all(reqs.len())
+        self.wait_all(reqs.len(), timeout)
     }
 
-    fn wait_all(&mut self, n: usize) -> Vec<i32> {
+    fn wait_all(&mut self, n: usize, timeout: Duration) -> Vec<i32> {
         let mut results: Vec<Option<i32>> = vec![None; n];
         let mut done = 0;
         let mut completions: Vec<MaybeUninit<Completion>> =
             (0..n.min(1024)).map(|_| MaybeUninit::uninit()).collect();
-        let deadline = Instant::now() + IO_TIMEOUT;
+        let deadline = Instant::now() + timeout;
         while done < n {
             let mut timeout = deadline.saturating_duration_since(Instant::now());
             let got = self
