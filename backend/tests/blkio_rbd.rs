@@ -249,7 +249,9 @@ fn a_missing_image_is_refused_with_a_clear_error() {
     drop(result);
     let mut daemon = daemon;
     daemon
-        .try_wait_for_log("cannot open rbd:rbd/no-such-image: No such file or directory")
+        .try_wait_for_log(
+            "cannot open rbd:rbd/no-such-image as client.admin: No such file or directory",
+        )
         .unwrap_or_else(|e| panic!("the log does not say which image: {e}"));
 }
 

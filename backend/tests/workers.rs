@@ -1638,6 +1638,24 @@ fn one_worker_serves_all_disks_of_a_vm() {
     daemon.stop();
 }
 
+/// Writes `path`, readable by everyone: the configuration of `cluster` with `keyring` as its
+/// keyring; librados' run directory of the cluster (root's) left out.
+fn conf_with_keyring(cluster: &vublk_test_support::ceph::Cluster, keyring: &Path, path: &Path) {
+    let conf: String = std::fs::read_to_string(cluster.conf())
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("keyring") && !l.starts_with("run dir"))
+        .map(|l| format!("{l}\n"))
+        .collect::<String>()
+        .replacen(
+            "[global]\n",
+            &format!("[global]\nkeyring = {}\n", keyring.display()),
+            1,
+        );
+    std::fs::write(path, conf).unwrap();
+    set_mode(path, 0o644);
+}
+
 /// An RBD export: the worker connects to the cluster as the VMM's user, with the keyring the
 /// configuration names. nobody's VM is refused, naming the keyring, when only root may read
 /// it; with a configuration naming a keyring nobody may read, nobody's VM is served (its worker
@@ -1663,20 +1681,8 @@ fn an_rbd_worker_connects_with_the_vmm_users_keyring() {
     std::fs::copy(cluster.dir.join("keyring"), &keyring).unwrap();
     std::os::unix::fs::chown(&keyring, Some(NOBODY), Some(NOBODY)).unwrap();
     set_mode(&keyring, 0o400);
-    let conf: String = std::fs::read_to_string(cluster.conf())
-        .unwrap()
-        .lines()
-        .filter(|l| !l.starts_with("keyring") && !l.starts_with("run dir"))
-        .map(|l| format!("{l}\n"))
-        .collect::<String>()
-        .replacen(
-            "[global]\n",
-            &format!("[global]\nkeyring = {}\n", keyring.display()),
-            1,
-        );
     let nobody_conf = dir.path().join("nobody.conf");
-    std::fs::write(&nobody_conf, conf).unwrap();
-    set_mode(&nobody_conf, 0o644);
+    conf_with_keyring(cluster, &keyring, &nobody_conf);
 
     let root_conf = cluster.conf();
     let served_socket = dir.path().join("served.sock");
@@ -1878,4 +1884,112 @@ fn only_an_rbd_worker_keeps_the_host_network() {
         &pattern(43, 0, REGION_LEN),
         "the rbd image",
     );
+}
+
+/// A tenant's own Ceph id with restricted caps, as docs/deploy.md tells: client.tenant-a has
+/// `profile rbd` on the pool `tenant-a` only, and its keyring only nobody (the tenant's VMM
+/// user) may read. nobody's VM on an export of `rbd:tenant-a/disk` with `ceph-id=tenant-a` is
+/// served by a worker that is nobody, and its data reaches the image. An export of an image in
+/// the pool `tenant-b` with the same id is refused at connect, the log saying which image and
+/// why, and the daemon goes on serving the tenant's own export.
+#[test]
+fn a_tenant_id_with_restricted_caps_serves_its_own_pool_only() {
+    if !can_run() {
+        return;
+    }
+    use vublk_test_support::ceph;
+    let Some(cluster) =
+        ceph::cluster(&PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("ceph-workers"))
+    else {
+        eprintln!("skipping: {}", ceph::NOT_INSTALLED);
+        return;
+    };
+    let dir = shared_dir();
+    cluster.create_pool("tenant-a");
+    cluster.create_pool("tenant-b");
+    let own = cluster.create_image_in("tenant-a", "disk", 8 * MIB);
+    let other = cluster.create_image_in("tenant-b", "disk", 8 * MIB);
+
+    let keyring = dir.path().join("tenant-a.keyring");
+    cluster.create_client(
+        "tenant-a",
+        &["mon", "profile rbd", "osd", "profile rbd pool=tenant-a"],
+        &keyring,
+    );
+    std::os::unix::fs::chown(&keyring, Some(NOBODY), Some(NOBODY)).unwrap();
+    set_mode(&keyring, 0o400);
+    let conf = dir.path().join("tenant-a.conf");
+    conf_with_keyring(cluster, &keyring, &conf);
+
+    let other_socket = dir.path().join("other.sock");
+    let export = format!(
+        "socket-path={},blk-file={other},ceph-conf={},ceph-id=tenant-a",
+        other_socket.display(),
+        conf.display()
+    );
+    let mut daemon = Daemon::start(
+        vublk_bin(),
+        dir.path(),
+        &[
+            "--blk-file",
+            &own,
+            "--ceph-conf",
+            conf.to_str().unwrap(),
+            "--ceph-id",
+            "tenant-a",
+            "--ceph-timeout",
+            "10",
+            "--allow-uids",
+            &NOBODY.to_string(),
+            "--export",
+            &export,
+        ],
+    );
+    daemon.wait_for(&other_socket);
+    open_socket(daemon.socket());
+    open_socket(&other_socket);
+
+    // The tenant's own pool: served by a worker that is nobody, connected as client.tenant-a.
+    let mut job = Job::new(&[daemon.socket()], NOBODY, NOBODY, &[NOBODY]);
+    job.seed = 47;
+    let mut served = vmm(dir.path(), "tenant-own", job, &daemon);
+    let worker = daemon.serving_pid();
+    assert_eq!(
+        status(worker)["Uid"],
+        "65534\t65534\t65534\t65534",
+        "the tenant's worker is not nobody"
+    );
+
+    // Another pool with the same id: refused at connect, saying why.
+    let mut job = Job::new(&[&other_socket], NOBODY, NOBODY, &[NOBODY]);
+    job.expect_failure = true;
+    let mut refused = vmm(dir.path(), "tenant-other", job, &daemon);
+    refused.expect("CONNECT-FAILED", &daemon);
+    refused.finish();
+    wait_for_log(
+        &daemon,
+        &format!(
+            "cannot open {other} as client.tenant-a (do client.tenant-a's osd caps allow the \
+             pool tenant-b?): Operation not permitted"
+        ),
+        Duration::from_secs(20),
+    );
+
+    // The tenant's VM is still served.
+    served.send("io 1");
+    served.expect("IO-DONE", &daemon);
+    served.finish();
+    let data = cluster.export_from("tenant-a", "disk", dir.path());
+    assert_same(
+        &data[..REGION_LEN],
+        &pattern(47, 0, REGION_LEN),
+        "the tenant's image",
+    );
+    assert!(
+        cluster.export_from("tenant-b", "disk", dir.path())[..REGION_LEN]
+            .iter()
+            .all(|&b| b == 0),
+        "the other tenant's image was written"
+    );
+    daemon.assert_running();
 }

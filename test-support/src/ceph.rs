@@ -41,17 +41,54 @@ impl Cluster {
             .expect("run rbd")
     }
 
+    /// Runs `ceph` on the cluster as client.admin, panicking with its output on failure.
+    pub fn ceph(&self, args: &[&str]) -> Output {
+        let out = Command::new("ceph")
+            .arg("-c")
+            .arg(self.conf())
+            .args(args)
+            .output()
+            .expect("run ceph");
+        assert!(
+            out.status.success(),
+            "ceph {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// A pool for RBD images named `name` (one replica, like `rbd`), if there is none yet.
+    pub fn create_pool(&self, name: &str) {
+        self.ceph(&["osd", "pool", "create", name, "8", "8"]);
+        self.rbd(&["pool", "init", name]);
+    }
+
+    /// A Ceph client `client.ID` with `caps` (`["mon", "profile rbd", "osd", ...]`), its key
+    /// written to the keyring `keyring` (`ceph auth get-or-create`: the same key if it exists).
+    pub fn create_client(&self, id: &str, caps: &[&str], keyring: &Path) {
+        let entity = format!("client.{id}");
+        let mut args = vec!["auth", "get-or-create", &entity];
+        args.extend_from_slice(caps);
+        args.extend_from_slice(&["-o", keyring.to_str().expect("a UTF-8 path")]);
+        self.ceph(&args);
+    }
+
     /// A new image `name` of `size` bytes in the pool `rbd` (one of that name is removed
     /// first), holding zeroes; returns its `rbd:rbd/NAME` spec.
     pub fn create_image(&self, name: &str, size: u64) -> String {
-        let _ = self.rbd_unchecked(&["rm", &format!("rbd/{name}")]);
+        self.create_image_in("rbd", name, size)
+    }
+
+    /// [`Cluster::create_image`] in `pool`; returns its `rbd:POOL/NAME` spec.
+    pub fn create_image_in(&self, pool: &str, name: &str, size: u64) -> String {
+        let _ = self.rbd_unchecked(&["rm", &format!("{pool}/{name}")]);
         self.rbd(&[
             "create",
             "--size",
             &format!("{}K", size / 1024),
-            &format!("rbd/{name}"),
+            &format!("{pool}/{name}"),
         ]);
-        format!("rbd:rbd/{name}")
+        format!("rbd:{pool}/{name}")
     }
 
     /// A new image `name` holding the file `from`.
@@ -63,9 +100,14 @@ impl Cluster {
 
     /// The image's contents, read by librbd through the `rbd` tool (via a file in `dir`).
     pub fn export(&self, name: &str, dir: &Path) -> Vec<u8> {
-        let file = dir.join(format!("{name}.export"));
+        self.export_from("rbd", name, dir)
+    }
+
+    /// [`Cluster::export`] of an image in `pool`.
+    pub fn export_from(&self, pool: &str, name: &str, dir: &Path) -> Vec<u8> {
+        let file = dir.join(format!("{pool}.{name}.export"));
         let _ = std::fs::remove_file(&file);
-        self.rbd(&["export", &format!("rbd/{name}"), file.to_str().unwrap()]);
+        self.rbd(&["export", &format!("{pool}/{name}"), file.to_str().unwrap()]);
         let data = std::fs::read(&file).expect("read the export");
         let _ = std::fs::remove_file(&file);
         data

@@ -91,9 +91,11 @@ pub enum RbdError {
         #[source]
         source: io::Error,
     },
-    #[error("cannot open {name}")]
+    #[error("cannot open {name} as client.{id}{}", caps_hint(id, pool, source))]
     Open {
         name: String,
+        id: String,
+        pool: String,
         #[source]
         source: io::Error,
     },
@@ -103,6 +105,17 @@ pub enum RbdError {
         #[source]
         source: io::Error,
     },
+}
+
+/// What to add to an open refused by the OSDs: the usual cause is a client id whose caps do not
+/// cover the pool (`osd 'profile rbd pool=OTHER'`), which librbd reports as a bare EPERM.
+fn caps_hint(id: &str, pool: &str, source: &io::Error) -> String {
+    match source.raw_os_error() {
+        Some(libc::EPERM | libc::EACCES) => {
+            format!(" (do client.{id}'s osd caps allow the pool {pool}?)")
+        }
+        _ => String::new(),
+    }
 }
 
 /// A Ceph return value (0 or a negative errno) as a result.
@@ -232,6 +245,8 @@ impl RbdImage {
         })
         .map_err(|source| RbdError::Open {
             name: name.clone(),
+            id: spec.id.clone(),
+            pool: spec.pool.clone(),
             source,
         })?;
         // SAFETY: an open image and a u64 to write.
