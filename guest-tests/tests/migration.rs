@@ -7,9 +7,14 @@
 //! without it QEMU refuses ("vhost-user backend lacks VHOST_USER_PROTOCOL_F_LOG_SHMFD"). The fio
 //! job must end on the destination, and a second pass there reads back everything it wrote.
 //!
-//! It runs twice: on the installed QEMU (10.0) and on Debian 12's QEMU 7.2 (source and
-//! destination both 7.2), unpacked beside it by scripts/prereqs.sh.
+//! It runs on a file: on the installed QEMU (10.0) and on Debian 12's QEMU 7.2 (source and
+//! destination both 7.2), unpacked beside it by scripts/prereqs.sh; and on an RBD image (QEMU
+//! 10.0) of a one-node Ceph cluster (scripts/ceph-dev.sh, started for that test and killed at
+//! exit; skipped, saying so, without Ceph). Each QEMU is served by a worker of its own, which
+//! opens the disk itself (on RBD, librbd moves the image's exclusive lock to the destination's
+//! worker at its first write).
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -19,6 +24,7 @@ use guest_tests::qemu::{Launch, Qemu, Running};
 use guest_tests::qmp::Qmp;
 use guest_tests::{guest_test, sparse_image, start_vublk, Boot, Job, Vm, MIB};
 use serde_json::{json, Value};
+use vublk_test_support::ceph;
 
 const REGION: u64 = 128 * MIB;
 /// How long the guest writes on the source before the migration starts.
@@ -76,21 +82,56 @@ fn wait_migrated(qmp: &mut Qmp) -> Result<Value> {
 
 #[test]
 fn fio_verify_runs_across_a_live_migration() {
-    guest_test("migration", |dir| migrate(dir, Qemu::Installed));
+    guest_test("migration", |dir| {
+        migrate(dir, Qemu::Installed, &file_disk(dir)?)
+    });
 }
 
 #[test]
 fn fio_verify_runs_across_a_live_migration_on_qemu_7_2() {
-    guest_test("migration-qemu-7.2", |dir| migrate(dir, Qemu::Debian72));
+    guest_test("migration-qemu-7.2", |dir| {
+        migrate(dir, Qemu::Debian72, &file_disk(dir)?)
+    });
 }
 
-/// The test on `qemu`: the source and the destination are both that QEMU.
-fn migrate(dir: &Path, qemu: Qemu) -> Result<()> {
+#[test]
+fn fio_verify_runs_across_a_live_migration_on_rbd() {
+    let cluster_dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("ceph-migration");
+    let Some(cluster) = ceph::cluster(&cluster_dir) else {
+        eprintln!("skipping: {}", ceph::NOT_INSTALLED);
+        return;
+    };
+    guest_test("migration-rbd", |dir| {
+        let image = cluster.create_image("migrate", 2 * REGION);
+        let conf = cluster.conf();
+        let conf = conf.to_str().context("a UTF-8 temp path")?;
+        migrate(
+            dir,
+            Qemu::Installed,
+            &[
+                "--blk-file".into(),
+                image,
+                "--ceph-conf".into(),
+                conf.into(),
+            ],
+        )
+    });
+}
+
+/// vublk's options for a sparse file in `dir` twice the region's size.
+fn file_disk(dir: &Path) -> Result<Vec<String>> {
+    let img = dir.join("disk.img");
+    sparse_image(&img, 2 * REGION)?;
+    let img = img.to_str().context("a UTF-8 temp path")?;
+    Ok(vec!["--blk-file".into(), img.into()])
+}
+
+/// The test on `qemu` (the source and the destination are both that QEMU), with vublk serving
+/// the disk `disk` (its options).
+fn migrate(dir: &Path, qemu: Qemu, disk: &[String]) -> Result<()> {
     {
-        let img = dir.join("disk.img");
-        sparse_image(&img, 2 * REGION)?;
-        let img_arg = img.to_str().context("a UTF-8 temp path")?;
-        let mut vublk = start_vublk(dir, "vublk", &["--blk-file", img_arg])?;
+        let disk: Vec<&str> = disk.iter().map(String::as_str).collect();
+        let mut vublk = start_vublk(dir, "vublk", &disk)?;
         let vm = Vm::default().disk(vublk.socket(), 1).qemu(qemu);
         let mut guest_job = Job::new();
         guest_job
@@ -207,6 +248,19 @@ fn migrate(dir: &Path, qemu: Qemu) -> Result<()> {
             v.total(|j| j.read.io_bytes)
         );
         boot.check_kernel(&[])?;
+        // Each QEMU had a worker of its own.
+        let log = vublk.log();
+        let workers: BTreeSet<&str> = log
+            .lines()
+            .filter_map(|l| {
+                l.split_once("handed to worker pid ")
+                    .map(|(_, pid)| pid.trim())
+            })
+            .collect();
+        ensure!(
+            workers.len() == 2,
+            "the source and the destination were not served by two workers: {workers:?}\n{log}"
+        );
         drop(prepared);
         Ok(vublk.try_stop()?)
     }
