@@ -173,6 +173,13 @@ pub struct Cli {
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
 
+    /// Keep each guest's write-cache choice in this directory (created, mode 0700), so that a
+    /// new daemon on the same sockets (after a crash, an upgrade) restores it. Meant for a
+    /// runtime directory such as /run/vublk. Default: `vublk-state` in the directory of the
+    /// first export's socket.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
     /// Serve Prometheus metrics (`GET /metrics`, text exposition format) on this TCP address,
     /// HOST:PORT (e.g. 127.0.0.1:9850). Metrics name exports, VMM pids and uids: bind it where
     /// only the monitoring system can reach it. Not with --single-process.

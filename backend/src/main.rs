@@ -79,6 +79,7 @@ fn main() -> ExitCode {
                 cli.worker_options(),
                 vublk::supervisor::ControlOptions {
                     control_socket: cli.control_socket.clone(),
+                    state_dir: cli.state_dir.clone(),
                     metrics_addr: cli.metrics_addr,
                     export_defaults: cli.export_defaults(),
                 },

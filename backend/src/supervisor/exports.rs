@@ -123,10 +123,7 @@ impl Supervisor {
             return Err(format!("cannot accept on {}: {e}", path.display()));
         }
         tracing::info!("export {} added", spec.name);
-        self.exports.push(Export {
-            spec,
-            listener: Some(listener),
-        });
+        self.exports.push(Export::new(spec, listener));
         Ok(())
     }
 

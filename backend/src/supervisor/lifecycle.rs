@@ -406,6 +406,9 @@ impl Supervisor {
             let kept = self
                 .device_state
                 .set_write_cache(vmm, export, on, has_worker);
+            if let Some(state) = &self.state {
+                state.set_write_cache(vmm, &self.exports[export].state_key, on);
+            }
             tracing::debug!(
                 "worker pid {worker}: the guest of VMM pid {pid} set the write cache of {} {}{}",
                 self.exports[export].spec.name,
@@ -514,6 +517,9 @@ impl Supervisor {
         if !vmm_lives {
             // Its device state has no one to go to.
             self.device_state.forget(vm.vmm_key);
+            if let Some(state) = &self.state {
+                state.forget(vm.vmm_key);
+            }
         }
         if !vm.failure_counted && !vm.took_one {
             // It died before taking a single connection: sending them to another worker would

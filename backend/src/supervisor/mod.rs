@@ -38,6 +38,7 @@ mod exports;
 mod lifecycle;
 mod metrics;
 mod spawn;
+mod state_store;
 mod status;
 mod tenants;
 mod vm;
@@ -68,6 +69,7 @@ pub use exports::ExportDefaults;
 use metrics::Counters;
 use spawn::Executable;
 pub use spawn::{adopt_channels, WORKER_CONTROL_FD};
+use state_store::StateStore;
 pub use status::{print_status, Status, VmStatus};
 use tenants::{left_out, StartBackoff, TenantLog};
 pub use tenants::{TenantLimits, DEFAULT_CONNECTIONS_PER_VMM, DEFAULT_VMS_PER_UID};
@@ -175,6 +177,23 @@ struct Export {
     /// `None` once the export was removed (`vublk export remove`); the entry stays so the
     /// indexes connections carry keep naming the same export.
     listener: Option<Listener>,
+    /// How state files name it: the path its listening socket is bound to, the same for
+    /// the daemon that created the socket and one that inherited it (an upgrade, systemd);
+    /// else its name.
+    state_key: String,
+}
+
+impl Export {
+    fn new(spec: ExportSpec, listener: Listener) -> Export {
+        let state_key = listener
+            .bound_path()
+            .map_or_else(|| spec.name.clone(), |p| p.display().to_string());
+        Export {
+            spec,
+            listener: Some(listener),
+            state_key,
+        }
+    }
 }
 
 /// Where the supervisor answers, besides its exports.
@@ -186,6 +205,9 @@ pub struct ControlOptions {
     pub metrics_addr: Option<SocketAddr>,
     /// What exports added at run time take from the daemon-wide options.
     pub export_defaults: ExportDefaults,
+    /// Where the guests' write-cache choices are kept for the next daemon (--state-dir);
+    /// `None`: `vublk-state` beside the first export's socket.
+    pub state_dir: Option<PathBuf>,
 }
 
 pub fn run(
@@ -207,6 +229,7 @@ pub fn run(
     let (open, control) = open_sockets(exports, options.control_socket)?;
     let mut supervisor = Supervisor::new(open, exe, limits, workers)?;
     supervisor.export_defaults = options.export_defaults;
+    supervisor.state = open_state_store(options.state_dir, &supervisor.exports);
     if let Some(server) = &metrics {
         if let Ok(addr) = server.local_addr() {
             tracing::info!("serving metrics on http://{addr}/metrics");
@@ -278,10 +301,8 @@ fn open_sockets(
     let mut open = Vec::new();
     let bind_all = || -> Result<Option<Listener>, EndpointError> {
         for (endpoint, spec) in exports {
-            open.push(Export {
-                listener: Some(endpoint.open(spec.socket)?),
-                spec,
-            });
+            let listener = endpoint.open(spec.socket)?;
+            open.push(Export::new(spec, listener));
         }
         // The status socket shows every VM's identity: owner only.
         let owner_only = SocketAccess {
@@ -299,6 +320,40 @@ fn open_sockets(
                 .filter_map(|export| export.listener.as_ref())
                 .for_each(Listener::cleanup);
             Err(e)
+        }
+    }
+}
+
+/// The state directory (`--state-dir`, else `vublk-state` beside the first export's socket),
+/// swept of files of VMMs that are gone; `None` (said in one line) if there is none or it is
+/// not usable: choices then last only as long as this daemon.
+fn open_state_store(dir: Option<PathBuf>, exports: &[Export]) -> Option<StateStore> {
+    let dir = dir.or_else(|| {
+        let socket = exports
+            .iter()
+            .find_map(|e| e.listener.as_ref()?.bound_path())?;
+        Some(socket.parent()?.join("vublk-state"))
+    });
+    let Some(dir) = dir else {
+        tracing::info!("no state directory (no --state-dir, no socket path): the guests' write-cache choices last as long as this daemon");
+        return None;
+    };
+    match StateStore::open(&dir) {
+        Ok(store) => {
+            store.sweep();
+            tracing::info!(
+                "keeping the guests' write-cache choices in {}",
+                dir.display()
+            );
+            Some(store)
+        }
+        Err(e) => {
+            tracing::warn!(
+                "state directory {}: {}; the guests' write-cache choices last as long as this daemon",
+                dir.display(),
+                crate::error_line(&e)
+            );
+            None
         }
     }
 }
@@ -333,6 +388,8 @@ struct Supervisor {
     log: TenantLog,
     /// What the VMs' guests chose that their next worker must know.
     device_state: DeviceState,
+    /// The same choices on disk, for the next daemon.
+    state: Option<StateStore>,
     /// A descriptor given up when accept fails for lack of them, so the connection can be
     /// taken and closed instead of waking the loop again and again.
     reserve: Option<OwnedFd>,
@@ -372,6 +429,7 @@ impl Supervisor {
             backoff: StartBackoff::default(),
             log: TenantLog::default(),
             device_state: DeviceState::default(),
+            state: None,
             reserve: open_reserve(),
             overload_log: RateLimit::new(5, Duration::from_secs(10)),
             unreaped: Vec::new(),
