@@ -218,6 +218,19 @@ pub enum Command {
     /// daemon's command line still says what it serves after a restart.
     #[command(subcommand)]
     Export(ExportCommand),
+    /// Replace a running daemon with a new binary without closing its sockets: the daemon
+    /// starts BINARY (default: the path it was started from) with its own arguments on its
+    /// listening sockets, waits until it is ready, then stops its workers one at a time (each
+    /// VM's QEMU reconnects to the new daemon) and exits. Prints the new daemon's pid. If the
+    /// new daemon fails to start, the running one goes on serving and the reason is printed.
+    Upgrade {
+        /// The daemon's --control-socket.
+        #[arg(long, value_name = "PATH")]
+        control_socket: PathBuf,
+        /// The new binary.
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -4,6 +4,7 @@
 
 mod adopt;
 mod bind;
+pub mod inherited;
 
 use std::io;
 use std::os::fd::RawFd;

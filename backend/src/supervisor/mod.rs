@@ -41,10 +41,12 @@ mod spawn;
 mod state_store;
 mod status;
 mod tenants;
+mod upgrade;
 mod vm;
 mod worker_log;
 
 use std::collections::HashMap;
+use std::ffi::CString;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
@@ -122,6 +124,8 @@ enum Event {
     MetricsListener,
     /// Metrics connection `id` is readable (or writable, once its request is read).
     MetricsClient(u64),
+    /// The daemon started by `vublk upgrade` wrote to its readiness pipe, or exited.
+    Upgrade,
 }
 
 impl Token for Event {
@@ -138,6 +142,7 @@ impl Token for Event {
             Event::MetricsListener => event_loop::pack(8, 0),
             Event::MetricsClient(id) => event_loop::pack(9, id),
             Event::ControlClient(id) => event_loop::pack(10, id),
+            Event::Upgrade => event_loop::pack(11, 0),
         }
     }
 
@@ -154,6 +159,7 @@ impl Token for Event {
             (8, 0) => Event::MetricsListener,
             (9, id) => Event::MetricsClient(id),
             (10, id) => Event::ControlClient(id),
+            (11, 0) => Event::Upgrade,
             _ => return None,
         })
     }
@@ -216,9 +222,21 @@ pub fn run(
     workers: WorkerOptions,
     options: ControlOptions,
 ) -> Result<(), SupervisorError> {
+    // Before anything opens a descriptor: sockets passed by systemd or by the daemon this one
+    // replaces (`vublk upgrade`) sit at fds 3 on.
+    let inherited = crate::endpoint::inherited::take_from_environment();
+    if inherited > 0 {
+        tracing::info!("{inherited} descriptor(s) inherited (LISTEN_FDS)");
+    }
     let signals = Signals::block_and_watch().map_err(SupervisorError::EventLoop)?;
     raise_nofile_limit();
     let exe = Executable::current().map_err(SupervisorError::Executable)?;
+    // What `vublk upgrade` starts by default: the binary at the path this one was started
+    // from (an upgrade replaces the file there), with the same arguments.
+    let binary = std::env::current_exe().map_err(SupervisorError::Executable)?;
+    let argv: Vec<CString> = std::env::args_os()
+        .filter_map(|a| CString::new(a.into_encoded_bytes()).ok())
+        .collect();
     // Before the control socket, whose appearance says vublk is ready.
     let metrics = options
         .metrics_addr
@@ -229,6 +247,8 @@ pub fn run(
     let (open, control) = open_sockets(exports, options.control_socket)?;
     let mut supervisor = Supervisor::new(open, exe, limits, workers)?;
     supervisor.export_defaults = options.export_defaults;
+    supervisor.binary = binary;
+    supervisor.argv = argv;
     supervisor.state = open_state_store(options.state_dir, &supervisor.exports);
     if let Some(server) = &metrics {
         if let Ok(addr) = server.local_addr() {
@@ -254,6 +274,7 @@ pub fn run(
             .map_err(SupervisorError::EventLoop)?;
     }
     supervisor.control = control;
+    crate::endpoint::inherited::notify_ready();
     let result = supervisor.serve(&signals);
     supervisor.stop();
     result
@@ -402,6 +423,12 @@ struct Supervisor {
     /// Where scrapers connect (--metrics-addr), and what the supervisor counts for them.
     metrics: Option<MetricsServer>,
     counters: Counters,
+    /// What `vublk upgrade` starts, and the new daemon it started, until it is ready.
+    binary: PathBuf,
+    argv: Vec<CString>,
+    upgrade: Option<upgrade::Pending>,
+    /// A new daemon serves the sockets now: stop the workers and exit.
+    handed_over: bool,
 }
 
 impl Supervisor {
@@ -436,6 +463,10 @@ impl Supervisor {
             reap_retry_at: None,
             metrics: None,
             counters: Counters::default(),
+            binary: PathBuf::new(),
+            argv: Vec::new(),
+            upgrade: None,
+            handed_over: false,
         };
         for index in 0..supervisor.exports.len() {
             let stream = match &supervisor.exports[index].listener {
@@ -501,12 +532,13 @@ impl Supervisor {
             .chain(self.reap_retry_at)
             .chain(self.metrics.as_ref().and_then(|m| m.next_deadline()))
             .chain(self.control_clients.next_deadline())
+            .chain(self.upgrade.as_ref().map(|u| u.deadline))
             .min()
     }
 
     fn serve(&mut self, signals: &Signals) -> Result<(), SupervisorError> {
         loop {
-            if self.only_connected() && self.connected_left == 0 {
+            if self.only_connected() && self.connected_left == 0 || self.handed_over {
                 return Ok(());
             }
             let timeout = self
@@ -532,8 +564,10 @@ impl Supervisor {
                     Event::ControlClient(id) => self.on_control_client(id),
                     Event::MetricsListener => self.on_metrics_listener(),
                     Event::MetricsClient(id) => self.on_metrics_client(id),
+                    Event::Upgrade => self.on_upgrade(),
                 }
             }
+            self.expire_upgrade(Instant::now());
             self.expire(Instant::now());
             self.expire_metrics(Instant::now());
             for id in self.control_clients.overdue(Instant::now()) {
@@ -679,6 +713,11 @@ impl Supervisor {
             };
             let answer = match request {
                 Ok(control::Request::Status) => serde_json::to_vec(&self.status()),
+                Ok(control::Request::Upgrade { binary }) => match self.start_upgrade(id, binary) {
+                    // Answered once the new daemon is ready or failed.
+                    None => return,
+                    Some(reply) => serde_json::to_vec(&reply),
+                },
                 Ok(request) => serde_json::to_vec(&self.export_request(request)),
                 Err(e) => serde_json::to_vec(&control::ExportReply::Err(format!(
                     "bad control request: {e}"
@@ -725,7 +764,12 @@ mod tests {
     #[test]
     fn event_tokens_round_trip() {
         let ids = [0, 1, u64::from(u32::MAX) + 1, (1 << 56) - 1];
-        let mut events = vec![Event::Signal, Event::Control, Event::MetricsListener];
+        let mut events = vec![
+            Event::Signal,
+            Event::Control,
+            Event::MetricsListener,
+            Event::Upgrade,
+        ];
         for id in ids {
             events.extend([
                 Event::Listener(id as usize),
@@ -743,6 +787,7 @@ mod tests {
         }
         assert_eq!(Event::from_raw(event_loop::pack(0, 1)), None);
         assert_eq!(Event::from_raw(event_loop::pack(8, 1)), None);
-        assert_eq!(Event::from_raw(event_loop::pack(11, 0)), None);
+        assert_eq!(Event::from_raw(event_loop::pack(11, 1)), None);
+        assert_eq!(Event::from_raw(event_loop::pack(12, 0)), None);
     }
 }
