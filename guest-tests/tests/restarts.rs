@@ -218,8 +218,10 @@ cmp /tmp/block /tmp/back && echo same
     }
 }
 
-/// Worker kills, then the daemon's, during the crash test's fio job.
+/// Worker kills, then the daemon's and an upgrade, during the restart test's fio job.
 const WORKER_KILLS: usize = 3;
+/// That job's size: long enough under TCG to outlast the restarts.
+const KILLS_MIB: u64 = 40;
 
 /// The guest's I/O probe: one 4 KiB O_DIRECT read past fio's region after another, each
 /// followed by the guest's uptime, until /tmp/stop exists. The longest gaps between two
@@ -239,60 +241,185 @@ awk 'NR > 1 && $1 != \"fail\" { printf \"gap %.3f at %s\\n\", $1 - prev, $1 } $1
 ";
 
 #[test]
-fn worker_and_daemon_kills_under_fio() {
-    guest_test("restarts", |dir| {
-        prepare()?;
-        let img = dir.join("disk.img");
-        sparse_image(&img, 64 * MIB)?;
-        let args = ["--blk-file", img.to_str().unwrap()];
-        let mut vublk = start_vublk(dir, "vublk", &args)?;
-        let vm = Vm::default()
-            .disk(vublk.socket(), 1)
-            .reconnect(500)
-            .timeout(Duration::from_secs(300));
-        let mut job = Job::new();
-        job.file("verify.fio", verify_job(24, 800).file())
-            .sh("probe", PROBE)
-            .sh("fio", &fio_step("fio"))
-            .sh("gaps", GAPS);
-        let boot = boot_in_background(&vm, dir, "restarts", job);
+fn kills_and_upgrade_under_fio() {
+    guest_test("restarts", |dir| kills_and_upgrade(dir, Qemu::Installed));
+}
 
-        wait_stage(dir, "restarts", "fio", &boot, Duration::from_secs(200))?;
-        let mut restarts = Vec::new();
-        let mut old = worker(vublk.pid(), None, Duration::from_secs(5))?;
-        for _ in 0..WORKER_KILLS {
-            std::thread::sleep(Duration::from_millis(1500));
-            let killed = Instant::now();
-            sigkill(old)?;
-            old = worker(vublk.pid(), Some(old), Duration::from_secs(30))?;
-            restarts.push(("worker", killed.elapsed()));
+#[test]
+fn kills_and_upgrade_under_fio_on_qemu_7_2() {
+    guest_test("restarts-qemu-7.2", |dir| {
+        kills_and_upgrade(dir, Qemu::Debian72)
+    });
+}
+
+/// The guest chooses write-through (the virtio-blk `writeback` config field, through the
+/// driver's `cache_type` attribute) before its fio job starts.
+const WRITE_THROUGH: &str = "echo 'write through' >/sys/block/vda/cache_type
+cat /sys/block/vda/cache_type
+";
+
+/// The write cache of the devices the daemon behind `control` serves, as their workers last
+/// reported it (`vublk status --json`, every second).
+fn device_write_cache(control: &Path) -> Result<Option<bool>> {
+    let out = std::process::Command::new(guest_tests::paths::vublk_bin()?)
+        .args(["status", "--json", "--control-socket"])
+        .arg(control)
+        .output()?;
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    Ok(status["vms"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|vm| vm["devices"].as_array().into_iter().flatten())
+        .find_map(|d| d["write_cache"].as_bool()))
+}
+
+/// Checks that the device behind `control` runs write-through, as the guest chose, within a
+/// few of its workers' reports; `when` names the restart it survived.
+fn still_write_through(control: &Path, when: &str) -> Result<()> {
+    let start = Instant::now();
+    let mut seen = None;
+    while start.elapsed() < Duration::from_secs(20) {
+        seen = device_write_cache(control)?;
+        if seen == Some(false) {
+            return Ok(());
         }
-        // The whole daemon: its workers die with it (parent-death signal), and a new daemon
-        // takes over the socket it left behind.
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    bail!("after {when} the device's write cache is {seen:?} (Some(true): it caches writes), though the guest chose write-through")
+}
+
+/// `vublk upgrade --control-socket control [--binary binary]`: the new daemon's pid, or the
+/// command's error.
+fn vublk_upgrade(control: &Path, binary: Option<&str>) -> Result<std::result::Result<u32, String>> {
+    let mut cmd = std::process::Command::new(guest_tests::paths::vublk_bin()?);
+    cmd.args(["upgrade", "--control-socket"]).arg(control);
+    if let Some(binary) = binary {
+        cmd.args(["--binary", binary]);
+    }
+    let out = cmd.output()?;
+    if !out.status.success() {
+        return Ok(Err(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+    }
+    Ok(Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?))
+}
+
+/// Stops a daemon `vublk upgrade` started (not our child): SIGTERM, and waits for it.
+fn terminate_upgraded(pid: u32) -> Result<()> {
+    // SAFETY: kill(2) only sends a signal; `pid` is the daemon the upgrade reported, which the
+    // test has not signalled yet.
+    if unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) } < 0 {
+        return Err(std::io::Error::last_os_error()).context("stop the new daemon");
+    }
+    let start = Instant::now();
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        ensure!(
+            start.elapsed() < Duration::from_secs(15),
+            "the new daemon {pid} did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// The guest chooses write-through, then runs a fio crc32c verify job while its worker is
+/// SIGKILLed several times, then the whole daemon (a new one is started on the same socket),
+/// then `vublk upgrade` hands it to a new daemon (after an upgrade to a binary that fails,
+/// which must leave the daemon serving). After each kind of restart the device still runs
+/// write-through; fio's verify is clean; a probe in the guest measures how long its I/O
+/// stalled across each restart (printed, not asserted).
+fn kills_and_upgrade(dir: &Path, qemu: Qemu) -> Result<()> {
+    prepare()?;
+    let img = dir.join("disk.img");
+    sparse_image(&img, 64 * MIB)?;
+    let control = dir.join("control.sock");
+    let args = [
+        "--blk-file",
+        img.to_str().unwrap(),
+        "--control-socket",
+        control.to_str().unwrap(),
+    ];
+    let mut vublk = start_vublk(dir, "vublk", &args)?;
+    let vm = Vm::default()
+        .disk(vublk.socket(), 1)
+        .reconnect(500)
+        .qemu(qemu)
+        .timeout(Duration::from_secs(360));
+    let mut job = Job::new();
+    job.file("verify.fio", verify_job(KILLS_MIB, 800).file())
+        .sh("write-through", WRITE_THROUGH)
+        .sh("probe", PROBE)
+        .sh("fio", &fio_step("fio"))
+        .sh("gaps", GAPS);
+    let boot = boot_in_background(&vm, dir, "restarts", job);
+
+    wait_stage(dir, "restarts", "fio", &boot, Duration::from_secs(200))?;
+    still_write_through(&control, "the guest's choice")?;
+    let mut restarts = Vec::new();
+    let mut old = worker(vublk.pid(), None, Duration::from_secs(5))?;
+    for _ in 0..WORKER_KILLS {
         std::thread::sleep(Duration::from_millis(1500));
         let killed = Instant::now();
-        vublk.signal(libc::SIGKILL)?;
-        let _ = vublk.wait_exit(Duration::from_secs(10));
-        let mut vublk = start_vublk_on(dir, "vublk2", &dir.join("vublk.sock"), &args)?;
-        worker(vublk.pid(), None, Duration::from_secs(30))?;
-        restarts.push(("daemon", killed.elapsed()));
+        sigkill(old)?;
+        old = worker(vublk.pid(), Some(old), Duration::from_secs(30))?;
+        restarts.push(("worker kill", killed.elapsed()));
+    }
+    still_write_through(&control, "worker kills")?;
+    // The whole daemon: its workers die with it (parent-death signal), and a new daemon
+    // takes over the socket it left behind.
+    std::thread::sleep(Duration::from_millis(1500));
+    let killed = Instant::now();
+    vublk.signal(libc::SIGKILL)?;
+    let _ = vublk.wait_exit(Duration::from_secs(10));
+    let mut vublk = start_vublk_on(dir, "vublk2", &dir.join("vublk.sock"), &args)?;
+    worker(vublk.pid(), None, Duration::from_secs(30))?;
+    restarts.push(("daemon kill", killed.elapsed()));
+    still_write_through(&control, "a daemon kill and restart")?;
 
-        let boot = boot
-            .join()
-            .map_err(|_| anyhow::anyhow!("the boot thread panicked"))??;
-        verify_job(24, 800).check_written(&boot.fio("fio")?)?;
-        let gaps = boot.ok("gaps")?;
-        for (what, took) in &restarts {
-            eprintln!(
-                "restarts: {what} killed; its replacement served the VM {} ms later",
-                took.as_millis()
-            );
-        }
-        eprintln!("restarts: the guest probe's longest I/O gaps (s):\n{gaps}");
-        boot.check_kernel(&[])?;
-        vublk.try_terminate()?;
-        Ok(())
-    });
+    // A new binary that fails: the daemon says so and goes on serving.
+    match vublk_upgrade(&control, Some("/bin/false"))? {
+        Ok(pid) => bail!("an upgrade to /bin/false succeeded (pid {pid})"),
+        Err(e) => ensure!(e.contains("goes on serving"), "{e}"),
+    }
+    vublk.running()?;
+    // The upgrade: the new daemon takes the sockets, the old one hands the VM over and exits.
+    std::thread::sleep(Duration::from_millis(1500));
+    let upgraded = Instant::now();
+    let new = match vublk_upgrade(&control, None)? {
+        Ok(pid) => pid,
+        Err(e) => bail!("vublk upgrade failed: {e}"),
+    };
+    worker(new, None, Duration::from_secs(30))?;
+    restarts.push(("upgrade", upgraded.elapsed()));
+    let status = vublk
+        .wait_exit(Duration::from_secs(15))
+        .context("the old daemon did not exit after the upgrade")?;
+    ensure!(status.success(), "the old daemon exited with {status}");
+    ensure!(
+        dir.join("vublk.sock").exists(),
+        "the socket went away in the upgrade"
+    );
+    let checked = still_write_through(&control, "an upgrade");
+
+    let boot = boot
+        .join()
+        .map_err(|_| anyhow::anyhow!("the boot thread panicked"));
+    terminate_upgraded(new)?;
+    checked?;
+    let boot = boot??;
+    let chosen = boot.ok("write-through")?;
+    ensure!(chosen.contains("write through"), "the guest's cache_type: {chosen}");
+    verify_job(KILLS_MIB, 800).check_written(&boot.fio("fio")?)?;
+    let gaps = boot.ok("gaps")?;
+    for (what, took) in &restarts {
+        eprintln!(
+            "restarts ({qemu:?}): {what}; the replacement served the VM {} ms later",
+            took.as_millis()
+        );
+    }
+    eprintln!("restarts ({qemu:?}): the guest probe's longest I/O gaps (s):\n{gaps}");
+    boot.check_kernel(&[])?;
+    Ok(())
 }
 
 /// How many times the upgrade test restarts vublk under the guest.
