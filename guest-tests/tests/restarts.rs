@@ -408,7 +408,10 @@ fn kills_and_upgrade(dir: &Path, qemu: Qemu) -> Result<()> {
     checked?;
     let boot = boot??;
     let chosen = boot.ok("write-through")?;
-    ensure!(chosen.contains("write through"), "the guest's cache_type: {chosen}");
+    ensure!(
+        chosen.contains("write through"),
+        "the guest's cache_type: {chosen}"
+    );
     verify_job(KILLS_MIB, 800).check_written(&boot.fio("fio")?)?;
     let gaps = boot.ok("gaps")?;
     for (what, took) in &restarts {

@@ -241,5 +241,8 @@ fn socket_activation_is_found_by_the_socket_path() {
         .wait_exit(Duration::from_secs(15))
         .unwrap_or_else(|| panic!("vublk did not stop on SIGTERM: {}", d.log()));
     assert!(st.success(), "vublk exit {st}: {}", d.log());
-    assert!(sock.exists(), "vublk must not remove a socket systemd passed");
+    assert!(
+        sock.exists(),
+        "vublk must not remove a socket systemd passed"
+    );
 }

@@ -36,8 +36,9 @@ const MAX_FDS: usize = 1024;
 static INHERITED: Mutex<Vec<(OwnedFd, String)>> = Mutex::new(Vec::new());
 
 /// Takes the fds passed with LISTEN_FDS (if LISTEN_PID is ours), close-on-exec from now on,
-/// and removes the variables. Returns how many.
-pub fn take_from_environment() -> usize {
+/// and removes the variables; except those in `named` (`--fd N`: served as that option says).
+/// Returns how many.
+pub fn take_from_environment(named: &[i32]) -> usize {
     let ours = std::env::var("LISTEN_PID")
         .ok()
         .and_then(|pid| pid.parse::<u32>().ok())
@@ -58,6 +59,9 @@ pub fn take_from_environment() -> usize {
     let mut taken = INHERITED.lock().unwrap_or_else(|e| e.into_inner());
     for fd in FIRST..FIRST + count as i32 {
         let name = names.next().unwrap_or("").to_owned();
+        if named.contains(&fd) {
+            continue;
+        }
         // SAFETY: F_GETFD only inspects the descriptor table.
         if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
             tracing::warn!("LISTEN_FDS names fd {fd}, which is not open");

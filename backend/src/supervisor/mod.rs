@@ -224,7 +224,14 @@ pub fn run(
 ) -> Result<(), SupervisorError> {
     // Before anything opens a descriptor: sockets passed by systemd or by the daemon this one
     // replaces (`vublk upgrade`) sit at fds 3 on.
-    let inherited = crate::endpoint::inherited::take_from_environment();
+    let named: Vec<i32> = exports
+        .iter()
+        .filter_map(|(endpoint, _)| match endpoint {
+            Endpoint::Fd(fd) => Some(*fd),
+            Endpoint::Path(_) => None,
+        })
+        .collect();
+    let inherited = crate::endpoint::inherited::take_from_environment(&named);
     if inherited > 0 {
         tracing::info!("{inherited} descriptor(s) inherited (LISTEN_FDS)");
     }

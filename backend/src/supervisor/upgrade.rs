@@ -41,6 +41,8 @@ pub(super) enum UpgradeError {
     Busy,
     #[error("the export {0} is a connected fd, which cannot be handed over")]
     Connected(String),
+    #[error("the export on inherited {0} would be passed at another fd number; only --fd 3 (the first export) can be handed over")]
+    FdNumber(String),
     #[error("cannot execute {}", .path.display())]
     NotExecutable {
         path: PathBuf,
@@ -304,6 +306,12 @@ impl super::Supervisor {
         for export in &self.exports {
             match &export.listener {
                 Some(crate::endpoint::Listener::Listening { listener, created }) => {
+                    // The new daemon's `--fd N` must find this socket at N: the first
+                    // passed fd is 3.
+                    let name = &export.spec.name;
+                    if name.starts_with("fd:") && *name != format!("fd:{}", 3 + passed.len()) {
+                        return Err(UpgradeError::FdNumber(name.clone()));
+                    }
                     passed.push(Passed::socket(listener, created.is_some()))
                 }
                 Some(crate::endpoint::Listener::Connected(_)) => {
