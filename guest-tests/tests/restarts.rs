@@ -10,9 +10,13 @@
 //!   QEMU 7.2 (`reconnect`, in seconds), unpacked beside it by scripts/prereqs.sh. Without
 //!   inflight tracking QEMU rewinds the ring to its used index, the new worker replays a request that had
 //!   completed and never sees the held one: the guest hangs.
-//! - `worker_and_daemon_kills_under_fio`: SIGKILL of the VM's worker several times mid-I/O,
-//!   then of the whole daemon and a fresh start on the same socket; a probe in the guest
-//!   measures how long its I/O stalled across each restart (printed, not asserted).
+//! - `kills_and_upgrade_under_fio` (QEMU 10.0 and 7.2): the guest chooses write-through; SIGKILL
+//!   of the VM's worker several times mid-I/O, then of the whole daemon and a fresh start on the
+//!   same socket, then `vublk upgrade` (after one to a binary that fails); the device runs
+//!   write-through after each; a probe in the guest measures how long its I/O stalled across
+//!   each restart (printed, not asserted).
+//! - `upgrade_on_a_held_listening_socket`: what systemd's socket unit does on `systemctl
+//!   restart`: the test holds the socket, vublk is stopped and started again on it twice.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -430,16 +434,24 @@ const UPGRADES: usize = 2;
 
 /// An upgrade that never drops the listening socket: the socket is held by someone other than
 /// vublk (here the test, in production systemd's socket unit: `systemctl restart vublk`), vublk
-/// serves it with `--fd 3`, and is stopped with SIGTERM (each worker completes what it has in
-/// flight before letting go) and started again on the same socket while the guest's fio job
-/// runs. QEMU's reconnects land in the socket's backlog until the new vublk accepts them.
+/// serves it with `--fd 3`, and is stopped with SIGTERM (each worker leaves what it has in
+/// flight to the VM's inflight region) and started again on the same socket while the guest's
+/// fio job runs. QEMU's reconnects land in the socket's backlog until the new vublk accepts
+/// them. The guest chose write-through first; each new vublk serves it so (its state directory
+/// beside the socket).
 #[test]
 fn upgrade_on_a_held_listening_socket() {
     guest_test("upgrade", |dir| {
         prepare()?;
         let img = dir.join("disk.img");
         sparse_image(&img, 64 * MIB)?;
-        let args = ["--blk-file", img.to_str().unwrap()];
+        let control = dir.join("control.sock");
+        let args = [
+            "--blk-file",
+            img.to_str().unwrap(),
+            "--control-socket",
+            control.to_str().unwrap(),
+        ];
         let socket = dir.join("held.sock");
         let listener = std::os::unix::net::UnixListener::bind(&socket)?;
         let mut vublk = start_vublk_inherited(dir, "vublk", &listener, &socket, &args)?;
@@ -449,6 +461,7 @@ fn upgrade_on_a_held_listening_socket() {
             .timeout(Duration::from_secs(300));
         let mut job = Job::new();
         job.file("verify.fio", verify_job(24, 800).file())
+            .sh("write-through", WRITE_THROUGH)
             .sh("probe", PROBE)
             .sh("fio", &fio_step("fio"))
             .sh("gaps", GAPS);
@@ -456,6 +469,7 @@ fn upgrade_on_a_held_listening_socket() {
 
         wait_stage(dir, "upgrade", "fio", &boot, Duration::from_secs(200))?;
         worker(vublk.pid(), None, Duration::from_secs(5))?;
+        still_write_through(&control, "the guest's choice")?;
         let mut upgrades = Vec::new();
         for i in 0..UPGRADES {
             std::thread::sleep(Duration::from_millis(2000));
@@ -466,6 +480,7 @@ fn upgrade_on_a_held_listening_socket() {
             vublk = start_vublk_inherited(dir, &name, &listener, &socket, &args)?;
             worker(vublk.pid(), None, Duration::from_secs(30))?;
             upgrades.push(stopped.elapsed());
+            still_write_through(&control, "a restart on the held socket")?;
         }
 
         let boot = boot
