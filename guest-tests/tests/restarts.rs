@@ -500,3 +500,214 @@ fn upgrade_on_a_held_listening_socket() {
         Ok(())
     });
 }
+
+/// A podman container whose PID 1 is systemd (the host's, its /usr shared read-only, a copy of
+/// the host's /etc), removed when dropped.
+struct SystemdContainer {
+    name: String,
+}
+
+impl SystemdContainer {
+    fn podman(args: &[&str]) -> Result<String> {
+        let out = std::process::Command::new("timeout")
+            .args(["--kill-after=5", "120", "podman", "--runtime", "runc"])
+            .args(args)
+            .output()
+            .context("run podman")?;
+        ensure!(
+            out.status.success(),
+            "podman {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// Boots systemd in a container on a root file system made in `dir/root`: the host's /usr
+    /// (read-only) and its usr-merged links, a copy of its /etc with our units installed, and
+    /// `host` mounted at /hostrun.
+    fn boot(dir: &Path, host: &Path, units: &[(&str, String)]) -> Result<SystemdContainer> {
+        let root = dir.join("root");
+        for sub in [
+            "usr", "proc", "sys", "dev", "run", "tmp", "var/tmp", "var/lib", "var/log",
+        ] {
+            std::fs::create_dir_all(root.join(sub))?;
+        }
+        for link in ["bin", "lib", "lib64", "sbin"] {
+            if let Ok(target) = std::fs::read_link(Path::new("/").join(link)) {
+                std::os::unix::fs::symlink(target, root.join(link))?;
+            }
+        }
+        let copied = std::process::Command::new("cp")
+            .args(["-a", "/etc/."])
+            .arg(root.join("etc"))
+            .status()?;
+        ensure!(copied.success(), "copy /etc");
+        let system = root.join("etc/systemd/system");
+        // A small boot: sockets and basic services, not the host's graphical target.
+        let _ = std::fs::remove_file(system.join("default.target"));
+        std::os::unix::fs::symlink(
+            "/lib/systemd/system/basic.target",
+            system.join("default.target"),
+        )?;
+        std::fs::create_dir_all(system.join("sockets.target.wants"))?;
+        for (name, text) in units {
+            std::fs::write(system.join(name), text)?;
+        }
+        std::os::unix::fs::symlink(
+            "/etc/systemd/system/vublk.socket",
+            system.join("sockets.target.wants/vublk.socket"),
+        )?;
+        let name = format!("vublk-systemd-{}", std::process::id());
+        let hostrun = format!("{}:/hostrun", host.display());
+        Self::podman(&[
+            "run",
+            "-d",
+            "--name",
+            &name,
+            "--systemd=always",
+            // podman's default seccomp profile refuses io_uring (vmm-glue/tests/container.rs
+            // runs vublk under a profile that allows it; here the container only hosts systemd).
+            "--security-opt",
+            "seccomp=unconfined",
+            "--ulimit",
+            "nofile=16384:16384",
+            "--ulimit",
+            "nproc=4096:4096",
+            "--timeout",
+            "900",
+            "-v",
+            "/usr:/usr:ro",
+            "-v",
+            &hostrun,
+            "--rootfs",
+            root.to_str().context("root path")?,
+            "/lib/systemd/systemd",
+        ])?;
+        Ok(SystemdContainer { name })
+    }
+
+    fn systemctl(&self, args: &[&str]) -> Result<String> {
+        let mut all = vec!["exec", self.name.as_str(), "systemctl"];
+        all.extend_from_slice(args);
+        Self::podman(&all)
+    }
+}
+
+impl Drop for SystemdContainer {
+    fn drop(&mut self) {
+        let _ = Self::podman(&["rm", "-f", "-t", "0", &self.name]);
+    }
+}
+
+/// `systemctl restart vublk.service` for real: systemd runs as PID 1 in a podman container
+/// with docs/systemd's units (the socket moved to a directory the host's QEMU reaches, vublk
+/// the binary under test with `--single-process`: the supervisor identifies VMMs by pid, and
+/// the host's QEMU has none in the container's pid namespace), and restarts the service twice
+/// during the guest's fio crc32c verify job. The socket unit holds the socket throughout.
+#[test]
+fn systemctl_restart_under_fio() {
+    guest_test("systemctl", |dir| {
+        prepare()?;
+        let host = dir.join("hostrun");
+        std::fs::create_dir(&host)?;
+        sparse_image(&host.join("disk.img"), 64 * MIB)?;
+        std::fs::copy(guest_tests::paths::vublk_bin()?, host.join("vublk"))?;
+        let shipped = |name: &str| {
+            std::fs::read_to_string(
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../docs/systemd")
+                    .join(name),
+            )
+        };
+        let socket_unit = shipped("vublk.socket")?
+            .replace("/run/vublk/vublk.sock", "/hostrun/vublk.sock")
+            .replace("SocketGroup=kvm\n", "");
+        let service_unit = shipped("vublk.service")?
+            .replace(
+                "/usr/local/bin/vublk --fd 3 --blk-file /var/lib/vublk/disk.img",
+                "/hostrun/vublk --single-process --fd 3 --blk-file /hostrun/disk.img",
+            )
+            .replace(
+                "[Service]\n",
+                "[Service]\nStandardError=append:/hostrun/vublk.log\n",
+            );
+        ensure!(
+            socket_unit.contains("/hostrun/vublk.sock") && service_unit.contains("/hostrun/vublk "),
+            "the shipped units changed: {socket_unit}\n{service_unit}"
+        );
+        let container = SystemdContainer::boot(
+            dir,
+            &host,
+            &[
+                ("vublk.socket", socket_unit),
+                ("vublk.service", service_unit),
+            ],
+        )?;
+        let socket = host.join("vublk.sock");
+        let start = Instant::now();
+        while !socket.exists() {
+            ensure!(
+                start.elapsed() < Duration::from_secs(60),
+                "systemd did not create the socket"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let vm = Vm::default()
+            .disk(&socket, 1)
+            .reconnect(500)
+            .timeout(Duration::from_secs(300));
+        let mut job = Job::new();
+        job.file("verify.fio", verify_job(24, 800).file())
+            .sh("probe", PROBE)
+            .sh("fio", &fio_step("fio"))
+            .sh("gaps", GAPS);
+        let boot = boot_in_background(&vm, dir, "systemctl", job);
+        wait_stage(dir, "systemctl", "fio", &boot, Duration::from_secs(200))?;
+        let log = host.join("vublk.log");
+        let served = || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .matches("frontend connected")
+                .count()
+        };
+        let mut restarts = Vec::new();
+        for _ in 0..UPGRADES {
+            std::thread::sleep(Duration::from_millis(2000));
+            let before = served();
+            let pid = container.systemctl(&["show", "-P", "MainPID", "vublk.service"])?;
+            let restarted = Instant::now();
+            container.systemctl(&["restart", "vublk.service"])?;
+            while served() == before {
+                ensure!(
+                    restarted.elapsed() < Duration::from_secs(30),
+                    "the restarted vublk did not serve the VM"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let new = container.systemctl(&["show", "-P", "MainPID", "vublk.service"])?;
+            ensure!(new != pid, "systemctl restart kept vublk pid {pid}");
+            restarts.push(restarted.elapsed());
+        }
+        let boot = boot
+            .join()
+            .map_err(|_| anyhow::anyhow!("the boot thread panicked"))??;
+        verify_job(24, 800).check_written(&boot.fio("fio")?)?;
+        let gaps = boot.ok("gaps")?;
+        for took in &restarts {
+            eprintln!(
+                "systemctl: restart to the new vublk serving the VM: {} ms",
+                took.as_millis()
+            );
+        }
+        eprintln!("systemctl: the guest probe's longest I/O gaps (s):\n{gaps}");
+        boot.check_kernel(&[])?;
+        container.systemctl(&["stop", "vublk.service", "vublk.socket"])?;
+        let log = std::fs::read_to_string(&log).unwrap_or_default();
+        ensure!(
+            !log.contains("panicked") && !log.contains(" ERROR "),
+            "vublk's log: {log}"
+        );
+        Ok(())
+    });
+}
