@@ -17,6 +17,8 @@
 //!   each restart (printed, not asserted).
 //! - `upgrade_on_a_held_listening_socket`: what systemd's socket unit does on `systemctl
 //!   restart`: the test holds the socket, vublk is stopped and started again on it twice.
+//! - `systemctl_restart_under_fio`: the same by systemd itself, PID 1 in a podman container
+//!   with the shipped units.
 
 use std::fs::OpenOptions;
 use std::io::Write;
