@@ -283,6 +283,16 @@ pub fn run(
     supervisor.control = control;
     crate::endpoint::inherited::notify_ready();
     let result = supervisor.serve(&signals);
+    if let Some(pending) = supervisor.upgrade.take() {
+        // Stopped before the new daemon was ready: it must not serve sockets this one is
+        // about to remove.
+        let binary = pending.binary.clone();
+        let ended = pending.end();
+        tracing::warn!(
+            "upgrade to {} abandoned: this daemon is stopping ({ended})",
+            binary.display()
+        );
+    }
     supervisor.stop();
     result
 }

@@ -51,6 +51,9 @@ pub(super) enum UpgradeError {
     },
     #[error("cannot start it")]
     Start(#[source] io::Error),
+    /// The supervisor is single-threaded by design (it forks); a bug, not a runtime condition.
+    #[error("the supervisor has more than one thread; refusing to fork")]
+    MultiThreaded,
 }
 
 /// A descriptor passed to the new daemon, and its LISTEN_FDNAMES name.
@@ -141,6 +144,9 @@ pub(super) fn start(
     passed: &[Passed<'_>],
     client: u64,
 ) -> Result<Pending, UpgradeError> {
+    if super::spawn::threads_of_self() != 1 {
+        return Err(UpgradeError::MultiThreaded);
+    }
     rustix::fs::access(binary, rustix::fs::Access::EXEC_OK).map_err(|e| {
         UpgradeError::NotExecutable {
             path: binary.to_owned(),
