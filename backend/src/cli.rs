@@ -176,8 +176,8 @@ pub struct Cli {
     /// Keep each guest's write-cache choice in this directory (created, mode 0700), so that a
     /// new daemon on the same sockets (after a crash, an upgrade) restores it. Meant for a
     /// runtime directory such as /run/vublk. Default: `vublk-state` in the directory of the
-    /// first export's socket.
-    #[arg(long, value_name = "DIR")]
+    /// first export's socket. Not with --single-process, which keeps no state.
+    #[arg(long, value_name = "DIR", conflicts_with = "single_process")]
     pub state_dir: Option<PathBuf>,
 
     /// Serve Prometheus metrics (`GET /metrics`, text exposition format) on this TCP address,
