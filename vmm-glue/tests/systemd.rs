@@ -193,6 +193,15 @@ fn socket_activation_hands_vublk_the_listening_fd() {
 /// takes the sockets a daemon hands over in `vublk upgrade`.
 #[test]
 fn socket_activation_is_found_by_the_socket_path() {
+    found_by_the_socket_path(&[]);
+}
+
+#[test]
+fn socket_activation_is_found_by_the_socket_path_in_a_single_process() {
+    found_by_the_socket_path(&["--single-process"]);
+}
+
+fn found_by_the_socket_path(extra: &[&str]) {
     let Some(activate) = which("systemd-socket-activate") else {
         eprintln!("skipped: systemd-socket-activate is not installed (Debian package systemd)");
         return;
@@ -208,7 +217,8 @@ fn socket_activation_is_found_by_the_socket_path() {
         .arg("--socket-path")
         .arg(&sock)
         .arg("--blk-file")
-        .arg(&image);
+        .arg(&image)
+        .args(extra);
     let mut d = Options::default()
         .spawn(cmd)
         .expect("spawn systemd-socket-activate");
