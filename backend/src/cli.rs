@@ -173,6 +173,13 @@ pub struct Cli {
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
 
+    /// Keep each guest's write-cache choice in this directory (created, mode 0700), so that a
+    /// new daemon on the same sockets (after a crash, an upgrade) restores it. Meant for a
+    /// runtime directory such as /run/vublk. Default: `vublk-state` in the directory of the
+    /// first export's socket. Not with --single-process, which keeps no state.
+    #[arg(long, value_name = "DIR", conflicts_with = "single_process")]
+    pub state_dir: Option<PathBuf>,
+
     /// Serve Prometheus metrics (`GET /metrics`, text exposition format) on this TCP address,
     /// HOST:PORT (e.g. 127.0.0.1:9850). Metrics name exports, VMM pids and uids: bind it where
     /// only the monitoring system can reach it. Not with --single-process.
@@ -211,6 +218,19 @@ pub enum Command {
     /// daemon's command line still says what it serves after a restart.
     #[command(subcommand)]
     Export(ExportCommand),
+    /// Replace a running daemon with a new binary without closing its sockets: the daemon
+    /// starts BINARY (default: the path it was started from) with its own arguments on its
+    /// listening sockets, waits until it is ready, then stops its workers one at a time (each
+    /// VM's QEMU reconnects to the new daemon) and exits. Prints the new daemon's pid. If the
+    /// new daemon fails to start, the running one goes on serving and the reason is printed.
+    Upgrade {
+        /// The daemon's --control-socket.
+        #[arg(long, value_name = "PATH")]
+        control_socket: PathBuf,
+        /// The new binary.
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

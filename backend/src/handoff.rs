@@ -86,6 +86,9 @@ pub struct DeviceStatus {
     pub connection: u64,
     pub export: String,
     pub queues: u16,
+    /// Whether the device caches writes (the guest's choice, else `--write-cache`).
+    #[serde(default)]
+    pub write_cache: Option<bool>,
     #[serde(flatten)]
     pub totals: DeviceTotals,
     /// Memory generations, pins, retire waits, cancellations.
@@ -313,6 +316,7 @@ mod tests {
             // Larger than the pipe: its write waits for room, between other threads' writes.
             export: "x".repeat(100 * 1024),
             queues: 1,
+            write_cache: None,
             totals: DeviceTotals::default(),
             memory: crate::vhost_user::MemoryStatus::default(),
         };

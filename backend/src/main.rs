@@ -45,6 +45,20 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Some(vublk::cli::Command::Upgrade {
+        control_socket,
+        binary,
+    }) = &cli.command
+    {
+        return match vublk::supervisor::control::upgrade_command(control_socket, binary.as_deref())
+        {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vublk: upgrade: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     let mode = if let Some(fd) = cli.worker_control_fd {
         let plan = match cli
             .worker_sandbox
@@ -79,6 +93,7 @@ fn main() -> ExitCode {
                 cli.worker_options(),
                 vublk::supervisor::ControlOptions {
                     control_socket: cli.control_socket.clone(),
+                    state_dir: cli.state_dir.clone(),
                     metrics_addr: cli.metrics_addr,
                     export_defaults: cli.export_defaults(),
                 },

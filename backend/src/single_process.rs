@@ -63,7 +63,15 @@ pub fn run<D: VirtioDevice>(
     // Block the signals before any thread exists, so every thread inherits the mask and they
     // arrive only through the signalfd.
     let signals = Signals::block_and_watch().map_err(SingleProcessError::EventLoop)?;
+    // A socket systemd passed (LISTEN_FDS) is served by the path it is bound to, as in the
+    // supervisor; an `--fd N` is served as that option says.
+    let named: Vec<i32> = match endpoint {
+        Endpoint::Fd(fd) => vec![fd],
+        Endpoint::Path(_) => Vec::new(),
+    };
+    crate::endpoint::inherited::take_from_environment(&named);
     let listener = endpoint.open(access)?;
+    crate::endpoint::inherited::notify_ready();
     let done = EventFd::new(EFD_NONBLOCK).map_err(SingleProcessError::EventLoop)?;
     let events = EventLoop::new().map_err(SingleProcessError::EventLoop)?;
     events

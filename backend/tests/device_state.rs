@@ -105,3 +105,46 @@ fn the_guests_write_cache_choice_survives_its_worker() {
     let mut s = reconnect(&mut fx);
     assert_eq!(writeback(&mut s), 1, "log:\n{}", fx.daemon.log());
 }
+
+/// A new daemon on the same socket (the old one killed: a crash, or an upgrade) serves the
+/// guest's choice too: the supervisor keeps it in its state directory (`vublk-state` beside
+/// the socket), keyed by the VMM's pid and start time.
+#[test]
+fn the_guests_write_cache_choice_survives_a_daemon_restart() {
+    let mut fx = Fixture::start(VUBLK, 8 * MIB, &["--write-cache", "on"]);
+    let mut s = fx.session_with(SessionConfig::default(), &steps());
+    s.frontend()
+        .set_config(32, VhostUserConfigFlags::WRITABLE, &[0])
+        .unwrap();
+    assert_eq!(writeback(&mut s), 0);
+    // The worker reports the choice to the supervisor on its own time: wait for it to be
+    // kept (a file in its state directory) before the daemon dies; a daemon that keeps no
+    // file fails below.
+    let state = fx.dir.path().join("vublk-state");
+    let deadline = Instant::now() + WAIT;
+    while std::fs::read_dir(&state).map_or(0, |d| d.count()) == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let old_log = fx.daemon.log();
+    fx.daemon.signal_and_wait(libc::SIGKILL);
+    assert!(
+        s.wait_hangup(WAIT).unwrap(),
+        "the connection outlived the daemon"
+    );
+    let args = [
+        "--blk-file".to_string(),
+        fx.image.display().to_string(),
+        "--write-cache".into(),
+        "on".into(),
+    ];
+    fx.daemon =
+        vublk_test_support::daemon::Daemon::listen(VUBLK.as_ref(), &fx.socket, &args).unwrap();
+    let mut s = reconnect(&mut fx);
+    assert_eq!(
+        writeback(&mut s),
+        0,
+        "the new daemon serves write-back to a guest that chose write-through\nold log:\n{old_log}\nlog:\n{}",
+        fx.daemon.log()
+    );
+}

@@ -400,3 +400,79 @@ fn used_entries_left_by_a_previous_backend_are_signalled() {
         "the used entry left by the previous backend was never signalled"
     );
 }
+
+/// A frontend that keeps an inflight region and goes away (QEMU, when vublk stops cleanly for
+/// an upgrade) gets nothing more in its used ring: the request still in flight finishes its
+/// I/O, but its head stays in flight in the region and out of the used ring, for the next
+/// backend to run again. A used entry written after the frontend left would complete a head
+/// the next backend also runs (the guest's "id N is not a head" across an upgrade).
+#[test]
+fn a_frontend_that_leaves_with_a_region_gets_no_late_used_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("gate");
+    let path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) reads the NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+    let mut gate = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&fifo)
+        .unwrap();
+    let args = [
+        "--test-io-gate",
+        fifo.to_str().unwrap(),
+        "--test-io-gate-offset",
+        "0",
+    ];
+    let mut fx = Fixture::start(VUBLK, 8 * MIB, &args);
+    let mut s = fx.session_with(config(), &before_rings());
+    let (region, file) = get_region(&mut s);
+    s.frontend()
+        .set_inflight_fd(&region, file.as_raw_fd())
+        .expect("SET_INFLIGHT_FD");
+    start_ring(&mut s, 0).unwrap_or_else(|e| panic!("{e}\n{}", fx.daemon.log()));
+    let a = write_chain(&mut s, 0, 0x11);
+    {
+        let (vr, mem) = s.vring_mut(0).unwrap();
+        vr.queue.publish_batch(mem, &[a]).unwrap();
+    }
+    s.kick(0).unwrap();
+    // Held at the gate, and recorded in flight.
+    let flag = |file: &File| {
+        let mut flag = [0u8];
+        file.read_exact_at(&mut flag, desc_at(a)).unwrap();
+        flag[0]
+    };
+    let deadline = std::time::Instant::now() + WAIT;
+    while flag(&file) != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "head {a} never in flight\n{}",
+            fx.daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    // The frontend goes away (keeping its memory and the region), then the write finishes.
+    let (elsewhere, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    s.reconnect(elsewhere).unwrap();
+    std::io::Write::write_all(&mut gate, b"x").unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    while !fx.daemon.log_shows("frontend disconnected; device stopped") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the device did not stop\n{}",
+            fx.daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_same(&fx.image_bytes(0, 4096), &[0x11; 4096], "the held write");
+    let (vr, mem) = s.vring_mut(0).unwrap();
+    assert_eq!(
+        vr.queue.used_idx(mem).unwrap(),
+        0,
+        "the backend returned head {a} to a frontend that had gone\n{}",
+        fx.daemon.log()
+    );
+    assert_eq!(flag(&file), 1, "head {a} no longer in flight in the region");
+}

@@ -10,9 +10,15 @@
 //!   QEMU 7.2 (`reconnect`, in seconds), unpacked beside it by scripts/prereqs.sh. Without
 //!   inflight tracking QEMU rewinds the ring to its used index, the new worker replays a request that had
 //!   completed and never sees the held one: the guest hangs.
-//! - `worker_and_daemon_kills_under_fio`: SIGKILL of the VM's worker several times mid-I/O,
-//!   then of the whole daemon and a fresh start on the same socket; a probe in the guest
-//!   measures how long its I/O stalled across each restart (printed, not asserted).
+//! - `kills_and_upgrade_under_fio` (QEMU 10.0 and 7.2): the guest chooses write-through; SIGKILL
+//!   of the VM's worker several times mid-I/O, then of the whole daemon and a fresh start on the
+//!   same socket, then `vublk upgrade` (after one to a binary that fails); the device runs
+//!   write-through after each; a probe in the guest measures how long its I/O stalled across
+//!   each restart (printed, not asserted).
+//! - `upgrade_on_a_held_listening_socket`: what systemd's socket unit does on `systemctl
+//!   restart`: the test holds the socket, vublk is stopped and started again on it twice.
+//! - `systemctl_restart_under_fio`: the same by systemd itself, PID 1 in a podman container
+//!   with the shipped units.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -218,8 +224,10 @@ cmp /tmp/block /tmp/back && echo same
     }
 }
 
-/// Worker kills, then the daemon's, during the crash test's fio job.
+/// Worker kills, then the daemon's and an upgrade, during the restart test's fio job.
 const WORKER_KILLS: usize = 3;
+/// That job's size: long enough under TCG to outlast the restarts.
+const KILLS_MIB: u64 = 40;
 
 /// The guest's I/O probe: one 4 KiB O_DIRECT read past fio's region after another, each
 /// followed by the guest's uptime, until /tmp/stop exists. The longest gaps between two
@@ -239,60 +247,188 @@ awk 'NR > 1 && $1 != \"fail\" { printf \"gap %.3f at %s\\n\", $1 - prev, $1 } $1
 ";
 
 #[test]
-fn worker_and_daemon_kills_under_fio() {
-    guest_test("restarts", |dir| {
-        prepare()?;
-        let img = dir.join("disk.img");
-        sparse_image(&img, 64 * MIB)?;
-        let args = ["--blk-file", img.to_str().unwrap()];
-        let mut vublk = start_vublk(dir, "vublk", &args)?;
-        let vm = Vm::default()
-            .disk(vublk.socket(), 1)
-            .reconnect(500)
-            .timeout(Duration::from_secs(300));
-        let mut job = Job::new();
-        job.file("verify.fio", verify_job(24, 800).file())
-            .sh("probe", PROBE)
-            .sh("fio", &fio_step("fio"))
-            .sh("gaps", GAPS);
-        let boot = boot_in_background(&vm, dir, "restarts", job);
+fn kills_and_upgrade_under_fio() {
+    guest_test("restarts", |dir| kills_and_upgrade(dir, Qemu::Installed));
+}
 
-        wait_stage(dir, "restarts", "fio", &boot, Duration::from_secs(200))?;
-        let mut restarts = Vec::new();
-        let mut old = worker(vublk.pid(), None, Duration::from_secs(5))?;
-        for _ in 0..WORKER_KILLS {
-            std::thread::sleep(Duration::from_millis(1500));
-            let killed = Instant::now();
-            sigkill(old)?;
-            old = worker(vublk.pid(), Some(old), Duration::from_secs(30))?;
-            restarts.push(("worker", killed.elapsed()));
+#[test]
+fn kills_and_upgrade_under_fio_on_qemu_7_2() {
+    guest_test("restarts-qemu-7.2", |dir| {
+        kills_and_upgrade(dir, Qemu::Debian72)
+    });
+}
+
+/// The guest chooses write-through (the virtio-blk `writeback` config field, through the
+/// driver's `cache_type` attribute) before its fio job starts.
+const WRITE_THROUGH: &str = "echo 'write through' >/sys/block/vda/cache_type
+cat /sys/block/vda/cache_type
+";
+
+/// The write cache of the devices the daemon behind `control` serves, as their workers last
+/// reported it (`vublk status --json`, every second).
+fn device_write_cache(control: &Path) -> Result<Option<bool>> {
+    let out = std::process::Command::new(guest_tests::paths::vublk_bin()?)
+        .args(["status", "--json", "--control-socket"])
+        .arg(control)
+        .output()?;
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    Ok(status["vms"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|vm| vm["devices"].as_array().into_iter().flatten())
+        .find_map(|d| d["write_cache"].as_bool()))
+}
+
+/// Checks that the device behind `control` runs write-through, as the guest chose, within a
+/// few of its workers' reports; `when` names the restart it survived.
+fn still_write_through(control: &Path, when: &str) -> Result<()> {
+    let start = Instant::now();
+    let mut seen = None;
+    while start.elapsed() < Duration::from_secs(20) {
+        seen = device_write_cache(control)?;
+        if seen == Some(false) {
+            return Ok(());
         }
-        // The whole daemon: its workers die with it (parent-death signal), and a new daemon
-        // takes over the socket it left behind.
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    bail!("after {when} the device's write cache is {seen:?} (Some(true): it caches writes), though the guest chose write-through")
+}
+
+/// `vublk upgrade --control-socket control [--binary binary]`: the new daemon's pid, or the
+/// command's error.
+fn vublk_upgrade(control: &Path, binary: Option<&str>) -> Result<std::result::Result<u32, String>> {
+    let mut cmd = std::process::Command::new(guest_tests::paths::vublk_bin()?);
+    cmd.args(["upgrade", "--control-socket"]).arg(control);
+    if let Some(binary) = binary {
+        cmd.args(["--binary", binary]);
+    }
+    let out = cmd.output()?;
+    if !out.status.success() {
+        return Ok(Err(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+    }
+    Ok(Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?))
+}
+
+/// Stops a daemon `vublk upgrade` started (not our child): SIGTERM, and waits for it.
+fn terminate_upgraded(pid: u32) -> Result<()> {
+    // SAFETY: kill(2) only sends a signal; `pid` is the daemon the upgrade reported, which the
+    // test has not signalled yet.
+    if unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) } < 0 {
+        return Err(std::io::Error::last_os_error()).context("stop the new daemon");
+    }
+    let start = Instant::now();
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        ensure!(
+            start.elapsed() < Duration::from_secs(15),
+            "the new daemon {pid} did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// The guest chooses write-through, then runs a fio crc32c verify job while its worker is
+/// SIGKILLed several times, then the whole daemon (a new one is started on the same socket),
+/// then `vublk upgrade` hands it to a new daemon (after an upgrade to a binary that fails,
+/// which must leave the daemon serving). After each kind of restart the device still runs
+/// write-through; fio's verify is clean; a probe in the guest measures how long its I/O
+/// stalled across each restart (printed, not asserted).
+fn kills_and_upgrade(dir: &Path, qemu: Qemu) -> Result<()> {
+    prepare()?;
+    let img = dir.join("disk.img");
+    sparse_image(&img, 64 * MIB)?;
+    let control = dir.join("control.sock");
+    let args = [
+        "--blk-file",
+        img.to_str().unwrap(),
+        "--control-socket",
+        control.to_str().unwrap(),
+    ];
+    let mut vublk = start_vublk(dir, "vublk", &args)?;
+    let vm = Vm::default()
+        .disk(vublk.socket(), 1)
+        .reconnect(500)
+        .qemu(qemu)
+        .timeout(Duration::from_secs(360));
+    let mut job = Job::new();
+    job.file("verify.fio", verify_job(KILLS_MIB, 800).file())
+        .sh("write-through", WRITE_THROUGH)
+        .sh("probe", PROBE)
+        .sh("fio", &fio_step("fio"))
+        .sh("gaps", GAPS);
+    let boot = boot_in_background(&vm, dir, "restarts", job);
+
+    wait_stage(dir, "restarts", "fio", &boot, Duration::from_secs(200))?;
+    still_write_through(&control, "the guest's choice")?;
+    let mut restarts = Vec::new();
+    let mut old = worker(vublk.pid(), None, Duration::from_secs(5))?;
+    for _ in 0..WORKER_KILLS {
         std::thread::sleep(Duration::from_millis(1500));
         let killed = Instant::now();
-        vublk.signal(libc::SIGKILL)?;
-        let _ = vublk.wait_exit(Duration::from_secs(10));
-        let mut vublk = start_vublk_on(dir, "vublk2", &dir.join("vublk.sock"), &args)?;
-        worker(vublk.pid(), None, Duration::from_secs(30))?;
-        restarts.push(("daemon", killed.elapsed()));
+        sigkill(old)?;
+        old = worker(vublk.pid(), Some(old), Duration::from_secs(30))?;
+        restarts.push(("worker kill", killed.elapsed()));
+    }
+    still_write_through(&control, "worker kills")?;
+    // The whole daemon: its workers die with it (parent-death signal), and a new daemon
+    // takes over the socket it left behind.
+    std::thread::sleep(Duration::from_millis(1500));
+    let killed = Instant::now();
+    vublk.signal(libc::SIGKILL)?;
+    let _ = vublk.wait_exit(Duration::from_secs(10));
+    let mut vublk = start_vublk_on(dir, "vublk2", &dir.join("vublk.sock"), &args)?;
+    worker(vublk.pid(), None, Duration::from_secs(30))?;
+    restarts.push(("daemon kill", killed.elapsed()));
+    still_write_through(&control, "a daemon kill and restart")?;
 
-        let boot = boot
-            .join()
-            .map_err(|_| anyhow::anyhow!("the boot thread panicked"))??;
-        verify_job(24, 800).check_written(&boot.fio("fio")?)?;
-        let gaps = boot.ok("gaps")?;
-        for (what, took) in &restarts {
-            eprintln!(
-                "restarts: {what} killed; its replacement served the VM {} ms later",
-                took.as_millis()
-            );
-        }
-        eprintln!("restarts: the guest probe's longest I/O gaps (s):\n{gaps}");
-        boot.check_kernel(&[])?;
-        vublk.try_terminate()?;
-        Ok(())
-    });
+    // A new binary that fails: the daemon says so and goes on serving.
+    match vublk_upgrade(&control, Some("/bin/false"))? {
+        Ok(pid) => bail!("an upgrade to /bin/false succeeded (pid {pid})"),
+        Err(e) => ensure!(e.contains("goes on serving"), "{e}"),
+    }
+    vublk.running()?;
+    // The upgrade: the new daemon takes the sockets, the old one hands the VM over and exits.
+    std::thread::sleep(Duration::from_millis(1500));
+    let upgraded = Instant::now();
+    let new = match vublk_upgrade(&control, None)? {
+        Ok(pid) => pid,
+        Err(e) => bail!("vublk upgrade failed: {e}"),
+    };
+    worker(new, None, Duration::from_secs(30))?;
+    restarts.push(("upgrade", upgraded.elapsed()));
+    let status = vublk
+        .wait_exit(Duration::from_secs(15))
+        .context("the old daemon did not exit after the upgrade")?;
+    ensure!(status.success(), "the old daemon exited with {status}");
+    ensure!(
+        dir.join("vublk.sock").exists(),
+        "the socket went away in the upgrade"
+    );
+    let checked = still_write_through(&control, "an upgrade");
+
+    let boot = boot
+        .join()
+        .map_err(|_| anyhow::anyhow!("the boot thread panicked"));
+    terminate_upgraded(new)?;
+    checked?;
+    let boot = boot??;
+    let chosen = boot.ok("write-through")?;
+    ensure!(
+        chosen.contains("write through"),
+        "the guest's cache_type: {chosen}"
+    );
+    verify_job(KILLS_MIB, 800).check_written(&boot.fio("fio")?)?;
+    let gaps = boot.ok("gaps")?;
+    for (what, took) in &restarts {
+        eprintln!(
+            "restarts ({qemu:?}): {what}; the replacement served the VM {} ms later",
+            took.as_millis()
+        );
+    }
+    eprintln!("restarts ({qemu:?}): the guest probe's longest I/O gaps (s):\n{gaps}");
+    boot.check_kernel(&[])?;
+    Ok(())
 }
 
 /// How many times the upgrade test restarts vublk under the guest.
@@ -300,16 +436,24 @@ const UPGRADES: usize = 2;
 
 /// An upgrade that never drops the listening socket: the socket is held by someone other than
 /// vublk (here the test, in production systemd's socket unit: `systemctl restart vublk`), vublk
-/// serves it with `--fd 3`, and is stopped with SIGTERM (each worker completes what it has in
-/// flight before letting go) and started again on the same socket while the guest's fio job
-/// runs. QEMU's reconnects land in the socket's backlog until the new vublk accepts them.
+/// serves it with `--fd 3`, and is stopped with SIGTERM (each worker leaves what it has in
+/// flight to the VM's inflight region) and started again on the same socket while the guest's
+/// fio job runs. QEMU's reconnects land in the socket's backlog until the new vublk accepts
+/// them. The guest chose write-through first; each new vublk serves it so (its state directory
+/// beside the socket).
 #[test]
 fn upgrade_on_a_held_listening_socket() {
     guest_test("upgrade", |dir| {
         prepare()?;
         let img = dir.join("disk.img");
         sparse_image(&img, 64 * MIB)?;
-        let args = ["--blk-file", img.to_str().unwrap()];
+        let control = dir.join("control.sock");
+        let args = [
+            "--blk-file",
+            img.to_str().unwrap(),
+            "--control-socket",
+            control.to_str().unwrap(),
+        ];
         let socket = dir.join("held.sock");
         let listener = std::os::unix::net::UnixListener::bind(&socket)?;
         let mut vublk = start_vublk_inherited(dir, "vublk", &listener, &socket, &args)?;
@@ -319,6 +463,7 @@ fn upgrade_on_a_held_listening_socket() {
             .timeout(Duration::from_secs(300));
         let mut job = Job::new();
         job.file("verify.fio", verify_job(24, 800).file())
+            .sh("write-through", WRITE_THROUGH)
             .sh("probe", PROBE)
             .sh("fio", &fio_step("fio"))
             .sh("gaps", GAPS);
@@ -326,6 +471,7 @@ fn upgrade_on_a_held_listening_socket() {
 
         wait_stage(dir, "upgrade", "fio", &boot, Duration::from_secs(200))?;
         worker(vublk.pid(), None, Duration::from_secs(5))?;
+        still_write_through(&control, "the guest's choice")?;
         let mut upgrades = Vec::new();
         for i in 0..UPGRADES {
             std::thread::sleep(Duration::from_millis(2000));
@@ -336,6 +482,7 @@ fn upgrade_on_a_held_listening_socket() {
             vublk = start_vublk_inherited(dir, &name, &listener, &socket, &args)?;
             worker(vublk.pid(), None, Duration::from_secs(30))?;
             upgrades.push(stopped.elapsed());
+            still_write_through(&control, "a restart on the held socket")?;
         }
 
         let boot = boot
@@ -352,6 +499,217 @@ fn upgrade_on_a_held_listening_socket() {
         eprintln!("upgrade: the guest probe's longest I/O gaps (s):\n{gaps}");
         boot.check_kernel(&[])?;
         vublk.try_terminate()?;
+        Ok(())
+    });
+}
+
+/// A podman container whose PID 1 is systemd (the host's, its /usr shared read-only, a copy of
+/// the host's /etc), removed when dropped.
+struct SystemdContainer {
+    name: String,
+}
+
+impl SystemdContainer {
+    fn podman(args: &[&str]) -> Result<String> {
+        let out = std::process::Command::new("timeout")
+            .args(["--kill-after=5", "120", "podman", "--runtime", "runc"])
+            .args(args)
+            .output()
+            .context("run podman")?;
+        ensure!(
+            out.status.success(),
+            "podman {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// Boots systemd in a container on a root file system made in `dir/root`: the host's /usr
+    /// (read-only) and its usr-merged links, a copy of its /etc with our units installed, and
+    /// `host` mounted at /hostrun.
+    fn boot(dir: &Path, host: &Path, units: &[(&str, String)]) -> Result<SystemdContainer> {
+        let root = dir.join("root");
+        for sub in [
+            "usr", "proc", "sys", "dev", "run", "tmp", "var/tmp", "var/lib", "var/log",
+        ] {
+            std::fs::create_dir_all(root.join(sub))?;
+        }
+        for link in ["bin", "lib", "lib64", "sbin"] {
+            if let Ok(target) = std::fs::read_link(Path::new("/").join(link)) {
+                std::os::unix::fs::symlink(target, root.join(link))?;
+            }
+        }
+        let copied = std::process::Command::new("cp")
+            .args(["-a", "/etc/."])
+            .arg(root.join("etc"))
+            .status()?;
+        ensure!(copied.success(), "copy /etc");
+        let system = root.join("etc/systemd/system");
+        // A small boot: sockets and basic services, not the host's graphical target.
+        let _ = std::fs::remove_file(system.join("default.target"));
+        std::os::unix::fs::symlink(
+            "/lib/systemd/system/basic.target",
+            system.join("default.target"),
+        )?;
+        std::fs::create_dir_all(system.join("sockets.target.wants"))?;
+        for (name, text) in units {
+            std::fs::write(system.join(name), text)?;
+        }
+        std::os::unix::fs::symlink(
+            "/etc/systemd/system/vublk.socket",
+            system.join("sockets.target.wants/vublk.socket"),
+        )?;
+        let name = format!("vublk-systemd-{}", std::process::id());
+        let hostrun = format!("{}:/hostrun", host.display());
+        Self::podman(&[
+            "run",
+            "-d",
+            "--name",
+            &name,
+            "--systemd=always",
+            // podman's default seccomp profile refuses io_uring (vmm-glue/tests/container.rs
+            // runs vublk under a profile that allows it; here the container only hosts systemd).
+            "--security-opt",
+            "seccomp=unconfined",
+            "--ulimit",
+            "nofile=16384:16384",
+            "--ulimit",
+            "nproc=4096:4096",
+            "--timeout",
+            "900",
+            "-v",
+            "/usr:/usr:ro",
+            "-v",
+            &hostrun,
+            "--rootfs",
+            root.to_str().context("root path")?,
+            "/lib/systemd/systemd",
+        ])?;
+        Ok(SystemdContainer { name })
+    }
+
+    fn systemctl(&self, args: &[&str]) -> Result<String> {
+        let mut all = vec!["exec", self.name.as_str(), "systemctl"];
+        all.extend_from_slice(args);
+        Self::podman(&all)
+    }
+}
+
+impl Drop for SystemdContainer {
+    fn drop(&mut self) {
+        let _ = Self::podman(&["rm", "-f", "-t", "0", &self.name]);
+    }
+}
+
+/// `systemctl restart vublk.service` for real: systemd runs as PID 1 in a podman container
+/// with docs/systemd's units (the socket moved to a directory the host's QEMU reaches, vublk
+/// the binary under test with `--single-process`: the supervisor identifies VMMs by pid, and
+/// the host's QEMU has none in the container's pid namespace), and restarts the service twice
+/// during the guest's fio crc32c verify job. The socket unit holds the socket throughout.
+#[test]
+fn systemctl_restart_under_fio() {
+    guest_test("systemctl", |dir| {
+        prepare()?;
+        let host = dir.join("hostrun");
+        std::fs::create_dir(&host)?;
+        sparse_image(&host.join("disk.img"), 64 * MIB)?;
+        std::fs::copy(guest_tests::paths::vublk_bin()?, host.join("vublk"))?;
+        let shipped = |name: &str| {
+            std::fs::read_to_string(
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../docs/systemd")
+                    .join(name),
+            )
+        };
+        let socket_unit = shipped("vublk.socket")?
+            .replace("/run/vublk/vublk.sock", "/hostrun/vublk.sock")
+            .replace("SocketGroup=kvm\n", "");
+        let service_unit = shipped("vublk.service")?
+            .replace(
+                "/usr/local/bin/vublk --fd 3 --blk-file /var/lib/vublk/disk.img",
+                "/hostrun/vublk --single-process --fd 3 --blk-file /hostrun/disk.img",
+            )
+            .replace(
+                "[Service]\n",
+                "[Service]\nStandardError=append:/hostrun/vublk.log\n",
+            );
+        ensure!(
+            socket_unit.contains("/hostrun/vublk.sock") && service_unit.contains("/hostrun/vublk "),
+            "the shipped units changed: {socket_unit}\n{service_unit}"
+        );
+        let container = SystemdContainer::boot(
+            dir,
+            &host,
+            &[
+                ("vublk.socket", socket_unit),
+                ("vublk.service", service_unit),
+            ],
+        )?;
+        let socket = host.join("vublk.sock");
+        let start = Instant::now();
+        while !socket.exists() {
+            ensure!(
+                start.elapsed() < Duration::from_secs(60),
+                "systemd did not create the socket"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let vm = Vm::default()
+            .disk(&socket, 1)
+            .reconnect(500)
+            .timeout(Duration::from_secs(300));
+        let mut job = Job::new();
+        job.file("verify.fio", verify_job(24, 800).file())
+            .sh("probe", PROBE)
+            .sh("fio", &fio_step("fio"))
+            .sh("gaps", GAPS);
+        let boot = boot_in_background(&vm, dir, "systemctl", job);
+        wait_stage(dir, "systemctl", "fio", &boot, Duration::from_secs(200))?;
+        let log = host.join("vublk.log");
+        let served = || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .matches("frontend connected")
+                .count()
+        };
+        let mut restarts = Vec::new();
+        for _ in 0..UPGRADES {
+            std::thread::sleep(Duration::from_millis(2000));
+            let before = served();
+            let pid = container.systemctl(&["show", "-P", "MainPID", "vublk.service"])?;
+            let restarted = Instant::now();
+            container.systemctl(&["restart", "vublk.service"])?;
+            while served() == before {
+                ensure!(
+                    restarted.elapsed() < Duration::from_secs(30),
+                    "the restarted vublk did not serve the VM"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let new = container.systemctl(&["show", "-P", "MainPID", "vublk.service"])?;
+            ensure!(new != pid, "systemctl restart kept vublk pid {pid}");
+            restarts.push(restarted.elapsed());
+        }
+        let boot = boot
+            .join()
+            .map_err(|_| anyhow::anyhow!("the boot thread panicked"))??;
+        verify_job(24, 800).check_written(&boot.fio("fio")?)?;
+        let gaps = boot.ok("gaps")?;
+        for took in &restarts {
+            eprintln!(
+                "systemctl: restart to the new vublk serving the VM: {} ms",
+                took.as_millis()
+            );
+        }
+        eprintln!("systemctl: the guest probe's longest I/O gaps (s):\n{gaps}");
+        boot.check_kernel(&[])?;
+        container.systemctl(&["stop", "vublk.service", "vublk.socket"])?;
+        let log = std::fs::read_to_string(&log).unwrap_or_default();
+        ensure!(
+            !log.contains("panicked") && !log.contains(" ERROR "),
+            "vublk's log: {log}"
+        );
         Ok(())
     });
 }

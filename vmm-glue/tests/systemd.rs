@@ -186,3 +186,73 @@ fn socket_activation_hands_vublk_the_listening_fd() {
     assert!(st.success(), "vublk exit {st}: {}", d.log());
     assert!(sock.exists(), "vublk must not remove a socket it inherited");
 }
+
+/// A socket unit with `vublk --socket-path` (the same path as `ListenStream=`) instead of
+/// `--fd 3`: vublk finds the socket systemd passed (LISTEN_PID, LISTEN_FDS), bound to its path,
+/// and serves it instead of binding a new one, and leaves it in place on exit. The same path
+/// takes the sockets a daemon hands over in `vublk upgrade`.
+#[test]
+fn socket_activation_is_found_by_the_socket_path() {
+    found_by_the_socket_path(&[]);
+}
+
+#[test]
+fn socket_activation_is_found_by_the_socket_path_in_a_single_process() {
+    found_by_the_socket_path(&["--single-process"]);
+}
+
+fn found_by_the_socket_path(extra: &[&str]) {
+    let Some(activate) = which("systemd-socket-activate") else {
+        eprintln!("skipped: systemd-socket-activate is not installed (Debian package systemd)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    create_image(&image, 1 << 20, IMAGE_SEED);
+    let sock = dir.path().join("vublk.sock");
+    let mut cmd = Command::new(&activate);
+    cmd.arg("-l")
+        .arg(&sock)
+        .arg(vublk())
+        .arg("--socket-path")
+        .arg(&sock)
+        .arg("--blk-file")
+        .arg(&image)
+        .args(extra);
+    let mut d = Options::default()
+        .spawn(cmd)
+        .expect("spawn systemd-socket-activate");
+    let start = Instant::now();
+    let stream = loop {
+        match UnixStream::connect(&sock) {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(d.try_wait().is_none(), "exited: {}", d.log());
+                assert!(start.elapsed() < Duration::from_secs(10), "connect: {e}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
+    let config = SessionConfig::default();
+    let steps = Step::qemu(config.num_queues);
+    let mut s = Session::connect(stream, config, &steps)
+        .unwrap_or_else(|e| panic!("handshake: {e}\n{}", d.log()));
+    let c = s.blk(0).read(8, 4096).unwrap();
+    assert_eq!(c.status(), 0, "{}", d.log());
+    assert_same(&c.data, &image_pattern(8 * 512, 4096), "read");
+    drop(s);
+    let log = d.log();
+    assert!(
+        log.contains(&format!("listening on {} (inherited fd 3)", sock.display())),
+        "vublk did not serve the socket systemd passed: {log}"
+    );
+    d.signal(libc::SIGTERM).unwrap();
+    let st = d
+        .wait_exit(Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("vublk did not stop on SIGTERM: {}", d.log()));
+    assert!(st.success(), "vublk exit {st}: {}", d.log());
+    assert!(
+        sock.exists(),
+        "vublk must not remove a socket systemd passed"
+    );
+}

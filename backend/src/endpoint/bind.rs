@@ -43,6 +43,14 @@ pub(super) fn bind(path: &Path, access: SocketAccess) -> Result<Listener, Endpoi
         source,
     };
     let io_err = |e: io::Error| bind_err(e.into());
+    // Passed by whoever started us (systemd, the vublk we replace): served as it is, never
+    // bound again (inherited.rs).
+    if let Some((listener, created)) = super::inherited::take_unix_listener(path) {
+        return Ok(Listener::Listening {
+            listener,
+            created: created.then(|| path.to_owned()),
+        });
+    }
     // A socket left behind by a daemon that died is replaced; a live one is not stolen.
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {

@@ -4,6 +4,7 @@
 
 mod adopt;
 mod bind;
+pub mod inherited;
 
 use std::io;
 use std::os::fd::RawFd;
@@ -79,6 +80,19 @@ impl Endpoint {
 }
 
 impl Listener {
+    /// The path a listening socket is bound to (whoever bound it), if it has one.
+    pub fn bound_path(&self) -> Option<PathBuf> {
+        match self {
+            Listener::Listening { listener, .. } => listener
+                .local_addr()
+                .ok()?
+                .as_pathname()
+                .filter(|p| !p.as_os_str().is_empty())
+                .map(PathBuf::from),
+            Listener::Connected(_) => None,
+        }
+    }
+
     /// Removes the socket we created, if any.
     pub fn cleanup(&self) {
         if let Listener::Listening {

@@ -50,7 +50,11 @@ pub struct MetricsServer {
 impl MetricsServer {
     /// Listens on `addr` (non-blocking).
     pub fn bind(addr: SocketAddr) -> io::Result<MetricsServer> {
-        let listener = TcpListener::bind(addr)?;
+        // Passed by the daemon this one replaces (`vublk upgrade`), or bound here.
+        let listener = match crate::endpoint::inherited::take_tcp_listener(addr) {
+            Some(listener) => listener,
+            None => TcpListener::bind(addr)?,
+        };
         listener.set_nonblocking(true)?;
         Ok(MetricsServer {
             listener,

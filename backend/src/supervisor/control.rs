@@ -37,6 +37,31 @@ pub enum Request {
     ExportResize { socket: PathBuf },
     /// The exports served now.
     ExportList,
+    /// Start `binary` (default: the path this daemon was started from) with this daemon's
+    /// arguments on its listening sockets, and hand the VMs over to it (upgrade.rs).
+    Upgrade { binary: Option<PathBuf> },
+}
+
+/// The answer to an upgrade: the new daemon's pid, or why this daemon goes on serving.
+pub type UpgradeReply = Result<u32, String>;
+
+/// `vublk upgrade`: asks the daemon behind `control` to hand over to `binary`; prints the new
+/// daemon's pid. `Err` is the line to print (the old daemon goes on serving).
+pub fn upgrade_command(control: &Path, binary: Option<&Path>) -> Result<(), String> {
+    let binary = binary
+        .map(|b| std::path::absolute(b).map_err(|e| format!("{}: {e}", b.display())))
+        .transpose()?;
+    let body = ask(control, &Request::Upgrade { binary })
+        .map_err(|e| format!("cannot ask the daemon on {}: {e}", control.display()))?;
+    let reply: UpgradeReply = serde_json::from_slice(&body).map_err(|e| {
+        format!(
+            "the daemon on {} gave an answer that is not one: {e}",
+            control.display()
+        )
+    })?;
+    let pid = reply?;
+    println!("{pid}");
+    Ok(())
 }
 
 /// One export, as `vublk export list` shows it.

@@ -255,7 +255,13 @@ impl Supervisor {
                 connection: handoff.connection,
                 export: spec,
                 disk_fd_attached: handoff.disk.is_some(),
-                write_cache: self.device_state.write_cache(key, handoff.export),
+                write_cache: self
+                    .device_state
+                    .write_cache(key, handoff.export)
+                    .or_else(|| {
+                        let state_key = &self.exports[handoff.export].state_key;
+                        self.state.as_ref()?.write_cache(key, state_key)
+                    }),
             };
             let mut fds = vec![&handoff.stream, &handoff.peer.pidfd];
             if let Some(disk) = &handoff.disk {

@@ -406,6 +406,9 @@ impl Supervisor {
             let kept = self
                 .device_state
                 .set_write_cache(vmm, export, on, has_worker);
+            if let Some(state) = &self.state {
+                state.set_write_cache(vmm, &self.exports[export].state_key, on);
+            }
             tracing::debug!(
                 "worker pid {worker}: the guest of VMM pid {pid} set the write cache of {} {}{}",
                 self.exports[export].spec.name,
@@ -514,6 +517,9 @@ impl Supervisor {
         if !vmm_lives {
             // Its device state has no one to go to.
             self.device_state.forget(vm.vmm_key);
+            if let Some(state) = &self.state {
+                state.forget(vm.vmm_key);
+            }
         }
         if !vm.failure_counted && !vm.took_one {
             // It died before taking a single connection: sending them to another worker would
@@ -568,12 +574,28 @@ impl Supervisor {
     pub(super) fn stop(&mut self) {
         let deadline = Instant::now() + STOP_GRACE;
         let vms: Vec<Vm> = self.vms.drain().map(|(_, vm)| vm).collect();
-        for vm in &vms {
-            let _ = rustix::net::shutdown(&vm.control, rustix::net::Shutdown::Both);
+        // After an upgrade the new daemon takes each VM as its QEMU reconnects: one at a
+        // time, so they do not all reconnect (and start workers) at once.
+        let one_at_a_time = self.handed_over;
+        if one_at_a_time {
+            tracing::info!(
+                "handing over: stopping {} worker(s) one at a time, then exiting",
+                vms.len()
+            );
+        }
+        if !one_at_a_time {
+            for vm in &vms {
+                let _ = rustix::net::shutdown(&vm.control, rustix::net::Shutdown::Both);
+            }
         }
         let mut stragglers = Vec::new();
         for mut vm in vms {
-            let left = deadline.saturating_duration_since(Instant::now());
+            let left = if one_at_a_time {
+                let _ = rustix::net::shutdown(&vm.control, rustix::net::Shutdown::Both);
+                STOP_GRACE
+            } else {
+                deadline.saturating_duration_since(Instant::now())
+            };
             let exited = wait_exit(&vm.worker_pidfd, left);
             // Its last words (a count of lines it left out, say).
             let (lines, _) = vm.log_reader.read(&vm.log);

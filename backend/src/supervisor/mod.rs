@@ -38,12 +38,15 @@ mod exports;
 mod lifecycle;
 mod metrics;
 mod spawn;
+mod state_store;
 mod status;
 mod tenants;
+mod upgrade;
 mod vm;
 mod worker_log;
 
 use std::collections::HashMap;
+use std::ffi::CString;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
@@ -68,6 +71,7 @@ pub use exports::ExportDefaults;
 use metrics::Counters;
 use spawn::Executable;
 pub use spawn::{adopt_channels, WORKER_CONTROL_FD};
+use state_store::StateStore;
 pub use status::{print_status, Status, VmStatus};
 use tenants::{left_out, StartBackoff, TenantLog};
 pub use tenants::{TenantLimits, DEFAULT_CONNECTIONS_PER_VMM, DEFAULT_VMS_PER_UID};
@@ -120,6 +124,8 @@ enum Event {
     MetricsListener,
     /// Metrics connection `id` is readable (or writable, once its request is read).
     MetricsClient(u64),
+    /// The daemon started by `vublk upgrade` wrote to its readiness pipe, or exited.
+    Upgrade,
 }
 
 impl Token for Event {
@@ -136,6 +142,7 @@ impl Token for Event {
             Event::MetricsListener => event_loop::pack(8, 0),
             Event::MetricsClient(id) => event_loop::pack(9, id),
             Event::ControlClient(id) => event_loop::pack(10, id),
+            Event::Upgrade => event_loop::pack(11, 0),
         }
     }
 
@@ -152,6 +159,7 @@ impl Token for Event {
             (8, 0) => Event::MetricsListener,
             (9, id) => Event::MetricsClient(id),
             (10, id) => Event::ControlClient(id),
+            (11, 0) => Event::Upgrade,
             _ => return None,
         })
     }
@@ -175,6 +183,23 @@ struct Export {
     /// `None` once the export was removed (`vublk export remove`); the entry stays so the
     /// indexes connections carry keep naming the same export.
     listener: Option<Listener>,
+    /// How state files name it: the path its listening socket is bound to, the same for
+    /// the daemon that created the socket and one that inherited it (an upgrade, systemd);
+    /// else its name.
+    state_key: String,
+}
+
+impl Export {
+    fn new(spec: ExportSpec, listener: Listener) -> Export {
+        let state_key = listener
+            .bound_path()
+            .map_or_else(|| spec.name.clone(), |p| p.display().to_string());
+        Export {
+            spec,
+            listener: Some(listener),
+            state_key,
+        }
+    }
 }
 
 /// Where the supervisor answers, besides its exports.
@@ -186,6 +211,9 @@ pub struct ControlOptions {
     pub metrics_addr: Option<SocketAddr>,
     /// What exports added at run time take from the daemon-wide options.
     pub export_defaults: ExportDefaults,
+    /// Where the guests' write-cache choices are kept for the next daemon (--state-dir);
+    /// `None`: `vublk-state` beside the first export's socket.
+    pub state_dir: Option<PathBuf>,
 }
 
 pub fn run(
@@ -194,9 +222,28 @@ pub fn run(
     workers: WorkerOptions,
     options: ControlOptions,
 ) -> Result<(), SupervisorError> {
+    // Before anything opens a descriptor: sockets passed by systemd or by the daemon this one
+    // replaces (`vublk upgrade`) sit at fds 3 on.
+    let named: Vec<i32> = exports
+        .iter()
+        .filter_map(|(endpoint, _)| match endpoint {
+            Endpoint::Fd(fd) => Some(*fd),
+            Endpoint::Path(_) => None,
+        })
+        .collect();
+    let inherited = crate::endpoint::inherited::take_from_environment(&named);
+    if inherited > 0 {
+        tracing::info!("{inherited} descriptor(s) inherited (LISTEN_FDS)");
+    }
     let signals = Signals::block_and_watch().map_err(SupervisorError::EventLoop)?;
     raise_nofile_limit();
     let exe = Executable::current().map_err(SupervisorError::Executable)?;
+    // What `vublk upgrade` starts by default: the binary at the path this one was started
+    // from (an upgrade replaces the file there), with the same arguments.
+    let binary = std::env::current_exe().map_err(SupervisorError::Executable)?;
+    let argv: Vec<CString> = std::env::args_os()
+        .filter_map(|a| CString::new(a.into_encoded_bytes()).ok())
+        .collect();
     // Before the control socket, whose appearance says vublk is ready.
     let metrics = options
         .metrics_addr
@@ -207,6 +254,9 @@ pub fn run(
     let (open, control) = open_sockets(exports, options.control_socket)?;
     let mut supervisor = Supervisor::new(open, exe, limits, workers)?;
     supervisor.export_defaults = options.export_defaults;
+    supervisor.binary = binary;
+    supervisor.argv = argv;
+    supervisor.state = open_state_store(options.state_dir, &supervisor.exports);
     if let Some(server) = &metrics {
         if let Ok(addr) = server.local_addr() {
             tracing::info!("serving metrics on http://{addr}/metrics");
@@ -231,7 +281,18 @@ pub fn run(
             .map_err(SupervisorError::EventLoop)?;
     }
     supervisor.control = control;
+    crate::endpoint::inherited::notify_ready();
     let result = supervisor.serve(&signals);
+    if let Some(pending) = supervisor.upgrade.take() {
+        // Stopped before the new daemon was ready: it must not serve sockets this one is
+        // about to remove.
+        let binary = pending.binary.clone();
+        let ended = pending.end();
+        tracing::warn!(
+            "upgrade to {} abandoned: this daemon is stopping ({ended})",
+            binary.display()
+        );
+    }
     supervisor.stop();
     result
 }
@@ -278,10 +339,8 @@ fn open_sockets(
     let mut open = Vec::new();
     let bind_all = || -> Result<Option<Listener>, EndpointError> {
         for (endpoint, spec) in exports {
-            open.push(Export {
-                listener: Some(endpoint.open(spec.socket)?),
-                spec,
-            });
+            let listener = endpoint.open(spec.socket)?;
+            open.push(Export::new(spec, listener));
         }
         // The status socket shows every VM's identity: owner only.
         let owner_only = SocketAccess {
@@ -299,6 +358,40 @@ fn open_sockets(
                 .filter_map(|export| export.listener.as_ref())
                 .for_each(Listener::cleanup);
             Err(e)
+        }
+    }
+}
+
+/// The state directory (`--state-dir`, else `vublk-state` beside the first export's socket),
+/// swept of files of VMMs that are gone; `None` (said in one line) if there is none or it is
+/// not usable: choices then last only as long as this daemon.
+fn open_state_store(dir: Option<PathBuf>, exports: &[Export]) -> Option<StateStore> {
+    let dir = dir.or_else(|| {
+        let socket = exports
+            .iter()
+            .find_map(|e| e.listener.as_ref()?.bound_path())?;
+        Some(socket.parent()?.join("vublk-state"))
+    });
+    let Some(dir) = dir else {
+        tracing::info!("no state directory (no --state-dir, no socket path): the guests' write-cache choices last as long as this daemon");
+        return None;
+    };
+    match StateStore::open(&dir) {
+        Ok(store) => {
+            store.sweep();
+            tracing::info!(
+                "keeping the guests' write-cache choices in {}",
+                dir.display()
+            );
+            Some(store)
+        }
+        Err(e) => {
+            tracing::warn!(
+                "state directory {}: {}; the guests' write-cache choices last as long as this daemon",
+                dir.display(),
+                crate::error_line(&e)
+            );
+            None
         }
     }
 }
@@ -333,6 +426,8 @@ struct Supervisor {
     log: TenantLog,
     /// What the VMs' guests chose that their next worker must know.
     device_state: DeviceState,
+    /// The same choices on disk, for the next daemon.
+    state: Option<StateStore>,
     /// A descriptor given up when accept fails for lack of them, so the connection can be
     /// taken and closed instead of waking the loop again and again.
     reserve: Option<OwnedFd>,
@@ -345,6 +440,12 @@ struct Supervisor {
     /// Where scrapers connect (--metrics-addr), and what the supervisor counts for them.
     metrics: Option<MetricsServer>,
     counters: Counters,
+    /// What `vublk upgrade` starts, and the new daemon it started, until it is ready.
+    binary: PathBuf,
+    argv: Vec<CString>,
+    upgrade: Option<upgrade::Pending>,
+    /// A new daemon serves the sockets now: stop the workers and exit.
+    handed_over: bool,
 }
 
 impl Supervisor {
@@ -372,12 +473,17 @@ impl Supervisor {
             backoff: StartBackoff::default(),
             log: TenantLog::default(),
             device_state: DeviceState::default(),
+            state: None,
             reserve: open_reserve(),
             overload_log: RateLimit::new(5, Duration::from_secs(10)),
             unreaped: Vec::new(),
             reap_retry_at: None,
             metrics: None,
             counters: Counters::default(),
+            binary: PathBuf::new(),
+            argv: Vec::new(),
+            upgrade: None,
+            handed_over: false,
         };
         for index in 0..supervisor.exports.len() {
             let stream = match &supervisor.exports[index].listener {
@@ -443,12 +549,13 @@ impl Supervisor {
             .chain(self.reap_retry_at)
             .chain(self.metrics.as_ref().and_then(|m| m.next_deadline()))
             .chain(self.control_clients.next_deadline())
+            .chain(self.upgrade.as_ref().map(|u| u.deadline))
             .min()
     }
 
     fn serve(&mut self, signals: &Signals) -> Result<(), SupervisorError> {
         loop {
-            if self.only_connected() && self.connected_left == 0 {
+            if self.only_connected() && self.connected_left == 0 || self.handed_over {
                 return Ok(());
             }
             let timeout = self
@@ -474,8 +581,10 @@ impl Supervisor {
                     Event::ControlClient(id) => self.on_control_client(id),
                     Event::MetricsListener => self.on_metrics_listener(),
                     Event::MetricsClient(id) => self.on_metrics_client(id),
+                    Event::Upgrade => self.on_upgrade(),
                 }
             }
+            self.expire_upgrade(Instant::now());
             self.expire(Instant::now());
             self.expire_metrics(Instant::now());
             for id in self.control_clients.overdue(Instant::now()) {
@@ -621,6 +730,11 @@ impl Supervisor {
             };
             let answer = match request {
                 Ok(control::Request::Status) => serde_json::to_vec(&self.status()),
+                Ok(control::Request::Upgrade { binary }) => match self.start_upgrade(id, binary) {
+                    // Answered once the new daemon is ready or failed.
+                    None => return,
+                    Some(reply) => serde_json::to_vec(&reply),
+                },
                 Ok(request) => serde_json::to_vec(&self.export_request(request)),
                 Err(e) => serde_json::to_vec(&control::ExportReply::Err(format!(
                     "bad control request: {e}"
@@ -667,7 +781,12 @@ mod tests {
     #[test]
     fn event_tokens_round_trip() {
         let ids = [0, 1, u64::from(u32::MAX) + 1, (1 << 56) - 1];
-        let mut events = vec![Event::Signal, Event::Control, Event::MetricsListener];
+        let mut events = vec![
+            Event::Signal,
+            Event::Control,
+            Event::MetricsListener,
+            Event::Upgrade,
+        ];
         for id in ids {
             events.extend([
                 Event::Listener(id as usize),
@@ -685,6 +804,7 @@ mod tests {
         }
         assert_eq!(Event::from_raw(event_loop::pack(0, 1)), None);
         assert_eq!(Event::from_raw(event_loop::pack(8, 1)), None);
-        assert_eq!(Event::from_raw(event_loop::pack(11, 0)), None);
+        assert_eq!(Event::from_raw(event_loop::pack(11, 1)), None);
+        assert_eq!(Event::from_raw(event_loop::pack(12, 0)), None);
     }
 }

@@ -127,7 +127,7 @@ impl Executable {
     }
 }
 
-fn threads_of_self() -> usize {
+pub(super) fn threads_of_self() -> usize {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {

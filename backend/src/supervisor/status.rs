@@ -110,8 +110,14 @@ pub fn print_status(control: &std::path::Path, json: bool) -> io::Result<()> {
         }
         for d in &vm.devices {
             println!(
-                "  device {} (connection {}): {} queue(s), {} requests, {} errors, {} bytes read, {} bytes written",
-                d.export, d.connection, d.queues, d.totals.requests, d.totals.errors, d.totals.bytes_read, d.totals.bytes_written
+                "  device {} (connection {}): {} queue(s), {}, {} requests, {} errors, {} bytes read, {} bytes written",
+                d.export, d.connection, d.queues,
+                match d.write_cache {
+                    Some(true) => "write-back",
+                    Some(false) => "write-through",
+                    None => "write cache not reported",
+                },
+                d.totals.requests, d.totals.errors, d.totals.bytes_read, d.totals.bytes_written
             );
             let t = &d.totals;
             println!(

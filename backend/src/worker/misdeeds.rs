@@ -55,6 +55,7 @@ fn forge(own: u64, reports: &ReportPipe) {
             connection,
             export: "FORGED".into(),
             queues: u16::MAX,
+            write_cache: None,
             totals: Default::default(),
             memory: Default::default(),
         })

@@ -106,6 +106,12 @@ fn send_stats(reports: &ReportPipe, connections: &HashMap<u64, Connection>) {
             connection: *id,
             export: c.export.clone(),
             queues: c.device.config().num_queues,
+            write_cache: Some(
+                c.device
+                    .config()
+                    .writeback_cell()
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            ),
             totals: c.device.totals(),
             memory: c.device.memory_status(),
         })
