@@ -10,6 +10,7 @@ use crate::disk::{DiskSpec, OpenOptions};
 use crate::endpoint::{Endpoint, SocketAccess};
 use crate::export::{AllowList, ExportSpec, OpenAs};
 use crate::io::rbd::RbdSpec;
+use crate::qos::QosLimits;
 use crate::supervisor::{
     ExportDefaults, TenantLimits, WorkerOptions, DEFAULT_CONNECTIONS_PER_VMM, DEFAULT_VMS_PER_UID,
 };
@@ -99,11 +100,31 @@ pub struct Cli {
     #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_group)]
     pub allow_gids: Option<Vec<u32>>,
 
+    /// Requests per second the main export serves per VM (a leaky bucket shared by its queues;
+    /// docs/operations.md#qos). 0 or none: no limit.
+    #[arg(long, value_name = "N", default_value = "none", value_parser = crate::qos::parse_iops)]
+    pub iops_limit: u64,
+
+    /// A higher rate of requests per second allowed for about a second (QEMU's iops-total-max);
+    /// needs --iops-limit.
+    #[arg(long, value_name = "N", default_value = "none", value_parser = crate::qos::parse_iops)]
+    pub iops_burst: u64,
+
+    /// Bytes per second (read and written) the main export serves per VM (suffixes K, M, G,
+    /// T). 0 or none: no limit.
+    #[arg(long, value_name = "BYTES", default_value = "none", value_parser = crate::qos::parse_bps)]
+    pub bps_limit: u64,
+
+    /// A higher rate of bytes per second allowed for about a second; needs --bps-limit.
+    #[arg(long, value_name = "BYTES", default_value = "none", value_parser = crate::qos::parse_bps)]
+    pub bps_burst: u64,
+
     /// More exports served by the same daemon, each
     /// `socket-path=PATH,blk-file=IMAGE[,read-only][,num-queues=N][,queue-size=N][,direct]
     /// [,serial=S][,blk-size=512|4096][,write-cache=on|off][,open-as=vmm|daemon]
     /// [,allow-uids=U1:U2...][,allow-gids=G1:G2...][,socket-mode=MODE][,socket-group=GROUP]
-    /// [,ceph-conf=FILE][,ceph-id=ID][,ceph-timeout=SECS]`
+    /// [,ceph-conf=FILE][,ceph-id=ID][,ceph-timeout=SECS][,iops-limit=N][,iops-burst=N]
+    /// [,bps-limit=BYTES][,bps-burst=BYTES]`
     /// (`fd=N` instead of socket-path, `null=SIZE` instead of blk-file). An export without
     /// socket-mode or socket-group takes --socket-mode and --socket-group.
     #[arg(long, value_name = "SPEC", value_parser = parse_export)]
@@ -439,6 +460,10 @@ pub fn parse_export(spec: &str) -> Result<(Endpoint, ExportSpec), String> {
                     | "ceph-conf"
                     | "ceph-id"
                     | "ceph-timeout"
+                    | "iops-limit"
+                    | "iops-burst"
+                    | "bps-limit"
+                    | "bps-burst"
             )
         {
             let hint = if after_list {
@@ -533,6 +558,13 @@ impl Cli {
             _ => return Err("exactly one of --blk-file and --null is required".into()),
         };
         let name = endpoint.name();
+        let qos = QosLimits {
+            iops_limit: self.iops_limit,
+            iops_burst: self.iops_burst,
+            bps_limit: self.bps_limit,
+            bps_burst: self.bps_burst,
+        };
+        qos.check()?;
         Ok((
             endpoint,
             ExportSpec {
@@ -560,6 +592,7 @@ impl Cli {
                     gids: self.allow_gids.clone(),
                 },
                 daemon_file: None,
+                qos,
             },
         ))
     }
@@ -578,6 +611,16 @@ impl Cli {
                 ("--open-as daemon", "--allow-uids", "--allow-gids"),
             )?;
             exports.push(main);
+        } else if self.iops_limit != 0
+            || self.iops_burst != 0
+            || self.bps_limit != 0
+            || self.bps_burst != 0
+        {
+            return Err(
+                "--iops-limit, --iops-burst, --bps-limit and --bps-burst apply to the main export \
+                 (--socket-path or --fd); give an --export its own iops-limit= and so on"
+                    .into(),
+            );
         } else if self.allow_uids.is_some() || self.allow_gids.is_some() {
             // Not silently dropped: whoever wrote them expects them to restrict something.
             return Err(

@@ -1,0 +1,99 @@
+//! A device's throttle: its buckets behind a lock, shared by its queue threads (the limit is
+//! the device's, not each queue's), and replaced whole when `vublk export set` changes the
+//! limits. Without a limit a queue thread reads one flag per request and nothing else: no
+//! clock, no lock.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use super::{Buckets, QosLimits};
+
+#[derive(Debug)]
+pub struct Throttle {
+    /// Whether there is any limit: the queue loop's only look at the throttle without one.
+    limited: AtomicBool,
+    state: Mutex<State>,
+}
+
+#[derive(Debug)]
+struct State {
+    limits: QosLimits,
+    buckets: Buckets,
+}
+
+impl Throttle {
+    pub fn new(limits: QosLimits) -> Throttle {
+        Throttle {
+            limited: AtomicBool::new(!limits.is_unlimited()),
+            state: Mutex::new(State {
+                limits,
+                buckets: Buckets::new(&limits, Instant::now()),
+            }),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether any limit is set. A relaxed load: a queue thread sees a change within its next
+    /// few requests, which is all `export set` promises.
+    #[inline]
+    pub fn limited(&self) -> bool {
+        self.limited.load(Ordering::Relaxed)
+    }
+
+    /// Whether a request may start at `now` (`None`), or how long until one may.
+    pub fn wait(&self, now: Instant) -> Option<Duration> {
+        self.state().buckets.wait(now)
+    }
+
+    /// Counts a request that started, moving `bytes`.
+    pub fn account(&self, bytes: u64) {
+        self.state().buckets.account(bytes);
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> QosLimits {
+        self.state().limits
+    }
+
+    /// Replaces the limits; the buckets start empty (as QEMU's `throttle_config` does).
+    pub fn set(&self, limits: QosLimits) {
+        let mut state = self.state();
+        state.limits = limits;
+        state.buckets = Buckets::new(&limits, Instant::now());
+        self.limited
+            .store(!limits.is_unlimited(), Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_replaces_the_limits_and_empties_the_buckets() {
+        let throttle = Throttle::new(QosLimits::default());
+        assert!(!throttle.limited());
+        let limits = QosLimits {
+            iops_limit: 10,
+            ..Default::default()
+        };
+        throttle.set(limits);
+        assert!(throttle.limited());
+        assert_eq!(throttle.limits(), limits);
+        let now = Instant::now();
+        throttle.account(0);
+        throttle.account(0);
+        assert!(throttle.wait(now).is_some());
+        throttle.set(QosLimits {
+            iops_limit: 20,
+            ..Default::default()
+        });
+        assert_eq!(throttle.wait(Instant::now()), None);
+        throttle.set(QosLimits::default());
+        assert!(!throttle.limited());
+    }
+}
