@@ -267,6 +267,17 @@ pub enum ExportCommand {
         #[arg(value_name = "SOCKET-PATH")]
         socket: PathBuf,
     },
+    /// Change the QoS limits of the export on SOCKET-PATH, for its connected VMs too:
+    /// iops-limit=N, iops-burst=N, bps-limit=BYTES, bps-burst=BYTES (0 or none removes one).
+    Set {
+        /// The daemon's --control-socket.
+        #[arg(long, value_name = "PATH")]
+        control_socket: PathBuf,
+        #[arg(value_name = "SOCKET-PATH")]
+        socket: PathBuf,
+        #[arg(value_name = "KEY=VALUE", required = true)]
+        settings: Vec<String>,
+    },
     /// List the exports served now, with how many VM connections each has.
     List {
         /// The daemon's --control-socket.
@@ -474,11 +485,14 @@ pub fn parse_export(spec: &str) -> Result<(Endpoint, ExportSpec), String> {
             return Err(format!("unknown export option '{key}'{hint}"));
         }
         after_list = list;
-        args.push(format!("--{key}"));
+        // `--key=value` in one argument, so a value starting with '-' is not taken for an
+        // option.
         if list {
-            args.push(value.replace(':', ","));
-        } else if !flag {
-            args.push(value.to_string());
+            args.push(format!("--{key}={}", value.replace(':', ",")));
+        } else if flag {
+            args.push(format!("--{key}"));
+        } else {
+            args.push(format!("--{key}={value}"));
         }
     }
     // clap's message up to its usage block, on one line (a missing key is on the next).
@@ -1161,6 +1175,77 @@ mod tests {
         ])
         .is_ok());
         assert!(exports(&["--export", "socket-path=/b,blk-file=/b.img,open-as=vmm"]).is_ok());
+    }
+
+    #[test]
+    fn qos_options_and_keys() {
+        let list = exports(&[
+            "--socket-path",
+            "/a",
+            "--null",
+            "1M",
+            "--iops-limit",
+            "1000",
+            "--iops-burst",
+            "2000",
+            "--bps-limit",
+            "10M",
+            "--export",
+            "socket-path=/b,null=1M,bps-limit=1G,bps-burst=2G,iops-limit=none",
+            "--export",
+            "socket-path=/c,null=1M",
+        ])
+        .unwrap();
+        assert_eq!(
+            list[0].1.qos,
+            QosLimits {
+                iops_limit: 1000,
+                iops_burst: 2000,
+                bps_limit: 10 << 20,
+                bps_burst: 0
+            }
+        );
+        assert_eq!(
+            list[1].1.qos,
+            QosLimits {
+                iops_limit: 0,
+                iops_burst: 0,
+                bps_limit: 1 << 30,
+                bps_burst: 2 << 30
+            },
+            "not the main export's"
+        );
+        assert!(list[2].1.qos.is_unlimited());
+        for (args, why) in [
+            (&["--iops-limit", "fast"][..], "not a number"),
+            (&["--bps-limit", "1Q"][..], "unknown size suffix"),
+            (&["--iops-burst", "10"][..], "needs iops-limit="),
+            (
+                &["--iops-limit", "100", "--iops-burst", "10"][..],
+                "below iops-limit=100",
+            ),
+            (&["--export", "socket-path=/b,null=1M,bps-burst=1M"][..], "needs bps-limit="),
+            (
+                &["--export", "socket-path=/b,null=1M,iops-limit=-1"][..],
+                "not a number",
+            ),
+            (
+                &["--export", "socket-path=/b,null=1M,iops-limit=2000000000000000"][..],
+                "largest rate",
+            ),
+            (
+                &["--export", "socket-path=/b,null=1M,iops-limits=5"][..],
+                "unknown export option 'iops-limits'",
+            ),
+        ] {
+            let err = exports(&[&["--socket-path", "/a", "--null", "1M"][..], args].concat())
+                .unwrap_err();
+            assert!(err.contains(why), "{args:?}: {err}");
+        }
+        // The options are the main export's: without one they would limit nothing.
+        let err = exports(&["--export", "socket-path=/b,null=1M", "--iops-limit", "5"])
+            .unwrap_err();
+        assert!(err.contains("apply to the main export"), "{err}");
     }
 
     #[test]
