@@ -1224,13 +1224,19 @@ mod tests {
                 &["--iops-limit", "100", "--iops-burst", "10"][..],
                 "below iops-limit=100",
             ),
-            (&["--export", "socket-path=/b,null=1M,bps-burst=1M"][..], "needs bps-limit="),
+            (
+                &["--export", "socket-path=/b,null=1M,bps-burst=1M"][..],
+                "needs bps-limit=",
+            ),
             (
                 &["--export", "socket-path=/b,null=1M,iops-limit=-1"][..],
                 "not a number",
             ),
             (
-                &["--export", "socket-path=/b,null=1M,iops-limit=2000000000000000"][..],
+                &[
+                    "--export",
+                    "socket-path=/b,null=1M,iops-limit=2000000000000000",
+                ][..],
                 "largest rate",
             ),
             (
@@ -1243,8 +1249,8 @@ mod tests {
             assert!(err.contains(why), "{args:?}: {err}");
         }
         // The options are the main export's: without one they would limit nothing.
-        let err = exports(&["--export", "socket-path=/b,null=1M", "--iops-limit", "5"])
-            .unwrap_err();
+        let err =
+            exports(&["--export", "socket-path=/b,null=1M", "--iops-limit", "5"]).unwrap_err();
         assert!(err.contains("apply to the main export"), "{err}");
     }
 

@@ -72,11 +72,7 @@ impl Buckets {
             if burst == 0 {
                 buckets.push(Bucket::new(limit, limit as f64 * SLACK_SECS, bytes));
             } else {
-                buckets.push(Bucket::new(
-                    limit,
-                    burst as f64 * BURST_LENGTH_SECS,
-                    bytes,
-                ));
+                buckets.push(Bucket::new(limit, burst as f64 * BURST_LENGTH_SECS, bytes));
                 buckets.push(Bucket::new(burst, burst as f64 * SLACK_SECS, bytes));
             }
         }
@@ -178,10 +174,7 @@ mod tests {
         b.account(16 << 20);
         // ...and the next waits until the bucket drained to its capacity (0.1 MiB).
         let wait = b.wait(t0).unwrap();
-        assert!(
-            (ms(15_899)..=ms(15_901)).contains(&wait),
-            "{wait:?}"
-        );
+        assert!((ms(15_899)..=ms(15_901)).contains(&wait), "{wait:?}");
         assert!(b.wait(t0 + ms(15_000)).is_some());
         assert_eq!(b.wait(t0 + ms(15_901)), None);
         // 64 KiB requests: 16 per second on average.
