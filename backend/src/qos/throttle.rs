@@ -49,9 +49,12 @@ impl Throttle {
         self.state().buckets.wait(now)
     }
 
-    /// Counts a request that started, moving `bytes`.
-    pub fn account(&self, bytes: u64) {
-        self.state().buckets.account(bytes);
+    /// Counts a request that started, moving `bytes`, and says whether the next may start at
+    /// `now` (as [`Throttle::wait`]): one lock per request.
+    pub fn account_then_wait(&self, bytes: u64, now: Instant) -> Option<Duration> {
+        let mut state = self.state();
+        state.buckets.account(bytes);
+        state.buckets.wait(now)
     }
 
     /// The limits in force.
@@ -85,8 +88,8 @@ mod tests {
         assert!(throttle.limited());
         assert_eq!(throttle.limits(), limits);
         let now = Instant::now();
-        throttle.account(0);
-        throttle.account(0);
+        assert_eq!(throttle.account_then_wait(0, now), None);
+        assert!(throttle.account_then_wait(0, now).is_some());
         assert!(throttle.wait(now).is_some());
         throttle.set(QosLimits {
             iops_limit: 20,

@@ -384,6 +384,8 @@ impl<E: Engine> QueueServer<E> {
         self.starved = false;
         let mut generation = self.generation.clone();
         let size = self.q.queue.size();
+        // The QoS buckets let a request start (checked since the last one was counted).
+        let mut may_start = false;
         if self.kicks_on {
             if let Err(e) = self.q.queue.disable_notification(generation.memory()) {
                 return self.mark_broken(&e);
@@ -398,16 +400,13 @@ impl<E: Engine> QueueServer<E> {
                 return;
             }
             // The only look at the limits without one: a flag, no clock, no lock. With one, a
-            // request may start while the buckets are not full; it is counted once parsed.
+            // request may start while the buckets are not full; it is counted once parsed,
+            // and the same look at the buckets says whether the next may start.
             let limited = self.device.throttle.limited();
-            if limited {
+            if limited && !may_start {
                 let now = Instant::now();
                 if let Some(wait) = self.device.throttle.wait(now) {
-                    self.throttled = Some(Throttled {
-                        since: now,
-                        until: now + wait.min(THROTTLE_RECHECK),
-                    });
-                    return;
+                    return self.throttle(now, wait);
                 }
             }
             // Each chain is parsed against the newest memory table (the frontend may have
@@ -433,12 +432,26 @@ impl<E: Engine> QueueServer<E> {
             }
             let bytes = self.start_request(head, chain, &generation);
             if limited {
-                self.device.throttle.account(bytes);
+                let now = Instant::now();
+                match self.device.throttle.account_then_wait(bytes, now) {
+                    // (The serve loop interrupts for what completed.)
+                    Some(wait) => return self.throttle(now, wait),
+                    None => may_start = true,
+                }
             }
             self.notify_early();
         }
         // Let completions and other queues have a turn; come back without a kick.
         self.backlog = true;
+    }
+
+    /// The export is over its QoS limits: take no chain for `wait` (or until the next look at
+    /// the limits), with kicks off, and sleep meanwhile (see `serve`).
+    fn throttle(&mut self, now: Instant, wait: Duration) {
+        self.throttled = Some(Throttled {
+            since: now,
+            until: now + wait.min(THROTTLE_RECHECK),
+        });
     }
 
     /// Runs again the heads a previous backend left in flight (the inflight region's, oldest
