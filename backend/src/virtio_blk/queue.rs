@@ -386,6 +386,9 @@ impl<E: Engine> QueueServer<E> {
         let size = self.q.queue.size();
         // The QoS buckets let a request start (checked since the last one was counted).
         let mut may_start = false;
+        // With limits, the clock is read once per batch: the few microseconds a batch takes
+        // drain the buckets by next to nothing.
+        let mut batch_time = None;
         if self.kicks_on {
             if let Err(e) = self.q.queue.disable_notification(generation.memory()) {
                 return self.mark_broken(&e);
@@ -404,7 +407,7 @@ impl<E: Engine> QueueServer<E> {
             // and the same look at the buckets says whether the next may start.
             let limited = self.device.throttle.limited();
             if limited && !may_start {
-                let now = Instant::now();
+                let now = *batch_time.get_or_insert_with(Instant::now);
                 if let Some(wait) = self.device.throttle.wait(now) {
                     return self.throttle(now, wait);
                 }
@@ -432,7 +435,7 @@ impl<E: Engine> QueueServer<E> {
             }
             let bytes = self.start_request(head, chain, &generation);
             if limited {
-                let now = Instant::now();
+                let now = *batch_time.get_or_insert_with(Instant::now);
                 match self.device.throttle.account_then_wait(bytes, now) {
                     // (The serve loop interrupts for what completed.)
                     Some(wait) => return self.throttle(now, wait),
