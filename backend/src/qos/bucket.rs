@@ -102,9 +102,33 @@ impl Buckets {
 
     /// Counts a request that started, moving `bytes`.
     pub fn account(&mut self, bytes: u64) {
+        self.account_many(1, bytes);
+    }
+
+    /// Counts `requests` that started, moving `bytes` together.
+    pub fn account_many(&mut self, requests: u64, bytes: u64) {
         for b in &mut self.buckets {
-            b.level += if b.bytes { bytes as f64 } else { 1.0 };
+            b.level += if b.bytes {
+                bytes as f64
+            } else {
+                requests as f64
+            };
         }
+    }
+
+    /// The room left at `now` before the fullest bucket of requests, and of bytes, passes
+    /// its capacity (infinite without such a bucket; negative when one is over): requests
+    /// may start while what they add stays within it, and the one that passes it too.
+    pub fn room(&mut self, now: Instant) -> (f64, f64) {
+        self.drain(now);
+        let room = |bytes: bool| {
+            self.buckets
+                .iter()
+                .filter(|b| b.bytes == bytes)
+                .map(|b| b.capacity - b.level)
+                .fold(f64::INFINITY, f64::min)
+        };
+        (room(false), room(true))
     }
 }
 
@@ -220,6 +244,36 @@ mod tests {
         // 512-byte requests: now the request limit is the tighter.
         let n = saturate(&mut b, t0 + ms(20_000), ms(10_000), 512);
         assert!((10_090..=10_110).contains(&n), "{n}");
+    }
+
+    /// Batches of a queue thread: room once, requests while it lasts, the batch counted.
+    #[test]
+    fn room_lets_a_batch_start_what_single_checks_would() {
+        let t0 = Instant::now();
+        let limits = QosLimits {
+            iops_limit: 1000,
+            iops_burst: 1500,
+            bps_limit: 1 << 20,
+            ..Default::default()
+        };
+        let (mut single, mut batched) = (Buckets::new(&limits, t0), Buckets::new(&limits, t0));
+        let mut now = t0;
+        for round in 0..200u64 {
+            let len = 512 << (round % 5);
+            let mut one_by_one = 0;
+            while single.wait(now).is_none() {
+                single.account(len);
+                one_by_one += 1;
+            }
+            let (ops, bytes) = batched.room(now);
+            let mut in_batch = 0u64;
+            while in_batch as f64 <= ops && (in_batch * len) as f64 <= bytes {
+                in_batch += 1;
+            }
+            batched.account_many(in_batch, in_batch * len);
+            assert_eq!(in_batch, one_by_one, "round {round}");
+            now += ms(7);
+        }
     }
 
     #[test]

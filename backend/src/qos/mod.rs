@@ -15,7 +15,7 @@ mod throttle;
 use serde::{Deserialize, Serialize};
 
 pub use bucket::Buckets;
-pub use throttle::Throttle;
+pub use throttle::{Quota, Throttle};
 
 /// The largest rate accepted (QEMU's `THROTTLE_VALUE_MAX`): far beyond any device, and small
 /// enough that the bucket arithmetic stays exact in an `f64`.

@@ -9,6 +9,33 @@ use std::time::{Duration, Instant};
 
 use super::{Buckets, QosLimits};
 
+/// What one batch of a queue thread may take ([`Throttle::quota`]) and took so far. Other
+/// queue threads take from the same buckets meanwhile, so together they may start one bucket
+/// too many each, once: what they took is counted all the same, and the average holds.
+#[derive(Debug, Clone, Copy)]
+pub struct Quota {
+    room_ops: f64,
+    room_bytes: f64,
+    ops: u64,
+    bytes: u64,
+}
+
+impl Quota {
+    /// Whether another request may start: the buckets were not full with what the batch took
+    /// so far (a request may overfill them).
+    #[inline]
+    pub fn may_start(&self) -> bool {
+        self.ops as f64 <= self.room_ops && self.bytes as f64 <= self.room_bytes
+    }
+
+    /// Counts a request that started, moving `bytes`.
+    #[inline]
+    pub fn take(&mut self, bytes: u64) {
+        self.ops += 1;
+        self.bytes += bytes;
+    }
+}
+
 #[derive(Debug)]
 pub struct Throttle {
     /// Whether there is any limit: the queue loop's only look at the throttle without one.
@@ -49,11 +76,22 @@ impl Throttle {
         self.state().buckets.wait(now)
     }
 
-    /// Counts a request that started, moving `bytes`, and says whether the next may start at
-    /// `now` (as [`Throttle::wait`]): one lock per request.
-    pub fn account_then_wait(&self, bytes: u64, now: Instant) -> Option<Duration> {
+    /// What a queue thread may start at `now`, for a batch: the room left in the buckets.
+    pub fn quota(&self, now: Instant) -> Quota {
+        let (ops, bytes) = self.state().buckets.room(now);
+        Quota {
+            room_ops: ops,
+            room_bytes: bytes,
+            ops: 0,
+            bytes: 0,
+        }
+    }
+
+    /// Counts what a batch took with `quota`, and says whether a request may start at `now`
+    /// (`None`) or how long until one may.
+    pub fn settle(&self, quota: &Quota, now: Instant) -> Option<Duration> {
         let mut state = self.state();
-        state.buckets.account(bytes);
+        state.buckets.account_many(quota.ops, quota.bytes);
         state.buckets.wait(now)
     }
 
@@ -88,8 +126,14 @@ mod tests {
         assert!(throttle.limited());
         assert_eq!(throttle.limits(), limits);
         let now = Instant::now();
-        assert_eq!(throttle.account_then_wait(0, now), None);
-        assert!(throttle.account_then_wait(0, now).is_some());
+        let mut quota = throttle.quota(now);
+        // The slack: a tenth of a second, one request, and one more to overfill it.
+        assert!(quota.may_start());
+        quota.take(0);
+        assert!(quota.may_start());
+        quota.take(0);
+        assert!(!quota.may_start());
+        assert!(throttle.settle(&quota, now).is_some());
         assert!(throttle.wait(now).is_some());
         throttle.set(QosLimits {
             iops_limit: 20,

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
 use crate::io::{Completion, DiskEngine, Engine, Event, Operation, Tag};
+use crate::qos::Quota;
 use crate::ratelimit::RateLimit;
 use crate::vhost_user::{ChainWalk, Generation, GuestBuffers, RawBuffers, RunningQueue};
 
@@ -377,18 +378,36 @@ impl<E: Engine> QueueServer<E> {
         self.engine.cancel(&|buffers| buffers.uses_any(&regions))
     }
 
-    /// Takes chains from the avail ring, parses them and starts their I/O. Kicks stay off
-    /// until the thread is about to sleep (see `idle`).
+    /// Takes chains from the avail ring, parses them and starts their I/O, as far as the
+    /// export's QoS limits allow. Kicks stay off until the thread is about to sleep (see
+    /// `idle`).
+    ///
+    /// Without limits that costs one flag per batch. With limits, the buckets are looked at
+    /// twice per batch, one clock read: what room they have before it, what the batch took
+    /// after it (and whether the next request may start, or the thread must wait).
     fn process_avail(&mut self) {
+        if !self.device.throttle.limited() {
+            return self.take_chains(&mut None);
+        }
+        let now = Instant::now();
+        let mut quota = Some(self.device.throttle.quota(now));
+        self.take_chains(&mut quota);
+        if let Some(wait) = quota.and_then(|quota| self.device.throttle.settle(&quota, now)) {
+            // (The serve loop interrupts for what completed.)
+            self.throttled = Some(Throttled {
+                since: now,
+                until: now + wait.min(THROTTLE_RECHECK),
+            });
+        }
+    }
+
+    /// The loop of [`QueueServer::process_avail`]: takes chains while `quota` (if there are
+    /// limits) lets them start, and counts them in it.
+    fn take_chains(&mut self, quota: &mut Option<Quota>) {
         self.backlog = false;
         self.starved = false;
         let mut generation = self.generation.clone();
         let size = self.q.queue.size();
-        // The QoS buckets let a request start (checked since the last one was counted).
-        let mut may_start = false;
-        // With limits, the clock is read once per batch: the few microseconds a batch takes
-        // drain the buckets by next to nothing.
-        let mut batch_time = None;
         if self.kicks_on {
             if let Err(e) = self.q.queue.disable_notification(generation.memory()) {
                 return self.mark_broken(&e);
@@ -402,15 +421,10 @@ impl<E: Engine> QueueServer<E> {
                 self.starved = true;
                 return;
             }
-            // The only look at the limits without one: a flag, no clock, no lock. With one, a
-            // request may start while the buckets are not full; it is counted once parsed,
-            // and the same look at the buckets says whether the next may start.
-            let limited = self.device.throttle.limited();
-            if limited && !may_start {
-                let now = *batch_time.get_or_insert_with(Instant::now);
-                if let Some(wait) = self.device.throttle.wait(now) {
-                    return self.throttle(now, wait);
-                }
+            // A request may start while the buckets are not full (counting what this batch
+            // took); the chain stays in the ring otherwise.
+            if quota.as_ref().is_some_and(|q| !q.may_start()) {
+                return;
             }
             // Each chain is parsed against the newest memory table (the frontend may have
             // replaced it since the last chain), never a retired one.
@@ -434,27 +448,13 @@ impl<E: Engine> QueueServer<E> {
                 tracker.taken(head);
             }
             let bytes = self.start_request(head, chain, &generation);
-            if limited {
-                let now = *batch_time.get_or_insert_with(Instant::now);
-                match self.device.throttle.account_then_wait(bytes, now) {
-                    // (The serve loop interrupts for what completed.)
-                    Some(wait) => return self.throttle(now, wait),
-                    None => may_start = true,
-                }
+            if let Some(quota) = quota {
+                quota.take(bytes);
             }
             self.notify_early();
         }
         // Let completions and other queues have a turn; come back without a kick.
         self.backlog = true;
-    }
-
-    /// The export is over its QoS limits: take no chain for `wait` (or until the next look at
-    /// the limits), with kicks off, and sleep meanwhile (see `serve`).
-    fn throttle(&mut self, now: Instant, wait: Duration) {
-        self.throttled = Some(Throttled {
-            since: now,
-            until: now + wait.min(THROTTLE_RECHECK),
-        });
     }
 
     /// Runs again the heads a previous backend left in flight (the inflight region's, oldest
