@@ -33,6 +33,9 @@ pub struct QosLimits {
     pub bps_burst: u64,
 }
 
+/// How a key's value is read.
+type Parser = fn(&str) -> Result<u64, String>;
+
 /// The keys, as `--export` and `vublk export set` spell them.
 pub const KEYS: [&str; 4] = ["iops-limit", "iops-burst", "bps-limit", "bps-burst"];
 
@@ -66,7 +69,7 @@ impl QosLimits {
     /// Sets one key (of [`KEYS`]) from its text; `none` or 0 removes it. The combination is
     /// not checked: see [`QosLimits::check`].
     pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
-        let (field, parse): (&mut u64, fn(&str) -> Result<u64, String>) = match key {
+        let (field, parse): (&mut u64, Parser) = match key {
             "iops-limit" => (&mut self.iops_limit, parse_iops),
             "iops-burst" => (&mut self.iops_burst, parse_iops),
             "bps-limit" => (&mut self.bps_limit, parse_bps),
