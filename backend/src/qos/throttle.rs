@@ -1,6 +1,6 @@
 //! A device's throttle: its buckets behind a lock, shared by its queue threads (the limit is
 //! the device's, not each queue's), and replaced whole when `vublk export set` changes the
-//! limits. Without a limit a queue thread reads one flag per request and nothing else: no
+//! limits. Without a limit a queue thread reads one flag per batch and nothing else: no
 //! clock, no lock.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -64,8 +64,8 @@ impl Throttle {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Whether any limit is set. A relaxed load: a queue thread sees a change within its next
-    /// few requests, which is all `export set` promises.
+    /// Whether any limit is set. A relaxed load, once per batch: a queue thread sees a change
+    /// by its next batch, which is all `export set` promises.
     #[inline]
     pub fn limited(&self) -> bool {
         self.limited.load(Ordering::Relaxed)
