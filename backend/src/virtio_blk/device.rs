@@ -100,7 +100,7 @@ impl BlockDevice {
     }
 
     /// Replaces the QoS limits of a running device (`vublk export set`); its queue threads
-    /// follow from their next request on (a throttled one within 100 ms).
+    /// follow from their next batch of requests on (a throttled one within 100 ms).
     pub fn set_qos(&self, limits: QosLimits) {
         self.throttle.set(limits);
     }
