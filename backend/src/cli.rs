@@ -10,6 +10,7 @@ use crate::disk::{DiskSpec, OpenOptions};
 use crate::endpoint::{Endpoint, SocketAccess};
 use crate::export::{AllowList, ExportSpec, OpenAs};
 use crate::io::rbd::RbdSpec;
+use crate::qos::QosLimits;
 use crate::supervisor::{
     ExportDefaults, TenantLimits, WorkerOptions, DEFAULT_CONNECTIONS_PER_VMM, DEFAULT_VMS_PER_UID,
 };
@@ -99,11 +100,31 @@ pub struct Cli {
     #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_group)]
     pub allow_gids: Option<Vec<u32>>,
 
+    /// Requests per second the main export serves per VM (a leaky bucket shared by its queues;
+    /// docs/operations.md#qos). 0 or none: no limit.
+    #[arg(long, value_name = "N", default_value = "none", value_parser = crate::qos::parse_iops)]
+    pub iops_limit: u64,
+
+    /// A higher rate of requests per second allowed for about a second (QEMU's iops-total-max);
+    /// needs --iops-limit.
+    #[arg(long, value_name = "N", default_value = "none", value_parser = crate::qos::parse_iops)]
+    pub iops_burst: u64,
+
+    /// Bytes per second (read and written) the main export serves per VM (suffixes K, M, G,
+    /// T). 0 or none: no limit.
+    #[arg(long, value_name = "BYTES", default_value = "none", value_parser = crate::qos::parse_bps)]
+    pub bps_limit: u64,
+
+    /// A higher rate of bytes per second allowed for about a second; needs --bps-limit.
+    #[arg(long, value_name = "BYTES", default_value = "none", value_parser = crate::qos::parse_bps)]
+    pub bps_burst: u64,
+
     /// More exports served by the same daemon, each
     /// `socket-path=PATH,blk-file=IMAGE[,read-only][,num-queues=N][,queue-size=N][,direct]
     /// [,serial=S][,blk-size=512|4096][,write-cache=on|off][,open-as=vmm|daemon]
     /// [,allow-uids=U1:U2...][,allow-gids=G1:G2...][,socket-mode=MODE][,socket-group=GROUP]
-    /// [,ceph-conf=FILE][,ceph-id=ID][,ceph-timeout=SECS]`
+    /// [,ceph-conf=FILE][,ceph-id=ID][,ceph-timeout=SECS][,iops-limit=N][,iops-burst=N]
+    /// [,bps-limit=BYTES][,bps-burst=BYTES]`
     /// (`fd=N` instead of socket-path, `null=SIZE` instead of blk-file). An export without
     /// socket-mode or socket-group takes --socket-mode and --socket-group.
     #[arg(long, value_name = "SPEC", value_parser = parse_export)]
@@ -265,6 +286,17 @@ pub enum ExportCommand {
         control_socket: PathBuf,
         #[arg(value_name = "SOCKET-PATH")]
         socket: PathBuf,
+    },
+    /// Change the QoS limits of the export on SOCKET-PATH, for its connected VMs too:
+    /// iops-limit=N, iops-burst=N, bps-limit=BYTES, bps-burst=BYTES (0 or none removes one).
+    Set {
+        /// The daemon's --control-socket.
+        #[arg(long, value_name = "PATH")]
+        control_socket: PathBuf,
+        #[arg(value_name = "SOCKET-PATH")]
+        socket: PathBuf,
+        #[arg(value_name = "KEY=VALUE", required = true)]
+        settings: Vec<String>,
     },
     /// List the exports served now, with how many VM connections each has.
     List {
@@ -459,6 +491,10 @@ pub fn parse_export(spec: &str) -> Result<(Endpoint, ExportSpec), String> {
                     | "ceph-conf"
                     | "ceph-id"
                     | "ceph-timeout"
+                    | "iops-limit"
+                    | "iops-burst"
+                    | "bps-limit"
+                    | "bps-burst"
             )
         {
             let hint = if after_list {
@@ -469,11 +505,14 @@ pub fn parse_export(spec: &str) -> Result<(Endpoint, ExportSpec), String> {
             return Err(format!("unknown export option '{key}'{hint}"));
         }
         after_list = list;
-        args.push(format!("--{key}"));
+        // `--key=value` in one argument, so a value starting with '-' is not taken for an
+        // option.
         if list {
-            args.push(value.replace(':', ","));
-        } else if !flag {
-            args.push(value.to_string());
+            args.push(format!("--{key}={}", value.replace(':', ",")));
+        } else if flag {
+            args.push(format!("--{key}"));
+        } else {
+            args.push(format!("--{key}={value}"));
         }
     }
     // clap's message up to its usage block, on one line (a missing key is on the next).
@@ -553,6 +592,13 @@ impl Cli {
             _ => return Err("exactly one of --blk-file and --null is required".into()),
         };
         let name = endpoint.name();
+        let qos = QosLimits {
+            iops_limit: self.iops_limit,
+            iops_burst: self.iops_burst,
+            bps_limit: self.bps_limit,
+            bps_burst: self.bps_burst,
+        };
+        qos.check()?;
         Ok((
             endpoint,
             ExportSpec {
@@ -580,6 +626,7 @@ impl Cli {
                     gids: self.allow_gids.clone(),
                 },
                 daemon_file: None,
+                qos,
             },
         ))
     }
@@ -598,6 +645,16 @@ impl Cli {
                 ("--open-as daemon", "--allow-uids", "--allow-gids"),
             )?;
             exports.push(main);
+        } else if self.iops_limit != 0
+            || self.iops_burst != 0
+            || self.bps_limit != 0
+            || self.bps_burst != 0
+        {
+            return Err(
+                "--iops-limit, --iops-burst, --bps-limit and --bps-burst apply to the main export \
+                 (--socket-path or --fd); give an --export its own iops-limit= and so on"
+                    .into(),
+            );
         } else if self.allow_uids.is_some() || self.allow_gids.is_some() {
             // Not silently dropped: whoever wrote them expects them to restrict something.
             return Err(
@@ -1138,6 +1195,83 @@ mod tests {
         ])
         .is_ok());
         assert!(exports(&["--export", "socket-path=/b,blk-file=/b.img,open-as=vmm"]).is_ok());
+    }
+
+    #[test]
+    fn qos_options_and_keys() {
+        let list = exports(&[
+            "--socket-path",
+            "/a",
+            "--null",
+            "1M",
+            "--iops-limit",
+            "1000",
+            "--iops-burst",
+            "2000",
+            "--bps-limit",
+            "10M",
+            "--export",
+            "socket-path=/b,null=1M,bps-limit=1G,bps-burst=2G,iops-limit=none",
+            "--export",
+            "socket-path=/c,null=1M",
+        ])
+        .unwrap();
+        assert_eq!(
+            list[0].1.qos,
+            QosLimits {
+                iops_limit: 1000,
+                iops_burst: 2000,
+                bps_limit: 10 << 20,
+                bps_burst: 0
+            }
+        );
+        assert_eq!(
+            list[1].1.qos,
+            QosLimits {
+                iops_limit: 0,
+                iops_burst: 0,
+                bps_limit: 1 << 30,
+                bps_burst: 2 << 30
+            },
+            "not the main export's"
+        );
+        assert!(list[2].1.qos.is_unlimited());
+        for (args, why) in [
+            (&["--iops-limit", "fast"][..], "not a number"),
+            (&["--bps-limit", "1Q"][..], "unknown size suffix"),
+            (&["--iops-burst", "10"][..], "needs iops-limit="),
+            (
+                &["--iops-limit", "100", "--iops-burst", "10"][..],
+                "below iops-limit=100",
+            ),
+            (
+                &["--export", "socket-path=/b,null=1M,bps-burst=1M"][..],
+                "needs bps-limit=",
+            ),
+            (
+                &["--export", "socket-path=/b,null=1M,iops-limit=-1"][..],
+                "not a number",
+            ),
+            (
+                &[
+                    "--export",
+                    "socket-path=/b,null=1M,iops-limit=2000000000000000",
+                ][..],
+                "largest rate",
+            ),
+            (
+                &["--export", "socket-path=/b,null=1M,iops-limits=5"][..],
+                "unknown export option 'iops-limits'",
+            ),
+        ] {
+            let err = exports(&[&["--socket-path", "/a", "--null", "1M"][..], args].concat())
+                .unwrap_err();
+            assert!(err.contains(why), "{args:?}: {err}");
+        }
+        // The options are the main export's: without one they would limit nothing.
+        let err =
+            exports(&["--export", "socket-path=/b,null=1M", "--iops-limit", "5"]).unwrap_err();
+        assert!(err.contains("apply to the main export"), "{err}");
     }
 
     #[test]

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::disk::{DiskSpec, FileId, OpenOptions};
 use crate::endpoint::SocketAccess;
+use crate::qos::QosLimits;
 use crate::virtio_blk::DeviceOptions;
 
 /// Who opens an export's image.
@@ -53,6 +54,10 @@ pub struct ExportSpec {
     /// opens the path again for each connection and refuses another file found there.
     #[serde(default)]
     pub daemon_file: Option<FileId>,
+    /// Limits on what each device of this export serves (`iops-limit=`, ...; `vublk export
+    /// set` changes them).
+    #[serde(default)]
+    pub qos: QosLimits,
 }
 
 /// `allow-uids=` / `allow-gids=` of an export (`--allow-uids`, `--allow-gids` for the main

@@ -51,6 +51,11 @@ pub enum ToWorker {
     /// The backing of the device on `connection` may have grown: read its size again and, if
     /// it grew, show the new capacity and tell the frontend (`vublk export resize`).
     Resize { connection: u64 },
+    /// New QoS limits for the device on `connection` (`vublk export set`).
+    SetQos {
+        connection: u64,
+        qos: crate::qos::QosLimits,
+    },
 }
 
 /// Worker to supervisor.

@@ -20,6 +20,7 @@ mod handoff;
 pub mod identity;
 pub mod io;
 pub mod metrics;
+pub mod qos;
 mod ratelimit;
 pub mod sandbox;
 mod sigbus;

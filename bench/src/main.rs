@@ -34,7 +34,8 @@ use vublk_bench::{svg, Cell, ClientMode, Rate, Rw};
     args_conflicts_with_subcommands = true
 )]
 struct Args {
-    /// Systems to compare, in the order they alternate (vublk, vublk-single, qsd, io_uring, fio;
+    /// Systems to compare, in the order they alternate (vublk, vublk-single, vublk-qos, qsd,
+    /// io_uring, fio; vublk-qos is vublk with limits no load reaches, the cost of the limiter;
     /// io_uring is libblkio's io_uring driver on the image, no backend, not on null; fio is fio's
     /// io_uring engine with O_DIRECT, the disk's own limit: disk medium and interrupt-driven
     /// clients only).
@@ -618,7 +619,7 @@ fn measure(
                 .collect();
             load::run(exe, &specs, None)?
         }
-        System::Vublk | System::VublkSingle | System::Qsd => {
+        System::Vublk | System::VublkSingle | System::VublkQos | System::Qsd => {
             let mut backend = systems::start(system, prepared, cell.queues, dir, system.name())?;
             let specs: Vec<LoadSpec> = backend
                 .sockets

@@ -256,7 +256,11 @@ pub fn ratios(rows: &[Row], samples: &[Sample], versus: System) -> Vec<Ratio> {
     // CPU per million I/Os on the basis of the comparison.
     let cpu = |backend: f64, total: f64| if versus.has_backend() { backend } else { total };
     rows.iter()
-        .filter(|r| r.system.is_vublk())
+        .filter(|r| match versus {
+            // Against vublk itself: its twin with limits no load reaches (the limiter's cost).
+            System::Vublk => r.system == System::VublkQos,
+            _ => r.system.is_vublk(),
+        })
         .filter_map(|r| {
             let q = find(rows, &r.cell, versus)?;
             let pairs: Vec<(&Sample, &Sample)> = samples
@@ -299,8 +303,9 @@ pub fn ratios(rows: &[Row], samples: &[Sample], versus: System) -> Vec<Ratio> {
         .collect()
 }
 
-/// The references vublk is compared with, in the order of their tables.
-pub const REFERENCES: [System; 3] = [System::Qsd, System::IoUring, System::Fio];
+/// The references vublk is compared with, in the order of their tables (vublk itself for
+/// `vublk-qos`).
+pub const REFERENCES: [System; 4] = [System::Qsd, System::IoUring, System::Fio, System::Vublk];
 
 /// A paced row whose IOPS fell short of its rate by more than this fraction did not keep up.
 const SHORTFALL: f64 = 0.03;
@@ -419,6 +424,7 @@ pub fn markdown(rows: &[Row], samples: &[Sample], notes: &[String]) -> String {
         let (name, cpu) = match versus {
             System::Qsd => ("QSD", "CPU per I/O ÷ QSD"),
             System::Fio => ("fio", "total CPU per I/O ÷ fio"),
+            System::Vublk => ("vublk", "CPU per I/O ÷ vublk"),
             _ => ("io_uring", "total CPU per I/O ÷ io_uring"),
         };
         out.push('\n');

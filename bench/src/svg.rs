@@ -46,6 +46,7 @@ fn color(system: System) -> &'static str {
     match system {
         System::Vublk => "#2563eb",
         System::VublkSingle => "#7c3aed",
+        System::VublkQos => "#0891b2",
         System::Qsd => "#ea580c",
         System::IoUring => "#059669",
         System::Fio => "#6b7280",

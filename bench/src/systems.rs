@@ -6,6 +6,9 @@
 //!   (`--export`) on the one daemon.
 //! - `vublk-single`: `vublk --single-process`, serving from the daemon itself (one VM: it serves
 //!   one export to one frontend at a time).
+//! - `vublk-qos`: `vublk` with every export limited far above reach (`--iops-limit` and
+//!   `--bps-limit` of [`UNREACHABLE_LIMIT`]): the throttle's arithmetic runs for every request
+//!   and never delays one. Beside `vublk` (no limit) it shows what the limiter costs.
 //! - `qsd`: qemu-storage-daemon, `driver=file` with `aio=io_uring` (plus `cache.direct=on` on
 //!   the real disk), `driver=null-co,read-zeroes=on`, or `driver=rbd` with `cache.direct=on`
 //!   (librbd's cache off, as vublk has it), exported as vhost-user-blk: a block node,
@@ -39,6 +42,9 @@ use vublk_test_support::Daemon;
 use crate::media::{Medium, Prepared};
 use crate::{Cell, ClientMode};
 
+/// The limits of `vublk-qos`: 10^12 requests (or bytes) per second, out of any load's reach.
+pub const UNREACHABLE_LIMIT: &str = "1000000000000";
+
 /// How long a backend may take to create its socket, and to exit after SIGTERM.
 const TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -59,6 +65,8 @@ pub fn qsd_bin() -> PathBuf {
 pub enum System {
     Vublk,
     VublkSingle,
+    /// vublk with limits no load reaches: the cost of the QoS limiter.
+    VublkQos,
     Qsd,
     /// libblkio's `io_uring` driver on the image, in the load generator's process.
     IoUring,
@@ -71,6 +79,7 @@ impl System {
         match self {
             System::Vublk => "vublk",
             System::VublkSingle => "vublk-single",
+            System::VublkQos => "vublk-qos",
             System::Qsd => "qsd",
             System::IoUring => "io_uring",
             System::Fio => "fio",
@@ -78,7 +87,7 @@ impl System {
     }
 
     pub fn is_vublk(self) -> bool {
-        matches!(self, System::Vublk | System::VublkSingle)
+        matches!(self, System::Vublk | System::VublkSingle | System::VublkQos)
     }
 
     /// Whether a backend process serves the I/O (`vublk`, `vublk-single`, `qsd`), or the client
@@ -126,7 +135,7 @@ impl System {
             sockets[vm].to_str().context("socket path is not UTF-8")
         };
         Ok(match self {
-            System::Vublk | System::VublkSingle => {
+            System::Vublk | System::VublkSingle | System::VublkQos => {
                 let mut cmd = Command::new(vublk_bin()?);
                 cmd.arg("--socket-path").arg(&sockets[0]);
                 cmd.args(["--num-queues", &queues.to_string()]);
@@ -163,10 +172,19 @@ impl System {
                     if media.medium.direct() {
                         export.push_str(",direct");
                     }
+                    if self == System::VublkQos {
+                        export.push_str(&format!(
+                            ",iops-limit={UNREACHABLE_LIMIT},bps-limit={UNREACHABLE_LIMIT}"
+                        ));
+                    }
                     cmd.args(["--export", &export]);
                 }
                 if self == System::VublkSingle {
                     cmd.arg("--single-process");
+                }
+                if self == System::VublkQos {
+                    cmd.args(["--iops-limit", UNREACHABLE_LIMIT]);
+                    cmd.args(["--bps-limit", UNREACHABLE_LIMIT]);
                 }
                 if std::env::var_os("RUST_LOG").is_none() {
                     cmd.env("RUST_LOG", "warn");
@@ -225,10 +243,11 @@ impl FromStr for System {
         Ok(match s {
             "vublk" => System::Vublk,
             "vublk-single" => System::VublkSingle,
+            "vublk-qos" => System::VublkQos,
             "qsd" => System::Qsd,
             "io_uring" | "io-uring" | "iouring" => System::IoUring,
             "fio" => System::Fio,
-            _ => bail!("unknown system {s:?} (vublk, vublk-single, qsd, io_uring, fio)"),
+            _ => bail!("unknown system {s:?} (vublk, vublk-single, vublk-qos, qsd, io_uring, fio)"),
         })
     }
 }
@@ -283,7 +302,7 @@ pub fn start(
 /// One line saying which version of `system` runs (for the report).
 pub fn version(system: System) -> String {
     let out = match system {
-        System::Vublk | System::VublkSingle => match vublk_bin() {
+        System::Vublk | System::VublkSingle | System::VublkQos => match vublk_bin() {
             Ok(bin) => Command::new(bin).arg("--version").output(),
             Err(e) => return format!("unknown ({e:#})"),
         },

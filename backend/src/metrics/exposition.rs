@@ -349,6 +349,20 @@ impl Collector for Snapshot {
             "Reads and writes done on the queue thread itself rather than through io_uring",
             |d| d.totals.inline,
         )?;
+        device_counter(
+            e,
+            &devices,
+            "vublk_throttled_seconds",
+            "Time queue threads waited, taking no request, because the export was over its QoS limits",
+            |d| seconds(d.totals.throttled_ns),
+        )?;
+        device_counter(
+            e,
+            &devices,
+            "vublk_throttle_waits",
+            "Times a queue thread stopped taking requests because the export was over its QoS limits",
+            |d| d.totals.throttled,
+        )?;
 
         device_gauge(
             e,

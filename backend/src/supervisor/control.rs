@@ -1,5 +1,5 @@
 //! The control socket (`--control-socket`, owner-only): `vublk status` and `vublk export
-//! add|remove|list|resize`. A client sends one JSON [`Request`] and shuts down its writing side
+//! add|remove|list|resize|set`. A client sends one JSON [`Request`] and shuts down its writing side
 //! (nothing at all asks for the status), then reads the answer until the supervisor closes.
 //!
 //! The supervisor serves it from its event loop without ever blocking: sockets are
@@ -37,6 +37,8 @@ pub enum Request {
     ExportResize { socket: PathBuf },
     /// The exports served now.
     ExportList,
+    /// Change the QoS limits of the export on `socket`: `KEY=VALUE` items (qos/).
+    ExportSet { socket: PathBuf, changes: String },
     /// Start `binary` (default: the path this daemon was started from) with this daemon's
     /// arguments on its listening sockets, and hand the VMs over to it (upgrade.rs).
     Upgrade { binary: Option<PathBuf> },
@@ -73,6 +75,9 @@ pub struct ExportInfo {
     pub num_queues: u16,
     /// Connections of VMs to it, served or on their way to a worker.
     pub connections: usize,
+    /// Its QoS limits (0: none).
+    #[serde(default)]
+    pub qos: crate::qos::QosLimits,
 }
 
 /// The answer to an export request: the exports afterwards, or why nothing changed.
@@ -117,6 +122,18 @@ pub fn export_command(command: &crate::cli::ExportCommand) -> Result<(), String>
             control_socket,
             json,
         } => (control_socket, Request::ExportList, *json),
+        ExportCommand::Set {
+            control_socket,
+            socket,
+            settings,
+        } => (
+            control_socket,
+            Request::ExportSet {
+                socket: socket.clone(),
+                changes: settings.join(","),
+            },
+            false,
+        ),
         ExportCommand::Resize {
             control_socket,
             socket,
@@ -152,15 +169,28 @@ pub fn export_command(command: &crate::cli::ExportCommand) -> Result<(), String>
              says what each found); new connections get the new size",
             socket.display()
         );
+    } else if let Request::ExportSet { socket, .. } = &request {
+        if let Some(e) = exports
+            .iter()
+            .find(|e| std::path::Path::new(&e.socket) == socket.as_path())
+        {
+            println!(
+                "{}: qos {} ({} connection(s) told)",
+                e.socket,
+                e.qos.describe(),
+                e.connections
+            );
+        }
     } else if matches!(request, Request::ExportList) {
         for e in &exports {
             println!(
-                "{}  {}{}  {} queue(s)  {} connection(s)",
+                "{}  {}{}  {} queue(s)  {} connection(s)  qos: {}",
                 e.socket,
                 e.disk,
                 if e.read_only { " (read-only)" } else { "" },
                 e.num_queues,
-                e.connections
+                e.connections,
+                e.qos.describe()
             );
         }
     }

@@ -1,4 +1,4 @@
-//! Exports at run time (`vublk export add|remove|resize|list` on the control socket): the supervisor
+//! Exports at run time (`vublk export add|remove|resize|set|list` on the control socket): the supervisor
 //! checks a new export as it checks those on its command line, binds its socket and accepts
 //! on it; removes one no VM uses (or, forced, tells the workers to stop its devices). Nothing
 //! is persisted: the orchestrator owns the configuration.
@@ -49,6 +49,9 @@ impl Supervisor {
             Request::ExportResize { socket } => {
                 self.resize_export(&socket).map(|()| self.export_list())
             }
+            Request::ExportSet { socket, changes } => self
+                .set_export_qos(&socket, &changes)
+                .map(|()| self.export_list()),
         }
     }
 
@@ -67,6 +70,7 @@ impl Supervisor {
                 read_only: e.spec.open.read_only,
                 num_queues: e.spec.device.num_queues,
                 connections: self.connections_to(index),
+                qos: e.spec.qos,
             })
             .collect()
     }
@@ -176,6 +180,44 @@ impl Supervisor {
             }
         }
         tracing::info!("export {}: resize asked", socket.display());
+        Ok(())
+    }
+
+    /// Changes the QoS limits of the export on `socket`: for connections from now on (its
+    /// spec) and for the devices served or on their way to a worker (which take messages in
+    /// order, so a device handed over before this gets the change after it started).
+    fn set_export_qos(&mut self, socket: &std::path::Path, changes: &str) -> Result<(), String> {
+        let index = self
+            .find_export(socket)
+            .ok_or_else(|| format!("{} is not an export", socket.display()))?;
+        let qos = self.exports[index].spec.qos.with_changes(changes)?;
+        self.exports[index].spec.qos = qos;
+        for vm in self.vms.values() {
+            let sent = vm
+                .live
+                .iter()
+                .filter(|(_, &e)| e == index)
+                .map(|(&c, _)| c)
+                .chain(
+                    vm.pending
+                        .iter()
+                        .filter(|h| h.export == index)
+                        .map(|h| h.connection),
+                );
+            let mut connections: Vec<u64> = sent.collect();
+            connections.sort_unstable();
+            connections.dedup();
+            for connection in connections {
+                let message = ToWorker::SetQos { connection, qos };
+                if let Err(e) = handoff::send(&vm.control, &message, &[]) {
+                    tracing::warn!(
+                        "cannot give worker pid {} the new limits of connection {connection}: {e}",
+                        vm.worker_pid
+                    );
+                }
+            }
+        }
+        tracing::info!("export {}: qos {}", socket.display(), qos.describe());
         Ok(())
     }
 

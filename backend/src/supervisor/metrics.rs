@@ -164,6 +164,8 @@ fn add_device(sum: &mut DeviceMetrics, device: &crate::handoff::DeviceStatus) {
         .zip(d.latency)
         .for_each(|(a, b)| add(a, b));
     add(&mut t.latency_ns, d.latency_ns);
+    add(&mut t.throttled, d.throttled);
+    add(&mut t.throttled_ns, d.throttled_ns);
     let (m, d) = (&mut sum.memory, &device.memory);
     m.generation = m.generation.max(d.generation);
     // A generation is live in one device or another: at most a few per device.

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::disk::Disk;
+use crate::qos::{QosLimits, Throttle};
 use crate::vhost_user::{GuestMemoryHandle, MemoryStatus, QueueLoop, RunningQueue, VirtioDevice};
 
 use super::config::{self, BlockConfig, DeviceOptions};
@@ -28,6 +29,8 @@ pub struct BlockDevice {
     /// Told each time the driver changes the write cache (a worker reports it to the
     /// supervisor, which keeps it for the VMM's next worker).
     write_cache_watch: Option<WriteCacheWatch>,
+    /// The export's QoS limits, shared by the queue threads (`vublk export set` changes them).
+    pub(super) throttle: Throttle,
 }
 
 /// Why [`BlockDevice::resize`] left the capacity as it was.
@@ -86,7 +89,25 @@ impl BlockDevice {
             poll_max: Duration::ZERO,
             memory: Mutex::new(None),
             write_cache_watch: None,
+            throttle: Throttle::new(QosLimits::default()),
         }
+    }
+
+    /// Limits what the device serves (docs/operations.md#qos).
+    pub fn with_qos(self, limits: QosLimits) -> BlockDevice {
+        self.throttle.set(limits);
+        self
+    }
+
+    /// Replaces the QoS limits of a running device (`vublk export set`); its queue threads
+    /// follow from their next batch of requests on (a throttled one within 100 ms).
+    pub fn set_qos(&self, limits: QosLimits) {
+        self.throttle.set(limits);
+    }
+
+    /// The QoS limits in force.
+    pub fn qos(&self) -> QosLimits {
+        self.throttle.limits()
     }
 
     /// How long retiring memory and stopping a ring wait before cancelling requests.

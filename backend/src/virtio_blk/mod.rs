@@ -30,5 +30,6 @@ pub fn device_for(
     Ok(BlockDevice::new(disk, &export.device)
         .with_retire_timeout(std::time::Duration::from_millis(export.retire_timeout_ms))
         .with_poll_max(std::time::Duration::from_micros(export.poll_max_us))
+        .with_qos(export.qos)
         .with_test_gate(gate))
 }

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
 use crate::io::{Completion, DiskEngine, Engine, Event, Operation, Tag};
+use crate::qos::Quota;
 use crate::ratelimit::RateLimit;
 use crate::vhost_user::{ChainWalk, Generation, GuestBuffers, RawBuffers, RunningQueue};
 
@@ -41,6 +42,18 @@ const WAKE: u32 = 1;
 
 /// Chains taken from the ring per wakeup before completions get a turn (vhost's weight).
 const BUDGET: usize = 256;
+
+/// The longest a throttled queue sleeps before it looks at the limits again, so that `vublk
+/// export set` raising or removing them takes effect at once, even after a request that
+/// overfilled a bucket for a long time.
+const THROTTLE_RECHECK: Duration = Duration::from_millis(100);
+
+/// The export's QoS limits ran out (qos/): the queue takes no chain before `until`.
+#[derive(Clone, Copy)]
+struct Throttled {
+    since: Instant,
+    until: Instant,
+}
 
 /// The split used ring's layout: flags (2 bytes), idx (2), then 8-byte elements.
 const USED_IDX_OFFSET: u64 = 2;
@@ -98,6 +111,9 @@ pub struct QueueServer<E = DiskEngine> {
     /// works or polls, so a busy driver does not kick at all.
     kicks_on: bool,
     poll: PollPolicy,
+    /// Set while the export is over its QoS limits: the thread neither takes chains nor
+    /// polls, and sleeps (kicks off) until the buckets let a request start.
+    throttled: Option<Throttled>,
     /// Requests completed so far, for the polling policy's epochs.
     done: u64,
     guest_errors: RateLimit,
@@ -138,6 +154,7 @@ impl<E: Engine> QueueServer<E> {
             broken: false,
             kicks_on: false,
             poll: PollPolicy::new(poll_max),
+            throttled: None,
             done: 0,
             guest_errors: RateLimit::new(10, Duration::from_secs(5)),
             io_errors: RateLimit::new(10, Duration::from_secs(5)),
@@ -179,12 +196,30 @@ impl<E: Engine> QueueServer<E> {
             let runnable = self.q.control.enabled() && !self.broken;
             let mut idle_since = None;
             let mut ready = self.ready();
-            if runnable && !ready {
+            if runnable && !ready && self.throttled.is_none() {
                 idle_since = Some(Instant::now());
                 ready = self.idle()?;
             }
-            self.engine.enter(!(runnable && ready))?;
+            match self.throttled {
+                // Over the limits: sleep until a request may start (a completion, a kick that
+                // came before kicks went off, or a control request wake it earlier).
+                Some(throttled) if runnable => {
+                    let left = throttled.until.saturating_duration_since(Instant::now());
+                    self.engine.enter_timeout(left)?;
+                }
+                _ => self.engine.enter(!(runnable && ready))?,
+            }
             let now = Instant::now();
+            if let Some(throttled) = self.throttled {
+                if now >= throttled.until {
+                    self.throttled = None;
+                    // Chains may have come meanwhile, without a kick.
+                    self.backlog = true;
+                    if let Some(stats) = self.device.stats.get(self.q.index) {
+                        stats.record_throttled(now.duration_since(throttled.since));
+                    }
+                }
+            }
             if let Some(since) = idle_since {
                 self.poll.after_idle(now.duration_since(since));
             }
@@ -212,7 +247,8 @@ impl<E: Engine> QueueServer<E> {
 
     /// Whether the avail ring has work this thread can take now.
     fn ready(&self) -> bool {
-        self.backlog || self.kicked || (self.starved && !self.free.is_empty())
+        self.throttled.is_none()
+            && (self.backlog || self.kicked || (self.starved && !self.free.is_empty()))
     }
 
     /// Nothing to do: poll for a while (the adaptive window), then turn kicks back on.
@@ -342,9 +378,32 @@ impl<E: Engine> QueueServer<E> {
         self.engine.cancel(&|buffers| buffers.uses_any(&regions))
     }
 
-    /// Takes chains from the avail ring, parses them and starts their I/O. Kicks stay off
-    /// until the thread is about to sleep (see `idle`).
+    /// Takes chains from the avail ring, parses them and starts their I/O, as far as the
+    /// export's QoS limits allow. Kicks stay off until the thread is about to sleep (see
+    /// `idle`).
+    ///
+    /// Without limits that costs one flag per batch. With limits, the buckets are looked at
+    /// twice per batch, one clock read: what room they have before it, what the batch took
+    /// after it (and whether the next request may start, or the thread must wait).
     fn process_avail(&mut self) {
+        if !self.device.throttle.limited() {
+            return self.take_chains(&mut None);
+        }
+        let now = Instant::now();
+        let mut quota = Some(self.device.throttle.quota(now));
+        self.take_chains(&mut quota);
+        if let Some(wait) = quota.and_then(|quota| self.device.throttle.settle(&quota, now)) {
+            // (The serve loop interrupts for what completed.)
+            self.throttled = Some(Throttled {
+                since: now,
+                until: now + wait.min(THROTTLE_RECHECK),
+            });
+        }
+    }
+
+    /// The loop of [`QueueServer::process_avail`]: takes chains while `quota` (if there are
+    /// limits) lets them start, and counts them in it.
+    fn take_chains(&mut self, quota: &mut Option<Quota>) {
         self.backlog = false;
         self.starved = false;
         let mut generation = self.generation.clone();
@@ -360,6 +419,11 @@ impl<E: Engine> QueueServer<E> {
                 // Only a driver that reuses heads still in flight gets here: wait for
                 // completions to free a slot.
                 self.starved = true;
+                return;
+            }
+            // A request may start while the buckets are not full (counting what this batch
+            // took); the chain stays in the ring otherwise.
+            if quota.as_ref().is_some_and(|q| !q.may_start()) {
                 return;
             }
             // Each chain is parsed against the newest memory table (the frontend may have
@@ -383,7 +447,10 @@ impl<E: Engine> QueueServer<E> {
             if let Some(tracker) = &mut self.q.inflight {
                 tracker.taken(head);
             }
-            self.start_request(head, chain, &generation);
+            let bytes = self.start_request(head, chain, &generation);
+            if let Some(quota) = quota {
+                quota.take(bytes);
+            }
             self.notify_early();
         }
         // Let completions and other queues have a turn; come back without a kick.
@@ -437,14 +504,15 @@ impl<E: Engine> QueueServer<E> {
     }
 
     /// Parses a chain, pins its buffers and hands it to the engine; a chain that fails either
-    /// is completed at once, with no I/O.
+    /// is completed at once, with no I/O. Returns the bytes it reads or writes (what the
+    /// byte limits count).
     fn start_request(
         &mut self,
         head: u16,
         chain: impl Iterator<Item = virtio_queue::desc::split::Descriptor>,
         generation: &Arc<Generation>,
-    ) {
-        let Some(tag) = self.free.pop() else { return };
+    ) -> u64 {
+        let Some(tag) = self.free.pop() else { return 0 };
         let index = usize::from(tag);
         let slot = &mut self.slots[index];
         let mut raw = slot.spare.take().unwrap_or_default();
@@ -474,6 +542,10 @@ impl<E: Engine> QueueServer<E> {
             Ok(req) if buffers.is_complete() => {
                 slot.request = Some(req);
                 self.submit(tag, req, buffers);
+                match req.kind {
+                    RequestKind::Read | RequestKind::Write => req.len,
+                    _ => 0,
+                }
             }
             parsed => {
                 let (code, reason) = match &parsed {
@@ -495,6 +567,7 @@ impl<E: Engine> QueueServer<E> {
                 }
                 let written = buffers.write_status(code);
                 self.release(index, u32::from(written), buffers, false);
+                0
             }
         }
     }

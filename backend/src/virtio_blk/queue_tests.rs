@@ -732,6 +732,45 @@ fn a_cancellation_picks_the_requests_in_the_retiring_region() {
 /// it prints the time per request, to compare two builds of the hot path without the noise of a
 /// whole benchmark (`cargo test --release -p vublk --lib per_request_cost -- --ignored
 /// --nocapture`).
+/// Over the export's limits the loop leaves chains in the avail ring, waits (no polling) for
+/// as long as the bucket needs, and takes them once they may start.
+#[test]
+fn over_its_limits_a_queue_leaves_chains_in_the_ring() {
+    let mut h = Harness::new(at_once());
+    h.server.device.set_qos(crate::qos::QosLimits {
+        iops_limit: 10,
+        ..Default::default()
+    });
+    let posted: Vec<Posted> = (0..5)
+        .map(|i| {
+            let data = h.alloc_low(512);
+            h.post_read(i, data, 512)
+        })
+        .collect();
+    h.server.process_avail();
+    // The bucket holds a tenth of a second of the limit (one request): the request that fills
+    // it starts, and one more that overfills it.
+    assert_eq!(h.used().len(), 2);
+    let throttled = h.server.throttled.expect("held back");
+    assert!(
+        !h.server.ready(),
+        "a held-back queue takes nothing, kick or not"
+    );
+    // The bucket drains back below its capacity in 0.1 s (one request at 10 per second).
+    assert_eq!(
+        throttled.until - throttled.since,
+        Duration::from_millis(100)
+    );
+    // Once the wait is over (as the serve loop ends it) and the limit gone, the rest starts.
+    h.server.device.set_qos(crate::qos::QosLimits::default());
+    h.server.throttled = None;
+    h.server.process_avail();
+    assert_eq!(h.used().len(), 5);
+    for p in &posted {
+        assert_eq!(h.status_of(p), STATUS_OK);
+    }
+}
+
 #[test]
 #[ignore]
 fn per_request_cost() {
@@ -789,7 +828,17 @@ fn per_request_cost() {
         serial: None,
         write_cache: true,
     };
-    let device = Arc::new(BlockDevice::new(disk, &options));
+    // VUBLK_COST_QOS=1: limits no load reaches, so the limiter's whole path runs (the
+    // cost of a limit against none).
+    let qos = match std::env::var_os("VUBLK_COST_QOS") {
+        Some(_) => crate::qos::QosLimits {
+            iops_limit: 1_000_000_000_000,
+            bps_limit: 1_000_000_000_000,
+            ..Default::default()
+        },
+        None => crate::qos::QosLimits::default(),
+    };
+    let device = Arc::new(BlockDevice::new(disk, &options).with_qos(qos));
     let mut server = QueueServer::new(device, q).expect("a queue server");
     server.engine.start().expect("the engine starts");
     let mut idx: u16 = 0;

@@ -70,6 +70,9 @@ pub struct QueueStats {
     /// Completed requests by latency (taken from the ring to completed), and their sum.
     latency: [AtomicU64; BUCKETS],
     latency_ns: AtomicU64,
+    /// Times the queue stopped taking requests for the export's QoS limits, and how long.
+    throttled: AtomicU64,
+    throttled_ns: AtomicU64,
 }
 
 impl QueueStats {
@@ -98,6 +101,12 @@ impl QueueStats {
         add(&self.polls, 1);
         add(&self.poll_hits, u64::from(hit));
         add(&self.poll_ns, spent.as_nanos() as u64);
+    }
+
+    /// Counts a spell of waiting for the QoS limits that lasted `spent`.
+    pub fn record_throttled(&self, spent: std::time::Duration) {
+        add(&self.throttled, 1);
+        add(&self.throttled_ns, spent.as_nanos() as u64);
     }
 
     pub fn record_inline(&self) {
@@ -188,6 +197,11 @@ pub struct DeviceTotals {
     pub latency: [u64; BUCKETS],
     #[serde(default)]
     pub latency_ns: u64,
+    /// Times queues stopped taking requests for the QoS limits, and how long they waited.
+    #[serde(default)]
+    pub throttled: u64,
+    #[serde(default)]
+    pub throttled_ns: u64,
 }
 
 pub fn totals(queues: &[QueueStats]) -> DeviceTotals {
@@ -201,6 +215,8 @@ pub fn totals(queues: &[QueueStats]) -> DeviceTotals {
             in_flight: t.in_flight + load(&q.in_flight),
             latency: std::array::from_fn(|i| t.latency[i] + load(&q.latency[i])),
             latency_ns: t.latency_ns + load(&q.latency_ns),
+            throttled: t.throttled + load(&q.throttled),
+            throttled_ns: t.throttled_ns + load(&q.throttled_ns),
             requests: t.requests + q.requests.load(Ordering::Relaxed),
             errors: t.errors + q.errors.load(Ordering::Relaxed),
             bytes_read: t.bytes_read + q.bytes_read.load(Ordering::Relaxed),

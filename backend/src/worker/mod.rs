@@ -245,6 +245,16 @@ pub fn run(
                             resize(connection, c);
                         }
                     }
+                    Ok(Some((ToWorker::SetQos { connection, qos }, _))) => {
+                        if let Some(c) = connections.get(&connection) {
+                            c.device.set_qos(qos);
+                            tracing::info!(
+                                "connection {connection}: {} qos {}",
+                                c.export,
+                                qos.describe()
+                            );
+                        }
+                    }
                     Ok(Some((ToWorker::Stop { connection }, _))) => {
                         if let Some(c) = connections.get(&connection) {
                             tracing::info!("connection {connection}: export removed; stopping");
