@@ -68,7 +68,7 @@ impl Supervisor {
                         export: spec.name.clone(),
                         ..Default::default()
                     });
-                    add_device(sum, device);
+                    add_device(sum, device, usize::from(spec.device.num_queues));
                 }
                 VmMetrics {
                     vmm_pid: vm.vmm_pid,
@@ -132,7 +132,9 @@ impl Supervisor {
     }
 }
 
-fn add_device(sum: &mut DeviceMetrics, device: &crate::handoff::DeviceStatus) {
+/// Adds a worker's report of one device to the sum of its VM's devices on the export; at most
+/// `num_queues` (the export's) queues, so a worker cannot add `queue` label values.
+fn add_device(sum: &mut DeviceMetrics, device: &crate::handoff::DeviceStatus, num_queues: usize) {
     // Saturating: the numbers are the worker's word, and must not panic the supervisor.
     fn add(a: &mut u64, b: u64) {
         *a = a.saturating_add(b);
@@ -171,6 +173,14 @@ fn add_device(sum: &mut DeviceMetrics, device: &crate::handoff::DeviceStatus) {
     add(&mut m.retire_waits, d.retire_waits);
     m.longest_retire_wait_us = m.longest_retire_wait_us.max(d.longest_retire_wait_us);
     add(&mut m.cancelled, d.cancelled);
+    let queues = device.per_queue.iter().take(num_queues);
+    if sum.per_queue.len() < queues.len() {
+        sum.per_queue.resize(queues.len(), Default::default());
+    }
+    sum.per_queue
+        .iter_mut()
+        .zip(queues)
+        .for_each(|(sum, queue)| sum.add(queue));
 }
 
 /// A process's CPU time in seconds (user, system), from /proc/PID/stat.

@@ -57,6 +57,7 @@ fn forge(own: u64, reports: &ReportPipe) {
             queues: u16::MAX,
             totals: Default::default(),
             memory: Default::default(),
+            per_queue: Vec::new(),
         })
         .collect();
     let _ = reports.send(&ToSupervisor::Stats { devices });
