@@ -37,6 +37,9 @@ pub enum Request {
     ExportResize { socket: PathBuf },
     /// The exports served now.
     ExportList,
+    /// The numbers `GET /metrics` shows, per VM and export ([`crate::metrics::Snapshot`]), for
+    /// `vublk top`: built from what the supervisor holds, never by asking a worker.
+    Counters,
 }
 
 /// One export, as `vublk export list` shows it.

@@ -621,6 +621,7 @@ impl Supervisor {
             };
             let answer = match request {
                 Ok(control::Request::Status) => serde_json::to_vec(&self.status()),
+                Ok(control::Request::Counters) => serde_json::to_vec(&self.snapshot()),
                 Ok(request) => serde_json::to_vec(&self.export_request(request)),
                 Err(e) => serde_json::to_vec(&control::ExportReply::Err(format!(
                     "bad control request: {e}"
