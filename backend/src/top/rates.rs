@@ -248,7 +248,10 @@ mod tests {
         t
     }
 
-    fn snapshot(vms: &[(i32, f64, f64, &[(&str, DeviceTotals)])], exports: &[&str]) -> Snapshot {
+    /// A VM in a test snapshot: VMM pid, CPU seconds, report age, devices.
+    type TestVm<'a> = (i32, f64, f64, &'a [(&'a str, DeviceTotals)]);
+
+    fn snapshot(vms: &[TestVm], exports: &[&str]) -> Snapshot {
         Snapshot {
             exports: exports
                 .iter()

@@ -4,6 +4,7 @@
 use std::fmt::Write;
 
 use super::rates::{Row, PERCENTILE};
+use crate::virtio_blk::stats::LATENCY_BOUNDS_US;
 
 /// Export names longer than this are shortened from the left (socket paths differ at the end).
 const EXPORT_WIDTH: usize = 40;
@@ -75,7 +76,7 @@ pub fn render(rows: &[Row], clock: &str, delay: f64, max_rows: usize) -> String 
                 .map_or_else(dash, latency),
             rates
                 .and_then(|r| r.latency_high_us)
-                .map_or_else(dash, latency),
+                .map_or_else(dash, high_latency),
             rates.map_or_else(dash, |r| r.in_flight.to_string()),
             rates
                 .and_then(|r| r.polling_share)
@@ -119,20 +120,38 @@ fn bytes(per_second: f64) -> String {
     format!("{value:.1}{}", UNITS[unit])
 }
 
+/// Bytes per second with their unit: `512B/s`, `48.2MiB/s`.
 fn bandwidth(per_second: f64) -> String {
-    format!("{}B/s", bytes(per_second))
+    let b = bytes(per_second);
+    if per_second < 1024.0 {
+        format!("{b}B/s")
+    } else {
+        format!("{b}iB/s")
+    }
 }
 
-/// Microseconds as `17us`, `2.50ms`, `1.20s`; infinity (past the histogram) as `>1s`.
+/// Microseconds as `0.4us`, `17us`, `2.50ms`, `1.20s`; infinity (past the histogram) as `>1s`.
 fn latency(us: f64) -> String {
     if us.is_infinite() {
         ">1s".into()
+    } else if us < 10.0 {
+        format!("{us:.1}us")
     } else if us < 1000.0 {
         format!("{us:.0}us")
     } else if us < 1e6 {
         format!("{:.2}ms", us / 1e3)
     } else {
         format!("{:.2}s", us / 1e6)
+    }
+}
+
+/// A percentile: within the histogram's first bucket it is only known to be below its bound.
+fn high_latency(us: f64) -> String {
+    let first = LATENCY_BOUNDS_US[0] as f64;
+    if us <= first {
+        format!("<{first:.0}us")
+    } else {
+        latency(us)
     }
 }
 
@@ -165,7 +184,7 @@ mod tests {
                     reads: 1500.0,
                     writes: 2.0,
                     read_bytes: 1500.0 * 4096.0,
-                    latency_mean_us: Some(21.4),
+                    latency_mean_us: Some(0.42),
                     latency_high_us: Some(f64::INFINITY),
                     polling_share: Some(0.5),
                     ..Default::default()
@@ -191,7 +210,7 @@ mod tests {
         let text = render(&rows, "12:00:00 UTC", 1.0, 10);
         let lines: Vec<&str> = text.lines().collect();
         assert!(
-            lines[0].contains("1502 IOPS") && lines[0].contains("read 5.9MB/s"),
+            lines[0].contains("1502 IOPS") && lines[0].contains("read 5.9MiB/s"),
             "{text}"
         );
         let words: Vec<&str> = lines[2].split_whitespace().collect();
@@ -205,7 +224,7 @@ mod tests {
                 "2",
                 "5.9M",
                 "0",
-                "21us",
+                "0.4us",
                 ">1s",
                 "0",
                 "50",
@@ -219,6 +238,9 @@ mod tests {
             ["-", "-", "idle", "0", "0", "0", "0", "-", "-", "0", "-", "-", "-"]
         );
         assert!(render(&rows, "", 1.0, 1).ends_with("(2 more)\n"));
+        assert_eq!(high_latency(9.9), "<10us");
+        assert_eq!(high_latency(30.0), "30us");
+        assert_eq!(latency(2500.0), "2.50ms");
     }
 
     #[test]
