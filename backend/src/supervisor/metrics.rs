@@ -220,6 +220,36 @@ mod tests {
         assert_eq!(parse_stat_cpu("1234 (x) S 1", 100.0), None);
     }
 
+    /// A worker's per-queue counts are taken for at most the export's queues, and summed
+    /// queue by queue over its connections to the export.
+    #[test]
+    fn a_worker_cannot_add_queues_past_its_export() {
+        use crate::virtio_blk::stats::QueueCounts;
+        let device = crate::handoff::DeviceStatus {
+            connection: 1,
+            export: "x".into(),
+            queues: 2,
+            totals: Default::default(),
+            memory: Default::default(),
+            per_queue: vec![
+                QueueCounts {
+                    by_kind: [1, 0, 0, 0, 0, 0],
+                    in_flight: 1,
+                    ..Default::default()
+                };
+                1000
+            ],
+        };
+        let mut sum = DeviceMetrics::default();
+        add_device(&mut sum, &device, 2);
+        add_device(&mut sum, &device, 2);
+        assert_eq!(sum.per_queue.len(), 2);
+        assert!(sum
+            .per_queue
+            .iter()
+            .all(|q| q.by_kind[0] == 2 && q.in_flight == 2));
+    }
+
     #[test]
     fn our_own_cpu_time_is_readable() {
         assert!(cpu_seconds(std::process::id() as i32).is_some());
