@@ -174,6 +174,20 @@ fn a_stopped_worker_does_not_block_top() {
     daemon.stop();
 }
 
+/// A stopped daemon cannot hang top either: it gives up after 5 s with one line.
+#[test]
+fn a_stopped_daemon_does_not_hang_top() {
+    let dir = test_dir();
+    let (mut daemon, control, _) = start(dir.path());
+    daemon.signal(libc::SIGSTOP).unwrap();
+    let out = top(&control, &["--iterations", "1"]);
+    daemon.signal(libc::SIGCONT).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("did not answer within 5 s"), "{stderr}");
+    daemon.stop();
+}
+
 /// The counters carry every VM's identity: like the rest of the control socket, they are
 /// the daemon's user's only.
 #[test]
