@@ -252,6 +252,34 @@ pub enum Command {
         #[arg(long, value_name = "PATH")]
         binary: Option<PathBuf>,
     },
+    /// A live view of a running daemon per VM and export: IOPS, bandwidth, latency, polling
+    /// share and worker CPU, refreshed every second and sorted by IOPS (q or Ctrl-C quits).
+    Top {
+        /// The daemon's --control-socket.
+        #[arg(long, value_name = "PATH")]
+        control_socket: PathBuf,
+        /// Print one plain table after another instead of redrawing the screen (as without
+        /// a terminal).
+        #[arg(long, short = 'b')]
+        batch: bool,
+        /// Stop after N tables.
+        #[arg(long, short = 'n', value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        iterations: Option<u64>,
+        /// Seconds between tables (0.1 to 3600).
+        #[arg(long, short = 'd', value_name = "SECS", default_value = "1", value_parser = parse_delay)]
+        delay: std::time::Duration,
+    },
+}
+
+/// `--delay`: seconds, fractions allowed.
+fn parse_delay(value: &str) -> Result<std::time::Duration, String> {
+    let secs: f64 = value
+        .parse()
+        .map_err(|_| format!("{value:?} is not a number of seconds"))?;
+    if !(0.1..=3600.0).contains(&secs) {
+        return Err(format!("{value} is not between 0.1 and 3600 seconds"));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
 }
 
 #[derive(Debug, Subcommand)]

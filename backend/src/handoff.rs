@@ -19,12 +19,13 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::export::ExportSpec;
-use crate::virtio_blk::stats::DeviceTotals;
+use crate::virtio_blk::stats::{DeviceTotals, QueueCounts};
 
 /// Largest message; exports are small.
 const MAX_MESSAGE: usize = 64 * 1024;
 /// Longest report line: a worker's stats, about 1.5 KiB per device, for up to
-/// `--max-connections-per-vmm` devices (64 by default).
+/// `--max-connections-per-vmm` devices (64 by default), and about 100 bytes per queue
+/// ([`DeviceStatus::per_queue`], left out where it would not fit: [`stats_message`]).
 const MAX_REPORT: usize = 256 * 1024;
 /// At most this many fds per message.
 const MAX_FDS: usize = 4;
@@ -98,6 +99,23 @@ pub struct DeviceStatus {
     pub totals: DeviceTotals,
     /// Memory generations, pins, retire waits, cancellations.
     pub memory: crate::vhost_user::MemoryStatus,
+    /// Each queue's request counts, in queue order (empty when the report would not fit).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub per_queue: Vec<QueueCounts>,
+}
+
+/// The [`ToSupervisor::Stats`] message for `devices`, without their per-queue counts if the
+/// line would otherwise be longer than the supervisor reads ([`MAX_REPORT`]): a VM with very
+/// many devices and queues keeps its device totals and loses only its `queue` series.
+pub fn stats_message(devices: Vec<DeviceStatus>) -> ToSupervisor {
+    let mut message = ToSupervisor::Stats { devices };
+    let len = serde_json::to_vec(&message).map_or(usize::MAX, |line| line.len());
+    if len >= MAX_REPORT {
+        if let ToSupervisor::Stats { devices } = &mut message {
+            devices.iter_mut().for_each(|d| d.per_queue.clear());
+        }
+    }
+    message
 }
 
 /// Sends `message` with `fds` attached; on a non-blocking socket that is full, fails with
@@ -324,6 +342,7 @@ mod tests {
             write_cache: None,
             totals: DeviceTotals::default(),
             memory: crate::vhost_user::MemoryStatus::default(),
+            per_queue: Vec::new(),
         };
         // The small reports keep coming for as long as the large ones are being written.
         let big_done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -377,6 +396,42 @@ mod tests {
             .map(|line| serde_json::from_slice(line).expect("a whole message"))
             .collect();
         assert_eq!(lines.len() as u64, sent);
+    }
+
+    /// Per-queue counts that would make the line too long for the supervisor are left out;
+    /// the device totals stay.
+    #[test]
+    fn stats_too_long_for_a_line_lose_their_queue_counts() {
+        let queue = QueueCounts {
+            by_kind: [u64::MAX; 6],
+            bytes_read: u64::MAX,
+            bytes_written: u64::MAX,
+            in_flight: u64::MAX,
+        };
+        let device = |queues: usize| DeviceStatus {
+            connection: 1,
+            export: "x".into(),
+            queues: queues as u16,
+            totals: DeviceTotals {
+                requests: 7,
+                ..Default::default()
+            },
+            memory: crate::vhost_user::MemoryStatus::default(),
+            per_queue: vec![queue.clone(); queues],
+            write_cache: Some(true),
+        };
+        let ToSupervisor::Stats { devices } = stats_message(vec![device(2); 3]) else {
+            panic!("not a stats message");
+        };
+        assert!(devices.iter().all(|d| d.per_queue.len() == 2));
+        let message = stats_message(vec![device(64); 64]);
+        assert!(serde_json::to_vec(&message).unwrap().len() < MAX_REPORT);
+        let ToSupervisor::Stats { devices } = message else {
+            panic!("not a stats message");
+        };
+        assert!(devices
+            .iter()
+            .all(|d| d.per_queue.is_empty() && d.totals.requests == 7));
     }
 
     #[test]

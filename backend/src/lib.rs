@@ -27,6 +27,7 @@ mod sigbus;
 mod signals;
 pub mod single_process;
 pub mod supervisor;
+pub mod top;
 pub mod vhost_user;
 pub mod virtio_blk;
 pub mod worker;

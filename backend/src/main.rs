@@ -59,6 +59,27 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Some(vublk::cli::Command::Top {
+        control_socket,
+        batch,
+        iterations,
+        delay,
+    }) = &cli.command
+    {
+        let options = vublk::top::TopOptions {
+            control_socket: control_socket.clone(),
+            batch: *batch,
+            iterations: *iterations,
+            delay: *delay,
+        };
+        return match vublk::top::run(&options) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vublk: {}", vublk::error_line(&e));
+                ExitCode::from(1)
+            }
+        };
+    }
     let mode = if let Some(fd) = cli.worker_control_fd {
         let plan = match cli
             .worker_sandbox

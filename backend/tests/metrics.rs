@@ -84,23 +84,50 @@ fn need(tool: &str) -> String {
 /// The daemon with a 64 MiB null disk, metrics on a free port; returns it and the port once
 /// it is ready.
 fn start(dir: &Path) -> (Daemon, u16) {
+    start_with(dir, &[])
+}
+
+/// [`start`] with more options.
+fn start_with(dir: &Path, extra: &[&str]) -> (Daemon, u16) {
     let port = free_port();
     let control = dir.join("control.sock");
     let addr = format!("127.0.0.1:{port}");
-    let mut daemon = Daemon::start(
-        vublk_bin(),
-        dir,
-        &[
-            "--null",
-            "64M",
-            "--metrics-addr",
-            &addr,
-            "--control-socket",
-            control.to_str().unwrap(),
-        ],
-    );
+    let mut args = vec![
+        "--null",
+        "64M",
+        "--metrics-addr",
+        &addr,
+        "--control-socket",
+        control.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let mut daemon = Daemon::start(vublk_bin(), dir, &args);
     daemon.wait_for(&control);
     (daemon, port)
+}
+
+/// `promtool check metrics` accepts `text`.
+fn promtool_accepts(text: &str) {
+    let mut check = Command::new(need("promtool"))
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// 16 reads of 4 KiB, 8 writes of 4 KiB and a flush.
@@ -120,7 +147,6 @@ fn some_io(client: &mut Client) {
 /// I/O moves the counters; the exposition passes promtool.
 #[test]
 fn scrapes_show_the_io_and_pass_promtool() {
-    let promtool = need("promtool");
     let dir = test_dir();
     let (mut daemon, port) = start(dir.path());
     let before = scrape_until(port, |_| true);
@@ -182,26 +208,61 @@ fn scrapes_show_the_io_and_pass_promtool() {
         Some(2.0)
     );
 
-    let mut check = Command::new(promtool)
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    check
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = check.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics: {}{}\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    promtool_accepts(&text);
+    drop(client);
+    daemon.stop();
+}
+
+/// A 2-queue device: the per-queue families count each queue's own requests under its
+/// `queue` label, and the exposition still passes promtool.
+#[test]
+fn each_queue_is_counted_under_its_queue_label() {
+    let dir = test_dir();
+    let (mut daemon, port) = start_with(dir.path(), &["--num-queues", "2"]);
+    let mut client = Client::connect(daemon.socket(), 2);
+    let reads = |n: u64| -> Vec<Req> {
+        (0..n)
+            .map(|i| Req::read(i * 4096, i as usize * 4096, 4096))
+            .collect()
+    };
+    assert!(client.q(0).run(&reads(3)).iter().all(|&r| r == 0));
+    assert!(client.q(1).run(&reads(5)).iter().all(|&r| r == 0));
+    let writes: Vec<Req> = (0..2)
+        .map(|i| Req::write(i * 4096, i as usize * 4096, 4096))
+        .collect();
+    assert!(client.q(1).run(&writes).iter().all(|&r| r == 0));
+    let export = daemon.socket().display().to_string();
+    let ours = std::process::id();
+    let series = |name: &str, queue: u32, extra: &str| {
+        format!(
+            "{name}{{export=\"{export}\",vmm_pid=\"{ours}\",uid=\"0\",queue=\"{queue}\"{extra}}}"
+        )
+    };
+    let reads_on = |queue| series("vublk_queue_requests_total", queue, ",type=\"read\"");
+    let text = scrape_until(port, |t| value(t, &reads_on(1)) == Some(5.0));
+    assert_eq!(value(&text, &reads_on(0)), Some(3.0), "{text}");
+    let writes_on = |queue| series("vublk_queue_requests_total", queue, ",type=\"write\"");
+    assert_eq!(value(&text, &writes_on(0)), Some(0.0), "{text}");
+    assert_eq!(value(&text, &writes_on(1)), Some(2.0), "{text}");
+    assert_eq!(
+        value(&text, &series("vublk_queue_read_bytes_total", 1, "")),
+        Some(5.0 * 4096.0)
     );
+    assert_eq!(
+        value(&text, &series("vublk_queue_written_bytes_total", 1, "")),
+        Some(2.0 * 4096.0)
+    );
+    for queue in 0..2 {
+        assert_eq!(
+            value(&text, &series("vublk_queue_requests_in_flight", queue, "")),
+            Some(0.0)
+        );
+    }
+    assert_eq!(
+        value(&text, "vublk_queue_requests_total{"),
+        value(&text, "vublk_requests_total{")
+    );
+    promtool_accepts(&text);
     drop(client);
     daemon.stop();
 }

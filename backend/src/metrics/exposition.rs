@@ -7,12 +7,15 @@ use prometheus_client::encoding::{DescriptorEncoder, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
+use serde::{Deserialize, Serialize};
+
 use crate::vhost_user::MemoryStatus;
 use crate::virtio_blk::request::RequestKind;
-use crate::virtio_blk::stats::{DeviceTotals, KINDS, LATENCY_BOUNDS_US};
+use crate::virtio_blk::stats::{DeviceTotals, QueueCounts, KINDS, LATENCY_BOUNDS_US};
 
-/// The daemon's numbers at one scrape.
-#[derive(Debug, Default)]
+/// The daemon's numbers at one scrape; also the answer to the control socket's `Counters`
+/// request (`vublk top`), in JSON.
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Snapshot {
     pub exports: Vec<ExportCounters>,
     /// Workers that exec'd, and those that failed to start (or died while their VMM lived).
@@ -22,7 +25,7 @@ pub struct Snapshot {
 }
 
 /// Per export, counted by the supervisor.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct ExportCounters {
     pub name: String,
     /// Connections handed to a worker.
@@ -32,7 +35,7 @@ pub struct ExportCounters {
 }
 
 /// One VM: its worker and, per export it is connected to, what its devices served.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct VmMetrics {
     pub vmm_pid: i32,
     pub uid: u32,
@@ -44,11 +47,14 @@ pub struct VmMetrics {
 }
 
 /// The devices of one VM on one export (connections summed).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct DeviceMetrics {
     pub export: String,
     pub totals: DeviceTotals,
     pub memory: MemoryStatus,
+    /// Each queue's counts (connections summed queue by queue), for the `queue` label.
+    #[serde(default)]
+    pub per_queue: Vec<QueueCounts>,
 }
 
 impl Snapshot {
@@ -156,6 +162,61 @@ fn device_gauge(
     let mut f = family(encoder, name, help, MetricType::Gauge)?;
     for (labels, device) in devices {
         f.gauge(labels, value(device))?;
+    }
+    Ok(())
+}
+
+/// The per-queue families: the device's request counts split by its `queue` label (separate
+/// names, so that summing a family never counts a request twice).
+fn encode_queues(
+    e: &mut DescriptorEncoder,
+    devices: &[(Labels, &DeviceMetrics)],
+) -> std::fmt::Result {
+    let queues = || {
+        devices.iter().flat_map(|(labels, d)| {
+            d.per_queue
+                .iter()
+                .enumerate()
+                .map(move |(i, q)| (with(labels, &[("queue", &i.to_string())]), q))
+        })
+    };
+    let mut f = family(
+        e,
+        "vublk_queue_requests",
+        "Requests completed, by queue and type (vublk_requests split by queue)",
+        MetricType::Counter,
+    )?;
+    for (labels, q) in queues() {
+        for (i, kind) in KINDS.iter().enumerate() {
+            f.counter(&with(&labels, &[("type", kind_name(*kind))]), q.by_kind[i])?;
+        }
+    }
+    let mut f = family(
+        e,
+        "vublk_queue_read_bytes",
+        "Bytes read for the guest, by queue",
+        MetricType::Counter,
+    )?;
+    for (labels, q) in queues() {
+        f.counter(&labels, q.bytes_read)?;
+    }
+    let mut f = family(
+        e,
+        "vublk_queue_written_bytes",
+        "Bytes written for the guest, by queue",
+        MetricType::Counter,
+    )?;
+    for (labels, q) in queues() {
+        f.counter(&labels, q.bytes_written)?;
+    }
+    let mut f = family(
+        e,
+        "vublk_queue_requests_in_flight",
+        "Requests taken from the queue's ring and not yet completed",
+        MetricType::Gauge,
+    )?;
+    for (labels, q) in queues() {
+        f.gauge(&labels, q.in_flight as f64)?;
     }
     Ok(())
 }
@@ -277,6 +338,7 @@ impl Collector for Snapshot {
             "Requests taken from the rings and not yet completed",
             |d| d.totals.in_flight as f64,
         )?;
+        encode_queues(e, &devices)?;
 
         let mut f = e.encode_descriptor(
             "vublk_request_latency_seconds",
@@ -428,6 +490,17 @@ mod tests {
                     export: "disk \"0\"".into(),
                     totals,
                     memory: MemoryStatus::default(),
+                    per_queue: vec![
+                        QueueCounts {
+                            by_kind: [3, 0, 0, 0, 0, 0],
+                            ..Default::default()
+                        },
+                        QueueCounts {
+                            by_kind: [2, 0, 0, 0, 0, 0],
+                            in_flight: 1,
+                            ..Default::default()
+                        },
+                    ],
                 }],
             }],
         }
@@ -446,6 +519,9 @@ mod tests {
             r#"vublk_request_latency_seconds_bucket{export="disk \"0\"",vmm_pid="42",uid="1000",le="+Inf"} 5"#,
             r#"vublk_request_latency_seconds_sum{export="disk \"0\"",vmm_pid="42",uid="1000"} 2.0"#,
             "vublk_workers 1.0",
+            r#"vublk_queue_requests_total{export="disk \"0\"",vmm_pid="42",uid="1000",queue="0",type="read"} 3"#,
+            r#"vublk_queue_requests_total{export="disk \"0\"",vmm_pid="42",uid="1000",queue="1",type="read"} 2"#,
+            r#"vublk_queue_requests_in_flight{export="disk \"0\"",vmm_pid="42",uid="1000",queue="1"} 1.0"#,
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -42,6 +42,9 @@ pub enum Request {
     /// Start `binary` (default: the path this daemon was started from) with this daemon's
     /// arguments on its listening sockets, and hand the VMs over to it (upgrade.rs).
     Upgrade { binary: Option<PathBuf> },
+    /// The numbers `GET /metrics` shows, per VM and export ([`crate::metrics::Snapshot`]), for
+    /// `vublk top`: built from what the supervisor holds, never by asking a worker.
+    Counters,
 }
 
 /// The answer to an upgrade: the new daemon's pid, or why this daemon goes on serving.

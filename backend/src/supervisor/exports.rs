@@ -40,7 +40,9 @@ impl Supervisor {
     /// Answers an export request; `Err` says why nothing changed.
     pub(super) fn export_request(&mut self, request: Request) -> ExportReply {
         match request {
-            Request::Status | Request::Upgrade { .. } => Err("not an export request".into()),
+            Request::Status | Request::Counters | Request::Upgrade { .. } => {
+                Err("not an export request".into())
+            }
             Request::ExportList => Ok(self.export_list()),
             Request::ExportAdd { spec } => self.add_export(&spec).map(|()| self.export_list()),
             Request::ExportRemove { socket, force } => self

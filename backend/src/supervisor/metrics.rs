@@ -68,7 +68,7 @@ impl Supervisor {
                         export: spec.name.clone(),
                         ..Default::default()
                     });
-                    add_device(sum, device);
+                    add_device(sum, device, usize::from(spec.device.num_queues));
                 }
                 VmMetrics {
                     vmm_pid: vm.vmm_pid,
@@ -132,7 +132,9 @@ impl Supervisor {
     }
 }
 
-fn add_device(sum: &mut DeviceMetrics, device: &crate::handoff::DeviceStatus) {
+/// Adds a worker's report of one device to the sum of its VM's devices on the export; at most
+/// `num_queues` (the export's) queues, so a worker cannot add `queue` label values.
+fn add_device(sum: &mut DeviceMetrics, device: &crate::handoff::DeviceStatus, num_queues: usize) {
     // Saturating: the numbers are the worker's word, and must not panic the supervisor.
     fn add(a: &mut u64, b: u64) {
         *a = a.saturating_add(b);
@@ -173,6 +175,14 @@ fn add_device(sum: &mut DeviceMetrics, device: &crate::handoff::DeviceStatus) {
     add(&mut m.retire_waits, d.retire_waits);
     m.longest_retire_wait_us = m.longest_retire_wait_us.max(d.longest_retire_wait_us);
     add(&mut m.cancelled, d.cancelled);
+    let queues = device.per_queue.iter().take(num_queues);
+    if sum.per_queue.len() < queues.len() {
+        sum.per_queue.resize(queues.len(), Default::default());
+    }
+    sum.per_queue
+        .iter_mut()
+        .zip(queues)
+        .for_each(|(sum, queue)| sum.add(queue));
 }
 
 /// A process's CPU time in seconds (user, system), from /proc/PID/stat.
@@ -210,6 +220,37 @@ mod tests {
         let stat = "1234 (a) b (c)) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 3 0";
         assert_eq!(parse_stat_cpu(stat, 100.0), Some((2.5, 0.75)));
         assert_eq!(parse_stat_cpu("1234 (x) S 1", 100.0), None);
+    }
+
+    /// A worker's per-queue counts are taken for at most the export's queues, and summed
+    /// queue by queue over its connections to the export.
+    #[test]
+    fn a_worker_cannot_add_queues_past_its_export() {
+        use crate::virtio_blk::stats::QueueCounts;
+        let device = crate::handoff::DeviceStatus {
+            connection: 1,
+            export: "x".into(),
+            queues: 2,
+            totals: Default::default(),
+            memory: Default::default(),
+            write_cache: None,
+            per_queue: vec![
+                QueueCounts {
+                    by_kind: [1, 0, 0, 0, 0, 0],
+                    in_flight: 1,
+                    ..Default::default()
+                };
+                1000
+            ],
+        };
+        let mut sum = DeviceMetrics::default();
+        add_device(&mut sum, &device, 2);
+        add_device(&mut sum, &device, 2);
+        assert_eq!(sum.per_queue.len(), 2);
+        assert!(sum
+            .per_queue
+            .iter()
+            .all(|q| q.by_kind[0] == 2 && q.in_flight == 2));
     }
 
     #[test]

@@ -735,6 +735,7 @@ impl Supervisor {
                     None => return,
                     Some(reply) => serde_json::to_vec(&reply),
                 },
+                Ok(control::Request::Counters) => serde_json::to_vec(&self.snapshot()),
                 Ok(request) => serde_json::to_vec(&self.export_request(request)),
                 Err(e) => serde_json::to_vec(&control::ExportReply::Err(format!(
                     "bad control request: {e}"

@@ -195,6 +195,11 @@ impl BlockDevice {
     pub fn totals(&self) -> DeviceTotals {
         stats::totals(&self.stats)
     }
+
+    /// What each queue has served so far, in queue order.
+    pub fn per_queue(&self) -> Vec<stats::QueueCounts> {
+        stats::per_queue(&self.stats)
+    }
 }
 
 impl VirtioDevice for BlockDevice {

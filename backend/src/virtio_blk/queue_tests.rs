@@ -404,6 +404,44 @@ fn at_once() -> Fake {
     }
 }
 
+/// The latency clock is read once per batch of completions: a request completed in a later
+/// batch than another taken with it gets its own end time, not the earlier batch's (which
+/// would count it as taking no time at all).
+#[test]
+fn each_batch_of_completions_reads_the_clock_again() {
+    let mut h = Harness::new(holding());
+    let data = h.alloc_low(4096);
+    // Two requests taken in one pass; the second is completed 30 ms after the first.
+    h.server.pass_start = Instant::now();
+    h.post_read(0, data, 512);
+    h.post_read(8, data + 512, 512);
+    h.server.process_avail();
+    let tags: Vec<Tag> = h
+        .fake
+        .lock()
+        .unwrap()
+        .held
+        .iter()
+        .map(|(t, _)| *t)
+        .collect();
+    h.complete(tags[0], Ok(()), &[0; 512]);
+    std::thread::sleep(Duration::from_millis(30));
+    h.complete(tags[1], Ok(()), &[0; 512]);
+    let latency = h.server.device.totals().latency;
+    // 25 ms < 30 ms <= 50 ms: the bucket after the 25 ms bound.
+    let bucket = crate::virtio_blk::stats::LATENCY_BOUNDS_US
+        .iter()
+        .position(|&us| us == 25_000)
+        .unwrap()
+        + 1;
+    assert_eq!(latency.iter().sum::<u64>(), 2, "{latency:?}");
+    assert_eq!(
+        latency[bucket..].iter().sum::<u64>(),
+        1,
+        "the later request was not counted at 30 ms or more: {latency:?}"
+    );
+}
+
 #[test]
 fn hostile_chains_are_answered_before_any_io() {
     let mut h = Harness::new(refusing());

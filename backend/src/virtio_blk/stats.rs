@@ -204,6 +204,45 @@ pub struct DeviceTotals {
     pub throttled_ns: u64,
 }
 
+/// One queue's request counts, shown with a `queue` label: how the load spreads over a
+/// device's queues. Read from the same per-queue counters as [`DeviceTotals`], so keeping them
+/// costs the queue threads nothing more.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueCounts {
+    /// Completed requests per kind, in the order of [`KINDS`].
+    pub by_kind: [u64; KINDS.len()],
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub in_flight: u64,
+}
+
+impl QueueCounts {
+    /// Adds `other` (the same queue of another connection of the VM to the same export).
+    pub fn add(&mut self, other: &QueueCounts) {
+        self.by_kind
+            .iter_mut()
+            .zip(other.by_kind)
+            .for_each(|(a, b)| *a = a.saturating_add(b));
+        self.bytes_read = self.bytes_read.saturating_add(other.bytes_read);
+        self.bytes_written = self.bytes_written.saturating_add(other.bytes_written);
+        self.in_flight = self.in_flight.saturating_add(other.in_flight);
+    }
+}
+
+/// Each queue's counts, in queue order.
+pub fn per_queue(queues: &[QueueStats]) -> Vec<QueueCounts> {
+    let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    queues
+        .iter()
+        .map(|q| QueueCounts {
+            by_kind: std::array::from_fn(|i| load(&q.by_kind[i])),
+            bytes_read: load(&q.bytes_read),
+            bytes_written: load(&q.bytes_written),
+            in_flight: load(&q.in_flight),
+        })
+        .collect()
+}
+
 pub fn totals(queues: &[QueueStats]) -> DeviceTotals {
     let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
     queues

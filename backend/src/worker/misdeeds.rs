@@ -58,6 +58,7 @@ fn forge(own: u64, reports: &ReportPipe) {
             write_cache: None,
             totals: Default::default(),
             memory: Default::default(),
+            per_queue: Vec::new(),
         })
         .collect();
     let _ = reports.send(&ToSupervisor::Stats { devices });

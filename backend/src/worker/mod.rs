@@ -114,9 +114,10 @@ fn send_stats(reports: &ReportPipe, connections: &HashMap<u64, Connection>) {
             ),
             totals: c.device.totals(),
             memory: c.device.memory_status(),
+            per_queue: c.device.per_queue(),
         })
         .collect();
-    let _ = reports.send(&ToSupervisor::Stats { devices });
+    let _ = reports.send(&handoff::stats_message(devices));
 }
 
 /// Serves connections from the control socket until there is nothing left to serve, telling
