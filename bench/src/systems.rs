@@ -21,6 +21,9 @@
 //!   O_DIRECT on the disk medium's images, a job per queue of each VM at the cell's block size
 //!   and depth (`fio.rs`). Only the disk, and only interrupt-driven cells: fio has no
 //!   counterpart of a busy-polling client there.
+//! - `rbd-bench`: what the cluster gives a librbd client, measured by Ceph's own tool: `rbd
+//!   bench` on the rbd medium's image with librbd's cache off, the cell's depth in flight
+//!   (`rbd_bench.rs`). Only the rbd medium, one VM, interrupt-driven cells at full load.
 //!
 //! The backends see the same media and the same number of queues. They run on the tests' process
 //! harness ([`vublk_test_support::Daemon`]); logs go to a file next to the sockets (vublk at
@@ -37,7 +40,7 @@ use vublk_test_support::daemon::{Options, SocketAtExit};
 use vublk_test_support::Daemon;
 
 use crate::media::{Medium, Prepared};
-use crate::{Cell, ClientMode};
+use crate::{Cell, ClientMode, Rate};
 
 /// How long a backend may take to create its socket, and to exit after SIGTERM.
 const TIMEOUT: Duration = Duration::from_secs(15);
@@ -64,6 +67,9 @@ pub enum System {
     IoUring,
     /// fio's io_uring engine with O_DIRECT on the disk: the disk's own limit.
     Fio,
+    /// librbd's own `rbd bench` on the rbd medium's image: what the cluster gives a librbd
+    /// client.
+    RbdBench,
 }
 
 impl System {
@@ -74,6 +80,7 @@ impl System {
             System::Qsd => "qsd",
             System::IoUring => "io_uring",
             System::Fio => "fio",
+            System::RbdBench => "rbd-bench",
         }
     }
 
@@ -82,9 +89,9 @@ impl System {
     }
 
     /// Whether a backend process serves the I/O (`vublk`, `vublk-single`, `qsd`), or the client
-    /// does it all (`io_uring`, `fio`).
+    /// does it all (`io_uring`, `fio`, `rbd-bench`).
     pub fn has_backend(self) -> bool {
-        !matches!(self, System::IoUring | System::Fio)
+        !matches!(self, System::IoUring | System::Fio | System::RbdBench)
     }
 
     /// Whether the system can run `cell`; `None` if it can, or why not.
@@ -99,6 +106,16 @@ impl System {
             System::Fio if cell.client == ClientMode::Poll => Some(
                 "fio does not run with polled clients: its io_uring engine cannot busy-poll \
                  completions on these media",
+            ),
+            System::RbdBench if cell.medium != Medium::Rbd => {
+                Some("rbd-bench is librbd's own benchmark: it runs on the rbd medium only")
+            }
+            System::RbdBench if cell.client == ClientMode::Poll => {
+                Some("rbd-bench does not run with polled clients: librbd has no polled completions")
+            }
+            System::RbdBench if cell.vms > 1 || cell.rate != Rate::Max => Some(
+                "rbd-bench runs with one VM at full load only: it cannot pace, and one process \
+                 drives one image",
             ),
             System::VublkSingle if cell.vms > 1 => Some(
                 "vublk-single runs with one VM only: --single-process serves one export to one \
@@ -214,7 +231,9 @@ impl System {
                 }
                 cmd
             }
-            System::IoUring | System::Fio => bail!("{self} has no backend process"),
+            System::IoUring | System::Fio | System::RbdBench => {
+                bail!("{self} has no backend process")
+            }
         })
     }
 }
@@ -228,7 +247,8 @@ impl FromStr for System {
             "qsd" => System::Qsd,
             "io_uring" | "io-uring" | "iouring" => System::IoUring,
             "fio" => System::Fio,
-            _ => bail!("unknown system {s:?} (vublk, vublk-single, qsd, io_uring, fio)"),
+            "rbd-bench" | "rbd_bench" => System::RbdBench,
+            _ => bail!("unknown system {s:?} (vublk, vublk-single, qsd, io_uring, fio, rbd-bench)"),
         })
     }
 }
@@ -289,6 +309,9 @@ pub fn version(system: System) -> String {
         },
         System::Qsd => Command::new(qsd_bin()).arg("--version").output(),
         System::Fio => Command::new(crate::fio::fio_bin())
+            .arg("--version")
+            .output(),
+        System::RbdBench => Command::new(crate::rbd_bench::rbd_bin())
             .arg("--version")
             .output(),
         System::IoUring => {
