@@ -196,11 +196,12 @@ impl RbdImage {
             ("rbd_cache", "false".into()),
             // librbd starts an operation in the calling queue thread instead of handing it to
             // its own dispatch thread, which then wakes the messenger: one wakeup less per
-            // request. Measured on the rbd benchmark (docs/benchmarks.md): 20-30% less CPU per
-            // I/O, and 50-90 µs less latency at iodepth 1. The call still does not wait for the
-            // cluster: lock acquisition and image refreshes queue the request inside librbd, and
-            // only librados' in-flight throttle (`objecter_inflight_ops`, 1024 per client) can
-            // hold it, until operations complete or time out.
+            // request. Measured on the rbd medium (docs/benchmarks.md): random reads at iodepth
+            // 1 gained 1.46× IOPS at 0.72× the CPU per I/O; the other cells did not move beyond
+            // the machine's noise. The call still does not wait for the cluster: lock
+            // acquisition and image refreshes queue the request inside librbd, and only
+            // librados' in-flight throttle (`objecter_inflight_ops`, 1024 per client) can hold
+            // it, until operations complete or time out.
             ("rbd_non_blocking_aio", "false".into()),
             ("client_mount_timeout", connect_timeout.to_string()),
         ];
