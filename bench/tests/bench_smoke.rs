@@ -434,7 +434,7 @@ fn smoke_rbd_bench_is_the_clusters_own_limit() {
     let rows = table(&out.md, "IOPS");
     let systems: Vec<&str> = rows
         .iter()
-        .map(|r| r[col(&out.md.lines().next().unwrap(), "system")].as_str())
+        .map(|r| r[col(out.md.lines().next().unwrap(), "system")].as_str())
         .collect();
     assert_eq!(systems, ["vublk", "rbd-bench"], "{}", out.md);
     let ratios = table(&out.md, "IOPS ÷ rbd-bench");
