@@ -17,9 +17,10 @@
 //!
 //! ```text
 //! media.rs    the backing: filled images on tmpfs, filled images on the real disk (O_DIRECT), null
+//!             or filled RBD images on a throwaway one-node Ceph cluster
 //! systems.rs  the system under test: vublk (supervisor + a worker per VM, or --single-process)
 //!             or qemu-storage-daemon as a child process serving an export per VM, or a
-//!             reference without a backend (io_uring, fio)
+//!             reference without a backend (io_uring, fio, rbd-bench)
 //! load.rs     the load generator (runs in its own process, one per VM), closed loop or paced
 //!             at a fixed rate, and the parent's side of it
 //! fio.rs      the fio reference: its job file, the run, its JSON report

@@ -18,8 +18,9 @@
 //!     1     16318   16346.3    64 MiB/s
 //! ```
 //!
-//! The window opens at the first such line after the warm-up, when the parent also samples the
-//! CPU of the `rbd` process and the host's steal, and closes at the first line `duration` later:
+//! The warm-up starts at the first line (the image is open, the I/O starts); the window opens at
+//! the first progress line after the warm-up, when the parent also samples the CPU of the `rbd`
+//! process and the host's steal, and closes at the first line `duration` later:
 //! IOPS are the operations between the two lines over the time between them on the parent's
 //! clock. rbd bench reports no latencies: the mean is Little's law (depth ÷ IOPS), the
 //! percentiles are left out.
@@ -127,21 +128,26 @@ pub fn run(
         .context("run rbd bench (Debian package ceph-common)")?;
     let pid = child.id();
     let stdout = child.stdout.take().context("rbd bench's stdout")?;
-    // Progress lines, stamped when they arrive.
+    // The header (as 0 operations: the image is open, the I/O starts) and the progress lines,
+    // stamped when they arrive.
     let (tx, rx) = mpsc::channel::<(Instant, u64)>();
     let reader = std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
-            if let Some(ops) = progress(&line) {
+            let ops = if line.starts_with("bench ") {
+                Some(0)
+            } else {
+                progress(&line)
+            };
+            if let Some(ops) = ops {
                 if tx.send((Instant::now(), ops)).is_err() {
                     break;
                 }
             }
         }
     });
-    let started = Instant::now();
-    let deadline = started + warmup + duration + SLACK;
-    let outcome = window(&rx, started + warmup, duration, deadline, pid);
+    let deadline = Instant::now() + warmup + duration + SLACK;
+    let outcome = window(&rx, warmup, duration, deadline, pid);
     let status = stop(&mut child)?;
     let _ = reader.join();
     let (start, end) = match outcome {
@@ -203,16 +209,17 @@ struct Mark {
     steal: Steal,
 }
 
-/// Waits for the first progress line at or after `opens`, then for the first one `duration`
-/// after that.
+/// Waits for the header, then for the first progress line `warmup` after it (the window
+/// opens), then for the first one `duration` after that (it closes).
 fn window(
     rx: &mpsc::Receiver<(Instant, u64)>,
-    opens: Instant,
+    warmup: Duration,
     duration: Duration,
     deadline: Instant,
     pid: u32,
 ) -> Result<(Mark, Mark)> {
-    let next_after = |t: Instant| -> Result<Mark> {
+    // The first line there is at or after `t` (`None`: the first line there is).
+    let next_after = |t: Option<Instant>| -> Result<Mark> {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let (at, ops) = match rx.recv_timeout(left) {
@@ -220,7 +227,7 @@ fn window(
                 Err(mpsc::RecvTimeoutError::Timeout) => bail!("no progress in time"),
                 Err(mpsc::RecvTimeoutError::Disconnected) => bail!("it ended early"),
             };
-            if at >= t {
+            if t.is_none_or(|t| at >= t) {
                 return Ok(Mark {
                     at,
                     ops,
@@ -230,9 +237,12 @@ fn window(
             }
         }
     };
-    let start = next_after(opens)?;
+    let header = next_after(None)?;
+    let start = next_after(Some(header.at + warmup))?;
     // A line comes about once a second: allow for its jitter.
-    let end = next_after(start.at + duration.saturating_sub(Duration::from_millis(100)))?;
+    let end = next_after(Some(
+        start.at + duration.saturating_sub(Duration::from_millis(100)),
+    ))?;
     Ok((start, end))
 }
 
