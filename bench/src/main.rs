@@ -563,16 +563,23 @@ fn run_round(
         } else {
             String::new()
         };
+        // rbd bench reports no latencies.
+        let latency = if sample.load.p50_us.is_finite() {
+            format!(
+                ", p50 {:.1} µs, p99 {:.1} µs",
+                sample.load.p50_us, sample.load.p99_us
+            )
+        } else {
+            String::new()
+        };
         eprintln!(
-            "[{}/{} {:.0} s] {cell} {system} #{}: {:.0} IOPS{fairness}, p50 {:.1} µs, \
-             p99 {:.1} µs, {cpu} CPU s / M I/O, host steal {:.0}%",
+            "[{}/{} {:.0} s] {cell} {system} #{}: {:.0} IOPS{fairness}{latency}, {cpu} CPU s / \
+             M I/O, host steal {:.0}%",
             progress.runs,
             progress.total,
             progress.started.elapsed().as_secs_f64(),
             rep + 1,
             sample.load.iops,
-            sample.load.p50_us,
-            sample.load.p99_us,
             sample.host_steal * 100.0,
         );
         round.push(sample);
