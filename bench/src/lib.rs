@@ -5,10 +5,11 @@
 //! queue) for a warm-up and then a measured window. The systems alternate (A B A B ...) within
 //! each cell of the matrix, and each cell's figures are the medians of its repetitions.
 //!
-//! Two references have no vhost-user in between: `io_uring`, where the load generator opens the
-//! image itself with libblkio's `io_uring` driver, and `fio` (the disk's own limit, on the disk
-//! medium), fio's io_uring engine with O_DIRECT. There is no backend process and the client's
-//! own CPU is the whole cost.
+//! Three references have no vhost-user in between: `io_uring`, where the load generator opens
+//! the image itself with libblkio's `io_uring` driver, `fio` (the disk's own limit, on the disk
+//! medium), fio's io_uring engine with O_DIRECT, and `rbd-bench` (what the cluster gives a
+//! librbd client, on the rbd medium), Ceph's `rbd bench`. There is no backend process and the
+//! client's own CPU is the whole cost.
 //!
 //! A cell may have several VMs (`--vms`): as many load generator processes, each a VM with an
 //! export (and image) of its own on one daemon, measured over a common window; the cell reports
@@ -16,12 +17,14 @@
 //!
 //! ```text
 //! media.rs    the backing: filled images on tmpfs, filled images on the real disk (O_DIRECT), null
+//!             or filled RBD images on a throwaway one-node Ceph cluster
 //! systems.rs  the system under test: vublk (supervisor + a worker per VM, or --single-process)
 //!             or qemu-storage-daemon as a child process serving an export per VM, or a
-//!             reference without a backend (io_uring, fio)
+//!             reference without a backend (io_uring, fio, rbd-bench)
 //! load.rs     the load generator (runs in its own process, one per VM), closed loop or paced
 //!             at a fixed rate, and the parent's side of it
 //! fio.rs      the fio reference: its job file, the run, its JSON report
+//! rbd_bench.rs  the rbd-bench reference: librbd's `rbd bench` on the rbd medium, its progress
 //! histogram.rs  per-request latencies in fixed memory, for p50/p99/p99.9
 //! cpu.rs      CPU seconds of the backend's process tree over the measured window, from /proc
 //! report.rs   medians, the Markdown tables with the ratios to QSD and io_uring, the JSON document
@@ -37,6 +40,7 @@ pub mod fio;
 pub mod histogram;
 pub mod load;
 pub mod media;
+pub mod rbd_bench;
 pub mod report;
 pub mod svg;
 pub mod systems;

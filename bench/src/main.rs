@@ -35,15 +35,17 @@ use vublk_bench::{svg, Cell, ClientMode, Rate, Rw};
 )]
 struct Args {
     /// Systems to compare, in the order they alternate (vublk, vublk-single, vublk-qos, qsd,
-    /// io_uring, fio; vublk-qos is vublk with limits no load reaches, the cost of the limiter;
-    /// io_uring is libblkio's io_uring driver on the image, no backend, not on null; fio is fio's
-    /// io_uring engine with O_DIRECT, the disk's own limit: disk medium and interrupt-driven
-    /// clients only).
+    /// io_uring, fio, rbd-bench; vublk-qos is vublk with limits no load reaches, the cost of the
+    /// limiter; io_uring is libblkio's io_uring driver on the image, no backend, not on null or
+    /// rbd; fio is fio's io_uring engine with O_DIRECT, the disk's own limit: disk medium and
+    /// interrupt-driven clients only; rbd-bench is Ceph's `rbd bench`, the cluster's limit for
+    /// a librbd client: rbd medium, one VM, interrupt-driven clients at full load only)
+    /// [default: vublk,qsd,io_uring,fio, and rbd-bench with the rbd medium]
     #[arg(long, value_delimiter = ',')]
     systems: Option<Vec<System>>,
     /// Media: tmpfs (filled image in /dev/shm), disk (filled image in --disk-dir, O_DIRECT),
     /// null (no I/O), rbd (filled RBD images on a throwaway one-node Ceph cluster started by
-    /// scripts/ceph-dev.sh; vublk and qsd only; not in the default set).
+    /// scripts/ceph-dev.sh; vublk, qsd and rbd-bench only; not in the default set).
     #[arg(long, value_delimiter = ',')]
     media: Option<Vec<Medium>>,
     /// Request mixes: randread, randwrite, randrw.
@@ -152,18 +154,23 @@ impl Plan {
             let secs = given.unwrap_or(if smoke { smoke_v } else { full });
             Duration::try_from_secs_f64(secs).with_context(|| format!("bad duration {secs}"))
         };
+        let media = a.media.clone().unwrap_or_else(|| {
+            if smoke {
+                vec![Medium::Tmpfs, Medium::Null]
+            } else {
+                vec![Medium::Tmpfs, Medium::Disk, Medium::Null]
+            }
+        });
         let plan = Plan {
-            systems: a
-                .systems
-                .clone()
-                .unwrap_or_else(|| vec![System::Vublk, System::Qsd, System::IoUring, System::Fio]),
-            media: a.media.clone().unwrap_or_else(|| {
-                if smoke {
-                    vec![Medium::Tmpfs, Medium::Null]
-                } else {
-                    vec![Medium::Tmpfs, Medium::Disk, Medium::Null]
+            systems: a.systems.clone().unwrap_or_else(|| {
+                let mut systems = vec![System::Vublk, System::Qsd, System::IoUring, System::Fio];
+                // The rbd medium's own reference, only when it runs (elsewhere it is skipped).
+                if media.contains(&Medium::Rbd) {
+                    systems.push(System::RbdBench);
                 }
+                systems
             }),
+            media,
             rw: a.rw.clone().unwrap_or_else(|| {
                 if smoke {
                     vec![Rw::RandRead]
@@ -557,16 +564,23 @@ fn run_round(
         } else {
             String::new()
         };
+        // rbd bench reports no latencies.
+        let latency = if sample.load.p50_us.is_finite() {
+            format!(
+                ", p50 {:.1} µs, p99 {:.1} µs",
+                sample.load.p50_us, sample.load.p99_us
+            )
+        } else {
+            String::new()
+        };
         eprintln!(
-            "[{}/{} {:.0} s] {cell} {system} #{}: {:.0} IOPS{fairness}, p50 {:.1} µs, \
-             p99 {:.1} µs, {cpu} CPU s / M I/O, host steal {:.0}%",
+            "[{}/{} {:.0} s] {cell} {system} #{}: {:.0} IOPS{fairness}{latency}, {cpu} CPU s / \
+             M I/O, host steal {:.0}%",
             progress.runs,
             progress.total,
             progress.started.elapsed().as_secs_f64(),
             rep + 1,
             sample.load.iops,
-            sample.load.p50_us,
-            sample.load.p99_us,
             sample.host_steal * 100.0,
         );
         round.push(sample);
@@ -603,6 +617,9 @@ fn measure(
     };
     let measured = match system {
         System::Fio => vublk_bench::fio::run(&cell, prepared, plan.warmup, plan.duration, dir)?,
+        System::RbdBench => {
+            vublk_bench::rbd_bench::run(&cell, prepared, plan.warmup, plan.duration)?
+        }
         System::IoUring => {
             if prepared.images.is_empty() {
                 bail!("io_uring needs image files");

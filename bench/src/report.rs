@@ -305,7 +305,13 @@ pub fn ratios(rows: &[Row], samples: &[Sample], versus: System) -> Vec<Ratio> {
 
 /// The references vublk is compared with, in the order of their tables (vublk itself for
 /// `vublk-qos`).
-pub const REFERENCES: [System; 4] = [System::Qsd, System::IoUring, System::Fio, System::Vublk];
+pub const REFERENCES: [System; 5] = [
+    System::Qsd,
+    System::IoUring,
+    System::Fio,
+    System::RbdBench,
+    System::Vublk,
+];
 
 /// A paced row whose IOPS fell short of its rate by more than this fraction did not keep up.
 const SHORTFALL: f64 = 0.03;
@@ -325,6 +331,15 @@ pub fn fell_short(rows: &[Row]) -> Vec<&Row> {
 fn num(x: f64, decimals: usize) -> String {
     if x.is_finite() {
         format!("{x:.decimals$}")
+    } else {
+        "–".to_string()
+    }
+}
+
+/// A ratio: `1.23×`, or `–` when there is none (rbd-bench reports no latencies).
+fn times(x: f64) -> String {
+    if x.is_finite() {
+        format!("{x:.2}×")
     } else {
         "–".to_string()
     }
@@ -425,6 +440,7 @@ pub fn markdown(rows: &[Row], samples: &[Sample], notes: &[String]) -> String {
             System::Qsd => ("QSD", "CPU per I/O ÷ QSD"),
             System::Fio => ("fio", "total CPU per I/O ÷ fio"),
             System::Vublk => ("vublk", "CPU per I/O ÷ vublk"),
+            System::RbdBench => ("rbd-bench", "total CPU per I/O ÷ rbd-bench"),
             _ => ("io_uring", "total CPU per I/O ÷ io_uring"),
         };
         out.push('\n');
@@ -438,13 +454,13 @@ pub fn markdown(rows: &[Row], samples: &[Sample], notes: &[String]) -> String {
         for r in &ratios {
             out.push_str(&cols.cell(&r.cell));
             out.push_str(&format!(
-                "{} | {}× | {}× | {}× | {}× | {}× | {} of {} |\n",
+                "{} | {} | {} | {} | {} | {} | {} of {} |\n",
                 r.system,
-                num(r.iops, 2),
-                num(r.p50, 2),
-                num(r.cpu_per_io, 2),
-                num(r.iops_by_round, 2),
-                num(r.cpu_per_io_by_round, 2),
+                times(r.iops),
+                times(r.p50),
+                times(r.cpu_per_io),
+                times(r.iops_by_round),
+                times(r.cpu_per_io_by_round),
                 r.rounds_ahead,
                 r.rounds,
             ));
@@ -473,12 +489,16 @@ fn all_notes(rows: &[Row], extra: &[String]) -> Vec<String> {
             r.cell.rate
         ));
     }
-    for reference in [System::IoUring, System::Fio] {
+    for reference in [System::IoUring, System::Fio, System::RbdBench] {
         if rows.iter().any(|r| r.system == reference) {
+            let client = match reference {
+                System::IoUring => "the load generator's",
+                System::Fio => "fio's",
+                _ => "the rbd process's, librbd's threads included",
+            };
             notes.push(format!(
-                "{reference} has no backend: its CPU per I/O is the client column (the load \
-                 generator's, or fio's), and the {reference} ratios compare backend + client CPU \
-                 with it"
+                "{reference} has no backend: its CPU per I/O is the client column ({client}), \
+                 and the {reference} ratios compare backend + client CPU with it"
             ));
         }
     }

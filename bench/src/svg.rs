@@ -50,6 +50,7 @@ fn color(system: System) -> &'static str {
         System::Qsd => "#ea580c",
         System::IoUring => "#059669",
         System::Fio => "#6b7280",
+        System::RbdBench => "#b45309",
     }
 }
 

@@ -24,6 +24,9 @@
 //!   O_DIRECT on the disk medium's images, a job per queue of each VM at the cell's block size
 //!   and depth (`fio.rs`). Only the disk, and only interrupt-driven cells: fio has no
 //!   counterpart of a busy-polling client there.
+//! - `rbd-bench`: what the cluster gives a librbd client, measured by Ceph's own tool: `rbd
+//!   bench` on the rbd medium's image with librbd's cache off, the cell's depth in flight
+//!   (`rbd_bench.rs`). Only the rbd medium, one VM, interrupt-driven cells at full load.
 //!
 //! The backends see the same media and the same number of queues. They run on the tests' process
 //! harness ([`vublk_test_support::Daemon`]); logs go to a file next to the sockets (vublk at
@@ -40,7 +43,7 @@ use vublk_test_support::daemon::{Options, SocketAtExit};
 use vublk_test_support::Daemon;
 
 use crate::media::{Medium, Prepared};
-use crate::{Cell, ClientMode};
+use crate::{Cell, ClientMode, Rate};
 
 /// The limits of `vublk-qos`: 10^12 requests (or bytes) per second, out of any load's reach.
 pub const UNREACHABLE_LIMIT: &str = "1000000000000";
@@ -72,6 +75,9 @@ pub enum System {
     IoUring,
     /// fio's io_uring engine with O_DIRECT on the disk: the disk's own limit.
     Fio,
+    /// librbd's own `rbd bench` on the rbd medium's image: what the cluster gives a librbd
+    /// client.
+    RbdBench,
 }
 
 impl System {
@@ -83,6 +89,7 @@ impl System {
             System::Qsd => "qsd",
             System::IoUring => "io_uring",
             System::Fio => "fio",
+            System::RbdBench => "rbd-bench",
         }
     }
 
@@ -91,9 +98,9 @@ impl System {
     }
 
     /// Whether a backend process serves the I/O (`vublk`, `vublk-single`, `qsd`), or the client
-    /// does it all (`io_uring`, `fio`).
+    /// does it all (`io_uring`, `fio`, `rbd-bench`).
     pub fn has_backend(self) -> bool {
-        !matches!(self, System::IoUring | System::Fio)
+        !matches!(self, System::IoUring | System::Fio | System::RbdBench)
     }
 
     /// Whether the system can run `cell`; `None` if it can, or why not.
@@ -108,6 +115,16 @@ impl System {
             System::Fio if cell.client == ClientMode::Poll => Some(
                 "fio does not run with polled clients: its io_uring engine cannot busy-poll \
                  completions on these media",
+            ),
+            System::RbdBench if cell.medium != Medium::Rbd => {
+                Some("rbd-bench is librbd's own benchmark: it runs on the rbd medium only")
+            }
+            System::RbdBench if cell.client == ClientMode::Poll => {
+                Some("rbd-bench does not run with polled clients: librbd has no polled completions")
+            }
+            System::RbdBench if cell.vms > 1 || cell.rate != Rate::Max => Some(
+                "rbd-bench runs with one VM at full load only: it cannot pace, and one process \
+                 drives one image",
             ),
             System::VublkSingle if cell.vms > 1 => Some(
                 "vublk-single runs with one VM only: --single-process serves one export to one \
@@ -232,7 +249,9 @@ impl System {
                 }
                 cmd
             }
-            System::IoUring | System::Fio => bail!("{self} has no backend process"),
+            System::IoUring | System::Fio | System::RbdBench => {
+                bail!("{self} has no backend process")
+            }
         })
     }
 }
@@ -247,7 +266,10 @@ impl FromStr for System {
             "qsd" => System::Qsd,
             "io_uring" | "io-uring" | "iouring" => System::IoUring,
             "fio" => System::Fio,
-            _ => bail!("unknown system {s:?} (vublk, vublk-single, vublk-qos, qsd, io_uring, fio)"),
+            "rbd-bench" | "rbd_bench" => System::RbdBench,
+            _ => bail!(
+                "unknown system {s:?} (vublk, vublk-single, vublk-qos, qsd, io_uring, fio, rbd-bench)"
+            ),
         })
     }
 }
@@ -308,6 +330,9 @@ pub fn version(system: System) -> String {
         },
         System::Qsd => Command::new(qsd_bin()).arg("--version").output(),
         System::Fio => Command::new(crate::fio::fio_bin())
+            .arg("--version")
+            .output(),
+        System::RbdBench => Command::new(crate::rbd_bench::rbd_bin())
             .arg("--version")
             .output(),
         System::IoUring => {

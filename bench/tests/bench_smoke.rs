@@ -418,6 +418,62 @@ fn smoke_fio_is_the_disks_own_limit() {
 }
 
 #[test]
+fn smoke_rbd_bench_is_the_clusters_own_limit() {
+    // rbd bench on the rbd medium's image, next to vublk: its own row and a ratio table against
+    // it. Skips without Ceph (scripts/prereqs.sh's `rbd`).
+    if !vublk_test_support::ceph::installed() {
+        eprintln!("skipping: {}", vublk_test_support::ceph::NOT_INSTALLED);
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = smoke(
+        dir.path(),
+        "rbd",
+        &["--media", "rbd", "--systems", "vublk,rbd-bench"],
+    );
+    let rows = table(&out.md, "IOPS");
+    let systems: Vec<&str> = rows
+        .iter()
+        .map(|r| r[col(out.md.lines().next().unwrap(), "system")].as_str())
+        .collect();
+    assert_eq!(systems, ["vublk", "rbd-bench"], "{}", out.md);
+    let ratios = table(&out.md, "IOPS ÷ rbd-bench");
+    assert_eq!(ratios.len(), 1, "{}", out.md);
+    let header = out
+        .md
+        .lines()
+        .find(|l| l.contains("IOPS ÷ rbd-bench"))
+        .unwrap();
+    let ratio: f64 = ratios[0][col(header, "IOPS ÷ rbd-bench")]
+        .trim_end_matches('×')
+        .parse()
+        .expect("an IOPS ratio");
+    assert!(ratio.is_finite() && ratio > 0.0, "{ratios:?}");
+    // rbd bench reports no latencies: no p50 ratio.
+    assert_eq!(ratios[0][col(header, "p50 ÷ rbd-bench")], "–", "{ratios:?}");
+    assert!(
+        out.doc["setup"]["versions"]["rbd-bench"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("ceph version")),
+        "{}",
+        out.doc["setup"]["versions"]
+    );
+    let samples = out.doc["samples"].as_array().expect("samples");
+    let rbd: Vec<&Value> = samples
+        .iter()
+        .filter(|s| s["system"] == "rbd-bench")
+        .collect();
+    assert_eq!(rbd.len(), 1, "{samples:?}");
+    assert!(rbd[0]["load"]["ios"].as_u64().unwrap() > 0, "{}", rbd[0]);
+    assert!(rbd[0]["backend_cpu_s"].is_null(), "{}", rbd[0]);
+    assert!(
+        rbd[0]["load"]["client_cpu_s"].as_f64().unwrap() >= 0.0,
+        "{}",
+        rbd[0]
+    );
+}
+
+#[test]
 fn smoke_polled_multiqueue_mixed() {
     // The other paths of the load generator: poll queues (io_uring spins on its completion
     // queue instead), two of them, reads and writes.

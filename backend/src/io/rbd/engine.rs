@@ -6,7 +6,9 @@
 //! ```text
 //!  queue thread                        librbd's threads
 //!  ────────────                        ────────────────
-//!  submit ─▶ rbd_aio_{readv,writev,flush,discard,write_zeroes}(…, completion(slot context))
+//!  submit ─▶ rbd_aio_{readv,writev,flush,discard,write_zeroes}(…, completion(slot context)):
+//!            librbd maps it to objects and queues it to the messenger, in this thread
+//!            (`rbd_non_blocking_aio` off, image.rs)
 //!                                      the cluster answers ─▶ on_complete(completion, context):
 //!                                        result; rbd_aio_release; push (tag, result) on the
 //!                                        queue's mailbox; the first push writes its eventfd

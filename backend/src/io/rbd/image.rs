@@ -164,7 +164,8 @@ fn cstring(what: &'static str, value: &str, name: &str) -> Result<CString, RbdEr
 impl RbdImage {
     /// Connects to the cluster `spec` names and opens the image, read-only or not. librbd's
     /// own cache is turned off: a write is durable when it completes, as the device's
-    /// write-through mode needs, and flushes cost nothing more.
+    /// write-through mode needs, and flushes cost nothing more. Its aio calls start their
+    /// operations in the calling thread (`rbd_non_blocking_aio` off).
     pub fn open(spec: &RbdSpec, read_only: bool) -> Result<RbdImage, RbdError> {
         let api = ffi::api()?;
         let name = spec.name();
@@ -206,6 +207,15 @@ impl RbdImage {
         };
         let mut options: Vec<(&'static str, String)> = vec![
             ("rbd_cache", "false".into()),
+            // librbd starts an operation in the calling queue thread instead of handing it to
+            // its own dispatch thread, which then wakes the messenger: one wakeup less per
+            // request. Measured on the rbd medium (docs/benchmarks.md): random reads at iodepth
+            // 1 gained 1.46× IOPS at 0.72× the CPU per I/O; the other cells did not move beyond
+            // the machine's noise. The call still does not wait for the cluster: lock
+            // acquisition and image refreshes queue the request inside librbd, and only
+            // librados' in-flight throttle (`objecter_inflight_ops`, 1024 per client) can hold
+            // it, until operations complete or time out.
+            ("rbd_non_blocking_aio", "false".into()),
             ("client_mount_timeout", connect_timeout.to_string()),
         ];
         if spec.timeout_secs != 0 {
