@@ -195,21 +195,7 @@ impl Supervisor {
         let qos = self.exports[index].spec.qos.with_changes(changes)?;
         self.exports[index].spec.qos = qos;
         for vm in self.vms.values() {
-            let sent = vm
-                .live
-                .iter()
-                .filter(|(_, &e)| e == index)
-                .map(|(&c, _)| c)
-                .chain(
-                    vm.pending
-                        .iter()
-                        .filter(|h| h.export == index)
-                        .map(|h| h.connection),
-                );
-            let mut connections: Vec<u64> = sent.collect();
-            connections.sort_unstable();
-            connections.dedup();
-            for connection in connections {
+            for connection in vm.sent_connections(index) {
                 let message = ToWorker::SetQos { connection, qos };
                 if let Err(e) = handoff::send(&vm.control, &message, &[]) {
                     tracing::warn!(
@@ -228,21 +214,7 @@ impl Supervisor {
     fn stop_export_devices(&mut self, index: usize) {
         for vm in self.vms.values_mut() {
             vm.outbox.retain(|h| h.export != index);
-            let sent = vm
-                .live
-                .iter()
-                .filter(|(_, &e)| e == index)
-                .map(|(&c, _)| c)
-                .chain(
-                    vm.pending
-                        .iter()
-                        .filter(|h| h.export == index)
-                        .map(|h| h.connection),
-                );
-            let mut connections: Vec<u64> = sent.collect();
-            connections.sort_unstable();
-            connections.dedup();
-            for connection in connections {
+            for connection in vm.sent_connections(index) {
                 if let Err(e) = handoff::send(&vm.control, &ToWorker::Stop { connection }, &[]) {
                     // A worker that cannot take the message is full or gone: its VM keeps
                     // the connection until it ends; the socket is gone all the same.

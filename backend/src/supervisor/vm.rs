@@ -96,6 +96,21 @@ impl Vm {
         self.live.len() + self.outbox.len()
     }
 
+    /// The connections to export `index` sent to the worker, taken or not yet acknowledged,
+    /// in order: those a message about the export's devices must reach.
+    pub fn sent_connections(&self, index: usize) -> Vec<u64> {
+        let live = self
+            .live
+            .iter()
+            .filter(|(_, &e)| e == index)
+            .map(|(&c, _)| c);
+        let pending = self.pending.iter().filter(|h| h.export == index);
+        let mut connections: Vec<u64> = live.chain(pending.map(|h| h.connection)).collect();
+        connections.sort_unstable();
+        connections.dedup();
+        connections
+    }
+
     /// When the event loop must look at this VM without an event.
     pub fn deadline(&self) -> Option<Instant> {
         match &self.state {
