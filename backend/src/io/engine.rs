@@ -145,4 +145,12 @@ pub trait Engine: Send {
 
     /// Appends the events that are ready to `events`.
     fn reap(&mut self, events: &mut Vec<Event>);
+
+    /// Whether the queue thread may busy-poll the avail ring while it waits on this engine
+    /// (adaptive polling, `--poll-max-us`). An engine whose I/O runs on threads of its own
+    /// (librbd's) says no: those threads do the work, and a polling queue thread takes the CPU
+    /// they need.
+    fn may_poll(&self) -> bool {
+        true
+    }
 }

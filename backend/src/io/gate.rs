@@ -202,4 +202,8 @@ impl<E: Engine> Engine for Gated<E> {
         }
         self.scratch = inner;
     }
+
+    fn may_poll(&self) -> bool {
+        self.inner.may_poll()
+    }
 }

@@ -115,4 +115,8 @@ impl Engine for DiskEngine {
     fn reap(&mut self, events: &mut Vec<Event>) {
         each!(self, e => e.reap(events))
     }
+
+    fn may_poll(&self) -> bool {
+        each!(self, e => e.may_poll())
+    }
 }

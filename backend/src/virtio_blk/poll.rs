@@ -261,7 +261,7 @@ impl PollPolicy {
     }
 
     /// Whether polling is on at all (`--poll-max-us` not zero).
-    fn enabled(&self) -> bool {
+    pub(super) fn enabled(&self) -> bool {
         !self.window.max.is_zero()
     }
 

@@ -141,7 +141,11 @@ impl<E: Engine> QueueServer<E> {
     pub fn with_engine(device: Arc<BlockDevice>, q: RunningQueue, engine: E) -> QueueServer<E> {
         let size = q.queue.size();
         let generation = q.memory.current();
-        let poll_max = device.poll_max;
+        let poll_max = if engine.may_poll() {
+            device.poll_max
+        } else {
+            Duration::ZERO
+        };
         let limits = device.limits.clone();
         QueueServer {
             limits,

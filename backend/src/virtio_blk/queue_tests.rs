@@ -71,6 +71,8 @@ struct Fake {
     ready: Vec<Event>,
     /// Requests a cancellation picked.
     cancelled: Vec<Tag>,
+    /// Say that the queue thread must not poll (as librbd's engine does).
+    no_polling: bool,
 }
 
 struct FakeEngine(Arc<Mutex<Fake>>);
@@ -146,6 +148,10 @@ impl Engine for FakeEngine {
     fn reap(&mut self, events: &mut Vec<Event>) {
         events.append(&mut self.0.lock().unwrap().ready);
     }
+
+    fn may_poll(&self) -> bool {
+        !self.0.lock().unwrap().no_polling
+    }
 }
 
 /// One descriptor of a chain.
@@ -191,6 +197,11 @@ struct Harness {
 
 impl Harness {
     fn new(fake: Fake) -> Harness {
+        Harness::polling(fake, Duration::ZERO)
+    }
+
+    /// With `--poll-max-us` at `poll_max`.
+    fn polling(fake: Fake, poll_max: Duration) -> Harness {
         let memory = test_memory(&[LOW, HIGH]);
         let queue = split_queue(QUEUE_SIZE, DESC, AVAIL, USED);
         let control = Arc::new(QueueControl::new(true).expect("an eventfd"));
@@ -215,7 +226,7 @@ impl Harness {
             serial: Some(SERIAL.to_string()),
             write_cache: false,
         };
-        let device = Arc::new(BlockDevice::new(disk, &options));
+        let device = Arc::new(BlockDevice::new(disk, &options).with_poll_max(poll_max));
         let fake = Arc::new(Mutex::new(fake));
         let engine = FakeEngine(fake.clone());
         Harness {
@@ -957,4 +968,18 @@ fn durability_follows_the_write_cache_and_the_drivers_flush_feature() {
             "write cache {cache_on}, FLUSH negotiated {flush_acked}"
         );
     }
+}
+
+/// An engine whose I/O runs on threads of its own gets a queue thread that never polls, even
+/// with `--poll-max-us` set; the others poll as set.
+#[test]
+fn an_engine_that_says_no_gets_a_queue_thread_that_never_polls() {
+    let max = Duration::from_micros(200);
+    let io_uring_like = Harness::polling(Fake::default(), max);
+    assert!(io_uring_like.server.poll.enabled());
+    let librbd_like = Fake {
+        no_polling: true,
+        ..Fake::default()
+    };
+    assert!(!Harness::polling(librbd_like, max).server.poll.enabled());
 }

@@ -354,6 +354,12 @@ impl Engine for RbdEngine {
         }
         self.drain(events);
     }
+
+    /// librbd's threads do the I/O and need the CPU: a queue thread polling beside them took
+    /// 10-15% of the IOPS of random reads on the two-core dev machine (docs/benchmarks.md).
+    fn may_poll(&self) -> bool {
+        false
+    }
 }
 
 impl Drop for RbdEngine {
