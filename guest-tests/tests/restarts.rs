@@ -226,8 +226,11 @@ cmp /tmp/block /tmp/back && echo same
 
 /// Worker kills, then the daemon's and an upgrade, during the restart test's fio job.
 const WORKER_KILLS: usize = 3;
-/// That job's size: long enough under TCG to outlast the restarts.
-const KILLS_MIB: u64 = 40;
+/// That job's size: long enough under TCG to outlast the restarts. At 800 IOPS, 96 MiB is
+/// about 31 s of writes, then its verify reads. 40 MiB (13 s) was not: on QEMU 7.2, whose
+/// reconnect delay is a whole second, the five restarts took 14.4 s under a loaded CI run, the
+/// guest finished fio and powered off, and no VMM came back for the upgrade.
+const KILLS_MIB: u64 = 96;
 
 /// The guest's I/O probe: one 4 KiB O_DIRECT read past fio's region after another, each
 /// followed by the guest's uptime, until /tmp/stop exists. The longest gaps between two
