@@ -226,11 +226,13 @@ cmp /tmp/block /tmp/back && echo same
 
 /// Worker kills, then the daemon's and an upgrade, during the restart test's fio job.
 const WORKER_KILLS: usize = 3;
-/// That job's size: long enough under TCG to outlast the restarts. At 800 IOPS, 96 MiB is
-/// about 31 s of writes, then its verify reads. 40 MiB (13 s) was not: on QEMU 7.2, whose
-/// reconnect delay is a whole second, the five restarts took 14.4 s under a loaded CI run, the
-/// guest finished fio and powered off, and no VMM came back for the upgrade.
-const KILLS_MIB: u64 = 96;
+/// That job's size and rate: long enough under TCG to outlast the restarts, about 26 s of
+/// writes, then its verify reads. The region stays below the probe's block (50 MiB). 40 MiB at
+/// 800 IOPS (13 s) was not long enough: on QEMU 7.2, whose reconnect delay is a whole second,
+/// the five restarts took 14.4 s in a loaded CI run, the guest finished fio and powered off,
+/// and no VMM came back for the upgrade.
+const KILLS_MIB: u64 = 40;
+const KILLS_IOPS: u32 = 400;
 
 /// The guest's I/O probe: one 4 KiB O_DIRECT read past fio's region after another, each
 /// followed by the guest's uptime, until /tmp/stop exists. The longest gaps between two
@@ -355,7 +357,7 @@ fn kills_and_upgrade(dir: &Path, qemu: Qemu) -> Result<()> {
         .qemu(qemu)
         .timeout(Duration::from_secs(360));
     let mut job = Job::new();
-    job.file("verify.fio", verify_job(KILLS_MIB, 800).file())
+    job.file("verify.fio", verify_job(KILLS_MIB, KILLS_IOPS).file())
         .sh("write-through", WRITE_THROUGH)
         .sh("probe", PROBE)
         .sh("fio", &fio_step("fio"))
@@ -421,7 +423,7 @@ fn kills_and_upgrade(dir: &Path, qemu: Qemu) -> Result<()> {
         chosen.contains("write through"),
         "the guest's cache_type: {chosen}"
     );
-    verify_job(KILLS_MIB, 800).check_written(&boot.fio("fio")?)?;
+    verify_job(KILLS_MIB, KILLS_IOPS).check_written(&boot.fio("fio")?)?;
     let gaps = boot.ok("gaps")?;
     for (what, took) in &restarts {
         eprintln!(
