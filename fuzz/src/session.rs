@@ -20,12 +20,12 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use vhost::vhost_user::{BackendReqHandler, Error as VhostUserError};
+use vhost::vhost_user::BackendReqHandler;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use vublk::disk::{Disk, DiskSpec, OpenOptions};
 
 use crate::Input;
-use vublk::vhost_user::Session;
+use vublk::vhost_user::{is_fatal, Session};
 use vublk::virtio_blk::{BlockDevice, DeviceOptions};
 
 /// Messages per input.
@@ -189,29 +189,10 @@ fn connection(input: &mut Input<'_>) -> Option<()> {
         }
         match result {
             Ok(()) => {}
-            Err(e) if fatal(&e) => break,
+            Err(e) if is_fatal(&e) => break,
             Err(_) => {}
         }
     }
     session.lock().unwrap_or_else(|e| e.into_inner()).stop_all();
     Some(())
-}
-
-/// connection.rs's `is_fatal`: the errors after which the stream is out of step.
-fn fatal(e: &VhostUserError) -> bool {
-    matches!(
-        e,
-        VhostUserError::Disconnected
-            | VhostUserError::PartialMessage
-            | VhostUserError::SocketBroken(_)
-            | VhostUserError::SocketError(_)
-            | VhostUserError::SocketRetry(_)
-            | VhostUserError::InvalidSocketFd(_)
-            | VhostUserError::NotUnixSocket
-            | VhostUserError::NotStreamSocket
-            | VhostUserError::IncorrectFds
-            | VhostUserError::OversizedMsg
-            | VhostUserError::InvalidMessage
-            | VhostUserError::FrontendInternalError
-    )
 }

@@ -25,7 +25,7 @@ pub enum ConnectionEnd {
 }
 
 /// Is this error the end of the connection, or one refused request on a healthy one?
-fn is_fatal(e: &VhostUserError) -> bool {
+pub fn is_fatal(e: &VhostUserError) -> bool {
     matches!(
         e,
         VhostUserError::Disconnected

@@ -20,7 +20,7 @@ mod session;
 mod vring;
 
 pub use backend_channel::BackendChannel;
-pub use connection::{serve_connection, ConnectionEnd, ConnectionThread};
+pub use connection::{is_fatal, serve_connection, ConnectionEnd, ConnectionThread};
 pub use device::{QueueLoop, VirtioDevice};
 pub use dirty_log::{DirtyLog, LogMap};
 /// The inflight region's parser, for the `inflight` fuzz target (vublk-fuzz): the session maps
