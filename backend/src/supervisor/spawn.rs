@@ -158,14 +158,7 @@ pub fn spawn_worker(
         log_write,
         null,
     } = Channels::new().map_err(SpawnError::Channels)?;
-    let env: Vec<CString> = std::env::vars_os()
-        .filter_map(|(k, v)| {
-            let mut kv = k.into_encoded_bytes();
-            kv.push(b'=');
-            kv.extend(v.into_encoded_bytes());
-            CString::new(kv).ok()
-        })
-        .collect();
+    let env = environment(|_| true);
     let mut env_ptrs: Vec<*mut libc::c_char> = env.iter().map(|a| a.as_ptr().cast_mut()).collect();
     env_ptrs.push(std::ptr::null_mut());
     // SAFETY: getpid cannot fail.
@@ -383,4 +376,18 @@ fn child(
 pub unsafe fn adopt_channels(fd: i32) -> (OwnedFd, OwnedFd) {
     // SAFETY: guaranteed by the caller.
     unsafe { (OwnedFd::from_raw_fd(fd), OwnedFd::from_raw_fd(fd + 1)) }
+}
+
+/// This process's environment as `execve` takes it (`KEY=VALUE`), the variables `keep` picks
+/// (by name); a variable with a NUL byte cannot be passed and is left out.
+pub(super) fn environment(keep: impl Fn(&[u8]) -> bool) -> Vec<CString> {
+    std::env::vars_os()
+        .filter(|(k, _)| keep(k.as_encoded_bytes()))
+        .filter_map(|(k, v)| {
+            let mut kv = k.into_encoded_bytes();
+            kv.push(b'=');
+            kv.extend(v.into_encoded_bytes());
+            CString::new(kv).ok()
+        })
+        .collect()
 }

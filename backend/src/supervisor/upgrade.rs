@@ -164,15 +164,7 @@ pub(super) fn start(
     let mut fds: Vec<RawFd> = passed.iter().map(|p| p.fd.as_raw_fd()).collect();
     fds.push(ready_write.as_raw_fd());
     let names: Vec<&str> = passed.iter().map(|p| p.name).chain([READY_NAME]).collect();
-    let mut env: Vec<CString> = std::env::vars_os()
-        .filter(|(k, _)| !k.as_bytes().starts_with(b"LISTEN_"))
-        .filter_map(|(k, v)| {
-            let mut kv = k.into_encoded_bytes();
-            kv.push(b'=');
-            kv.extend(v.into_encoded_bytes());
-            CString::new(kv).ok()
-        })
-        .collect();
+    let mut env = super::spawn::environment(|name| !name.starts_with(b"LISTEN_"));
     env.extend(
         [
             format!("LISTEN_FDS={}", fds.len()),
