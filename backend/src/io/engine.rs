@@ -20,9 +20,16 @@
 //! engine too ([`Engine::watch`]), so that one system call (for the file engine, one
 //! `io_uring_enter`) submits a batch of I/O and sleeps until the next kick, control change or
 //! completion, whichever comes first.
+//!
+//! An engine whose I/O completes on threads of its own (librbd's) may also return a finished
+//! request to the driver from there, through the [`Publisher`] the queue loop gives it, while
+//! the queue thread sleeps (virtio_blk/direct.rs): that saves waking the queue thread between
+//! the completion and the driver. The completion still comes from `reap`, marked
+//! `published`, so that the queue loop retires the request (statistics, dirty log, unpin).
 
 use std::io;
 use std::os::fd::RawFd;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::vhost_user::GuestBuffers;
@@ -71,6 +78,9 @@ pub struct Completion {
     pub result: io::Result<()>,
     /// Done on the queue thread itself, with no io_uring round trip (counted in the stats).
     pub inline: bool,
+    /// Already returned to the driver by the engine's own thread ([`Publisher::publish`]):
+    /// the queue loop only retires it.
+    pub published: bool,
     /// The request's buffers, still pinned: the queue loop writes the status, returns the
     /// chain and then releases them.
     pub buffers: GuestBuffers,
@@ -82,6 +92,7 @@ impl Completion {
             tag,
             result,
             inline: false,
+            published: false,
             buffers,
         }
     }
@@ -97,6 +108,28 @@ pub enum Event {
         token: u32,
         result: i32,
     },
+}
+
+/// What [`Publisher::publish`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Publication {
+    /// Not published (the queue thread is awake, or the request needs it): complete it the
+    /// usual way, waking the queue thread.
+    Refused,
+    /// Returned to the driver; the queue thread retires it when it next wakes.
+    Published,
+    /// Returned to the driver, but the queue thread must wake up to retire it soon (the dirty
+    /// log is on: its writes are to be marked).
+    PublishedWake,
+}
+
+/// The queue loop's side of direct completion, handed to an engine that accepts it
+/// ([`Engine::publish_with`]); callable from any thread.
+pub trait Publisher: Send + Sync {
+    /// Returns the successful request `tag` to the driver now, from the calling thread, if the
+    /// queue thread sleeps and allows it. The engine must still report the completion from
+    /// [`Engine::reap`], with `published` set unless this returned [`Publication::Refused`].
+    fn publish(&self, tag: Tag) -> Publication;
 }
 
 /// A queue's I/O engine. Used by one thread at a time: made on the connection thread (so a
@@ -152,5 +185,12 @@ pub trait Engine: Send {
     /// they need.
     fn may_poll(&self) -> bool {
         true
+    }
+
+    /// Offers the engine a way to return requests to the driver from its own threads
+    /// (module doc). `true` if it will use it: the queue loop then lends its ring whenever it
+    /// sleeps with kicks on. Called before [`Engine::start`].
+    fn publish_with(&mut self, _publisher: Arc<dyn Publisher>) -> bool {
+        false
     }
 }

@@ -217,6 +217,7 @@ impl FileEngine {
             tag: index as Tag,
             result,
             inline,
+            published: false,
             buffers,
         })
     }

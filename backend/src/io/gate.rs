@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use crate::vhost_user::GuestBuffers;
 
-use super::engine::{Completion, Engine, Event, Operation, Segment, Tag};
+use super::engine::{Completion, Engine, Event, Operation, Publisher, Segment, Tag};
 
 /// Watch tokens of the gate's reads: this plus the request's tag, above the queue loop's own.
 const GATE: u32 = 1 << 16;
@@ -205,5 +205,9 @@ impl<E: Engine> Engine for Gated<E> {
 
     fn may_poll(&self) -> bool {
         self.inner.may_poll()
+    }
+
+    fn publish_with(&mut self, publisher: std::sync::Arc<dyn Publisher>) -> bool {
+        self.inner.publish_with(publisher)
     }
 }

@@ -27,7 +27,7 @@ pub mod uring;
 use std::os::fd::RawFd;
 use std::time::Duration;
 
-pub use engine::{Completion, Engine, Event, Operation, Segment, Tag};
+pub use engine::{Completion, Engine, Event, Operation, Publication, Publisher, Segment, Tag};
 
 use crate::disk::{Backing, Disk};
 use crate::vhost_user::GuestBuffers;
@@ -118,5 +118,9 @@ impl Engine for DiskEngine {
 
     fn may_poll(&self) -> bool {
         each!(self, e => e.may_poll())
+    }
+
+    fn publish_with(&mut self, publisher: std::sync::Arc<dyn Publisher>) -> bool {
+        each!(self, e => e.publish_with(publisher))
     }
 }

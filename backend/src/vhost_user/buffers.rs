@@ -90,6 +90,29 @@ impl RawBuffers {
 #[derive(Debug)]
 pub struct GuestBuffers(Box<Parts>);
 
+/// A request's status byte in guest memory, as [`GuestBuffers::status_byte`] gave it: for
+/// direct completion (virtio_blk/direct.rs), where a thread other than the buffers' owner
+/// writes the status while the owner keeps them pinned.
+#[derive(Debug, Clone, Copy)]
+pub struct StatusByte(NonNull<u8>);
+
+// SAFETY: an address; it is written only through `StatusByte::write`, whose caller promises the
+// buffers it came from are still pinned.
+unsafe impl Send for StatusByte {}
+
+impl StatusByte {
+    /// Writes `status`.
+    ///
+    /// # Safety
+    /// The [`GuestBuffers`] this came from must still be pinned (not released), and nothing
+    /// else may write the status at the same time.
+    pub unsafe fn write(self, status: u8) {
+        // SAFETY: the status byte lies in a region the buffers pin (the caller's promise), of
+        // the generation they keep mapped.
+        unsafe { self.0.as_ptr().write_volatile(status) };
+    }
+}
+
 impl GuestBuffers {
     /// Pins what `raw` and `status` point at in `generation` (see [`Generation::pin`]).
     pub(super) fn pin(
@@ -206,6 +229,12 @@ impl GuestBuffers {
             // SAFETY: guest memory kept mapped and pinned by this value (the invariant).
             unsafe { std::ptr::write_bytes(v.iov_base.cast::<u8>(), 0, v.iov_len) };
         }
+    }
+
+    /// The request's status byte, for another thread to write while this value stays pinned
+    /// ([`StatusByte`]); `None` when the chain has none this value could pin.
+    pub fn status_byte(&self) -> Option<StatusByte> {
+        self.0.status.map(StatusByte)
     }
 
     /// Writes the request's status byte; `false` when the chain has none this value could pin.

@@ -30,7 +30,7 @@ use vm_memory::{GuestAddress, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMma
 
 use crate::ratelimit::vmm_line;
 
-pub use super::buffers::{GuestBuffers, RawBuffers};
+pub use super::buffers::{GuestBuffers, RawBuffers, StatusByte};
 pub use super::pin::RegionPin;
 
 /// The memory slots we accept with CONFIGURE_MEM_SLOTS (the kernel's vhost limit, which QEMU

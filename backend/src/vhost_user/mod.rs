@@ -33,7 +33,7 @@ pub use inflight::{
 };
 pub use inflight::{ChainWalk, Tracker};
 pub use memory::{
-    Generation, GuestBuffers, GuestMemoryHandle, MemoryStatus, RawBuffers, RegionPin,
+    Generation, GuestBuffers, GuestMemoryHandle, MemoryStatus, RawBuffers, RegionPin, StatusByte,
 };
 pub use session::Session;
 pub use vring::{CallFd, QueueControl, RunningQueue};

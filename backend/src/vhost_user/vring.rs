@@ -35,7 +35,7 @@ impl CallFd {
         }
     }
 
-    fn set(&self, fd: Option<EventFd>) {
+    pub(crate) fn set(&self, fd: Option<EventFd>) {
         *self.0.lock().unwrap_or_else(|e| e.into_inner()) = fd;
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod config;
 mod device;
+mod direct;
 mod poll;
 mod queue;
 pub mod request;

@@ -18,12 +18,16 @@
 //! done (QEMU's virtio-blk also notifies per completion). The driver asks for one call per
 //! wait, so this adds no interrupts. Without EVENT_IDX every check would be an interrupt, so
 //! there is one per round.
+//!
+//! An engine that completes requests on threads of its own may return them to the driver from
+//! there while this thread sleeps (direct.rs); this thread then only retires them.
 
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use parking_lot::{ArcMutexGuard, Mutex, RawMutex};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
 use crate::io::{Completion, DiskEngine, Engine, Event, Operation, Tag};
@@ -32,6 +36,7 @@ use crate::ratelimit::RateLimit;
 use crate::vhost_user::{ChainWalk, Generation, GuestBuffers, RawBuffers, RunningQueue};
 
 use super::device::BlockDevice;
+use super::direct::{Direct, Publishable, Ring};
 use super::poll::PollPolicy;
 use super::request::{self, Buffers, Limits, Request, RequestKind, Scratch, Segment};
 use super::spec;
@@ -85,10 +90,27 @@ struct Slot {
     started: Option<Instant>,
 }
 
+/// The queue thread's hold on its ring while it is awake (direct.rs).
+type Held = ArcMutexGuard<RawMutex, Ring>;
+
+/// The ring, which the queue thread holds whenever it runs anything but its sleep.
+#[track_caller]
+fn held(ring: &mut Option<Held>) -> &mut Ring {
+    ring.as_deref_mut()
+        .expect("the queue thread holds its ring while awake")
+}
+
 /// The loop of one queue over its engine: the disk's (`io::engine_for`), or a test's.
 pub struct QueueServer<E = DiskEngine> {
     device: Arc<BlockDevice>,
+    /// The queue; its virtqueue and inflight tracker are in `ring`.
     q: RunningQueue,
+    /// The virtqueue and the inflight tracker, shared with the engine's threads when it
+    /// publishes (direct.rs); `ring` is the hold on it, `None` while lent.
+    shared: Arc<Mutex<Ring>>,
+    ring: Option<Held>,
+    /// The engine returns requests to the driver itself while this thread sleeps.
+    direct: bool,
     engine: E,
     slots: Vec<Slot>,
     free: Vec<Tag>,
@@ -138,8 +160,26 @@ impl QueueServer {
 
 impl<E: Engine> QueueServer<E> {
     /// The loop of `q` over `engine`, which must serve tags up to the queue's size.
-    pub fn with_engine(device: Arc<BlockDevice>, q: RunningQueue, engine: E) -> QueueServer<E> {
+    pub fn with_engine(
+        device: Arc<BlockDevice>,
+        mut q: RunningQueue,
+        mut engine: E,
+    ) -> QueueServer<E> {
         let size = q.queue.size();
+        let shared = Arc::new(Mutex::new(Ring::new(
+            std::mem::take(&mut q.queue),
+            q.inflight.take(),
+        )));
+        let direct = engine.publish_with(Arc::new(Direct {
+            ring: shared.clone(),
+            device: device.clone(),
+            index: q.index,
+            memory: q.memory.clone(),
+            call: q.call.clone(),
+            control: q.control.clone(),
+            log: q.log.clone(),
+        }));
+        let ring = Some(shared.lock_arc());
         let generation = q.memory.current();
         let poll_max = if engine.may_poll() {
             device.poll_max
@@ -158,6 +198,9 @@ impl<E: Engine> QueueServer<E> {
             events: Vec::with_capacity(usize::from(size) + 2),
             generation,
             q,
+            shared,
+            ring,
+            direct,
             kicked: true,
             starved: false,
             backlog: false,
@@ -196,7 +239,22 @@ impl<E: Engine> QueueServer<E> {
                 self.in_flight
             );
         }
-        std::mem::take(&mut self.q.queue)
+        std::mem::take(&mut held(&mut self.ring).queue)
+    }
+
+    /// Lets the engine's threads return requests to the driver while this thread sleeps.
+    fn lend(&mut self) {
+        held(&mut self.ring).lent = true;
+        self.ring = None;
+    }
+
+    /// Takes the ring back after a sleep (waiting while the engine's thread publishes).
+    fn take_back(&mut self) {
+        if self.ring.is_none() {
+            let mut ring = self.shared.lock_arc();
+            ring.lent = false;
+            self.ring = Some(ring);
+        }
     }
 
     fn serve(&mut self) -> io::Result<()> {
@@ -220,7 +278,17 @@ impl<E: Engine> QueueServer<E> {
                     let left = throttled.until.saturating_duration_since(Instant::now());
                     self.engine.enter_timeout(left)?;
                 }
-                _ => self.engine.enter(!(runnable && ready))?,
+                _ => {
+                    let wait = !(runnable && ready);
+                    // Only a kick or a control request needs this thread before the next
+                    // completion: the engine may complete requests itself (direct.rs).
+                    if wait && runnable && self.direct && self.kicks_on && !self.starved {
+                        self.lend();
+                    }
+                    let entered = self.engine.enter(wait);
+                    self.take_back();
+                    entered?;
+                }
             }
             let now = Instant::now();
             if let Some(throttled) = self.throttled {
@@ -301,7 +369,10 @@ impl<E: Engine> QueueServer<E> {
         // Re-enable kicks, then look once more: a chain made available just before would
         // otherwise wait for a kick the driver never sends.
         let memory = self.q.memory.current();
-        match self.q.queue.enable_notification(memory.memory()) {
+        match held(&mut self.ring)
+            .queue
+            .enable_notification(memory.memory())
+        {
             Ok(true) => {
                 self.kicked = true;
                 Ok(true)
@@ -324,12 +395,9 @@ impl<E: Engine> QueueServer<E> {
         let memory = self.q.memory.current();
         let stats = self.device.stats.get(self.q.index);
         let outcome = loop {
-            match self
-                .q
-                .queue
-                .avail_idx(memory.memory(), std::sync::atomic::Ordering::Acquire)
-            {
-                Ok(idx) if idx.0 != self.q.queue.next_avail() => break Spin::Avail,
+            let queue = &held(&mut self.ring).queue;
+            match queue.avail_idx(memory.memory(), std::sync::atomic::Ordering::Acquire) {
+                Ok(idx) if idx.0 != queue.next_avail() => break Spin::Avail,
                 Ok(_) => {}
                 // Let the ring code find (and report) what is wrong.
                 Err(_) => break Spin::Avail,
@@ -424,9 +492,12 @@ impl<E: Engine> QueueServer<E> {
         self.backlog = false;
         self.starved = false;
         let mut generation = self.generation.clone();
-        let size = self.q.queue.size();
+        let size = held(&mut self.ring).queue.size();
         if self.kicks_on {
-            if let Err(e) = self.q.queue.disable_notification(generation.memory()) {
+            if let Err(e) = held(&mut self.ring)
+                .queue
+                .disable_notification(generation.memory())
+            {
                 return self.mark_broken(&e);
             }
             self.kicks_on = false;
@@ -450,7 +521,8 @@ impl<E: Engine> QueueServer<E> {
                 generation = latest;
                 self.generation = generation.clone();
             }
-            let chain = match self.q.queue.iter(generation.memory()) {
+            let ring = held(&mut self.ring);
+            let chain = match ring.queue.iter(generation.memory()) {
                 Ok(mut iter) => iter.next(),
                 Err(e) => return self.mark_broken(&e),
             };
@@ -461,7 +533,7 @@ impl<E: Engine> QueueServer<E> {
                     "the driver made head {head} available in a ring of {size}"
                 ));
             }
-            if let Some(tracker) = &mut self.q.inflight {
+            if let Some(tracker) = &mut held(&mut self.ring).inflight {
                 tracker.taken(head);
             }
             let bytes = self.start_request(head, chain, &generation);
@@ -488,8 +560,9 @@ impl<E: Engine> QueueServer<E> {
         );
         let generation = self.q.memory.current();
         self.generation = generation.clone();
-        let size = self.q.queue.size();
-        let table = vm_memory::GuestAddress(self.q.queue.desc_table());
+        let ring = held(&mut self.ring);
+        let size = ring.queue.size();
+        let table = vm_memory::GuestAddress(ring.queue.desc_table());
         for head in heads {
             let chain = ChainWalk::new(generation.memory(), table, size, head);
             self.start_request(head, chain, &generation);
@@ -609,6 +682,14 @@ impl<E: Engine> QueueServer<E> {
             RequestKind::Discard => Operation::Discard { segments, dsync },
             RequestKind::WriteZeroes => Operation::WriteZeroes { segments, dsync },
         };
+        if self.direct {
+            held(&mut self.ring).requests[index] = Publishable {
+                head: self.slots[index].head,
+                used_len: request::used_len(req.kind, req.len),
+                status: buffers.status_byte(),
+                published: None,
+            };
+        }
         if let Some(done) = self.engine.submit(tag, operation, buffers) {
             self.complete(done);
         }
@@ -624,6 +705,20 @@ impl<E: Engine> QueueServer<E> {
             );
             return;
         };
+        if done.published {
+            let published = held(&mut self.ring)
+                .requests
+                .get_mut(index)
+                .and_then(|r| r.published.take());
+            if let Some(published) = published {
+                return self.retire(index, req, published, done.buffers);
+            }
+            // Not reachable: an engine marks only what it published. Complete it here.
+            tracing::error!(
+                "queue {}: request {index} reported published, but was not",
+                self.q.index
+            );
+        }
         let status = match &done.result {
             Ok(()) => {
                 if done.inline {
@@ -679,21 +774,45 @@ impl<E: Engine> QueueServer<E> {
         self.release(index, request::used_len(req.kind, req.len), buffers, data);
     }
 
+    /// Finishes a request the engine's thread returned to the driver (direct.rs): its entry
+    /// went to used index `at` at `when`.
+    fn retire(
+        &mut self,
+        index: usize,
+        req: Request,
+        (at, when): (u16, Instant),
+        buffers: GuestBuffers,
+    ) {
+        if let Some(stats) = self.device.stats.get(self.q.index) {
+            let latency = self.slots[index].started.map_or(Duration::ZERO, |started| {
+                when.saturating_duration_since(started)
+            });
+            stats.record(req.kind, req.len, STATUS_OK, latency);
+        }
+        self.done += 1;
+        if self.q.log.active() {
+            let data = matches!(req.kind, RequestKind::Read | RequestKind::GetId);
+            self.log_request(&buffers, data, at);
+        }
+        self.forget(index, buffers);
+    }
+
     /// Returns a request's chain to the driver (its status written), marks what it wrote in
     /// the dirty log while logging is on (its buffers when `data`), and frees its slot.
     fn release(&mut self, index: usize, used_len: u32, buffers: GuestBuffers, data: bool) {
         let head = self.slots[index].head;
         self.done += 1;
-        if self.q.inflight.is_some() && self.q.control.abandoned() {
+        let ring = held(&mut self.ring);
+        if ring.inflight.is_some() && self.q.control.abandoned() {
             // The frontend is gone: the next backend runs this head again from the region.
             self.forget(index, buffers);
             return;
         }
-        if let Some(tracker) = &mut self.q.inflight {
+        if let Some(tracker) = &mut ring.inflight {
             tracker.completing(head);
         }
-        if let Err(e) = self
-            .q
+        let at = ring.queue.next_used();
+        if let Err(e) = ring
             .queue
             .add_used(self.generation.memory(), head, used_len)
         {
@@ -702,13 +821,13 @@ impl<E: Engine> QueueServer<E> {
                 self.q.index
             );
         }
-        if let Some(tracker) = &mut self.q.inflight {
-            tracker.completed(head, self.q.queue.next_used());
+        if let Some(tracker) = &mut ring.inflight {
+            tracker.completed(head, ring.queue.next_used());
         }
         self.used_added = true;
         // Checked after every write of the request (dirty_log.rs says why that is enough).
         if self.q.log.active() {
-            self.log_request(&buffers, data);
+            self.log_request(&buffers, data, at);
         }
         // Status and used entry are written: now the regions may retire and the generation
         // unmap.
@@ -728,14 +847,13 @@ impl<E: Engine> QueueServer<E> {
     }
 
     /// Marks a released request's writes in the dirty log: its status byte, its buffers if the
-    /// device wrote them, the used entry just added and the used index.
+    /// device wrote them, its used entry (written at used index `at`) and the used index.
     #[cold]
-    fn log_request(&mut self, buffers: &GuestBuffers, data: bool) {
+    fn log_request(&mut self, buffers: &GuestBuffers, data: bool, at: u16) {
         let Some(map) = self.q.log.map() else { return };
         let mut inside = buffers.mark_dirty(&map, data);
         if let Some(used) = self.q.control.used_log() {
-            // add_used has moved next_used past the entry it wrote.
-            let slot = self.q.queue.next_used().wrapping_sub(1) % self.q.queue.size();
+            let slot = at % held(&mut self.ring).queue.size();
             let entry = used.wrapping_add(USED_RING_OFFSET + USED_ELEM_SIZE * u64::from(slot));
             inside &= map.mark(entry, USED_ELEM_SIZE);
             inside &= map.mark(used.wrapping_add(USED_IDX_OFFSET), 2);
@@ -751,14 +869,15 @@ impl<E: Engine> QueueServer<E> {
 
     /// Marks the whole used ring (flags, entries, index, avail_event) while logging is on: when
     /// the ring stops, so the notification fields the thread wrote are covered too.
-    fn log_used_ring(&self) {
+    fn log_used_ring(&mut self) {
         if !self.q.log.active() {
             return;
         }
         let (Some(map), Some(used)) = (self.q.log.map(), self.q.control.used_log()) else {
             return;
         };
-        let len = USED_RING_OFFSET + USED_ELEM_SIZE * u64::from(self.q.queue.size()) + 2;
+        let size = held(&mut self.ring).queue.size();
+        let len = USED_RING_OFFSET + USED_ELEM_SIZE * u64::from(size) + 2;
         if !map.mark(used, len) && self.q.log.note_missed() {
             tracing::warn!(
                 "queue {}: the used ring lies beyond the dirty log",
@@ -770,7 +889,7 @@ impl<E: Engine> QueueServer<E> {
     /// Interrupts now, mid-batch, if the driver wants one and EVENT_IDX keeps that to one
     /// per wait of the driver (see the module comment).
     fn notify_early(&mut self) {
-        if self.q.queue.event_idx_enabled() {
+        if held(&mut self.ring).queue.event_idx_enabled() {
             self.notify();
         }
     }
@@ -780,7 +899,10 @@ impl<E: Engine> QueueServer<E> {
         if !std::mem::take(&mut self.used_added) {
             return;
         }
-        match self.q.queue.needs_notification(self.generation.memory()) {
+        match held(&mut self.ring)
+            .queue
+            .needs_notification(self.generation.memory())
+        {
             Ok(false) => {}
             // When in doubt, interrupt: a spurious interrupt costs less than a hung guest.
             Ok(true) | Err(_) => {

@@ -21,8 +21,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::*;
 use crate::disk::{Disk, DiskSpec, OpenOptions};
-use crate::io::Segment;
-use crate::vhost_user::{test_memory, CallFd, DirtyLog, GuestMemoryHandle, QueueControl};
+use crate::io::{Publication, Publisher, Segment};
+use crate::vhost_user::{test_memory, CallFd, DirtyLog, GuestMemoryHandle, LogMap, QueueControl};
 use crate::virtio_blk::DeviceOptions;
 
 const QUEUE_SIZE: u16 = 64;
@@ -73,6 +73,10 @@ struct Fake {
     cancelled: Vec<Tag>,
     /// Say that the queue thread must not poll (as librbd's engine does).
     no_polling: bool,
+    /// Take the queue loop's offer of direct completion (as librbd's engine does).
+    direct: bool,
+    /// What the queue loop offered.
+    publisher: Option<Arc<dyn Publisher>>,
 }
 
 struct FakeEngine(Arc<Mutex<Fake>>);
@@ -151,6 +155,12 @@ impl Engine for FakeEngine {
 
     fn may_poll(&self) -> bool {
         !self.0.lock().unwrap().no_polling
+    }
+
+    fn publish_with(&mut self, publisher: Arc<dyn Publisher>) -> bool {
+        let mut fake = self.0.lock().unwrap();
+        fake.publisher = Some(publisher);
+        fake.direct
     }
 }
 
@@ -982,4 +992,136 @@ fn an_engine_that_says_no_gets_a_queue_thread_that_never_polls() {
         ..Fake::default()
     };
     assert!(!Harness::polling(librbd_like, max).server.poll.enabled());
+}
+
+/// What the fake engine's completion thread would do: publish `tag` from a thread of its own.
+fn publish_from_another_thread(h: &Harness, tag: Tag) -> Publication {
+    let publisher = h.fake.lock().unwrap().publisher.clone();
+    let publisher = publisher.expect("the loop offered direct completion");
+    std::thread::spawn(move || publisher.publish(tag))
+        .join()
+        .expect("the publishing thread")
+}
+
+/// The fake engine reports the held request `tag`, which its thread published, and the loop
+/// reaps it.
+fn report_published(h: &mut Harness, tag: Tag) {
+    {
+        let mut fake = h.fake.lock().unwrap();
+        let at = fake.held.iter().position(|(t, _)| *t == tag).unwrap();
+        let (_, buffers) = fake.held.remove(at);
+        let mut done = Completion::new(tag, Ok(()), buffers);
+        done.published = true;
+        fake.ready.push(Event::Completed(done));
+    }
+    h.server.reap().expect("reap");
+    h.server.notify();
+}
+
+fn direct() -> Fake {
+    Fake {
+        direct: true,
+        ..Fake::default()
+    }
+}
+
+#[test]
+fn an_engine_thread_returns_a_request_to_the_driver_while_the_queue_thread_sleeps() {
+    let mut h = Harness::new(direct());
+    assert!(h.server.direct, "the engine took the offer");
+    let call = EventFd::new(EFD_NONBLOCK).unwrap();
+    h.server.q.call.set(Some(call.try_clone().unwrap()));
+    let data = h.alloc_low(512);
+    let posted = h.post_read(0, data, 512);
+    h.server.process_avail();
+    assert_eq!(h.fake.lock().unwrap().held.len(), 1);
+
+    assert_eq!(
+        publish_from_another_thread(&h, 0),
+        Publication::Refused,
+        "the queue thread is awake: it holds the ring"
+    );
+    assert!(h.used().is_empty());
+    assert_eq!(h.status_of(&posted), UNTOUCHED);
+
+    h.server.lend();
+    assert_eq!(publish_from_another_thread(&h, 0), Publication::Published);
+    assert_eq!(h.status_of(&posted), STATUS_OK);
+    assert_eq!(h.used(), [(u32::from(posted.head), 513)]);
+    assert_eq!(call.read().unwrap(), 1, "the driver was called");
+    assert_eq!(
+        h.region_pins_in_use(),
+        [1, 0],
+        "pinned until the queue thread retires the request"
+    );
+    assert_eq!(h.server.in_flight, 1);
+
+    h.server.take_back();
+    report_published(&mut h, 0);
+    assert_eq!(
+        h.used(),
+        [(u32::from(posted.head), 513)],
+        "returned to the driver once"
+    );
+    assert!(call.read().is_err(), "and called once");
+    assert_eq!(h.region_pins_in_use(), [0, 0]);
+    assert_eq!(h.server.in_flight, 0);
+    assert_eq!(h.server.free.len(), usize::from(QUEUE_SIZE));
+    let totals = h.server.device.totals();
+    assert_eq!(
+        (totals.requests, totals.bytes_read, totals.calls),
+        (1, 512, 1)
+    );
+}
+
+#[test]
+fn an_engine_that_does_not_publish_never_gets_the_ring() {
+    let mut h = Harness::new(holding());
+    assert!(!h.server.direct);
+    let data = h.alloc_low(512);
+    h.post_read(0, data, 512);
+    h.server.process_avail();
+    h.server.lend();
+    assert_eq!(
+        publish_from_another_thread(&h, 0),
+        Publication::Refused,
+        "a request noted for publishing only when the engine publishes"
+    );
+    h.server.take_back();
+    assert!(h.used().is_empty());
+}
+
+#[test]
+fn a_request_published_while_logging_is_marked_when_it_retires() {
+    use std::os::unix::fs::FileExt;
+    let mut h = Harness::new(direct());
+    let file = tempfile::tempfile_in("/dev/shm").unwrap();
+    file.set_len(40 << 10).unwrap();
+    let map = LogMap::map(&file, 40 << 10, 0, HIGH.0 + HIGH.1).unwrap();
+    h.server.q.log.install(map).unwrap();
+    h.server.q.log.set_log_all(true).unwrap();
+    h.control.set_used_log(Some(USED));
+    let logged = || {
+        let mut byte = [0u8];
+        file.read_exact_at(&mut byte, 0).unwrap();
+        byte[0]
+    };
+    // The used ring in page 0; data, header and status in page 1.
+    let data = h.alloc_low(512);
+    h.post_read(0, data, 512);
+    h.server.process_avail();
+    h.server.lend();
+    assert_eq!(
+        publish_from_another_thread(&h, 0),
+        Publication::PublishedWake,
+        "the queue thread must wake up to mark the log"
+    );
+    h.server.take_back();
+    assert_eq!(logged(), 0, "the engine's thread marks nothing");
+    report_published(&mut h, 0);
+    assert_eq!(
+        logged(),
+        0b11,
+        "the used entry (page 0) and the request's buffers (page 1)"
+    );
 }

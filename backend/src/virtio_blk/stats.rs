@@ -117,6 +117,8 @@ impl QueueStats {
         add(&self.kicks, 1);
     }
 
+    /// Counts a call; by the queue thread, or by an engine's thread while it holds the queue's
+    /// ring (direct.rs), which the queue thread then does not.
     pub fn record_call(&self) {
         add(&self.calls, 1);
     }

@@ -10,11 +10,18 @@
 //!            librbd maps it to objects and queues it to the messenger, in this thread
 //!            (`rbd_non_blocking_aio` off, image.rs)
 //!                                      the cluster answers ─▶ on_complete(completion, context):
-//!                                        result; rbd_aio_release; push (tag, result) on the
-//!                                        queue's mailbox; the first push writes its eventfd
+//!                                        result; rbd_aio_release; if the queue thread sleeps,
+//!                                        return the request to the driver (publish); push
+//!                                        (tag, result, published) on the queue's mailbox;
+//!                                        wake the queue thread unless published
 //!  io_uring read of the eventfd ◀──────┘
 //!  reap ─▶ drain the mailbox ─▶ Completion per request whose operations are all back
 //! ```
+//!
+//! Publishing from the callback (virtio_blk/direct.rs) saves the queue thread's wakeup between
+//! librbd's answer and the driver's interrupt: one thread less on the way of every request
+//! that completes while the queue thread sleeps. Only requests of a single librbd operation
+//! are published (reads, writes, flushes, one-range discards and write-zeroes).
 //!
 //! The image is shared by all the device's queues (image.rs says why), so librbd's own per-image
 //! event socket (`rbd_set_image_notification`, reaped with `rbd_poll_io_events`) would hand one
@@ -29,13 +36,14 @@ use std::ffi::{c_int, c_void};
 use std::io;
 use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::disk::{Backing, Disk};
-use crate::io::engine::{Completion, Engine, Event, Operation, Tag};
+use crate::io::engine::{Completion, Engine, Event, Operation, Publication, Publisher, Tag};
 use crate::io::file::ring_entries;
 use crate::io::uring::{self, Reaped, Ring};
 use crate::vhost_user::GuestBuffers;
@@ -46,24 +54,46 @@ use super::image::RbdImage;
 /// The watch token of the mailbox's eventfd; the queue loop's tokens are small numbers.
 const MAILBOX: u32 = u32::MAX;
 
+/// One finished librbd operation: its request, its result, and whether the request was
+/// returned to the driver already.
+#[derive(Clone, Copy)]
+struct Mail {
+    tag: Tag,
+    result: isize,
+    published: bool,
+}
+
+/// What the mailbox holds.
+#[derive(Default)]
+struct Contents {
+    mail: Vec<Mail>,
+    /// The eventfd was written since the queue thread last drained the box.
+    signalled: bool,
+}
+
 /// Where librbd's threads leave a queue's completions.
 struct Mailbox {
-    done: Mutex<Vec<(Tag, isize)>>,
+    done: Mutex<Contents>,
     eventfd: EventFd,
+    /// The queue loop's direct completion, when it offered it.
+    publisher: OnceLock<Arc<dyn Publisher>>,
 }
 
 impl Mailbox {
-    fn lock(&self) -> MutexGuard<'_, Vec<(Tag, isize)>> {
-        // A panic while holding the lock left a vector of plain values: still usable.
+    fn lock(&self) -> MutexGuard<'_, Contents> {
+        // A panic while holding the lock left plain values: still usable.
         self.done.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn post(&self, tag: Tag, result: isize) {
+    /// Leaves `mail` for the queue thread, and wakes it unless the request was published
+    /// quietly (or the eventfd is written already).
+    fn post(&self, mail: Mail, publication: Publication) {
         let mut done = self.lock();
-        let first = done.is_empty();
-        done.push((tag, result));
+        done.mail.push(mail);
+        let wake = publication != Publication::Published && !done.signalled;
+        done.signalled |= wake;
         drop(done);
-        if first {
+        if wake {
             // Only fails when the counter would overflow: it is read at every wakeup.
             let _ = self.eventfd.write(1);
         }
@@ -75,6 +105,8 @@ impl Mailbox {
 struct Context {
     mailbox: Arc<Mailbox>,
     tag: Tag,
+    /// The request is one librbd operation, so its completion may be published.
+    single: AtomicBool,
 }
 
 /// Called by librbd on one of its threads when an operation completes.
@@ -95,7 +127,19 @@ unsafe extern "C" fn on_complete(completion: CompletionT, arg: *mut c_void) {
         // Not reachable: the operation was started through the loaded library.
         Err(_) => -(libc::EIO as isize),
     };
-    context.mailbox.post(context.tag, result);
+    let mailbox = &context.mailbox;
+    let publication = match mailbox.publisher.get() {
+        Some(publisher) if result >= 0 && context.single.load(Ordering::Acquire) => {
+            publisher.publish(context.tag)
+        }
+        _ => Publication::Refused,
+    };
+    let mail = Mail {
+        tag: context.tag,
+        result,
+        published: publication != Publication::Refused,
+    };
+    mailbox.post(mail, publication);
 }
 
 /// One request in flight.
@@ -106,6 +150,8 @@ struct Slot {
     pending: u32,
     /// The first error.
     errno: Option<i32>,
+    /// Returned to the driver from librbd's thread (direct completion).
+    published: bool,
 }
 
 pub struct RbdEngine {
@@ -115,7 +161,7 @@ pub struct RbdEngine {
     contexts: ManuallyDrop<Box<[Context]>>,
     mailbox: Arc<Mailbox>,
     /// The mailbox's contents, swapped out to be processed without its lock.
-    taken: Vec<(Tag, isize)>,
+    taken: Vec<Mail>,
     cqes: Vec<uring::Completion>,
     /// Operations in librbd, all slots together.
     in_flight: usize,
@@ -131,8 +177,12 @@ impl RbdEngine {
             ));
         };
         let mailbox = Arc::new(Mailbox {
-            done: Mutex::new(Vec::with_capacity(usize::from(depth))),
+            done: Mutex::new(Contents {
+                mail: Vec::with_capacity(usize::from(depth)),
+                signalled: false,
+            }),
             eventfd: EventFd::new(EFD_NONBLOCK)?,
+            publisher: OnceLock::new(),
         });
         Ok(RbdEngine {
             ring: Ring::new(ring_entries(depth), None)?,
@@ -142,6 +192,7 @@ impl RbdEngine {
                     buffers: None,
                     pending: 0,
                     errno: None,
+                    published: false,
                 })
                 .collect(),
             contexts: ManuallyDrop::new(
@@ -149,6 +200,7 @@ impl RbdEngine {
                     .map(|tag| Context {
                         mailbox: mailbox.clone(),
                         tag,
+                        single: AtomicBool::new(false),
                     })
                     .collect(),
             ),
@@ -194,22 +246,34 @@ impl RbdEngine {
             None => Ok(()),
             Some(errno) => Err(io::Error::from_raw_os_error(errno)),
         };
-        Some(Completion::new(tag, result, buffers))
+        let mut completion = Completion::new(tag, result, buffers);
+        completion.published = std::mem::take(&mut slot.published);
+        Some(completion)
     }
 
     fn mail_waiting(&self) -> bool {
-        !self.mailbox.lock().is_empty()
+        !self.mailbox.lock().mail.is_empty()
     }
 
     /// Turns what the mailbox holds into completions.
     fn drain(&mut self, events: &mut Vec<Event>) {
         let mut taken = std::mem::take(&mut self.taken);
-        std::mem::swap(&mut taken, &mut *self.mailbox.lock());
-        for &(tag, result) in &taken {
+        {
+            let mut done = self.mailbox.lock();
+            std::mem::swap(&mut taken, &mut done.mail);
+            done.signalled = false;
+        }
+        for &Mail {
+            tag,
+            result,
+            published,
+        } in &taken
+        {
             let Some(slot) = self.slots.get_mut(usize::from(tag)) else {
                 continue;
             };
             slot.pending = slot.pending.saturating_sub(1);
+            slot.published |= published;
             self.in_flight = self.in_flight.saturating_sub(1);
             if result < 0 {
                 slot.errno
@@ -248,6 +312,16 @@ impl Engine for RbdEngine {
         slot.buffers = Some(buffers);
         slot.errno = None;
         slot.pending = 0;
+        slot.published = false;
+        let single = match operation {
+            Operation::Read { .. } | Operation::Write { .. } => count > 0,
+            Operation::Flush => true,
+            Operation::Discard { segments, .. } | Operation::WriteZeroes { segments, .. } => {
+                segments.len() == 1
+            }
+        };
+        // Seen by the callback: librbd's queueing of the operation orders it before.
+        self.contexts[index].single.store(single, Ordering::Release);
         let image = self.image.handle();
         let api = self.image.api();
         match operation {
@@ -359,6 +433,10 @@ impl Engine for RbdEngine {
     /// 10-15% of the IOPS of random reads on the two-core dev machine (docs/benchmarks.md).
     fn may_poll(&self) -> bool {
         false
+    }
+
+    fn publish_with(&mut self, publisher: Arc<dyn Publisher>) -> bool {
+        self.mailbox.publisher.set(publisher).is_ok()
     }
 }
 
