@@ -5,7 +5,7 @@
 //! request: what `GET /metrics` shows, in JSON; supervisor/control.rs) and [`rates`] turns two
 //! answers into rates. The supervisor answers from what its workers last reported, so a
 //! stopped worker cannot hold top: its row goes stale. On a terminal the table is redrawn in
-//! place ([`terminal`]) until `q` or Ctrl-C; `--batch` (or no terminal) prints one table after
+//! place ([`terminal`]) until `q`, Ctrl-C, SIGINT, SIGTERM or SIGHUP; `--batch` (or no terminal) prints one table after
 //! another, like `top -b`, for `--iterations` tables or until killed.
 
 pub mod rates;
@@ -70,7 +70,8 @@ pub fn counters(control: &Path) -> Result<Snapshot, TopError> {
     })
 }
 
-/// Runs `vublk top` until `q`, Ctrl-C, or the last of `--iterations`.
+/// Runs `vublk top` until `q`, Ctrl-C, a signal to quit on a terminal, or the last of
+/// `--iterations`.
 pub fn run(options: &TopOptions) -> Result<(), TopError> {
     let interactive = !options.batch && io::stdin().is_terminal() && io::stdout().is_terminal();
     let started = Instant::now();
