@@ -28,10 +28,7 @@ fn main() -> ExitCode {
         return match vublk::supervisor::print_status(control_socket, *json) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!(
-                    "vublk: cannot read the status from {}: {e}",
-                    control_socket.display()
-                );
+                eprintln!("vublk: {e}");
                 ExitCode::from(1)
             }
         };

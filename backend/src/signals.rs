@@ -1,8 +1,9 @@
-//! SIGINT and SIGTERM delivered through a signalfd, so the event loop sees them as events.
+//! Signals delivered through a signalfd, so that a loop sees them as events: SIGINT and SIGTERM
+//! for the daemons, and SIGHUP as well for `vublk top` on a terminal (top/terminal.rs).
 
 use std::io;
 use std::mem::MaybeUninit;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 pub struct Signals {
     fd: OwnedFd,
@@ -12,14 +13,21 @@ impl Signals {
     /// Blocks SIGINT and SIGTERM in the calling thread (threads created later inherit the
     /// mask) and returns a signalfd that reports them.
     pub fn block_and_watch() -> io::Result<Signals> {
+        Signals::block_and_watch_these(&[libc::SIGINT, libc::SIGTERM])
+    }
+
+    /// Blocks `signals` in the calling thread (threads created later inherit the mask) and
+    /// returns a signalfd that reports them.
+    pub fn block_and_watch_these(signals: &[libc::c_int]) -> io::Result<Signals> {
         let mut set = MaybeUninit::<libc::sigset_t>::uninit();
         // SAFETY: sigemptyset initialises the set; sigaddset and pthread_sigmask only read and
         // write that set and the thread's mask.
         let set = unsafe {
             libc::sigemptyset(set.as_mut_ptr());
             let mut set = set.assume_init();
-            libc::sigaddset(&mut set, libc::SIGINT);
-            libc::sigaddset(&mut set, libc::SIGTERM);
+            for &signal in signals {
+                libc::sigaddset(&mut set, signal);
+            }
             if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
                 return Err(io::Error::last_os_error());
             }
@@ -48,6 +56,7 @@ impl Signals {
         match unsafe { info.assume_init() }.ssi_signo as i32 {
             libc::SIGINT => "SIGINT",
             libc::SIGTERM => "SIGTERM",
+            libc::SIGHUP => "SIGHUP",
             _ => "signal",
         }
     }
@@ -56,5 +65,11 @@ impl Signals {
 impl AsRawFd for Signals {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
+    }
+}
+
+impl AsFd for Signals {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
     }
 }

@@ -1,8 +1,8 @@
 //! Exports at run time (`vublk export add|remove|list` on the control socket), end to end with
 //! libblkio as the frontend: an added export serves I/O, the list shows it, removing one a VM
 //! uses is refused unless forced, a forced removal lets requests in flight complete before the
-//! connection closes, a bad request changes nothing, and the other exports are served
-//! throughout.
+//! connection closes, a bad request changes nothing, the other exports are served
+//! throughout, and a stopped daemon cannot hang `vublk status` or `vublk export`.
 
 mod common;
 
@@ -431,6 +431,61 @@ fn a_stuck_or_oversized_control_client_does_not_hold_the_daemon() {
     assert_eq!(vm.q(0).write_at(0, &[1; 4096]), 0);
     drop(vm);
     drop(stuck);
+    daemon.assert_running();
+    daemon.stop();
+}
+
+/// A stopped (or wedged) daemon cannot hang `vublk status` or `vublk export`: each gives up
+/// after 5 s with one line naming the control socket, and exits 1.
+#[test]
+fn a_stopped_daemon_does_not_hang_status_or_export() {
+    let dir = test_dir();
+    let control = dir.path().join("control.sock");
+    let added = dir.path().join("added.sock");
+    let mut daemon = Daemon::start(
+        vublk_bin(),
+        dir.path(),
+        &[
+            "--null",
+            "4M",
+            "--control-socket",
+            control.to_str().unwrap(),
+        ],
+    );
+    wait_listening(&mut daemon, &control);
+    let control_arg = control.to_str().unwrap();
+    let spec = format!("socket-path={},null=1M", added.display());
+    let commands: [&[&str]; 2] = [
+        &["status", "--control-socket", control_arg],
+        &["export", "add", "--control-socket", control_arg, &spec],
+    ];
+    daemon.signal(libc::SIGSTOP).unwrap();
+    let outs: Vec<_> = commands
+        .iter()
+        .map(|args| {
+            let mut cmd = std::process::Command::new(vublk_bin());
+            cmd.args(*args);
+            // Far past the 5 s, so that a hang fails the test rather than holding it.
+            (
+                args,
+                vublk_test_support::process::run(cmd, Duration::from_secs(60)),
+            )
+        })
+        .collect();
+    daemon.signal(libc::SIGCONT).unwrap();
+    for (args, out) in outs {
+        let out = out.unwrap_or_else(|e| panic!("vublk {args:?} hung: {e}"));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "vublk {args:?}: {stderr}");
+        assert_eq!(
+            stderr.trim(),
+            format!(
+                "vublk: the daemon on {} did not answer within 5 s",
+                control.display()
+            ),
+            "vublk {args:?}"
+        );
+    }
     daemon.assert_running();
     daemon.stop();
 }

@@ -1,6 +1,7 @@
 //! `vublk top`, end to end: the batch tables show a busy export with its IOPS and an idle one
-//! with none, a stopped worker's row goes stale without holding top, and the counters are
-//! refused to anyone but the control socket's owner.
+//! with none, a stopped worker's row goes stale without holding top, the counters are
+//! refused to anyone but the control socket's owner, and top on a terminal puts it back when
+//! a signal ends it.
 
 mod common;
 
@@ -237,5 +238,113 @@ fn top_is_refused_to_other_users() {
     assert!(top(&control, &["--iterations", "1", "--delay", "0.1"])
         .status
         .success());
+    daemon.stop();
+}
+
+/// A pseudo-terminal: the test keeps the master and a descriptor of the slave.
+struct Pty {
+    master: std::os::fd::OwnedFd,
+    slave: std::os::fd::OwnedFd,
+}
+
+impl Pty {
+    fn open() -> Pty {
+        use std::os::fd::FromRawFd;
+        let (mut master, mut slave) = (-1, -1);
+        // SAFETY: openpty writes the two descriptors it creates into the locals; the name, the
+        // termios and the window size are not asked for.
+        let opened = unsafe {
+            libc::openpty(
+                &mut master,
+                &mut slave,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(opened, 0, "openpty: {}", std::io::Error::last_os_error());
+        // SAFETY: openpty succeeded: both are new descriptors nothing else owns.
+        let pty = unsafe {
+            Pty {
+                master: std::os::fd::OwnedFd::from_raw_fd(master),
+                slave: std::os::fd::OwnedFd::from_raw_fd(slave),
+            }
+        };
+        rustix::io::ioctl_fionbio(&pty.master, true).unwrap();
+        pty
+    }
+
+    /// What top wrote to the terminal since the last call.
+    fn output(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while let Ok(n @ 1..) = rustix::io::read(&self.master, &mut chunk) {
+            out.extend_from_slice(&chunk[..n]);
+        }
+        out
+    }
+
+    fn modes(&self) -> rustix::termios::LocalModes {
+        rustix::termios::tcgetattr(&self.slave).unwrap().local_modes
+    }
+}
+
+/// Interactive top (on a terminal) ended by SIGTERM, SIGHUP or SIGINT puts the terminal back
+/// as `q` does: echo and line editing on, the normal screen back.
+#[test]
+fn a_signal_to_interactive_top_puts_the_terminal_back() {
+    use rustix::termios::LocalModes;
+    let dir = test_dir();
+    let (mut daemon, control, _) = start(dir.path());
+    for signal in [libc::SIGTERM, libc::SIGHUP, libc::SIGINT] {
+        let pty = Pty::open();
+        let cooked = LocalModes::ECHO | LocalModes::ICANON | LocalModes::ISIG;
+        assert!(pty.modes().contains(cooked), "{:?}", pty.modes());
+        let mut cmd = Command::new(vublk_bin());
+        cmd.args(["top", "--control-socket"])
+            .arg(&control)
+            .stdin(pty.slave.try_clone().unwrap())
+            .stdout(pty.slave.try_clone().unwrap())
+            .stderr(std::process::Stdio::piped());
+        vublk_test_support::process::die_with_parent(&mut cmd);
+        let mut top = cmd.spawn().expect("vublk top");
+        // Until top has the terminal: echo off, the alternate screen.
+        let mut shown = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while pty.modes().contains(LocalModes::ECHO) {
+            shown.extend(pty.output());
+            assert!(
+                top.try_wait().unwrap().is_none() && Instant::now() < deadline,
+                "top did not take the terminal: {}",
+                String::from_utf8_lossy(&shown)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // SAFETY: signals our own child, not reaped yet.
+        assert_eq!(unsafe { libc::kill(top.id() as i32, signal) }, 0);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = top.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = top.kill();
+                panic!("top did not end on signal {signal}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        shown.extend(pty.output());
+        let shown = String::from_utf8_lossy(&shown);
+        assert!(
+            pty.modes().contains(cooked),
+            "signal {signal} ({status}) left the terminal in {:?}",
+            pty.modes()
+        );
+        assert!(
+            shown.ends_with("\x1b[?25h\x1b[?1049l"),
+            "signal {signal} ({status}) left the alternate screen on: {shown:?}"
+        );
+        assert!(status.success(), "signal {signal}: {status}");
+    }
     daemon.stop();
 }

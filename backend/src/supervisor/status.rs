@@ -1,9 +1,6 @@
 //! `vublk status`: what the supervisor reports on its control socket, and the command that
 //! asks for it and prints it.
 
-use std::io;
-use std::os::unix::net::UnixStream;
-
 use serde::{Deserialize, Serialize};
 
 use crate::handoff::DeviceStatus;
@@ -51,19 +48,21 @@ pub(super) fn seccomp_of(pid: i32) -> String {
     .to_string()
 }
 
-/// `vublk status`: asks the supervisor behind `control` and prints the answer.
-pub fn print_status(control: &std::path::Path, json: bool) -> io::Result<()> {
-    let mut stream = UnixStream::connect(control)?;
-    // An empty request asks for the status.
-    stream.shutdown(std::net::Shutdown::Write)?;
-    let mut body = Vec::new();
-    std::io::Read::read_to_end(&mut stream, &mut body)?;
+/// `vublk status`: asks the supervisor behind `control` and prints the answer; `Err` is the
+/// line to print.
+pub fn print_status(control: &std::path::Path, json: bool) -> Result<(), String> {
+    use super::control::{ask, Request, ANSWER_TIMEOUT};
+    let body = ask(control, &Request::Status, ANSWER_TIMEOUT).map_err(|e| crate::error_line(&e))?;
     if json {
         println!("{}", String::from_utf8_lossy(&body));
         return Ok(());
     }
-    let status: Status =
-        serde_json::from_slice(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let status: Status = serde_json::from_slice(&body).map_err(|e| {
+        format!(
+            "the daemon on {} gave an answer that is not one: {e}",
+            control.display()
+        )
+    })?;
     println!("exports: {}", status.exports.join(", "));
     if status.vms.is_empty() {
         println!("no VMs connected");

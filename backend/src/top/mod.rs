@@ -5,22 +5,21 @@
 //! request: what `GET /metrics` shows, in JSON; supervisor/control.rs) and [`rates`] turns two
 //! answers into rates. The supervisor answers from what its workers last reported, so a
 //! stopped worker cannot hold top: its row goes stale. On a terminal the table is redrawn in
-//! place ([`terminal`]) until `q` or Ctrl-C; `--batch` (or no terminal) prints one table after
+//! place ([`terminal`]) until `q`, Ctrl-C, SIGINT, SIGTERM or SIGHUP; `--batch` (or no terminal) prints one table after
 //! another, like `top -b`, for `--iterations` tables or until killed.
 
 pub mod rates;
 pub mod table;
 pub mod terminal;
 
-use std::io::{self, IsTerminal, Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::{self, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use thiserror::Error;
 
 use crate::metrics::Snapshot;
-use crate::supervisor::control::{ExportReply, Request};
+use crate::supervisor::control::{ask, AskError, ExportReply, Request, ANSWER_TIMEOUT};
 
 /// What `vublk top` was asked for.
 #[derive(Debug, Clone)]
@@ -36,14 +35,8 @@ pub struct TopOptions {
 
 #[derive(Debug, Error)]
 pub enum TopError {
-    #[error("cannot ask the daemon on {path}")]
-    Ask {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("the daemon on {path} did not answer within {} s", ANSWER_TIMEOUT.as_secs())]
-    NoAnswer { path: PathBuf },
+    #[error(transparent)]
+    Ask(#[from] AskError),
     #[error("the daemon on {path} refused: {reason}")]
     Refused { path: PathBuf, reason: String },
     #[error("the daemon on {path} gave an answer that is not one")]
@@ -58,22 +51,10 @@ pub enum TopError {
     Output(#[source] io::Error),
 }
 
-/// How long top waits for the daemon's answer: the supervisor answers from its event loop at
-/// once, so only a stopped or wedged daemon takes longer (and top, whose terminal takes
-/// Ctrl-C as a key, must not hang on it).
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Asks the daemon behind `control` for its counters.
+/// Asks the daemon behind `control` for its counters, within [`ANSWER_TIMEOUT`]: top, whose
+/// terminal takes Ctrl-C as a key, must not hang on a stopped or wedged daemon.
 pub fn counters(control: &Path) -> Result<Snapshot, TopError> {
-    let body = ask(control).map_err(|source| match source.kind() {
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => TopError::NoAnswer {
-            path: control.to_path_buf(),
-        },
-        _ => TopError::Ask {
-            path: control.to_path_buf(),
-            source,
-        },
-    })?;
+    let body = ask(control, &Request::Counters, ANSWER_TIMEOUT)?;
     serde_json::from_slice(&body).map_err(|source| {
         // A daemon that does not know the request says so as an export reply.
         match serde_json::from_slice::<ExportReply>(&body) {
@@ -89,19 +70,8 @@ pub fn counters(control: &Path) -> Result<Snapshot, TopError> {
     })
 }
 
-/// The `Counters` request and its answer, within [`ANSWER_TIMEOUT`] each way.
-fn ask(control: &Path) -> io::Result<Vec<u8>> {
-    let mut stream = UnixStream::connect(control)?;
-    stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
-    stream.set_write_timeout(Some(ANSWER_TIMEOUT))?;
-    stream.write_all(&serde_json::to_vec(&Request::Counters).map_err(io::Error::other)?)?;
-    stream.shutdown(std::net::Shutdown::Write)?;
-    let mut body = Vec::new();
-    stream.read_to_end(&mut body)?;
-    Ok(body)
-}
-
-/// Runs `vublk top` until `q`, Ctrl-C, or the last of `--iterations`.
+/// Runs `vublk top` until `q`, Ctrl-C, a signal to quit on a terminal, or the last of
+/// `--iterations`.
 pub fn run(options: &TopOptions) -> Result<(), TopError> {
     let interactive = !options.batch && io::stdin().is_terminal() && io::stdout().is_terminal();
     let started = Instant::now();
