@@ -1665,7 +1665,11 @@ fn socket_mode_and_group_per_export() {
         dir.path(),
         &["--null", "1M", "--socket-mode", "0600", "--export", &export],
     );
-    daemon.wait_for(&e_sock);
+    // Not the file's appearance: the daemon binds it owner-only and sets the mode and group
+    // after (endpoint/bind.rs), then logs that it listens.
+    daemon
+        .try_wait_for_log(&format!("listening on {}", e_sock.display()))
+        .expect("the export's socket is set up");
     let main = std::fs::metadata(daemon.socket()).expect("stat the main socket");
     assert_eq!(main.mode() & 0o7777, 0o600, "mode of the main socket");
     let e = std::fs::metadata(&e_sock).expect("stat e.sock");
