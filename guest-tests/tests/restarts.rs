@@ -607,6 +607,12 @@ impl Drop for SystemdContainer {
     }
 }
 
+/// The systemctl test's job rate: 24 MiB at 300 IOPS is about 20 s of writes. Each `systemctl`
+/// in the container can take a second or more on a loaded machine, and a CI run saw the two
+/// restarts end 10 s after the job began: at 800 IOPS (7.7 s) the guest had finished and
+/// powered off before the second restart, which then had no VM to serve.
+const SYSTEMCTL_IOPS: u32 = 300;
+
 /// `systemctl restart vublk.service` for real: systemd runs as PID 1 in a podman container
 /// with docs/systemd's units (the socket moved to a directory the host's QEMU reaches, vublk
 /// the binary under test with `--single-process`: the supervisor identifies VMMs by pid, and
@@ -665,7 +671,7 @@ fn systemctl_restart_under_fio() {
             .reconnect(500)
             .timeout(Duration::from_secs(300));
         let mut job = Job::new();
-        job.file("verify.fio", verify_job(24, 800).file())
+        job.file("verify.fio", verify_job(24, SYSTEMCTL_IOPS).file())
             .sh("probe", PROBE)
             .sh("fio", &fio_step("fio"))
             .sh("gaps", GAPS);
@@ -699,7 +705,7 @@ fn systemctl_restart_under_fio() {
         let boot = boot
             .join()
             .map_err(|_| anyhow::anyhow!("the boot thread panicked"))??;
-        verify_job(24, 800).check_written(&boot.fio("fio")?)?;
+        verify_job(24, SYSTEMCTL_IOPS).check_written(&boot.fio("fio")?)?;
         let gaps = boot.ok("gaps")?;
         for took in &restarts {
             eprintln!(
