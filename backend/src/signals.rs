@@ -28,8 +28,10 @@ impl Signals {
             for &signal in signals {
                 libc::sigaddset(&mut set, signal);
             }
-            if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
-                return Err(io::Error::last_os_error());
+            // It returns its error number; errno is left alone.
+            let ret = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            if ret != 0 {
+                return Err(io::Error::from_raw_os_error(ret));
             }
             set
         };

@@ -4,8 +4,9 @@
 //!
 //! Sockets are non-blocking; a request is read up to a bound the protocol gives; at most
 //! `max` clients are open at once, and a new one past that closes the oldest (so idle clients
-//! cannot lock others out); a client past its deadline (`timeout` after it was accepted) is for
-//! the loop to close. What a request means and what its answer says is the protocol's.
+//! cannot lock others out); a client past its deadline (`timeout` after it was accepted, or
+//! later if the protocol [`extend`](Clients::extend)s it for a request whose answer takes
+//! longer) is for the loop to close. What a request means and what its answer says is the protocol's.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -182,6 +183,14 @@ impl<S: Stream> Clients<S> {
         Flush::Done
     }
 
+    /// Keeps client `id` until `deadline` if that is later than its own: its answer takes longer
+    /// to come. The caller bounds `deadline`.
+    pub fn extend(&mut self, id: u64, deadline: Instant) {
+        if let Some(client) = self.clients.get_mut(&id) {
+            client.deadline = client.deadline.max(deadline);
+        }
+    }
+
     /// Forgets client `id`, shutting its stream down.
     pub fn close(&mut self, id: u64) {
         if let Some(client) = self.clients.remove(&id) {
@@ -257,6 +266,26 @@ mod tests {
         overdue.sort();
         assert_eq!(overdue, [2, 3, 4]);
         assert_eq!(clients.next_deadline(), Some(now + TIMEOUT));
+    }
+
+    /// A client whose answer takes longer is kept past the timeout, until the later deadline
+    /// it was given, and never closed earlier for it.
+    #[test]
+    fn an_extended_client_stays_until_its_new_deadline() {
+        let mut clients = Clients::new(4, TIMEOUT);
+        let now = Instant::now();
+        let (_peer, stream) = pair();
+        let (id, _) = clients.insert(stream, now);
+        let (_other_peer, other) = pair();
+        let (other, _) = clients.insert(other, now);
+        clients.extend(id, now + 2 * TIMEOUT);
+        clients.extend(other, now + TIMEOUT / 2);
+        assert_eq!(clients.overdue(now + TIMEOUT), [other]);
+        assert_eq!(clients.overdue(now + 2 * TIMEOUT).len(), 2);
+        clients.close(other);
+        assert_eq!(clients.next_deadline(), Some(now + 2 * TIMEOUT));
+        clients.extend(7, now + 3 * TIMEOUT);
+        assert!(!clients.contains(7), "unknown");
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! The supervisor serves it from its event loop without ever blocking: sockets are
 //! non-blocking; a request is read up to [`MAX_REQUEST`] bytes; at most [`MAX_CLIENTS`] are open
 //! at once (a new one past that closes the oldest); a client that has not sent its request and
-//! taken its answer within [`CLIENT_TIMEOUT`] is closed.
+//! taken its answer within [`CLIENT_TIMEOUT`] is closed, except one that asked for an upgrade,
+//! which is kept until the upgrade's outcome ([`super::upgrade::UPGRADE_CLIENT_HOLD`]).
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -31,12 +32,13 @@ pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long `vublk upgrade` waits for the daemon: it answers once the new daemon said it is
-/// ready, or, when it did not within [`super::upgrade::UPGRADE_DEADLINE`], once it killed it
-/// (up to 2 s more); the rest is room for a loaded machine. Its workers stop after it answered.
+/// ready, or, when it did not within [`super::upgrade::UPGRADE_DEADLINE`], once it killed it,
+/// and keeps the client that long ([`super::upgrade::UPGRADE_CLIENT_HOLD`]); the rest is room
+/// for a loaded machine. Its workers stop after it answered.
 pub const UPGRADE_ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
 const _: () = assert!(
-    UPGRADE_ANSWER_TIMEOUT.as_secs() > super::upgrade::UPGRADE_DEADLINE.as_secs() + 2,
-    "vublk upgrade must outwait the new daemon's deadline"
+    UPGRADE_ANSWER_TIMEOUT.as_secs() > super::upgrade::UPGRADE_CLIENT_HOLD.as_secs(),
+    "vublk upgrade must outwait the daemon's hold on it"
 );
 
 /// Why a control command got no answer.

@@ -31,9 +31,17 @@ use thiserror::Error;
 use crate::endpoint::inherited::{CREATED_BY_VUBLK, METRICS_NAME, READY_NAME};
 use crate::identity::peer::pidfd_open;
 
-/// How long the new daemon has to say it is ready: below the control client's timeout, so the
-/// client hears the outcome.
+/// How long the new daemon has to say it is ready.
 pub(super) const UPGRADE_DEADLINE: Duration = Duration::from_secs(4);
+/// How long a new daemon that did not get ready is waited for once killed.
+const KILL_WAIT: Duration = Duration::from_secs(2);
+/// How long the control client that asked for an upgrade is kept, from the new daemon's start:
+/// until the outcome is known (the deadline, then the wait for the kill) and a second more to
+/// take the answer, whatever the time it had left as a control client (it may have been slow
+/// to send its request, or the daemon slow to read it). Finite, so that a client cannot hold
+/// its slot for longer; one upgrade is under way at a time.
+pub(super) const UPGRADE_CLIENT_HOLD: Duration =
+    Duration::from_secs(UPGRADE_DEADLINE.as_secs() + KILL_WAIT.as_secs() + 1);
 
 #[derive(Debug, Error)]
 pub(super) enum UpgradeError {
@@ -122,7 +130,7 @@ impl Pending {
     /// Kills it (if it still runs) and reaps it; says how it ended.
     pub fn end(self) -> String {
         super::lifecycle::kill(&self.pidfd);
-        super::lifecycle::wait_exit(&self.pidfd, Duration::from_secs(2));
+        super::lifecycle::wait_exit(&self.pidfd, KILL_WAIT);
         let mut status = 0;
         // SAFETY: waits for our own child, writing the local.
         let reaped = unsafe { libc::waitpid(self.pid, &mut status, libc::WNOHANG) };
@@ -257,7 +265,8 @@ unsafe fn child(
 
 impl super::Supervisor {
     /// Starts the new daemon for control client `client`; `None` when the answer waits for it
-    /// (the client is not watched meanwhile), else the answer.
+    /// (the client is not watched meanwhile, and kept until [`UPGRADE_CLIENT_HOLD`] from now),
+    /// else the answer.
     pub(super) fn start_upgrade(
         &mut self,
         client: u64,
@@ -282,6 +291,8 @@ impl super::Supervisor {
                 if let Some(stream) = self.control_clients.stream(client) {
                     self.events.unwatch(stream);
                 }
+                self.control_clients
+                    .extend(client, Instant::now() + UPGRADE_CLIENT_HOLD);
                 self.upgrade = Some(pending);
                 None
             }
