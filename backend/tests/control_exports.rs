@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -22,6 +22,23 @@ fn wait_listening(daemon: &mut Daemon, control: &Path) {
     if let Err(e) = daemon.try_wait_for_log(&format!("listening on {}", control.display())) {
         panic!("{e}");
     }
+}
+
+/// A daemon serving a 4 MiB null disk, with a control socket in `dir` it listens on.
+fn null_daemon_with_control(dir: &Path) -> (Daemon, PathBuf) {
+    let control = dir.join("control.sock");
+    let mut daemon = Daemon::start(
+        vublk_bin(),
+        dir,
+        &[
+            "--null",
+            "4M",
+            "--control-socket",
+            control.to_str().unwrap(),
+        ],
+    );
+    wait_listening(&mut daemon, &control);
+    (daemon, control)
 }
 
 /// `vublk ARGS...`: exit code, stdout, stderr.
@@ -384,18 +401,7 @@ fn a_stuck_or_oversized_control_client_does_not_hold_the_daemon() {
     use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
     let dir = test_dir();
-    let control = dir.path().join("control.sock");
-    let mut daemon = Daemon::start(
-        vublk_bin(),
-        dir.path(),
-        &[
-            "--null",
-            "4M",
-            "--control-socket",
-            control.to_str().unwrap(),
-        ],
-    );
-    wait_listening(&mut daemon, &control);
+    let (mut daemon, control) = null_daemon_with_control(dir.path());
     let mut stuck = UnixStream::connect(&control).unwrap();
     stuck
         .write_all(b"{\"ExportAdd\":{\"spec\":\"socket-pa")
@@ -440,19 +446,8 @@ fn a_stuck_or_oversized_control_client_does_not_hold_the_daemon() {
 #[test]
 fn a_stopped_daemon_does_not_hang_status_or_export() {
     let dir = test_dir();
-    let control = dir.path().join("control.sock");
     let added = dir.path().join("added.sock");
-    let mut daemon = Daemon::start(
-        vublk_bin(),
-        dir.path(),
-        &[
-            "--null",
-            "4M",
-            "--control-socket",
-            control.to_str().unwrap(),
-        ],
-    );
-    wait_listening(&mut daemon, &control);
+    let (mut daemon, control) = null_daemon_with_control(dir.path());
     let control_arg = control.to_str().unwrap();
     let spec = format!("socket-path={},null=1M", added.display());
     let commands: [&[&str]; 2] = [
