@@ -22,7 +22,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{vublk, which, workspace};
-use vublk_test_support::daemon::Options;
+use vublk_test_support::daemon::{Daemon, Options};
 use vublk_test_support::frontend::fixture::{image_pattern, IMAGE_SEED};
 use vublk_test_support::frontend::{Session, SessionConfig, Step};
 use vublk_test_support::pattern::{assert_same, create_image};
@@ -146,13 +146,24 @@ fn socket_activation_hands_vublk_the_listening_fd() {
     args.extend(words);
     let mut cmd = Command::new(&activate);
     cmd.args(&args);
+    let d = activate_and_read(cmd, &sock);
+    let log = d.log();
+    assert!(
+        log.contains("--fd 3"),
+        "systemd-socket-activate exec'd the unit's command: {log}"
+    );
+    stop_leaving_the_socket(d, &sock);
+}
+
+/// Spawns `cmd` (systemd-socket-activate running vublk on `sock`), connects to `sock` as QEMU
+/// does, and reads through it: the image's data must come back. Returns the running process.
+fn activate_and_read(cmd: Command, sock: &Path) -> Daemon {
     let mut d = Options::default()
         .spawn(cmd)
         .expect("spawn systemd-socket-activate");
-
     let start = Instant::now();
     let stream = loop {
-        match UnixStream::connect(&sock) {
+        match UnixStream::connect(sock) {
             Ok(s) => break s,
             Err(e) => {
                 assert!(d.try_wait().is_none(), "exited: {}", d.log());
@@ -170,21 +181,22 @@ fn socket_activation_hands_vublk_the_listening_fd() {
     assert_same(
         &c.data,
         &image_pattern(8 * 512, 4096),
-        "read through the inherited socket",
+        "read through the passed socket",
     );
-    drop(s);
+    d
+}
 
-    let log = d.log();
-    assert!(
-        log.contains("--fd 3"),
-        "systemd-socket-activate exec'd the unit's command: {log}"
-    );
+/// SIGTERM stops vublk with exit 0, and the socket, which systemd passed it, stays.
+fn stop_leaving_the_socket(mut d: Daemon, sock: &Path) {
     d.signal(libc::SIGTERM).unwrap();
     let st = d
         .wait_exit(Duration::from_secs(15))
         .unwrap_or_else(|| panic!("vublk did not stop on SIGTERM: {}", d.log()));
     assert!(st.success(), "vublk exit {st}: {}", d.log());
-    assert!(sock.exists(), "vublk must not remove a socket it inherited");
+    assert!(
+        sock.exists(),
+        "vublk must not remove a socket systemd passed"
+    );
 }
 
 /// A socket unit with `vublk --socket-path` (the same path as `ListenStream=`) instead of
@@ -219,40 +231,11 @@ fn found_by_the_socket_path(extra: &[&str]) {
         .arg("--blk-file")
         .arg(&image)
         .args(extra);
-    let mut d = Options::default()
-        .spawn(cmd)
-        .expect("spawn systemd-socket-activate");
-    let start = Instant::now();
-    let stream = loop {
-        match UnixStream::connect(&sock) {
-            Ok(s) => break s,
-            Err(e) => {
-                assert!(d.try_wait().is_none(), "exited: {}", d.log());
-                assert!(start.elapsed() < Duration::from_secs(10), "connect: {e}");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    };
-    let config = SessionConfig::default();
-    let steps = Step::qemu(config.num_queues);
-    let mut s = Session::connect(stream, config, &steps)
-        .unwrap_or_else(|e| panic!("handshake: {e}\n{}", d.log()));
-    let c = s.blk(0).read(8, 4096).unwrap();
-    assert_eq!(c.status(), 0, "{}", d.log());
-    assert_same(&c.data, &image_pattern(8 * 512, 4096), "read");
-    drop(s);
+    let d = activate_and_read(cmd, &sock);
     let log = d.log();
     assert!(
         log.contains(&format!("listening on {} (inherited fd 3)", sock.display())),
         "vublk did not serve the socket systemd passed: {log}"
     );
-    d.signal(libc::SIGTERM).unwrap();
-    let st = d
-        .wait_exit(Duration::from_secs(15))
-        .unwrap_or_else(|| panic!("vublk did not stop on SIGTERM: {}", d.log()));
-    assert!(st.success(), "vublk exit {st}: {}", d.log());
-    assert!(
-        sock.exists(),
-        "vublk must not remove a socket systemd passed"
-    );
+    stop_leaving_the_socket(d, &sock);
 }
