@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::*;
+use vublk_test_support::io_gate::IoGate;
 
 /// Waits until the daemon listens on `control`: the file exists from `bind` on, a moment
 /// before `listen`, when a connection is refused.
@@ -294,20 +295,12 @@ fn a_forced_removal_completes_requests_in_flight_then_closes() {
     let a_img = dir.path().join("a.img");
     let b_img = dir.path().join("b.img");
     let b_sock = dir.path().join("b.sock");
-    let fifo = dir.path().join("gate");
     let size = 4 * MIB;
     let held_at = 2 * MIB;
     let mut a_model = create_image(&a_img, size, 3);
     create_image(&b_img, size, 4);
-    let path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-    // SAFETY: mkfifo(3) reads the NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
-    // Read-write: the gate never sees end-of-file.
-    let mut gate = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&fifo)
-        .unwrap();
+    // In the directory the worker may open files in.
+    let gate = IoGate::in_dir(dir.path());
     let held = held_at.to_string();
     let mut daemon = Daemon::start(
         vublk_bin(),
@@ -321,7 +314,7 @@ fn a_forced_removal_completes_requests_in_flight_then_closes() {
             dir.path().to_str().unwrap(),
             // Only requests at `held_at` wait for a byte from the gate.
             "--test-io-gate",
-            fifo.to_str().unwrap(),
+            gate.arg(),
             "--test-io-gate-offset",
             &held,
         ],
@@ -361,7 +354,7 @@ fn a_forced_removal_completes_requests_in_flight_then_closes() {
         [daemon.socket().to_str().unwrap()]
     );
     // The held write goes through, then the connection ends.
-    std::io::Write::write_all(&mut gate, b"x").unwrap();
+    gate.release(1);
     wait_status(&daemon, &control, "the forced connection ending", |s| {
         devices_of(s, &b_sock).is_empty()
     });

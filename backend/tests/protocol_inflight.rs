@@ -20,6 +20,7 @@ use vhost::VhostBackend;
 use vublk_test_support::frontend::blk::{header, S_OK, T_OUT};
 use vublk_test_support::frontend::fixture::image_pattern;
 use vublk_test_support::frontend::{Fixture, Seg, Session, SessionConfig, Step};
+use vublk_test_support::io_gate::IoGate;
 use vublk_test_support::pattern::assert_same;
 
 const VUBLK: &str = env!("CARGO_BIN_EXE_vublk");
@@ -320,23 +321,9 @@ fn hostile_regions_are_refused_and_the_daemon_serves_on() {
 /// signalled when it arrives, or the guest never hears of that completion (it hung so).
 #[test]
 fn a_completion_before_the_call_fd_is_signalled_when_it_arrives() {
-    let dir = tempfile::tempdir().unwrap();
-    let fifo = dir.path().join("gate");
-    let path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-    // SAFETY: mkfifo(3) reads the NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
-    let mut gate = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&fifo)
-        .unwrap();
-    std::io::Write::write_all(&mut gate, b"x").unwrap();
-    let args = [
-        "--test-io-gate",
-        fifo.to_str().unwrap(),
-        "--test-io-gate-offset",
-        "0",
-    ];
+    let gate = IoGate::new();
+    gate.release(1);
+    let args = ["--test-io-gate", gate.arg(), "--test-io-gate-offset", "0"];
     let mut fx = Fixture::start(VUBLK, 8 * MIB, &args);
     let mut s = fx.session_with(config(), &before_rings());
     let (region, file) = get_region(&mut s);
@@ -408,22 +395,8 @@ fn used_entries_left_by_a_previous_backend_are_signalled() {
 /// the next backend also runs (the guest's "id N is not a head" across an upgrade).
 #[test]
 fn a_frontend_that_leaves_with_a_region_gets_no_late_used_entry() {
-    let dir = tempfile::tempdir().unwrap();
-    let fifo = dir.path().join("gate");
-    let path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-    // SAFETY: mkfifo(3) reads the NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
-    let mut gate = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&fifo)
-        .unwrap();
-    let args = [
-        "--test-io-gate",
-        fifo.to_str().unwrap(),
-        "--test-io-gate-offset",
-        "0",
-    ];
+    let gate = IoGate::new();
+    let args = ["--test-io-gate", gate.arg(), "--test-io-gate-offset", "0"];
     let mut fx = Fixture::start(VUBLK, 8 * MIB, &args);
     let mut s = fx.session_with(config(), &before_rings());
     let (region, file) = get_region(&mut s);
@@ -456,7 +429,7 @@ fn a_frontend_that_leaves_with_a_region_gets_no_late_used_entry() {
     // The frontend goes away (keeping its memory and the region), then the write finishes.
     let (elsewhere, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
     s.reconnect(elsewhere).unwrap();
-    std::io::Write::write_all(&mut gate, b"x").unwrap();
+    gate.release(1);
     let deadline = std::time::Instant::now() + WAIT;
     while !fx.daemon.log_shows("frontend disconnected; device stopped") {
         assert!(

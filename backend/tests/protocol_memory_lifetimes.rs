@@ -15,9 +15,6 @@
 //! Requests that need no I/O operation (GET_ID) pass the gate, which is how these tests show that
 //! a queue keeps serving other memory while a region drains.
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::path::PathBuf;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -27,6 +24,7 @@ use vublk_test_support::frontend::memory::Arena;
 use vublk_test_support::frontend::{
     Fixture, RegionFile, RegionSpec, Seg, Session, SessionConfig, Step,
 };
+use vublk_test_support::io_gate::IoGate;
 use vublk_test_support::pattern::assert_same;
 
 const VUBLK: &str = env!("CARGO_BIN_EXE_vublk");
@@ -45,53 +43,9 @@ const PROMPT: Duration = Duration::from_secs(2);
 /// `--retire-timeout` of the tests where the bound expires.
 const BOUND_MS: u64 = 500;
 
-/// The FIFO behind `--test-io-gate`.
-struct Gate {
-    path: PathBuf,
-    fifo: File,
-    _dir: tempfile::TempDir,
-}
-
-impl Gate {
-    fn new() -> Gate {
-        let dir = tempfile::Builder::new()
-            .prefix("vublk-gate-")
-            .tempdir()
-            .expect("create temp dir");
-        let path = dir.path().join("gate");
-        rustix::fs::mknodat(
-            rustix::fs::CWD,
-            &path,
-            rustix::fs::FileType::Fifo,
-            rustix::fs::Mode::from_raw_mode(0o600),
-            0,
-        )
-        .unwrap_or_else(|e| panic!("mkfifo {}: {e}", path.display()));
-        // Read-write, like vublk: opening never blocks, whether vublk has it open yet or not.
-        let fifo = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .expect("open the gate FIFO");
-        Gate {
-            path,
-            fifo,
-            _dir: dir,
-        }
-    }
-
-    /// Lets `n` more requests through.
-    fn release(&self, n: usize) {
-        (&self.fifo)
-            .write_all(&vec![b'g'; n])
-            .expect("write to the gate FIFO");
-    }
-}
-
 /// vublk serving a patterned image, single-process, with every I/O behind `gate`.
-fn start(gate: &Gate, extra: &[&str]) -> Fixture {
-    let path = gate.path.display().to_string();
-    let mut args = vec!["--single-process", "--test-io-gate", path.as_str()];
+fn start(gate: &IoGate, extra: &[&str]) -> Fixture {
+    let mut args = vec!["--single-process", "--test-io-gate", gate.arg()];
     args.extend_from_slice(extra);
     Fixture::start(VUBLK, IMAGE_SIZE, &args)
 }
@@ -418,7 +372,7 @@ fn check_quiet_afterwards(
     fx: &Fixture,
     s: &mut Session,
     low: &mut Arena,
-    gate: &Gate,
+    gate: &IoGate,
     f: &RegionFile,
 ) {
     let still_sentinel = sentinel(f);
@@ -445,7 +399,7 @@ fn check_quiet_afterwards(
 
 #[test]
 fn rem_mem_reg_waits_for_a_pending_read_into_the_region() {
-    let gate = Gate::new();
+    let gate = IoGate::new();
     let mut fx = start(&gate, &[]);
     let mut s = session(&mut fx, &[LOW, HOT]);
     let mut low = low_arena(&mut s);
@@ -502,7 +456,7 @@ fn rem_mem_reg_waits_for_a_pending_read_into_the_region() {
 
 #[test]
 fn rem_mem_reg_cancels_a_read_that_never_completes() {
-    let gate = Gate::new();
+    let gate = IoGate::new();
     let bound = BOUND_MS.to_string();
     let mut fx = start(&gate, &["--retire-timeout", &bound]);
     let mut s = session(&mut fx, &[LOW, HOT]);
@@ -565,7 +519,7 @@ fn rem_mem_reg_cancels_a_read_that_never_completes() {
 
 #[test]
 fn set_mem_table_replacing_the_table_under_load() {
-    let gate = Gate::new();
+    let gate = IoGate::new();
     let mut fx = start(&gate, &[]);
     let mut s = session(&mut fx, &[LOW, HOT]);
     let mut low = low_arena(&mut s);
@@ -729,7 +683,7 @@ fn set_mem_table_replacing_the_table_under_load() {
 /// region, so requests pinned to it before must still hold a later removal back.
 #[test]
 fn a_region_kept_by_set_mem_table_still_drains_when_removed_later() {
-    let gate = Gate::new();
+    let gate = IoGate::new();
     let mut fx = start(&gate, &[]);
     let mut s = session(&mut fx, &[LOW, HOT]);
     let mut low = low_arena(&mut s);
@@ -776,7 +730,7 @@ fn a_region_kept_by_set_mem_table_still_drains_when_removed_later() {
 
 #[test]
 fn get_vring_base_waits_for_requests_in_flight() {
-    let gate = Gate::new();
+    let gate = IoGate::new();
     let mut fx = start(&gate, &[]);
     let mut s = fx.session();
     let mut low = low_arena(&mut s);
@@ -840,7 +794,7 @@ fn get_vring_base_waits_for_requests_in_flight() {
 
 #[test]
 fn get_vring_base_cancels_requests_past_the_bound() {
-    let gate = Gate::new();
+    let gate = IoGate::new();
     let bound = BOUND_MS.to_string();
     let mut fx = start(&gate, &["--retire-timeout", &bound]);
     let mut s = fx.session();
@@ -906,7 +860,7 @@ fn get_vring_base_cancels_requests_past_the_bound() {
 
 #[test]
 fn buffers_straddling_into_a_retiring_region_fail_and_the_queue_goes_on() {
-    let gate = Gate::new();
+    let gate = IoGate::new();
     let mut fx = start(&gate, &[]);
     // The hot region right after the boot region, so one descriptor can span both.
     let adjacent = RegionSpec::new(LOW.guest_addr + LOW.size as u64, 2 << 20);
@@ -1067,7 +1021,7 @@ fn disconnect_with_io_in_flight(fx: &mut Fixture) -> (RegionFile, RegionFile) {
 }
 
 /// A new connection is served (one gate byte for its read).
-fn serves_a_new_connection(fx: &mut Fixture, gate: &Gate) {
+fn serves_a_new_connection(fx: &mut Fixture, gate: &IoGate) {
     let mut s = fx.session();
     let mut low = low_arena(&mut s);
     let r = post_read(&mut s, "read on the next connection", &mut low, 700, 4096);
@@ -1081,7 +1035,7 @@ fn serves_a_new_connection(fx: &mut Fixture, gate: &Gate) {
 
 #[test]
 fn frontend_gone_with_io_in_flight_drains_then_unmaps() {
-    let gate = Gate::new();
+    let gate = IoGate::new();
     let mut fx = start(&gate, &[]);
     let (low_file, hot_file) = disconnect_with_io_in_flight(&mut fx);
     thread::sleep(HOLD);
@@ -1127,7 +1081,7 @@ fn frontend_gone_with_io_in_flight_drains_then_unmaps() {
 
 #[test]
 fn frontend_gone_with_io_that_never_completes_is_cancelled_within_the_bound() {
-    let gate = Gate::new();
+    let gate = IoGate::new();
     let bound = BOUND_MS.to_string();
     let mut fx = start(&gate, &["--retire-timeout", &bound]);
     let gone = Instant::now();
@@ -1161,7 +1115,7 @@ fn frontend_gone_with_io_that_never_completes_is_cancelled_within_the_bound() {
 /// every held request gets through in the end.
 #[test]
 fn test_io_gate_releases_one_operation_per_byte() {
-    let gate = Gate::new();
+    let gate = IoGate::new();
     let mut fx = start(&gate, &[]);
     let mut s = fx.session();
     let mut low = low_arena(&mut s);

@@ -7,16 +7,15 @@
 //! page the backend only reads, never marked).
 
 use std::fs::File;
-use std::io::Write;
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vublk_test_support::frontend::blk::{header, Readback, S_OK, T_IN, T_OUT};
 use vublk_test_support::frontend::fixture::image_pattern;
 use vublk_test_support::frontend::{Fixture, Seg, Session, SessionConfig, Step};
+use vublk_test_support::io_gate::IoGate;
 use vublk_test_support::pattern::assert_same;
 
 const VUBLK: &str = env!("CARGO_BIN_EXE_vublk");
@@ -284,52 +283,10 @@ fn set_log_fd_is_refused_by_closing_the_connection() {
     assert_eq!(s.blk(0).read(0, 512).unwrap().status(), S_OK);
 }
 
-/// The FIFO behind `--test-io-gate`: each byte written lets one I/O operation through.
-struct Gate {
-    path: PathBuf,
-    fifo: File,
-    _dir: tempfile::TempDir,
-}
-
-impl Gate {
-    fn new() -> Gate {
-        let dir = tempfile::Builder::new()
-            .prefix("vublk-gate-")
-            .tempdir()
-            .expect("create temp dir");
-        let path = dir.path().join("gate");
-        rustix::fs::mknodat(
-            rustix::fs::CWD,
-            &path,
-            rustix::fs::FileType::Fifo,
-            rustix::fs::Mode::from_raw_mode(0o600),
-            0,
-        )
-        .expect("mkfifo");
-        let fifo = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .expect("open the gate FIFO");
-        Gate {
-            path,
-            fifo,
-            _dir: dir,
-        }
-    }
-
-    fn release(&self, n: usize) {
-        (&self.fifo)
-            .write_all(&vec![b'g'; n])
-            .expect("write to the gate FIFO");
-    }
-}
-
 #[test]
 fn a_read_in_flight_when_logging_starts_is_marked() {
-    let gate = Gate::new();
-    let path = gate.path.display().to_string();
-    let mut fx = Fixture::start(VUBLK, 8 * MIB, &["--test-io-gate", &path]);
+    let gate = IoGate::new();
+    let mut fx = Fixture::start(VUBLK, 8 * MIB, &["--test-io-gate", gate.arg()]);
     let mut s = session(&mut fx);
     let (head, read) = post(&mut s, T_IN, 40, None);
     // Held by the gate: nothing comes back.

@@ -20,8 +20,6 @@
 //! - `systemctl_restart_under_fio`: the same by systemd itself, PID 1 in a podman container
 //!   with the shipped units.
 
-use std::fs::OpenOptions;
-use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -33,6 +31,7 @@ use guest_tests::{
     MIB,
 };
 use vublk_test_support::daemon::workers_of;
+use vublk_test_support::io_gate::IoGate;
 
 /// Lines the guest writes to its console for the host to act on: `@@STAGE@@ <name>`.
 const STAGE: &str = "@@STAGE@@";
@@ -137,12 +136,8 @@ fn held_request(dir: &Path, qemu: Qemu) -> Result<()> {
         prepare()?;
         let img = dir.join("disk.img");
         sparse_image(&img, 64 * MIB)?;
-        let fifo = dir.join("gate");
-        let c = std::ffi::CString::new(fifo.to_str().unwrap())?;
-        // SAFETY: mkfifo(3) reads the NUL-terminated path and touches no memory of ours.
-        ensure!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) } == 0, "mkfifo");
         // Held open by the test, so a byte written stays until a worker reads it.
-        let mut gate = OpenOptions::new().read(true).write(true).open(&fifo)?;
+        let gate = IoGate::in_dir(dir);
         let mut vublk = start_vublk(
             dir,
             "vublk",
@@ -150,7 +145,7 @@ fn held_request(dir: &Path, qemu: Qemu) -> Result<()> {
                 "--blk-file",
                 img.to_str().unwrap(),
                 "--test-io-gate",
-                fifo.to_str().unwrap(),
+                gate.arg(),
                 "--test-io-gate-offset",
                 &HOLD_OFFSET.to_string(),
             ],
@@ -201,7 +196,7 @@ cmp /tmp/block /tmp/back && echo same
         eprintln!("inflight-held: worker {first} killed, {second} serves the VM");
         // The resubmitted write waits at the gate again: let it through, and the guest's
         // read of it afterwards (at the same offset, so gated too).
-        gate.write_all(b"xx")?;
+        gate.release(2);
 
         let boot = boot
             .join()

@@ -7,11 +7,13 @@
 //! - [`pattern`]: the data every test writes and checks, and the comparison that names the first
 //!   difference.
 //! - [`vublk_binary`]: the vublk binary of this workspace, found or built.
+//! - [`io_gate`]: the FIFO behind `--test-io-gate`, to hold a request in flight.
 //! - [`ceph`]: a throwaway Ceph cluster (scripts/ceph-dev.sh) for the RBD backing's tests.
 
 pub mod ceph;
 pub mod daemon;
 pub mod frontend;
+pub mod io_gate;
 pub mod pattern;
 pub mod process;
 pub mod vublk_binary;
