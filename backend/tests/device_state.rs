@@ -11,24 +11,14 @@ use std::time::{Duration, Instant};
 use vhost::vhost_user::message::VhostUserConfigFlags;
 use vhost::vhost_user::VhostUserFrontend;
 use vublk_test_support::daemon::workers_of;
-use vublk_test_support::frontend::session::BLK_CONFIG_LEN;
-use vublk_test_support::frontend::{BlkConfig, Fixture, Session, SessionConfig, Step};
+use vublk_test_support::frontend::{Fixture, Session, SessionConfig, Step};
 
 const VUBLK: &str = env!("CARGO_BIN_EXE_vublk");
 const MIB: u64 = 1 << 20;
 const WAIT: Duration = Duration::from_secs(10);
 
-fn steps() -> Vec<Step> {
-    let mut steps = Step::negotiate();
-    steps.push(Step::SetFeatures);
-    steps
-}
-
 fn writeback(s: &mut Session) -> u8 {
-    let raw = s
-        .get_config(0, BLK_CONFIG_LEN, VhostUserConfigFlags::empty())
-        .unwrap();
-    BlkConfig::parse(&raw).writeback
+    s.blk_config().unwrap().writeback
 }
 
 /// The one worker of the daemon.
@@ -49,7 +39,11 @@ fn reconnect(fx: &mut Fixture) -> Session {
     let deadline = Instant::now() + WAIT;
     loop {
         let stream = fx.stream();
-        match Session::connect(stream, SessionConfig::default(), &steps()) {
+        match Session::connect(
+            stream,
+            SessionConfig::default(),
+            &Step::negotiate_features(),
+        ) {
             Ok(s) => return s,
             Err(e) if Instant::now() < deadline => {
                 let _ = e;
@@ -81,7 +75,7 @@ fn kill_worker(fx: &Fixture, s: &Session) {
 #[test]
 fn the_guests_write_cache_choice_survives_its_worker() {
     let mut fx = Fixture::start(VUBLK, 8 * MIB, &["--write-cache", "on"]);
-    let mut s = fx.session_with(SessionConfig::default(), &steps());
+    let mut s = fx.session_with(SessionConfig::default(), &Step::negotiate_features());
     assert_eq!(writeback(&mut s), 1);
     s.frontend()
         .set_config(32, VhostUserConfigFlags::WRITABLE, &[0])
@@ -112,7 +106,7 @@ fn the_guests_write_cache_choice_survives_its_worker() {
 #[test]
 fn the_guests_write_cache_choice_survives_a_daemon_restart() {
     let mut fx = Fixture::start(VUBLK, 8 * MIB, &["--write-cache", "on"]);
-    let mut s = fx.session_with(SessionConfig::default(), &steps());
+    let mut s = fx.session_with(SessionConfig::default(), &Step::negotiate_features());
     s.frontend()
         .set_config(32, VhostUserConfigFlags::WRITABLE, &[0])
         .unwrap();

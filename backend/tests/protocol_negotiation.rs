@@ -181,10 +181,7 @@ fn config_describes_the_image_and_options() {
     for (args, blk_size, writeback, queues) in cases {
         let mut fx = Fixture::start(VUBLK, size, args);
         let mut s = negotiated(&mut fx);
-        let raw = s
-            .get_config(0, BLK_CONFIG_LEN, VhostUserConfigFlags::empty())
-            .unwrap();
-        let c = BlkConfig::parse(&raw);
+        let c = s.blk_config().unwrap();
         assert_eq!(c.capacity, size / 512, "{args:?}: capacity");
         assert_eq!(c.blk_size, blk_size, "{args:?}: blk_size");
         assert_eq!(c.writeback, writeback, "{args:?}: writeback");

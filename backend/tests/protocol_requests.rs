@@ -9,7 +9,6 @@ use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;
 use vublk_test_support::frontend::blk::{self, header, Range, Readback, S_IOERR, S_OK};
 use vublk_test_support::frontend::fixture::image_pattern;
-use vublk_test_support::frontend::session::BLK_CONFIG_LEN;
 use vublk_test_support::frontend::{BlkConfig, Fixture, Seg, Session, SessionConfig, Step};
 use vublk_test_support::pattern::assert_same;
 use vublk_test_support::Daemon;
@@ -203,16 +202,9 @@ fn chains_longer_than_seg_max_get_ioerr() {
 fn set_config_toggles_writeback() {
     let mut fx = Fixture::start(VUBLK, 8 * MIB, &["--write-cache", "on"]);
     // The writeback byte is only writable once CONFIG_WCE is negotiated.
-    let mut steps = Step::negotiate();
-    steps.push(Step::SetFeatures);
-    let mut s = fx.session_with(SessionConfig::default(), &steps);
+    let mut s = fx.session_with(SessionConfig::default(), &Step::negotiate_features());
     let flags = VhostUserConfigFlags::WRITABLE;
-    let read = |s: &mut Session| {
-        let raw = s
-            .get_config(0, BLK_CONFIG_LEN, VhostUserConfigFlags::empty())
-            .unwrap();
-        BlkConfig::parse(&raw).writeback
-    };
+    let read = |s: &mut Session| s.blk_config().unwrap().writeback;
     assert_eq!(read(&mut s), 1);
     s.frontend().set_config(32, flags, &[0]).unwrap();
     assert_eq!(read(&mut s), 0, "writeback after SET_CONFIG 0");
@@ -220,11 +212,8 @@ fn set_config_toggles_writeback() {
     assert_eq!(read(&mut s), 1, "writeback after SET_CONFIG 1");
     // Other fields are read-only: capacity must not change.
     let _ = s.frontend().set_config(0, flags, &[0xff; 8]);
-    let raw = s
-        .get_config(0, BLK_CONFIG_LEN, VhostUserConfigFlags::empty())
-        .unwrap();
     assert_eq!(
-        BlkConfig::parse(&raw).capacity,
+        s.blk_config().unwrap().capacity,
         8 * MIB / 512,
         "capacity was writable"
     );
@@ -235,21 +224,14 @@ fn set_config_toggles_writeback() {
 #[test]
 fn write_cache_choice_survives_a_reconnect() {
     let mut fx = Fixture::start(VUBLK, 8 * MIB, &["--write-cache", "on"]);
-    let mut steps = Step::negotiate();
-    steps.push(Step::SetFeatures);
-    let mut s = fx.session_with(SessionConfig::default(), &steps);
-    let read = |s: &mut Session| {
-        let raw = s
-            .get_config(0, BLK_CONFIG_LEN, VhostUserConfigFlags::empty())
-            .unwrap();
-        BlkConfig::parse(&raw).writeback
-    };
+    let mut s = fx.session_with(SessionConfig::default(), &Step::negotiate_features());
+    let read = |s: &mut Session| s.blk_config().unwrap().writeback;
     s.frontend()
         .set_config(32, VhostUserConfigFlags::WRITABLE, &[0])
         .unwrap();
     assert_eq!(read(&mut s), 0);
     s.close();
-    let mut s = fx.session_with(SessionConfig::default(), &steps);
+    let mut s = fx.session_with(SessionConfig::default(), &Step::negotiate_features());
     assert_eq!(
         read(&mut s),
         0,

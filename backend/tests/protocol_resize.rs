@@ -6,10 +6,10 @@
 use std::path::Path;
 use std::time::Duration;
 
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vublk_test_support::frontend::blk::{S_IOERR, S_OK};
-use vublk_test_support::frontend::session::{BLK_CONFIG_LEN, CONFIG_CHANGE_MSG};
-use vublk_test_support::frontend::{BlkConfig, Fixture, Session, SessionConfig, Step};
+use vublk_test_support::frontend::session::CONFIG_CHANGE_MSG;
+use vublk_test_support::frontend::{Fixture, Session, SessionConfig, Step};
 
 const VUBLK: &str = env!("CARGO_BIN_EXE_vublk");
 const MIB: u64 = 1 << 20;
@@ -30,10 +30,7 @@ fn resize(control: &Path, socket: &Path) -> std::process::Output {
 }
 
 fn capacity(s: &mut Session) -> u64 {
-    let raw = s
-        .get_config(0, BLK_CONFIG_LEN, VhostUserConfigFlags::empty())
-        .expect("GET_CONFIG");
-    BlkConfig::parse(&raw).capacity
+    s.blk_config().expect("GET_CONFIG").capacity
 }
 
 #[test]

@@ -14,24 +14,14 @@ use vhost::vhost_user::message::VhostUserConfigFlags;
 use vhost::vhost_user::VhostUserFrontend;
 use vublk::supervisor::control::{Request, UpgradeReply};
 use vublk_test_support::daemon::workers_of;
-use vublk_test_support::frontend::session::BLK_CONFIG_LEN;
-use vublk_test_support::frontend::{BlkConfig, Fixture, Session, SessionConfig, Step};
+use vublk_test_support::frontend::{Fixture, Session, SessionConfig, Step};
 
 const VUBLK: &str = env!("CARGO_BIN_EXE_vublk");
 const MIB: u64 = 1 << 20;
 const WAIT: Duration = Duration::from_secs(10);
 
-fn steps() -> Vec<Step> {
-    let mut steps = Step::negotiate();
-    steps.push(Step::SetFeatures);
-    steps
-}
-
 fn writeback(s: &mut Session) -> u8 {
-    let raw = s
-        .get_config(0, BLK_CONFIG_LEN, VhostUserConfigFlags::empty())
-        .unwrap();
-    BlkConfig::parse(&raw).writeback
+    s.blk_config().unwrap().writeback
 }
 
 /// `vublk upgrade --control-socket control [--binary binary]`: its exit success, stdout and
@@ -153,7 +143,7 @@ fn a_new_binary_that_never_gets_ready_is_killed_and_the_client_hears_why() {
         &["--control-socket", control.to_str().unwrap()],
     );
     fx.daemon.wait_for(&control);
-    let mut s = fx.session_with(SessionConfig::default(), &steps());
+    let mut s = fx.session_with(SessionConfig::default(), &Step::negotiate_features());
     let cache = writeback(&mut s);
     let binary = NeverReady::new(control_dir.path());
 
@@ -205,7 +195,7 @@ fn an_upgrade_hands_the_vm_over_on_the_same_socket_with_its_write_cache() {
         ],
     );
     fx.daemon.wait_for(&control);
-    let mut s = fx.session_with(SessionConfig::default(), &steps());
+    let mut s = fx.session_with(SessionConfig::default(), &Step::negotiate_features());
     s.frontend()
         .set_config(32, VhostUserConfigFlags::WRITABLE, &[0])
         .unwrap();
@@ -251,8 +241,12 @@ fn an_upgrade_hands_the_vm_over_on_the_same_socket_with_its_write_cache() {
 
     // The VMM reconnects to the same path: the new daemon serves it, with the guest's choice.
     let stream = std::os::unix::net::UnixStream::connect(&fx.socket).unwrap();
-    let mut s = Session::connect(stream, SessionConfig::default(), &steps())
-        .unwrap_or_else(|e| panic!("reconnect: {e}\nlog:\n{}", fx.daemon.log()));
+    let mut s = Session::connect(
+        stream,
+        SessionConfig::default(),
+        &Step::negotiate_features(),
+    )
+    .unwrap_or_else(|e| panic!("reconnect: {e}\nlog:\n{}", fx.daemon.log()));
     assert_eq!(workers_of(new).len(), 1, "the new daemon has no worker");
     assert_eq!(
         writeback(&mut s),

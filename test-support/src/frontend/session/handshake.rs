@@ -9,6 +9,7 @@ use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;
 
 use super::{MemAnnounce, Session, SessionError};
+use crate::frontend::BlkConfig;
 
 /// Size of `struct virtio_blk_config` up to `write_zeroes_may_unmap` and its padding: what QEMU
 /// and cloud-hypervisor ask for.
@@ -128,6 +129,14 @@ impl Step {
             Step::NeedReply,
             Step::GetQueueNum,
         ]
+    }
+
+    /// Negotiation, then SET_FEATURES: what makes the config space's writeback byte writable
+    /// (CONFIG_WCE acked), with no queue started.
+    pub fn negotiate_features() -> Vec<Step> {
+        let mut steps = Step::negotiate();
+        steps.push(Step::SetFeatures);
+        steps
     }
 
     /// Everything after negotiation needed to start all queues, announcing memory `how`.
@@ -329,6 +338,12 @@ impl Session {
             flags,
         })?;
         Ok(self.last_config.clone().unwrap_or_default())
+    }
+
+    /// GET_CONFIG of the whole virtio-blk config space, parsed.
+    pub fn blk_config(&mut self) -> Result<BlkConfig, SessionError> {
+        let raw = self.get_config(0, BLK_CONFIG_LEN, VhostUserConfigFlags::empty())?;
+        Ok(BlkConfig::parse(&raw))
     }
 
     /// SET_LOG_BASE with the dirty log in `log` (`size` bytes at `offset`), as QEMU sends it
