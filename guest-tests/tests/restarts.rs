@@ -264,6 +264,42 @@ const WRITE_THROUGH: &str = "echo 'write through' >/sys/block/vda/cache_type
 cat /sys/block/vda/cache_type
 ";
 
+/// The restart tests' guest job: `verify` (fio crc32c, its start announced on the console as
+/// stage `fio`) beside the I/O probe, then the probe's longest gaps; with `write_through`, the
+/// guest first turns its disk's write cache off.
+fn probed_verify(verify: &WriteVerify, write_through: bool) -> Job {
+    let mut job = Job::new();
+    job.file("verify.fio", verify.file());
+    if write_through {
+        job.sh("write-through", WRITE_THROUGH);
+    }
+    job.sh("probe", PROBE)
+        .sh("fio", &fio_step("fio"))
+        .sh("gaps", GAPS);
+    job
+}
+
+/// What a restart test checks of its guest's job (`probed_verify`) once it is over: fio wrote
+/// and verified all of `verify`, and the kernel logged nothing wrong. Prints how long each of
+/// `restarts` took until the replacement served the VM, and the probe's longest I/O gaps.
+fn check_probed_verify(
+    boot: &Boot,
+    verify: &WriteVerify,
+    test: &str,
+    restarts: &[(&str, Duration)],
+) -> Result<()> {
+    verify.check_written(&boot.fio("fio")?)?;
+    let gaps = boot.ok("gaps")?;
+    for (what, took) in restarts {
+        eprintln!(
+            "{test}: {what}; the replacement served the VM {} ms later",
+            took.as_millis()
+        );
+    }
+    eprintln!("{test}: the guest probe's longest I/O gaps (s):\n{gaps}");
+    boot.check_kernel(&[])
+}
+
 /// The write cache of the devices the daemon behind `control` serves, as their workers last
 /// reported it (`vublk status --json`, every second).
 fn device_write_cache(control: &Path) -> Result<Option<bool>> {
@@ -351,13 +387,8 @@ fn kills_and_upgrade(dir: &Path, qemu: Qemu) -> Result<()> {
         .reconnect(500)
         .qemu(qemu)
         .timeout(Duration::from_secs(360));
-    let mut job = Job::new();
-    job.file("verify.fio", verify_job(KILLS_MIB, KILLS_IOPS).file())
-        .sh("write-through", WRITE_THROUGH)
-        .sh("probe", PROBE)
-        .sh("fio", &fio_step("fio"))
-        .sh("gaps", GAPS);
-    let boot = boot_in_background(&vm, dir, "restarts", job);
+    let verify = verify_job(KILLS_MIB, KILLS_IOPS);
+    let boot = boot_in_background(&vm, dir, "restarts", probed_verify(&verify, true));
 
     wait_stage(dir, "restarts", "fio", &boot, Duration::from_secs(200))?;
     still_write_through(&control, "the guest's choice")?;
@@ -418,17 +449,7 @@ fn kills_and_upgrade(dir: &Path, qemu: Qemu) -> Result<()> {
         chosen.contains("write through"),
         "the guest's cache_type: {chosen}"
     );
-    verify_job(KILLS_MIB, KILLS_IOPS).check_written(&boot.fio("fio")?)?;
-    let gaps = boot.ok("gaps")?;
-    for (what, took) in &restarts {
-        eprintln!(
-            "restarts ({qemu:?}): {what}; the replacement served the VM {} ms later",
-            took.as_millis()
-        );
-    }
-    eprintln!("restarts ({qemu:?}): the guest probe's longest I/O gaps (s):\n{gaps}");
-    boot.check_kernel(&[])?;
-    Ok(())
+    check_probed_verify(&boot, &verify, &format!("restarts ({qemu:?})"), &restarts)
 }
 
 /// How many times the upgrade test restarts vublk under the guest.
@@ -461,13 +482,8 @@ fn upgrade_on_a_held_listening_socket() {
             .disk(&socket, 1)
             .reconnect(500)
             .timeout(Duration::from_secs(300));
-        let mut job = Job::new();
-        job.file("verify.fio", verify_job(24, 800).file())
-            .sh("write-through", WRITE_THROUGH)
-            .sh("probe", PROBE)
-            .sh("fio", &fio_step("fio"))
-            .sh("gaps", GAPS);
-        let boot = boot_in_background(&vm, dir, "upgrade", job);
+        let verify = verify_job(24, 800);
+        let boot = boot_in_background(&vm, dir, "upgrade", probed_verify(&verify, true));
 
         wait_stage(dir, "upgrade", "fio", &boot, Duration::from_secs(200))?;
         worker(vublk.pid(), None, Duration::from_secs(5))?;
@@ -481,23 +497,14 @@ fn upgrade_on_a_held_listening_socket() {
             let name = format!("vublk{}", i + 2);
             vublk = start_vublk_inherited(dir, &name, &listener, &socket, &args)?;
             worker(vublk.pid(), None, Duration::from_secs(30))?;
-            upgrades.push(stopped.elapsed());
+            upgrades.push(("SIGTERM and a new vublk", stopped.elapsed()));
             still_write_through(&control, "a restart on the held socket")?;
         }
 
         let boot = boot
             .join()
             .map_err(|_| anyhow::anyhow!("the boot thread panicked"))??;
-        verify_job(24, 800).check_written(&boot.fio("fio")?)?;
-        let gaps = boot.ok("gaps")?;
-        for took in &upgrades {
-            eprintln!(
-                "upgrade: SIGTERM to the new vublk's worker serving the VM: {} ms",
-                took.as_millis()
-            );
-        }
-        eprintln!("upgrade: the guest probe's longest I/O gaps (s):\n{gaps}");
-        boot.check_kernel(&[])?;
+        check_probed_verify(&boot, &verify, "upgrade", &upgrades)?;
         vublk.try_terminate()?;
         Ok(())
     });
@@ -665,12 +672,8 @@ fn systemctl_restart_under_fio() {
             .disk(&socket, 1)
             .reconnect(500)
             .timeout(Duration::from_secs(300));
-        let mut job = Job::new();
-        job.file("verify.fio", verify_job(24, SYSTEMCTL_IOPS).file())
-            .sh("probe", PROBE)
-            .sh("fio", &fio_step("fio"))
-            .sh("gaps", GAPS);
-        let boot = boot_in_background(&vm, dir, "systemctl", job);
+        let verify = verify_job(24, SYSTEMCTL_IOPS);
+        let boot = boot_in_background(&vm, dir, "systemctl", probed_verify(&verify, false));
         wait_stage(dir, "systemctl", "fio", &boot, Duration::from_secs(200))?;
         let log = host.join("vublk.log");
         let served = || {
@@ -695,21 +698,12 @@ fn systemctl_restart_under_fio() {
             }
             let new = container.systemctl(&["show", "-P", "MainPID", "vublk.service"])?;
             ensure!(new != pid, "systemctl restart kept vublk pid {pid}");
-            restarts.push(restarted.elapsed());
+            restarts.push(("systemctl restart", restarted.elapsed()));
         }
         let boot = boot
             .join()
             .map_err(|_| anyhow::anyhow!("the boot thread panicked"))??;
-        verify_job(24, SYSTEMCTL_IOPS).check_written(&boot.fio("fio")?)?;
-        let gaps = boot.ok("gaps")?;
-        for took in &restarts {
-            eprintln!(
-                "systemctl: restart to the new vublk serving the VM: {} ms",
-                took.as_millis()
-            );
-        }
-        eprintln!("systemctl: the guest probe's longest I/O gaps (s):\n{gaps}");
-        boot.check_kernel(&[])?;
+        check_probed_verify(&boot, &verify, "systemctl", &restarts)?;
         container.systemctl(&["stop", "vublk.service", "vublk.socket"])?;
         let log = std::fs::read_to_string(&log).unwrap_or_default();
         ensure!(
