@@ -33,12 +33,14 @@ use std::time::Instant;
 
 use parking_lot::Mutex;
 use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
 
 use crate::io::{Publication, Publisher, Tag};
 use crate::vhost_user::{CallFd, DirtyLog, GuestMemoryHandle, QueueControl, StatusByte, Tracker};
 
 use super::device::BlockDevice;
 use super::spec;
+use super::stats::QueueStats;
 
 /// What the queue thread and a publishing engine's thread share: the virtqueue, and what
 /// returning a request to the driver needs.
@@ -60,6 +62,50 @@ impl Ring {
             inflight,
             lent: false,
             requests: vec![Publishable::default(); size].into_boxed_slice(),
+        }
+    }
+
+    /// Whether a finished request must stay out of the used ring: the frontend left and keeps
+    /// an inflight region, from which the next backend runs the request again.
+    pub fn abandoned(&self, control: &QueueControl) -> bool {
+        self.inflight.is_some() && control.abandoned()
+    }
+
+    /// Returns `head` to the driver with `used_len` bytes written, recorded in the inflight
+    /// region around the used entry; `queue` names the queue in an error. Returns the used index
+    /// the entry went to.
+    pub fn add_used(
+        &mut self,
+        memory: &GuestMemoryMmap,
+        head: u16,
+        used_len: u32,
+        queue: usize,
+    ) -> u16 {
+        if let Some(tracker) = &mut self.inflight {
+            tracker.completing(head);
+        }
+        let at = self.queue.next_used();
+        if let Err(e) = self.queue.add_used(memory, head, used_len) {
+            tracing::error!("queue {queue}: cannot return request {head} to the driver: {e}");
+        }
+        if let Some(tracker) = &mut self.inflight {
+            tracker.completed(head, self.queue.next_used());
+        }
+        at
+    }
+
+    /// Signals `call` if the driver wants an interrupt for what was added to the used ring,
+    /// and counts it in `stats`.
+    pub fn notify(&mut self, memory: &GuestMemoryMmap, call: &CallFd, stats: Option<&QueueStats>) {
+        match self.queue.needs_notification(memory) {
+            Ok(false) => {}
+            // When in doubt, interrupt: a spurious interrupt costs less than a hung guest.
+            Ok(true) | Err(_) => {
+                call.signal();
+                if let Some(stats) = stats {
+                    stats.record_call();
+                }
+            }
         }
     }
 }
@@ -91,22 +137,16 @@ impl Publisher for Direct {
         let Some(mut ring) = self.ring.try_lock() else {
             return Publication::Refused;
         };
-        let Ring {
-            queue,
-            inflight,
-            lent,
-            requests,
-        } = &mut *ring;
-        if !*lent {
+        if !ring.lent {
             return Publication::Refused;
         }
-        let Some(request) = requests.get_mut(usize::from(tag)) else {
+        let Some(&request) = ring.requests.get(usize::from(tag)) else {
             return Publication::Refused;
         };
         let Some(status) = request.status else {
             return Publication::Refused;
         };
-        if inflight.is_some() && self.control.abandoned() {
+        if ring.abandoned(&self.control) {
             // The queue thread leaves it to the next backend (queue.rs, `release`).
             return Publication::Refused;
         }
@@ -115,31 +155,10 @@ impl Publisher for Direct {
         // thread writes no status of a request in flight, and sleeps meanwhile.
         unsafe { status.write(spec::VIRTIO_BLK_S_OK as u8) };
         let generation = self.memory.current();
-        let head = request.head;
-        if let Some(tracker) = inflight.as_mut() {
-            tracker.completing(head);
-        }
-        let at = queue.next_used();
-        if let Err(e) = queue.add_used(generation.memory(), head, request.used_len) {
-            tracing::error!(
-                "queue {}: cannot return request {head} to the driver: {e}",
-                self.index
-            );
-        }
-        if let Some(tracker) = inflight.as_mut() {
-            tracker.completed(head, queue.next_used());
-        }
-        request.published = Some((at, Instant::now()));
-        match queue.needs_notification(generation.memory()) {
-            Ok(false) => {}
-            // As on the queue thread: when in doubt, interrupt.
-            Ok(true) | Err(_) => {
-                self.call.signal();
-                if let Some(stats) = self.device.stats.get(self.index) {
-                    stats.record_call();
-                }
-            }
-        }
+        let memory = generation.memory();
+        let at = ring.add_used(memory, request.head, request.used_len, self.index);
+        ring.requests[usize::from(tag)].published = Some((at, Instant::now()));
+        ring.notify(memory, &self.call, self.device.stats.get(self.index));
         // Checked after the writes, as on the queue thread (dirty_log.rs).
         if self.log.active() {
             Publication::PublishedWake

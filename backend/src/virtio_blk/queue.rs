@@ -803,27 +803,12 @@ impl<E: Engine> QueueServer<E> {
         let head = self.slots[index].head;
         self.done += 1;
         let ring = held(&mut self.ring);
-        if ring.inflight.is_some() && self.q.control.abandoned() {
+        if ring.abandoned(&self.q.control) {
             // The frontend is gone: the next backend runs this head again from the region.
             self.forget(index, buffers);
             return;
         }
-        if let Some(tracker) = &mut ring.inflight {
-            tracker.completing(head);
-        }
-        let at = ring.queue.next_used();
-        if let Err(e) = ring
-            .queue
-            .add_used(self.generation.memory(), head, used_len)
-        {
-            tracing::error!(
-                "queue {}: cannot return request {head} to the driver: {e}",
-                self.q.index
-            );
-        }
-        if let Some(tracker) = &mut ring.inflight {
-            tracker.completed(head, ring.queue.next_used());
-        }
+        let at = ring.add_used(self.generation.memory(), head, used_len, self.q.index);
         self.used_added = true;
         // Checked after every write of the request (dirty_log.rs says why that is enough).
         if self.q.log.active() {
@@ -899,19 +884,8 @@ impl<E: Engine> QueueServer<E> {
         if !std::mem::take(&mut self.used_added) {
             return;
         }
-        match held(&mut self.ring)
-            .queue
-            .needs_notification(self.generation.memory())
-        {
-            Ok(false) => {}
-            // When in doubt, interrupt: a spurious interrupt costs less than a hung guest.
-            Ok(true) | Err(_) => {
-                self.q.call.signal();
-                if let Some(stats) = self.device.stats.get(self.q.index) {
-                    stats.record_call();
-                }
-            }
-        }
+        let stats = self.device.stats.get(self.q.index);
+        held(&mut self.ring).notify(self.generation.memory(), &self.q.call, stats);
     }
 
     /// Completes everything in flight, then cancels the watches, so the engine holds nothing
