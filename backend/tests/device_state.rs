@@ -114,11 +114,7 @@ fn the_guests_write_cache_choice_survives_a_daemon_restart() {
     // The worker reports the choice to the supervisor on its own time: wait for it to be
     // kept (a file in its state directory) before the daemon dies; a daemon that keeps no
     // file fails below.
-    let state = fx.dir.path().join("vublk-state");
-    let deadline = Instant::now() + WAIT;
-    while std::fs::read_dir(&state).map_or(0, |d| d.count()) == 0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    fx.wait_for_kept_state(WAIT);
 
     let old_log = fx.daemon.log();
     fx.daemon.signal_and_wait(libc::SIGKILL);

@@ -200,11 +200,7 @@ fn an_upgrade_hands_the_vm_over_on_the_same_socket_with_its_write_cache() {
         .set_config(32, VhostUserConfigFlags::WRITABLE, &[0])
         .unwrap();
     assert_eq!(writeback(&mut s), 0);
-    let state = fx.dir.path().join("vublk-state");
-    let deadline = Instant::now() + WAIT;
-    while std::fs::read_dir(&state).map_or(0, |d| d.count()) == 0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    fx.wait_for_kept_state(WAIT);
 
     // A new binary that cannot start: the old daemon says why and goes on serving.
     let (ok, _, stderr) = upgrade(&control, Some("/bin/false"));

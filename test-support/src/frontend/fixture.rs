@@ -9,7 +9,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::session::{Session, SessionConfig, Step};
 use crate::daemon::Daemon;
@@ -102,5 +102,18 @@ impl Fixture {
             .expect("open image");
         f.seek(SeekFrom::Start(offset)).expect("seek image");
         f.write_all(data).expect("write image");
+    }
+
+    /// Waits, up to `timeout`, until the daemon keeps device state (a guest's write-cache
+    /// choice) in its state directory, `vublk-state` beside the socket: a worker reports it to
+    /// the supervisor on its own time. Returns whether a file is there.
+    pub fn wait_for_kept_state(&self, timeout: Duration) -> bool {
+        let state = self.dir.path().join("vublk-state");
+        let kept = || std::fs::read_dir(&state).map_or(0, |d| d.count()) > 0;
+        let deadline = Instant::now() + timeout;
+        while !kept() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        kept()
     }
 }
